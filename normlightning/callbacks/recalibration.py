@@ -1,0 +1,361 @@
+"""Recalibration of running statistics (PreciseBN-style) and a callback that runs it.
+
+Layers that normalize over a set containing the batch axis keep running estimates of
+their statistics for inference. The exponential moving average (momentum 0.1) mixes
+statistics of *old* weights and is noisy for small batches: a gap between training and
+inference behaviour (Four Things §1). :func:`recalibrate_statistics` replaces the
+running estimates by a **cumulative (equal-weight) average over K batches** with the
+final weights, PyTorch's ``momentum=None`` convention::
+
+    running_mean = (1/K) * sum_k mean_k            # mean_k: batch mean of batch k
+    running_var  = (1/K) * sum_k var_k^unbiased     # n/(n-1)-corrected batch variance
+    num_batches_tracked = K
+
+What is touched: only the running buffers of the batch-statistic layers. No weight
+changes (``torch.no_grad``, no optimizer); other buffers of those layers (e.g. ``brn``'s
+schedule counter ``renorm_step``) are restored, see :func:`running_buffer_names`.
+
+Modes during the pass: the batch-statistic layers are in ``train()`` (that is when they update their running statistics, with
+``momentum=None``); **every other module is in** ``eval()`` (dropout off, stochastic
+depth off, other layers' inference behaviour), so the recomputed statistics are those of
+the activations the model sees at inference. Afterwards every module's ``training``
+flag and every layer's ``momentum`` are restored; if the pass raises, the running
+buffers are restored too.
+
+Batch-statistic layers: ``torch.nn.modules.batchnorm._BatchNorm`` (BatchNorm1d/2d/3d,
+SyncBatchNorm) with ``track_running_stats=True``, and any module whose class attribute
+``uses_batch_statistics`` is True (normlightning's ``bn``, ``ghost``, ``bgn``, ``gbgn``,
+``seqnorm``, ``hn`` with batch sets, ``sn``, ``brn``) and that has
+``reset_running_stats()`` and ``momentum``.
+
+Distributed: each process recalibrates on the batches it is given; with DDP's
+``broadcast_buffers=True`` (the default) rank 0's buffers win at the next forward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.fabric.utilities.apply_func import move_data_to_device
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+__all__ = [
+    "Recalibration",
+    "batch_statistic_layers",
+    "default_forward",
+    "default_target",
+    "evaluate_accuracy",
+    "recalibrate_statistics",
+    "running_buffer_names",
+]
+
+ForwardFn = Callable[[nn.Module, Any], Any]
+TargetFn = Callable[[Any], torch.Tensor]
+
+
+# ----------------------------------------------------------------------------- helpers
+def model_device(model: nn.Module) -> torch.device:
+    """Device of the model's first parameter (or buffer); CPU for a stateless model."""
+    for tensor in model.parameters():
+        return tensor.device
+    for tensor in model.buffers():
+        return tensor.device
+    return torch.device("cpu")
+
+
+def _inputs(batch: Any) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch
+    if isinstance(batch, (list, tuple)) and batch:
+        return batch[0]
+    raise TypeError(
+        f"default_forward: cannot find the inputs in a batch of type {type(batch).__name__}; "
+        "batches must be a tensor or an (inputs, targets, ...) sequence, otherwise pass "
+        "`forward_fn=lambda model, batch: model(...)`"
+    )
+
+
+def default_forward(model: nn.Module, batch: Any) -> Any:
+    """Move ``batch`` to the model's device and return ``model(inputs)``.
+
+    ``inputs`` is ``batch`` itself when it is a tensor, else ``batch[0]`` (the usual
+    ``(x, y)`` pair). For a ``ClassificationTask`` this is ``backbone(normalize(x))``:
+    logits of shape ``(N, num_classes)``.
+    """
+    return model(move_data_to_device(_inputs(batch), model_device(model)))
+
+
+def default_target(batch: Any) -> torch.Tensor:
+    """Targets of an ``(inputs, targets, ...)`` batch: ``batch[1]``, class indices ``(N,)``."""
+    if isinstance(batch, (list, tuple)) and len(batch) >= 2:
+        return batch[1]
+    raise TypeError(
+        f"default_target: batches of type {type(batch).__name__} have no targets at index 1; "
+        "pass `target_fn=lambda batch: ...`"
+    )
+
+
+def is_batch_statistic_layer(module: nn.Module) -> bool:
+    """True for layers with running statistics of a batch-axis set (see module docstring)."""
+    if isinstance(module, _BatchNorm):
+        return bool(module.track_running_stats) and module.running_mean is not None
+    if getattr(type(module), "uses_batch_statistics", False) is True:
+        return getattr(module, "track_running_stats", True) is not False and hasattr(module, "reset_running_stats")
+    return False
+
+
+_NATIVE_RUNNING = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def running_buffer_names(layer: nn.Module) -> set[str]:
+    """Names (in ``layer.state_dict()``) of the buffers a recalibration may change.
+
+    In order: the layer's public ``running_stat_names`` if it defines one; else the
+    buffers registered as running statistics by normlightning's ``BatchStatNorm``
+    (``_running_inits``) plus ``num_batches_tracked``; else, for native BatchNorm and
+    unknown layers, ``running_mean``, ``running_var``, ``num_batches_tracked``. Every other
+    buffer (e.g. ``brn``'s ``renorm_step`` schedule counter) is restored after the pass.
+    """
+    names = getattr(layer, "running_stat_names", None)
+    if names is None:
+        inits = getattr(layer, "_running_inits", None)
+        names = (*inits, "num_batches_tracked") if isinstance(inits, dict) and inits else _NATIVE_RUNNING
+    return set(names)
+
+
+def batch_statistic_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """``{qualified_name: layer}`` of the outermost batch-statistic layers in ``model``.
+
+    A batch-statistic layer nested inside another one (e.g. the ghost stage of a
+    composite layer) is left to its parent, whose ``reset_running_stats()`` and
+    ``momentum`` are responsible for it.
+    """
+    found: dict[str, nn.Module] = {}
+    for name, module in model.named_modules():
+        if not is_batch_statistic_layer(module):
+            continue
+        if any(name.startswith(parent + ".") for parent in found):
+            continue
+        found[name] = module
+    return found
+
+
+@torch.no_grad()
+def evaluate_accuracy(
+    model: nn.Module,
+    dataloader: Iterable[Any],
+    forward_fn: ForwardFn | None = None,
+    target_fn: TargetFn | None = None,
+    max_batches: int | None = None,
+) -> float:
+    """Top-1 accuracy of ``model`` in ``eval()`` mode: ``#{argmax(logits) == y} / #examples``.
+
+    Args:
+        model: returns logits ``(N, num_classes)`` through ``forward_fn``.
+        dataloader: iterable of batches.
+        forward_fn: ``(model, batch) -> logits``; default :func:`default_forward`.
+        target_fn: ``batch -> targets (N,)``; default :func:`default_target`.
+        max_batches: stop after this many batches (default: all).
+
+    The model's ``training`` flags are restored afterwards.
+    """
+    forward_fn = forward_fn or default_forward
+    target_fn = target_fn or default_target
+    flags = {m: m.training for m in model.modules()}
+    model.eval()
+    correct, total = 0, 0
+    try:
+        for i, batch in enumerate(dataloader):
+            if max_batches is not None and i >= max_batches:
+                break
+            logits = forward_fn(model, batch)
+            target = target_fn(batch).to(logits.device)
+            correct += int((logits.argmax(dim=-1) == target).sum())
+            total += int(target.numel())
+    finally:
+        for module, flag in flags.items():
+            module.training = flag
+    if total == 0:
+        raise ValueError("evaluate_accuracy: the dataloader yielded no examples; give it a non-empty loader")
+    return correct / total
+
+
+# ------------------------------------------------------------------------ the function
+@torch.no_grad()
+def recalibrate_statistics(
+    model: nn.Module,
+    batches: Iterable[Any],
+    num_batches: int | None = None,
+    forward_fn: ForwardFn | None = None,
+) -> int:
+    """Recompute the running statistics of every batch-statistic layer over ``num_batches``.
+
+    Per layer: ``reset_running_stats()``, ``momentum = None`` (cumulative average), then
+    ``forward_fn(model, batch)`` for each of the first ``num_batches`` batches, so that
+    afterwards ``running_mean = mean_k(batch mean_k)`` and ``running_var =
+    mean_k(unbiased batch var_k)`` (PyTorch's convention; each layer defines its own set).
+    See the module docstring for the modes of the other modules; weights are untouched.
+
+    Args:
+        model: any ``nn.Module`` (e.g. a LightningModule).
+        batches: iterable of training batches (a DataLoader); finite if ``num_batches`` is None.
+        num_batches: K, how many batches to use (default: all of ``batches``). Fewer
+            available -> a warning and all of them are used.
+        forward_fn: ``(model, batch) -> Any``; default :func:`default_forward`.
+
+    Returns:
+        The number of batches used (0 when the model has no batch-statistic layer).
+    """
+    if num_batches is not None and (not isinstance(num_batches, int) or num_batches < 1):
+        raise ValueError(f"recalibrate_statistics: num_batches must be a positive int or None, got {num_batches!r}")
+    forward_fn = forward_fn or default_forward
+    layers = batch_statistic_layers(model)
+    if not layers:
+        rank_zero_warn("recalibrate_statistics: the model has no batch-statistic layer; nothing to recalibrate.")
+        return 0
+    flags = {m: m.training for m in model.modules()}
+    momenta = {name: layer.momentum for name, layer in layers.items()}
+    saved = {name: {k: v.clone() for k, v in layer.state_dict().items()} for name, layer in layers.items()}
+    used = 0
+    try:
+        model.eval()
+        for layer in layers.values():
+            layer.reset_running_stats()
+            layer.momentum = None
+            layer.train()
+        for batch in batches:
+            if num_batches is not None and used >= num_batches:
+                break
+            forward_fn(model, batch)
+            used += 1
+        if used == 0:
+            raise ValueError("recalibrate_statistics: `batches` yielded no batch; give it a non-empty loader")
+        if num_batches is not None and used < num_batches:
+            rank_zero_warn(f"recalibrate_statistics: asked for {num_batches} batches, the loader had {used}.")
+        for name, layer in layers.items():  # keep the new running stats, restore every other buffer
+            keep = running_buffer_names(layer)
+            state = layer.state_dict()
+            state.update({k: v for k, v in saved[name].items() if k not in keep})
+            layer.load_state_dict(state)
+    except BaseException:
+        for name, layer in layers.items():
+            layer.load_state_dict(saved[name])
+        raise
+    finally:
+        for name, layer in layers.items():
+            layer.momentum = momenta[name]
+        for module, flag in flags.items():
+            module.training = flag
+    return used
+
+
+# ------------------------------------------------------------------------ the callback
+_WHEN = ("train_end", "validation_start", "test_start")
+
+
+class Recalibration(Callback):
+    """Recalibrate running statistics on the training data at chosen moments.
+
+    Args:
+        num_batches: K training batches for the cumulative average.
+        when: one or several of ``"train_end"`` (once, after the last training step;
+            later ``validate``/``test`` calls in the same process use the result),
+            ``"validation_start"`` (before every validation run, including sanity
+            check), ``"test_start"``.
+        report_accuracy: also measure top-1 accuracy on the validation loader before
+            and after (costs two passes over it); logged as ``recalibration/acc_before``
+            and ``recalibration/acc_after``.
+        forward_fn: ``(model, batch) -> logits``; default :func:`default_forward`.
+
+    Logged (to every logger): ``recalibration/num_batches`` (+ accuracies). The last
+    result is kept in :attr:`last_result`.
+
+    Training batches come from ``trainer.datamodule.train_dataloader()`` (a fresh loader,
+    so an ongoing training epoch is not disturbed), else ``trainer.train_dataloader``.
+    Without a DistributedSampler every process sees the loader's own order.
+    """
+
+    def __init__(
+        self,
+        num_batches: int = 100,
+        when: Literal["train_end", "validation_start", "test_start"] | list[str] = "train_end",
+        report_accuracy: bool = False,
+        forward_fn: ForwardFn | None = None,
+    ) -> None:
+        if not isinstance(num_batches, int) or num_batches < 1:
+            raise ValueError(f"Recalibration: num_batches must be a positive int, got {num_batches!r}")
+        when_list = [when] if isinstance(when, str) else list(when)
+        bad = [w for w in when_list if w not in _WHEN]
+        if bad or not when_list:
+            raise ValueError(f"Recalibration: when={when!r} is not valid; choose from {list(_WHEN)}")
+        self.num_batches = num_batches
+        self.when = tuple(when_list)
+        self.report_accuracy = report_accuracy
+        self.forward_fn = forward_fn
+        self.last_result: dict[str, float] | None = None
+
+    # hooks --------------------------------------------------------------------------
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if "train_end" in self.when:
+            self.recalibrate(trainer, pl_module)
+
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if "validation_start" in self.when:
+            self.recalibrate(trainer, pl_module)
+
+    def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if "test_start" in self.when:
+            self.recalibrate(trainer, pl_module)
+
+    # work ---------------------------------------------------------------------------
+    def recalibrate(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, float]:
+        """Run :func:`recalibrate_statistics` on the training data; log and return the result.
+
+        Skipped (returns ``{}``) during Lightning's sanity check, before any training.
+        """
+        if trainer.sanity_checking:
+            return {}
+        train_loader = _loader(trainer, "train")
+        if train_loader is None:
+            raise RuntimeError(
+                "Recalibration: no training dataloader; use a DataModule with train_dataloader() or run trainer.fit"
+            )
+        result: dict[str, float] = {}
+        val_loader = _loader(trainer, "val") if self.report_accuracy else None
+        if self.report_accuracy and val_loader is None:
+            rank_zero_warn("Recalibration: report_accuracy=True but there is no validation dataloader.")
+        if val_loader is not None:
+            result["recalibration/acc_before"] = evaluate_accuracy(pl_module, val_loader, self.forward_fn)
+        result["recalibration/num_batches"] = float(
+            recalibrate_statistics(pl_module, train_loader, self.num_batches, self.forward_fn)
+        )
+        if val_loader is not None:
+            result["recalibration/acc_after"] = evaluate_accuracy(pl_module, val_loader, self.forward_fn)
+        for logger in trainer.loggers:
+            logger.log_metrics(result, step=trainer.global_step)
+        rank_zero_info("Recalibration: " + ", ".join(f"{k}={v:.4g}" for k, v in result.items()))
+        self.last_result = result
+        return result
+
+
+def _loader(trainer: Trainer, split: Literal["train", "val"]) -> Any:
+    """A fresh loader from the datamodule if there is one, else the trainer's loader."""
+    datamodule = getattr(trainer, "datamodule", None)
+    if datamodule is not None:
+        method = getattr(datamodule, f"{split}_dataloader", None)
+        if method is not None:
+            try:
+                return method()
+            except NotImplementedError:
+                pass
+    loaders = trainer.train_dataloader if split == "train" else trainer.val_dataloaders
+    if isinstance(loaders, (list, tuple)):
+        return loaders[0] if loaders else None
+    if isinstance(loaders, dict):
+        return next(iter(loaders.values()), None)
+    return loaders

@@ -1,0 +1,204 @@
+"""Tests of recalibrate_statistics / Recalibration: running stats == hand-computed cumulative mean."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.loggers import Logger
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from normlightning.callbacks.recalibration import (
+    Recalibration,
+    batch_statistic_layers,
+    evaluate_accuracy,
+    recalibrate_statistics,
+)
+
+
+def _batches(k: int, n: int = 4, shift: float = 3.0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    return [
+        (torch.randn(n, 3, 2, 2, generator=g) * (1 + i) + shift * i, torch.randint(0, 2, (n,), generator=g))
+        for i in range(k)
+    ]
+
+
+def _net() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 1), nn.Dropout(0.5), nn.BatchNorm2d(4), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(16, 2), nn.BatchNorm1d(2))
+
+
+def _expected(inputs: list[torch.Tensor], dims) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cumulative average: mean of batch means, mean of unbiased batch variances."""
+    means = torch.stack([x.mean(dim=dims) for x in inputs])
+    variances = torch.stack([x.var(dim=dims, unbiased=True) for x in inputs])
+    return means.mean(0), variances.mean(0)
+
+
+def test_native_bn_cumulative_average_weights_and_modes_untouched():
+    model = _net()
+    model.train()
+    model[6].eval()  # a mixed state that must come back as it was
+    batches = _batches(5)
+    params = {k: v.clone() for k, v in model.named_parameters()}
+    with torch.no_grad():  # BN inputs with dropout OFF: every module but the norms is in eval()
+        conv_out = [model[0](x) for x, _ in batches[:3]]
+    used = recalibrate_statistics(model, batches, num_batches=3)
+    assert used == 3
+    mean, var = _expected(conv_out, (0, 2, 3))
+    torch.testing.assert_close(model[2].running_mean, mean)
+    torch.testing.assert_close(model[2].running_var, var)
+    assert int(model[2].num_batches_tracked) == 3
+    # the second BN sees the first BN's *batch*-normalized output (train mode) of each batch
+    with torch.no_grad():
+        fc_in = [torch.relu(nn.functional.batch_norm(c, None, None, model[2].weight, model[2].bias, True))
+                 .flatten(1) for c in conv_out]
+        fc_out = [model[5](f) for f in fc_in]
+    mean1, var1 = _expected(fc_out, (0,))
+    torch.testing.assert_close(model[6].running_mean, mean1)
+    torch.testing.assert_close(model[6].running_var, var1)
+    for k, v in model.named_parameters():
+        assert torch.equal(v, params[k]), k
+    assert model[2].momentum == 0.1 and model[6].momentum == 0.1
+    assert [m.training for m in model] == [True, True, True, True, True, True, False]
+
+
+def test_layer_discovery_and_errors():
+    model = nn.Sequential(nn.BatchNorm1d(2), nn.BatchNorm1d(2, track_running_stats=False), nn.GroupNorm(1, 2))
+    assert list(batch_statistic_layers(model)) == ["0"]
+    with pytest.raises(ValueError, match="num_batches"):
+        recalibrate_statistics(model, [torch.randn(4, 2)], num_batches=0)
+    with pytest.raises(ValueError, match="no batch"):
+        recalibrate_statistics(model, [])
+
+
+def test_failure_restores_buffers():
+    model = nn.Sequential(nn.BatchNorm1d(2))
+    model.train()
+    model(torch.randn(8, 2) + 4)  # non-trivial running stats
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def forward_fn(m, batch):
+        if batch == "boom":
+            raise RuntimeError("boom")
+        return m(batch)
+
+    with pytest.raises(RuntimeError, match="boom"):
+        recalibrate_statistics(model, [torch.randn(4, 2), "boom"], forward_fn=forward_fn)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert model[0].momentum == 0.1 and model.training
+
+
+class _Logger(Logger):
+    def __init__(self):
+        super().__init__()
+        self.metrics = {}
+
+    name = "rec"
+    version = 0
+
+    def log_metrics(self, metrics, step=None):
+        self.metrics.update(metrics)
+
+    def log_hyperparams(self, *args, **kwargs):
+        pass
+
+
+class _Task(LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(12, 2), nn.BatchNorm1d(2, momentum=0.5))
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        return nn.functional.cross_entropy(self(batch[0]), batch[1])
+
+    def validation_step(self, batch, batch_idx):
+        pass
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.5)
+
+
+def test_callback_at_train_end_with_accuracy(tmp_path):
+    batches = _batches(4)
+    x = torch.cat([b[0] for b in batches])
+    y = torch.cat([b[1] for b in batches])
+    loader = DataLoader(TensorDataset(x, y), batch_size=4, shuffle=False)
+    logger = _Logger()
+    cb = Recalibration(num_batches=3, when="train_end", report_accuracy=True)
+    task = _Task()
+    trainer = Trainer(accelerator="cpu", max_epochs=2, logger=logger, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                      num_sanity_val_steps=0, callbacks=[cb])
+    trainer.fit(task, loader, loader)
+    bn = task.net[2]
+    with torch.no_grad():
+        fc_out = [task.net[1](task.net[0](b[0])) for b in batches[:3]]
+    mean, var = _expected(fc_out, (0,))
+    torch.testing.assert_close(bn.running_mean, mean)
+    torch.testing.assert_close(bn.running_var, var)
+    assert bn.momentum == 0.5
+    assert logger.metrics["recalibration/num_batches"] == 3.0
+    # accuracy after: argmax of eval-mode logits, counted by hand
+    with torch.no_grad():
+        task.eval()
+        acc = (task(x).argmax(1) == y).float().mean().item()
+    assert logger.metrics["recalibration/acc_after"] == pytest.approx(acc)
+    assert evaluate_accuracy(task, loader) == pytest.approx(acc)
+    assert 0.0 <= logger.metrics["recalibration/acc_before"] <= 1.0
+
+
+def test_callback_rejects_bad_settings():
+    with pytest.raises(ValueError, match="when="):
+        Recalibration(when="sometime")
+    with pytest.raises(ValueError, match="num_batches"):
+        Recalibration(num_batches=-1)
+
+
+# ------------------------------------------------------------------ normlightning layers
+def _ghost_stats(x: torch.Tensor, ghosts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ghost batch j = samples n = j (mod G); mean of ghost means, mean of unbiased ghost vars."""
+    parts = [x[j::ghosts] for j in range(ghosts)]
+    return (torch.stack([p.mean(dim=(0, 2, 3)) for p in parts]).mean(0),
+            torch.stack([p.var(dim=(0, 2, 3), unbiased=True) for p in parts]).mean(0))
+
+
+@pytest.mark.parametrize("name", ["bn", "ghost", "bgn", "gbgn", "brn"])
+def test_normlightning_layers_cumulative_average(name):
+    from normlightning.norms import build_norm
+
+    kwargs = {"ghost": {"num_groups": 2}, "bgn": {"num_groups": 2}}.get(name, {})
+    model = nn.Sequential(build_norm(name, 3, **kwargs))
+    layer = model[0]
+    model.train()
+    for _ in range(3):  # some history, and brn's schedule counter moves to 3
+        model(torch.randn(4, 3, 2, 2) * 5 + 1)
+    others = {k: v.clone() for k, v in layer.state_dict().items() if k not in
+              {"running_mean", "running_var", "moving_x", "moving_x2", "num_batches_tracked"}}
+    momentum = layer.momentum
+    xs = [b[0] for b in _batches(3)]
+    assert recalibrate_statistics(model, xs) == 3
+    if name in ("bn", "brn"):
+        mean, var = _expected(xs, (0, 2, 3))
+    elif name == "ghost":
+        stats = [_ghost_stats(x, 2) for x in xs]
+        mean, var = torch.stack([m for m, _ in stats]).mean(0), torch.stack([v for _, v in stats]).mean(0)
+    elif name == "bgn":  # D = C*H*W = 12 cut into 2 contiguous groups of 6
+        mean, var = _expected([x.reshape(4, 2, 6).transpose(0, 1).reshape(2, -1).T for x in xs], (0,))
+    if name == "gbgn":  # raw first and second moments per channel
+        torch.testing.assert_close(layer.moving_x, torch.stack([x.mean(dim=(0, 2, 3)) for x in xs]).mean(0))
+        torch.testing.assert_close(layer.moving_x2, torch.stack([(x**2).mean(dim=(0, 2, 3)) for x in xs]).mean(0))
+    else:
+        torch.testing.assert_close(layer.running_mean, mean)
+        torch.testing.assert_close(layer.running_var, var)
+    assert int(layer.num_batches_tracked) == 3
+    assert layer.momentum == momentum and model.training
+    for k, v in others.items():  # weights and e.g. brn's renorm_step untouched
+        assert torch.equal(layer.state_dict()[k], v), k

@@ -1,0 +1,42 @@
+"""normlightning.norms: every normalization method behind one registry.
+
+``build_norm(name, num_features, **kwargs)``; names: bn gn ln in pn ghost seqnorm bgn gbgn hn sn brn.
+The math lives once in :mod:`normlightning.norms.functional`; the layer classes are thin shells.
+"""
+
+from . import functional
+from .base import BatchStatNorm, NormLayer
+from .batch_group_norm import BGN_PAPER_GROUPS, BatchGroupNorm, GeneralBatchGroupNorm
+from .batch_norm import BatchNorm, BatchRenorm
+from .ghost_norm import GhostNorm, SequentialNorm
+from .heterologous_norm import HeterologousNorm
+from .param_norms import WeightStandardization, WSConv2d, apply_weight_norm, apply_weight_standardization
+from .per_example import GroupNorm, InstanceNorm, LayerNorm, PositionalNorm
+from .registry import available_norms, build_norm, register_norm
+from .switchable_norm import SwitchableNorm
+
+__all__ = [
+    "functional",
+    "NormLayer",
+    "BatchStatNorm",
+    "BatchNorm",
+    "BatchRenorm",
+    "GroupNorm",
+    "LayerNorm",
+    "InstanceNorm",
+    "PositionalNorm",
+    "GhostNorm",
+    "SequentialNorm",
+    "BatchGroupNorm",
+    "GeneralBatchGroupNorm",
+    "BGN_PAPER_GROUPS",
+    "HeterologousNorm",
+    "SwitchableNorm",
+    "WeightStandardization",
+    "WSConv2d",
+    "apply_weight_norm",
+    "apply_weight_standardization",
+    "available_norms",
+    "build_norm",
+    "register_norm",
+]

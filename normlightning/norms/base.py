@@ -1,0 +1,129 @@
+"""Base classes shared by every normalization layer.
+
+``NormLayer`` owns what all layers have in common: ``num_features``, ``eps``, ``affine``, the
+per-channel affine parameters ``weight``/``bias`` of shape ``(C,)`` (``None`` when
+``affine=False``), ``reset_parameters()`` and the input checks.
+
+``BatchStatNorm`` adds what layers whose sets include the batch axis have: ``momentum``
+(float, or ``None`` for a cumulative average), ``num_batches_tracked``, running buffers
+registered with ``_register_running``, ``reset_running_stats()``, and the
+``sync_statistics``/``process_group`` attributes read by the functional core.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+
+class NormLayer(nn.Module):
+    """Base of every normalization layer (a plain ``nn.Module``, never ``_BatchNorm``).
+
+    Args:
+        num_features: number of channels ``C`` of an input ``(N, C, *spatial)``.
+        eps: added to the variance inside the square root.
+        affine: learn a per-channel ``weight`` (init 1) and ``bias`` (init 0).
+
+    Class attributes:
+        uses_batch_statistics: a normalization set includes the batch axis (running stats).
+        supports_example_weighing: has a settable float ``alpha`` (inference example weighing).
+    """
+
+    uses_batch_statistics: bool = False
+    supports_example_weighing: bool = False
+
+    def __init__(self, num_features: int, eps: float = 1e-5, affine: bool = True, device=None, dtype=None) -> None:
+        super().__init__()
+        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
+            raise ValueError(f"{type(self).__name__}: num_features must be a positive int, got {num_features!r}.")
+        if not (isinstance(eps, (int, float)) and eps > 0):
+            raise ValueError(f"{type(self).__name__}: eps must be a positive float, got {eps!r}.")
+        self.num_features = num_features
+        self.eps = float(eps)
+        self.affine = bool(affine)
+        factory = {"device": device, "dtype": dtype}
+        if self.affine:
+            self.weight = nn.Parameter(torch.empty(num_features, **factory))
+            self.bias = nn.Parameter(torch.empty(num_features, **factory))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        self._factory = factory
+
+    def reset_parameters(self) -> None:
+        """Affine to identity (``weight = 1``, ``bias = 0``); subclasses extend."""
+        if self.affine:
+            nn.init.ones_(self.weight)
+            nn.init.zeros_(self.bias)
+
+    def _check_input(self, x: Tensor) -> None:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{type(self).__name__} expects a Tensor, got {type(x).__name__}.")
+        if x.dim() < 2 or x.dim() > 5:
+            raise ValueError(
+                f"{type(self).__name__} expects input of shape (N, C), (N, C, L), (N, C, H, W) or "
+                f"(N, C, D, H, W); got {x.dim()}D input of shape {tuple(x.shape)}."
+            )
+        if x.shape[1] != self.num_features:
+            raise ValueError(
+                f"{type(self).__name__} was built with num_features={self.num_features} but the "
+                f"input has C={x.shape[1]} channels (shape {tuple(x.shape)})."
+            )
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, eps={self.eps}, affine={self.affine}"
+
+
+class BatchStatNorm(NormLayer):
+    """Base of layers with running statistics (sets that include the batch axis).
+
+    Args:
+        momentum: running-average factor (PyTorch convention), ``None`` = cumulative average.
+    Attributes:
+        sync_statistics: when True (set by a sync plugin) and ``torch.distributed`` is
+            initialized, batch-axis statistics are all-reduced (differentiably) across
+            ``process_group`` (``None`` = the world). When True but no process group is
+            initialized, the same moments-based path runs on the local batch (a world of one).
+    """
+
+    uses_batch_statistics = True
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True, device=None, dtype=None) -> None:
+        super().__init__(num_features, eps, affine, device, dtype)
+        if momentum is not None and not (isinstance(momentum, (int, float)) and 0.0 <= momentum <= 1.0):
+            raise ValueError(f"{type(self).__name__}: momentum must be in [0, 1] or None (cumulative average), got {momentum!r}.")
+        self.momentum = None if momentum is None else float(momentum)
+        self.sync_statistics = False
+        self.process_group = None
+        self._running_inits: dict[str, float] = {}
+        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
+
+    def _register_running(self, name: str, shape, init: float) -> None:
+        """Register a running buffer initialised to ``init`` (float32, or the layer's ``dtype``
+        when that is float64; float16/bfloat16 layers keep float32 statistics)."""
+        device, dtype = self._factory["device"], self._factory["dtype"]
+        dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        self.register_buffer(name, torch.full(tuple(shape), float(init), dtype=dtype, device=device))
+        self._running_inits[name] = float(init)
+
+    def reset_running_stats(self) -> None:
+        """Running buffers back to their initial values; ``num_batches_tracked = 0``."""
+        for name, init in self._running_inits.items():
+            getattr(self, name).fill_(init)
+        self.num_batches_tracked.zero_()
+
+    def reset_parameters(self) -> None:
+        self.reset_running_stats()
+        super().reset_parameters()
+
+    def _momentum_factor(self) -> float:
+        """Count one update (training) and return the averaging factor for it."""
+        if not self.training:
+            return 0.0
+        self.num_batches_tracked.add_(1)
+        if self.momentum is None:
+            return 1.0 / float(self.num_batches_tracked)
+        return self.momentum
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", momentum={self.momentum}"

@@ -1,0 +1,145 @@
+"""Batch Group Norm (BGN) and the batch+group normalization of "Four Things" (GBGN)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import functional as NF
+from ._weighing import ExampleWeighingMixin
+from .base import BatchStatNorm
+
+#: The BGN paper's group count per per-GPU batch size (its Table 2 / text, ResNet-50).
+BGN_PAPER_GROUPS = {128: 512, 64: 256, 32: 128, 16: 64, 8: 16, 4: 2, 2: 1}
+
+
+class BatchGroupNorm(BatchStatNorm):
+    """Batch Group Normalization (Zhou, Sun, Cheng & Zhang, AAAI 2021), registry name ``bgn``.
+
+    Flatten ``(C, S)`` into ``D = C*S`` (``C·H·W`` for images) and cut it into ``G``
+    contiguous groups of ``D/G``; eqs. (8)-(9): ``mu_g, var_g`` (biased) over
+    ``(N, D/G)``; ``y = gamma_c (x - mu_g) / sqrt(var_g + eps) + beta_c``. Running
+    statistics ``running_mean``/``running_var`` per group, shape ``(G,)``, BN's policy.
+    ``G`` may exceed ``C`` (groups then split a channel's positions); ``G = 1`` is the whole
+    ``(N, C, S)`` block. The paper's ``G`` by per-GPU batch size: ``BGN_PAPER_GROUPS``.
+
+    Spatial size: the running statistics are tied to positions of the flattened ``D``. The
+    spatial size seen in training is recorded in the buffer ``trained_spatial_numel``
+    (survives checkpoints). At another spatial size the layer works only if every group is a
+    whole number of channels (``G`` divides ``C``); otherwise it raises ``ValueError``.
+    ``G`` must divide ``D``; otherwise ``ValueError`` lists the valid choices near ``G``.
+
+    Shape: input ``(N, C, *)``, output the same.
+    """
+
+    def __init__(self, num_features: int, num_groups: int = 1, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True, device=None, dtype=None) -> None:
+        super().__init__(num_features, eps, momentum, affine, device, dtype)
+        if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1:
+            raise ValueError(f"BatchGroupNorm num_groups must be a positive int dividing C·H·W, got {num_groups!r}.")
+        self.num_groups = num_groups
+        self._register_running("running_mean", (num_groups,), 0.0)
+        self._register_running("running_var", (num_groups,), 1.0)
+        self.register_buffer("trained_spatial_numel", torch.tensor(0, dtype=torch.long, device=device))
+        self._trained_spatial = 0
+        self.reset_parameters()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._trained_spatial = int(self.trained_spatial_numel)
+
+    def reset_running_stats(self) -> None:
+        """Running statistics, counters and the recorded spatial size to their initial values."""
+        super().reset_running_stats()
+        if hasattr(self, "trained_spatial_numel"):
+            self.trained_spatial_numel.zero_()
+            self._trained_spatial = 0
+
+    def _check_spatial(self, x: Tensor) -> None:
+        S = x[0, 0].numel()
+        trained = self._trained_spatial
+        if trained == 0 or trained == S:
+            if self.training and trained != S:
+                self.trained_spatial_numel.fill_(S)
+                self._trained_spatial = S
+            return
+        if self.num_features % self.num_groups != 0:
+            C = self.num_features
+            raise ValueError(
+                f"BatchGroupNorm with num_groups={self.num_groups} was trained at spatial size S={trained} "
+                f"(D = C·H·W = {C * trained}) but got S={S} (D = {C * S}). Its groups straddle or split "
+                f"channels, so its per-group running statistics are tied to positions; use the training "
+                f"spatial size, or a num_groups that divides C={C} ({NF.divisors(C)}), whose groups are whole channels."
+            )
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input(x)
+        self._check_spatial(x)
+        return NF.batch_group_norm(
+            x, self.num_groups, self.running_mean, self.running_var, self.weight, self.bias, self.training,
+            self._momentum_factor(), self.eps, self.sync_statistics, self.process_group,
+        )
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", num_groups={self.num_groups}"
+
+
+class GeneralBatchGroupNorm(ExampleWeighingMixin, BatchStatNorm):
+    """Batch + group normalization of "Four Things Everyone Should Know to Improve Batch
+    Normalization" (Summers & Dinneen, ICLR 2020), registry name ``gbgn``.
+
+    Training: examples in contiguous ghost groups of ``E = examples_per_group`` (``None`` =
+    the whole batch) and channels in ``G_C = channel_groups`` groups (``None`` = ``C``); per
+    block ``mu = E[x]``, ``var = max(E[x^2] - mu^2, 0)`` over ``(E, C/G_C, S)``;
+    ``y = gamma_c (x - mu) / sqrt(var + eps) + beta_c``. ``E = N, G_C = C`` is BN,
+    ``G_C = C`` is Ghost BN (contiguous ghost batches), ``E = 1`` is GN.
+
+    Running statistics (the authors' code): raw per-channel moments ``moving_x`` (``E[x]``,
+    init 0) and ``moving_x2`` (``E[x^2]``, init 1) over ``(N, S)``, decay 0.99, i.e.
+    ``momentum = 0.01`` (``None`` = cumulative average); at inference they are averaged over
+    each channel group and ``var = max(m2 - m1^2, 0)``. No unbiased correction (as the
+    authors). ``alpha > 0`` mixes in the example's own moments over ``(C/G_C, S)``.
+
+    Batch-size policy: a batch that ``E`` does not divide is cut into ``ceil(N/E)`` nearly
+    equal contiguous groups; a set of one element raises ``ValueError``.
+
+    Shape: input ``(N, C, *)``, output the same.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        channel_groups: int | None = None,
+        examples_per_group: int | None = None,
+        eps: float = 1e-5,
+        momentum: float | None = 0.01,
+        affine: bool = True,
+        alpha: float = 0.0,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__(num_features, eps, momentum, affine, device, dtype)
+        if channel_groups is None:
+            channel_groups = num_features
+        if isinstance(channel_groups, bool) or not isinstance(channel_groups, int) or channel_groups < 1 or num_features % channel_groups:
+            raise ValueError(
+                f"GeneralBatchGroupNorm channel_groups={channel_groups!r} must divide the number of channels "
+                f"C={num_features}; valid choices: {NF.divisors(num_features)}."
+            )
+        if examples_per_group is not None and (isinstance(examples_per_group, bool) or not isinstance(examples_per_group, int) or examples_per_group < 1):
+            raise ValueError(f"GeneralBatchGroupNorm examples_per_group must be a positive int or None (whole batch), got {examples_per_group!r}.")
+        self.channel_groups = channel_groups
+        self.examples_per_group = examples_per_group
+        self.alpha = alpha
+        self._register_running("moving_x", (num_features,), 0.0)
+        self._register_running("moving_x2", (num_features,), 1.0)
+        self.reset_parameters()
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input(x)
+        return NF.general_batch_group_norm(
+            x, self.channel_groups, self.examples_per_group, self.moving_x, self.moving_x2, self.weight, self.bias,
+            self.training, self._momentum_factor(), self.eps, self.alpha, self.sync_statistics, self.process_group,
+        )
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", channel_groups={self.channel_groups}, examples_per_group={self.examples_per_group}"

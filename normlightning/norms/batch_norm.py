@@ -1,0 +1,112 @@
+"""Batch Norm and Batch Renormalization layers (thin shells over ``functional``)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import functional as NF
+from ._weighing import ExampleWeighingMixin
+from .base import BatchStatNorm
+
+
+class BatchNorm(ExampleWeighingMixin, BatchStatNorm):
+    """Batch Normalization (Ioffe & Szegedy, ICML 2015), registry name ``bn``.
+
+    ``y = gamma_c (x - mu_c) / sqrt(var_c + eps) + beta_c`` with ``mu_c, var_c`` (biased) over
+    ``(N, S)`` in training; running statistics ``running_mean``/``running_var`` of shape
+    ``(C,)`` (unbiased variance, PyTorch momentum) in eval. With ``alpha > 0`` at inference:
+    ``mu = (1-a) mu_pop + a mu_ex``, ``var = (1-a)(var_pop + mu_pop^2) + a E_ex[x^2] - mu^2``
+    with ``_ex`` over the example's ``S`` (Summers & Dinneen 2020).
+
+    Shape: input ``(N, C, *)`` with 0 to 3 spatial dims, output the same.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True, alpha: float = 0.0, device=None, dtype=None) -> None:
+        super().__init__(num_features, eps, momentum, affine, device, dtype)
+        self.alpha = alpha
+        self._register_running("running_mean", (num_features,), 0.0)
+        self._register_running("running_var", (num_features,), 1.0)
+        self.reset_parameters()
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input(x)
+        return NF.batch_norm(
+            x, self.running_mean, self.running_var, self.weight, self.bias, self.training,
+            self._momentum_factor(), self.eps, self.alpha, self.sync_statistics, self.process_group,
+        )
+
+
+class BatchRenorm(BatchStatNorm):
+    """Batch Renormalization (Ioffe, NeurIPS 2017), registry name ``brn``.
+
+    ``x_hat = (x - mu_B) / sigma_B * r + d`` with ``r = sg(clip(sigma_B / sigma_run, 1/r_max, r_max))``,
+    ``d = sg(clip((mu_B - mu_run) / sigma_run, -d_max, d_max))``, ``y = gamma_c x_hat + beta_c``.
+    ``r_max`` ramps linearly from 1 to ``r_max`` and ``d_max`` from 0 to ``d_max`` between the
+    given step counts (the paper: ``r_max`` 1 for 5k steps then to 3 by 40k, ``d_max`` to 5 by
+    25k). The step counter is the buffer ``renorm_step`` (survives checkpoints and is the same
+    on every DDP rank); it advances once per training forward. Eval: BN with running stats.
+
+    Shape: input ``(N, C, *)``, output the same.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        r_max: float = 3.0,
+        d_max: float = 5.0,
+        r_max_start_step: int = 5000,
+        r_max_end_step: int = 40000,
+        d_max_start_step: int = 5000,
+        d_max_end_step: int = 25000,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__(num_features, eps, momentum, affine, device, dtype)
+        if r_max < 1.0 or d_max < 0.0:
+            raise ValueError(f"BatchRenorm: need r_max >= 1 and d_max >= 0, got r_max={r_max}, d_max={d_max}.")
+        for a, b, n in ((r_max_start_step, r_max_end_step, "r_max"), (d_max_start_step, d_max_end_step, "d_max")):
+            if a < 0 or b < a:
+                raise ValueError(f"BatchRenorm: the {n} ramp needs 0 <= {n}_start_step <= {n}_end_step, got {a}, {b}.")
+        self.r_max, self.d_max = float(r_max), float(d_max)
+        self.r_max_start_step, self.r_max_end_step = int(r_max_start_step), int(r_max_end_step)
+        self.d_max_start_step, self.d_max_end_step = int(d_max_start_step), int(d_max_end_step)
+        self._register_running("running_mean", (num_features,), 0.0)
+        self._register_running("running_var", (num_features,), 1.0)
+        self.register_buffer("renorm_step", torch.tensor(0, dtype=torch.long, device=device))
+        self.reset_parameters()
+
+    @staticmethod
+    def _ramp(step: Tensor, start: int, end: int, lo: float, hi: float) -> Tensor:
+        if end == start:
+            frac = (step >= end).to(torch.float32)
+        else:
+            frac = ((step.to(torch.float32) - start) / (end - start)).clamp(0.0, 1.0)
+        return lo + (hi - lo) * frac
+
+    def current_limits(self) -> tuple[Tensor, Tensor]:
+        """``(r_max, d_max)`` at the current ``renorm_step`` (0-d float tensors)."""
+        s = self.renorm_step
+        return (
+            self._ramp(s, self.r_max_start_step, self.r_max_end_step, 1.0, self.r_max),
+            self._ramp(s, self.d_max_start_step, self.d_max_end_step, 0.0, self.d_max),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input(x)
+        if not self.training:
+            return NF.batch_renorm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 1.0, 0.0, 0.0, self.eps)
+        r_max, d_max = self.current_limits()
+        factor = self._momentum_factor()
+        y = NF.batch_renorm(
+            x, self.running_mean, self.running_var, self.weight, self.bias, True, r_max, d_max,
+            factor, self.eps, self.sync_statistics, self.process_group,
+        )
+        self.renorm_step.add_(1)
+        return y
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", r_max={self.r_max}, d_max={self.d_max}"

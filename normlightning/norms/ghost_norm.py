@@ -1,0 +1,139 @@
+"""GhostNorm / Ghost BN and Sequential Norm layers."""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from . import functional as NF
+from ._weighing import ExampleWeighingMixin
+from .base import BatchStatNorm
+
+
+def _positive_int_or_none(value, name: str, owner: str) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"{owner}: {name} must be a positive int or None, got {value!r}.")
+
+
+class _GhostMixin:
+    """Resolves ``num_groups`` (G_M) / ``ghost_batch_size`` into the ghost count for a batch."""
+
+    def _init_ghost(self, num_groups, ghost_batch_size, owner: str) -> None:
+        _positive_int_or_none(num_groups, "num_groups", owner)
+        _positive_int_or_none(ghost_batch_size, "ghost_batch_size", owner)
+        if num_groups is not None and ghost_batch_size is not None:
+            raise ValueError(f"{owner}: give either num_groups (G_M) or ghost_batch_size, not both.")
+        self.num_groups = num_groups
+        self.ghost_batch_size = ghost_batch_size
+
+    def num_ghosts(self, batch_size: int) -> int:
+        """Ghost batches for a batch of ``batch_size``: ``G_M``, or ``ceil(N / ghost_batch_size)``."""
+        if self.num_groups is not None:
+            return self.num_groups
+        return max(1, -(-batch_size // self.ghost_batch_size))
+
+
+class GhostNorm(ExampleWeighingMixin, _GhostMixin, BatchStatNorm):
+    """GhostNorm (Dimitriou & Arandjelovic 2020) / Ghost BN (Hoffer et al. 2017), name ``ghost``.
+
+    The batch is cut into ``G_M`` ghost batches; BN statistics per ``(ghost, c)`` over
+    ``(N/G_M, S)``; per-channel affine. Ghost batch ``j`` is the samples ``n = j (mod G_M)``
+    (one native call on the view ``(N/G_M, G_M*C, S)``). ``G_M = 1`` is BN.
+
+    Args:
+        num_groups: ``G_M``, the number of ghost batches, or
+        ghost_batch_size: the ghost batch size ``B``: ``ceil(N/B)`` ghost batches
+            (default when neither is given: ``ghost_batch_size=32``).
+        alpha: inference example weighing (0 = plain inference with the running statistics).
+
+    Batch-size policy: when ``G_M`` does not divide ``N`` (an epoch's smaller last batch) the
+    ghost batches are nearly equal (the first ``N mod G_M`` hold one more example);
+    ``N < G_M`` or a ghost set of one element raises ``ValueError``. Running statistics
+    (per channel): mean of the ghost means, mean of the ghost unbiased variances.
+
+    Shape: input ``(N, C, *)``, output the same.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        num_groups: int | None = None,
+        ghost_batch_size: int | None = None,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        alpha: float = 0.0,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__(num_features, eps, momentum, affine, device, dtype)
+        if num_groups is None and ghost_batch_size is None:
+            ghost_batch_size = 32
+        self._init_ghost(num_groups, ghost_batch_size, "GhostNorm")
+        self.alpha = alpha
+        self._register_running("running_mean", (num_features,), 0.0)
+        self._register_running("running_var", (num_features,), 1.0)
+        self.reset_parameters()
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input(x)
+        return NF.ghost_norm(
+            x, self.num_ghosts(x.shape[0]), self.running_mean, self.running_var, self.weight, self.bias,
+            self.training, self._momentum_factor(), self.eps, self.alpha, self.sync_statistics, self.process_group,
+        )
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", num_groups={self.num_groups}, ghost_batch_size={self.ghost_batch_size}"
+
+
+class SequentialNorm(_GhostMixin, BatchStatNorm):
+    """Sequential Normalization (Dimitriou & Arandjelovic, Information 2022), name ``seqnorm``.
+
+    ``y = Ghost_{G_M}(GroupNorm_{G_C}(x))``: GN with ``channel_groups`` groups and no affine,
+    then GhostNorm with ``batch_groups`` ghost batches (or ghost batches of ``ghost_batch_size``), which holds the per-channel affine and
+    the running statistics (per channel). Eval: GN stage per example, ghost stage from the
+    running statistics. Defaults ``G_C = 4, G_M = 4`` (the paper's ImageNet setting;
+    CIFAR-100 ``4, 8``; CIFAR-10 ``16, 8``). Batch-size policy as in :class:`GhostNorm`.
+
+    Shape: input ``(N, C, *)``, output the same.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        channel_groups: int = 4,
+        batch_groups: int | None = None,
+        ghost_batch_size: int | None = None,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__(num_features, eps, momentum, affine, device, dtype)
+        if not isinstance(channel_groups, int) or channel_groups < 1 or num_features % channel_groups != 0:
+            raise ValueError(
+                f"SequentialNorm channel_groups={channel_groups!r} must divide the number of channels "
+                f"C={num_features}; valid choices: {NF.divisors(num_features)}."
+            )
+        if batch_groups is None and ghost_batch_size is None:
+            batch_groups = 4
+        self._init_ghost(batch_groups, ghost_batch_size, "SequentialNorm")
+        self.channel_groups = channel_groups
+        self._register_running("running_mean", (num_features,), 0.0)
+        self._register_running("running_var", (num_features,), 1.0)
+        self.reset_parameters()
+
+    @property
+    def batch_groups(self) -> int | None:
+        return self.num_groups
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input(x)
+        return NF.sequential_norm(
+            x, self.channel_groups, self.num_ghosts(x.shape[0]), self.running_mean, self.running_var,
+            self.weight, self.bias, self.training, self._momentum_factor(), self.eps,
+            self.sync_statistics, self.process_group,
+        )
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", channel_groups={self.channel_groups}, batch_groups={self.num_groups}, ghost_batch_size={self.ghost_batch_size}"

@@ -1,0 +1,96 @@
+"""Heterologous Normalization (HN)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from . import functional as NF
+from .base import BatchStatNorm
+
+
+class HeterologousNorm(BatchStatNorm):
+    """Heterologous Normalization (Lu, Wang, Shi & Wang 2021), registry name ``hn``.
+
+    ``x_hat = (x - mu_S) / sqrt(var_S' + eps)``, ``y = gamma_c x_hat + beta_c``: the mean
+    comes from set ``S`` (``mean``) and the variance from a different set ``S'`` (``std``),
+    about ``S'``'s own mean. Sets: ``bn`` (per channel over ``(N, S)``), ``in`` (per
+    ``(n, c)``), ``ln`` (per ``n``), ``gn:G`` (per ``(n, g)``), ``en:G`` (per channel group
+    over ``(N, C/G, S)``; ``en:1`` is the whole block, ``en:C`` equals ``bn``). ``std`` may be
+    a mixture ``"bn+en:1"``, ``"bn+in+ln"``: ``var = sum_k softmax(std_weight)_k var_k``
+    (parameter ``std_weight``, init equal). Default ``mean="bn", std="en:1"``; ``HN_G8`` is
+    ``std="en:8"``.
+
+    Running statistics for batch sets (PyTorch momentum, unbiased variance):
+    ``running_mean`` (shape ``(C,)`` for ``bn``, ``(G,)`` for ``en:G``) when the mean set is
+    a batch set; ``running_var`` (single std set) or ``running_var_<k>`` (component ``k`` of a
+    mixture) of shape ``(C,)``/``(G,)`` for each batch std set. Per-example sets are computed
+    from the input at inference too. Layers with any batch set have
+    ``uses_batch_statistics = True``.
+
+    Shape: input ``(N, C, *)``, output the same.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        mean: str = "bn",
+        std: str = "en:1",
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__(num_features, eps, momentum, affine, device, dtype)
+        self.mean_spec = mean
+        self.std_spec = std
+        self.mean_set = NF.parse_set_spec(mean, num_features, allow_mixture=False, role="mean")[0]
+        self.std_sets = NF.parse_set_spec(std, num_features, allow_mixture=True, role="std")
+        sets = [self.mean_set, *self.std_sets]
+        self.uses_batch_statistics = any(NF.is_batch_set(k) for k, _ in sets)
+        if NF.is_batch_set(self.mean_set[0]):
+            self._register_running("running_mean", (self.mean_set[1],), 0.0)
+        self._var_names: list[str | None] = []
+        for k, (kind, g) in enumerate(self.std_sets):
+            if NF.is_batch_set(kind):
+                name = "running_var" if len(self.std_sets) == 1 else f"running_var_{k}"
+                self._register_running(name, (g,), 1.0)
+                self._var_names.append(name)
+            else:
+                self._var_names.append(None)
+        if len(self.std_sets) > 1:
+            self.std_weight = nn.Parameter(torch.zeros(len(self.std_sets), device=device, dtype=dtype))
+        else:
+            self.register_parameter("std_weight", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        if self.std_weight is not None:
+            nn.init.zeros_(self.std_weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input(x)
+        if self.training:
+            self._check_sets(x)
+        running_mean = getattr(self, "running_mean", None) if NF.is_batch_set(self.mean_set[0]) else None
+        running_vars = [None if n is None else getattr(self, n) for n in self._var_names]
+        factor = self._momentum_factor() if self.uses_batch_statistics else 0.0
+        return NF.heterologous_norm(
+            x, self.mean_set, self.std_sets, self.std_weight, running_mean, running_vars, self.weight, self.bias,
+            self.training, factor, self.eps, self.sync_statistics, self.process_group,
+        )
+
+    def _check_sets(self, x: Tensor) -> None:
+        N, C, S = x.shape[0], x.shape[1], x[0, 0].numel()
+        for kind, g in [self.mean_set, *self.std_sets]:
+            size = (N if NF.is_batch_set(kind) else 1) * (C // g) * S
+            if size < 2:
+                raise ValueError(
+                    f"HeterologousNorm set {kind}{':' + str(g) if kind in ('gn', 'en') else ''} has one element "
+                    f"for input of shape {tuple(x.shape)} in training; choose a larger set (e.g. 'en:1' or 'ln') or a larger input."
+                )
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", mean={self.mean_spec!r}, std={self.std_spec!r}"

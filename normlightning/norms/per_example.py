@@ -1,0 +1,97 @@
+"""Per-example normalizations (no batch axis in the set): GN, LN, IN, PN.
+
+They compute their statistics from the input in training and at inference alike, so they
+have no running statistics.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from . import functional as NF
+from .base import NormLayer
+
+
+class GroupNorm(NormLayer):
+    """Group Normalization (Wu & He, ECCV 2018), registry name ``gn``.
+
+    Per ``(n, g)`` over ``(C/G, S)``: ``y = gamma_c (x - mu_ng) / sqrt(var_ng + eps) + beta_c``.
+    ``num_groups`` must divide ``C`` (default 32, the paper's choice).
+
+    Shape: input ``(N, C, *)``, output the same.
+    """
+
+    def __init__(self, num_features: int, num_groups: int = 32, eps: float = 1e-5, affine: bool = True, device=None, dtype=None) -> None:
+        super().__init__(num_features, eps, affine, device, dtype)
+        if not isinstance(num_groups, int) or num_groups < 1 or num_features % num_groups != 0:
+            raise ValueError(
+                f"GroupNorm num_groups={num_groups!r} must be a positive divisor of the number of "
+                f"channels C={num_features}; valid choices: {NF.divisors(num_features)}."
+            )
+        self.num_groups = num_groups
+        self.reset_parameters()
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input(x)
+        return NF.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", num_groups={self.num_groups}"
+
+
+class LayerNorm(NormLayer):
+    """Layer Normalization for feature maps (Ba et al. 2016), registry name ``ln``.
+
+    Per example ``n`` over ``(C, S)``, per-channel affine ``gamma_c, beta_c``
+    (as in GN with one group; *not* ``nn.LayerNorm``'s elementwise affine).
+
+    Shape: input ``(N, C, *)``, output the same.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, affine: bool = True, device=None, dtype=None) -> None:
+        super().__init__(num_features, eps, affine, device, dtype)
+        self.reset_parameters()
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input(x)
+        if self.training and x[0].numel() < 2:
+            raise ValueError("LayerNorm: a set of one element (C * S == 1) in training; use C * S > 1.")
+        return NF.layer_norm(x, self.weight, self.bias, self.eps)
+
+
+class InstanceNorm(NormLayer):
+    """Instance Normalization (Ulyanov et al. 2016), registry name ``in``.
+
+    Per ``(n, c)`` over ``S``, per-channel affine; statistics from the input in eval too
+    (like ``nn.InstanceNorm2d(track_running_stats=False)``). Needs ``S > 1`` in training.
+
+    Shape: input ``(N, C, *)``, output the same.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, affine: bool = True, device=None, dtype=None) -> None:
+        super().__init__(num_features, eps, affine, device, dtype)
+        self.reset_parameters()
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input(x)
+        return NF.instance_norm(x, self.weight, self.bias, self.eps, self.training)
+
+
+class PositionalNorm(NormLayer):
+    """Positional Normalization (Li et al., NeurIPS 2019), registry name ``pn``.
+
+    Per position ``(n, s)`` over the channels ``C``: ``y = gamma_c (x - mu_ns) / sqrt(var_ns + eps) + beta_c``.
+    Needs ``C > 1`` in training.
+
+    Shape: input ``(N, C, *)``, output the same.
+    """
+
+    def __init__(self, num_features: int, eps: float = 1e-5, affine: bool = True, device=None, dtype=None) -> None:
+        super().__init__(num_features, eps, affine, device, dtype)
+        self.reset_parameters()
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input(x)
+        if self.training and self.num_features < 2:
+            raise ValueError("PositionalNorm: a set of one element (C == 1) in training; PN normalizes over channels, use C > 1.")
+        return NF.positional_norm(x, self.weight, self.bias, self.eps)

@@ -1,0 +1,70 @@
+"""Name -> factory registry of normalization layers.
+
+``build_norm(name, num_features, **kwargs)`` builds a layer; ``register_norm(name, factory)``
+adds a plugin (a callable ``factory(num_features, **kwargs) -> nn.Module``);
+``available_norms()`` lists the names.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import nn
+
+from .batch_group_norm import BatchGroupNorm, GeneralBatchGroupNorm
+from .batch_norm import BatchNorm, BatchRenorm
+from .ghost_norm import GhostNorm, SequentialNorm
+from .heterologous_norm import HeterologousNorm
+from .per_example import GroupNorm, InstanceNorm, LayerNorm, PositionalNorm
+from .switchable_norm import SwitchableNorm
+
+__all__ = ["build_norm", "register_norm", "available_norms"]
+
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {
+    "bn": BatchNorm,
+    "gn": GroupNorm,
+    "ln": LayerNorm,
+    "in": InstanceNorm,
+    "pn": PositionalNorm,
+    "ghost": GhostNorm,
+    "seqnorm": SequentialNorm,
+    "bgn": BatchGroupNorm,
+    "gbgn": GeneralBatchGroupNorm,
+    "hn": HeterologousNorm,
+    "sn": SwitchableNorm,
+    "brn": BatchRenorm,
+}
+
+
+def available_norms() -> list[str]:
+    """Sorted list of registered names."""
+    return sorted(_REGISTRY)
+
+
+def register_norm(name: str, factory: Callable[..., nn.Module], *, overwrite: bool = False) -> Callable[..., nn.Module]:
+    """Register ``factory(num_features, **kwargs) -> nn.Module`` under ``name``; returns ``factory``.
+
+    Re-registering an existing name needs ``overwrite=True``.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"register_norm: name must be a non-empty string, got {name!r}.")
+    if not callable(factory):
+        raise TypeError(f"register_norm: factory for {name!r} must be callable, got {type(factory).__name__}.")
+    if name in _REGISTRY and not overwrite and _REGISTRY[name] is not factory:
+        raise ValueError(f"register_norm: {name!r} is already registered; pass overwrite=True to replace it.")
+    _REGISTRY[name] = factory
+    return factory
+
+
+def build_norm(name: str, num_features: int, **kwargs) -> nn.Module:
+    """Build the normalization layer registered as ``name`` for ``num_features`` channels."""
+    try:
+        factory = _REGISTRY[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"Unknown normalization {name!r}; valid names: {', '.join(available_norms())}.") from None
+    try:
+        return factory(num_features, **kwargs)
+    except TypeError as err:
+        if "unexpected keyword argument" in str(err):
+            raise TypeError(f"build_norm({name!r}): {err}. See the docstring of {getattr(factory, '__name__', factory)} for its arguments.") from err
+        raise

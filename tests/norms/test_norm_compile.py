@@ -1,0 +1,56 @@
+"""torch.compile on every layer, training (forward + backward) and evaluation, on CPU.
+
+To keep the time bounded on a 2-core machine, every layer is compiled with the
+``aot_eager`` backend (Dynamo tracing + AOTAutograd, which is where graph capture of the
+layers' Python and in-place buffer updates can fail), and two representative ones (bgn,
+ghost: native kernels on views, in-place buffer updates) also with the default ``inductor`` backend, which needs a working C++ compiler.
+If the compiler cannot run the test fails with the reason; it is never skipped.
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from norm_reference import ALL_SPECS
+from normlightning.norms import build_norm
+
+NAMES = sorted(ALL_SPECS)
+INDUCTOR = ["bgn", "ghost"]
+
+
+def _check(name: str, backend: str) -> None:
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    eager = build_norm(name, 4, **ALL_SPECS[name])
+    compiled_mod = build_norm(name, 4, **ALL_SPECS[name])
+    compiled_mod.load_state_dict(eager.state_dict())
+    fn = torch.compile(compiled_mod, backend=backend)
+    x = torch.randn(4, 4, 3, 3) + 1
+    for mode in (True, False):
+        eager.train(mode), compiled_mod.train(mode)
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya, yb = eager(xa), fn(xb)
+        torch.testing.assert_close(yb, ya, atol=1e-5, rtol=1e-4)
+        ya.square().sum().backward()
+        yb.square().sum().backward()
+        torch.testing.assert_close(xb.grad, xa.grad, atol=1e-4, rtol=1e-4)
+    for (k, va), vb in zip(eager.state_dict().items(), compiled_mod.state_dict().values()):
+        torch.testing.assert_close(vb, va, msg=f"buffer/parameter {k} differs after the compiled steps")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_compile_aot_eager(name):
+    _check(name, "aot_eager")
+
+
+@pytest.mark.parametrize("name", INDUCTOR)
+def test_compile_inductor(name):
+    if shutil.which("gcc") is None and shutil.which("cc") is None and shutil.which("clang") is None:
+        pytest.fail("torch.compile's inductor backend needs a C/C++ compiler on CPU (gcc, cc or clang); none was found on PATH.")
+    try:
+        _check(name, "inductor")
+    except torch._dynamo.exc.BackendCompilerFailed as err:  # compiler present but cannot build
+        pytest.fail(f"inductor could not compile on this machine: {err}")

@@ -1,0 +1,120 @@
+"""Mixed precision, clamped variances, state_dict round trips, and the synchronized-statistics
+(moments) path against the native fast path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from norm_reference import ALL_SPECS, sync_bn_worker
+from normlightning.norms import BatchNorm, GeneralBatchGroupNorm, SwitchableNorm, build_norm
+
+NAMES = sorted(ALL_SPECS)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("name", NAMES)
+def test_low_precision_input(name, dtype):
+    """Output in the input's dtype; statistics in float32 (= the float32 computation on the
+    same rounded input, up to the output rounding)."""
+    torch.manual_seed(0)
+    a, b = build_norm(name, 4, **ALL_SPECS[name]), build_norm(name, 4, **ALL_SPECS[name])
+    x = (torch.randn(4, 4, 3, 3) * 3 + 2).to(dtype)
+    for mode in (True, False):
+        a.train(mode), b.train(mode)
+        y = a(x)
+        assert y.dtype == dtype
+        ref = b(x.float())
+        torch.testing.assert_close(y.float(), ref, atol=0.02 if dtype == torch.float16 else 0.08, rtol=0.02)
+    for k, v in a.state_dict().items():
+        if v.is_floating_point():
+            assert v.dtype == torch.float32, k
+            torch.testing.assert_close(v, b.state_dict()[k])
+
+
+@pytest.mark.parametrize(
+    "layer",
+    [
+        lambda: GeneralBatchGroupNorm(4, channel_groups=1),
+        lambda: SwitchableNorm(4),
+        lambda: BatchNorm(4, alpha=0.5),
+    ],
+    ids=["gbgn", "sn", "bn-alpha"],
+)
+def test_moment_variances_clamped_at_zero(layer):
+    """A constant large input makes E[x^2] - E[x]^2 round below zero in float32 (by far more
+    than eps): without the clamp this gives NaN."""
+    m = layer()
+    x = torch.full((4, 4, 3, 3), 3001.7)
+    x3 = x.reshape(4, 4, -1)
+    assert float((x3 * x3).mean() - x3.mean() ** 2) != 0.0  # rounding really happens here
+    if isinstance(m, BatchNorm):
+        m.eval()
+        m.running_mean.fill_(3001.7)
+        m.running_var.zero_()
+    out = m(x)
+    assert torch.isfinite(out).all()
+    m.eval()
+    assert torch.isfinite(m(x)).all()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_state_dict_round_trip(name, tmp_path):
+    torch.manual_seed(1)
+    a = build_norm(name, 4, **ALL_SPECS[name])
+    with torch.no_grad():
+        for p in a.parameters():
+            p.add_(torch.randn_like(p))
+    for _ in range(2):
+        a(torch.randn(4, 4, 3, 3))
+    path = tmp_path / "norm.pt"
+    torch.save(a.state_dict(), path)
+    b = build_norm(name, 4, **ALL_SPECS[name])
+    b.load_state_dict(torch.load(path))
+    a.eval(), b.eval()
+    x = torch.randn(2, 4, 3, 3)
+    torch.testing.assert_close(a(x), b(x))
+    if a.uses_batch_statistics:
+        assert int(b.num_batches_tracked) == 2
+        b.reset_running_stats()
+        assert int(b.num_batches_tracked) == 0
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if n not in ("gn", "ln", "in", "pn")])
+def test_sync_moments_path_matches_fast_path(name):
+    """``sync_statistics=True`` without an initialized process group runs the moments path
+    locally (a world of one): same outputs, gradients and running statistics as the fast path."""
+    torch.manual_seed(2)
+    a = build_norm(name, 4, **ALL_SPECS[name]).double()
+    b = build_norm(name, 4, **ALL_SPECS[name]).double()
+    b.load_state_dict(a.state_dict())
+    b.sync_statistics = True
+    for step in range(2):
+        x = torch.randn(6, 4, 3, 2, dtype=torch.float64) * 2 + step
+        xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ya, yb = a(xa), b(xb)
+        torch.testing.assert_close(ya, yb)
+        g = torch.randn_like(ya)
+        torch.testing.assert_close(torch.autograd.grad(ya, xa, g)[0], torch.autograd.grad(yb, xb, g)[0])
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(va, vb, msg=k)
+
+
+def test_sync_two_processes_gloo(tmp_path):
+    """Two CPU processes (gloo), each with half the batch, synced = BN on the whole batch
+    (forward, input gradient and running statistics)."""
+    torch.manual_seed(3)
+    x = torch.randn(8, 3, 4, dtype=torch.float64)
+    mp.spawn(sync_bn_worker, args=(2, str(tmp_path / "init"), x, str(tmp_path)), nprocs=2, join=True)
+    parts = [torch.load(tmp_path / f"{r}.pt") for r in range(2)]
+    ref = torch.nn.BatchNorm1d(3).double()
+    xr = x.clone().requires_grad_()
+    yr = ref(xr)
+    w = torch.cat([torch.arange(yr.numel() // 2, dtype=yr.dtype).view(4, 3, 4)] * 2)
+    (yr * w).sum().backward()
+    torch.testing.assert_close(torch.cat([p["y"] for p in parts]), yr.detach())
+    torch.testing.assert_close(torch.cat([p["g"] for p in parts]), xr.grad)
+    for p in parts:
+        torch.testing.assert_close(p["rm"], ref.running_mean)
+        torch.testing.assert_close(p["rv"], ref.running_var)

@@ -1,0 +1,218 @@
+"""The equivalences of issue 3, edge cases and their error messages, the registry."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import norm_reference as R
+from normlightning.norms import (
+    BatchGroupNorm,
+    BatchNorm,
+    GeneralBatchGroupNorm,
+    GhostNorm,
+    GroupNorm,
+    HeterologousNorm,
+    InstanceNorm,
+    NormLayer,
+    PositionalNorm,
+    SequentialNorm,
+    available_norms,
+    build_norm,
+    register_norm,
+)
+
+D64 = torch.float64
+
+
+def _train_pair(a, b, shape, steps=3):
+    torch.manual_seed(0)
+    for _ in range(steps):
+        x = torch.randn(shape, dtype=D64) * 2 + 1
+        torch.testing.assert_close(a(x), b(x))
+    a.eval(), b.eval()
+    x = torch.randn(shape, dtype=D64)
+    torch.testing.assert_close(a(x), b(x))
+
+
+def test_ghost_gm1_is_bn():
+    _train_pair(GhostNorm(4, num_groups=1, dtype=D64), nn.BatchNorm2d(4, dtype=D64), (5, 4, 3, 3))
+
+
+def test_gbgn_full_batch_per_channel_is_bn_and_e1_is_gn():
+    x = torch.randn(6, 4, 3, 3, dtype=D64)
+    gb = GeneralBatchGroupNorm(4, channel_groups=4, examples_per_group=6, dtype=D64)
+    torch.testing.assert_close(gb(x), nn.functional.batch_norm(x, None, None, training=True))
+    gb2 = GeneralBatchGroupNorm(4, channel_groups=4, examples_per_group=None, dtype=D64)
+    torch.testing.assert_close(gb2(x), nn.functional.batch_norm(x, None, None, training=True))
+    gn = GeneralBatchGroupNorm(4, channel_groups=2, examples_per_group=1, dtype=D64)
+    torch.testing.assert_close(gn(x), nn.functional.group_norm(x, 2))
+
+
+def test_hn_std_bn_is_bn():
+    _train_pair(HeterologousNorm(4, mean="bn", std="bn", dtype=D64), nn.BatchNorm2d(4, dtype=D64), (5, 4, 3, 3))
+
+
+def test_en_c_is_bn():
+    _train_pair(HeterologousNorm(4, mean="en:4", std="en:4", dtype=D64), nn.BatchNorm2d(4, dtype=D64), (5, 4, 3, 3))
+    _train_pair(HeterologousNorm(4, mean="bn", std="en:4", dtype=D64), nn.BatchNorm1d(4, dtype=D64), (5, 4, 3))
+
+
+def test_bgn_g_equals_c_on_2d_input_is_bn():
+    _train_pair(BatchGroupNorm(4, num_groups=4, dtype=D64), nn.BatchNorm1d(4, dtype=D64), (6, 4))
+
+
+def test_seqnorm_matches_gn_then_ghost_composition():
+    torch.manual_seed(1)
+    seq = SequentialNorm(4, channel_groups=2, batch_groups=2, dtype=D64)
+    ghost = GhostNorm(4, num_groups=2, dtype=D64)
+    x = torch.randn(6, 4, 3, dtype=D64)
+    torch.testing.assert_close(seq(x), ghost(nn.functional.group_norm(x, 2)))
+    torch.testing.assert_close(seq.running_var, ghost.running_var)
+
+
+# ------------------------------------------------------------------ errors and edge cases
+def test_registry_unknown_name_lists_valid_names():
+    with pytest.raises(ValueError, match="valid names: bgn, bn, brn, gbgn, ghost, gn, hn, in, ln, pn, seqnorm, sn"):
+        build_norm("batchnorm", 4)
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        build_norm("bn", 4, num_groups=2)
+
+
+def test_registry_plugin_and_all_names_build():
+    assert available_norms() == sorted(["bn", "gn", "ln", "in", "pn", "ghost", "seqnorm", "bgn", "gbgn", "hn", "sn", "brn"])
+    for name in available_norms():
+        layer = build_norm(name, 8, **({"num_groups": 4} if name == "gn" else {}))  # gn default: 32 groups
+        assert isinstance(layer, NormLayer) and not isinstance(layer, nn.modules.batchnorm._BatchNorm)
+        assert layer.weight.shape == (8,) and layer.bias.shape == (8,)
+        layer(torch.randn(8, 8, 4, 4))
+        if layer.uses_batch_statistics:
+            assert hasattr(layer, "num_batches_tracked") and hasattr(layer, "momentum")
+            layer.reset_running_stats()
+            assert int(layer.num_batches_tracked) == 0
+        assert layer.supports_example_weighing == (name in ("bn", "ghost", "gbgn"))
+        assert layer.uses_batch_statistics == (name not in ("gn", "ln", "in", "pn"))
+
+    class Scale(nn.Module):
+        def __init__(self, num_features, factor=2.0):
+            super().__init__()
+            self.factor = factor
+
+        def forward(self, x):
+            return x * self.factor
+
+    try:
+        register_norm("scale_test", Scale)
+        assert "scale_test" in available_norms()
+        assert build_norm("scale_test", 3, factor=3.0).factor == 3.0
+        with pytest.raises(ValueError, match="already registered"):
+            register_norm("scale_test", lambda c: nn.Identity())
+    finally:
+        from normlightning.norms import registry
+
+        registry._REGISTRY.pop("scale_test", None)
+
+
+def test_group_counts_that_do_not_divide():
+    with pytest.raises(ValueError, match=r"num_groups=3 .*C=8.*\[1, 2, 4, 8\]"):
+        GroupNorm(8, num_groups=3)
+    with pytest.raises(ValueError, match=r"channel_groups=3.*C=8"):
+        GeneralBatchGroupNorm(8, channel_groups=3)
+    with pytest.raises(ValueError, match=r"channel_groups=3.*C=8"):
+        SequentialNorm(8, channel_groups=3)
+    with pytest.raises(ValueError, match=r"en:3 needs G dividing C=8.*\[1, 2, 4, 8\]"):
+        HeterologousNorm(8, std="en:3")
+    with pytest.raises(ValueError, match=r"num_groups=7 must divide D = C·H·W = 4·3·3 = 36.*\[1, 2, 3, 4, 6, 9, 12, 18, 36\]"):
+        BatchGroupNorm(4, num_groups=7)(torch.randn(2, 4, 3, 3))
+
+
+@pytest.mark.parametrize("spec,msg", [("xn", "unknown set"), ("gn", "needs a group count"), ("bn:2", "takes no"), ("bn+bn", "listed twice"), ("", "expected a set name")])
+def test_hn_spec_errors(spec, msg):
+    with pytest.raises(ValueError, match=msg):
+        HeterologousNorm(8, std=spec)
+    with pytest.raises(ValueError, match="only allowed for the std"):
+        HeterologousNorm(8, mean="bn+ln")
+
+
+def test_one_element_sets_in_training():
+    with pytest.raises(ValueError, match="more than 1 value"):
+        BatchNorm(3)(torch.randn(1, 3))
+    with pytest.raises(ValueError, match="more than 1 value"):
+        InstanceNorm(3)(torch.randn(2, 3))
+    with pytest.raises(ValueError, match="more than 1 value"):
+        GhostNorm(3, num_groups=4)(torch.randn(4, 3))
+    with pytest.raises(ValueError, match="more than 1 value"):
+        GeneralBatchGroupNorm(3, channel_groups=3, examples_per_group=1)(torch.randn(4, 3))
+    with pytest.raises(ValueError, match="one element"):
+        HeterologousNorm(3, mean="in", std="ln")(torch.randn(4, 3))
+    with pytest.raises(ValueError, match="one element"):
+        PositionalNorm(1)(torch.randn(4, 1, 3))
+    # eval mode is fine (running statistics)
+    bn = BatchNorm(3).eval()
+    assert torch.isfinite(bn(torch.randn(1, 3))).all()
+
+
+def test_ghost_smaller_last_batch_policy():
+    # N=10, G_M=4: nearly equal ghost batches (3, 3, 2, 2) -> tested against the reference
+    layer = GhostNorm(2, num_groups=4, affine=False, dtype=D64)
+    x = torch.randn(10, 2, 3, dtype=D64)
+    torch.testing.assert_close(layer(x), R.ghost_train(x, 4)[0])
+    # fewer examples than ghost batches -> error naming the fix
+    with pytest.raises(ValueError, match=r"N=3 .* num_groups \(G_M\)=4.*drop_last"):
+        layer(torch.randn(3, 2, 3))
+    with pytest.raises(ValueError, match="not both"):
+        GhostNorm(2, num_groups=2, ghost_batch_size=4)
+
+
+def test_gbgn_smaller_last_batch_policy():
+    layer = GeneralBatchGroupNorm(2, channel_groups=1, examples_per_group=4, affine=False, dtype=D64)
+    x = torch.randn(10, 2, 3, dtype=D64)  # 3 contiguous groups of sizes 4, 3, 3
+    torch.testing.assert_close(layer(x), R.gbgn_train(x, 1, 4))
+
+
+def test_bgn_spatial_size_change():
+    torch.manual_seed(2)
+    straddle = BatchGroupNorm(4, num_groups=8)  # groups split channels
+    straddle(torch.randn(4, 4, 4, 4))
+    straddle.eval()
+    straddle(torch.randn(2, 4, 4, 4))  # same size: fine
+    with pytest.raises(ValueError, match=r"trained at spatial size S=16.*got S=64"):
+        straddle(torch.randn(2, 4, 8, 8))
+    # the recorded size survives a checkpoint
+    fresh = BatchGroupNorm(4, num_groups=8)
+    fresh.load_state_dict(straddle.state_dict())
+    fresh.eval()
+    with pytest.raises(ValueError, match="trained at spatial size"):
+        fresh(torch.randn(2, 4, 8, 8))
+    # whole-channel groups work at another size, with the per-group running statistics
+    whole = BatchGroupNorm(4, num_groups=2, affine=False)
+    whole(torch.randn(4, 4, 4, 4))
+    whole.eval()
+    x = torch.randn(2, 4, 8, 8)
+    torch.testing.assert_close(whole(x), R.bgn_eval(x, 2, whole.running_mean, whole.running_var))
+
+
+def test_input_checks():
+    with pytest.raises(ValueError, match="num_features=4 but the input has C=3"):
+        BatchNorm(4)(torch.randn(2, 3, 5))
+    with pytest.raises(ValueError, match="got 1D input"):
+        GroupNorm(4, num_groups=2)(torch.randn(4))
+    with pytest.raises(ValueError, match="momentum"):
+        BatchNorm(4, momentum=2.0)
+    with pytest.raises(ValueError, match="alpha"):
+        BatchNorm(4).alpha = 1.5
+    with pytest.raises(ValueError, match="num_features"):
+        BatchNorm(0)
+
+
+def test_affine_false_and_reset_parameters():
+    for name in available_norms():
+        kw = {"num_groups": 2} if name == "gn" else {}
+        layer = build_norm(name, 4, affine=False, **kw)
+        assert layer.weight is None and layer.bias is None
+        layer = build_norm(name, 4, **kw)
+        with torch.no_grad():
+            layer.weight.fill_(3.0)
+        layer.reset_parameters()
+        assert torch.equal(layer.weight, torch.ones(4)) and torch.equal(layer.bias, torch.zeros(4))

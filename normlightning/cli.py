@@ -1,0 +1,148 @@
+"""The ``normlightning`` command: a LightningCLI with ``fit``, ``validate``, ``test``, ``predict``.
+
+``--model`` is any subclass of :class:`~normlightning.tasks.BaseTask` and ``--data`` any
+``LightningDataModule`` (``class_path`` + ``init_args``, so your own classes work).
+The data module's ``num_classes``, ``input_shape``, ``mean`` and ``std`` are passed to the
+task's ``num_classes``, ``input_shape``, ``input_mean`` and ``input_std`` after it is built.
+
+Defaults: seed 0, a TensorBoard logger writing to ``runs/<name>/version_<n>``, a
+``checkpoint:`` section (:class:`Checkpoint`, a ``ModelCheckpoint`` on ``val/acc1``, mode max,
+plus an always up-to-date ``last.ckpt``),
+the learning rate logged every step, the progress bar, and the resolved config saved next
+to the logs (``config.yaml``, overwritten on a rerun).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
+
+from normlightning.tasks.base import BaseTask
+
+#: Task arguments filled from the data module after it is instantiated: data attr -> task arg.
+DATA_TO_MODEL_LINKS: dict[str, str] = {
+    "num_classes": "num_classes",
+    "input_shape": "input_shape",
+    "mean": "input_mean",
+    "std": "input_std",
+}
+
+#: ``trainer.*`` defaults (every one can be overridden in a config or on the command line).
+TRAINER_DEFAULTS: dict[str, Any] = {
+    "logger": {
+        "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+        "init_args": {"save_dir": "runs", "name": "default", "default_hp_metric": False},
+    },
+    "callbacks": [
+        {
+            "class_path": "lightning.pytorch.callbacks.LearningRateMonitor",
+            "init_args": {"logging_interval": "step"},
+        }
+    ],
+}
+
+#: Defaults of the ``checkpoint:`` section (a :class:`Checkpoint` that is always present).
+CHECKPOINT_DEFAULTS: dict[str, Any] = {
+    "monitor": "val/acc1",
+    "mode": "max",
+    "save_last": True,
+    "save_top_k": 1,
+    "filename": "best-epoch{epoch:03d}-step{step}",
+    "auto_insert_metric_name": False,
+}
+
+
+class Checkpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` whose ``last.ckpt`` is refreshed at every checkpointing point.
+
+    Lightning 2.6 writes ``last.ckpt`` (``save_last=True``) only when a top-k checkpoint is
+    written, so with a monitored metric that stops improving ``last.ckpt`` would lag behind
+    the run and resuming from it would repeat epochs. Here it always holds the latest state
+    (after each validation, or each training epoch when checkpointing there).
+    """
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._should_save_on_train_epoch_end(trainer):
+            self._refresh_last(trainer)
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if not self._should_save_on_train_epoch_end(trainer):
+            self._refresh_last(trainer)
+
+    def _refresh_last(self, trainer: Trainer) -> None:
+        # skipped in sanity checks, fast_dev_run, outside fit, and when this step is already saved
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+class NormLightningCLI(LightningCLI):
+    """LightningCLI for normlightning tasks and data modules.
+
+    Top-level config sections that configure an always-present callback are listed in
+    :attr:`forced_callbacks` (section name -> callback class, with defaults in
+    :attr:`forced_callback_defaults`); ``checkpoint:`` is one, and a ``norm:`` section is
+    added the same way.
+    """
+
+    forced_callbacks: dict[str, type] = {"checkpoint": Checkpoint}
+    forced_callback_defaults: dict[str, dict[str, Any]] = {"checkpoint": CHECKPOINT_DEFAULTS}
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        for section, callback_class in self.forced_callbacks.items():
+            parser.add_lightning_class_args(callback_class, section)
+            defaults = self.forced_callback_defaults.get(section, {})
+            if defaults:
+                parser.set_defaults({f"{section}.{key}": value for key, value in defaults.items()})
+        parser.set_defaults({f"trainer.{key}": value for key, value in TRAINER_DEFAULTS.items()})
+        for data_attr, model_arg in DATA_TO_MODEL_LINKS.items():
+            parser.link_arguments(f"data.{data_attr}", f"model.init_args.{model_arg}", apply_on="instantiate")
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """The Trainer; with ``trainer.logger: false`` the default LearningRateMonitor is dropped (it needs a logger)."""
+        trainer_config = self._get(self.config_init, "trainer", default={})
+        if trainer_config.get("logger") is False and trainer_config.get("callbacks"):
+            trainer_config["callbacks"] = [
+                callback for callback in trainer_config["callbacks"] if not isinstance(callback, LearningRateMonitor)
+            ]
+        return super().instantiate_trainer(**kwargs)
+
+
+def build_cli(args: ArgsType = None, run: bool = True) -> NormLightningCLI:
+    """Parse ``args``, instantiate the classes and (``run=True``) run the subcommand.
+
+    Args:
+        args: command line arguments (``None``: ``sys.argv[1:]``), e.g.
+            ``["fit", "--config", "configs/quickstart.yaml", "--trainer.fast_dev_run=true"]``.
+        run: run a subcommand (``False``: only parse and instantiate; ``args`` then has no
+            subcommand).
+
+    Returns:
+        The CLI object (``.trainer``, ``.model``, ``.datamodule``, ``.config``).
+        ``--help`` and ``--print_config`` raise ``SystemExit(0)``; a bad argument
+        ``SystemExit(2)`` after printing the parser's message.
+    """
+    return NormLightningCLI(
+        model_class=BaseTask,
+        datamodule_class=LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        auto_configure_optimizers=False,
+        seed_everything_default=0,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+        run=run,
+    )
+
+
+def main(args: ArgsType = None) -> None:
+    """Entry point of ``normlightning`` and ``python -m normlightning`` (see :func:`build_cli`)."""
+    build_cli(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,161 @@
+"""BaseDataModule: what every normlightning DataModule shares.
+
+A subclass sets ``num_classes``, ``input_shape`` ``(C, H, W)``, ``mean`` and ``std``
+(per-channel tuples) in ``__init__`` (the CLI links them into the task right after
+instantiation) and implements :meth:`BaseDataModule.build_dataset` for the splits
+``"train"``, ``"val"``, ``"test"``. Images come out as float tensors in ``[0, 1]``: no
+``Normalize`` in the data, the task normalizes with ``mean``/``std`` as its first module.
+
+Splits: datasets with only a train and a test set (MNIST, CIFAR) validate on the test set
+by default (``val_fraction=0``, as the papers report); ``val_fraction > 0`` holds out a
+seeded fraction of the training set instead (see :func:`split_indices`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader, Dataset, Subset
+
+Split = Literal["train", "val", "test"]
+
+
+def split_indices(num_items: int, fractions: Sequence[float], seed: int) -> list[list[int]]:
+    """Seeded random partition of ``range(num_items)`` into ``len(fractions) + 1`` parts.
+
+    Part ``i < len(fractions)`` has ``round(fractions[i] * num_items)`` items; the last part
+    gets the rest. The same ``seed`` always gives the same partition.
+    """
+    if any(f < 0 for f in fractions) or sum(fractions) >= 1:
+        raise ValueError(f"split fractions must be >= 0 and sum to < 1, got {list(fractions)}")
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(num_items, generator=generator).tolist()
+    parts, start = [], 0
+    for fraction in fractions:
+        size = round(fraction * num_items)
+        parts.append(order[start : start + size])
+        start += size
+    parts.append(order[start:])
+    return parts
+
+
+class BaseDataModule(LightningDataModule):
+    """Loaders for a dataset with train/val/test splits, ``batch_size`` examples per process.
+
+    Args:
+        root: folder holding the dataset files.
+        batch_size: examples per batch **per process** (per GPU under DDP).
+        eval_batch_size: batch size of the val/test/predict loaders (default: ``batch_size``).
+        num_workers: loader worker processes.
+        pin_memory: pin host memory (faster host-to-GPU copies).
+        persistent_workers: keep workers alive between epochs (only with ``num_workers > 0``).
+        val_fraction: fraction of the training set held out for validation (0: use the
+            dataset's own validation/test split).
+        seed: seed of the train/val split (independent of the global seed).
+        drop_last: drop the last incomplete training batch (keeps batch statistics of
+            batch-dependent normalizations on full batches).
+    """
+
+    #: ``val_fraction > 0`` carves the val split out of ``build_train_dataset`` (False: the
+    #: subclass splits by itself in ``build_dataset``).
+    holdout_val_from_train: bool = True
+
+    #: Set by subclasses in ``__init__``.
+    num_classes: int
+    input_shape: tuple[int, int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    def __init__(
+        self,
+        *,
+        root: str = "data",
+        batch_size: int = 128,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        persistent_workers: bool = False,
+        val_fraction: float = 0.0,
+        seed: int = 0,
+        drop_last: bool = False,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if eval_batch_size is not None and eval_batch_size < 1:
+            raise ValueError(f"eval_batch_size must be >= 1 or null, got {eval_batch_size}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        self.root = root
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.persistent_workers = persistent_workers and num_workers > 0
+        self.val_fraction = val_fraction
+        self.seed = seed
+        self.drop_last = drop_last
+        self.datasets: dict[str, Dataset] = {}
+
+    # ----------------------------------------------------------------- datasets
+    def build_dataset(self, split: Split) -> Dataset:
+        """The dataset of one split with that split's transforms. Implemented by subclasses."""
+        raise NotImplementedError(f"{type(self).__name__} must implement build_dataset(split)")
+
+    def build_train_dataset(self, train: bool) -> Dataset:
+        """The full training set with training (``train=True``) or evaluation transforms.
+
+        Needed only when ``val_fraction > 0``; subclasses that support it implement it.
+        """
+        raise NotImplementedError(f"{type(self).__name__} does not support val_fraction > 0")
+
+    def _dataset(self, split: Split) -> Dataset:
+        if split not in self.datasets:
+            if self.holdout_val_from_train and self.val_fraction > 0 and split in ("train", "val"):
+                full = self.build_train_dataset(train=split == "train")
+                val_idx, train_idx = split_indices(len(full), [self.val_fraction], self.seed)  # type: ignore[arg-type]
+                self.datasets[split] = Subset(full, train_idx if split == "train" else val_idx)
+            else:
+                self.datasets[split] = self.build_dataset(split)
+        return self.datasets[split]
+
+    def setup(self, stage: str) -> None:
+        """Build the datasets the ``stage`` needs (``fit``, ``validate``, ``test``, ``predict``)."""
+        splits: dict[str, tuple[Split, ...]] = {
+            "fit": ("train", "val"),
+            "validate": ("val",),
+            "test": ("test",),
+            "predict": ("test",),
+        }
+        for split in splits[stage]:
+            self._dataset(split)
+
+    # ----------------------------------------------------------------- loaders
+    def _loader(self, split: Split, train: bool) -> DataLoader:
+        return DataLoader(
+            self._dataset(split),
+            batch_size=self.batch_size if train else self.eval_batch_size,
+            shuffle=train,
+            drop_last=self.drop_last and train,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.persistent_workers,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", train=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        """Predictions run over the test split."""
+        return self._loader("test", train=False)

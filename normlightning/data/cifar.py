@@ -1,0 +1,135 @@
+"""CIFAR-10 and CIFAR-100 through torchvision's dataset classes (the python pickle version).
+
+Training augmentation: zero-pad 4, random crop 32, horizontal flip. Evaluation: none.
+Validation uses the test set unless ``val_fraction > 0``.
+
+Files are checked for presence, not md5: torchvision hashes all ~170 MB on every
+construction; here the archive is md5-checked once, when ``download=True`` fetches it.
+"""
+
+from __future__ import annotations
+
+import os
+
+from torch.utils.data import Dataset
+from torchvision import datasets
+
+from normlightning.data.base import BaseDataModule, Split
+from normlightning.data.errors import DatasetNotFoundError
+from normlightning.data.transforms import cifar_train, to_tensor
+
+
+def _without_file_md5(cls: type[datasets.CIFAR10], name: str) -> type[datasets.CIFAR10]:
+    """A subclass ``name`` of a torchvision CIFAR class whose extracted files are checked for presence only.
+
+    ``name`` must be the module-level name it is bound to (so that it pickles).
+    """
+    return type(
+        name,
+        (cls,),
+        {
+            "train_list": [[name, None] for name, _ in cls.train_list],
+            "test_list": [[name, None] for name, _ in cls.test_list],
+            "meta": {**cls.meta, "md5": None},
+            "__doc__": f"torchvision's {cls.__name__}; extracted files are checked for presence, not md5.",
+        },
+    )
+
+
+_CIFAR10 = _without_file_md5(datasets.CIFAR10, "_CIFAR10")
+_CIFAR100 = _without_file_md5(datasets.CIFAR100, "_CIFAR100")
+
+
+class CIFAR10(BaseDataModule):
+    """CIFAR-10: 50k train / 10k test RGB images ``(3, 32, 32)``, 10 classes.
+
+    Args:
+        root: folder containing ``cifar-10-batches-py/`` (torchvision's layout).
+        download: download into ``root`` in ``prepare_data`` (needs internet; default False).
+        augment: pad-crop-flip augmentation of the training split.
+        batch_size, eval_batch_size, num_workers, pin_memory, persistent_workers,
+            val_fraction, seed, drop_last: see :class:`~normlightning.data.base.BaseDataModule`.
+    """
+
+    dataset_class: type[datasets.CIFAR10] = _CIFAR10
+    archive_url = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+    num_classes_of_dataset = 10
+    channel_mean = (0.4914, 0.4822, 0.4465)
+    channel_std = (0.2470, 0.2435, 0.2616)
+
+    def __init__(
+        self,
+        *,
+        root: str = "data",
+        download: bool = False,
+        augment: bool = True,
+        batch_size: int = 128,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        persistent_workers: bool = False,
+        val_fraction: float = 0.0,
+        seed: int = 0,
+        drop_last: bool = False,
+    ) -> None:
+        super().__init__(
+            root=root,
+            batch_size=batch_size,
+            eval_batch_size=eval_batch_size,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            persistent_workers=persistent_workers,
+            val_fraction=val_fraction,
+            seed=seed,
+            drop_last=drop_last,
+        )
+        self.download = download
+        self.augment = augment
+        self.num_classes = self.num_classes_of_dataset
+        self.input_shape = (3, 32, 32)
+        self.mean = self.channel_mean
+        self.std = self.channel_std
+
+    def prepare_data(self) -> None:
+        if self.download:
+            self.dataset_class(self.root, train=True, download=True)
+
+    def _check_files(self) -> None:
+        cls = self.dataset_class
+        folder = os.path.join(self.root, cls.base_folder)
+        names = [name for name, _ in cls.train_list + cls.test_list] + [cls.meta["filename"]]
+        missing = [name for name in names if not os.path.isfile(os.path.join(folder, name))]
+        if missing:
+            raise DatasetNotFoundError(
+                type(self).__name__,
+                self.root,
+                f"  {folder}/\n" + "".join(f"    {name}\n" for name in names),
+                f"set data.download=true on a machine with internet access, or download {self.archive_url} "
+                f"and extract it in {self.root!r} (tar xzf)",
+                problem="missing " + ", ".join(missing),
+            )
+
+    def _cifar(self, train: bool, augment: bool) -> Dataset:
+        self._check_files()
+        transform = cifar_train() if augment else to_tensor()
+        return self.dataset_class(self.root, train=train, transform=transform, download=False)
+
+    def build_dataset(self, split: Split) -> Dataset:
+        train = split == "train"
+        return self._cifar(train=train, augment=train and self.augment)
+
+    def build_train_dataset(self, train: bool) -> Dataset:
+        return self._cifar(train=True, augment=train and self.augment)
+
+
+class CIFAR100(CIFAR10):
+    """CIFAR-100: 50k train / 10k test RGB images ``(3, 32, 32)``, 100 (fine) classes.
+
+    Same arguments as :class:`CIFAR10`; ``root`` contains ``cifar-100-python/``.
+    """
+
+    dataset_class = _CIFAR100
+    archive_url = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
+    num_classes_of_dataset = 100
+    channel_mean = (0.5071, 0.4865, 0.4409)
+    channel_std = (0.2673, 0.2564, 0.2762)

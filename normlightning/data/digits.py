@@ -1,0 +1,83 @@
+"""Digits: scikit-learn's bundled 8x8 handwritten digits (1797 images, 10 classes), offline.
+
+Images are ``(1, 8, 8)`` float tensors in ``[0, 1]`` (the 0..16 grey levels divided by 16).
+The train/val/test split is a seeded random partition (:func:`~normlightning.data.base.split_indices`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.data import Dataset, TensorDataset
+
+from normlightning.data.base import BaseDataModule, Split, split_indices
+
+
+class Digits(BaseDataModule):
+    """The quickstart dataset: ``sklearn.datasets.load_digits``, no download needed.
+
+    Args:
+        val_fraction: fraction of the 1797 images in the validation split.
+        test_fraction: fraction in the test split; the rest is the training split.
+        seed: seed of the split.
+        batch_size, eval_batch_size, num_workers, pin_memory, persistent_workers, drop_last:
+            see :class:`~normlightning.data.base.BaseDataModule` (``root`` is unused).
+    """
+
+    holdout_val_from_train = False
+    #: Mean and std of all 1797 images scaled to [0, 1] (computed once; checked by the tests).
+    MEAN = (0.3053,)
+    STD = (0.3760,)
+
+    def __init__(
+        self,
+        *,
+        val_fraction: float = 0.2,
+        test_fraction: float = 0.2,
+        seed: int = 0,
+        root: str = "data",
+        batch_size: int = 64,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        persistent_workers: bool = False,
+        drop_last: bool = False,
+    ) -> None:
+        super().__init__(
+            root=root,
+            batch_size=batch_size,
+            eval_batch_size=eval_batch_size,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            persistent_workers=persistent_workers,
+            val_fraction=val_fraction,
+            seed=seed,
+            drop_last=drop_last,
+        )
+        if not 0.0 < test_fraction < 1.0 or val_fraction + test_fraction >= 1.0:
+            raise ValueError(
+                f"Digits needs 0 < test_fraction and val_fraction + test_fraction < 1, "
+                f"got val_fraction={val_fraction}, test_fraction={test_fraction}"
+            )
+        self.test_fraction = test_fraction
+        self.num_classes = 10
+        self.input_shape = (1, 8, 8)
+        self.mean = self.MEAN
+        self.std = self.STD
+        self._tensors: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def load_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """All images ``(1797, 1, 8, 8)`` float32 in ``[0, 1]`` and labels ``(1797,)`` int64."""
+        if self._tensors is None:
+            from sklearn.datasets import load_digits
+
+            digits = load_digits()
+            images = torch.as_tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0
+            labels = torch.as_tensor(digits.target, dtype=torch.int64)
+            self._tensors = (images, labels)
+        return self._tensors
+
+    def build_dataset(self, split: Split) -> Dataset:
+        images, labels = self.load_tensors()
+        val_idx, test_idx, train_idx = split_indices(len(labels), [self.val_fraction, self.test_fraction], self.seed)
+        index = torch.as_tensor({"train": train_idx, "val": val_idx, "test": test_idx}[split])
+        return TensorDataset(images[index], labels[index])

@@ -1,0 +1,116 @@
+"""Shared fixtures: a scratch working directory and writers of tiny datasets in their real on-disk formats."""
+
+from __future__ import annotations
+
+import pickle
+import struct
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = REPO_ROOT / "configs"
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Run inside ``tmp_path`` so that ``runs/`` and friends land there."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def _write_idx(path: Path, array: np.ndarray) -> None:
+    """IDX format (MNIST): big-endian magic ``0x0000 08 <ndim>`` (08 = unsigned byte), big-endian int32 dims, bytes."""
+    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+@pytest.fixture
+def write_mnist() -> Callable[..., tuple[np.ndarray, np.ndarray]]:
+    """Write ``root/MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte``; returns the train images and labels."""
+
+    def write(root: Path, num_train: int = 12, num_test: int = 6, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        rng = np.random.default_rng(seed)
+        raw = root / "MNIST" / "raw"
+        raw.mkdir(parents=True)
+        out = None
+        for prefix, count in (("train", num_train), ("t10k", num_test)):
+            images = rng.integers(0, 256, size=(count, 28, 28), dtype=np.uint8)
+            labels = (np.arange(count) % 10).astype(np.uint8)
+            _write_idx(raw / f"{prefix}-images-idx3-ubyte", images)
+            _write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels)
+            if prefix == "train":
+                out = (images, labels)
+        assert out is not None
+        return out
+
+    return write
+
+
+@pytest.fixture
+def write_cifar() -> Callable[..., tuple[np.ndarray, list[int]]]:
+    """Write the CIFAR python-pickle layout; returns the test images ``(N, 3, 32, 32)`` uint8 and labels."""
+
+    def write(root: Path, num_classes: int = 10, per_file: int = 4, seed: int = 0) -> tuple[np.ndarray, list[int]]:
+        rng = np.random.default_rng(seed)
+
+        def batch(count: int, label_key: str) -> tuple[dict, np.ndarray, list[int]]:
+            images = rng.integers(0, 256, size=(count, 3, 32, 32), dtype=np.uint8)
+            labels = [int(i % num_classes) for i in range(count)]
+            entry = {"data": images.reshape(count, 3072), label_key: labels, "batch_label": "fixture"}
+            return entry, images, labels
+
+        def dump(path: Path, obj: dict) -> None:
+            with open(path, "wb") as file:
+                pickle.dump(obj, file, protocol=2)
+
+        if num_classes == 10:
+            folder = root / "cifar-10-batches-py"
+            folder.mkdir(parents=True)
+            for i in range(1, 6):
+                dump(folder / f"data_batch_{i}", batch(per_file, "labels")[0])
+            entry, images, labels = batch(per_file, "labels")
+            dump(folder / "test_batch", entry)
+            dump(folder / "batches.meta", {"label_names": [f"class{i}" for i in range(10)], "num_vis": 3072})
+        else:
+            folder = root / "cifar-100-python"
+            folder.mkdir(parents=True)
+            dump(folder / "train", batch(per_file, "fine_labels")[0])
+            entry, images, labels = batch(per_file, "fine_labels")
+            dump(folder / "test", entry)
+            dump(
+                folder / "meta",
+                {"fine_label_names": [f"c{i}" for i in range(100)], "coarse_label_names": [f"s{i}" for i in range(20)]},
+            )
+        return images, labels
+
+    return write
+
+
+@pytest.fixture
+def write_image_folders() -> Callable[..., list[str]]:
+    """Write ``root/<split>/<class>/<i>.jpg`` JPEGs (40x30, one colour per class); returns the class names."""
+
+    def write(
+        root: Path, classes: tuple[str, ...] = ("cat", "dog", "eel"), splits: tuple[str, ...] = ("train", "val"),
+        per_class: int = 2,
+    ) -> list[str]:
+        colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)]
+        for split in splits:
+            for index, name in enumerate(classes):
+                folder = root / split / name
+                folder.mkdir(parents=True)
+                for i in range(per_class):
+                    Image.new("RGB", (40, 30), colours[index % len(colours)]).save(folder / f"{i}.jpg", quality=95)
+        return list(classes)
+
+    return write
+
+
+@pytest.fixture(autouse=True)
+def _plain_argv(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests call the CLI with explicit args; hide pytest's own argv from LightningCLI."""
+    monkeypatch.setattr("sys.argv", ["normlightning"])

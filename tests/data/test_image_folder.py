@@ -1,0 +1,54 @@
+"""ImageFolderDataModule and ImageNet against JPEG class folders."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from normlightning.data import DatasetNotFoundError, ImageFolderDataModule, ImageNet
+
+
+def test_image_folder_reads_jpegs(tmp_path, write_image_folders) -> None:
+    classes = write_image_folders(tmp_path, per_class=2)
+    dm = ImageFolderDataModule(root=str(tmp_path), image_size=16, num_workers=0, batch_size=3)
+    assert dm.classes == sorted(classes) and dm.num_classes == 3 and dm.input_shape == (3, 16, 16)
+    dm.setup("fit")
+    dm.setup("test")
+    assert len(dm.datasets["train"]) == 6 and len(dm.datasets["test"]) == 6  # test defaults to val/
+    x, y = dm.datasets["test"][0]  # first image of class 0 ("cat", pure red)
+    assert x.shape == (3, 16, 16) and int(y) == 0
+    assert torch.allclose(x.mean(dim=(1, 2)), torch.tensor([1.0, 0.0, 0.0]), atol=0.05)
+    xb, yb = next(iter(dm.train_dataloader()))
+    assert xb.shape == (3, 3, 16, 16) and float(xb.max()) <= 1.0
+
+
+def test_image_folder_val_fraction_without_val_dir(tmp_path, write_image_folders) -> None:
+    write_image_folders(tmp_path, splits=("train",), per_class=4)
+    dm = ImageFolderDataModule(root=str(tmp_path), val_dir=None, val_fraction=0.25, image_size=8, num_workers=0)
+    dm.setup("fit")
+    assert (len(dm.datasets["train"]), len(dm.datasets["val"])) == (9, 3)
+    with pytest.raises(ValueError, match="val_fraction"):
+        ImageFolderDataModule(root=str(tmp_path), val_dir=None)
+
+
+def test_imagenet_layout_errors(tmp_path, write_image_folders) -> None:
+    with pytest.raises(DatasetNotFoundError, match="train/<class_name>") as info:
+        ImageNet(root=str(tmp_path / "nowhere"))
+    assert "image-net.org" in str(info.value) and "valprep" in str(info.value)
+    write_image_folders(tmp_path)
+    with pytest.raises(DatasetNotFoundError, match="expected 1000"):
+        ImageNet(root=str(tmp_path))
+    dm = ImageNet(root=str(tmp_path), expected_num_classes=3, image_size=8, num_workers=0)
+    shutil.rmtree(tmp_path / "val" / "eel")
+    with pytest.raises(DatasetNotFoundError, match="missing \\['eel'\\]"):
+        dm.setup("fit")
+
+
+def test_imagenet_transforms_sizes(tmp_path, write_image_folders) -> None:
+    write_image_folders(tmp_path, per_class=1)
+    dm = ImageNet(root=str(tmp_path), expected_num_classes=3, image_size=24, num_workers=0)
+    dm.setup("fit")
+    assert dm.datasets["train"][0][0].shape == (3, 24, 24)
+    assert dm.datasets["val"][0][0].shape == (3, 24, 24)

@@ -1,0 +1,77 @@
+"""ClassificationTask: forward, loss, metrics, predictions, checkpoint reload."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch import Trainer
+
+from normlightning.data import Synthetic
+from normlightning.tasks import ClassificationTask
+
+
+def _task(**kwargs) -> ClassificationTask:
+    defaults = dict(backbone="small_cnn", num_classes=5, input_shape=(2, 6, 6), backbone_kwargs={"width": 4},
+                    input_mean=(0.5, 0.4), input_std=(0.2, 0.3))
+    return ClassificationTask(**{**defaults, **kwargs})
+
+
+def test_forward_is_backbone_of_normalized_input() -> None:
+    task = _task().eval()
+    x = torch.rand(3, 2, 6, 6)
+    by_hand = (x - torch.tensor([0.5, 0.4]).view(1, 2, 1, 1)) / torch.tensor([0.2, 0.3]).view(1, 2, 1, 1)
+    assert torch.allclose(task(x), task.backbone(by_hand))
+    assert next(iter(task.children())) is task.normalize  # the model's first module
+    assert task.example_input_array.shape == (2, 2, 6, 6)
+    probs = task.predict_step((x, torch.zeros(3, dtype=torch.long)), 0)
+    assert torch.allclose(probs, task(x).softmax(-1)) and torch.allclose(probs.sum(-1), torch.ones(3))
+
+
+def test_loss_matches_cross_entropy_with_label_smoothing() -> None:
+    task = _task(label_smoothing=0.1).eval()
+    x, y = torch.rand(4, 2, 6, 6), torch.tensor([0, 1, 4, 2])
+    logits = task(x)
+    log_probs = logits.log_softmax(-1)
+    by_hand = -(0.9 * log_probs.gather(1, y[:, None]).squeeze(1) + 0.1 * log_probs.mean(-1)).mean()
+    assert torch.allclose(task._shared_step((x, y), "train"), by_hand, atol=1e-6)
+    assert torch.allclose(by_hand, F.cross_entropy(logits, y, label_smoothing=0.1), atol=1e-6)
+
+
+def test_metric_names_depend_on_num_classes() -> None:
+    assert set(_task(num_classes=5).val_metrics.keys()) == {"val/acc1", "val/acc5"}
+    assert set(_task(num_classes=3).test_metrics.keys()) == {"test/acc1"}
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="label_smoothing"):
+        _task(label_smoothing=1.0)
+    with pytest.raises(ValueError, match="one value per channel"):
+        _task(input_mean=(0.5,))
+
+
+def test_logged_metrics_and_reload(tmp_path) -> None:
+    data = Synthetic(input_shape=(2, 6, 6), num_classes=5, num_train=32, num_val=16, num_test=16, batch_size=8)
+    task = _task(optimizer=partial(torch.optim.SGD, lr=0.05))
+    trainer = Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(task, datamodule=data)
+    logged = set(trainer.callback_metrics)
+    assert {"train/loss", "train/acc1", "train/acc5", "val/loss", "val/acc1", "val/acc5"} <= logged
+    # val/acc1 is the plain accuracy of the model's argmax over the whole val split
+    task.eval()
+    xs, ys = map(torch.stack, zip(*[data.datasets["val"][i] for i in range(16)]))
+    with torch.no_grad():
+        accuracy = (task(xs).argmax(-1) == ys).float().mean()
+    assert float(trainer.callback_metrics["val/acc1"]) == pytest.approx(float(accuracy))
+    results = trainer.test(task, datamodule=data, verbose=False)[0]
+    assert {"test/loss", "test/acc1", "test/acc5"} <= set(results)
+
+    path = tmp_path / "task.ckpt"
+    trainer.save_checkpoint(path)
+    reloaded = ClassificationTask.load_from_checkpoint(path).eval()
+    assert reloaded.hparams["backbone_kwargs"] == {"width": 4} and "optimizer" not in reloaded.hparams
+    with torch.no_grad():
+        assert torch.equal(reloaded(xs), task(xs))

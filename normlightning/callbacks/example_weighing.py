@@ -18,13 +18,11 @@ The default grid (:func:`example_weighing_grid`) is ``0`` and the powers of two
 ``1/(2B), 1/B, 2/B``, since ``alpha ~ 1/B`` is the paper's natural starting point.
 Ties go to the smallest ``alpha`` (closest to plain inference).
 
-Persistence: ``alpha`` is a plain float attribute, so it is **not** in the module's
-``state_dict``. The :class:`ExampleWeighingSearch` callback stores the chosen value (and
-the per-alpha table) in the checkpoint through its own ``state_dict`` and re-applies it
-to the layers at the start of ``fit``/``validate``/``test``/``predict`` when a checkpoint
-with that state is loaded through the Trainer (``ckpt_path=...``). A model loaded with
-``Task.load_from_checkpoint`` alone does not get it back: call
-:func:`set_example_weighing_alpha` with ``checkpoint["callbacks"][...]["alpha"]``.
+Persistence: every layer keeps its ``alpha`` in a buffer (``example_weighing_alpha``), so
+it is part of the model's ``state_dict`` and ``Task.load_from_checkpoint`` restores it.
+The :class:`ExampleWeighingSearch` callback also stores the chosen value and the per-alpha
+table in its own checkpoint state, and re-applies it at the start of
+``fit``/``validate``/``test``/``predict`` when resuming through the Trainer.
 """
 
 from __future__ import annotations

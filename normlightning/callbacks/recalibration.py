@@ -109,23 +109,16 @@ def is_batch_statistic_layer(module: nn.Module) -> bool:
     return False
 
 
-_NATIVE_RUNNING = ("running_mean", "running_var", "num_batches_tracked")
-
-
 def running_buffer_names(layer: nn.Module) -> set[str]:
     """Names (in ``layer.state_dict()``) of the buffers a recalibration may change.
 
-    In order: the layer's public ``running_stat_names`` if it defines one; else the
-    buffers registered as running statistics by normlightning's ``BatchStatNorm``
-    (``_running_inits``) plus ``num_batches_tracked``; else, for native BatchNorm and
-    unknown layers, ``running_mean``, ``running_var``, ``num_batches_tracked``. Every other
-    buffer (e.g. ``brn``'s ``renorm_step`` schedule counter) is restored after the pass.
+    normlightning's batch-statistic layers list theirs in ``running_stat_names``; native
+    BatchNorm (and unknown layers) use ``running_mean``, ``running_var``. The step counter
+    ``num_batches_tracked`` is always included. Every other buffer (e.g. ``brn``'s
+    ``renorm_step`` schedule counter) is restored after the pass.
     """
-    names = getattr(layer, "running_stat_names", None)
-    if names is None:
-        inits = getattr(layer, "_running_inits", None)
-        names = (*inits, "num_batches_tracked") if isinstance(inits, dict) and inits else _NATIVE_RUNNING
-    return set(names)
+    names = getattr(layer, "running_stat_names", ("running_mean", "running_var"))
+    return set(names) | {"num_batches_tracked"}
 
 
 def batch_statistic_layers(model: nn.Module) -> dict[str, nn.Module]:

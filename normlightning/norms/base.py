@@ -6,7 +6,8 @@ per-channel affine parameters ``weight``/``bias`` of shape ``(C,)`` (``None`` wh
 
 ``BatchStatNorm`` adds what layers whose sets include the batch axis have: ``momentum``
 (float, or ``None`` for a cumulative average), ``num_batches_tracked``, running buffers
-registered with ``_register_running``, ``reset_running_stats()``, and the
+registered with ``_register_running`` (listed by ``running_stat_names``),
+``reset_running_stats()``, and the
 ``sync_statistics``/``process_group`` attributes read by the functional core.
 """
 
@@ -105,6 +106,16 @@ class BatchStatNorm(NormLayer):
         dtype = torch.float64 if dtype == torch.float64 else torch.float32
         self.register_buffer(name, torch.full(tuple(shape), float(init), dtype=dtype, device=device))
         self._running_inits[name] = float(init)
+
+    @property
+    def running_stat_names(self) -> tuple[str, ...]:
+        """Names of the running-statistic buffers, in registration order (e.g.
+        ``("running_mean", "running_var")``; ``("moving_x", "moving_x2")`` for ``gbgn``).
+
+        Excludes ``num_batches_tracked`` and buffers that are not statistics of the data
+        (``brn``'s ``renorm_step``, ``bgn``'s ``trained_spatial_numel``, ``alpha``'s buffer).
+        """
+        return tuple(self._running_inits)
 
     def reset_running_stats(self) -> None:
         """Running buffers back to their initial values; ``num_batches_tracked = 0``."""

@@ -129,7 +129,7 @@ class GeneralBatchGroupNorm(ExampleWeighingMixin, BatchStatNorm):
             raise ValueError(f"GeneralBatchGroupNorm examples_per_group must be a positive int or None (whole batch), got {examples_per_group!r}.")
         self.channel_groups = channel_groups
         self.examples_per_group = examples_per_group
-        self.alpha = alpha
+        self._init_alpha(alpha, device)
         self._register_running("moving_x", (num_features,), 0.0)
         self._register_running("moving_x2", (num_features,), 1.0)
         self.reset_parameters()

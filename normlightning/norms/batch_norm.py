@@ -24,7 +24,7 @@ class BatchNorm(ExampleWeighingMixin, BatchStatNorm):
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True, alpha: float = 0.0, device=None, dtype=None) -> None:
         super().__init__(num_features, eps, momentum, affine, device, dtype)
-        self.alpha = alpha
+        self._init_alpha(alpha, device)
         self._register_running("running_mean", (num_features,), 0.0)
         self._register_running("running_var", (num_features,), 1.0)
         self.reset_parameters()

@@ -39,6 +39,8 @@ from torch import Tensor
 __all__ = [
     "compute_dtype",
     "set_mean_var",
+    "row_moments",
+    "combine_moments",
     "reduce_mean",
     "update_running_stats",
     "batch_norm",
@@ -105,7 +107,7 @@ def _normalize_affine(x3: Tensor, mu: Tensor, var: Tensor, weight: Tensor | None
     shift = -mu * scale
     if bias is not None:
         shift = shift + bias.view(1, -1, 1)
-    return torch.addcmul(shift, x3, scale)
+    return scale_shift(x3, scale, shift)
 
 
 def divisors(n: int) -> list[int]:
@@ -179,16 +181,120 @@ def reduce_mean(
     return means, total
 
 
+class _RowMoments(torch.autograd.Function):
+    """``x -> (mean, biased var)`` over the last dim, with a one-pass fused backward
+    ``dx = a * x + b`` (``a = 2 g_var / L``, ``b = g_mean / L - a * mean``, per row)."""
+
+    @staticmethod
+    def forward(x: Tensor) -> tuple[Tensor, Tensor]:
+        mean = x.mean(-1, keepdim=True)
+        d = x - mean
+        var = torch.linalg.vecdot(d, d, dim=-1).unsqueeze(-1) / x.shape[-1]
+        return mean, var
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(inputs[0], output[0])
+
+    @staticmethod
+    def backward(ctx, g_mean: Tensor | None, g_var: Tensor | None) -> Tensor:
+        x, mean = ctx.saved_tensors
+        L = x.shape[-1]
+        if g_var is None:
+            return (g_mean / L).expand_as(x)
+        a = g_var * (2.0 / L)
+        b = -a * mean if g_mean is None else g_mean / L - a * mean
+        return torch.addcmul(b, x, a)
+
+
+class _ScaleShift(torch.autograd.Function):
+    """``y = x * scale + shift`` on ``(..., L)`` with statistic-sized ``scale``/``shift``
+    (broadcast over ``L``), with a lean backward: ``dx = g * scale``, ``dscale = sum_L g x``,
+    ``dshift = sum_L g`` (reduced to their shapes)."""
+
+    @staticmethod
+    def forward(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+        return torch.addcmul(shift, x, scale)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        x, scale, shift = inputs
+        ctx.save_for_backward(x, scale)
+        ctx.shift_shape = shift.shape
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        x, scale = ctx.saved_tensors
+        gx = g * scale if ctx.needs_input_grad[0] else None
+        gscale = gshift = None
+        if ctx.needs_input_grad[1]:
+            gscale = torch.linalg.vecdot(g, x, dim=-1).unsqueeze(-1).sum_to_size(scale.shape)
+        if ctx.needs_input_grad[2]:
+            gshift = g.sum(-1, keepdim=True).sum_to_size(ctx.shift_shape)
+        return gx, gscale, gshift
+
+
+def row_moments(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean and biased variance of ``x`` over its last dim (keepdim), shapes ``(*, 1)``.
+
+    Two passes of fast native reductions: the mean, then the centred sum of squares as an
+    inner product (``linalg.vecdot``), so there is no ``E[x^2] - E[x]^2`` cancellation.
+    (On CPU ``torch.var_mean`` is a slow Welford kernel, several times a whole BatchNorm.)
+    The backward is one fused pass (see ``_RowMoments``).
+    """
+    return _RowMoments.apply(x)
+
+
+def scale_shift(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
+    """``x * scale + shift`` as one fused pass, ``scale``/``shift`` of shape ``(*, 1)``
+    broadcasting against ``x (..., L)``; lean backward (see ``_ScaleShift``)."""
+    return _ScaleShift.apply(x, scale, shift)
+
+
+def combine_moments(mean: Tensor, var: Tensor, dims: Sequence[int]) -> tuple[Tensor, Tensor]:
+    """Pool equal-size sets: the mean and biased variance of the union over ``dims`` (keepdim).
+
+    Law of total variance: ``mu = avg(m_k)``, ``var = avg(v_k) + avg((m_k - mu)^2)`` (both
+    terms >= 0, no cancellation). ``mean``/``var`` are per-set statistics of sets that all have
+    the same number of elements.
+    """
+    dims = tuple(dims)
+    if not dims:
+        return mean, var
+    mu = mean.mean(dim=dims, keepdim=True)
+    dm = mean - mu
+    return mu, var.mean(dim=dims, keepdim=True) + (dm * dm).mean(dim=dims, keepdim=True)
+
+
+def _local_mean_var(x: Tensor, dims: Sequence[int]) -> tuple[Tensor, Tensor]:
+    """Mean and biased variance over ``dims`` (keepdim) without communication: the trailing
+    reduced axes are flattened into rows (:func:`row_moments`), the other reduced axes pooled
+    with :func:`combine_moments`."""
+    nd = x.dim()
+    dims = sorted({d % nd for d in dims})
+    k = nd
+    while k - 1 in dims:
+        k -= 1
+    if k == nd:  # no trailing axis is reduced
+        var, mean = torch.var_mean(x, dim=tuple(dims), correction=0, keepdim=True)
+        return mean, var
+    mean, var = row_moments(x.reshape(*x.shape[:k], -1))
+    mean, var = combine_moments(mean, var, [d for d in dims if d < k])
+    shape = [1 if d in dims else x.shape[d] for d in range(nd)]
+    return mean.reshape(shape), var.reshape(shape)
+
+
 def set_mean_var(
     x: Tensor, dims: Sequence[int], *, sync: bool = False, process_group=None
 ) -> tuple[Tensor, Tensor, Tensor | int]:
     """Mean and biased variance of ``x`` over ``dims`` (keepdim), and the set size.
 
-    Local path: ``torch.var_mean`` (numerically stable). Sync path (``sync=True``): the moments
+    Local path: :func:`row_moments` over the trailing reduced axes, pooled over the others
+    with the law of total variance (numerically stable). Sync path (``sync=True``): the moments
     ``E[x]`` and ``E[x^2]`` are (all-)reduced and ``var = max(E[x^2] - E[x]^2, 0)``.
     """
     if not sync:
-        var, mean = torch.var_mean(x, dim=tuple(dims), correction=0, keepdim=True)
+        mean, var = _local_mean_var(x, dims)
         count = 1
         for d in dims:
             count *= x.shape[d]
@@ -563,7 +669,8 @@ def general_batch_group_norm(
         "Use more examples per group or fewer channel groups.",
     )
     # the authors' formulation: per (example, channel) moments over S, averaged over blocks
-    v_nc, m_nc = torch.var_mean(x3, dim=2, correction=0)
+    m_nc, v_nc = row_moments(x3)
+    m_nc, v_nc = m_nc.squeeze(2), v_nc.squeeze(2)
     ex2_nc = v_nc + m_nc * m_nc
     mus, variances = [], []
     for m_c, e_c in zip(torch.split(m_nc, sizes, 0), torch.split(ex2_nc, sizes, 0)):
@@ -631,12 +738,21 @@ def is_batch_set(kind: str) -> bool:
     return kind in ("bn", "en")
 
 
-def _set_stats(x3: Tensor, kind: str, groups: int, sync: bool, process_group):
-    """Mean/var/count of an HN set on ``x3 (N, C, S)``; stats shaped ``(N|1, G, 1, 1)``."""
+def _set_stats(x3: Tensor, kind: str, groups: int, sync: bool, process_group, nc_moments):
+    """Mean/var/count of an HN set on ``x3 (N, C, S)``; stats shaped ``(N|1, G, 1, 1)``.
+
+    Every HN set is a union of whole ``(n, c)`` rows, so locally its statistics are pooled
+    (:func:`combine_moments`) from the per-``(n, c)`` moments ``nc_moments()`` (computed once,
+    shared by the mean set and every std set). Synced batch sets use the moments path.
+    """
     N, C, S = x3.shape
-    xg = x3.reshape(N, groups, C // groups, S)
-    dims = (0, 2, 3) if is_batch_set(kind) else (2, 3)
-    return set_mean_var(xg, dims, sync=sync and is_batch_set(kind), process_group=process_group)
+    batch = is_batch_set(kind)
+    if sync and batch:
+        return set_mean_var(x3.reshape(N, groups, C // groups, S), (0, 2, 3), sync=True, process_group=process_group)
+    m_nc, v_nc = nc_moments()
+    dims = (0, 2) if batch else (2,)
+    m, v = combine_moments(m_nc.reshape(N, groups, C // groups), v_nc.reshape(N, groups, C // groups), dims)
+    return m.unsqueeze(-1), v.unsqueeze(-1), (N if batch else 1) * (C // groups) * S
 
 
 def _per_channel(t: Tensor, C: int) -> Tensor:
@@ -672,12 +788,19 @@ def heterologous_norm(
     x3 = _as3d(xc)
     N, C, S = x3.shape
     dt = xc.dtype
+    cache: list[tuple[Tensor, Tensor]] = []
+
+    def nc_moments() -> tuple[Tensor, Tensor]:
+        if not cache:
+            cache.append(row_moments(x3))
+        return cache[0]
+
     # mean
     kind, g = mean_set
     if is_batch_set(kind) and not training:
         mu = _per_channel(running_mean.to(dt).view(1, g, 1, 1), C)
     else:
-        m, v, n = _set_stats(x3, kind, g, sync, process_group)
+        m, v, n = _set_stats(x3, kind, g, sync, process_group, nc_moments)
         mu = _per_channel(m, C)
         if training and is_batch_set(kind):
             update_running_stats(running_mean, None, m, v, n, factor)
@@ -688,7 +811,7 @@ def heterologous_norm(
         if is_batch_set(skind) and not training:
             vk = running_vars[k].to(dt).view(1, sg, 1, 1)
         else:
-            m, vk, n = _set_stats(x3, skind, sg, sync, process_group)
+            m, vk, n = _set_stats(x3, skind, sg, sync, process_group, nc_moments)
             if training and is_batch_set(skind):
                 update_running_stats(None, running_vars[k], m, vk, n, factor)
         vk = _per_channel(vk, C)
@@ -730,7 +853,7 @@ def switchable_norm(
     x3 = _as3d(xc)
     dt = xc.dtype
     N, C, S = x3.shape
-    var_in, mu_in = torch.var_mean(x3, dim=2, correction=0, keepdim=True)
+    mu_in, var_in = row_moments(x3)
     temp = var_in + mu_in * mu_in
     mu_ln = mu_in.mean(1, keepdim=True)
     var_ln = (temp.mean(1, keepdim=True) - mu_ln * mu_ln).clamp_min(0.0)

@@ -69,7 +69,7 @@ class GhostNorm(ExampleWeighingMixin, _GhostMixin, BatchStatNorm):
         if num_groups is None and ghost_batch_size is None:
             ghost_batch_size = 32
         self._init_ghost(num_groups, ghost_batch_size, "GhostNorm")
-        self.alpha = alpha
+        self._init_alpha(alpha, device)
         self._register_running("running_mean", (num_features,), 0.0)
         self._register_running("running_var", (num_features,), 1.0)
         self.reset_parameters()

@@ -54,3 +54,21 @@ def test_compile_inductor(name):
         _check(name, "inductor")
     except torch._dynamo.exc.BackendCompilerFailed as err:  # compiler present but cannot build
         pytest.fail(f"inductor could not compile on this machine: {err}")
+
+
+@pytest.mark.parametrize("name", ["bn", "ghost", "gbgn"])
+def test_compile_example_weighing_alpha(name):
+    """Eval with ``alpha > 0`` (a buffer in the state_dict, a float to the forward) compiles, and
+    changing ``alpha`` after compiling is honoured (the compiled code is guarded on it)."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    eager = build_norm(name, 4, **ALL_SPECS[name])
+    eager(torch.randn(4, 4, 3, 3) * 2 + 1)
+    mod = build_norm(name, 4, **ALL_SPECS[name])
+    mod.load_state_dict(eager.state_dict())
+    eager.eval(), mod.eval()
+    fn = torch.compile(mod, backend="aot_eager")
+    x = torch.randn(2, 4, 3, 3) * 2 + 1
+    for alpha in (0.3, 0.0, 0.7):
+        eager.alpha = mod.alpha = alpha
+        torch.testing.assert_close(fn(x), eager(x), atol=1e-5, rtol=1e-4)

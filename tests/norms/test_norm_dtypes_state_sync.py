@@ -118,3 +118,83 @@ def test_sync_two_processes_gloo(tmp_path):
     for p in parts:
         torch.testing.assert_close(p["rm"], ref.running_mean)
         torch.testing.assert_close(p["rv"], ref.running_var)
+
+
+WEIGHING = ["bn", "ghost", "gbgn"]
+
+
+@pytest.mark.parametrize("name", WEIGHING)
+def test_alpha_persists_in_state_dict(name, tmp_path):
+    """``alpha`` is the 0-d float32 buffer ``example_weighing_alpha``: a state_dict round trip
+    (through a file, as a checkpoint) into a fresh layer gives the same alpha and eval output."""
+    torch.manual_seed(4)
+    a = build_norm(name, 4, **ALL_SPECS[name])
+    for _ in range(3):
+        a(torch.randn(4, 4, 3, 3) * 2 + 1)
+    a.alpha = 0.3
+    sd = a.state_dict()
+    assert sd["example_weighing_alpha"].shape == () and sd["example_weighing_alpha"].dtype == torch.float32
+    assert float(sd["example_weighing_alpha"]) == pytest.approx(0.3)
+    torch.save(sd, tmp_path / "w.pt")
+    b = build_norm(name, 4, **ALL_SPECS[name])
+    assert b.alpha == 0.0
+    b.load_state_dict(torch.load(tmp_path / "w.pt"))
+    assert isinstance(b.alpha, float) and b.alpha == pytest.approx(0.3)
+    a.eval(), b.eval()
+    x = torch.randn(2, 4, 3, 3) * 2 + 1
+    torch.testing.assert_close(b(x), a(x))
+    plain = build_norm(name, 4, **ALL_SPECS[name])
+    plain.load_state_dict({k: v for k, v in sd.items() if k != "example_weighing_alpha"}, strict=False)
+    plain.eval()
+    assert not torch.allclose(plain(x), a(x))  # alpha really changes the eval output
+
+
+def test_alpha_state_dict_edge_cases():
+    """An older state_dict without the key keeps the current alpha (strict loading works);
+    an out-of-range stored alpha is a load error naming alpha; the property validates."""
+    a = BatchNorm(4)
+    old = {k: v for k, v in a.state_dict().items() if k != "example_weighing_alpha"}
+    b = BatchNorm(4, alpha=0.25)
+    b.load_state_dict(old)  # strict
+    assert b.alpha == 0.25 and float(b.example_weighing_alpha) == 0.25
+    bad = dict(a.state_dict(), example_weighing_alpha=torch.tensor(1.5))
+    with pytest.raises(RuntimeError, match="alpha must be a float in \\[0, 1\\]"):
+        b.load_state_dict(bad)
+    assert b.alpha == 0.25
+    with pytest.raises(ValueError, match="alpha"):
+        b.alpha = -0.1
+    b.alpha = 1
+    assert b.alpha == 1.0 and float(b.example_weighing_alpha) == 1.0
+
+
+# Running-statistic buffers of each layer, written out (num_batches_tracked and non-statistic
+# buffers such as brn's renorm_step, bgn's trained_spatial_numel and alpha's are excluded).
+RUNNING_STATS = {
+    "bn": ("running_mean", "running_var"),
+    "ghost": ("running_mean", "running_var"),
+    "seqnorm": ("running_mean", "running_var"),
+    "bgn": ("running_mean", "running_var"),
+    "gbgn": ("moving_x", "moving_x2"),
+    "hn": ("running_mean", "running_var_0", "running_var_1"),
+    "sn": ("running_mean", "running_var"),
+    "brn": ("running_mean", "running_var"),
+}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_running_stat_names(name):
+    layer = build_norm(name, 4, **ALL_SPECS[name])
+    if not layer.uses_batch_statistics:
+        assert name not in RUNNING_STATS and not hasattr(layer, "running_stat_names")
+        return
+    assert layer.running_stat_names == RUNNING_STATS[name]
+    buffers = dict(layer.named_buffers())
+    assert set(layer.running_stat_names) <= set(buffers)
+    # every other floating buffer is not a statistic of the data (alpha) or an integer counter
+    for k, v in buffers.items():
+        if k not in layer.running_stat_names:
+            assert k == "example_weighing_alpha" or not v.is_floating_point(), k
+    # hn with per-example sets only has no running statistics; hn with one batch std set
+    if name == "hn":
+        assert build_norm("hn", 4, mean="in", std="gn:2").running_stat_names == ()
+        assert build_norm("hn", 4, mean="ln", std="en:2").running_stat_names == ("running_var",)

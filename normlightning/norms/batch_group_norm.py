@@ -58,7 +58,7 @@ class BatchGroupNorm(BatchStatNorm):
         S = x[0, 0].numel()
         trained = self._trained_spatial
         if trained == 0 or trained == S:
-            if self.training and trained != S:
+            if self.training:  # always rewrite: a buffer restore may have reset it behind the cache
                 self.trained_spatial_numel.fill_(S)
                 self._trained_spatial = S
             return

@@ -1,0 +1,300 @@
+"""AdversarialTask: PGD adversarial training and clean + robust evaluation.
+
+Training (Madry et al. 2018; the mix of Goodfellow et al. 2015), for a batch ``(x, y)`` of
+images in pixel space ``[0, 1]``::
+
+    x_adv = PGD_train(f, x, y)                               (norm layers in train_attack_norm_mode)
+    loss  = (1 - w) * CE(f(x), y) + w * CE(f(x_adv), y)      w = adversarial_weight in [0, 1]
+
+``w = 1`` (default) trains on PGD examples only, ``w = 0`` is clean training (no attack is run),
+values between mix both losses; clean and adversarial batches then get separate forward passes.
+Validation and test: clean accuracy on ``x`` and robust accuracy on ``PGD_eval(f, x, y)``,
+logged as ``{stage}/acc1_clean``, ``{stage}/acc1_robust`` (and ``acc5_*`` with >= 5 classes,
+``loss_clean``, ``loss_robust``). The evaluation attack (e.g. PGD-20) is configured apart
+from the training attack. ``eps``/``step_size`` are in pixel units: the model's first module
+is the input normalization.
+
+Norm-layer mode while an attack runs (:func:`norm_layer_mode`), one setting for training
+attacks and one for evaluation attacks:
+
+* ``eval``: running statistics (the torchattacks and TRADES default); no buffer changes.
+* ``train``: batch statistics, and the attack's forwards update the running buffers as
+  ordinary training forwards do (Madry's code).
+* ``train_frozen``: batch statistics, and every buffer is restored after the attack, so the
+  attack leaves the running statistics (and ``num_batches_tracked``) untouched.
+
+Only normalization layers are switched (``torch.nn`` BatchNorm/InstanceNorm, i.e.
+``_NormBase``, and every :class:`~normlightning.norms.base.NormLayer`); other modules such as
+dropout keep the mode the model is in (train in the training step, eval in validation).
+Every module's mode is restored afterwards. The settings are hyperparameters and are also
+written as a summary line at the start of every fit/validate/test (log and TensorBoard text).
+
+Gradients during evaluation: Lightning runs validation and test under
+``torch.inference_mode()`` by default. This task keeps that default working instead of
+requiring ``Trainer(inference_mode=False)``: the attack runs inside
+``torch.inference_mode(False)`` + ``torch.enable_grad()`` (see
+:func:`~normlightning.tasks.attacks.pgd_attack`), and the clean and robust evaluation
+forwards stay gradient-free. ``trainer.inference_mode: false`` works as well.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _NormBase
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy
+
+from normlightning.norms.base import NormLayer
+from normlightning.tasks.attacks import PGDConfig
+from normlightning.tasks.base import default_optimizer
+from normlightning.tasks.classification import ClassificationTask
+
+__all__ = ["NORM_MODES", "AdversarialTask", "NormMode", "is_norm_layer", "norm_layer_mode"]
+
+NormMode = Literal["eval", "train", "train_frozen"]
+NORM_MODES: dict[str, str] = {
+    "eval": "running statistics, no buffer updates",
+    "train": "batch statistics, running buffers updated by the attack's forwards",
+    "train_frozen": "batch statistics, running buffers restored after the attack",
+}
+_EVAL_STAGE_IDS = {"val": 1, "test": 2}
+
+
+def is_norm_layer(module: nn.Module) -> bool:
+    """True for ``torch.nn`` BatchNorm/InstanceNorm layers (``_NormBase``) and our ``NormLayer``s."""
+    return isinstance(module, (_NormBase, NormLayer))
+
+
+def _check_mode(mode: str, setting: str) -> None:
+    if mode not in NORM_MODES:
+        raise ValueError(f"{setting} must be one of {sorted(NORM_MODES)}, got {mode!r}")
+
+
+@contextmanager
+def norm_layer_mode(model: nn.Module, mode: NormMode) -> Iterator[None]:
+    """Run the body with ``model``'s normalization layers in ``mode`` (see the module docstring).
+
+    ``eval``/``train`` call ``.eval()``/``.train()`` on every :func:`is_norm_layer` module;
+    ``train_frozen`` does as ``train`` and, on exit, copies every buffer of ``model`` back to
+    its value on entry (running means/variances, ``num_batches_tracked``, any other state
+    buffer of any layer). On exit the ``training`` flag of every module is restored.
+    """
+    _check_mode(mode, "norm_layer_mode: mode")
+    modes = [(module, module.training) for module in model.modules()]
+    saved: list[tuple[Tensor, Tensor]] = []
+    if mode == "train_frozen":
+        saved = [(buffer, buffer.detach().clone()) for buffer in model.buffers()]
+    try:
+        for module in model.modules():
+            if is_norm_layer(module):
+                module.train(mode != "eval")
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in saved:
+                buffer.copy_(value)
+        for module, training in modes:
+            module.training = training
+
+
+def _as_pgd_config(value: PGDConfig | dict[str, Any], setting: str) -> PGDConfig:
+    if isinstance(value, PGDConfig):
+        return value
+    if isinstance(value, dict):
+        return PGDConfig(**value)
+    raise TypeError(f"{setting} must be a PGDConfig or a dict of its fields (eps, step_size, steps, random_start), got {value!r}")
+
+
+def _describe(attack: PGDConfig) -> str:
+    return (
+        f"PGD-{attack.steps} (L-inf eps={attack.eps:.4g}, step_size={attack.step_size:.4g}, "
+        f"random_start={attack.random_start})"
+    )
+
+
+class AdversarialTask(ClassificationTask):
+    """Adversarial training with PGD; clean and robust accuracy for validation and test.
+
+    See the module docstring for the loss, the norm-layer modes and the grad/inference-mode
+    choice. Logged metrics: ``train/loss`` (the mixed loss), ``train/loss_robust``,
+    ``train/acc1_robust`` (when ``adversarial_weight > 0``), ``train/loss_clean``,
+    ``train/acc1_clean`` (when ``adversarial_weight < 1``); ``{val,test}/loss_clean``,
+    ``{val,test}/acc1_clean``, ``{val,test}/loss_robust``, ``{val,test}/acc1_robust`` and
+    ``acc5_clean``/``acc5_robust`` with at least 5 classes. There is no plain ``val/acc1``:
+    point checkpoints at ``val/acc1_robust`` (``--checkpoint.monitor=val/acc1_robust``; the
+    configs do).
+
+    Args:
+        train_attack: PGD used to make training examples (default: the BGN paper's PGD-4,
+            ``eps=0.0157``, ``step_size=2/255``, random start).
+        eval_attack: PGD used for robust accuracy in validation/test (default the same;
+            e.g. ``steps: 20`` for PGD-20).
+        adversarial_weight: ``w`` in ``(1 - w) * CE(clean) + w * CE(adversarial)``, in ``[0, 1]``.
+        train_attack_norm_mode: norm-layer mode while the training attack runs:
+            ``eval`` | ``train`` | ``train_frozen``.
+        eval_attack_norm_mode: the same for the evaluation attack (default ``eval``: attack the
+            function that is evaluated).
+        eval_attack_seed: seed of the evaluation attack's random start (per batch
+            ``seed + 1000003 * stage + batch_idx``, so robust accuracy is reproducible); ``None``
+            uses the global RNG.
+        backbone, num_classes, backbone_kwargs, input_shape, input_mean, input_std,
+            label_smoothing: see :class:`~normlightning.tasks.ClassificationTask`.
+        optimizer, lr_scheduler, lr_scheduler_interval, lr_scheduler_monitor: see
+            :class:`~normlightning.tasks.base.BaseTask` (the monitor defaults to ``val/loss_robust``).
+    """
+
+    def __init__(
+        self,
+        *,
+        train_attack: PGDConfig = PGDConfig(),
+        eval_attack: PGDConfig = PGDConfig(),
+        adversarial_weight: float = 1.0,
+        train_attack_norm_mode: NormMode = "eval",
+        eval_attack_norm_mode: NormMode = "eval",
+        eval_attack_seed: int | None = 0,
+        backbone: str = "wide_resnet",
+        num_classes: int = 10,
+        backbone_kwargs: dict[str, Any] | None = None,
+        input_shape: tuple[int, int, int] = (3, 32, 32),
+        input_mean: tuple[float, ...] | None = None,
+        input_std: tuple[float, ...] | None = None,
+        label_smoothing: float = 0.0,
+        optimizer: OptimizerCallable = default_optimizer,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        lr_scheduler_interval: Literal["epoch", "step"] = "epoch",
+        lr_scheduler_monitor: str = "val/loss_robust",
+    ) -> None:
+        train_attack = _as_pgd_config(train_attack, "train_attack")
+        eval_attack = _as_pgd_config(eval_attack, "eval_attack")
+        if isinstance(adversarial_weight, bool) or not 0.0 <= float(adversarial_weight) <= 1.0:
+            raise ValueError(
+                f"adversarial_weight must be in [0, 1] (1: PGD examples only, 0: clean training), got {adversarial_weight!r}"
+            )
+        _check_mode(train_attack_norm_mode, "train_attack_norm_mode")
+        _check_mode(eval_attack_norm_mode, "eval_attack_norm_mode")
+        super().__init__(
+            backbone=backbone,
+            num_classes=num_classes,
+            backbone_kwargs=backbone_kwargs,
+            input_shape=input_shape,
+            input_mean=input_mean,
+            input_std=input_std,
+            label_smoothing=label_smoothing,
+            optimizer=optimizer,
+            lr_scheduler=lr_scheduler,
+            lr_scheduler_interval=lr_scheduler_interval,
+            lr_scheduler_monitor=lr_scheduler_monitor,
+        )
+        self.save_hyperparameters()
+        for key, value in (("train_attack", train_attack), ("eval_attack", eval_attack)):
+            # stored as plain dicts: readable hparams.yaml, and load_from_checkpoint accepts them
+            self.hparams[key] = asdict(value)
+            self._hparams_initial[key] = asdict(value)
+        self.train_attack = train_attack
+        self.eval_attack = eval_attack
+        self.adversarial_weight = float(adversarial_weight)
+        self.train_attack_norm_mode = train_attack_norm_mode
+        self.eval_attack_norm_mode = eval_attack_norm_mode
+        self.eval_attack_seed = eval_attack_seed
+
+    # ----------------------------------------------------------------- metrics
+    def configure_metrics(self) -> None:
+        """``{stage}/acc1_{kind}`` (and ``acc5_{kind}`` with >= 5 classes), kind = clean | robust."""
+        metrics: dict[str, MulticlassAccuracy] = {
+            "acc1": MulticlassAccuracy(num_classes=self.num_classes, top_k=1, average="micro")
+        }
+        if self.num_classes >= 5:
+            metrics["acc5"] = MulticlassAccuracy(num_classes=self.num_classes, top_k=5, average="micro")
+        collection = MetricCollection(metrics)
+        self.adv_metrics = nn.ModuleDict(
+            {
+                f"{stage}_{kind}": collection.clone(prefix=f"{stage}/", postfix=f"_{kind}")
+                for stage in ("train", "val", "test")
+                for kind in ("clean", "robust")
+            }
+        )
+
+    # ----------------------------------------------------------------- the attack
+    def attack(self, x: Tensor, y: Tensor, config: PGDConfig, norm_mode: NormMode, generator: torch.Generator | None = None) -> Tensor:
+        """PGD examples for ``(x, y)`` against ``self`` (pixel space), norm layers in ``norm_mode``.
+
+        Runs outside inference mode with grad enabled, so it works inside Lightning's
+        validation/test loops; returns detached ``x_adv`` of ``x``'s shape.
+        """
+        with torch.inference_mode(False), norm_layer_mode(self, norm_mode):
+            return config(self, x, y, generator=generator)
+
+    def attack_summary(self) -> str:
+        """One line stating both attacks, their norm-layer modes and the loss mix."""
+        return (
+            f"AdversarialTask: train attack {_describe(self.train_attack)} with norm layers in "
+            f"'{self.train_attack_norm_mode}' mode ({NORM_MODES[self.train_attack_norm_mode]}); "
+            f"eval attack {_describe(self.eval_attack)} with norm layers in '{self.eval_attack_norm_mode}' mode "
+            f"({NORM_MODES[self.eval_attack_norm_mode]}); adversarial_weight={self.adversarial_weight:g}"
+        )
+
+    def setup(self, stage: str) -> None:
+        """Write :meth:`attack_summary` to the log and, with TensorBoard, as text ``adversarial/settings``."""
+        summary = self.attack_summary()
+        rank_zero_info(summary)
+        trainer = self._trainer
+        if trainer is not None and isinstance(trainer.logger, TensorBoardLogger) and trainer.is_global_zero:
+            trainer.logger.experiment.add_text("adversarial/settings", summary)
+
+    # ----------------------------------------------------------------- steps
+    def _log_kind(self, stage: str, kind: str, logits: Tensor, y: Tensor, loss: Tensor) -> None:
+        metrics = self.adv_metrics[f"{stage}_{kind}"]
+        metrics(logits, y)
+        batch_size = y.shape[0]
+        self.log(f"{stage}/loss_{kind}", loss, on_step=stage == "train", on_epoch=True, batch_size=batch_size)
+        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage != "test", batch_size=batch_size)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x, y = batch[0], batch[1]
+        w = self.adversarial_weight
+        total = x.new_zeros(())
+        if w > 0:
+            x_adv = self.attack(x, y, self.train_attack, self.train_attack_norm_mode)
+        if w < 1:
+            logits = self(x)
+            loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+            self._log_kind("train", "clean", logits.detach(), y, loss.detach())
+            total = total + (1 - w) * loss
+        if w > 0:
+            logits = self(x_adv)
+            loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+            self._log_kind("train", "robust", logits.detach(), y, loss.detach())
+            total = total + w * loss
+        self.log("train/loss", total, on_step=True, on_epoch=True, prog_bar=True, batch_size=y.shape[0])
+        return total
+
+    def _eval_generator(self, x: Tensor, stage: str, batch_idx: int) -> torch.Generator | None:
+        if self.eval_attack_seed is None:
+            return None
+        seed = self.eval_attack_seed + 1_000_003 * _EVAL_STAGE_IDS[stage] + batch_idx
+        return torch.Generator(device=x.device).manual_seed(seed)
+
+    def _eval_step(self, batch: Any, batch_idx: int, stage: str) -> None:
+        x, y = batch[0], batch[1]
+        generator = self._eval_generator(x, stage, batch_idx)
+        x_adv = self.attack(x, y, self.eval_attack, self.eval_attack_norm_mode, generator=generator)
+        for kind, inputs in (("clean", x), ("robust", x_adv)):
+            logits = self(inputs)
+            loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+            self._log_kind(stage, kind, logits, y, loss)
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        self._eval_step(batch, batch_idx, "val")
+
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self._eval_step(batch, batch_idx, "test")

@@ -7,7 +7,7 @@ task's ``num_classes``, ``input_shape``, ``input_mean`` and ``input_std`` after 
 
 Defaults: seed 0, a TensorBoard logger writing to ``runs/<name>/version_<n>``, a
 ``checkpoint:`` section (:class:`Checkpoint`, a ``ModelCheckpoint`` on ``val/acc1``, mode max,
-plus an always up-to-date ``last.ckpt``),
+plus an always up-to-date ``last.ckpt``), a ``norm:`` section (the norm-layer injection),
 the learning rate logged every step, the progress bar, and the resolved config saved next
 to the logs (``config.yaml``, overwritten on a rerun).
 """
@@ -20,6 +20,7 @@ from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
+from normlightning.callbacks.norm_injection import NormInjection
 from normlightning.tasks.base import BaseTask
 
 #: Task arguments filled from the data module after it is instantiated: data attr -> task arg.
@@ -85,11 +86,12 @@ class NormLightningCLI(LightningCLI):
 
     Top-level config sections that configure an always-present callback are listed in
     :attr:`forced_callbacks` (section name -> callback class, with defaults in
-    :attr:`forced_callback_defaults`); ``checkpoint:`` is one, and a ``norm:`` section is
-    added the same way.
+    :attr:`forced_callback_defaults`): ``checkpoint:`` and ``norm:``
+    (:class:`~normlightning.callbacks.norm_injection.NormInjection`, which rewrites the model's
+    normalization layers at setup; ``method: null``, the default, leaves the model unchanged).
     """
 
-    forced_callbacks: dict[str, type] = {"checkpoint": Checkpoint}
+    forced_callbacks: dict[str, type] = {"checkpoint": Checkpoint, "norm": NormInjection}
     forced_callback_defaults: dict[str, dict[str, Any]] = {"checkpoint": CHECKPOINT_DEFAULTS}
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:

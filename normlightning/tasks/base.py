@@ -16,6 +16,13 @@ The optimizer and scheduler are task arguments (``OptimizerCallable``,
 They are built in :meth:`BaseTask.configure_optimizers` from :meth:`BaseTask.parameter_groups`,
 which runs after callbacks' ``setup`` (e.g. a norm injection that replaced layers), so the
 optimizer always sees the model's final parameters.
+
+Two more optimizer settings: weight decay on the normalization affine parameters
+(``gamma_weight_decay``, ``beta_weight_decay``, ``gamma_decay_target``; see
+:mod:`normlightning.tasks.norm_weight_decay`) and linear LR scaling (``lr_base_batch_size``;
+see :mod:`normlightning.tasks.lr_scaling`). Checkpoints remember injected norm layers
+(:mod:`normlightning.callbacks.injection_spec`): :meth:`BaseTask.on_load_checkpoint` rebuilds
+them before the weights are loaded.
 """
 
 from __future__ import annotations
@@ -26,7 +33,12 @@ from typing import Any, Literal
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_info
 from torch.optim import Optimizer
+
+from normlightning.callbacks.injection_spec import restore_injection, store_injection
+from normlightning.tasks.lr_scaling import linear_lr_factor, scale_learning_rates
+from normlightning.tasks.norm_weight_decay import add_decay_toward_one, check_norm_decay, norm_parameter_groups
 
 
 def default_optimizer(params: Iterable[Any]) -> Optimizer:
@@ -38,7 +50,8 @@ class BaseTask(LightningModule):
     """A LightningModule whose optimizer and LR scheduler come from its arguments.
 
     Subclasses take keyword-only typed arguments, pass ``optimizer``, ``lr_scheduler``,
-    ``lr_scheduler_interval`` and ``lr_scheduler_monitor`` on to ``super().__init__`` and
+    ``lr_scheduler_interval``, ``lr_scheduler_monitor``, ``gamma_weight_decay``,
+    ``beta_weight_decay``, ``gamma_decay_target`` and ``lr_base_batch_size`` on to ``super().__init__`` and
     call ``self.save_hyperparameters()`` (hyperparameters are then saved in checkpoints and
     ``SubTask.load_from_checkpoint(path)`` rebuilds the task).
 
@@ -49,6 +62,14 @@ class BaseTask(LightningModule):
         lr_scheduler: a callable ``optimizer -> LRScheduler`` or ``None`` (constant LR).
         lr_scheduler_interval: step the scheduler every ``"epoch"`` or every ``"step"``.
         lr_scheduler_monitor: metric that a ``ReduceLROnPlateau`` scheduler watches.
+        gamma_weight_decay: weight decay of the norm layers' ``weight`` (gamma); ``None``:
+            the optimizer's ``weight_decay``; ``0``: none.
+        beta_weight_decay: the same for the norm layers' ``bias`` (beta).
+        gamma_decay_target: decay gamma toward ``0`` (the optimizer's decay) or ``1`` (the
+            "Four Things" authors' choice: ``grad += wd * (gamma - 1)`` before each step).
+        lr_base_batch_size: when set, linear LR scaling
+            ``lr = base_lr * batch_size * world_size / lr_base_batch_size`` (``batch_size`` per
+            process, from the data module), applied before the scheduler is built.
     """
 
     def __init__(
@@ -58,6 +79,10 @@ class BaseTask(LightningModule):
         lr_scheduler: LRSchedulerCallable | None = None,
         lr_scheduler_interval: Literal["epoch", "step"] = "epoch",
         lr_scheduler_monitor: str = "val/loss",
+        gamma_weight_decay: float | None = None,
+        beta_weight_decay: float | None = None,
+        gamma_decay_target: Literal[0, 1] = 0,
+        lr_base_batch_size: int | None = None,
     ) -> None:
         super().__init__()
         if not callable(optimizer):
@@ -70,6 +95,14 @@ class BaseTask(LightningModule):
         self.lr_scheduler_factory = lr_scheduler
         self.lr_scheduler_interval = lr_scheduler_interval
         self.lr_scheduler_monitor = lr_scheduler_monitor
+        if lr_base_batch_size is not None and (
+            isinstance(lr_base_batch_size, bool) or not isinstance(lr_base_batch_size, int) or lr_base_batch_size < 1
+        ):
+            raise ValueError(f"lr_base_batch_size must be a positive int or None, got {lr_base_batch_size!r}")
+        self.norm_decay = {"gamma_weight_decay": gamma_weight_decay, "beta_weight_decay": beta_weight_decay,
+                           "gamma_decay_target": gamma_decay_target}
+        check_norm_decay(**self.norm_decay)
+        self.lr_base_batch_size = lr_base_batch_size
 
     def save_hyperparameters(self, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
         """``LightningModule.save_hyperparameters`` that keeps checkpoints loadable.
@@ -97,17 +130,41 @@ class BaseTask(LightningModule):
                 self._hparams_initial.pop(key, None)
 
     def parameter_groups(self) -> list[dict[str, Any]]:
-        """Parameter groups handed to the optimizer (one group of all trainable parameters).
+        """Parameter groups handed to the optimizer: ``default`` (all trainable parameters) and,
+        when ``gamma_weight_decay`` / ``beta_weight_decay`` are set, ``norm_gamma`` / ``norm_beta``
+        with their own decay (:func:`~normlightning.tasks.norm_weight_decay.norm_parameter_groups`).
 
-        Override (or extend) to give groups their own settings, e.g. no weight decay for
-        normalization affine parameters. Called from :meth:`configure_optimizers`, i.e.
-        after every callback's ``setup``.
+        Override (or extend) to give groups their own settings. Called from
+        :meth:`configure_optimizers`, i.e. after every callback's ``setup``.
         """
-        return [{"params": [p for p in self.parameters() if p.requires_grad]}]
+        return norm_parameter_groups(self, **self.norm_decay)
+
+    def on_before_optimizer_step(self, optimizer: Optimizer) -> None:
+        """Decay gamma toward 1 when ``gamma_decay_target=1`` (``grad += wd * (gamma - 1)``)."""
+        add_decay_toward_one(optimizer)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Store the spec of injected norm layers (if any) in the checkpoint."""
+        store_injection(self, checkpoint)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Rebuild injected norm layers from the checkpoint's spec, before its weights are loaded."""
+        restore_injection(self, checkpoint)
 
     def configure_optimizers(self) -> Any:
-        """Build the optimizer from :meth:`parameter_groups` and the optional LR scheduler."""
+        """Build the optimizer from :meth:`parameter_groups` (LR linearly scaled when
+        ``lr_base_batch_size`` is set) and the optional LR scheduler."""
         optimizer = self.optimizer_factory(self.parameter_groups())
+        if self.lr_base_batch_size is not None:
+            batch_size = getattr(self.trainer.datamodule, "batch_size", None)
+            if batch_size is None:
+                raise ValueError("lr_base_batch_size needs a data module with a `batch_size` attribute (per process)")
+            factor = linear_lr_factor(batch_size, self.trainer.world_size, self.lr_base_batch_size)
+            lrs = scale_learning_rates(optimizer, factor)
+            rank_zero_info(
+                f"linear LR scaling: x{factor:g} = {batch_size} x {self.trainer.world_size} / "
+                f"{self.lr_base_batch_size} -> lr {lrs}"
+            )
         if self.lr_scheduler_factory is None:
             return optimizer
         scheduler = self.lr_scheduler_factory(optimizer)

@@ -40,7 +40,8 @@ class ClassificationTask(BaseTask):
             ``None`` means 0 for every channel.
         input_std: per-channel std (linked from ``data.std``); ``None`` means 1.
         label_smoothing: cross-entropy label smoothing in ``[0, 1)``.
-        optimizer, lr_scheduler, lr_scheduler_interval, lr_scheduler_monitor: see
+        optimizer, lr_scheduler, lr_scheduler_interval, lr_scheduler_monitor, gamma_weight_decay,
+            beta_weight_decay, gamma_decay_target, lr_base_batch_size: see
             :class:`~normlightning.tasks.base.BaseTask`.
     """
 
@@ -58,12 +59,20 @@ class ClassificationTask(BaseTask):
         lr_scheduler: LRSchedulerCallable | None = None,
         lr_scheduler_interval: Literal["epoch", "step"] = "epoch",
         lr_scheduler_monitor: str = "val/loss",
+        gamma_weight_decay: float | None = None,
+        beta_weight_decay: float | None = None,
+        gamma_decay_target: Literal[0, 1] = 0,
+        lr_base_batch_size: int | None = None,
     ) -> None:
         super().__init__(
             optimizer=optimizer,
             lr_scheduler=lr_scheduler,
             lr_scheduler_interval=lr_scheduler_interval,
             lr_scheduler_monitor=lr_scheduler_monitor,
+            gamma_weight_decay=gamma_weight_decay,
+            beta_weight_decay=beta_weight_decay,
+            gamma_decay_target=gamma_decay_target,
+            lr_base_batch_size=lr_base_batch_size,
         )
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")

@@ -1,0 +1,238 @@
+"""NormInjection on plain torch models: replacement, rules, auto groups, fitting, summary."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from normlightning.callbacks import group_rules
+from normlightning.callbacks.injection_spec import apply_spec, get_spec
+from normlightning.callbacks.norm_injection import NormInjection, probe_input_shapes
+from normlightning.norms.base import NormLayer
+
+
+def tiny_cnn() -> nn.Sequential:
+    """conv(3->8) bn 8x8 -> conv(8->4, stride 2) bn 4x4 -> flatten -> linear(64->6) bn1d -> linear."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 4, 3, stride=2, padding=1),
+        nn.BatchNorm2d(4),
+        nn.Flatten(),
+        nn.Linear(64, 6),
+        nn.BatchNorm1d(6),
+        nn.Linear(6, 3),
+    )
+
+
+def randomize_norms(model: nn.Module) -> None:
+    """Give every native norm layer non-trivial affine params and running stats."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(m.num_features, generator=g))
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g))
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                m.num_batches_tracked.fill_(7)
+
+
+X = torch.rand(4, 3, 8, 8)
+
+
+# ---------------------------------------------------------------- group rules (pure integers)
+def test_bgn_auto_mapping_is_the_paper_table():
+    table = {2: 1, 4: 2, 8: 16, 16: 64, 32: 128, 64: 256, 128: 512}
+    assert {b: group_rules.bgn_auto_groups(b) for b in table} == table
+    assert group_rules.bgn_auto_groups(1) == 1
+    assert group_rules.bgn_auto_groups(48) == 128  # largest tabulated batch <= 48 is 32
+    assert group_rules.bgn_auto_groups(256) == 1024  # 4 * B beyond the table
+    with pytest.raises(ValueError, match="batch size"):
+        group_rules.bgn_auto_groups(0)
+
+
+def test_ghost_auto_gives_ghost_batches_of_at_least_16():
+    assert group_rules.ghost_auto_batches(128) == 8  # the SeqNorm paper's G_M = 8 at batch 128
+    assert group_rules.ghost_auto_batches(16) == 1
+    assert group_rules.ghost_auto_batches(31) == 1
+    assert group_rules.ghost_auto_batches(96) == 6
+    assert group_rules.ghost_auto_batches(100) == 5  # 100 // 16 = 6 does not divide 100; 5 does
+
+
+def test_fit_groups_error_names_layer_and_nearest_takes_largest_divisor_below():
+    with pytest.raises(ValueError, match=r"layer 'body\.bn3'.*num_groups=12.*nearest.*\(10\)"):
+        group_rules.fit_groups(12, 40, policy="error", layer="body.bn3", arg="num_groups", what="C=40")
+    assert group_rules.fit_groups(12, 40, policy="nearest", layer="x", arg="num_groups", what="C=40") == (
+        10,
+        "num_groups 12->10 (must divide C=40)",
+    )
+    assert group_rules.fit_groups(8, 40, policy="error", layer="x", arg="g", what="C=40") == (8, None)
+
+
+# ---------------------------------------------------------------- replacement
+def test_bn_to_bn_copies_state_and_keeps_eval_outputs():
+    model = tiny_cnn()
+    randomize_norms(model)
+    model.eval()
+    expected = model(X)
+    cb = NormInjection(method="bn")
+    cb.inject(model)
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    assert isinstance(model[1], NormLayer) and model[1].num_batches_tracked.item() == 7
+    torch.testing.assert_close(model(X), expected)  # same running stats + affine -> same eval map
+
+
+def test_gn_replacement_matches_native_group_norm_with_copied_affine():
+    model = tiny_cnn()
+    randomize_norms(model)
+    w, b = model[1].weight.detach().clone(), model[1].bias.detach().clone()
+    NormInjection(method="gn", num_groups=2, targets=["BatchNorm2d"]).inject(model)
+    assert isinstance(model[7], nn.BatchNorm1d)  # not a target
+    layer = model[1]
+    x = torch.randn(2, 8, 5, 5)
+    torch.testing.assert_close(layer(x), nn.functional.group_norm(x, 2, w, b, 1e-5))
+
+
+def test_overrides_first_match_wins_and_exclusions_keep_layers():
+    model = tiny_cnn()
+    cb = NormInjection(
+        method="gn",
+        num_groups=2,
+        overrides=[
+            {"pattern": r"[14]", "method": "in"},
+            {"pattern": r"4", "method": "ln"},  # shadowed by the first rule
+            {"pattern": r"7", "method": None},  # keep
+        ],
+        exclude=[r"1"],
+    )
+    spec = cb.inject(model)
+    assert isinstance(model[1], nn.BatchNorm2d)  # excluded wins over the override
+    assert isinstance(model[7], nn.BatchNorm1d)  # method None keeps
+    assert [(r["name"], r["method"]) for r in spec["layers"]] == [("4", "in")]
+    assert "num_groups" not in spec["layers"][0]["kwargs"]  # a different method does not inherit gn's args
+    rows = {r["layer"]: r for r in cb.summary_rows}
+    assert rows["1"]["new"] == "(kept)" and rows["1"]["args"] == "excluded"
+    assert "override 0" in rows["4"]["args"]
+
+
+def test_unmatched_pattern_warns():
+    with pytest.warns(UserWarning, match="matches no target layer"):
+        NormInjection(method="gn", num_groups=2, exclude=["nothing_here"]).inject(tiny_cnn())
+
+
+def test_method_null_leaves_model_unchanged():
+    model = tiny_cnn()
+    before = list(model.modules())
+    spec = NormInjection(method=None).inject(model)
+    assert spec["layers"] == [] and list(model.modules()) == before
+
+
+def test_probe_records_input_shapes():
+    shapes = probe_input_shapes(tiny_cnn().train(), X, ["1", "4", "7"])
+    assert shapes == {"1": (4, 8, 8, 8), "4": (4, 4, 4, 4), "7": (4, 6)}
+
+
+def test_bgn_auto_fits_each_layer_from_probe():
+    model = tiny_cnn()
+    running_before = model[1].running_mean.clone()
+    cb = NormInjection(method="bgn", num_groups="auto", batch_size=32, targets=["BatchNorm2d"])
+    spec = cb.inject(model, example_input=X)
+    torch.testing.assert_close(running_before, torch.zeros(8))
+    groups = {r["name"]: r["kwargs"]["num_groups"] for r in spec["layers"]}
+    # B=32 -> G=128; layer 1: D = 8*8*8 = 512 -> 128 fits; layer 4: D = 4*4*4 = 64 -> nearest divisor 64
+    assert groups == {"1": 128, "4": 64}
+    assert "num_groups auto->128 (B=32)" in cb.summary_rows[1]["args"]
+    assert "num_groups 128->64" in cb.summary_rows[1]["args"]
+    model.train()
+    assert model(X).shape == (4, 3)
+
+
+def test_bgn_explicit_groups_error_names_layer_and_nearest_fits():
+    # layer 1: D = 8*64 = 512 takes 128; layer 4: D = 4*16 = 64 does not
+    with pytest.raises(ValueError, match=r"layer '4'.*num_groups=128 does not divide D=C\*S=4\*16=64.*\(64\)"):
+        NormInjection(method="bgn", num_groups=128, targets=["BatchNorm2d"]).inject(tiny_cnn(), example_input=X)
+    spec = NormInjection(method="bgn", num_groups=48, group_fit="nearest", targets=["BatchNorm2d"]).inject(
+        tiny_cnn(), example_input=X
+    )
+    assert [r["kwargs"]["num_groups"] for r in spec["layers"]] == [32, 32]  # largest divisors <= 48 of 512, 64
+
+
+def test_bgn_without_example_input_is_a_clear_error():
+    with pytest.raises(ValueError, match="example_input_array"):
+        NormInjection(method="bgn", num_groups=4).inject(tiny_cnn())
+
+
+def test_gn_group_count_that_does_not_divide_c_errors_with_layer_name():
+    with pytest.raises(ValueError, match=r"layer '1'.*num_groups=3 does not divide C=8"):
+        NormInjection(method="gn", num_groups=3, targets=["BatchNorm2d"]).inject(tiny_cnn())
+
+
+def test_ghost_and_seqnorm_auto():
+    spec = NormInjection(method="ghost", num_groups="auto", batch_size=64, targets=["BatchNorm2d"]).inject(tiny_cnn())
+    assert {r["kwargs"]["num_groups"] for r in spec["layers"]} == {4}  # 64 / 16
+    spec = NormInjection(method="seqnorm", num_groups="auto", batch_size=128, targets=["BatchNorm2d"]).inject(
+        tiny_cnn()
+    )
+    got = [(r["kwargs"]["channel_groups"], r["kwargs"]["batch_groups"]) for r in spec["layers"]]
+    assert got == [(4, 8), (4, 8)]
+    with pytest.raises(ValueError, match="seqnorm takes channel_groups"):
+        NormInjection(method="seqnorm", num_groups=4).inject(tiny_cnn())
+
+
+def test_auto_without_batch_size_is_a_clear_error():
+    with pytest.raises(ValueError, match="norm.batch_size"):
+        NormInjection(method="ghost", num_groups="auto").inject(tiny_cnn())
+
+
+@pytest.mark.parametrize(
+    ("native", "shape"),
+    [
+        (nn.GroupNorm(2, 8), (2, 8, 3, 3)),
+        (nn.InstanceNorm2d(8, affine=True), (2, 8, 3, 3)),
+        (nn.LayerNorm(8), (2, 8)),
+    ],
+)
+def test_other_target_types(native, shape):
+    model = nn.Sequential(native)
+    with torch.no_grad():
+        native.weight.uniform_(0.5, 1.5)
+        native.bias.normal_()
+    x = torch.randn(shape)
+    expected = native(x)
+    method = {nn.GroupNorm: "gn", nn.InstanceNorm2d: "in", nn.LayerNorm: "ln"}[type(native)]
+    NormInjection(method=method, num_groups=2 if method == "gn" else None, targets=[type(native).__name__]).inject(
+        model
+    )
+    assert isinstance(model[0], NormLayer)
+    torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_spec_replays_on_a_fresh_model_and_is_idempotent():
+    model = tiny_cnn()
+    spec = NormInjection(method="bgn", num_groups=4, targets=["BatchNorm2d"]).inject(model, example_input=X)
+    fresh = tiny_cnn()
+    assert apply_spec(fresh, spec) == 2
+    assert get_spec(fresh) == spec
+    fresh.load_state_dict(model.state_dict())
+    assert apply_spec(fresh, spec) == 0  # already carries it
+    model.eval(), fresh.eval()
+    torch.testing.assert_close(fresh(X), model(X))
+
+
+def test_bad_settings_are_clear_errors():
+    with pytest.raises(ValueError, match="group_fit"):
+        NormInjection(method="gn", group_fit="closest")
+    with pytest.raises(ValueError, match="exclusive"):
+        NormInjection(method="gn", weight_standardization=True, weight_norm=True)
+    with pytest.raises(ValueError, match="not a torch.nn module class"):
+        NormInjection(method="gn", targets=["BatchNorm9d"])
+    with pytest.raises(ValueError, match="regular expression"):
+        NormInjection(method="gn", exclude=["("])
+    with pytest.raises(ValueError, match="'pattern' key"):
+        NormInjection(method="gn", overrides=[{"method": "bn"}])
+    with pytest.raises(ValueError, match=r"cannot build 'nope' for layer '1'"):
+        NormInjection(method="nope").inject(tiny_cnn())

@@ -1,0 +1,93 @@
+"""Resume from last.ckpt through the CLI, and reload for inference without the callback."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+from normlightning.callbacks.injection_spec import CHECKPOINT_KEY
+from normlightning.cli import build_cli
+from normlightning.norms import BatchGroupNorm, GroupNorm
+from normlightning.tasks import ClassificationTask
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # probe_callbacks, named by class_path
+from probe_callbacks import ResumeProbe  # noqa: E402
+
+STEPS_PER_EPOCH = 4  # 32 training examples, batch 8
+
+CONFIG = """
+seed_everything: 0
+trainer:
+  accelerator: cpu
+  devices: 1
+  limit_val_batches: 1
+  num_sanity_val_steps: 0
+  enable_progress_bar: false
+  enable_model_summary: false
+  log_every_n_steps: 1
+model:
+  class_path: normlightning.tasks.ClassificationTask
+  init_args:
+    backbone: small_cnn
+    backbone_kwargs: {width: 4}
+    optimizer:
+      class_path: torch.optim.SGD
+      init_args: {lr: 0.05, momentum: 0.9, weight_decay: 1.0e-4}
+    gamma_weight_decay: 1.0e-3
+    gamma_decay_target: 1
+    beta_weight_decay: 0.0
+data:
+  class_path: normlightning.data.Synthetic
+  init_args: {input_shape: [3, 8, 8], num_classes: 3, num_train: 32, num_val: 8, num_test: 8, batch_size: 8}
+norm:
+  method: bgn
+  num_groups: 4
+  overrides:
+    - {pattern: 'backbone\\.features\\.4\\.1', method: gn, num_groups: 2}
+checkpoint:
+  dirpath: ckpts
+  monitor: null
+  save_last: true
+  save_top_k: 0
+"""
+
+
+def fit(run_dir: Path, *extra: str):
+    (run_dir / "tiny.yaml").write_text(CONFIG)
+    return build_cli(["fit", "--config", "tiny.yaml", "--trainer.callbacks+=probe_callbacks.ResumeProbe", *extra])
+
+
+def test_resume_continues_with_injected_layers_and_optimizer_state(run_dir):
+    first = fit(run_dir, "--trainer.max_epochs=2")
+    last = run_dir / "ckpts" / "last.ckpt"
+    ckpt = torch.load(last, weights_only=False)
+    assert ckpt["epoch"] == 1 and ckpt["global_step"] == 2 * STEPS_PER_EPOCH
+    assert [r["method"] for r in ckpt[CHECKPOINT_KEY]["layers"]] == ["bgn", "bgn", "bgn", "gn"]
+
+    second = fit(run_dir, "--trainer.max_epochs=3", f"--ckpt_path={last}")
+    probe = next(c for c in second.trainer.callbacks if isinstance(c, ResumeProbe))
+    assert (probe.epoch, probe.step) == (2, 2 * STEPS_PER_EPOCH)
+    assert probe.types["backbone.features.0.1"] is BatchGroupNorm
+    assert probe.types["backbone.features.4.1"] is GroupNorm
+    assert probe.group_names == ["default", "norm_gamma", "norm_beta"]
+    saved = ckpt["optimizer_states"][0]["state"]
+    assert saved.keys() == probe.opt_state.keys() and len(saved) > 0
+    for k in saved:
+        torch.testing.assert_close(probe.opt_state[k]["momentum_buffer"], saved[k]["momentum_buffer"])
+    for k, v in ckpt["state_dict"].items():
+        torch.testing.assert_close(probe.weights[k], v)
+    assert second.trainer.global_step == 3 * STEPS_PER_EPOCH
+    del first
+
+
+def test_load_from_checkpoint_rebuilds_layers_and_outputs_match(run_dir):
+    cli = fit(run_dir, "--trainer.max_epochs=1")
+    trained = cli.model.eval()
+    reloaded = ClassificationTask.load_from_checkpoint(run_dir / "ckpts" / "last.ckpt").eval()
+    assert type(reloaded.backbone.features[0][1]) is BatchGroupNorm
+    assert type(reloaded.backbone.features[4][1]) is GroupNorm
+    x = torch.rand(5, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x), trained(x), rtol=0, atol=0)

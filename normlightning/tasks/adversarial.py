@@ -147,10 +147,12 @@ class AdversarialTask(ClassificationTask):
         eval_attack_seed: seed of the evaluation attack's random start (per batch
             ``seed + 1000003 * stage + batch_idx``, so robust accuracy is reproducible); ``None``
             uses the global RNG.
-        backbone, num_classes, backbone_kwargs, input_shape, input_mean, input_std,
-            label_smoothing: see :class:`~normlightning.tasks.ClassificationTask`.
-        optimizer, lr_scheduler, lr_scheduler_interval, lr_scheduler_monitor: see
-            :class:`~normlightning.tasks.base.BaseTask` (the monitor defaults to ``val/loss_robust``).
+        backbone, num_classes, input_shape: as in
+            :class:`~normlightning.tasks.ClassificationTask`, with CIFAR/WRN defaults.
+        lr_scheduler_monitor: as in :class:`~normlightning.tasks.base.BaseTask`, default
+            ``val/loss_robust``.
+        **kwargs: every other :class:`~normlightning.tasks.ClassificationTask` argument
+            (optimizer, scheduler, label smoothing, norm weight decay, LR scaling, ...).
     """
 
     def __init__(
@@ -164,15 +166,9 @@ class AdversarialTask(ClassificationTask):
         eval_attack_seed: int | None = 0,
         backbone: str = "wide_resnet",
         num_classes: int = 10,
-        backbone_kwargs: dict[str, Any] | None = None,
         input_shape: tuple[int, int, int] = (3, 32, 32),
-        input_mean: tuple[float, ...] | None = None,
-        input_std: tuple[float, ...] | None = None,
-        label_smoothing: float = 0.0,
-        optimizer: OptimizerCallable = default_optimizer,
-        lr_scheduler: LRSchedulerCallable | None = None,
-        lr_scheduler_interval: Literal["epoch", "step"] = "epoch",
         lr_scheduler_monitor: str = "val/loss_robust",
+        **kwargs: Any,
     ) -> None:
         train_attack = _as_pgd_config(train_attack, "train_attack")
         eval_attack = _as_pgd_config(eval_attack, "eval_attack")
@@ -185,15 +181,9 @@ class AdversarialTask(ClassificationTask):
         super().__init__(
             backbone=backbone,
             num_classes=num_classes,
-            backbone_kwargs=backbone_kwargs,
             input_shape=input_shape,
-            input_mean=input_mean,
-            input_std=input_std,
-            label_smoothing=label_smoothing,
-            optimizer=optimizer,
-            lr_scheduler=lr_scheduler,
-            lr_scheduler_interval=lr_scheduler_interval,
             lr_scheduler_monitor=lr_scheduler_monitor,
+            **kwargs,
         )
         self.save_hyperparameters()
         for key, value in (("train_attack", train_attack), ("eval_attack", eval_attack)):

@@ -1,0 +1,270 @@
+"""FewShotTask: imprinted weights (Qi, Brown & Lowe 2018) trained as Gidaris & Komodakis (2018).
+
+**Training** (``fit``): ordinary classification of the base classes with a cosine classifier,
+``logits = s * normalize(f(x)) @ normalize(W)^T`` (learnable scale ``s``, initialised to
+``cosine_scale``), cross-entropy loss. Everything of
+:class:`~normlightning.tasks.classification.ClassificationTask` applies (input
+normalization, metrics ``train/loss``, ``train/acc1``, ...).
+
+**Episodes** (``validate`` on the validation classes, ``test`` on the novel classes): each
+batch is one ``N``-way ``K``-shot episode with ``Q`` queries per class (see
+:mod:`normlightning.data.few_shot`). The embeddings ``f`` of the support and query images
+are computed in one forward pass; the weight of episode class ``c`` is imprinted,
+``w_c = normalize(mean_{i in support of c} normalize(f_i))``, and every query is assigned to
+``argmax_c cos(f_q, w_c)``. The episode accuracy is the fraction of correct queries.
+
+Logged (accuracies are fractions in [0, 1]):
+
+- ``val/acc1`` (mean episode accuracy, what the checkpoint monitors) and ``val/loss``
+  (cross-entropy of ``s * cos`` on the queries);
+- ``test/acc_{K}shot`` = mean over the ``E`` episodes and ``test/ci95_{K}shot`` =
+  ``1.96 * std(acc, ddof=1) / sqrt(E)``, for every ``K`` the data module tests. Under DDP each
+  process evaluates its share of the seeded episode set and the per-episode accuracies are
+  gathered before the statistics are computed, so the numbers do not depend on the number of
+  processes. They are also kept in ``task.test_results`` and ``task.test_episode_accuracies``.
+
+**Norm statistics in episodes** (``test_norm_statistics``; this changes the numbers and papers
+differ on it, so it is an explicit setting, used for validation and test episodes alike):
+
+- ``eval`` (default): every layer in evaluation mode; batch-statistic layers (BN, BGN, ...)
+  use their running statistics from base-class training. Queries do not influence each other.
+- ``transductive``: batch-statistic layers normalize with the statistics of the episode batch
+  itself (support + queries together, ``N*K + N*Q`` images), as in training mode, see
+  :func:`batch_statistics`; running buffers are not updated. Queries influence each other's
+  features through the shared statistics (transductive inference). Layers without batch
+  statistics (GN, LN, IN, PN) are unaffected either way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from normlightning.data.episodes import split_episode
+from normlightning.models.cosine_classifier import CosineClassifier, cosine_logits, imprint_weights
+from normlightning.norms.base import NormLayer
+from normlightning.tasks.classification import ClassificationTask
+from normlightning.tasks.few_shot_metrics import mean_confidence_interval
+
+__all__ = ["NORM_STATISTICS_MODES", "FewShotTask", "batch_statistics"]
+
+NormStatistics = Literal["eval", "transductive"]
+NORM_STATISTICS_MODES: tuple[str, ...] = ("eval", "transductive")
+
+
+def _bn_batch_forward(layer: _BatchNorm, x: Tensor) -> Tensor:
+    """Native BN with the batch's own statistics and no buffer update (also no cross-process sync)."""
+    return F.batch_norm(x, None, None, layer.weight, layer.bias, True, 0.0, layer.eps)
+
+
+@contextlib.contextmanager
+def batch_statistics(module: nn.Module) -> Iterator[int]:
+    """Inside the block, batch-statistic norm layers of ``module`` use the current batch's statistics.
+
+    - native ``torch.nn`` BatchNorm (``BatchNorm1d/2d/3d``, ``SyncBatchNorm``): forward replaced by
+      ``F.batch_norm(x, None, None, weight, bias, training=True)`` (batch mean and biased
+      variance over ``(N, *spatial)``, no running-buffer update, no cross-process sync);
+    - normlightning layers with ``uses_batch_statistics``: put in training mode with
+      ``sync_statistics = False``; their buffers (running statistics, ``num_batches_tracked``)
+      are saved on entry and written back on exit, so they are unchanged afterwards.
+
+    Every other module keeps its mode (dropout/DropBlock stay off in evaluation). On exit the
+    layers are restored exactly (forward, training flags, sync flags, buffers).
+
+    Yields:
+        The number of layers switched.
+    """
+    patched_bn: list[_BatchNorm] = []
+    ours: list[tuple[NormLayer, dict[nn.Module, bool], dict[nn.Module, bool], dict[str, Tensor]]] = []
+    inside_ours: set[int] = set()
+    try:
+        for layer in module.modules():
+            if id(layer) in inside_ours:
+                continue
+            if isinstance(layer, _BatchNorm):
+                layer.forward = _bn_batch_forward.__get__(layer)  # type: ignore[method-assign]
+                patched_bn.append(layer)
+            elif isinstance(layer, NormLayer) and layer.uses_batch_statistics:
+                subs = list(layer.modules())
+                inside_ours.update(id(m) for m in subs)
+                modes = {m: m.training for m in subs}
+                syncs = {m: m.sync_statistics for m in subs if hasattr(m, "sync_statistics")}
+                buffers = {name: buf.detach().clone() for name, buf in layer.named_buffers()}
+                ours.append((layer, modes, syncs, buffers))
+                layer.train(True)
+                for m in syncs:
+                    m.sync_statistics = False
+        yield len(patched_bn) + len(ours)
+    finally:
+        for layer in patched_bn:
+            del layer.forward
+        for layer, modes, syncs, buffers in ours:
+            for m, mode in modes.items():
+                m.training = mode
+            for m, sync in syncs.items():
+                m.sync_statistics = sync
+            named = dict(layer.named_buffers())
+            with torch.no_grad():
+                for name, saved in buffers.items():
+                    named[name].copy_(saved)
+
+
+class FewShotTask(ClassificationTask):
+    """Base-class training with a cosine classifier; imprinted-weight episodes for val/test.
+
+    The backbone must expose ``features(x) -> (N, D)`` (the embedding) and a ``classifier``
+    head with ``in_features`` (``resnet12``: a cosine classifier on 640-d features;
+    ``small_cnn``: a linear head on ``2 * width`` features); the head is replaced by a fresh
+    :class:`~normlightning.models.cosine_classifier.CosineClassifier` over ``num_classes`` base
+    classes, so ``cosine_scale``/``learn_scale`` are the only scale settings.
+
+    Args:
+        backbone: registry name (``resnet12`` for the paper; ``small_cnn`` for quick runs).
+        num_classes: number of base classes (linked from ``data.num_classes``).
+        input_shape: ``(C, H, W)`` (linked from ``data.input_shape``).
+        cosine_scale: initial temperature ``s`` of the cosine classifier (10, Gidaris & Komodakis).
+        learn_scale: learn ``s`` (else fixed).
+        test_norm_statistics: ``eval`` or ``transductive``, see the module docstring. Not saved in
+            checkpoints (set it when testing; ``load_from_checkpoint`` gives ``eval`` unless passed).
+        **kwargs: the other arguments of :class:`~normlightning.tasks.classification.ClassificationTask`
+            (``backbone_kwargs``, ``input_mean``, ``input_std``, ``label_smoothing``,
+            ``optimizer``, ``lr_scheduler``, ...).
+    """
+
+    def __init__(
+        self,
+        *,
+        backbone: str = "resnet12",
+        num_classes: int = 64,
+        input_shape: tuple[int, int, int] = (3, 84, 84),
+        cosine_scale: float = 10.0,
+        learn_scale: bool = True,
+        test_norm_statistics: NormStatistics = "eval",
+        **kwargs: Any,
+    ) -> None:
+        if test_norm_statistics not in NORM_STATISTICS_MODES:
+            raise ValueError(
+                f"test_norm_statistics must be one of {NORM_STATISTICS_MODES} (eval: running statistics; "
+                f"transductive: the episode batch's own statistics), got {test_norm_statistics!r}"
+            )
+        if not cosine_scale > 0:
+            raise ValueError(f"cosine_scale must be > 0, got {cosine_scale}")
+        super().__init__(backbone=backbone, num_classes=num_classes, input_shape=input_shape, **kwargs)
+        features = getattr(self.backbone, "features", None)
+        head = getattr(self.backbone, "classifier", None)
+        if not callable(features) or head is None or not isinstance(getattr(head, "in_features", None), int):
+            raise TypeError(
+                f"FewShotTask needs a backbone with a features(x) -> (N, D) callable and a `classifier` head with "
+                f"`in_features` (e.g. resnet12 or small_cnn); {backbone!r} builds {type(self.backbone).__name__}"
+            )
+        self.backbone.classifier = CosineClassifier(head.in_features, num_classes, cosine_scale, learn_scale)
+        # An evaluation setting, not a property of the trained weights: kept out of the saved
+        # hyperparameters, because LightningCLI lets a checkpoint's hyperparameters override the
+        # command line (`test --ckpt_path ... --model.init_args.test_norm_statistics=transductive`
+        # would otherwise silently keep the value the model was trained with).
+        self.remove_ignored_hparams(["test_norm_statistics"])
+        self._hparams_initial.pop("test_norm_statistics", None)
+        self.test_norm_statistics = test_norm_statistics
+        self.test_episode_accuracies: dict[int, Tensor] = {}
+        self.test_results: dict[int, dict[str, float]] = {}
+        self._episode_accs: dict[int, list[Tensor]] = {}
+        self._episode_ids: dict[int, list[int]] = {}
+
+    # ------------------------------------------------------------------ episodes
+    def embed(self, x: Tensor) -> Tensor:
+        """Images ``(N, C, H, W)`` in ``[0, 1]`` -> embeddings ``(N, D)``."""
+        return self.backbone.features(self.normalize(x))
+
+    def episode_statistics(self) -> contextlib.AbstractContextManager:
+        """The context the episode forward runs in (per ``test_norm_statistics``)."""
+        if self.test_norm_statistics == "transductive":
+            return batch_statistics(self)
+        return contextlib.nullcontext()
+
+    def episode_logits(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:
+        """Query logits ``(N*Q, N)`` with imprinted weights, and the query labels ``(N*Q,)`` in ``0 .. N-1``."""
+        n, k, q = int(batch["n_way"]), int(batch["k_shot"]), int(batch["q_query"])
+        with self.episode_statistics():
+            feats = self.embed(batch["image"])
+        support, support_y, query, query_y = split_episode(feats, batch["label"], n, k, q)
+        weights = imprint_weights(support, support_y, n)
+        return cosine_logits(query, weights, self.backbone.classifier.scale), query_y
+
+    def _check_episode(self, batch: Any, stage: str) -> dict[str, Any]:
+        if not isinstance(batch, dict) or not {"image", "label", "n_way", "k_shot", "q_query"} <= set(batch):
+            raise TypeError(
+                f"FewShotTask {stage} batches must be episodes (dicts with image, label, n_way, k_shot, q_query), "
+                "as the loaders of a normlightning.data.few_shot.FewShotDataModule yield; "
+                f"got {type(batch).__name__}. Use MiniImageNet or ClassSplitFewShotDataModule as data."
+            )
+        return batch
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        batch = self._check_episode(batch, "validation")
+        logits, query_y = self.episode_logits(batch)
+        acc = (logits.argmax(dim=1) == query_y).float().mean()
+        loss = F.cross_entropy(logits, query_y)
+        self.log("val/acc1", acc, on_epoch=True, prog_bar=True, batch_size=1, sync_dist=True)
+        self.log("val/loss", loss, on_epoch=True, batch_size=1, sync_dist=True)
+
+    # ------------------------------------------------------------------ test
+    def on_test_epoch_start(self) -> None:
+        self._episode_accs, self._episode_ids = {}, {}
+        for loader in getattr(self.trainer, "test_dataloaders", None) or []:
+            k_shot = getattr(getattr(loader, "dataset", None), "k_shot", None)
+            if k_shot is not None:  # register every K, also where this process got no episode
+                self._episode_accs.setdefault(int(k_shot), [])
+                self._episode_ids.setdefault(int(k_shot), [])
+
+    def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        batch = self._check_episode(batch, "test")
+        logits, query_y = self.episode_logits(batch)
+        acc = (logits.argmax(dim=1) == query_y).float().mean()
+        k = int(batch["k_shot"])
+        self._episode_accs.setdefault(k, []).append(acc.detach())
+        self._episode_ids.setdefault(k, []).append(int(batch.get("episode", len(self._episode_ids.get(k, [])))))
+
+    def gather_episodes(self, accs: Tensor, ids: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-episode accuracies and episode indices of all processes, sorted by episode index.
+
+        Processes may hold different numbers of episodes: each pads to the largest count with
+        ``-1`` indices before ``all_gather``; padding is dropped afterwards. One process: as is.
+        """
+        world = int(getattr(self.trainer, "world_size", 1)) if self._trainer is not None else 1
+        if world > 1:
+            count = self.all_gather(torch.tensor(len(ids), device=self.device)).max()
+            pad = int(count) - len(ids)
+            accs = torch.cat([accs, accs.new_zeros(pad)])
+            ids = torch.cat([ids, ids.new_full((pad,), -1)])
+            accs, ids = self.all_gather(accs).flatten(), self.all_gather(ids).flatten()
+            keep = ids >= 0
+            accs, ids = accs[keep], ids[keep]
+        order = torch.argsort(ids)
+        return accs[order], ids[order]
+
+    def on_test_epoch_end(self) -> None:
+        lines = []
+        for k in sorted(self._episode_accs):
+            local = self._episode_accs[k]
+            accs = torch.stack(local).float() if local else torch.zeros(0, device=self.device)
+            ids = torch.as_tensor(self._episode_ids[k], dtype=torch.long, device=self.device)
+            accs, ids = self.gather_episodes(accs, ids)
+            if len(ids) != len(torch.unique(ids)):
+                raise RuntimeError(f"{k}-shot: an episode was evaluated twice; check the episode sharding")
+            mean, ci95 = mean_confidence_interval(accs.cpu())
+            self.test_episode_accuracies[k] = accs.cpu()
+            self.test_results[k] = {"acc": mean, "ci95": ci95, "episodes": float(len(accs))}
+            # identical on every process after the gather; sync_dist only silences Lightning's DDP warning
+            self.log(f"test/acc_{k}shot", mean, sync_dist=True)
+            self.log(f"test/ci95_{k}shot", ci95, sync_dist=True)
+            lines.append(f"{k}-shot: {100 * mean:.2f} +- {100 * ci95:.2f} % ({len(accs)} episodes)")
+        if lines:
+            rank_zero_info(f"few-shot test ({self.test_norm_statistics} norm statistics): " + "; ".join(lines))
+        self._episode_accs, self._episode_ids = {}, {}

@@ -1,1 +1,20 @@
-"""callbacks package."""
+"""Callbacks: normalization injection, statistics sync, and research tools."""
+
+from normlightning.callbacks.example_weighing import ExampleWeighingSearch, search_example_weighing
+from normlightning.callbacks.median_last_epochs import MedianOfLastEpochs
+from normlightning.callbacks.norm_injection import NormInjection
+from normlightning.callbacks.norm_stats import NormStatistics
+from normlightning.callbacks.norm_sync import NormSync, set_statistics_sync
+from normlightning.callbacks.recalibration import Recalibration, recalibrate_statistics
+
+__all__ = [
+    "ExampleWeighingSearch",
+    "MedianOfLastEpochs",
+    "NormInjection",
+    "NormStatistics",
+    "NormSync",
+    "Recalibration",
+    "recalibrate_statistics",
+    "search_example_weighing",
+    "set_statistics_sync",
+]

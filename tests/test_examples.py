@@ -1,0 +1,174 @@
+"""Each example in examples/ run with tiny settings."""
+
+from __future__ import annotations
+
+import csv
+import importlib
+import statistics
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from normlightning import sweep
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+TINY = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1",
+        "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
+SYNTHETIC = ["--data=normlightning.data.Synthetic", "--data.input_shape=[1, 6, 6]", "--data.num_classes=4",
+             "--data.num_train=32", "--data.num_val=8", "--data.num_test=8", "--data.batch_size=8",
+             "--model=normlightning.tasks.ClassificationTask", "--model.backbone=small_cnn",
+             "--model.backbone_kwargs={width: 8}"]
+
+
+@pytest.fixture(scope="module")
+def examples():
+    """Import the example files as modules (their folder on sys.path, as when run as scripts)."""
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        yield {name: importlib.import_module(name) for name in ("custom_norm", "custom_task", "statistics_study",
+                                                                 "batch_size_sweep")}
+    finally:
+        sys.path.remove(str(EXAMPLES))
+
+
+def _norm_args(method: str) -> list[str]:
+    """Select the injected method: the CLI's ``norm:`` section, or the same callback explicitly."""
+    if sweep._norm_section_supported():
+        return [f"--norm.method={method}"]
+    return ["--trainer.callbacks+=normlightning.callbacks.norm_injection.NormInjection",
+            f"--trainer.callbacks.method={method}"]
+
+
+def _checkpoint(root: Path) -> Path:
+    found = sorted(root.rglob("last.ckpt"))
+    assert found, f"no last.ckpt under {root}"
+    return found[0]
+
+
+# ---------------------------------------------------------------- custom_norm
+def test_rms_norm_matches_formula_and_torch(examples) -> None:
+    rms = examples["custom_norm"].RMSLayerNorm
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, 5, 2) * 3 + 1
+    layer = rms(4, eps=1e-5)
+    expected = torch.stack([x[n] / torch.sqrt((x[n] ** 2).mean() + 1e-5) for n in range(3)])
+    torch.testing.assert_close(layer(x), expected)
+    torch.testing.assert_close(layer(x), F.rms_norm(x, (4, 5, 2), eps=1e-5))
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([1.0, 2.0, 3.0, 4.0]))
+        layer.bias.fill_(0.5)
+    torch.testing.assert_close(layer(x), expected * torch.tensor([1.0, 2.0, 3.0, 4.0]).view(1, 4, 1, 1) + 0.5)
+    torch.testing.assert_close(rms(4)(x[:, :, 0, 0]), F.rms_norm(x[:, :, 0, 0], (4,), eps=1e-5))  # (N, C) input
+    with pytest.raises(ValueError, match="num_features=4"):
+        layer(torch.randn(2, 3, 4))
+
+
+def test_custom_norm_is_registered_and_injected_by_name(examples, run_dir) -> None:
+    from normlightning.norms import available_norms, build_norm
+    from normlightning.tasks import ClassificationTask
+
+    module = examples["custom_norm"]
+    assert "rms" in available_norms()
+    assert isinstance(build_norm("rms", 6, eps=1e-3), module.RMSLayerNorm)
+    module.main(["fit", *SYNTHETIC, *TINY, *_norm_args("rms")])
+    model = ClassificationTask.load_from_checkpoint(_checkpoint(run_dir))
+    layers = [m for m in model.modules() if isinstance(m, module.RMSLayerNorm)]
+    assert len(layers) == 4  # every BatchNorm2d of small_cnn was replaced
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+
+
+# ---------------------------------------------------------------- custom_task
+def test_mixup_math(examples) -> None:
+    task = examples["custom_task"]
+    x = torch.arange(12.0).reshape(3, 4)
+    y = torch.tensor([0, 1, 2])
+    perm = torch.tensor([2, 0, 1])
+    x_mix, y_a, y_b = task.mixup(x, y, 0.25, perm)
+    torch.testing.assert_close(x_mix[0], 0.25 * x[0] + 0.75 * x[2])
+    assert y_a.tolist() == [0, 1, 2] and y_b.tolist() == [2, 0, 1]
+    logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 3.0]])
+    log_p = logits.log_softmax(-1)
+    hand = -(0.25 * log_p[torch.arange(3), y_a] + 0.75 * log_p[torch.arange(3), y_b]).mean()
+    torch.testing.assert_close(task.mixup_loss(logits, y_a, y_b, 0.25), hand)
+    with pytest.raises(ValueError, match="lam must be in"):
+        task.mixup(x, y, 1.5, perm)
+
+
+def test_mixup_task_without_mixing_is_plain_cross_entropy(examples) -> None:
+    task = examples["custom_task"].MixupClassificationTask(
+        mixup_alpha=0.0, backbone="small_cnn", backbone_kwargs={"width": 4}, num_classes=3, input_shape=(1, 6, 6))
+    x, y = torch.rand(4, 1, 6, 6), torch.tensor([0, 1, 2, 0])
+    task.eval()  # deterministic BN for the comparison
+    torch.testing.assert_close(task.training_step((x, y), 0), F.cross_entropy(task(x), y))
+    with pytest.raises(ValueError, match="mixup_alpha"):
+        examples["custom_task"].MixupClassificationTask(mixup_alpha=-1.0)
+
+
+def test_custom_task_from_config_by_class_path(examples, run_dir) -> None:
+    module = examples["custom_task"]
+    config = EXAMPLES / "configs" / "custom_task.yaml"
+    assert "class_path: custom_task.MixupClassificationTask" in config.read_text()
+    module.main(["fit", "--config", str(config), *TINY, "--data.batch_size=16", "--trainer.logger.init_args.save_dir=runs"])
+    model = module.MixupClassificationTask.load_from_checkpoint(_checkpoint(run_dir))
+    assert type(model).__name__ == "MixupClassificationTask"
+    assert model.mixup_alpha == 0.4 and model.hparams.mixup_alpha == 0.4
+    metrics = next((run_dir / "runs").rglob("events.out.tfevents*"), None)
+    assert metrics is not None  # logged through the config's TensorBoard logger
+
+
+# ---------------------------------------------------------------- statistics_study
+def test_statistics_study_tiny(examples, tmp_path) -> None:
+    study = examples["statistics_study"]
+    window = 4
+    summary = study.run_study(tmp_path / "st", epochs={128: 1, 4: 1}, window=window, data="synthetic",
+                              limit_train_batches=6)
+    assert set(summary["test_acc1"]) == {128, 4}
+    for name in ("hn_fluctuation.png", "hn_evolution.png", "hn_fluctuation.csv", "summary.json"):
+        assert (tmp_path / "st" / name).stat().st_size > 0
+    layers = [f"backbone.layers.{i}.bn" for i in range(4)]
+    for b in (128, 4):
+        assert list(summary["fluctuation"][b]) == layers
+        # the EN-mean fluctuation is the population std of the recorded EN means (independent recomputation)
+        with open(tmp_path / "st" / f"b{b}" / "norm_stats_history.csv", newline="") as handle:
+            rows = [r for r in csv.DictReader(handle) if r["layer"] == layers[0]]
+        assert len(rows) == window  # 6 steps recorded, the last `window` kept
+        expected = statistics.pstdev(float(r["en_mean"]) for r in rows)
+        assert summary["fluctuation"][b][layers[0]]["en_mean"] == pytest.approx(expected, rel=1e-4, abs=1e-6)
+    with pytest.raises(ValueError, match="data must be"):
+        study.study_args(4, 1, tmp_path, base_lr=0.1, base_batch_size=128, window=4, data="cifar",
+                         limit_train_batches=None, seed=0)
+
+
+# ---------------------------------------------------------------- batch_size_sweep
+def test_batch_size_sweep_wrapper(examples, tmp_path) -> None:
+    wrapper = examples["batch_size_sweep"]
+    assert wrapper.REPORT_METHODS == ["bn", "gn", "ln", "in", "pn", "ghost", "seqnorm", "bgn", "gbgn", "hn"]
+    out = tmp_path / "s"
+    result = wrapper.main(["--out", str(out), "--methods", "ghost", "--batch-sizes", "32", "--seeds", "0",
+                           "--epochs", "1", "--no-plot"])
+    assert result.status == {"ghost_b32_s0": "ran"}
+    (row,) = result.rows
+    assert row["lr"] == pytest.approx(0.1 * 32 / 64)  # lr of sweep_digits.yaml at batch 64, scaled
+    assert 0.0 <= row["test/acc1"] <= 1.0
+
+
+# ---------------------------------------------------------------- reproduce_report
+def test_report_generated_blocks(examples, tmp_path) -> None:
+    report = importlib.import_module("reproduce_report")
+    text = "intro\n<!-- BEGIN GENERATED: t -->\nold\nlines\n<!-- END GENERATED: t -->\nprose\n"
+    assert report.replace_block(text, "t", "new\n") == (
+        "intro\n<!-- BEGIN GENERATED: t -->\nnew\n<!-- END GENERATED: t -->\nprose\n"
+    )
+    with pytest.raises(ValueError, match="no generated block named 'missing'"):
+        report.replace_block(text, "missing", "x")
+    path = tmp_path / "f.csv"
+    path.write_text("batch_size,layer,bn_mean_fluct,bn_std_fluct,en_mean_fluct,en_std_fluct\n"
+                    "4,backbone.layers.0.bn,1.5,0.25,0.125,0.0625\n")
+    assert report.fluctuation_table(path).splitlines()[-1] == "| 4 | layer 1 | 1.5000 | 0.2500 | 0.1250 | 0.0625 |"
+    # the report page has every block the script fills in
+    doc = (EXAMPLES.parent / "docs" / "reproduction.md").read_text()
+    for name in ("timing", "sweep-table", "stats-table"):
+        assert f"<!-- BEGIN GENERATED: {name} -->" in doc and f"<!-- END GENERATED: {name} -->" in doc

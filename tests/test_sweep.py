@@ -1,0 +1,196 @@
+"""The batch-size sweep runner: grid, LR scaling, config overrides, log parsing, table, resume."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+
+from normlightning import sweep
+
+BASE = {
+    "seed_everything": 0,
+    "trainer": {"accelerator": "cpu", "devices": 1, "log_every_n_steps": 1, "limit_train_batches": 2,
+                "limit_val_batches": 1, "limit_test_batches": 1, "callbacks": []},
+    "model": {
+        "class_path": "normlightning.tasks.ClassificationTask",
+        "init_args": {
+            "backbone": "small_cnn",
+            "backbone_kwargs": {"width": 8},
+            "optimizer": {"class_path": "torch.optim.SGD", "init_args": {"lr": 0.2, "momentum": 0.9}},
+            "lr_scheduler": {"class_path": "torch.optim.lr_scheduler.CosineAnnealingLR", "init_args": {"T_max": 99}},
+        },
+    },
+    "data": {
+        "class_path": "normlightning.data.Synthetic",
+        "init_args": {"input_shape": [1, 6, 6], "num_classes": 4, "num_train": 64, "num_val": 16, "num_test": 16,
+                      "eval_batch_size": 16},
+    },
+}
+
+
+def test_scaled_lr_is_linear() -> None:
+    assert sweep.scaled_lr(0.1, 2, 64) == pytest.approx(0.1 * 2 / 64)
+    assert sweep.scaled_lr(0.4, 256, 64) == pytest.approx(1.6)
+    with pytest.raises(ValueError, match="base_lr"):
+        sweep.scaled_lr(0.0, 2, 64)
+
+
+def test_make_grid_order_and_errors() -> None:
+    grid = sweep.make_grid(["bn", "gn"], [2, 8], [0, 1])
+    assert [c.name for c in grid] == [
+        "bn_b2_s0", "bn_b2_s1", "bn_b8_s0", "bn_b8_s1", "gn_b2_s0", "gn_b2_s1", "gn_b8_s0", "gn_b8_s1",
+    ]
+    with pytest.raises(ValueError, match="unknown method 'nope'"):
+        sweep.make_grid(["nope"], [2], [0])
+    with pytest.raises(ValueError, match="batch sizes must be ints >= 2"):
+        sweep.make_grid(["bn"], [1], [0])
+    with pytest.raises(ValueError, match="duplicates"):
+        sweep.make_grid(["bn", "bn"], [2], [0])
+    with pytest.raises(ValueError, match="misses batch sizes"):
+        sweep.run_sweep(BASE, "unused", methods=["bn"], batch_sizes=[2, 8], epochs={2: 1}, log=None)
+    assert sweep._parse_epochs(["3"]) == 3 and sweep._parse_epochs(["2=2", "64=30"]) == {2: 2, 64: 30}
+    with pytest.raises(ValueError, match="seeds is empty"):
+        sweep.make_grid(["bn"], [2], [])
+
+
+def test_cell_config_overrides(tmp_path) -> None:
+    cell = sweep.Cell("bgn", 8, 3)
+    config = sweep.cell_config(BASE, cell, epochs=5, base_batch_size=32, cell_dir=tmp_path / "c")
+    init = config["model"]["init_args"]
+    assert init["optimizer"]["init_args"]["lr"] == pytest.approx(0.2 * 8 / 32)
+    assert init["lr_scheduler"]["init_args"]["T_max"] == 5
+    assert config["data"]["init_args"]["batch_size"] == 8 and config["data"]["init_args"]["drop_last"] is True
+    assert config["seed_everything"] == 3 and config["trainer"]["max_epochs"] == 5
+    assert config["norm"] == {"method": "bgn", "num_groups": "auto"}
+    assert config["trainer"]["logger"]["init_args"]["save_dir"] == str(tmp_path / "c")
+    # the base config is not modified
+    assert BASE["model"]["init_args"]["optimizer"]["init_args"]["lr"] == 0.2 and "norm" not in BASE
+    # as the CLI reads it: norm section, or the same callback when the CLI has no norm section
+    cli = sweep.cli_config(config)
+    if "norm" in cli:
+        assert cli["norm"] == config["norm"]
+    else:
+        (callback,) = [c for c in cli["trainer"]["callbacks"] if c["class_path"].endswith("NormInjection")]
+        assert callback["init_args"] == config["norm"]
+    with pytest.raises(ValueError, match="optimizer.init_args.lr"):
+        sweep.cell_config({"model": {"init_args": {}}, "data": {"init_args": {}}}, cell, epochs=1,
+                          base_batch_size=32, cell_dir=tmp_path)
+
+
+def test_read_last_metrics_takes_last_non_empty_value(tmp_path) -> None:
+    path = tmp_path / "metrics.csv"
+    path.write_text(
+        "epoch,step,train/loss,val/acc1,test/acc1\n"
+        "0,9,2.5,,\n"
+        "0,9,,0.25,\n"
+        "1,19,1.5,,\n"
+        "1,19,,0.75,\n"
+        "1,20,,,0.5\n"
+    )
+    assert sweep.read_last_metrics(path) == {"train/loss": 1.5, "val/acc1": 0.75, "test/acc1": 0.5}
+
+
+def test_aggregate_and_table() -> None:
+    rows = [
+        {"method": "bn", "batch_size": 2, "seed": 0, "test/acc1": 0.5},
+        {"method": "bn", "batch_size": 2, "seed": 1, "test/acc1": 0.7},
+        {"method": "bn", "batch_size": 2, "seed": 2, "test/acc1": 0.9},
+        {"method": "gn", "batch_size": 8, "seed": 0, "test/acc1": 0.8},
+    ]
+    stats = sweep.aggregate(rows, "test/acc1")
+    mean, std, n = stats["bn"][2]
+    assert n == 3 and mean == pytest.approx(0.7)
+    assert std == pytest.approx(math.sqrt(((0.2) ** 2 + 0 + (0.2) ** 2) / 2))  # sample std, ddof=1
+    assert math.isnan(stats["gn"][8][1])
+    table = sweep.markdown_table(stats)
+    lines = table.strip().splitlines()
+    assert lines[0] == "| method | B=2 | B=8 |"
+    assert lines[2] == "| bn | 70.0 ± 20.0 (n=3) | - |"
+    assert lines[3] == "| gn | - | 80.0 (n=1) |"
+
+
+def _mtimes(out: Path) -> dict[str, float]:
+    return {p.parent.name: p.stat().st_mtime_ns for p in (out / "cells").glob(f"*/{sweep.RESULT_FILE}")}
+
+
+def test_sweep_runs_collects_and_resumes(tmp_path) -> None:
+    out = tmp_path / "sweep"
+    kwargs = dict(methods=["bn", "gn"], batch_sizes=[4, 8], seeds=[0], epochs=1, base_batch_size=16,
+                  isolation="inline", log=None)
+    first = sweep.run_sweep(BASE, out, **kwargs)
+    assert set(first.status.values()) == {"ran"} and len(first.status) == 4
+    with open(out / "results.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 4
+    for row in rows:
+        # the optimizer really started from the linearly scaled LR
+        assert float(row["lr"]) == pytest.approx(0.2 * int(row["batch_size"]) / 16)
+        assert 0.0 <= float(row["test/acc1"]) <= 1.0
+        # the value in results.csv is the last test/acc1 of the cell's own CSV log
+        cell_dir = out / "cells" / f"{row['method']}_b{row['batch_size']}_s{row['seed']}"
+        logged = [r["test/acc1"] for r in csv.DictReader(open(cell_dir / "metrics.csv")) if r.get("test/acc1")]
+        assert float(row["test/acc1"]) == pytest.approx(float(logged[-1]))
+        config = yaml.safe_load((cell_dir / "cell.yaml").read_text())
+        assert config["data"]["init_args"]["batch_size"] == int(row["batch_size"])
+    table = (out / "table.md").read_text()
+    assert "| bn |" in table and "| gn |" in table and "B=4" in table and "B=8" in table
+    assert (out / "accuracy_vs_batch.png").stat().st_size > 1000
+    before = _mtimes(out)
+    assert len(before) == 4
+
+    # second call: nothing re-runs, results unchanged
+    second = sweep.run_sweep(BASE, out, **kwargs)
+    assert set(second.status.values()) == {"skipped"}
+    assert _mtimes(out) == before
+    assert len(second.rows) == 4
+
+    # a missing result and a cell whose spec changed (more epochs) run again; the others do not
+    (out / "cells" / "gn_b8_s0" / sweep.RESULT_FILE).unlink()
+    third = sweep.run_sweep(BASE, out, **{**kwargs, "methods": ["bn", "gn"]})
+    assert third.status == {"bn_b4_s0": "skipped", "bn_b8_s0": "skipped", "gn_b4_s0": "skipped", "gn_b8_s0": "ran"}
+    after = _mtimes(out)
+    assert {k: v for k, v in after.items() if k != "gn_b8_s0"} == {k: v for k, v in before.items() if k != "gn_b8_s0"}
+    fourth = sweep.run_sweep(BASE, out, **{**kwargs, "methods": ["bn"], "batch_sizes": [4], "epochs": 2})
+    assert fourth.status == {"bn_b4_s0": "ran"}
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["epochs"] == {"4": 2} and summary["status"] == {"bn_b4_s0": "ran"}
+
+
+def test_failed_cell_is_reported_and_retried(tmp_path) -> None:
+    bad = json.loads(json.dumps(BASE))
+    bad["model"]["init_args"]["backbone"] = "no_such_backbone_xyz"
+    result = sweep.run_sweep(bad, tmp_path / "s", methods=["bn"], batch_sizes=[4], seeds=[0], epochs=1,
+                             base_batch_size=16, isolation="inline", plot=False, log=None)
+    assert result.status == {"bn_b4_s0": "failed"} and result.rows == []
+    assert "no_such_backbone_xyz" in (tmp_path / "s" / "cells" / "bn_b4_s0" / "error.txt").read_text()
+
+
+def test_subprocess_isolation_and_cli(tmp_path) -> None:
+    config = tmp_path / "base.yaml"
+    config.write_text(yaml.safe_dump(BASE))
+    out = tmp_path / "s"
+    args = ["--config", str(config), "--out", str(out), "--methods", "hn", "--batch-sizes", "4", "--seeds", "1",
+            "--epochs", "1", "--base-batch-size", "8", "--no-plot"]
+    result = sweep.main(args)  # default isolation: one subprocess per cell
+    assert result.status == {"hn_b4_s1": "ran"}
+    stored = json.loads((out / "cells" / "hn_b4_s1" / sweep.RESULT_FILE).read_text())
+    assert stored["status"] == "ok" and stored["lr"] == pytest.approx(0.2 * 4 / 8)
+    assert stored["spec"]["method"] == "hn" and stored["spec"]["seed"] == 1
+    assert sweep.main(args).status == {"hn_b4_s1": "skipped"}
+    with pytest.raises(SystemExit):
+        sweep.main(["--out", str(out)])  # no --config
+
+
+def test_parallel_workers_run_every_cell_once(tmp_path) -> None:
+    out = tmp_path / "p"
+    result = sweep.run_sweep(BASE, out, methods=["bn", "ln"], batch_sizes=[4], seeds=[0], epochs=1,
+                             base_batch_size=16, isolation="inline", workers=2, plot=False, log=None)
+    assert result.status == {"bn_b4_s0": "ran", "ln_b4_s0": "ran"}
+    assert sorted(r["method"] for r in result.rows) == ["bn", "ln"]
+    with pytest.raises(ValueError, match="workers must be a positive int"):
+        sweep.run_sweep(BASE, out, methods=["bn"], batch_sizes=[4], workers=0, log=None)

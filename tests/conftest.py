@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 import struct
 from collections.abc import Callable
@@ -114,3 +115,17 @@ def write_image_folders() -> Callable[..., list[str]]:
 def _plain_argv(monkeypatch: pytest.MonkeyPatch) -> None:
     """Tests call the CLI with explicit args; hide pytest's own argv from LightningCLI."""
     monkeypatch.setattr("sys.argv", ["normlightning"])
+
+
+@pytest.fixture(autouse=True)
+def _restore_environ():
+    """Undo environment changes a test leaves behind.
+
+    An in-process Lightning DDP run writes ``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_PORT``, ...
+    into ``os.environ``; a later ``normlightning`` subprocess that inherited them would believe it
+    was launched externally as one rank of a job and wait for peers that never come.
+    """
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)

@@ -95,7 +95,16 @@ def _affine(y3: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
         return y3 + bias.view(1, -1, 1)
     if bias is None:
         return y3 * weight.view(1, -1, 1)
-    return torch.addcmul(bias.view(1, -1, 1), y3, weight.view(1, -1, 1))
+    return _fma(y3, weight.view(1, -1, 1), bias.view(1, -1, 1))
+
+
+def _fma(x: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """``x * a + b`` (broadcasting). A multiply and an in-place add: on CPU ``torch.addcmul`` with
+    broadcast operands is 2-2.5x slower than the two passes together."""
+    y = x * a
+    if torch.broadcast_shapes(y.shape, b.shape) != y.shape:
+        return y + b
+    return y.add_(b)
 
 
 def _normalize_affine(x3: Tensor, mu: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
@@ -188,8 +197,8 @@ class _RowMoments(torch.autograd.Function):
     @staticmethod
     def forward(x: Tensor) -> tuple[Tensor, Tensor]:
         mean = x.mean(-1, keepdim=True)
-        d = x - mean
-        var = torch.linalg.vecdot(d, d, dim=-1).unsqueeze(-1) / x.shape[-1]
+        # one full-size temporary, squared in place (vecdot would allocate a second one)
+        var = (x - mean).square_().sum(-1, keepdim=True) / x.shape[-1]
         return mean, var
 
     @staticmethod
@@ -204,17 +213,18 @@ class _RowMoments(torch.autograd.Function):
             return (g_mean / L).expand_as(x)
         a = g_var * (2.0 / L)
         b = -a * mean if g_mean is None else g_mean / L - a * mean
-        return torch.addcmul(b, x, a)
+        return _fma(x, a, b)
 
 
 class _ScaleShift(torch.autograd.Function):
     """``y = x * scale + shift`` on ``(..., L)`` with statistic-sized ``scale``/``shift``
     (broadcast over ``L``), with a lean backward: ``dx = g * scale``, ``dscale = sum_L g x``,
-    ``dshift = sum_L g`` (reduced to their shapes)."""
+    ``dshift = sum_L g`` (reduced to their shapes). At most one full-size temporary is live at a
+    time (on CPU a second concurrent one can cost more than the arithmetic: fresh pages)."""
 
     @staticmethod
     def forward(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
-        return torch.addcmul(shift, x, scale)
+        return _fma(x, scale, shift)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
@@ -225,12 +235,15 @@ class _ScaleShift(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: Tensor):
         x, scale = ctx.saved_tensors
-        gx = g * scale if ctx.needs_input_grad[0] else None
-        gscale = gshift = None
+        gx = gscale = gshift = None
         if ctx.needs_input_grad[1]:
-            gscale = torch.linalg.vecdot(g, x, dim=-1).unsqueeze(-1).sum_to_size(scale.shape)
+            gx_full = g * x  # freed before gx is allocated: one full-size buffer live at a time
+            gscale = gx_full.sum(-1, keepdim=True).sum_to_size(scale.shape)
+            del gx_full
         if ctx.needs_input_grad[2]:
             gshift = g.sum(-1, keepdim=True).sum_to_size(ctx.shift_shape)
+        if ctx.needs_input_grad[0]:
+            gx = g * scale
         return gx, gscale, gshift
 
 
@@ -589,6 +602,9 @@ def batch_group_norm(
     per group over ``(N, D/G)`` (native ``F.batch_norm`` on the view ``(N, G, D/G)``).
     Running statistics per group (shape ``(G,)``); per-channel affine. When ``G`` is a multiple
     of ``C`` every group lies in one channel and the affine is fused into the native call.
+    Otherwise the group statistics (or, in eval, the running ones) are computed once
+    (:func:`set_mean_var`) and normalization + affine are one pass :func:`scale_shift` with
+    statistic-sized scale/shift.
     """
     N, C = x.shape[0], x.shape[1]
     D = x[0].numel()
@@ -603,16 +619,42 @@ def batch_group_norm(
     if training:
         _check_set_size(N * (D // G), f"BatchGroupNorm with N={N}, D/G={D // G}", "Use a larger batch or fewer groups.")
     xc = _upcast(x)
-    w, b = _param(weight, xc.dtype), _param(bias, xc.dtype)
-    xv = xc.reshape(N, G, D // G)
+    dt = xc.dtype
+    w, b = _param(weight, dt), _param(bias, dt)
+    Lg = D // G
+    xv = xc.reshape(N, G, Lg)
     if G % C == 0:
+        # every group lies in one channel: the affine is the native kernel's per-"channel" one
         r = G // C
         wg = None if w is None else w.repeat_interleave(r)
         bg = None if b is None else b.repeat_interleave(r)
         y = _normalize_batch_sets(xv, running_mean, running_var, wg, bg, training, factor, eps, sync, process_group)
         return y.view(x.shape).to(x.dtype)
-    y = _normalize_batch_sets(xv, running_mean, running_var, None, None, training, factor, eps, sync, process_group)
-    return _affine(y.view(N, C, -1), w, b).view(x.shape).to(x.dtype)
+    # Group statistics once, then normalization and the per-channel affine as one pass
+    # x * scale + shift over blocks of L = gcd(S, D/G) contiguous values, each inside one group
+    # and one channel (L = S when groups are whole channels, L = D/G when channels split).
+    if training:
+        mean, var, count = set_mean_var(xv, (0, 2), sync=sync, process_group=process_group)
+        update_running_stats(running_mean, running_var, mean, var, count, factor)
+        mean, var = mean.view(G), var.view(G)
+    else:
+        mean, var = running_mean.to(dt), running_var.to(dt)
+    S = D // C
+    L = math.gcd(S, Lg)
+    K = D // L
+    per_group, per_channel = Lg // L, S // L  # blocks per group / per channel
+
+    def blocks(t: Tensor, r: int) -> Tensor:
+        return t if r == 1 else t.repeat_interleave(r)
+
+    scale = blocks(torch.rsqrt(var + eps), per_group)
+    if w is not None:
+        scale = scale * blocks(w, per_channel)
+    shift = -blocks(mean, per_group) * scale
+    if b is not None:
+        shift = shift + blocks(b, per_channel)
+    y = scale_shift(xc.reshape(N, K, L), scale.view(1, K, 1), shift.view(1, K, 1))
+    return y.view(x.shape).to(x.dtype)
 
 
 # --------------------------------------------------------------------------------------

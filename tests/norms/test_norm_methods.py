@@ -178,7 +178,7 @@ def test_seqnorm():
     _compare(layer, lambda t: R.affine(R.bn_eval(R.gn_ref(t, 2), mean, var), layer.weight, layer.bias), torch.randn(2, 4, 3, 2, dtype=D64))
 
 
-@pytest.mark.parametrize("shape,G", [((4, 4, 3, 3), 1), ((4, 4, 3, 3), 2), ((4, 4, 3, 3), 6), ((4, 4, 3, 3), 9), ((4, 4, 3, 3), 12), ((4, 4, 3, 3), 36), ((5, 6), 3), ((3, 4, 6), 8)])
+@pytest.mark.parametrize("shape,G", [((4, 4, 3, 3), 1), ((4, 4, 3, 3), 2), ((4, 4, 3, 3), 4), ((3, 8, 5), 4), ((4, 4, 3, 3), 6), ((4, 4, 3, 3), 9), ((4, 4, 3, 3), 12), ((4, 4, 3, 3), 36), ((5, 6), 3), ((3, 4, 6), 8)])
 def test_bgn(shape, G):
     torch.manual_seed(8)
     C = shape[1]

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
 from lightning.pytorch import Callback
 
 

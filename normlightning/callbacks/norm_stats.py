@@ -43,11 +43,11 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
-from torch.nn.modules.batchnorm import _NormBase
 
 from normlightning import plotting
+from normlightning.norms.layer_kinds import is_norm_layer
 
-__all__ = ["NormStatistics", "input_statistics", "fluctuation", "is_norm_layer", "STATISTICS"]
+__all__ = ["NormStatistics", "input_statistics", "fluctuation", "STATISTICS"]
 
 #: Names of the recorded statistics, in storage order.
 STATISTICS = ("bn_mean", "bn_std", "en_mean", "en_std")
@@ -74,28 +74,6 @@ def input_statistics(x: torch.Tensor) -> dict[str, torch.Tensor]:
 def fluctuation(values: torch.Tensor) -> torch.Tensor:
     """Std over the first axis (``correction=0``): ``(T, *shape) -> shape``; 0 when ``T == 1``."""
     return values.float().std(dim=0, correction=0)
-
-
-def _norm_layer_class() -> type | None:
-    try:
-        from normlightning.norms.base import NormLayer
-    except ImportError:
-        return None
-    return NormLayer
-
-
-def is_norm_layer(module: nn.Module) -> bool:
-    """True for normlightning's ``NormLayer``s, any module with a ``uses_batch_statistics``
-    class attribute, and torch's BatchNorm/InstanceNorm/GroupNorm/LayerNorm (and RMSNorm)."""
-    norm_layer = _norm_layer_class()
-    if norm_layer is not None and isinstance(module, norm_layer):
-        return True
-    if isinstance(getattr(type(module), "uses_batch_statistics", None), bool):
-        return True
-    native: tuple[type, ...] = (_NormBase, nn.GroupNorm, nn.LayerNorm)
-    if hasattr(nn, "RMSNorm"):
-        native += (nn.RMSNorm,)
-    return isinstance(module, native)
 
 
 class _History:

@@ -23,10 +23,7 @@ import torch
 from lightning.pytorch.plugins.layer_sync import LayerSync, TorchSyncBatchNorm
 from torch import nn
 
-
-def _is_batch_layer(module: nn.Module) -> bool:
-    """A normlightning layer whose statistics include the batch axis (has ``sync_statistics``)."""
-    return bool(getattr(module, "uses_batch_statistics", False)) and hasattr(module, "sync_statistics")
+from normlightning.norms.layer_kinds import is_batch_statistic_layer
 
 
 def set_statistics_sync(model: nn.Module, enabled: bool, process_group: Any = None) -> int:
@@ -37,7 +34,7 @@ def set_statistics_sync(model: nn.Module, enabled: bool, process_group: Any = No
     """
     count = 0
     for module in model.modules():
-        if _is_batch_layer(module):
+        if is_batch_statistic_layer(module) and hasattr(module, "sync_statistics"):
             module.sync_statistics = enabled
             module.process_group = process_group if enabled else None
             count += 1

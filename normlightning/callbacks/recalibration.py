@@ -42,7 +42,8 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
+
+from normlightning.norms.layer_kinds import is_batch_statistic_layer
 
 __all__ = [
     "Recalibration",
@@ -98,15 +99,6 @@ def default_target(batch: Any) -> torch.Tensor:
         f"default_target: batches of type {type(batch).__name__} have no targets at index 1; "
         "pass `target_fn=lambda batch: ...`"
     )
-
-
-def is_batch_statistic_layer(module: nn.Module) -> bool:
-    """True for layers with running statistics of a batch-axis set (see module docstring)."""
-    if isinstance(module, _BatchNorm):
-        return bool(module.track_running_stats) and module.running_mean is not None
-    if getattr(type(module), "uses_batch_statistics", False) is True:
-        return getattr(module, "track_running_stats", True) is not False and hasattr(module, "reset_running_stats")
-    return False
 
 
 def running_buffer_names(layer: nn.Module) -> set[str]:

@@ -27,6 +27,7 @@ Splits, drawn once from ``seed``:
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 from torch.utils.data import Dataset, Subset
@@ -44,7 +45,6 @@ class Caltech256(BaseDataModule):
     """Caltech-256 images at ``image_size``, 256 classes (257 with ``include_clutter``).
 
     Args:
-        root: folder containing ``caltech256/256_ObjectCategories/``.
         include_clutter: keep ``257.clutter`` as class 256.
         test_fraction: fraction of all images in the test split (without ``per_class_split``).
         per_class_split: ``[n_train, n_val, n_test]`` images per class instead of fractions.
@@ -52,9 +52,11 @@ class Caltech256(BaseDataModule):
         resize: short side before the evaluation center crop (default ``image_size * 256 / 224``).
         augment: RandomResizedCrop + flip on the training split (False: resize + center crop).
         expected_num_classes: raise if another number of classes is found (``null``: no check).
-        batch_size, eval_batch_size, num_workers, pin_memory, persistent_workers,
-            val_fraction, seed, drop_last: see :class:`~normlightning.data.base.BaseDataModule`
-            (``val_fraction`` is a fraction of all images, drawn before the train split).
+        batch_size: examples per batch **per process** (per GPU under DDP).
+        num_workers: loader worker processes.
+        Other arguments: see :class:`~normlightning.data.base.BaseDataModule` (``root``: the folder
+            containing ``caltech256/256_ObjectCategories/``; ``val_fraction`` is a fraction of all
+            images, drawn before the train split).
     """
 
     holdout_val_from_train = False
@@ -63,7 +65,6 @@ class Caltech256(BaseDataModule):
     def __init__(
         self,
         *,
-        root: str = "data",
         include_clutter: bool = False,
         test_fraction: float = 0.2,
         per_class_split: tuple[int, int, int] | None = None,
@@ -72,25 +73,10 @@ class Caltech256(BaseDataModule):
         augment: bool = True,
         expected_num_classes: int | None = 256,
         batch_size: int = 64,
-        eval_batch_size: int | None = None,
         num_workers: int = 4,
-        pin_memory: bool = False,
-        persistent_workers: bool = False,
-        val_fraction: float = 0.0,
-        seed: int = 0,
-        drop_last: bool = False,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            root=root,
-            batch_size=batch_size,
-            eval_batch_size=eval_batch_size,
-            num_workers=num_workers,
-            pin_memory=pin_memory,
-            persistent_workers=persistent_workers,
-            val_fraction=val_fraction,
-            seed=seed,
-            drop_last=drop_last,
-        )
+        super().__init__(batch_size=batch_size, num_workers=num_workers, **kwargs)
         if per_class_split is None and not 0.0 < test_fraction < 1.0:
             raise ValueError(f"Caltech256: test_fraction must be in (0, 1), got {test_fraction}")
         if per_class_split is not None:
@@ -99,7 +85,7 @@ class Caltech256(BaseDataModule):
                 raise ValueError(
                     f"Caltech256: per_class_split must be [n_train >= 1, n_val >= 0, n_test >= 1], got {per_class_split}"
                 )
-            if val_fraction > 0:
+            if self.val_fraction > 0:
                 raise ValueError("Caltech256: with per_class_split set the validation size is its n_val; set val_fraction=0")
             per_class_split = counts  # type: ignore[assignment]
         self.include_clutter = include_clutter

@@ -10,6 +10,7 @@ construction; here the archive is md5-checked once, when ``download=True`` fetch
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from torch.utils.data import Dataset
 from torchvision import datasets
@@ -44,11 +45,10 @@ class CIFAR10(BaseDataModule):
     """CIFAR-10: 50k train / 10k test RGB images ``(3, 32, 32)``, 10 classes.
 
     Args:
-        root: folder containing ``cifar-10-batches-py/`` (torchvision's layout).
         download: download into ``root`` in ``prepare_data`` (needs internet; default False).
         augment: pad-crop-flip augmentation of the training split.
-        batch_size, eval_batch_size, num_workers, pin_memory, persistent_workers,
-            val_fraction, seed, drop_last: see :class:`~normlightning.data.base.BaseDataModule`.
+        Other arguments: see :class:`~normlightning.data.base.BaseDataModule` (``root``: the folder
+            containing ``cifar-10-batches-py/``, torchvision's layout).
     """
 
     dataset_class: type[datasets.CIFAR10] = _CIFAR10
@@ -57,32 +57,8 @@ class CIFAR10(BaseDataModule):
     channel_mean = (0.4914, 0.4822, 0.4465)
     channel_std = (0.2470, 0.2435, 0.2616)
 
-    def __init__(
-        self,
-        *,
-        root: str = "data",
-        download: bool = False,
-        augment: bool = True,
-        batch_size: int = 128,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
-        pin_memory: bool = False,
-        persistent_workers: bool = False,
-        val_fraction: float = 0.0,
-        seed: int = 0,
-        drop_last: bool = False,
-    ) -> None:
-        super().__init__(
-            root=root,
-            batch_size=batch_size,
-            eval_batch_size=eval_batch_size,
-            num_workers=num_workers,
-            pin_memory=pin_memory,
-            persistent_workers=persistent_workers,
-            val_fraction=val_fraction,
-            seed=seed,
-            drop_last=drop_last,
-        )
+    def __init__(self, *, download: bool = False, augment: bool = True, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         self.download = download
         self.augment = augment
         self.num_classes = self.num_classes_of_dataset

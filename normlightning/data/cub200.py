@@ -78,12 +78,13 @@ class CUB200(BaseDataModule):
     """CUB-200-2011 birds at ``image_size``, 200 classes, official train/test split.
 
     Args:
-        root: folder containing ``CUB_200_2011/``.
         image_size: side of the square crops.
         resize: short side before the evaluation center crop (default ``image_size * 256 / 224``).
         augment: RandomResizedCrop + flip on the training split (False: resize + center crop).
-        batch_size, eval_batch_size, num_workers, pin_memory, persistent_workers,
-            val_fraction, seed, drop_last: see :class:`~normlightning.data.base.BaseDataModule`.
+        batch_size: examples per batch **per process** (per GPU under DDP).
+        num_workers: loader worker processes.
+        Other arguments: see :class:`~normlightning.data.base.BaseDataModule` (``root``: the folder
+            containing ``CUB_200_2011/``).
     """
 
     url = "https://www.vision.caltech.edu/datasets/cub_200_2011/"
@@ -91,30 +92,14 @@ class CUB200(BaseDataModule):
     def __init__(
         self,
         *,
-        root: str = "data",
         image_size: int = 224,
         resize: int | None = None,
         augment: bool = True,
         batch_size: int = 64,
-        eval_batch_size: int | None = None,
         num_workers: int = 4,
-        pin_memory: bool = False,
-        persistent_workers: bool = False,
-        val_fraction: float = 0.0,
-        seed: int = 0,
-        drop_last: bool = False,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            root=root,
-            batch_size=batch_size,
-            eval_batch_size=eval_batch_size,
-            num_workers=num_workers,
-            pin_memory=pin_memory,
-            persistent_workers=persistent_workers,
-            val_fraction=val_fraction,
-            seed=seed,
-            drop_last=drop_last,
-        )
+        super().__init__(batch_size=batch_size, num_workers=num_workers, **kwargs)
         self.image_size = image_size
         self.resize = resize
         self.augment = augment

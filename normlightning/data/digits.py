@@ -6,6 +6,8 @@ The train/val/test split is a seeded random partition (:func:`~normlightning.dat
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
@@ -18,9 +20,9 @@ class Digits(BaseDataModule):
     Args:
         val_fraction: fraction of the 1797 images in the validation split.
         test_fraction: fraction in the test split; the rest is the training split.
-        seed: seed of the split.
-        batch_size, eval_batch_size, num_workers, pin_memory, persistent_workers, drop_last:
-            see :class:`~normlightning.data.base.BaseDataModule` (``root`` is unused).
+        batch_size: examples per batch **per process** (per GPU under DDP).
+        Other arguments: see :class:`~normlightning.data.base.BaseDataModule` (``seed``: seed of
+            the split; ``root`` is unused).
     """
 
     holdout_val_from_train = False
@@ -29,30 +31,9 @@ class Digits(BaseDataModule):
     STD = (0.3760,)
 
     def __init__(
-        self,
-        *,
-        val_fraction: float = 0.2,
-        test_fraction: float = 0.2,
-        seed: int = 0,
-        root: str = "data",
-        batch_size: int = 64,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
-        pin_memory: bool = False,
-        persistent_workers: bool = False,
-        drop_last: bool = False,
+        self, *, val_fraction: float = 0.2, test_fraction: float = 0.2, batch_size: int = 64, **kwargs: Any
     ) -> None:
-        super().__init__(
-            root=root,
-            batch_size=batch_size,
-            eval_batch_size=eval_batch_size,
-            num_workers=num_workers,
-            pin_memory=pin_memory,
-            persistent_workers=persistent_workers,
-            val_fraction=val_fraction,
-            seed=seed,
-            drop_last=drop_last,
-        )
+        super().__init__(val_fraction=val_fraction, batch_size=batch_size, **kwargs)
         if not 0.0 < test_fraction < 1.0 or val_fraction + test_fraction >= 1.0:
             raise ValueError(
                 f"Digits needs 0 < test_fraction and val_fraction + test_fraction < 1, "

@@ -202,9 +202,10 @@ class FewShotDataModule(BaseDataModule):
             The same seed gives the same episodes, on any number of processes.
         augment: use the training augmentation (:func:`few_shot_train_transform`) on base batches.
         crop_padding, color_jitter, flip: its settings (padding 8, jitter 0.4, flip: the standard).
-        root, batch_size, num_workers, pin_memory, persistent_workers, seed, drop_last: see
-            :class:`~normlightning.data.base.BaseDataModule` (``batch_size`` is the base-class
-            training batch per process; ``eval_batch_size`` is unused: an episode is one batch).
+        batch_size: base-class training examples per batch per process.
+        Other arguments: see :class:`~normlightning.data.base.BaseDataModule` (``eval_batch_size``
+            and ``val_fraction`` are not accepted: an episode is one batch, and the validation
+            classes are a split of their own).
     """
 
     holdout_val_from_train = False
@@ -223,23 +224,11 @@ class FewShotDataModule(BaseDataModule):
         crop_padding: int = 8,
         color_jitter: float = 0.4,
         flip: bool = True,
-        root: str = "data",
         batch_size: int = 256,
-        num_workers: int = 0,
-        pin_memory: bool = False,
-        persistent_workers: bool = False,
-        seed: int = 0,
-        drop_last: bool = False,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            root=root,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            pin_memory=pin_memory,
-            persistent_workers=persistent_workers,
-            seed=seed,
-            drop_last=drop_last,
-        )
+        # eval_batch_size and val_fraction are fixed (and so left out of the CLI's arguments).
+        super().__init__(batch_size=batch_size, eval_batch_size=None, val_fraction=0.0, **kwargs)
         shots = [int(k) for k in test_shots]
         if n_way < 2:
             raise ValueError(f"n_way must be >= 2 (an episode needs at least two classes), got {n_way}")
@@ -364,7 +353,8 @@ class ClassSplitFewShotDataModule(FewShotDataModule):
             (every normlightning data module does).
         base_classes, val_classes, novel_classes: disjoint lists of ``source`` labels.
         source_splits: which splits of ``source`` to pool.
-        Other arguments: see :class:`FewShotDataModule`.
+        batch_size: base-class training examples per batch per process.
+        Other arguments: see :class:`FewShotDataModule` (``root`` is not accepted: ``source`` reads the data).
     """
 
     def __init__(
@@ -375,43 +365,11 @@ class ClassSplitFewShotDataModule(FewShotDataModule):
         novel_classes: Sequence[int],
         val_classes: Sequence[int] | None = None,
         source_splits: Sequence[str] = ("train", "val", "test"),
-        n_way: int = 5,
-        test_shots: Sequence[int] = (1, 5),
-        q_query: int = 15,
-        test_episodes: int = 600,
-        val_shot: int = 5,
-        val_episodes: int = 200,
-        episode_seed: int = 0,
-        augment: bool = True,
-        crop_padding: int = 8,
-        color_jitter: float = 0.4,
-        flip: bool = True,
         batch_size: int = 64,
-        num_workers: int = 0,
-        pin_memory: bool = False,
-        persistent_workers: bool = False,
-        seed: int = 0,
-        drop_last: bool = False,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            n_way=n_way,
-            test_shots=test_shots,
-            q_query=q_query,
-            test_episodes=test_episodes,
-            val_shot=val_shot,
-            val_episodes=val_episodes,
-            episode_seed=episode_seed,
-            augment=augment,
-            crop_padding=crop_padding,
-            color_jitter=color_jitter,
-            flip=flip,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            pin_memory=pin_memory,
-            persistent_workers=persistent_workers,
-            seed=seed,
-            drop_last=drop_last,
-        )
+        # root is fixed (and so left out of the CLI's arguments): source reads the data.
+        super().__init__(batch_size=batch_size, root="data", **kwargs)
         if not hasattr(source, "build_dataset"):
             raise TypeError(
                 f"source must be a normlightning data module with build_dataset(split), got {type(source).__name__}"
@@ -427,8 +385,10 @@ class ClassSplitFewShotDataModule(FewShotDataModule):
         if not sets["base_classes"]:
             raise ValueError("base_classes must list at least one class")
         for name in ("novel_classes", "val_classes"):
-            if sets[name] and len(sets[name]) < n_way:
-                raise ValueError(f"{name} has {len(sets[name])} classes, fewer than n_way={n_way}; add classes or lower n_way")
+            if sets[name] and len(sets[name]) < self.n_way:
+                raise ValueError(
+                    f"{name} has {len(sets[name])} classes, fewer than n_way={self.n_way}; add classes or lower n_way"
+                )
         if not set(source_splits) <= {"train", "val", "test"} or not source_splits:
             raise ValueError(f"source_splits must be a non-empty subset of train, val, test; got {list(source_splits)}")
         self.source = source

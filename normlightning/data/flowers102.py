@@ -16,6 +16,7 @@ RandomResizedCrop ``image_size`` + flip; evaluation: resize + center crop (see
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from torch.utils.data import Dataset
 from torchvision import datasets
@@ -36,12 +37,14 @@ class Flowers102(BaseDataModule):
     """Oxford Flowers-102 at ``image_size``, 102 classes, official train/val/test split.
 
     Args:
-        root: folder containing ``flowers-102/``.
         image_size: side of the square crops.
         resize: short side before the evaluation center crop (default ``image_size * 256 / 224``).
         augment: RandomResizedCrop + flip on the training split (False: resize + center crop).
-        batch_size, eval_batch_size, num_workers, pin_memory, persistent_workers, seed,
-            drop_last: see :class:`~normlightning.data.base.BaseDataModule`.
+        batch_size: examples per batch **per process** (per GPU under DDP).
+        num_workers: loader worker processes.
+        Other arguments: see :class:`~normlightning.data.base.BaseDataModule` (``root``: the folder
+            containing ``flowers-102/``; ``val_fraction`` is not accepted: the dataset has its own
+            validation split).
     """
 
     holdout_val_from_train = False
@@ -50,28 +53,15 @@ class Flowers102(BaseDataModule):
     def __init__(
         self,
         *,
-        root: str = "data",
         image_size: int = 224,
         resize: int | None = None,
         augment: bool = True,
         batch_size: int = 64,
-        eval_batch_size: int | None = None,
         num_workers: int = 4,
-        pin_memory: bool = False,
-        persistent_workers: bool = False,
-        seed: int = 0,
-        drop_last: bool = False,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            root=root,
-            batch_size=batch_size,
-            eval_batch_size=eval_batch_size,
-            num_workers=num_workers,
-            pin_memory=pin_memory,
-            persistent_workers=persistent_workers,
-            seed=seed,
-            drop_last=drop_last,
-        )
+        # val_fraction is fixed (and so left out of the CLI's arguments): the official split has a val set.
+        super().__init__(batch_size=batch_size, num_workers=num_workers, val_fraction=0.0, **kwargs)
         self.image_size = image_size
         self.resize = resize
         self.augment = augment

@@ -15,6 +15,7 @@ side to ``round(image_size * 256 / 224)`` and center crop ``image_size``.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from torch.utils.data import Dataset
 from torchvision.datasets import ImageFolder
@@ -35,7 +36,6 @@ class ImageFolderDataModule(BaseDataModule):
     ``__init__``, so a missing folder fails early with the expected layout).
 
     Args:
-        root: the dataset folder.
         train_dir: training split folder, relative to ``root``.
         val_dir: validation split folder, or ``None`` to hold out ``val_fraction`` of the training images.
         test_dir: test split folder (``None``: use the validation split).
@@ -43,8 +43,10 @@ class ImageFolderDataModule(BaseDataModule):
         resize: short side before the evaluation center crop (default ``round(image_size * 256 / 224)``).
         mean, std: per-channel statistics for the task's input normalization (default: ImageNet's).
         expected_num_classes: raise if ``train_dir`` has another number of class folders.
-        batch_size, eval_batch_size, num_workers, pin_memory, persistent_workers,
-            val_fraction, seed, drop_last: see :class:`~normlightning.data.base.BaseDataModule`.
+        batch_size: examples per batch **per process** (per GPU under DDP).
+        num_workers: loader worker processes.
+        Other arguments: see :class:`~normlightning.data.base.BaseDataModule` (``root``: the
+            dataset folder; ``val_fraction > 0`` needs ``val_dir=None``).
     """
 
     dataset_name = "ImageFolderDataModule"
@@ -56,7 +58,6 @@ class ImageFolderDataModule(BaseDataModule):
     def __init__(
         self,
         *,
-        root: str = "data",
         train_dir: str = "train",
         val_dir: str | None = "val",
         test_dir: str | None = None,
@@ -66,31 +67,16 @@ class ImageFolderDataModule(BaseDataModule):
         std: tuple[float, float, float] = IMAGENET_STD,
         expected_num_classes: int | None = None,
         batch_size: int = 64,
-        eval_batch_size: int | None = None,
         num_workers: int = 4,
-        pin_memory: bool = False,
-        persistent_workers: bool = False,
-        val_fraction: float = 0.0,
-        seed: int = 0,
-        drop_last: bool = False,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            root=root,
-            batch_size=batch_size,
-            eval_batch_size=eval_batch_size,
-            num_workers=num_workers,
-            pin_memory=pin_memory,
-            persistent_workers=persistent_workers,
-            val_fraction=val_fraction,
-            seed=seed,
-            drop_last=drop_last,
-        )
-        if val_dir is None and val_fraction == 0.0:
+        super().__init__(batch_size=batch_size, num_workers=num_workers, **kwargs)
+        if val_dir is None and self.val_fraction == 0.0:
             raise ValueError(f"{type(self).__name__}: val_dir is null, so set val_fraction > 0 (e.g. 0.1)")
-        if val_dir is not None and val_fraction > 0.0:
+        if val_dir is not None and self.val_fraction > 0.0:
             raise ValueError(
                 f"{type(self).__name__}: choose one validation source: val_dir={val_dir!r} or "
-                f"val_fraction={val_fraction} (set the other to null / 0)"
+                f"val_fraction={self.val_fraction} (set the other to null / 0)"
             )
         self.train_dir, self.val_dir, self.test_dir = train_dir, val_dir, test_dir
         self.image_size = image_size
@@ -157,6 +143,14 @@ class ImageNet(ImageFolderDataModule):
 
     Same arguments as :class:`ImageFolderDataModule`, with ImageNet's defaults
     (``expected_num_classes=1000``, 224 crops).
+
+    Args:
+        root: the ImageNet folder (holding ``train/`` and ``val/``).
+        expected_num_classes: raise if ``train/`` has another number of class folders (1000).
+        num_workers, pin_memory, persistent_workers: loader settings (ImageNet's defaults: 8 workers,
+            pinned memory, persistent workers).
+        Other arguments: see :class:`ImageFolderDataModule` and
+            :class:`~normlightning.data.base.BaseDataModule`.
     """
 
     how_to_get = (
@@ -170,39 +164,17 @@ class ImageNet(ImageFolderDataModule):
         self,
         *,
         root: str = "data/imagenet",
-        train_dir: str = "train",
-        val_dir: str | None = "val",
-        test_dir: str | None = None,
-        image_size: int = 224,
-        resize: int | None = None,
-        mean: tuple[float, float, float] = IMAGENET_MEAN,
-        std: tuple[float, float, float] = IMAGENET_STD,
         expected_num_classes: int | None = 1000,
-        batch_size: int = 64,
-        eval_batch_size: int | None = None,
         num_workers: int = 8,
         pin_memory: bool = True,
         persistent_workers: bool = True,
-        val_fraction: float = 0.0,
-        seed: int = 0,
-        drop_last: bool = False,
+        **kwargs: Any,
     ) -> None:
         super().__init__(
             root=root,
-            train_dir=train_dir,
-            val_dir=val_dir,
-            test_dir=test_dir,
-            image_size=image_size,
-            resize=resize,
-            mean=mean,
-            std=std,
             expected_num_classes=expected_num_classes,
-            batch_size=batch_size,
-            eval_batch_size=eval_batch_size,
             num_workers=num_workers,
             pin_memory=pin_memory,
             persistent_workers=persistent_workers,
-            val_fraction=val_fraction,
-            seed=seed,
-            drop_last=drop_last,
+            **kwargs,
         )

@@ -31,7 +31,6 @@ from __future__ import annotations
 import csv
 import os
 import pickle
-from collections.abc import Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -113,9 +112,10 @@ class MiniImageNet(FewShotDataModule):
         image_size: side of the (square) images fed to the model (84).
         num_base_classes: expected number of base classes (64); ``null``: whatever the training
             split holds (the pickle layout then loads the training pickle at construction).
-        n_way, test_shots, q_query, test_episodes, val_shot, val_episodes, episode_seed, augment,
-            crop_padding, color_jitter, flip, batch_size, num_workers, pin_memory,
-            persistent_workers, seed, drop_last: see :class:`~normlightning.data.few_shot.FewShotDataModule`.
+        batch_size: base-class training examples per batch per process (256).
+        num_workers, pin_memory: loader settings (8 workers, pinned memory).
+        Other arguments: see :class:`~normlightning.data.few_shot.FewShotDataModule` (episodes,
+            augmentation) and :class:`~normlightning.data.base.BaseDataModule`.
 
     Raises:
         DatasetNotFoundError: no layout found under ``root``, a file missing, or a malformed file;
@@ -129,44 +129,12 @@ class MiniImageNet(FewShotDataModule):
         layout: Literal["auto", "csv", "pickle"] = "auto",
         image_size: int = 84,
         num_base_classes: int | None = 64,
-        n_way: int = 5,
-        test_shots: Sequence[int] = (1, 5),
-        q_query: int = 15,
-        test_episodes: int = 600,
-        val_shot: int = 5,
-        val_episodes: int = 200,
-        episode_seed: int = 0,
-        augment: bool = True,
-        crop_padding: int = 8,
-        color_jitter: float = 0.4,
-        flip: bool = True,
         batch_size: int = 256,
         num_workers: int = 8,
         pin_memory: bool = True,
-        persistent_workers: bool = False,
-        seed: int = 0,
-        drop_last: bool = False,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            n_way=n_way,
-            test_shots=test_shots,
-            q_query=q_query,
-            test_episodes=test_episodes,
-            val_shot=val_shot,
-            val_episodes=val_episodes,
-            episode_seed=episode_seed,
-            augment=augment,
-            crop_padding=crop_padding,
-            color_jitter=color_jitter,
-            flip=flip,
-            root=root,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            pin_memory=pin_memory,
-            persistent_workers=persistent_workers,
-            seed=seed,
-            drop_last=drop_last,
-        )
+        super().__init__(root=root, batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory, **kwargs)
         if layout not in ("auto", "csv", "pickle"):
             raise ValueError(f"MiniImageNet: layout must be 'auto', 'csv' or 'pickle', got {layout!r}")
         if image_size < 1:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from torch.utils.data import Dataset
 from torchvision.datasets import MNIST as TorchvisionMNIST
@@ -26,37 +27,13 @@ class MNIST(BaseDataModule):
     training set).
 
     Args:
-        root: folder containing ``MNIST/raw/`` (torchvision's layout).
         download: download into ``root`` in ``prepare_data`` (needs internet; default False).
-        batch_size, eval_batch_size, num_workers, pin_memory, persistent_workers,
-            val_fraction, seed, drop_last: see :class:`~normlightning.data.base.BaseDataModule`.
+        Other arguments: see :class:`~normlightning.data.base.BaseDataModule` (``root``: the folder
+            containing ``MNIST/raw/``, torchvision's layout).
     """
 
-    def __init__(
-        self,
-        *,
-        root: str = "data",
-        download: bool = False,
-        batch_size: int = 128,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
-        pin_memory: bool = False,
-        persistent_workers: bool = False,
-        val_fraction: float = 0.0,
-        seed: int = 0,
-        drop_last: bool = False,
-    ) -> None:
-        super().__init__(
-            root=root,
-            batch_size=batch_size,
-            eval_batch_size=eval_batch_size,
-            num_workers=num_workers,
-            pin_memory=pin_memory,
-            persistent_workers=persistent_workers,
-            val_fraction=val_fraction,
-            seed=seed,
-            drop_last=drop_last,
-        )
+    def __init__(self, *, download: bool = False, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
         self.download = download
         self.num_classes = 10
         self.input_shape = (1, 28, 28)

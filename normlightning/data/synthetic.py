@@ -10,6 +10,8 @@ Example ``i`` of a split is generated on the fly from a generator seeded with
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -64,8 +66,9 @@ class Synthetic(BaseDataModule):
         num_train, num_val, num_test: examples per split.
         noise_std: std of the Gaussian noise around the class prototype.
         seed: seed of the prototypes and the examples.
-        batch_size, eval_batch_size, num_workers, pin_memory, persistent_workers,
-            drop_last: see :class:`~normlightning.data.base.BaseDataModule` (``root`` is unused).
+        batch_size: examples per batch **per process** (per GPU under DDP).
+        Other arguments: see :class:`~normlightning.data.base.BaseDataModule` (``root`` is unused;
+            ``val_fraction`` is not accepted: every split is generated).
     """
 
     holdout_val_from_train = False
@@ -80,24 +83,11 @@ class Synthetic(BaseDataModule):
         num_test: int = 128,
         noise_std: float = 0.2,
         seed: int = 0,
-        root: str = "data",
         batch_size: int = 32,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
-        pin_memory: bool = False,
-        persistent_workers: bool = False,
-        drop_last: bool = False,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            root=root,
-            batch_size=batch_size,
-            eval_batch_size=eval_batch_size,
-            num_workers=num_workers,
-            pin_memory=pin_memory,
-            persistent_workers=persistent_workers,
-            seed=seed,
-            drop_last=drop_last,
-        )
+        # val_fraction is fixed (and so left out of the CLI's arguments): every split is generated.
+        super().__init__(seed=seed, batch_size=batch_size, val_fraction=0.0, **kwargs)
         shape = tuple(int(s) for s in input_shape)
         if len(shape) != 3 or min(shape) < 1:
             raise ValueError(f"Synthetic: input_shape must be (C, H, W) with positive sizes, got {input_shape}")

@@ -14,8 +14,8 @@ logged as ``{stage}/acc1_clean``, ``{stage}/acc1_robust`` (and ``acc5_*`` with >
 from the training attack. ``eps``/``step_size`` are in pixel units: the model's first module
 is the input normalization.
 
-Norm-layer mode while an attack runs (:func:`norm_layer_mode`), one setting for training
-attacks and one for evaluation attacks:
+Norm-layer mode while an attack runs (:func:`~normlightning.norms.statistics_mode.statistics_mode`),
+one setting for training attacks and one for evaluation attacks:
 
 * ``eval``: running statistics (the torchattacks and TRADES default); no buffer changes.
 * ``train``: batch statistics, and the attack's forwards update the running buffers as
@@ -23,8 +23,8 @@ attacks and one for evaluation attacks:
 * ``train_frozen``: batch statistics, and every buffer is restored after the attack, so the
   attack leaves the running statistics (and ``num_batches_tracked``) untouched.
 
-Only normalization layers are switched (``torch.nn`` BatchNorm/InstanceNorm, i.e.
-``_NormBase``, and every :class:`~normlightning.norms.base.NormLayer`); other modules such as
+Only normalization layers are switched (torch's and ours, see
+:func:`~normlightning.norms.layer_kinds.is_norm_layer`); other modules such as
 dropout keep the mode the model is in (train in the training step, eval in validation).
 Every module's mode is restored afterwards. The settings are hyperparameters and are also
 written as a summary line at the start of every fit/validate/test (log and TensorBoard text).
@@ -39,72 +39,24 @@ forwards stay gradient-free. ``trainer.inference_mode: false`` works as well.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _NormBase
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
-from normlightning.norms.base import NormLayer
+from normlightning.norms.statistics_mode import STATISTICS_MODES, StatisticsMode, check_statistics_mode, statistics_mode
 from normlightning.tasks.attacks import PGDConfig
-from normlightning.tasks.base import default_optimizer
 from normlightning.tasks.classification import ClassificationTask
 
-__all__ = ["NORM_MODES", "AdversarialTask", "NormMode", "is_norm_layer", "norm_layer_mode"]
+__all__ = ["AdversarialTask"]
 
-NormMode = Literal["eval", "train", "train_frozen"]
-NORM_MODES: dict[str, str] = {
-    "eval": "running statistics, no buffer updates",
-    "train": "batch statistics, running buffers updated by the attack's forwards",
-    "train_frozen": "batch statistics, running buffers restored after the attack",
-}
 _EVAL_STAGE_IDS = {"val": 1, "test": 2}
-
-
-def is_norm_layer(module: nn.Module) -> bool:
-    """True for ``torch.nn`` BatchNorm/InstanceNorm layers (``_NormBase``) and our ``NormLayer``s."""
-    return isinstance(module, (_NormBase, NormLayer))
-
-
-def _check_mode(mode: str, setting: str) -> None:
-    if mode not in NORM_MODES:
-        raise ValueError(f"{setting} must be one of {sorted(NORM_MODES)}, got {mode!r}")
-
-
-@contextmanager
-def norm_layer_mode(model: nn.Module, mode: NormMode) -> Iterator[None]:
-    """Run the body with ``model``'s normalization layers in ``mode`` (see the module docstring).
-
-    ``eval``/``train`` call ``.eval()``/``.train()`` on every :func:`is_norm_layer` module;
-    ``train_frozen`` does as ``train`` and, on exit, copies every buffer of ``model`` back to
-    its value on entry (running means/variances, ``num_batches_tracked``, any other state
-    buffer of any layer). On exit the ``training`` flag of every module is restored.
-    """
-    _check_mode(mode, "norm_layer_mode: mode")
-    modes = [(module, module.training) for module in model.modules()]
-    saved: list[tuple[Tensor, Tensor]] = []
-    if mode == "train_frozen":
-        saved = [(buffer, buffer.detach().clone()) for buffer in model.buffers()]
-    try:
-        for module in model.modules():
-            if is_norm_layer(module):
-                module.train(mode != "eval")
-        yield
-    finally:
-        with torch.no_grad():
-            for buffer, value in saved:
-                buffer.copy_(value)
-        for module, training in modes:
-            module.training = training
 
 
 def _as_pgd_config(value: PGDConfig | dict[str, Any], setting: str) -> PGDConfig:
@@ -161,8 +113,8 @@ class AdversarialTask(ClassificationTask):
         train_attack: PGDConfig = PGDConfig(),
         eval_attack: PGDConfig = PGDConfig(),
         adversarial_weight: float = 1.0,
-        train_attack_norm_mode: NormMode = "eval",
-        eval_attack_norm_mode: NormMode = "eval",
+        train_attack_norm_mode: StatisticsMode = "eval",
+        eval_attack_norm_mode: StatisticsMode = "eval",
         eval_attack_seed: int | None = 0,
         backbone: str = "wide_resnet",
         num_classes: int = 10,
@@ -176,8 +128,8 @@ class AdversarialTask(ClassificationTask):
             raise ValueError(
                 f"adversarial_weight must be in [0, 1] (1: PGD examples only, 0: clean training), got {adversarial_weight!r}"
             )
-        _check_mode(train_attack_norm_mode, "train_attack_norm_mode")
-        _check_mode(eval_attack_norm_mode, "eval_attack_norm_mode")
+        check_statistics_mode(train_attack_norm_mode, "train_attack_norm_mode")
+        check_statistics_mode(eval_attack_norm_mode, "eval_attack_norm_mode")
         super().__init__(
             backbone=backbone,
             num_classes=num_classes,
@@ -215,22 +167,22 @@ class AdversarialTask(ClassificationTask):
         )
 
     # ----------------------------------------------------------------- the attack
-    def attack(self, x: Tensor, y: Tensor, config: PGDConfig, norm_mode: NormMode, generator: torch.Generator | None = None) -> Tensor:
+    def attack(self, x: Tensor, y: Tensor, config: PGDConfig, norm_mode: StatisticsMode, generator: torch.Generator | None = None) -> Tensor:
         """PGD examples for ``(x, y)`` against ``self`` (pixel space), norm layers in ``norm_mode``.
 
         Runs outside inference mode with grad enabled, so it works inside Lightning's
         validation/test loops; returns detached ``x_adv`` of ``x``'s shape.
         """
-        with torch.inference_mode(False), norm_layer_mode(self, norm_mode):
+        with torch.inference_mode(False), statistics_mode(self, norm_mode):
             return config(self, x, y, generator=generator)
 
     def attack_summary(self) -> str:
         """One line stating both attacks, their norm-layer modes and the loss mix."""
         return (
             f"AdversarialTask: train attack {_describe(self.train_attack)} with norm layers in "
-            f"'{self.train_attack_norm_mode}' mode ({NORM_MODES[self.train_attack_norm_mode]}); "
+            f"'{self.train_attack_norm_mode}' mode ({STATISTICS_MODES[self.train_attack_norm_mode]}); "
             f"eval attack {_describe(self.eval_attack)} with norm layers in '{self.eval_attack_norm_mode}' mode "
-            f"({NORM_MODES[self.eval_attack_norm_mode]}); adversarial_weight={self.adversarial_weight:g}"
+            f"({STATISTICS_MODES[self.eval_attack_norm_mode]}); adversarial_weight={self.adversarial_weight:g}"
         )
 
     def setup(self, stage: str) -> None:

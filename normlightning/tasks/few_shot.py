@@ -29,8 +29,9 @@ differ on it, so it is an explicit setting, used for validation and test episode
 - ``eval`` (default): every layer in evaluation mode; batch-statistic layers (BN, BGN, ...)
   use their running statistics from base-class training. Queries do not influence each other.
 - ``transductive``: batch-statistic layers normalize with the statistics of the episode batch
-  itself (support + queries together, ``N*K + N*Q`` images), as in training mode, see
-  :func:`batch_statistics`; running buffers are not updated. Queries influence each other's
+  itself (support + queries together, ``N*K + N*Q`` images), as in training mode, with the
+  running buffers left untouched and statistics local to the process
+  (:func:`~normlightning.norms.statistics_mode.statistics_mode` ``train_frozen``, ``sync=False``). Queries influence each other's
   features through the shared statistics (transductive inference). Layers without batch
   statistics (GN, LN, IN, PN) are unaffected either way.
 """
@@ -38,82 +39,23 @@ differ on it, so it is an explicit setting, used for validation and test episode
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
-from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
+from torch import Tensor
 
 from normlightning.data.episodes import split_episode
 from normlightning.models.cosine_classifier import CosineClassifier, cosine_logits, imprint_weights
-from normlightning.norms.base import NormLayer
+from normlightning.norms.statistics_mode import statistics_mode
 from normlightning.tasks.classification import ClassificationTask
 from normlightning.tasks.few_shot_metrics import mean_confidence_interval
 
-__all__ = ["NORM_STATISTICS_MODES", "FewShotTask", "batch_statistics"]
+__all__ = ["NORM_STATISTICS_MODES", "FewShotTask"]
 
 NormStatistics = Literal["eval", "transductive"]
 NORM_STATISTICS_MODES: tuple[str, ...] = ("eval", "transductive")
-
-
-def _bn_batch_forward(layer: _BatchNorm, x: Tensor) -> Tensor:
-    """Native BN with the batch's own statistics and no buffer update (also no cross-process sync)."""
-    return F.batch_norm(x, None, None, layer.weight, layer.bias, True, 0.0, layer.eps)
-
-
-@contextlib.contextmanager
-def batch_statistics(module: nn.Module) -> Iterator[int]:
-    """Inside the block, batch-statistic norm layers of ``module`` use the current batch's statistics.
-
-    - native ``torch.nn`` BatchNorm (``BatchNorm1d/2d/3d``, ``SyncBatchNorm``): forward replaced by
-      ``F.batch_norm(x, None, None, weight, bias, training=True)`` (batch mean and biased
-      variance over ``(N, *spatial)``, no running-buffer update, no cross-process sync);
-    - normlightning layers with ``uses_batch_statistics``: put in training mode with
-      ``sync_statistics = False``; their buffers (running statistics, ``num_batches_tracked``)
-      are saved on entry and written back on exit, so they are unchanged afterwards.
-
-    Every other module keeps its mode (dropout/DropBlock stay off in evaluation). On exit the
-    layers are restored exactly (forward, training flags, sync flags, buffers).
-
-    Yields:
-        The number of layers switched.
-    """
-    patched_bn: list[_BatchNorm] = []
-    ours: list[tuple[NormLayer, dict[nn.Module, bool], dict[nn.Module, bool], dict[str, Tensor]]] = []
-    inside_ours: set[int] = set()
-    try:
-        for layer in module.modules():
-            if id(layer) in inside_ours:
-                continue
-            if isinstance(layer, _BatchNorm):
-                layer.forward = _bn_batch_forward.__get__(layer)  # type: ignore[method-assign]
-                patched_bn.append(layer)
-            elif isinstance(layer, NormLayer) and layer.uses_batch_statistics:
-                subs = list(layer.modules())
-                inside_ours.update(id(m) for m in subs)
-                modes = {m: m.training for m in subs}
-                syncs = {m: m.sync_statistics for m in subs if hasattr(m, "sync_statistics")}
-                buffers = {name: buf.detach().clone() for name, buf in layer.named_buffers()}
-                ours.append((layer, modes, syncs, buffers))
-                layer.train(True)
-                for m in syncs:
-                    m.sync_statistics = False
-        yield len(patched_bn) + len(ours)
-    finally:
-        for layer in patched_bn:
-            del layer.forward
-        for layer, modes, syncs, buffers in ours:
-            for m, mode in modes.items():
-                m.training = mode
-            for m, sync in syncs.items():
-                m.sync_statistics = sync
-            named = dict(layer.named_buffers())
-            with torch.no_grad():
-                for name, saved in buffers.items():
-                    named[name].copy_(saved)
 
 
 class FewShotTask(ClassificationTask):
@@ -185,7 +127,7 @@ class FewShotTask(ClassificationTask):
     def episode_statistics(self) -> contextlib.AbstractContextManager:
         """The context the episode forward runs in (per ``test_norm_statistics``)."""
         if self.test_norm_statistics == "transductive":
-            return batch_statistics(self)
+            return statistics_mode(self, "train_frozen", sync=False)
         return contextlib.nullcontext()
 
     def episode_logits(self, batch: dict[str, Any]) -> tuple[Tensor, Tensor]:

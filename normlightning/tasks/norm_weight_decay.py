@@ -25,19 +25,9 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from normlightning.norms.layer_kinds import is_norm_layer
+
 GammaTarget = Literal[0, 1]
-
-
-def is_norm_layer(module: nn.Module) -> bool:
-    """A normalization layer: normlightning's ``NormLayer`` or torch's BatchNorm/InstanceNorm/GroupNorm/LayerNorm."""
-    native = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
-    if isinstance(module, native):
-        return True
-    try:
-        from normlightning.norms.base import NormLayer
-    except ImportError:  # pragma: no cover - the norms package is part of normlightning
-        return False
-    return isinstance(module, NormLayer)
 
 
 def norm_affine_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:

@@ -17,7 +17,9 @@ from torch import nn
 from normlightning.cli import build_cli, main
 from normlightning.data import Synthetic
 from normlightning.norms import build_norm
-from normlightning.tasks.adversarial import AdversarialTask, is_norm_layer, norm_layer_mode
+from normlightning.norms.layer_kinds import is_norm_layer
+from normlightning.norms.statistics_mode import statistics_mode
+from normlightning.tasks.adversarial import AdversarialTask
 from normlightning.tasks.attacks import PGDConfig, pgd_attack
 
 SHAPE = (1, 8, 8)
@@ -62,7 +64,7 @@ def warm_up(model: nn.Module) -> None:
             model(torch.rand(6, *SHAPE, generator=torch.Generator().manual_seed(10 + s)))
 
 
-# ------------------------------------------------------------------ norm_layer_mode
+# ------------------------------------------------------------------ statistics_mode
 @pytest.mark.parametrize("kind", ["bn", "bgn"])
 @pytest.mark.parametrize("start_training", [True, False])
 def test_eval_mode_uses_running_stats_and_leaves_no_trace(kind, start_training):
@@ -72,7 +74,7 @@ def test_eval_mode_uses_running_stats_and_leaves_no_trace(kind, start_training):
     flags = [m.training for m in model.modules()]
     before = buffers(model)
     x, y, delta0 = batch()
-    with norm_layer_mode(model, "eval"):
+    with statistics_mode(model, "eval"):
         assert all(not m.training for m in model.modules() if is_norm_layer(m))
         assert model[3].training == start_training  # dropout keeps the model's mode
         ours = pgd_attack(model, x, y, **ATTACK, init_delta=delta0)
@@ -95,7 +97,7 @@ def test_train_frozen_uses_batch_stats_and_restores_buffers(kind, start_training
     flags = [m.training for m in model.modules()]
     before = buffers(model)
     x, y, delta0 = batch()
-    with norm_layer_mode(model, "train_frozen"):
+    with statistics_mode(model, "train_frozen"):
         assert all(m.training for m in model.modules() if is_norm_layer(m))
         ours = pgd_attack(model, x, y, **ATTACK, init_delta=delta0)
     # reference: a copy in train mode (batch statistics); its buffers do move
@@ -119,7 +121,7 @@ def test_train_mode_updates_running_stats_like_plain_training_forwards(kind):
     x, y, delta0 = batch()
     reference = copy.deepcopy(model).train()
     ref = pgd_attack(reference, x, y, **ATTACK, init_delta=delta0)
-    with norm_layer_mode(model, "train"):
+    with statistics_mode(model, "train"):
         ours = pgd_attack(model, x, y, **ATTACK, init_delta=delta0)
     torch.testing.assert_close(ours, ref, rtol=0, atol=0)
     after, expected = buffers(model), buffers(reference)
@@ -130,9 +132,9 @@ def test_train_mode_updates_running_stats_like_plain_training_forwards(kind):
     assert all(not m.training for m in model.modules())  # eval mode restored
 
 
-def test_norm_layer_mode_rejects_unknown_mode():
+def test_statistics_mode_rejects_unknown_mode():
     with pytest.raises(ValueError, match="train_frozen"):
-        with norm_layer_mode(tiny_net("bn"), "frozen"):
+        with statistics_mode(tiny_net("bn"), "frozen"):
             pass
 
 

@@ -15,7 +15,8 @@ from torch import nn
 from normlightning.cli import build_cli
 from normlightning.models import register_backbone
 from normlightning.norms import build_norm
-from normlightning.tasks.few_shot import FewShotTask, batch_statistics
+from normlightning.norms.statistics_mode import statistics_mode
+from normlightning.tasks.few_shot import FewShotTask
 from normlightning.tasks.piecewise_lr import PiecewiseConstantLR
 
 # ---------------------------------------------------------------- batch statistics mode
@@ -41,13 +42,13 @@ def _batch_norm_by_hand(x: torch.Tensor, layer: nn.Module) -> torch.Tensor:
     return (x - mean) / torch.sqrt(var + layer.eps) * layer.weight.view(1, -1, 1, 1) + layer.bias.view(1, -1, 1, 1)
 
 
-def test_batch_statistics_uses_batch_moments_and_restores_everything() -> None:
+def test_transductive_statistics_uses_batch_moments_and_restores_everything() -> None:
     model = _stateful_layers()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     x = torch.randn(5, 3, 4, 4) * 3 - 2
     native, ours = model[0], model[1]
     eval_out = native(x)
-    with torch.no_grad(), batch_statistics(model) as switched:
+    with torch.no_grad(), statistics_mode(model, "train_frozen", sync=False) as switched:
         assert switched == 3
         torch.testing.assert_close(native(x), _batch_norm_by_hand(x, native))
         torch.testing.assert_close(ours(x), _batch_norm_by_hand(x, ours))
@@ -63,9 +64,9 @@ def test_batch_statistics_uses_batch_moments_and_restores_everything() -> None:
     torch.testing.assert_close(native(x), eval_out)
 
 
-def test_batch_statistics_leaves_dropout_in_eval_and_restores_after_error() -> None:
+def test_transductive_statistics_leaves_dropout_in_eval_and_restores_after_error() -> None:
     model = nn.Sequential(nn.BatchNorm1d(4), nn.Dropout(0.5)).eval()
-    with pytest.raises(RuntimeError, match="boom"), batch_statistics(model):
+    with pytest.raises(RuntimeError, match="boom"), statistics_mode(model, "train_frozen", sync=False):
         assert not model[1].training
         raise RuntimeError("boom")
     assert "forward" not in vars(model[0])

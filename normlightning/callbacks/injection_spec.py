@@ -54,6 +54,18 @@ def replace_submodule(root: nn.Module, name: str, new: nn.Module) -> nn.Module:
     return old
 
 
+def install_layer(root: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    """Replace the module at ``name`` by ``new``, moved to the old module's device (and
+    floating dtype) and given its training mode; return the module it replaced."""
+    old = root.get_submodule(name)
+    ref = next(iter(old.parameters()), None)
+    ref = next(iter(old.buffers()), None) if ref is None else ref
+    if ref is not None:
+        new.to(device=ref.device, dtype=ref.dtype if ref.is_floating_point() else None)
+    new.train(old.training)
+    return replace_submodule(root, name, new)
+
+
 def build_layer(record: dict[str, Any]) -> nn.Module:
     """Build the norm layer described by one ``layers`` record with ``build_norm``."""
     from normlightning.norms import build_norm
@@ -130,14 +142,7 @@ def apply_spec(model: nn.Module, spec: dict[str, Any]) -> int:
         )
     changed = 0
     for rec in spec["layers"]:
-        old = model.get_submodule(rec["name"])
-        new = build_layer(rec)
-        ref = next(iter(old.parameters()), None)
-        ref = next(iter(old.buffers()), None) if ref is None else ref
-        if ref is not None:
-            new.to(device=ref.device, dtype=ref.dtype if ref.is_floating_point() else None)
-        new.train(old.training)
-        replace_submodule(model, rec["name"], new)
+        install_layer(model, rec["name"], build_layer(rec))
         changed += 1
     wanted = {rec["name"]: rec["kind"] for rec in spec["param_norms"]}
     have = {rec["name"]: rec["kind"] for rec in (current or {}).get("param_norms", [])}

@@ -51,7 +51,7 @@ from normlightning.callbacks.injection_spec import (
     apply_param_norm,
     build_layer,
     get_spec,
-    replace_submodule,
+    install_layer,
     set_spec,
 )
 from normlightning.callbacks.norm_sync import set_statistics_sync, trainer_syncs_batchnorm
@@ -430,12 +430,7 @@ class NormInjection(Callback):
             new = build_layer(rec)
             if self.copy_state:
                 copy_matching_state(old, new)
-            ref = next(iter(old.parameters()), None)
-            ref = next(iter(old.buffers()), None) if ref is None else ref
-            if ref is not None:
-                new.to(device=ref.device, dtype=ref.dtype if ref.is_floating_point() else None)
-            new.train(old.training)
-            replace_submodule(model, rec["name"], new)
+            install_layer(model, rec["name"], new)
         for rec in spec["param_norms"]:
             apply_param_norm(model.get_submodule(rec["name"]), rec["kind"])
         set_spec(model, spec)

@@ -15,14 +15,13 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from normlightning.models import build_backbone
 from normlightning.models.input_normalization import InputNormalization
-from normlightning.tasks.base import BaseTask, default_optimizer
+from normlightning.tasks.base import BaseTask
 
 Stage = Literal["train", "val", "test"]
 
@@ -40,9 +39,8 @@ class ClassificationTask(BaseTask):
             ``None`` means 0 for every channel.
         input_std: per-channel std (linked from ``data.std``); ``None`` means 1.
         label_smoothing: cross-entropy label smoothing in ``[0, 1)``.
-        optimizer, lr_scheduler, lr_scheduler_interval, lr_scheduler_monitor, gamma_weight_decay,
-            beta_weight_decay, gamma_decay_target, lr_base_batch_size: see
-            :class:`~normlightning.tasks.base.BaseTask`.
+        **kwargs: the :class:`~normlightning.tasks.base.BaseTask` arguments (optimizer, LR
+            scheduler, norm weight decay, linear LR scaling).
     """
 
     def __init__(
@@ -55,25 +53,9 @@ class ClassificationTask(BaseTask):
         input_mean: tuple[float, ...] | None = None,
         input_std: tuple[float, ...] | None = None,
         label_smoothing: float = 0.0,
-        optimizer: OptimizerCallable = default_optimizer,
-        lr_scheduler: LRSchedulerCallable | None = None,
-        lr_scheduler_interval: Literal["epoch", "step"] = "epoch",
-        lr_scheduler_monitor: str = "val/loss",
-        gamma_weight_decay: float | None = None,
-        beta_weight_decay: float | None = None,
-        gamma_decay_target: Literal[0, 1] = 0,
-        lr_base_batch_size: int | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            optimizer=optimizer,
-            lr_scheduler=lr_scheduler,
-            lr_scheduler_interval=lr_scheduler_interval,
-            lr_scheduler_monitor=lr_scheduler_monitor,
-            gamma_weight_decay=gamma_weight_decay,
-            beta_weight_decay=beta_weight_decay,
-            gamma_decay_target=gamma_decay_target,
-            lr_base_batch_size=lr_base_batch_size,
-        )
+        super().__init__(**kwargs)
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
         self.save_hyperparameters()

@@ -87,3 +87,12 @@ def test_ddp_sync_all_reduces_the_statistics(tmp_path):
     expected = (torch.tensor(r0["local"]) + torch.tensor(r1["local"])) / 2
     torch.testing.assert_close(torch.tensor(r0["used"]), expected, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(torch.tensor(r0["local"]), torch.tensor(r1["local"]), atol=1e-3)
+
+
+def test_ddp_without_buffer_broadcast_keeps_each_rank_running_statistics(tmp_path):
+    r0, r1 = run_ddp(tmp_path, "--trainer.strategy=lightning.pytorch.strategies.DDPStrategy",
+                     "--trainer.strategy.broadcast_buffers=false")
+    assert not torch.allclose(torch.tensor(r0["used"]), torch.tensor(r1["used"]), atol=1e-3)
+    # broadcast_buffers=false: before the 2nd forward every rank still holds its own moving average
+    for r in (r0, r1):
+        torch.testing.assert_close(torch.tensor(r["second"]), 0.1 * torch.tensor(r["used"]), rtol=1e-4, atol=1e-6)

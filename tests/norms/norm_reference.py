@@ -178,5 +178,6 @@ def sync_bn_worker(rank, world, init_file, x, out_dir):
         y = layer(xs)
         (y * torch.arange(y.numel(), dtype=y.dtype).view_as(y)).sum().backward()
         torch.save({"y": y.detach(), "g": xs.grad, "rm": layer.running_mean, "rv": layer.running_var}, os.path.join(out_dir, f"{rank}.pt"))
+        torch.distributed.barrier()  # both ranks done with collectives before the group is torn down
     finally:
         torch.distributed.destroy_process_group()

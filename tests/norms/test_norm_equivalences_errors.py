@@ -216,3 +216,15 @@ def test_affine_false_and_reset_parameters():
             layer.weight.fill_(3.0)
         layer.reset_parameters()
         assert torch.equal(layer.weight, torch.ones(4)) and torch.equal(layer.bias, torch.zeros(4))
+
+
+def test_bgn_fused_training_path_refuses_a_second_derivative():
+    """bgn with groups of several channels has a hand-written backward: a double backward must
+    raise, never return a wrong second derivative."""
+    from normlightning.norms import build_norm
+
+    layer = build_norm("bgn", 4, num_groups=2)  # G < C: the fused path
+    x = torch.randn(3, 4, 2, 2, requires_grad=True)
+    (gx,) = torch.autograd.grad(layer(x).pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError):
+        torch.autograd.grad(gx.sum(), x)

@@ -322,8 +322,10 @@ class _BlockSetNorm(torch.autograd.Function):
 
 def _blocks(t: Tensor, r: int) -> Tensor:
     """Repeat each entry of the 1-d ``t`` ``r`` times (``repeat_interleave``, without its index
-    computation: a broadcast copy)."""
-    return t if r == 1 else t.unsqueeze(1).expand(-1, r).reshape(-1)
+    computation: a broadcast copy). Always a real, contiguous tensor: for a 1-element ``t`` a
+    plain ``reshape`` of the expansion would be a stride-0 view, which native kernels (the
+    batch-norm backward among them) read through a raw pointer as if it were dense."""
+    return t if r == 1 else t.unsqueeze(1).expand(-1, r).contiguous().view(-1)
 
 
 def row_moments(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -599,13 +601,25 @@ def _ghost_pass(xv: Tensor, G: int, w, b, eps, sync, process_group):
     return y, mean.detach().view(G, C), uvar.view(G, C)
 
 
-def group_norm(x: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None, eps: float = 1e-5) -> Tensor:
-    """Group Norm (Wu & He 2018): per ``(n, g)`` over ``(C/G, S)``, per-channel affine."""
+def group_norm(
+    x: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None, eps: float = 1e-5, training: bool = False
+) -> Tensor:
+    """Group Norm (Wu & He 2018): per ``(n, g)`` over ``(C/G, S)``, per-channel affine.
+
+    ``training``: a set of one element (``C/G * S == 1``) is then an error (its output would be 0).
+    """
     C = x.shape[1]
     if C % num_groups != 0:
         raise ValueError(
             f"GroupNorm num_groups={num_groups} must divide the number of channels C={C}; "
             f"valid choices: {divisors(C)}."
+        )
+    if training:
+        S = x[0, 0].numel()
+        _check_set_size(
+            (C // num_groups) * S,
+            f"GroupNorm with num_groups={num_groups} on C={C} channels and S={S} position(s)",
+            "Use fewer groups (num_groups) or an input with more positions.",
         )
     xc = _upcast(x)
     return F.group_norm(xc, num_groups, _param(weight, xc.dtype), _param(bias, xc.dtype), eps).to(x.dtype)
@@ -654,7 +668,7 @@ def sequential_norm(
     The GN stage has no affine; the per-channel affine and running statistics live in the
     ghost stage.
     """
-    h = group_norm(_upcast(x), channel_groups, None, None, eps)
+    h = group_norm(_upcast(x), channel_groups, None, None, eps, training)
     y = ghost_norm(h, num_ghosts, running_mean, running_var, weight, bias, training, factor, eps, 0.0, sync, process_group)
     return y.to(x.dtype)
 

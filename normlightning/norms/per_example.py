@@ -33,7 +33,7 @@ class GroupNorm(NormLayer):
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
-        return NF.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+        return NF.group_norm(x, self.num_groups, self.weight, self.bias, self.eps, self.training)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", num_groups={self.num_groups}"

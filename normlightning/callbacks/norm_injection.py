@@ -55,24 +55,11 @@ from normlightning.callbacks.injection_spec import (
     set_spec,
 )
 from normlightning.callbacks.norm_sync import set_statistics_sync, trainer_syncs_batchnorm
+from normlightning.norms import AutoContext, GroupArg, norm_group_args
 
 DEFAULT_TARGETS = ("BatchNorm1d", "BatchNorm2d", "BatchNorm3d")
 DEFAULT_PARAM_NORM_TARGETS = ("Conv1d", "Conv2d", "Conv3d")
 TORCH_DEFAULT_MOMENTUM = 0.1
-
-#: Group-count arguments each method takes, and what the count must divide:
-#: ``"channels"`` -> ``C``, ``"flat"`` -> ``D = C * S`` (needs the layer's input size), ``"batch"`` ->
-#: per-process batch (not fitted per layer; ``auto`` only).  Methods not listed take no group count.
-GROUP_ARGS: dict[str, dict[str, str]] = {
-    "gn": {"num_groups": "channels"},
-    "bgn": {"num_groups": "flat"},
-    "ghost": {"num_groups": "batch"},
-    "seqnorm": {"channel_groups": "channels", "batch_groups": "batch"},
-    "gbgn": {"channel_groups": "channels"},
-}
-#: ``auto`` is defined for these (method, argument) pairs (see :mod:`.group_rules`).
-AUTO_ARGS = {("bgn", "num_groups"), ("ghost", "num_groups"), ("seqnorm", "channel_groups"), ("seqnorm", "batch_groups")}
-
 
 def _resolve_type(name: str) -> type:
     """``"BatchNorm2d"`` -> ``torch.nn.BatchNorm2d``; ``"pkg.mod.Cls"`` -> that class."""
@@ -192,7 +179,7 @@ class NormInjection(Callback):
     def __init__(
         self,
         method: str | None = None,
-        num_groups: int | Literal["auto"] | None = None,
+        num_groups: int | str | None = None,
         kwargs: dict[str, Any] | None = None,
         targets: list[str] | None = None,
         overrides: list[dict[str, Any]] | None = None,
@@ -212,8 +199,10 @@ class NormInjection(Callback):
             raise ValueError(f"norm.group_fit must be one of {group_rules.FIT_POLICIES}, got {group_fit!r}")
         if weight_standardization and weight_norm:
             raise ValueError("norm.weight_standardization and norm.weight_norm are exclusive; set at most one")
-        if num_groups is not None and num_groups != "auto" and (not isinstance(num_groups, int) or num_groups < 1):
-            raise ValueError(f"norm.num_groups must be a positive int, 'auto' or null, got {num_groups!r}")
+        if num_groups is not None and not (isinstance(num_groups, str) and (num_groups == "auto" or num_groups.startswith("auto:"))) and (
+            isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1
+        ):
+            raise ValueError(f"norm.num_groups must be a positive int, 'auto', 'auto:<policy>' or null, got {num_groups!r}")
         self.method = method
         self.num_groups = num_groups
         self.kwargs = dict(kwargs or {})
@@ -271,19 +260,17 @@ class NormInjection(Callback):
                     kwargs = {**base, **extra}
                 reason = f"override {i}"
                 break
-        if method == "seqnorm" and "num_groups" in kwargs:
-            # seqnorm has two counts; `num_groups: auto` means both are auto
-            if kwargs.pop("num_groups") != "auto":
-                raise ValueError(
-                    "seqnorm takes channel_groups (G_C) and batch_groups (G_M) in norm.kwargs, not num_groups; "
-                    "num_groups: auto sets both to auto"
-                )
-            kwargs.setdefault("channel_groups", "auto")
-            kwargs.setdefault("batch_groups", "auto")
+        if method is not None:
+            try:
+                declared = norm_group_args(method)
+            except ValueError as err:
+                raise ValueError(f"norm: cannot build {method!r} for layer {name!r}: {err}") from None
+            if "num_groups" in kwargs:
+                kwargs = _route_num_groups(method, declared, kwargs)
         return method, kwargs, reason
 
     def _needs_flat_size(self, method: str) -> bool:
-        return "flat" in GROUP_ARGS.get(method, {}).values()
+        return any(arg.divides == "flat" for arg in norm_group_args(method))
 
     def _resolve_batch_size(self, trainer: Trainer | None) -> int:
         if self.batch_size is not None:
@@ -305,52 +292,57 @@ class NormInjection(Callback):
         input_shape: tuple[int, ...] | None,
         trainer: Trainer | None,
     ) -> list[str]:
-        """Replace ``auto`` and fit group counts in ``kwargs`` (in place); return notes for the summary."""
+        """Replace ``auto`` and fit the method's declared group counts in ``kwargs`` (in place);
+        return notes for the summary."""
         notes: list[str] = []
-        rules = GROUP_ARGS.get(method, {})
-        for arg, value in list(kwargs.items()):
-            kind = rules.get(arg)
-            if value == "auto":
-                if (method, arg) not in AUTO_ARGS:
-                    raise ValueError(
-                        f"layer {name!r}: {arg}='auto' is defined for bgn/ghost num_groups and seqnorm "
-                        f"channel_groups/batch_groups only; give {method} {arg} an int"
-                    )
+        spatial = None
+        if input_shape is not None:
+            spatial = 1
+            for s in input_shape[2:]:
+                spatial *= int(s)
+        for arg in norm_group_args(method):
+            value = kwargs.get(arg.name)
+            if value is None:
+                continue
+            if isinstance(value, str):
+                if value != "auto" and not value.startswith("auto:"):
+                    raise ValueError(f"layer {name!r}: {method} {arg.name}={value!r}; give an int, 'auto' or 'auto:<policy>'")
+                if not arg.auto:
+                    raise ValueError(f"layer {name!r}: {method} {arg.name} has no 'auto' rule; give it an int")
                 batch = self._resolve_batch_size(trainer)
-                if kind == "batch":
-                    kwargs[arg] = group_rules.ghost_auto_batches(batch)
-                    notes.append(f"{arg} auto->{kwargs[arg]} (B={batch})")
+                _, rule = arg.auto_rule(value.partition(":")[2] or None)
+                if arg.divides == "flat" and spatial is None:
+                    raise ValueError(self._probe_message(name, arg.name))
+                requested = rule(AutoContext(batch, num_features, spatial))
+                notes.append(f"{arg.name} {value}->{requested} (B={batch})")
+                if arg.divides == "batch":
+                    kwargs[arg.name] = requested
                     continue
-                if kind == "flat":
-                    requested = group_rules.bgn_auto_groups(batch)
-                    notes.append(f"{arg} auto->{requested} (B={batch})")
-                else:
-                    requested = group_rules.SEQNORM_AUTO_CHANNEL_GROUPS
-                    notes.append(f"{arg} auto->{requested}")
                 policy = "nearest"
             else:
-                if kind is None or kind == "batch":
+                if arg.divides == "batch":
                     continue
                 requested, policy = value, self.group_fit
-            if kind == "channels":
+            if arg.divides == "channels":
                 total, what = num_features, f"C={num_features}"
             else:
-                if input_shape is None:
-                    raise ValueError(
-                        f"layer {name!r}: fitting bgn {arg} needs the layer's input size D=C*H*W; give the "
-                        f"LightningModule an `example_input_array` (ClassificationTask sets it from input_shape)"
-                    )
-                spatial = 1
-                for s in input_shape[2:]:
-                    spatial *= int(s)
+                if spatial is None:
+                    raise ValueError(self._probe_message(name, arg.name))
                 total = num_features * spatial
                 what = f"D=C*S={num_features}*{spatial}={total}"
-            kwargs[arg], note = group_rules.fit_groups(
-                requested, total, policy=policy, layer=name, arg=arg, what=what
+            kwargs[arg.name], note = group_rules.fit_groups(
+                requested, total, policy=policy, layer=name, arg=arg.name, what=what
             )
             if note:
                 notes.append(note)
         return notes
+
+    @staticmethod
+    def _probe_message(name: str, arg: str) -> str:
+        return (
+            f"layer {name!r}: fitting {arg} needs the layer's input size D=C*H*W; give the "
+            f"LightningModule an `example_input_array` (ClassificationTask sets it from input_shape)"
+        )
 
     def plan(
         self,
@@ -485,6 +477,23 @@ class NormInjection(Callback):
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger) and trainer.is_global_zero:
                 logger.experiment.add_text("norm_injection/summary", table, global_step=trainer.global_step)
+
+
+def _route_num_groups(method: str, declared: Sequence[GroupArg], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Move the ``num_groups`` setting onto the group counts that ``method`` declares with
+    ``takes_num_groups`` (``gbgn``: ``channel_groups``; ``seqnorm``: both its counts, ``auto`` only)."""
+    kwargs = dict(kwargs)
+    value = kwargs.pop("num_groups")
+    targets = [arg.name for arg in declared if arg.takes_num_groups]
+    if not targets:
+        raise ValueError(f"norm.num_groups={value!r}: {method} takes no group count; remove num_groups for it")
+    if len(targets) > 1 and not (isinstance(value, str) and value.startswith("auto")):
+        raise ValueError(
+            f"{method} takes {' and '.join(targets)} in norm.kwargs, not num_groups; num_groups: auto sets each to auto"
+        )
+    for target in targets:
+        kwargs.setdefault(target, value)
+    return kwargs
 
 
 def copy_matching_state(old: nn.Module, new: nn.Module) -> list[str]:

@@ -12,7 +12,8 @@ from .ghost_norm import GhostNorm, SequentialNorm
 from .heterologous_norm import HeterologousNorm
 from .param_norms import WeightStandardization, WSConv2d, apply_weight_norm, apply_weight_standardization
 from .per_example import GroupNorm, InstanceNorm, LayerNorm, PositionalNorm
-from .registry import available_norms, build_norm, register_norm
+from .group_args import AutoContext, GroupArg
+from .registry import available_norms, build_norm, norm_group_args, register_norm
 from .switchable_norm import SwitchableNorm
 
 __all__ = [
@@ -36,7 +37,10 @@ __all__ = [
     "WSConv2d",
     "apply_weight_norm",
     "apply_weight_standardization",
+    "AutoContext",
+    "GroupArg",
     "available_norms",
     "build_norm",
+    "norm_group_args",
     "register_norm",
 ]

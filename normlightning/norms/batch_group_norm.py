@@ -8,9 +8,29 @@ from torch import Tensor
 from . import functional as NF
 from ._weighing import ExampleWeighingMixin
 from .base import BatchStatNorm
+from .group_args import AutoContext, GroupArg, divisors
 
 #: The BGN paper's group count per per-GPU batch size (its Table 2 / text, ResNet-50).
 BGN_PAPER_GROUPS = {128: 512, 64: 256, 32: 128, 16: 64, 8: 16, 4: 2, 2: 1}
+
+
+def bgn_paper_groups(batch_size: int) -> int:
+    """BGN's group count for a per-GPU batch ``B`` (the paper's mapping :data:`BGN_PAPER_GROUPS`).
+
+    ``B`` between table entries takes the entry of the largest tabulated batch ``<= B``;
+    ``B = 1`` gives 1; ``B > 128`` continues the ``G = 4 B`` trend of the upper rows
+    (``4 p``, ``p`` the largest power of two ``<= B``).
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"per-process batch size must be a positive int for `auto` group counts, got {batch_size!r}")
+    if batch_size < 2:
+        return 1
+    p = 1 << (batch_size.bit_length() - 1)  # largest power of two <= B
+    return 4 * p if p > 128 else BGN_PAPER_GROUPS[p]
+
+
+def _bgn_auto_paper(context: AutoContext) -> int:
+    return bgn_paper_groups(context.batch_size)
 
 
 class BatchGroupNorm(BatchStatNorm):
@@ -31,6 +51,13 @@ class BatchGroupNorm(BatchStatNorm):
 
     Shape: input ``(N, C, *)``, output the same.
     """
+
+    group_args = (
+        GroupArg(
+            "num_groups", "flat", auto={"paper": _bgn_auto_paper}, takes_num_groups=True,
+            doc="groups of the flattened D = C*S; auto: the paper's mapping from the per-GPU batch",
+        ),
+    )
 
     def __init__(self, num_features: int, num_groups: int = 1, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True, device=None, dtype=None) -> None:
         super().__init__(num_features, eps, momentum, affine, device, dtype)
@@ -68,7 +95,7 @@ class BatchGroupNorm(BatchStatNorm):
                 f"BatchGroupNorm with num_groups={self.num_groups} was trained at spatial size S={trained} "
                 f"(D = C·H·W = {C * trained}) but got S={S} (D = {C * S}). Its groups straddle or split "
                 f"channels, so its per-group running statistics are tied to positions; use the training "
-                f"spatial size, or a num_groups that divides C={C} ({NF.divisors(C)}), whose groups are whole channels."
+                f"spatial size, or a num_groups that divides C={C} ({divisors(C)}), whose groups are whole channels."
             )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -105,6 +132,8 @@ class GeneralBatchGroupNorm(ExampleWeighingMixin, BatchStatNorm):
     Shape: input ``(N, C, *)``, output the same.
     """
 
+    group_args = (GroupArg("channel_groups", "channels", takes_num_groups=True, doc="channel groups G_C"),)
+
     def __init__(
         self,
         num_features: int,
@@ -123,7 +152,7 @@ class GeneralBatchGroupNorm(ExampleWeighingMixin, BatchStatNorm):
         if isinstance(channel_groups, bool) or not isinstance(channel_groups, int) or channel_groups < 1 or num_features % channel_groups:
             raise ValueError(
                 f"GeneralBatchGroupNorm channel_groups={channel_groups!r} must divide the number of channels "
-                f"C={num_features}; valid choices: {NF.divisors(num_features)}."
+                f"C={num_features}; valid choices: {divisors(num_features)}."
             )
         if examples_per_group is not None and (isinstance(examples_per_group, bool) or not isinstance(examples_per_group, int) or examples_per_group < 1):
             raise ValueError(f"GeneralBatchGroupNorm examples_per_group must be a positive int or None (whole batch), got {examples_per_group!r}.")

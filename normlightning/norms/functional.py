@@ -37,6 +37,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from .group_args import divisors, nearby_divisors
+
 __all__ = [
     "compute_dtype",
     "set_mean_var",
@@ -118,25 +120,6 @@ def _normalize_affine(x3: Tensor, mu: Tensor, var: Tensor, weight: Tensor | None
     if bias is not None:
         shift = shift + bias.view(1, -1, 1)
     return scale_shift(x3, scale, shift)
-
-
-def divisors(n: int) -> list[int]:
-    """All positive divisors of ``n``, ascending."""
-    small, large = [], []
-    for d in range(1, int(math.isqrt(n)) + 1):
-        if n % d == 0:
-            small.append(d)
-            if d != n // d:
-                large.append(n // d)
-    return small + large[::-1]
-
-
-def nearby_divisors(n: int, target: int, k: int = 12) -> list[int]:
-    """The ``k`` divisors of ``n`` closest to ``target`` (ascending)."""
-    divs = divisors(n)
-    if len(divs) <= k:
-        return divs
-    return sorted(sorted(divs, key=lambda d: (abs(d - target), d))[:k])
 
 
 def chunk_sizes(n: int, k: int) -> list[int]:

@@ -7,6 +7,32 @@ from torch import Tensor
 from . import functional as NF
 from ._weighing import ExampleWeighingMixin
 from .base import BatchStatNorm
+from .group_args import AutoContext, GroupArg, divisors, largest_divisor_at_most
+
+#: ``auto`` ghost batches hold at least this many examples (Four Things §2; SeqNorm's best
+#: ``G_M = 8`` at batch 128).
+GHOST_AUTO_SIZE = 16
+#: SeqNorm's ``auto`` channel groups (the paper's best on CIFAR-100 and ImageNet), fitted to ``C``.
+SEQNORM_AUTO_CHANNEL_GROUPS = 4
+
+
+def ghost_auto_batches(batch_size: int) -> int:
+    """Ghost batches ``G_M`` for a per-process batch ``B``: the largest divisor of ``B`` at or below
+    ``max(1, B // 16)``, so the ghost batches are equal and hold at least 16 examples (``B < 32``: 1)."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"per-process batch size must be a positive int for `auto` group counts, got {batch_size!r}")
+    return largest_divisor_at_most(batch_size, max(1, batch_size // GHOST_AUTO_SIZE))
+
+
+def _ghost_auto(context: AutoContext) -> int:
+    return ghost_auto_batches(context.batch_size)
+
+
+def _seqnorm_auto_channels(context: AutoContext) -> int:
+    return SEQNORM_AUTO_CHANNEL_GROUPS
+
+
+_GHOST_DOC = "ghost batches G_M; auto: ghost batches of >= 16 examples"
 
 
 def _positive_int_or_none(value, name: str, owner: str) -> None:
@@ -53,6 +79,8 @@ class GhostNorm(ExampleWeighingMixin, _GhostMixin, BatchStatNorm):
     Shape: input ``(N, C, *)``, output the same.
     """
 
+    group_args = (GroupArg("num_groups", "batch", auto={"ghost16": _ghost_auto}, takes_num_groups=True, doc=_GHOST_DOC),)
+
     def __init__(
         self,
         num_features: int,
@@ -97,6 +125,14 @@ class SequentialNorm(_GhostMixin, BatchStatNorm):
     Shape: input ``(N, C, *)``, output the same.
     """
 
+    group_args = (
+        GroupArg(
+            "channel_groups", "channels", auto={"paper": _seqnorm_auto_channels}, takes_num_groups=True,
+            doc="GN-stage channel groups G_C; auto: 4 (the paper's best), fitted to C",
+        ),
+        GroupArg("batch_groups", "batch", auto={"ghost16": _ghost_auto}, takes_num_groups=True, doc=_GHOST_DOC),
+    )
+
     def __init__(
         self,
         num_features: int,
@@ -113,7 +149,7 @@ class SequentialNorm(_GhostMixin, BatchStatNorm):
         if not isinstance(channel_groups, int) or channel_groups < 1 or num_features % channel_groups != 0:
             raise ValueError(
                 f"SequentialNorm channel_groups={channel_groups!r} must divide the number of channels "
-                f"C={num_features}; valid choices: {NF.divisors(num_features)}."
+                f"C={num_features}; valid choices: {divisors(num_features)}."
             )
         if batch_groups is None and ghost_batch_size is None:
             batch_groups = 4

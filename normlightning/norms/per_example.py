@@ -10,6 +10,7 @@ from torch import Tensor
 
 from . import functional as NF
 from .base import NormLayer
+from .group_args import GroupArg, divisors
 
 
 class GroupNorm(NormLayer):
@@ -21,12 +22,14 @@ class GroupNorm(NormLayer):
     Shape: input ``(N, C, *)``, output the same.
     """
 
+    group_args = (GroupArg("num_groups", "channels", takes_num_groups=True, doc="channel groups G"),)
+
     def __init__(self, num_features: int, num_groups: int = 32, eps: float = 1e-5, affine: bool = True, device=None, dtype=None) -> None:
         super().__init__(num_features, eps, affine, device, dtype)
         if not isinstance(num_groups, int) or num_groups < 1 or num_features % num_groups != 0:
             raise ValueError(
                 f"GroupNorm num_groups={num_groups!r} must be a positive divisor of the number of "
-                f"channels C={num_features}; valid choices: {NF.divisors(num_features)}."
+                f"channels C={num_features}; valid choices: {divisors(num_features)}."
             )
         self.num_groups = num_groups
         self.reset_parameters()

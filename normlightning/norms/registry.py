@@ -14,11 +14,12 @@ from torch import nn
 from .batch_group_norm import BatchGroupNorm, GeneralBatchGroupNorm
 from .batch_norm import BatchNorm, BatchRenorm
 from .ghost_norm import GhostNorm, SequentialNorm
+from .group_args import GroupArg, group_args_of
 from .heterologous_norm import HeterologousNorm
 from .per_example import GroupNorm, InstanceNorm, LayerNorm, PositionalNorm
 from .switchable_norm import SwitchableNorm
 
-__all__ = ["build_norm", "register_norm", "available_norms"]
+__all__ = ["build_norm", "register_norm", "available_norms", "norm_group_args"]
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {
     "bn": BatchNorm,
@@ -56,12 +57,21 @@ def register_norm(name: str, factory: Callable[..., nn.Module], *, overwrite: bo
     return factory
 
 
-def build_norm(name: str, num_features: int, **kwargs) -> nn.Module:
-    """Build the normalization layer registered as ``name`` for ``num_features`` channels."""
+def _factory(name: str) -> Callable[..., nn.Module]:
     try:
-        factory = _REGISTRY[name]
+        return _REGISTRY[name]
     except (KeyError, TypeError):
         raise ValueError(f"Unknown normalization {name!r}; valid names: {', '.join(available_norms())}.") from None
+
+
+def norm_group_args(name: str) -> tuple[GroupArg, ...]:
+    """The group-count arguments that the method ``name`` declares (``group_args`` of its class)."""
+    return group_args_of(_factory(name))
+
+
+def build_norm(name: str, num_features: int, **kwargs) -> nn.Module:
+    """Build the normalization layer registered as ``name`` for ``num_features`` channels."""
+    factory = _factory(name)
     try:
         return factory(num_features, **kwargs)
     except TypeError as err:

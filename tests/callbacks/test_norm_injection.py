@@ -7,6 +7,8 @@ import torch
 from torch import nn
 
 from normlightning.callbacks import group_rules
+from normlightning.norms.batch_group_norm import bgn_paper_groups
+from normlightning.norms.ghost_norm import ghost_auto_batches
 from normlightning.callbacks.injection_spec import apply_spec, get_spec
 from normlightning.callbacks.norm_injection import NormInjection, probe_input_shapes
 from normlightning.norms.base import NormLayer
@@ -47,20 +49,20 @@ X = torch.rand(4, 3, 8, 8)
 # ---------------------------------------------------------------- group rules (pure integers)
 def test_bgn_auto_mapping_is_the_paper_table():
     table = {2: 1, 4: 2, 8: 16, 16: 64, 32: 128, 64: 256, 128: 512}
-    assert {b: group_rules.bgn_auto_groups(b) for b in table} == table
-    assert group_rules.bgn_auto_groups(1) == 1
-    assert group_rules.bgn_auto_groups(48) == 128  # largest tabulated batch <= 48 is 32
-    assert group_rules.bgn_auto_groups(256) == 1024  # 4 * B beyond the table
+    assert {b: bgn_paper_groups(b) for b in table} == table
+    assert bgn_paper_groups(1) == 1
+    assert bgn_paper_groups(48) == 128  # largest tabulated batch <= 48 is 32
+    assert bgn_paper_groups(256) == 1024  # 4 * B beyond the table
     with pytest.raises(ValueError, match="batch size"):
-        group_rules.bgn_auto_groups(0)
+        bgn_paper_groups(0)
 
 
 def test_ghost_auto_gives_ghost_batches_of_at_least_16():
-    assert group_rules.ghost_auto_batches(128) == 8  # the SeqNorm paper's G_M = 8 at batch 128
-    assert group_rules.ghost_auto_batches(16) == 1
-    assert group_rules.ghost_auto_batches(31) == 1
-    assert group_rules.ghost_auto_batches(96) == 6
-    assert group_rules.ghost_auto_batches(100) == 5  # 100 // 16 = 6 does not divide 100; 5 does
+    assert ghost_auto_batches(128) == 8  # the SeqNorm paper's G_M = 8 at batch 128
+    assert ghost_auto_batches(16) == 1
+    assert ghost_auto_batches(31) == 1
+    assert ghost_auto_batches(96) == 6
+    assert ghost_auto_batches(100) == 5  # 100 // 16 = 6 does not divide 100; 5 does
 
 
 def test_fit_groups_error_names_layer_and_nearest_takes_largest_divisor_below():
@@ -236,3 +238,27 @@ def test_bad_settings_are_clear_errors():
         NormInjection(method="gn", overrides=[{"method": "bn"}])
     with pytest.raises(ValueError, match=r"cannot build 'nope' for layer '1'"):
         NormInjection(method="nope").inject(tiny_cnn())
+
+
+def test_num_groups_fills_the_group_count_each_method_declares():
+    """``norm.num_groups`` goes to the argument the layer class declares with ``takes_num_groups``:
+    gbgn's ``channel_groups``, gn's and bgn's ``num_groups``."""
+    spec = NormInjection(method="gbgn", num_groups=2, targets=["BatchNorm2d"]).inject(tiny_cnn())
+    assert [r["kwargs"]["channel_groups"] for r in spec["layers"]] == [2, 2]
+    assert all("num_groups" not in r["kwargs"] for r in spec["layers"])
+    with pytest.raises(ValueError, match="bn takes no group count"):
+        NormInjection(method="bn", num_groups=2).inject(tiny_cnn())
+
+
+def test_named_auto_policy_and_unknown_policy():
+    model = tiny_cnn()
+    spec = NormInjection(method="bgn", num_groups="auto:paper", batch_size=8, targets=["BatchNorm2d"]).inject(
+        model, example_input=torch.zeros(2, 3, 8, 8)
+    )
+    assert [r["kwargs"]["num_groups"] for r in spec["layers"]] == [16, 16]  # B=8 -> 16, divides 512 and 64
+    with pytest.raises(ValueError, match=r"unknown auto policy 'nope'.*auto:paper"):
+        NormInjection(method="bgn", num_groups="auto:nope", batch_size=8).inject(
+            tiny_cnn(), example_input=torch.zeros(2, 3, 8, 8)
+        )
+    with pytest.raises(ValueError, match="gn num_groups has no 'auto' rule"):
+        NormInjection(method="gn", num_groups="auto", batch_size=8).inject(tiny_cnn())

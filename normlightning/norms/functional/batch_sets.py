@@ -1,0 +1,237 @@
+"""Methods whose sets are per channel over the batch: BN (with inference example weighing),
+GhostNorm / Ghost BN and Batch Renormalization (docs/methods.md, sections bn, ghost, brn).
+
+Fast paths onto ``F.batch_norm``: BN directly, Ghost on the view ``(N/G_M, G_M*C, S)``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .fused_ops import channel_affine
+from .layout import as3d, param, upcast
+from .moments import check_set_size, set_mean_var, update_running_stats
+
+
+def normalize_batch_sets(
+    x3: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    training: bool,
+    factor: float,
+    eps: float,
+    sync: bool,
+    process_group,
+) -> Tensor:
+    """Normalize a ``(N, K, L)`` view per ``k`` over ``(N, L)``; weight/bias of shape ``(K,)``.
+
+    Training: batch statistics, running buffers (shape ``(K,)``) updated. Eval: running stats.
+    Native ``F.batch_norm`` unless ``sync`` (the moments path of :func:`set_mean_var`).
+    """
+    if not training or not sync:
+        return F.batch_norm(x3, running_mean, running_var, weight, bias, training, factor, eps)
+    mean, var, count = set_mean_var(x3, (0, 2), sync=True, process_group=process_group)
+    update_running_stats(running_mean, running_var, mean, var, count, factor)
+    y = (x3 - mean) * torch.rsqrt(var + eps)
+    if weight is not None:
+        y = y * weight.view(1, -1, 1)
+    if bias is not None:
+        y = y + bias.view(1, -1, 1)
+    return y
+
+
+def example_weighted_norm(
+    x3: Tensor,
+    pop_mean: Tensor,
+    pop_ex2: Tensor,
+    alpha: float,
+    eps: float,
+) -> Tensor:
+    """Inference example weighing (Summers & Dinneen, "Four Things"; docs/methods.md, section gbgn).
+
+    ``x3``: ``(N, K, L)``; per ``(n, k)`` the example's own moments over ``L`` are mixed with
+    the population moments ``pop_mean``/``pop_ex2`` (shape ``(K,)``, ``pop_ex2 = E_pop[x^2]``):
+    ``mu = (1-a) mu_pop + a mu_ex``, ``s = (1-a) E_pop[x^2] + a E_ex[x^2]``,
+    ``var = max(s - mu^2, 0)``; returns ``(x - mu) / sqrt(var + eps)`` (no affine).
+    """
+    mu_ex = x3.mean(dim=2, keepdim=True)
+    ex2_ex = (x3 * x3).mean(dim=2, keepdim=True)
+    mu = (1.0 - alpha) * pop_mean.view(1, -1, 1) + alpha * mu_ex
+    s = (1.0 - alpha) * pop_ex2.view(1, -1, 1) + alpha * ex2_ex
+    var = (s - mu * mu).clamp_min(0.0)
+    return (x3 - mu) * torch.rsqrt(var + eps)
+
+
+def batch_norm(
+    x: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    training: bool,
+    factor: float = 0.1,
+    eps: float = 1e-5,
+    alpha: float = 0.0,
+    sync: bool = False,
+    process_group=None,
+) -> Tensor:
+    """Batch Norm (Ioffe & Szegedy 2015): per channel over ``(N, S)``.
+
+    ``y = gamma_c (x - mu_c) / sqrt(var_c + eps) + beta_c``; training uses batch statistics and
+    updates ``running_mean``/``running_var`` (shape ``(C,)``); eval uses them, mixed with the
+    example's own moments when ``alpha > 0`` (inference example weighing).
+    """
+    if training:
+        n = x.shape[0] * (x[0, 0].numel())
+        check_set_size(n, "BatchNorm input", "Use a batch of more than one example (N * S > 1).")
+    xc = upcast(x)
+    w, b = param(weight, xc.dtype), param(bias, xc.dtype)
+    if not training and alpha != 0.0:
+        x3 = as3d(xc)
+        pop_ex2 = running_var.to(xc.dtype) + running_mean.to(xc.dtype) ** 2
+        y = channel_affine(example_weighted_norm(x3, running_mean.to(xc.dtype), pop_ex2, alpha, eps), w, b)
+        return y.view(x.shape).to(x.dtype)
+    if sync and training:
+        y = normalize_batch_sets(as3d(xc), running_mean, running_var, w, b, True, factor, eps, True, process_group)
+        return y.view(x.shape).to(x.dtype)
+    return F.batch_norm(xc, running_mean, running_var, w, b, training, factor, eps).to(x.dtype)
+
+
+def ghost_norm(
+    x: Tensor,
+    num_ghosts: int,
+    running_mean: Tensor,
+    running_var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    training: bool,
+    factor: float = 0.1,
+    eps: float = 1e-5,
+    alpha: float = 0.0,
+    sync: bool = False,
+    process_group=None,
+) -> Tensor:
+    """GhostNorm / Ghost BN: BN statistics per ghost batch, per channel over ``(N/G_M, S)``.
+
+    Ghost batch ``j`` (``0 <= j < G_M``) is the samples ``n = j (mod G_M)`` (strided membership;
+    for shuffled data the same as contiguous chunks). When ``G_M`` divides ``N`` every ghost
+    batch comes from one native call on the view ``(N/G_M, G_M*C, S)``. Otherwise (e.g. an
+    epoch's smaller last batch) the ghost batches are nearly equal: the first ``N mod G_M`` hold
+    one more example. ``N < G_M`` or a ghost set of one element is an error.
+
+    Running statistics (per channel) are updated once per forward with the mean of the ghost
+    batches' means and the mean of their unbiased variances. Eval: as BN (with ``alpha``).
+    """
+    if not training:
+        return batch_norm(x, running_mean, running_var, weight, bias, False, factor, eps, alpha)
+    N, C = x.shape[0], x.shape[1]
+    S = x[0, 0].numel()
+    G = num_ghosts
+    if N < G:
+        raise ValueError(
+            f"GhostNorm cannot split a batch of N={N} examples into num_groups (G_M)={G} ghost "
+            f"batches. Use a batch of at least {G} examples (e.g. drop_last=True in the loader) "
+            f"or a smaller num_groups / larger ghost_batch_size."
+        )
+    check_set_size(
+        (N // G) * S,
+        f"GhostNorm with N={N}, G_M={G}, S={S}",
+        "Use fewer ghost batches (num_groups) or larger ghost batches (ghost_batch_size).",
+    )
+    xc = upcast(x)
+    x3 = as3d(xc)
+    w, b = param(weight, xc.dtype), param(bias, xc.dtype)
+    if N % G == 0:
+        xv = x3.reshape(N // G, G * C, S)
+        y, means, uvars = _ghost_pass(xv, G, w, b, eps, sync, process_group)
+        y = y.reshape(x.shape)
+    else:
+        ys, ms, vs = [], [], []
+        for j in range(G):
+            yj, mj, vj = _ghost_pass(x3[j::G], 1, w, b, eps, sync, process_group)
+            ys.append(yj)
+            ms.append(mj)
+            vs.append(vj)
+        order = torch.cat([torch.arange(j, N, G, device=x.device) for j in range(G)])
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(N, device=x.device)
+        y = torch.cat(ys, 0)[inverse].reshape(x.shape)
+        means, uvars = torch.cat(ms, 0), torch.cat(vs, 0)
+    with torch.no_grad():
+        running_mean.lerp_(means.mean(0).to(running_mean.dtype), factor)
+        running_var.lerp_(uvars.mean(0).to(running_var.dtype), factor)
+    return y.to(x.dtype)
+
+
+def _ghost_pass(xv: Tensor, G: int, w, b, eps, sync, process_group):
+    """Normalize the view ``(M, G*C, S)``; return output and per-ghost mean / unbiased var ``(G, C)``."""
+    K = xv.shape[1]
+    C = K // G
+    wk = None if w is None else w.repeat(G)
+    bk = None if b is None else b.repeat(G)
+    if not sync:
+        # The native kernel writes the batch mean and the *unbiased* batch variance into fresh
+        # buffers when momentum = 1, so the ghost statistics come for free.
+        tmp_mean = torch.zeros(K, dtype=xv.dtype, device=xv.device)
+        tmp_var = torch.ones(K, dtype=xv.dtype, device=xv.device)
+        y = F.batch_norm(xv, tmp_mean, tmp_var, wk, bk, True, 1.0, eps)
+        return y, tmp_mean.view(G, C), tmp_var.view(G, C)
+    mean, var, count = set_mean_var(xv, (0, 2), sync=True, process_group=process_group)
+    y = (xv - mean) * torch.rsqrt(var + eps)
+    if wk is not None:
+        y = y * wk.view(1, -1, 1)
+    if bk is not None:
+        y = y + bk.view(1, -1, 1)
+    with torch.no_grad():
+        uvar = var.detach() * (count / (count - 1))
+    return y, mean.detach().view(G, C), uvar.view(G, C)
+
+
+def batch_renorm(
+    x: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    training: bool,
+    r_max: float,
+    d_max: float,
+    factor: float = 0.1,
+    eps: float = 1e-5,
+    sync: bool = False,
+    process_group=None,
+) -> Tensor:
+    """Batch Renormalization (Ioffe 2017).
+
+    ``r = sg(clip(sigma_B / sigma_run, 1/r_max, r_max))``,
+    ``d = sg(clip((mu_B - mu_run) / sigma_run, -d_max, d_max))``,
+    ``x_hat = (x - mu_B) / sigma_B * r + d``, ``y = gamma x_hat + beta`` with
+    ``sigma = sqrt(var + eps)``; ``r, d`` use the running statistics *before* this step's
+    update. Since ``gamma (x_hat_BN r + d) + beta = x_hat_BN (gamma r) + (gamma d + beta)``, the
+    output is one native batch-norm call with weight ``gamma r`` and bias ``gamma d + beta``.
+    Eval: BN with the running statistics.
+    """
+    if not training:
+        return batch_norm(x, running_mean, running_var, weight, bias, False, factor, eps)
+    check_set_size(x.shape[0] * x[0, 0].numel(), "BatchRenorm input", "Use a batch with N * S > 1.")
+    xc = upcast(x)
+    dt = xc.dtype
+    x3 = as3d(xc)
+    with torch.no_grad():
+        mean, var, _ = set_mean_var(x3.detach(), (0, 2), sync=sync, process_group=process_group)
+        sigma_b = torch.sqrt(var.view(-1) + eps)
+        sigma_r = torch.sqrt(running_var.to(dt) + eps)
+        r = (sigma_b / sigma_r).clamp(1.0 / r_max, r_max)
+        d = ((mean.view(-1) - running_mean.to(dt)) / sigma_r).clamp(-d_max, d_max)
+    w = param(weight, dt)
+    b = param(bias, dt)
+    w_eff = r if w is None else w * r
+    b_eff = d if w is None else w * d
+    if b is not None:
+        b_eff = b_eff + b
+    y = normalize_batch_sets(x3, running_mean, running_var, w_eff, b_eff, True, factor, eps, sync, process_group)
+    return y.view(x.shape).to(x.dtype)

@@ -1,0 +1,83 @@
+"""The batch + group normalization of "Four Things" (Summers & Dinneen), the authors' math
+(docs/methods.md, section gbgn)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .batch_sets import example_weighted_norm
+from .fused_ops import channel_affine, normalize_affine
+from .layout import as3d, param, upcast
+from .moments import check_set_size, chunk_sizes, reduce_mean, row_moments
+
+
+def general_batch_group_norm(
+    x: Tensor,
+    channel_groups: int,
+    examples_per_group: int | None,
+    moving_x: Tensor,
+    moving_x2: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    training: bool,
+    factor: float = 0.01,
+    eps: float = 1e-5,
+    alpha: float = 0.0,
+    sync: bool = False,
+    process_group=None,
+) -> Tensor:
+    """Batch + group normalization (Summers & Dinneen, ICLR 2020), the authors' math.
+
+    Training: examples in contiguous groups of ``E`` (``None`` = the whole batch; a batch
+    that ``E`` does not divide is cut into ``ceil(N/E)`` nearly equal contiguous groups),
+    channels in ``G_C`` groups; per (example group, channel group) block ``mu = E[x]``,
+    ``var = max(E[x^2] - mu^2, 0)`` over ``(E, C/G_C, S)``. Running statistics are the raw
+    per-channel moments ``moving_x`` (``E[x]``) and ``moving_x2`` (``E[x^2]``) over ``(N, S)``.
+    Eval: the moments are averaged over each channel group, ``var = max(m2 - m1^2, 0)``, and
+    mixed with the example's own moments over ``(C/G_C, S)`` when ``alpha > 0``.
+    """
+    N, C = x.shape[0], x.shape[1]
+    S = x[0, 0].numel()
+    Gc = channel_groups
+    Cg = C // Gc
+    xc = upcast(x)
+    x3 = as3d(xc)
+    w, b = param(weight, xc.dtype), param(bias, xc.dtype)
+    if not training:
+        m1 = moving_x.to(xc.dtype).view(Gc, Cg).mean(1)
+        m2 = moving_x2.to(xc.dtype).view(Gc, Cg).mean(1)
+        xg = x3.reshape(N, Gc, Cg * S)
+        if alpha != 0.0:
+            yg = example_weighted_norm(xg, m1, m2, alpha, eps)
+        else:
+            var = (m2 - m1 * m1).clamp_min(0.0)
+            yg = (xg - m1.view(1, Gc, 1)) * torch.rsqrt(var + eps).view(1, Gc, 1)
+        return channel_affine(yg.reshape(N, C, S), w, b).view(x.shape).to(x.dtype)
+    E = N if examples_per_group is None else examples_per_group
+    k = -(-N // E)
+    sizes = chunk_sizes(N, k)
+    check_set_size(
+        min(sizes) * Cg * S,
+        f"GeneralBatchGroupNorm with N={N}, examples_per_group={E}, C/G_C={Cg}, S={S}",
+        "Use more examples per group or fewer channel groups.",
+    )
+    # the authors' formulation: per (example, channel) moments over S, averaged over blocks
+    m_nc, v_nc = row_moments(x3)
+    m_nc, v_nc = m_nc.squeeze(2), v_nc.squeeze(2)
+    ex2_nc = v_nc + m_nc * m_nc
+    mus, variances = [], []
+    for m_c, e_c in zip(torch.split(m_nc, sizes, 0), torch.split(ex2_nc, sizes, 0)):
+        n_c = m_c.shape[0]
+        (mu, ex2), _ = reduce_mean(
+            [m_c.reshape(1, n_c, Gc, Cg), e_c.reshape(1, n_c, Gc, Cg)], (1, 3), sync=sync, process_group=process_group
+        )
+        mus.append(mu.expand(1, n_c, Gc, Cg).reshape(n_c, C))
+        variances.append((ex2 - mu * mu).clamp_min(0.0).expand(1, n_c, Gc, Cg).reshape(n_c, C))
+    mu = torch.cat(mus, 0) if len(mus) > 1 else mus[0]
+    var = torch.cat(variances, 0) if len(variances) > 1 else variances[0]
+    with torch.no_grad():
+        (bm1, bm2), _ = reduce_mean([m_nc.detach(), ex2_nc.detach()], (0,), sync=sync, process_group=process_group)
+        moving_x.lerp_(bm1.view(C).to(moving_x.dtype), factor)
+        moving_x2.lerp_(bm2.view(C).to(moving_x2.dtype), factor)
+    return normalize_affine(x3, mu.unsqueeze(2), var.unsqueeze(2), w, b, eps).view(x.shape).to(x.dtype)

@@ -1,0 +1,151 @@
+"""Statistics of normalization sets: mean and biased variance of a set, pooling of equal sets,
+the optional all-reduce across processes, and PyTorch's running-statistics update.
+
+Synchronized statistics (``sync=True``): moments (sum, sum of squares, count) are all-reduced
+across ``process_group`` with the differentiable ``torch.distributed.nn.functional.all_reduce``;
+without an initialized process group the same moments path runs locally (a world of one).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from .fused_ops import RowMoments
+
+
+def chunk_sizes(n: int, k: int) -> list[int]:
+    """Sizes of ``k`` nearly equal chunks of ``n`` items (first ``n % k`` are one larger)."""
+    base, extra = divmod(n, k)
+    return [base + 1] * extra + [base] * (k - extra)
+
+
+def check_set_size(size: int, what: str, fix: str) -> None:
+    if size < 2:
+        raise ValueError(
+            f"{what} has {size} element(s) per normalization set in training; a set needs more "
+            f"than 1 value (its variance is undefined). {fix}"
+        )
+
+
+def _allreduce_active(sync: bool) -> bool:
+    return bool(sync) and torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def reduce_mean(
+    tensors: Sequence[Tensor], dims: Sequence[int], *, sync: bool = False, process_group=None
+) -> tuple[list[Tensor], Tensor | int]:
+    """Means of each tensor over ``dims`` (keepdim), and the element count per set.
+
+    With ``sync`` and an initialized process group the sums and counts are all-reduced
+    (differentiably) across ``process_group``, so the means are over the union of the
+    processes' sets. Returns ``(means, count)``; ``count`` is an int or a 0-d tensor.
+    """
+    ref = tensors[0]
+    count = 1
+    for d in dims:
+        count *= ref.shape[d]
+    sums = [t.sum(dim=tuple(dims), keepdim=True) for t in tensors]
+    if not _allreduce_active(sync):
+        return [s / count for s in sums], count
+    from torch.distributed.nn.functional import all_reduce
+
+    shape = sums[0].shape
+    flat = torch.cat([s.reshape(-1) for s in sums] + [sums[0].new_full((1,), float(count))])
+    group = process_group if process_group is not None else torch.distributed.group.WORLD
+    with warnings.catch_warnings():
+        # deprecated in favour of _functional_collectives, whose all_reduce is not differentiable
+        warnings.simplefilter("ignore", FutureWarning)
+        flat = all_reduce(flat, group=group)
+    total = flat[-1]
+    numel = sums[0].numel()
+    means = [flat[i * numel : (i + 1) * numel].view(shape) / total for i in range(len(sums))]
+    return means, total
+
+
+def row_moments(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean and biased variance of ``x`` over its last dim (keepdim), shapes ``(*, 1)``.
+
+    Two passes of fast native reductions: the mean, then the centred sum of squares as an
+    inner product (``linalg.vecdot``), so there is no ``E[x^2] - E[x]^2`` cancellation.
+    (On CPU ``torch.var_mean`` is a slow Welford kernel, several times a whole BatchNorm.)
+    The backward is one fused pass (see ``RowMoments``).
+    """
+    return RowMoments.apply(x)
+
+
+def combine_moments(mean: Tensor, var: Tensor, dims: Sequence[int]) -> tuple[Tensor, Tensor]:
+    """Pool equal-size sets: the mean and biased variance of the union over ``dims`` (keepdim).
+
+    Law of total variance: ``mu = avg(m_k)``, ``var = avg(v_k) + avg((m_k - mu)^2)`` (both
+    terms >= 0, no cancellation). ``mean``/``var`` are per-set statistics of sets that all have
+    the same number of elements.
+    """
+    dims = tuple(dims)
+    if not dims:
+        return mean, var
+    mu = mean.mean(dim=dims, keepdim=True)
+    dm = mean - mu
+    return mu, var.mean(dim=dims, keepdim=True) + (dm * dm).mean(dim=dims, keepdim=True)
+
+
+def _local_mean_var(x: Tensor, dims: Sequence[int]) -> tuple[Tensor, Tensor]:
+    """Mean and biased variance over ``dims`` (keepdim) without communication: the trailing
+    reduced axes are flattened into rows (:func:`row_moments`), the other reduced axes pooled
+    with :func:`combine_moments`."""
+    nd = x.dim()
+    dims = sorted({d % nd for d in dims})
+    k = nd
+    while k - 1 in dims:
+        k -= 1
+    if k == nd:  # no trailing axis is reduced
+        var, mean = torch.var_mean(x, dim=tuple(dims), correction=0, keepdim=True)
+        return mean, var
+    mean, var = row_moments(x.reshape(*x.shape[:k], -1))
+    mean, var = combine_moments(mean, var, [d for d in dims if d < k])
+    shape = [1 if d in dims else x.shape[d] for d in range(nd)]
+    return mean.reshape(shape), var.reshape(shape)
+
+
+def set_mean_var(
+    x: Tensor, dims: Sequence[int], *, sync: bool = False, process_group=None
+) -> tuple[Tensor, Tensor, Tensor | int]:
+    """Mean and biased variance of ``x`` over ``dims`` (keepdim), and the set size.
+
+    Local path: :func:`row_moments` over the trailing reduced axes, pooled over the others
+    with the law of total variance (numerically stable). Sync path (``sync=True``): the moments
+    ``E[x]`` and ``E[x^2]`` are (all-)reduced and ``var = max(E[x^2] - E[x]^2, 0)``.
+    """
+    if not sync:
+        mean, var = _local_mean_var(x, dims)
+        count = 1
+        for d in dims:
+            count *= x.shape[d]
+        return mean, var, count
+    (mean, ex2), count = reduce_mean([x, x * x], dims, sync=True, process_group=process_group)
+    var = (ex2 - mean * mean).clamp_min(0.0)
+    return mean, var, count
+
+
+@torch.no_grad()
+def update_running_stats(
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    mean: Tensor,
+    var: Tensor,
+    count,
+    factor: float,
+) -> None:
+    """PyTorch's update: ``r <- (1-f) r + f b``; the variance gets ``var * n / (n - 1)``.
+
+    ``mean``/``var`` are the batch statistics (``var`` biased) of shape broadcastable to the
+    buffers' shape; ``count`` is the set size ``n``.
+    """
+    if running_mean is not None:
+        running_mean.lerp_(mean.detach().reshape(running_mean.shape).to(running_mean.dtype), factor)
+    if running_var is not None:
+        unbiased = var.detach().reshape(running_var.shape) * (count / (count - 1))
+        running_var.lerp_(unbiased.to(running_var.dtype), factor)

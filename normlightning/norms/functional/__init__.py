@@ -6,11 +6,13 @@ conventions (biased variance with ``eps`` inside the root, per-channel affine, P
 running-statistics update with the unbiased variance, the momentum factor ``f``) are in
 docs/methods.md, section "Conventions".
 
-Modules: :mod:`.layout` (compute dtype, ``(N, C, S)`` view), :mod:`.moments` (statistics of
-sets, all-reduce, running statistics), :mod:`.fused_ops` (one-pass normalize + affine),
-:mod:`.batch_sets` (bn, ghost, brn, example weighing), :mod:`.batch_group` (bgn),
-:mod:`.group_sets` (gn, ln, in, pn, seqnorm), :mod:`.general_batch_group` (gbgn),
-:mod:`.mixed_statistics` (hn, sn), :mod:`.parameter_norms` (weight standardization).
+Every method of an activation ``x`` returns a tensor in ``x``'s shape, dtype and memory format
+(:class:`~.layout.NormInput`). Modules: :mod:`.layout` (compute dtype, ``(N, C, S)`` view,
+output layout), :mod:`.moments` (statistics of sets, all-reduce, running statistics),
+:mod:`.fused_ops` (one-pass normalize + affine), :mod:`.batch_sets` (bn, ghost, brn, example
+weighing), :mod:`.batch_group` (bgn), :mod:`.group_sets` (gn, ln, in, pn, seqnorm),
+:mod:`.general_batch_group` (gbgn), :mod:`.mixed_statistics` (hn, sn),
+:mod:`.parameter_norms` (weight standardization).
 """
 
 from ..group_args import divisors, nearby_divisors

@@ -12,7 +12,7 @@ from torch.autograd.function import once_differentiable
 from ..group_args import nearby_divisors
 from .batch_sets import normalize_batch_sets
 from .fused_ops import RowMoments, blocks, fma, scale_shift
-from .layout import param, upcast
+from .layout import NormInput
 from .moments import check_set_size, combine_moments, set_mean_var, update_running_stats
 
 
@@ -35,13 +35,7 @@ class _BlockSetNorm(torch.autograd.Function):
         mean, var = RowMoments.forward(x.reshape(N, G, per_group * L))  # no grad needed here
         mean, var = combine_moments(mean, var, (0,))
         mean, var = mean.view(G), var.view(G)
-        rstd = torch.rsqrt(var + eps)
-        scale = blocks(rstd, per_group)
-        if weight is not None:
-            scale = scale * blocks(weight, per_channel)
-        shift = -blocks(mean, per_group) * scale
-        if bias is not None:
-            shift = shift + blocks(bias, per_channel)
+        scale, shift = _block_scale_shift(mean, var, weight, bias, per_group, per_channel, eps)
         y = fma(x, scale.view(1, K, 1), shift.view(1, K, 1))
         return y, mean, var
 
@@ -88,6 +82,19 @@ class _BlockSetNorm(torch.autograd.Function):
         return gx, gw, gb, None, None, None
 
 
+def _block_scale_shift(mean, var, weight, bias, per_group: int, per_channel: int, eps: float) -> tuple[Tensor, Tensor]:
+    """Per block ``k`` (in set ``g``, channel ``c``): ``scale_k = gamma_c / sqrt(var_g + eps)``,
+    ``shift_k = beta_c - mu_g * scale_k``, shape ``(K,)``, from set statistics ``(G,)`` and the
+    affine ``(C,)`` (``per_group`` / ``per_channel`` blocks per set / channel)."""
+    scale = blocks(torch.rsqrt(var + eps), per_group)
+    if weight is not None:
+        scale = scale * blocks(weight, per_channel)
+    shift = -blocks(mean, per_group) * scale
+    if bias is not None:
+        shift = shift + blocks(bias, per_channel)
+    return scale, shift
+
+
 def batch_group_norm(
     x: Tensor,
     num_groups: int,
@@ -124,18 +131,17 @@ def batch_group_norm(
         )
     if training:
         check_set_size(N * (D // G), f"BatchGroupNorm with N={N}, D/G={D // G}", "Use a larger batch or fewer groups.")
-    xc = upcast(x)
-    dt = xc.dtype
-    w, b = param(weight, dt), param(bias, dt)
+    io = NormInput(x, weight, bias)
+    w, b = io.weight, io.bias
     Lg = D // G
-    xv = xc.reshape(N, G, Lg)
     if G % C == 0:
         # every group lies in one channel: the affine is the native kernel's per-"channel" one
         r = G // C
         wg = None if w is None else w.repeat_interleave(r)
         bg = None if b is None else b.repeat_interleave(r)
+        xv = io.x.reshape(N, G, Lg)
         y = normalize_batch_sets(xv, running_mean, running_var, wg, bg, training, factor, eps, sync, process_group)
-        return y.view(x.shape).to(x.dtype)
+        return io.output(y)
     # Group statistics once, then normalization and the per-channel affine as one pass
     # x * scale + shift over blocks of L = gcd(S, D/G) contiguous values, each inside one group
     # and one channel (L = S when groups are whole channels, L = D/G when channels split).
@@ -143,22 +149,17 @@ def batch_group_norm(
     L = math.gcd(S, Lg)
     K = D // L
     per_group, per_channel = Lg // L, S // L  # blocks per group / per channel
+    xb = io.x.reshape(N, K, L)
     if training and not sync:
         # one autograd node: fused statistics + normalize + affine, fused backward
-        y, mean, var = _BlockSetNorm.apply(xc.reshape(N, K, L), w, b, per_group, per_channel, eps)
+        y, mean, var = _BlockSetNorm.apply(xb, w, b, per_group, per_channel, eps)
         update_running_stats(running_mean, running_var, mean, var, N * Lg, factor)
-        return y.view(x.shape).to(x.dtype)
+        return io.output(y)
     if training:
-        mean, var, count = set_mean_var(xv, (0, 2), sync=sync, process_group=process_group)
+        mean, var, count = set_mean_var(io.x.reshape(N, G, Lg), (0, 2), sync=sync, process_group=process_group)
         update_running_stats(running_mean, running_var, mean, var, count, factor)
         mean, var = mean.view(G), var.view(G)
     else:
-        mean, var = running_mean.to(dt), running_var.to(dt)
-    scale = blocks(torch.rsqrt(var + eps), per_group)
-    if w is not None:
-        scale = scale * blocks(w, per_channel)
-    shift = -blocks(mean, per_group) * scale
-    if b is not None:
-        shift = shift + blocks(b, per_channel)
-    y = scale_shift(xc.reshape(N, K, L), scale.view(1, K, 1), shift.view(1, K, 1))
-    return y.view(x.shape).to(x.dtype)
+        mean, var = running_mean.to(io.dtype), running_var.to(io.dtype)
+    scale, shift = _block_scale_shift(mean, var, w, b, per_group, per_channel, eps)
+    return io.output(scale_shift(xb, scale.view(1, K, 1), shift.view(1, K, 1)))

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .fused_ops import channel_affine
-from .layout import as3d, param, upcast
+from .layout import NormInput
 from .moments import check_set_size, set_mean_var, update_running_stats
 
 
@@ -88,17 +88,17 @@ def batch_norm(
     if training:
         n = x.shape[0] * (x[0, 0].numel())
         check_set_size(n, "BatchNorm input", "Use a batch of more than one example (N * S > 1).")
-    xc = upcast(x)
-    w, b = param(weight, xc.dtype), param(bias, xc.dtype)
+    io = NormInput(x, weight, bias)
+    w, b = io.weight, io.bias
     if not training and alpha != 0.0:
-        x3 = as3d(xc)
-        pop_ex2 = running_var.to(xc.dtype) + running_mean.to(xc.dtype) ** 2
-        y = channel_affine(example_weighted_norm(x3, running_mean.to(xc.dtype), pop_ex2, alpha, eps), w, b)
-        return y.view(x.shape).to(x.dtype)
-    if sync and training:
-        y = normalize_batch_sets(as3d(xc), running_mean, running_var, w, b, True, factor, eps, True, process_group)
-        return y.view(x.shape).to(x.dtype)
-    return F.batch_norm(xc, running_mean, running_var, w, b, training, factor, eps).to(x.dtype)
+        pop_mean = running_mean.to(io.dtype)
+        pop_ex2 = running_var.to(io.dtype) + pop_mean**2
+        y = channel_affine(example_weighted_norm(io.x3, pop_mean, pop_ex2, alpha, eps), w, b)
+    elif sync and training:
+        y = normalize_batch_sets(io.x3, running_mean, running_var, w, b, True, factor, eps, True, process_group)
+    else:
+        y = F.batch_norm(io.x, running_mean, running_var, w, b, training, factor, eps)
+    return io.output(y)
 
 
 def ghost_norm(
@@ -142,13 +142,11 @@ def ghost_norm(
         f"GhostNorm with N={N}, G_M={G}, S={S}",
         "Use fewer ghost batches (num_groups) or larger ghost batches (ghost_batch_size).",
     )
-    xc = upcast(x)
-    x3 = as3d(xc)
-    w, b = param(weight, xc.dtype), param(bias, xc.dtype)
+    io = NormInput(x, weight, bias)
+    x3, w, b = io.x3, io.weight, io.bias
     if N % G == 0:
         xv = x3.reshape(N // G, G * C, S)
         y, means, uvars = _ghost_pass(xv, G, w, b, eps, sync, process_group)
-        y = y.reshape(x.shape)
     else:
         ys, ms, vs = [], [], []
         for j in range(G):
@@ -159,12 +157,12 @@ def ghost_norm(
         order = torch.cat([torch.arange(j, N, G, device=x.device) for j in range(G)])
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(N, device=x.device)
-        y = torch.cat(ys, 0)[inverse].reshape(x.shape)
+        y = torch.cat(ys, 0)[inverse]
         means, uvars = torch.cat(ms, 0), torch.cat(vs, 0)
     with torch.no_grad():
         running_mean.lerp_(means.mean(0).to(running_mean.dtype), factor)
         running_var.lerp_(uvars.mean(0).to(running_var.dtype), factor)
-    return y.to(x.dtype)
+    return io.output(y)
 
 
 def _ghost_pass(xv: Tensor, G: int, w, b, eps, sync, process_group):
@@ -218,20 +216,18 @@ def batch_renorm(
     if not training:
         return batch_norm(x, running_mean, running_var, weight, bias, False, factor, eps)
     check_set_size(x.shape[0] * x[0, 0].numel(), "BatchRenorm input", "Use a batch with N * S > 1.")
-    xc = upcast(x)
-    dt = xc.dtype
-    x3 = as3d(xc)
+    io = NormInput(x, weight, bias)
+    dt, x3 = io.dtype, io.x3
     with torch.no_grad():
         mean, var, _ = set_mean_var(x3.detach(), (0, 2), sync=sync, process_group=process_group)
         sigma_b = torch.sqrt(var.view(-1) + eps)
         sigma_r = torch.sqrt(running_var.to(dt) + eps)
         r = (sigma_b / sigma_r).clamp(1.0 / r_max, r_max)
         d = ((mean.view(-1) - running_mean.to(dt)) / sigma_r).clamp(-d_max, d_max)
-    w = param(weight, dt)
-    b = param(bias, dt)
+    w, b = io.weight, io.bias
     w_eff = r if w is None else w * r
     b_eff = d if w is None else w * d
     if b is not None:
         b_eff = b_eff + b
     y = normalize_batch_sets(x3, running_mean, running_var, w_eff, b_eff, True, factor, eps, sync, process_group)
-    return y.view(x.shape).to(x.dtype)
+    return io.output(y)

@@ -8,7 +8,7 @@ from torch import Tensor
 
 from .batch_sets import example_weighted_norm
 from .fused_ops import channel_affine, normalize_affine
-from .layout import as3d, param, upcast
+from .layout import NormInput
 from .moments import check_set_size, chunk_sizes, reduce_mean, row_moments
 
 
@@ -41,19 +41,18 @@ def general_batch_group_norm(
     S = x[0, 0].numel()
     Gc = channel_groups
     Cg = C // Gc
-    xc = upcast(x)
-    x3 = as3d(xc)
-    w, b = param(weight, xc.dtype), param(bias, xc.dtype)
+    io = NormInput(x, weight, bias)
+    x3, w, b = io.x3, io.weight, io.bias
     if not training:
-        m1 = moving_x.to(xc.dtype).view(Gc, Cg).mean(1)
-        m2 = moving_x2.to(xc.dtype).view(Gc, Cg).mean(1)
+        m1 = moving_x.to(io.dtype).view(Gc, Cg).mean(1)
+        m2 = moving_x2.to(io.dtype).view(Gc, Cg).mean(1)
         xg = x3.reshape(N, Gc, Cg * S)
         if alpha != 0.0:
             yg = example_weighted_norm(xg, m1, m2, alpha, eps)
         else:
             var = (m2 - m1 * m1).clamp_min(0.0)
             yg = (xg - m1.view(1, Gc, 1)) * torch.rsqrt(var + eps).view(1, Gc, 1)
-        return channel_affine(yg.reshape(N, C, S), w, b).view(x.shape).to(x.dtype)
+        return io.output(channel_affine(yg.reshape(N, C, S), w, b))
     E = N if examples_per_group is None else examples_per_group
     k = -(-N // E)
     sizes = chunk_sizes(N, k)
@@ -80,4 +79,4 @@ def general_batch_group_norm(
         (bm1, bm2), _ = reduce_mean([m_nc.detach(), ex2_nc.detach()], (0,), sync=sync, process_group=process_group)
         moving_x.lerp_(bm1.view(C).to(moving_x.dtype), factor)
         moving_x2.lerp_(bm2.view(C).to(moving_x2.dtype), factor)
-    return normalize_affine(x3, mu.unsqueeze(2), var.unsqueeze(2), w, b, eps).view(x.shape).to(x.dtype)
+    return io.output(normalize_affine(x3, mu.unsqueeze(2), var.unsqueeze(2), w, b, eps))

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from ..group_args import divisors
 from .batch_sets import ghost_norm
-from .layout import as3d, param, upcast
+from .layout import NormInput
 from .moments import check_set_size
 
 
@@ -34,8 +34,8 @@ def group_norm(
             f"GroupNorm with num_groups={num_groups} on C={C} channels and S={S} position(s)",
             "Use fewer groups (num_groups) or an input with more positions.",
         )
-    xc = upcast(x)
-    return F.group_norm(xc, num_groups, param(weight, xc.dtype), param(bias, xc.dtype), eps).to(x.dtype)
+    io = NormInput(x, weight, bias)
+    return io.output(F.group_norm(io.x, num_groups, io.weight, io.bias, eps))
 
 
 def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float = 1e-5) -> Tensor:
@@ -54,12 +54,11 @@ def instance_norm(
 
 def positional_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float = 1e-5) -> Tensor:
     """Positional Norm (Li et al. 2019): per ``(n, s)`` over ``C``, per-channel affine."""
-    xc = upcast(x)
-    x3 = as3d(xc)
-    C = x3.shape[1]
+    io = NormInput(x, weight, bias)
+    C = x.shape[1]
     # native layer_norm over the channel axis of the (N, S, C) transpose; its (C,) affine is ours
-    y = F.layer_norm(x3.transpose(1, 2), (C,), param(weight, xc.dtype), param(bias, xc.dtype), eps)
-    return y.transpose(1, 2).reshape(x.shape).to(x.dtype)
+    y = F.layer_norm(io.x3.transpose(1, 2), (C,), io.weight, io.bias, eps)
+    return io.output(y.transpose(1, 2))
 
 
 def sequential_norm(
@@ -81,6 +80,7 @@ def sequential_norm(
     The GN stage has no affine; the per-channel affine and running statistics live in the
     ghost stage.
     """
-    h = group_norm(upcast(x), channel_groups, None, None, eps, training)
+    io = NormInput(x)
+    h = group_norm(io.x, channel_groups, None, None, eps, training)
     y = ghost_norm(h, num_ghosts, running_mean, running_var, weight, bias, training, factor, eps, 0.0, sync, process_group)
-    return y.to(x.dtype)
+    return io.output(y)

@@ -1,15 +1,15 @@
-"""How every method sees its input: the dtype statistics are computed in and the ``(N, C, S)``
-view of ``x (N, C, *spatial)`` (``S`` the product of the spatial sizes, 1 for ``(N, C)``).
+"""How every method sees its input and hands back its output: :class:`NormInput`.
 
-float16 / bfloat16 inputs are computed in float32 and the output is cast back to the input's
-dtype (docs/methods.md, section "Conventions").
+A method computes on ``x (N, C, *spatial)`` in the compute dtype (float32 for float16 /
+bfloat16 inputs), usually through the view ``(N, C, S)`` (``S`` the product of the spatial
+sizes, 1 for ``(N, C)``), and returns a tensor of ``x``'s shape, dtype and memory format
+(docs/methods.md, section "Conventions").
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
-
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -20,13 +20,57 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def upcast(x: Tensor) -> Tensor:
+    """``x`` in :func:`compute_dtype` (``x`` itself when that is its dtype)."""
     return x.float() if x.dtype in _LOW_PRECISION else x
 
 
-def param(p: Tensor | None, dtype: torch.dtype) -> Tensor | None:
-    return None if p is None else p.to(dtype)
+def memory_format_of(x: Tensor) -> torch.memory_format | None:
+    """The memory format ``x`` is dense in: ``torch.contiguous_format``, ``torch.channels_last``
+    (4-D) or ``torch.channels_last_3d`` (5-D); ``None`` for any other strides. A tensor dense
+    in two formats (e.g. ``C = 1``) counts as contiguous."""
+    if x.is_contiguous():
+        return torch.contiguous_format
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return None
 
 
-def as3d(x: Tensor) -> Tensor:
-    """View ``(N, C, *spatial)`` as ``(N, C, S)``."""
-    return x.reshape(x.shape[0], x.shape[1], -1)
+class NormInput:
+    """An input ``x (N, C, *spatial)`` as a method computes on it, and the way back.
+
+    Attributes:
+        x: ``x`` in the compute dtype (:func:`compute_dtype`), its own shape and strides.
+        weight, bias: the per-channel affine ``(C,)`` in the compute dtype, or ``None``.
+        dtype: the compute dtype.
+
+    ``x3`` is the ``(N, C, S)`` view (a view, no copy, for contiguous, channels_last and
+    channels_last_3d inputs). :meth:`output` reshapes a result with ``x``'s number of elements
+    to ``x``'s shape and gives it ``x``'s dtype and memory format.
+    """
+
+    def __init__(self, x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None) -> None:
+        self._source = x
+        self.x = upcast(x)
+        self.dtype = self.x.dtype
+        self.weight = None if weight is None else weight.to(self.dtype)
+        self.bias = None if bias is None else bias.to(self.dtype)
+
+    @property
+    def x3(self) -> Tensor:
+        """``x`` (compute dtype) viewed as ``(N, C, S)``."""
+        return self.x.reshape(self.x.shape[0], self.x.shape[1], -1)
+
+    def output(self, y: Tensor) -> Tensor:
+        """``y`` in the input's shape, dtype and memory format (one copy at most, only when ``y``
+        is not already laid out so; a contiguous result of a channels_last input is the case
+        this exists for). Inputs in no standard memory format keep ``y``'s strides."""
+        source = self._source
+        y = y.reshape(source.shape)
+        fmt = memory_format_of(source)
+        if fmt is None or y.is_contiguous(memory_format=fmt):
+            return y.to(source.dtype)
+        if y.dtype != source.dtype:
+            return y.to(dtype=source.dtype, memory_format=fmt)
+        return y.contiguous(memory_format=fmt)

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from ..group_args import divisors
 from .fused_ops import normalize_affine
-from .layout import as3d, param, upcast
+from .layout import NormInput
 from .moments import check_set_size, combine_moments, reduce_mean, row_moments, set_mean_var, update_running_stats
 
 
@@ -107,10 +107,9 @@ def heterologous_norm(
     (``running_mean`` for the mean set, ``running_vars[k]`` for std component ``k``; ``None``
     for per-example sets) at inference; per-example sets are computed from the input.
     """
-    xc = upcast(x)
-    x3 = as3d(xc)
+    io = NormInput(x, weight, bias)
+    x3, dt = io.x3, io.dtype
     N, C, S = x3.shape
-    dt = xc.dtype
     cache: list[tuple[Tensor, Tensor]] = []
 
     def nc_moments() -> tuple[Tensor, Tensor]:
@@ -141,8 +140,7 @@ def heterologous_norm(
         if weights is not None:
             vk = weights[k] * vk
         var = vk if var is None else var + vk
-    y = normalize_affine(x3, mu, var, param(weight, dt), param(bias, dt), eps)
-    return y.view(x.shape).to(x.dtype)
+    return io.output(normalize_affine(x3, mu, var, io.weight, io.bias, eps))
 
 
 def switchable_norm(
@@ -169,9 +167,8 @@ def switchable_norm(
     """
     if training:
         check_set_size(x.shape[0] * x[0, 0].numel(), "SwitchableNorm input (BN term)", "Use a batch with N * S > 1.")
-    xc = upcast(x)
-    x3 = as3d(xc)
-    dt = xc.dtype
+    io = NormInput(x, weight, bias)
+    x3, dt = io.x3, io.dtype
     N, C, S = x3.shape
     mu_in, var_in = row_moments(x3)
     temp = var_in + mu_in * mu_in
@@ -188,5 +185,4 @@ def switchable_norm(
     wv = torch.softmax(var_logits.to(dt), 0)
     mu = wm[0] * mu_in + wm[1] * mu_ln + wm[2] * mu_bn
     var = wv[0] * var_in + wv[1] * var_ln + wv[2] * var_bn
-    y = normalize_affine(x3, mu, var, param(weight, dt), param(bias, dt), eps)
-    return y.view(x.shape).to(x.dtype)
+    return io.output(normalize_affine(x3, mu, var, io.weight, io.bias, eps))

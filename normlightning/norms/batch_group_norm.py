@@ -101,9 +101,19 @@ class BatchGroupNorm(BatchStatNorm):
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
         self._check_spatial(x)
+        factor = self._momentum_factor()
         return NF.batch_group_norm(
-            x, self.num_groups, self.running_mean, self.running_var, self.weight, self.bias, self.training,
-            self._momentum_factor(), self.eps, self.sync_statistics, self.process_group,
+            x,
+            num_groups=self.num_groups,
+            running_mean=self.running_mean,
+            running_var=self.running_var,
+            weight=self.weight,
+            bias=self.bias,
+            training=self.training,
+            factor=factor,
+            eps=self.eps,
+            sync=self.sync_statistics,
+            process_group=self.process_group,
         )
 
     def extra_repr(self) -> str:
@@ -165,9 +175,21 @@ class GeneralBatchGroupNorm(ExampleWeighingMixin, BatchStatNorm):
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
+        factor = self._momentum_factor()
         return NF.general_batch_group_norm(
-            x, self.channel_groups, self.examples_per_group, self.moving_x, self.moving_x2, self.weight, self.bias,
-            self.training, self._momentum_factor(), self.eps, self.alpha, self.sync_statistics, self.process_group,
+            x,
+            channel_groups=self.channel_groups,
+            examples_per_group=self.examples_per_group,
+            moving_x=self.moving_x,
+            moving_x2=self.moving_x2,
+            weight=self.weight,
+            bias=self.bias,
+            training=self.training,
+            factor=factor,
+            eps=self.eps,
+            alpha=self.alpha,
+            sync=self.sync_statistics,
+            process_group=self.process_group,
         )
 
     def extra_repr(self) -> str:

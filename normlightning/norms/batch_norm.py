@@ -31,9 +31,19 @@ class BatchNorm(ExampleWeighingMixin, BatchStatNorm):
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
+        factor = self._momentum_factor()
         return NF.batch_norm(
-            x, self.running_mean, self.running_var, self.weight, self.bias, self.training,
-            self._momentum_factor(), self.eps, self.alpha, self.sync_statistics, self.process_group,
+            x,
+            running_mean=self.running_mean,
+            running_var=self.running_var,
+            weight=self.weight,
+            bias=self.bias,
+            training=self.training,
+            factor=factor,
+            eps=self.eps,
+            alpha=self.alpha,
+            sync=self.sync_statistics,
+            process_group=self.process_group,
         )
 
 
@@ -97,13 +107,34 @@ class BatchRenorm(BatchStatNorm):
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
-        if not self.training:
-            return NF.batch_renorm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 1.0, 0.0, 0.0, self.eps)
+        if not self.training:  # BN with the running statistics: r_max, d_max and factor are unused
+            return NF.batch_renorm(
+                x,
+                running_mean=self.running_mean,
+                running_var=self.running_var,
+                weight=self.weight,
+                bias=self.bias,
+                training=False,
+                r_max=1.0,
+                d_max=0.0,
+                factor=0.0,
+                eps=self.eps,
+            )
         r_max, d_max = self.current_limits()
         factor = self._momentum_factor()
         y = NF.batch_renorm(
-            x, self.running_mean, self.running_var, self.weight, self.bias, True, r_max, d_max,
-            factor, self.eps, self.sync_statistics, self.process_group,
+            x,
+            running_mean=self.running_mean,
+            running_var=self.running_var,
+            weight=self.weight,
+            bias=self.bias,
+            training=True,
+            r_max=r_max,
+            d_max=d_max,
+            factor=factor,
+            eps=self.eps,
+            sync=self.sync_statistics,
+            process_group=self.process_group,
         )
         self.renorm_step.add_(1)
         return y

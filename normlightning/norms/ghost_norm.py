@@ -104,9 +104,20 @@ class GhostNorm(ExampleWeighingMixin, _GhostMixin, BatchStatNorm):
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
+        factor = self._momentum_factor()
         return NF.ghost_norm(
-            x, self.num_ghosts(x.shape[0]), self.running_mean, self.running_var, self.weight, self.bias,
-            self.training, self._momentum_factor(), self.eps, self.alpha, self.sync_statistics, self.process_group,
+            x,
+            num_ghosts=self.num_ghosts(x.shape[0]),
+            running_mean=self.running_mean,
+            running_var=self.running_var,
+            weight=self.weight,
+            bias=self.bias,
+            training=self.training,
+            factor=factor,
+            eps=self.eps,
+            alpha=self.alpha,
+            sync=self.sync_statistics,
+            process_group=self.process_group,
         )
 
     def extra_repr(self) -> str:
@@ -165,10 +176,20 @@ class SequentialNorm(_GhostMixin, BatchStatNorm):
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
+        factor = self._momentum_factor()
         return NF.sequential_norm(
-            x, self.channel_groups, self.num_ghosts(x.shape[0]), self.running_mean, self.running_var,
-            self.weight, self.bias, self.training, self._momentum_factor(), self.eps,
-            self.sync_statistics, self.process_group,
+            x,
+            channel_groups=self.channel_groups,
+            num_ghosts=self.num_ghosts(x.shape[0]),
+            running_mean=self.running_mean,
+            running_var=self.running_var,
+            weight=self.weight,
+            bias=self.bias,
+            training=self.training,
+            factor=factor,
+            eps=self.eps,
+            sync=self.sync_statistics,
+            process_group=self.process_group,
         )
 
     def extra_repr(self) -> str:

@@ -78,8 +78,19 @@ class HeterologousNorm(BatchStatNorm):
         running_vars = [None if n is None else getattr(self, n) for n in self._var_names]
         factor = self._momentum_factor() if self.uses_batch_statistics else 0.0
         return NF.heterologous_norm(
-            x, self.mean_set, self.std_sets, self.std_weight, running_mean, running_vars, self.weight, self.bias,
-            self.training, factor, self.eps, self.sync_statistics, self.process_group,
+            x,
+            mean_set=self.mean_set,
+            std_sets=self.std_sets,
+            std_mix_logits=self.std_weight,
+            running_mean=running_mean,
+            running_vars=running_vars,
+            weight=self.weight,
+            bias=self.bias,
+            training=self.training,
+            factor=factor,
+            eps=self.eps,
+            sync=self.sync_statistics,
+            process_group=self.process_group,
         )
 
     def _check_sets(self, x: Tensor) -> None:

@@ -29,7 +29,7 @@ class WeightStandardization(nn.Module):
         self.eps = eps
 
     def forward(self, weight: Tensor) -> Tensor:
-        return NF.weight_standardize(weight, self.eps)
+        return NF.weight_standardize(weight, eps=self.eps)
 
 
 class WSConv2d(nn.Conv2d):
@@ -43,7 +43,7 @@ class WSConv2d(nn.Conv2d):
         self.ws_eps = ws_eps
 
     def forward(self, x: Tensor) -> Tensor:
-        return self._conv_forward(x, NF.weight_standardize(self.weight, self.ws_eps), self.bias)
+        return self._conv_forward(x, NF.weight_standardize(self.weight, eps=self.ws_eps), self.bias)
 
 
 def _check_module(module: nn.Module, what: str) -> None:

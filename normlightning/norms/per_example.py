@@ -36,7 +36,7 @@ class GroupNorm(NormLayer):
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
-        return NF.group_norm(x, self.num_groups, self.weight, self.bias, self.eps, self.training)
+        return NF.group_norm(x, num_groups=self.num_groups, weight=self.weight, bias=self.bias, eps=self.eps, training=self.training)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", num_groups={self.num_groups}"
@@ -59,7 +59,7 @@ class LayerNorm(NormLayer):
         self._check_input(x)
         if self.training and x[0].numel() < 2:
             raise ValueError("LayerNorm: a set of one element (C * S == 1) in training; use C * S > 1.")
-        return NF.layer_norm(x, self.weight, self.bias, self.eps)
+        return NF.layer_norm(x, weight=self.weight, bias=self.bias, eps=self.eps)
 
 
 class InstanceNorm(NormLayer):
@@ -77,7 +77,7 @@ class InstanceNorm(NormLayer):
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
-        return NF.instance_norm(x, self.weight, self.bias, self.eps, self.training)
+        return NF.instance_norm(x, weight=self.weight, bias=self.bias, eps=self.eps, training=self.training)
 
 
 class PositionalNorm(NormLayer):
@@ -97,4 +97,4 @@ class PositionalNorm(NormLayer):
         self._check_input(x)
         if self.training and self.num_features < 2:
             raise ValueError("PositionalNorm: a set of one element (C == 1) in training; PN normalizes over channels, use C > 1.")
-        return NF.positional_norm(x, self.weight, self.bias, self.eps)
+        return NF.positional_norm(x, weight=self.weight, bias=self.bias, eps=self.eps)

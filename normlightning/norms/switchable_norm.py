@@ -39,7 +39,18 @@ class SwitchableNorm(BatchStatNorm):
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
+        factor = self._momentum_factor()
         return NF.switchable_norm(
-            x, self.mean_weight, self.var_weight, self.running_mean, self.running_var, self.weight, self.bias,
-            self.training, self._momentum_factor(), self.eps, self.sync_statistics, self.process_group,
+            x,
+            mean_logits=self.mean_weight,
+            var_logits=self.var_weight,
+            running_mean=self.running_mean,
+            running_var=self.running_var,
+            weight=self.weight,
+            bias=self.bias,
+            training=self.training,
+            factor=factor,
+            eps=self.eps,
+            sync=self.sync_statistics,
+            process_group=self.process_group,
         )

@@ -140,7 +140,9 @@ def batch_group_norm(
         wg = None if w is None else w.repeat_interleave(r)
         bg = None if b is None else b.repeat_interleave(r)
         xv = io.x.reshape(N, G, Lg)
-        y = normalize_batch_sets(xv, running_mean, running_var, wg, bg, training, factor, eps, sync, process_group)
+        y = normalize_batch_sets(
+            xv, running_mean, running_var, wg, bg, training=training, factor=factor, eps=eps, sync=sync, process_group=process_group
+        )
         return io.output(y)
     # Group statistics once, then normalization and the per-channel affine as one pass
     # x * scale + shift over blocks of L = gcd(S, D/G) contiguous values, each inside one group

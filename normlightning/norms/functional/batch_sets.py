@@ -21,6 +21,7 @@ def normalize_batch_sets(
     running_var: Tensor | None,
     weight: Tensor | None,
     bias: Tensor | None,
+    *,
     training: bool,
     factor: float,
     eps: float,
@@ -95,7 +96,9 @@ def batch_norm(
         pop_ex2 = running_var.to(io.dtype) + pop_mean**2
         y = channel_affine(example_weighted_norm(io.x3, pop_mean, pop_ex2, alpha, eps), w, b)
     elif sync and training:
-        y = normalize_batch_sets(io.x3, running_mean, running_var, w, b, True, factor, eps, True, process_group)
+        y = normalize_batch_sets(
+            io.x3, running_mean, running_var, w, b, training=True, factor=factor, eps=eps, sync=True, process_group=process_group
+        )
     else:
         y = F.batch_norm(io.x, running_mean, running_var, w, b, training, factor, eps)
     return io.output(y)
@@ -127,7 +130,7 @@ def ghost_norm(
     batches' means and the mean of their unbiased variances. Eval: as BN (with ``alpha``).
     """
     if not training:
-        return batch_norm(x, running_mean, running_var, weight, bias, False, factor, eps, alpha)
+        return batch_norm(x, running_mean, running_var, weight, bias, training=False, eps=eps, alpha=alpha)
     N, C = x.shape[0], x.shape[1]
     S = x[0, 0].numel()
     G = num_ghosts
@@ -214,7 +217,7 @@ def batch_renorm(
     Eval: BN with the running statistics.
     """
     if not training:
-        return batch_norm(x, running_mean, running_var, weight, bias, False, factor, eps)
+        return batch_norm(x, running_mean, running_var, weight, bias, training=False, eps=eps)
     check_set_size(x.shape[0] * x[0, 0].numel(), "BatchRenorm input", "Use a batch with N * S > 1.")
     io = NormInput(x, weight, bias)
     dt, x3 = io.dtype, io.x3
@@ -229,5 +232,7 @@ def batch_renorm(
     b_eff = d if w is None else w * d
     if b is not None:
         b_eff = b_eff + b
-    y = normalize_batch_sets(x3, running_mean, running_var, w_eff, b_eff, True, factor, eps, sync, process_group)
+    y = normalize_batch_sets(
+        x3, running_mean, running_var, w_eff, b_eff, training=True, factor=factor, eps=eps, sync=sync, process_group=process_group
+    )
     return io.output(y)

@@ -81,6 +81,18 @@ def sequential_norm(
     ghost stage.
     """
     io = NormInput(x)
-    h = group_norm(io.x, channel_groups, None, None, eps, training)
-    y = ghost_norm(h, num_ghosts, running_mean, running_var, weight, bias, training, factor, eps, 0.0, sync, process_group)
+    h = group_norm(io.x, channel_groups, None, None, eps=eps, training=training)
+    y = ghost_norm(
+        h,
+        num_ghosts,
+        running_mean,
+        running_var,
+        weight,
+        bias,
+        training=training,
+        factor=factor,
+        eps=eps,
+        sync=sync,
+        process_group=process_group,
+    )
     return io.output(y)

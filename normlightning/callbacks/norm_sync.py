@@ -23,7 +23,7 @@ import torch
 from lightning.pytorch.plugins.layer_sync import LayerSync, TorchSyncBatchNorm
 from torch import nn
 
-from normlightning.norms.layer_kinds import is_batch_statistic_layer
+from normlightning.norms.model_layers import is_batch_statistic_layer
 
 
 def set_statistics_sync(model: nn.Module, enabled: bool, process_group: Any = None) -> int:

@@ -43,7 +43,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import nn
 
-from normlightning.norms.layer_kinds import is_batch_statistic_layer
+from normlightning.norms.model_layers import is_batch_statistic_layer
 
 __all__ = [
     "Recalibration",

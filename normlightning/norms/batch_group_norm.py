@@ -6,8 +6,7 @@ import torch
 from torch import Tensor
 
 from . import functional as NF
-from ._weighing import ExampleWeighingMixin
-from .base import BatchStatNorm
+from .base import BatchStatNorm, ExampleWeighingMixin
 from .group_args import AutoContext, GroupArg, divisors
 
 #: The BGN paper's group count per per-GPU batch size (its Table 2 / text, ResNet-50).

@@ -6,8 +6,7 @@ import torch
 from torch import Tensor
 
 from . import functional as NF
-from ._weighing import ExampleWeighingMixin
-from .base import BatchStatNorm
+from .base import BatchStatNorm, ExampleWeighingMixin
 
 
 class BatchNorm(ExampleWeighingMixin, BatchStatNorm):

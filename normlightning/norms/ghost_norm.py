@@ -5,8 +5,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from . import functional as NF
-from ._weighing import ExampleWeighingMixin
-from .base import BatchStatNorm
+from .base import BatchStatNorm, ExampleWeighingMixin
 from .group_args import AutoContext, GroupArg, divisors, largest_divisor_at_most
 
 #: ``auto`` ghost batches hold at least this many examples (Four Things §2; SeqNorm's best

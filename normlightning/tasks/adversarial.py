@@ -14,7 +14,7 @@ logged as ``{stage}/acc1_clean``, ``{stage}/acc1_robust`` (and ``acc5_*`` with >
 from the training attack. ``eps``/``step_size`` are in pixel units: the model's first module
 is the input normalization.
 
-Norm-layer mode while an attack runs (:func:`~normlightning.norms.statistics_mode.statistics_mode`),
+Norm-layer mode while an attack runs (:func:`~normlightning.norms.model_layers.statistics_mode`),
 one setting for training attacks and one for evaluation attacks:
 
 * ``eval``: running statistics (the torchattacks and TRADES default); no buffer changes.
@@ -24,7 +24,7 @@ one setting for training attacks and one for evaluation attacks:
   attack leaves the running statistics (and ``num_batches_tracked``) untouched.
 
 Only normalization layers are switched (torch's and ours, see
-:func:`~normlightning.norms.layer_kinds.is_norm_layer`); other modules such as
+:func:`~normlightning.norms.model_layers.is_norm_layer`); other modules such as
 dropout keep the mode the model is in (train in the training step, eval in validation).
 Every module's mode is restored afterwards. The settings are hyperparameters and are also
 written as a summary line at the start of every fit/validate/test (log and TensorBoard text).
@@ -50,7 +50,7 @@ from torch import Tensor, nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
-from normlightning.norms.statistics_mode import STATISTICS_MODES, StatisticsMode, check_statistics_mode, statistics_mode
+from normlightning.norms.model_layers import STATISTICS_MODES, StatisticsMode, check_statistics_mode, statistics_mode
 from normlightning.tasks.attacks import PGDConfig
 from normlightning.tasks.classification import ClassificationTask
 

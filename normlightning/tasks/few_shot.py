@@ -31,7 +31,7 @@ differ on it, so it is an explicit setting, used for validation and test episode
 - ``transductive``: batch-statistic layers normalize with the statistics of the episode batch
   itself (support + queries together, ``N*K + N*Q`` images), as in training mode, with the
   running buffers left untouched and statistics local to the process
-  (:func:`~normlightning.norms.statistics_mode.statistics_mode` ``train_frozen``, ``sync=False``). Queries influence each other's
+  (:func:`~normlightning.norms.model_layers.statistics_mode` ``train_frozen``, ``sync=False``). Queries influence each other's
   features through the shared statistics (transductive inference). Layers without batch
   statistics (GN, LN, IN, PN) are unaffected either way.
 """
@@ -48,7 +48,7 @@ from torch import Tensor
 
 from normlightning.data.episodes import split_episode
 from normlightning.models.cosine_classifier import CosineClassifier, cosine_logits, imprint_weights
-from normlightning.norms.statistics_mode import statistics_mode
+from normlightning.norms.model_layers import statistics_mode
 from normlightning.tasks.classification import ClassificationTask
 from normlightning.tasks.few_shot_metrics import mean_confidence_interval
 

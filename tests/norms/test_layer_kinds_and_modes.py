@@ -7,8 +7,7 @@ import torch
 from torch import nn
 
 from normlightning.norms import build_norm
-from normlightning.norms.layer_kinds import is_batch_statistic_layer, is_norm_layer
-from normlightning.norms.statistics_mode import statistics_mode
+from normlightning.norms.model_layers import is_batch_statistic_layer, is_norm_layer, statistics_mode
 
 
 def test_layer_kinds() -> None:

@@ -1,8 +1,13 @@
-"""Run a model with its normalization layers computing statistics one chosen way.
+"""A whole model's normalization layers: which modules are normalization layers, which keep
+statistics of the batch, and running a model with its norm layers computing statistics one
+chosen way.
 
-Used where a forward must not be an ordinary training or evaluation forward: the PGD attack's
-inner forwards (:class:`~normlightning.tasks.AdversarialTask`) and transductive few-shot
-episodes (:class:`~normlightning.tasks.FewShotTask`).
+One definition for every part of normlightning that treats norm layers specially (the
+optimizer's parameter groups, the statistics monitor, recalibration, statistics sync), for
+``torch.nn``'s layers and ours alike. :func:`statistics_mode` is used where a forward must not
+be an ordinary training or evaluation forward: the PGD attack's inner forwards
+(:class:`~normlightning.tasks.AdversarialTask`) and transductive few-shot episodes
+(:class:`~normlightning.tasks.FewShotTask`).
 """
 
 from __future__ import annotations
@@ -13,8 +18,37 @@ from typing import Literal
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 
-from normlightning.norms.layer_kinds import is_norm_layer
+from normlightning.norms.base import NormLayer
+
+#: torch's own normalization layers: BatchNorm*/SyncBatchNorm/InstanceNorm* (``_NormBase``),
+#: GroupNorm, LayerNorm (and RMSNorm where torch has it).
+NATIVE_NORM_TYPES: tuple[type[nn.Module], ...] = (_NormBase, nn.GroupNorm, nn.LayerNorm) + (
+    (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()
+)
+
+
+def is_norm_layer(module: nn.Module) -> bool:
+    """True for a normalization layer: ours (:class:`NormLayer`, or a plugin class that declares
+    ``uses_batch_statistics``) or one of :data:`NATIVE_NORM_TYPES`."""
+    if isinstance(module, (NormLayer, *NATIVE_NORM_TYPES)):
+        return True
+    return isinstance(getattr(type(module), "uses_batch_statistics", None), bool)
+
+
+def is_batch_statistic_layer(module: nn.Module) -> bool:
+    """True for a layer that keeps running statistics of a set including the batch axis.
+
+    Native BatchNorm with ``track_running_stats``, and our layers with ``uses_batch_statistics``
+    (and ``reset_running_stats``; ``track_running_stats`` respected when a layer has it).
+    """
+    if isinstance(module, _BatchNorm):
+        return bool(module.track_running_stats) and module.running_mean is not None
+    if getattr(type(module), "uses_batch_statistics", False) is True:
+        return getattr(module, "track_running_stats", True) is not False and hasattr(module, "reset_running_stats")
+    return False
+
 
 StatisticsMode = Literal["eval", "train", "train_frozen"]
 STATISTICS_MODES: dict[str, str] = {

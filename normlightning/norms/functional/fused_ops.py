@@ -1,25 +1,15 @@
-"""One-pass normalize-and-affine on ``(N, K, L)`` views, with lean custom autograd.
+"""Custom autograd Functions with lean one-pass backwards, and the one-pass normalize + affine.
 
 ``x * scale + shift`` with statistic-sized ``scale``/``shift`` is the single full-size pass of
-every method that cannot use a native kernel; the per-channel affine ``gamma_c, beta_c`` is
-folded into ``scale``/``shift``.
+every method that cannot use a native kernel (the per-channel affine ``gamma_c, beta_c`` folded
+into ``scale``/``shift``). :class:`RowMoments` is the row mean / variance behind
+:func:`~.moments.row_moments`.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
-
-
-def channel_affine(y3: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
-    """Per-channel affine on a ``(N, C, S)`` tensor."""
-    if weight is None and bias is None:
-        return y3
-    if weight is None:
-        return y3 + bias.view(1, -1, 1)
-    if bias is None:
-        return y3 * weight.view(1, -1, 1)
-    return fma(y3, weight.view(1, -1, 1), bias.view(1, -1, 1))
 
 
 def fma(x: Tensor, a: Tensor, b: Tensor) -> Tensor:
@@ -31,16 +21,12 @@ def fma(x: Tensor, a: Tensor, b: Tensor) -> Tensor:
     return y.add_(b)
 
 
-def normalize_affine(x3: Tensor, mu: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
-    """``gamma_c (x - mu) / sqrt(var + eps) + beta_c`` on ``(N, C, S)`` with ``mu``/``var`` of shape
-    ``(N|1, C, 1)``, as one full-size pass ``x * scale + shift`` (scale/shift are statistic-sized)."""
-    scale = torch.rsqrt(var + eps)
-    if weight is not None:
-        scale = scale * weight.view(1, -1, 1)
-    shift = -mu * scale
-    if bias is not None:
-        shift = shift + bias.view(1, -1, 1)
-    return scale_shift(x3, scale, shift)
+def blocks(t: Tensor, r: int) -> Tensor:
+    """Repeat each entry of the 1-d ``t`` ``r`` times (``repeat_interleave``, without its index
+    computation: a broadcast copy). Always a real, contiguous tensor: for a 1-element ``t`` a
+    plain ``reshape`` of the expansion would be a stride-0 view, which native kernels (the
+    batch-norm backward among them) read through a raw pointer as if it were dense."""
+    return t if r == 1 else t.unsqueeze(1).expand(-1, r).contiguous().view(-1)
 
 
 class RowMoments(torch.autograd.Function):
@@ -100,15 +86,30 @@ class _ScaleShift(torch.autograd.Function):
         return gx, gscale, gshift
 
 
-def blocks(t: Tensor, r: int) -> Tensor:
-    """Repeat each entry of the 1-d ``t`` ``r`` times (``repeat_interleave``, without its index
-    computation: a broadcast copy). Always a real, contiguous tensor: for a 1-element ``t`` a
-    plain ``reshape`` of the expansion would be a stride-0 view, which native kernels (the
-    batch-norm backward among them) read through a raw pointer as if it were dense."""
-    return t if r == 1 else t.unsqueeze(1).expand(-1, r).contiguous().view(-1)
-
-
 def scale_shift(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
     """``x * scale + shift`` as one fused pass, ``scale``/``shift`` of shape ``(*, 1)``
     broadcasting against ``x (..., L)``; lean backward (see ``_ScaleShift``)."""
     return _ScaleShift.apply(x, scale, shift)
+
+
+def normalize_affine(x3: Tensor, mu: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
+    """``gamma_c (x - mu) / sqrt(var + eps) + beta_c`` on ``(N, C, S)`` with ``mu``/``var`` of shape
+    ``(N|1, C, 1)``, as one full-size pass ``x * scale + shift`` (scale/shift are statistic-sized)."""
+    scale = torch.rsqrt(var + eps)
+    if weight is not None:
+        scale = scale * weight.view(1, -1, 1)
+    shift = -mu * scale
+    if bias is not None:
+        shift = shift + bias.view(1, -1, 1)
+    return scale_shift(x3, scale, shift)
+
+
+def channel_affine(y3: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+    """Per-channel affine on a ``(N, C, S)`` tensor."""
+    if weight is None and bias is None:
+        return y3
+    if weight is None:
+        return y3 + bias.view(1, -1, 1)
+    if bias is None:
+        return y3 * weight.view(1, -1, 1)
+    return fma(y3, weight.view(1, -1, 1), bias.view(1, -1, 1))

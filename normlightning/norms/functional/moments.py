@@ -24,6 +24,7 @@ def chunk_sizes(n: int, k: int) -> list[int]:
 
 
 def check_set_size(size: int, what: str, fix: str) -> None:
+    """Raise ``ValueError`` (naming ``what`` and the ``fix``) for a set of fewer than 2 elements."""
     if size < 2:
         raise ValueError(
             f"{what} has {size} element(s) per normalization set in training; a set needs more "
@@ -69,8 +70,8 @@ def reduce_mean(
 def row_moments(x: Tensor) -> tuple[Tensor, Tensor]:
     """Mean and biased variance of ``x`` over its last dim (keepdim), shapes ``(*, 1)``.
 
-    Two passes of fast native reductions: the mean, then the centred sum of squares as an
-    inner product (``linalg.vecdot``), so there is no ``E[x^2] - E[x]^2`` cancellation.
+    Two passes of fast native reductions: the mean, then the centred sum of squares, so there
+    is no ``E[x^2] - E[x]^2`` cancellation.
     (On CPU ``torch.var_mean`` is a slow Welford kernel, several times a whole BatchNorm.)
     The backward is one fused pass (see ``RowMoments``).
     """

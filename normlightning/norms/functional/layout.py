@@ -67,7 +67,8 @@ class NormInput:
         is not already laid out so; a contiguous result of a channels_last input is the case
         this exists for). Inputs in no standard memory format keep ``y``'s strides."""
         source = self._source
-        y = y.reshape(source.shape)
+        if y.shape != source.shape:
+            y = y.reshape(source.shape)
         fmt = memory_format_of(source)
         if fmt is None or y.is_contiguous(memory_format=fmt):
             return y.to(source.dtype)

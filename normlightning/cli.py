@@ -21,6 +21,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
 from normlightning.callbacks.norm_injection import NormInjection
+from normlightning.data.base import MissingDataAttributeError
 from normlightning.tasks.base import BaseTask
 
 #: Task arguments filled from the data module after it is instantiated: data attr -> task arg.
@@ -104,6 +105,20 @@ class NormLightningCLI(LightningCLI):
         for data_attr, model_arg in DATA_TO_MODEL_LINKS.items():
             parser.link_arguments(f"data.{data_attr}", f"model.init_args.{model_arg}", apply_on="instantiate")
 
+    def instantiate_classes(self) -> None:
+        """Instantiate data, model and trainer; a task argument that the data module should have
+        provided (``num_classes``, ``input_shape``) is reported as its own clear error, not wrapped
+        in the parser's "Does not validate against any of the Union subtypes"."""
+        try:
+            super().instantiate_classes()
+        except ValueError as err:
+            cause = err
+            while cause is not None and not isinstance(cause, MissingDataAttributeError):
+                cause = cause.__cause__ or cause.__context__
+            if cause is None:
+                raise
+            raise cause from None
+
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """The Trainer; with ``trainer.logger: false`` the default LearningRateMonitor is dropped (it needs a logger)."""
         trainer_config = self._get(self.config_init, "trainer", default={})
@@ -112,6 +127,26 @@ class NormLightningCLI(LightningCLI):
                 callback for callback in trainer_config["callbacks"] if not isinstance(callback, LearningRateMonitor)
             ]
         return super().instantiate_trainer(**kwargs)
+
+
+    def _point_injection_at_checkpoint(self, subcommand: str) -> None:
+        """Tell the ``norm:`` callback which checkpoint this run restores: its stored layers win."""
+        ckpt_path = self.config_init[subcommand].get("ckpt_path")
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, NormInjection):
+                callback.checkpoint_path = ckpt_path
+
+    def before_fit(self) -> None:
+        self._point_injection_at_checkpoint("fit")
+
+    def before_validate(self) -> None:
+        self._point_injection_at_checkpoint("validate")
+
+    def before_test(self) -> None:
+        self._point_injection_at_checkpoint("test")
+
+    def before_predict(self) -> None:
+        self._point_injection_at_checkpoint("predict")
 
 
 def build_cli(args: ArgsType = None, run: bool = True) -> NormLightningCLI:

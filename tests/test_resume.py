@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from normlightning.callbacks.injection_spec import CHECKPOINT_KEY
+from normlightning.injection import CHECKPOINT_KEY
 from normlightning.cli import build_cli
 from normlightning.norms import BatchGroupNorm, GroupNorm
 from normlightning.tasks import ClassificationTask

@@ -19,6 +19,7 @@ from torch import Tensor
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
+from normlightning.data.base import missing_link_error
 from normlightning.models import build_backbone
 from normlightning.models.input_normalization import InputNormalization
 from normlightning.tasks.base import BaseTask
@@ -32,9 +33,9 @@ class ClassificationTask(BaseTask):
     Args:
         backbone: a name from :func:`normlightning.models.available_backbones` or any
             torchvision classification model (``resnet18``, ``mobilenet_v2``, ...).
-        num_classes: number of classes (linked from ``data.num_classes`` by the CLI).
+        num_classes: number of classes (linked from ``data.num_classes`` by the CLI); required.
         backbone_kwargs: extra arguments for the backbone factory (e.g. ``{width: 16}``).
-        input_shape: ``(C, H, W)`` of one image (linked from ``data.input_shape``).
+        input_shape: ``(C, H, W)`` of one image (linked from ``data.input_shape``); required.
         input_mean: per-channel mean for the input normalization (linked from ``data.mean``);
             ``None`` means 0 for every channel.
         input_std: per-channel std (linked from ``data.std``); ``None`` means 1.
@@ -47,15 +48,18 @@ class ClassificationTask(BaseTask):
         self,
         *,
         backbone: str = "resnet18",
-        num_classes: int = 1000,
+        num_classes: int | None = None,
         backbone_kwargs: dict[str, Any] | None = None,
-        input_shape: tuple[int, int, int] = (3, 224, 224),
+        input_shape: tuple[int, int, int] | None = None,
         input_mean: tuple[float, ...] | None = None,
         input_std: tuple[float, ...] | None = None,
         label_smoothing: float = 0.0,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        for setting, value in (("num_classes", num_classes), ("input_shape", input_shape)):
+            if value is None:
+                raise missing_link_error(setting)
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
         self.save_hyperparameters()

@@ -12,7 +12,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from normlightning import sweep
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 TINY = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1",
@@ -35,11 +34,8 @@ def examples():
 
 
 def _norm_args(method: str) -> list[str]:
-    """Select the injected method: the CLI's ``norm:`` section, or the same callback explicitly."""
-    if sweep._norm_section_supported():
-        return [f"--norm.method={method}"]
-    return ["--trainer.callbacks+=normlightning.callbacks.norm_injection.NormInjection",
-            f"--trainer.callbacks.method={method}"]
+    """Select the injected method: the CLI's ``norm:`` section."""
+    return [f"--norm.method={method}"]
 
 
 def _checkpoint(root: Path) -> Path:

@@ -103,6 +103,26 @@ def test_mixup_task_without_mixing_is_plain_cross_entropy(examples) -> None:
         examples["custom_task"].MixupClassificationTask(mixup_alpha=-1.0)
 
 
+def test_mixup_task_trains_on_the_mixed_batch_through_the_hooks(examples) -> None:
+    module = examples["custom_task"]
+    task = module.MixupClassificationTask(
+        mixup_alpha=0.4, backbone="small_cnn", backbone_kwargs={"width": 4}, num_classes=3, input_shape=(1, 6, 6))
+    x, y = torch.rand(4, 1, 6, 6), torch.tensor([0, 1, 2, 0])
+    task.eval()  # deterministic BN for the comparison
+    torch.manual_seed(5)
+    loss = task.training_step((x, y), 0)
+    torch.manual_seed(5)  # the same lam and permutation, drawn by hand
+    alpha = torch.tensor(0.4)
+    lam = float(torch.distributions.Beta(alpha, alpha).sample())
+    perm = torch.randperm(4)
+    logits = task(lam * x + (1 - lam) * x[perm])
+    expected = lam * F.cross_entropy(logits, y) + (1 - lam) * F.cross_entropy(logits, y[perm])
+    torch.testing.assert_close(loss, expected)
+    # the inherited step still fed train/acc1 (the mixed batch's logits against y)
+    accuracy = (logits.argmax(-1) == y).float().mean()
+    assert float(task.train_metrics.compute()["train/acc1"]) == pytest.approx(float(accuracy))
+
+
 def test_custom_task_from_config_by_class_path(examples, run_dir) -> None:
     module = examples["custom_task"]
     config = EXAMPLES / "configs" / "custom_task.yaml"

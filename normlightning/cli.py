@@ -6,8 +6,8 @@ The data module's ``num_classes``, ``input_shape``, ``mean`` and ``std`` are pas
 task's ``num_classes``, ``input_shape``, ``input_mean`` and ``input_std`` after it is built.
 
 Defaults: seed 0, a TensorBoard logger writing to ``runs/<name>/version_<n>``, a
-``checkpoint:`` section (:class:`Checkpoint`, a ``ModelCheckpoint`` on ``val/acc1``, mode max,
-plus an always up-to-date ``last.ckpt``), a ``norm:`` section (the norm-layer injection),
+``checkpoint:`` section (:class:`~normlightning.callbacks.checkpoint.Checkpoint`, a
+``ModelCheckpoint`` on ``val/acc1``, mode max, plus an always up-to-date ``last.ckpt``), a ``norm:`` section (the norm-layer injection),
 the learning rate logged every step, the progress bar, and the resolved config saved next
 to the logs (``config.yaml``, overwritten on a rerun).
 """
@@ -16,10 +16,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from lightning.pytorch import LightningDataModule, LightningModule, Trainer
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch import LightningDataModule, Trainer
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
+from normlightning.callbacks.checkpoint import CHECKPOINT_DEFAULTS, Checkpoint
 from normlightning.callbacks.norm_injection import NormInjection
 from normlightning.data.base import MissingDataAttributeError
 from normlightning.tasks.base import BaseTask
@@ -45,42 +46,6 @@ TRAINER_DEFAULTS: dict[str, Any] = {
         }
     ],
 }
-
-#: Defaults of the ``checkpoint:`` section (a :class:`Checkpoint` that is always present).
-CHECKPOINT_DEFAULTS: dict[str, Any] = {
-    "monitor": "val/acc1",
-    "mode": "max",
-    "save_last": True,
-    "save_top_k": 1,
-    "filename": "best-epoch{epoch:03d}-step{step}",
-    "auto_insert_metric_name": False,
-}
-
-
-class Checkpoint(ModelCheckpoint):
-    """``ModelCheckpoint`` whose ``last.ckpt`` is refreshed at every checkpointing point.
-
-    Lightning 2.6 writes ``last.ckpt`` (``save_last=True``) only when a top-k checkpoint is
-    written, so with a monitored metric that stops improving ``last.ckpt`` would lag behind
-    the run and resuming from it would repeat epochs. Here it always holds the latest state
-    (after each validation, or each training epoch when checkpointing there).
-    """
-
-    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        super().on_train_epoch_end(trainer, pl_module)
-        if self._should_save_on_train_epoch_end(trainer):
-            self._refresh_last(trainer)
-
-    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        super().on_validation_end(trainer, pl_module)
-        if not self._should_save_on_train_epoch_end(trainer):
-            self._refresh_last(trainer)
-
-    def _refresh_last(self, trainer: Trainer) -> None:
-        # skipped in sanity checks, fast_dev_run, outside fit, and when this step is already saved
-        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
-
 
 class NormLightningCLI(LightningCLI):
     """LightningCLI for normlightning tasks and data modules.

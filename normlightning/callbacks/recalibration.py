@@ -34,73 +34,26 @@ Distributed: each process recalibrates on the batches it is given; with DDP's
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any, Literal
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import nn
 
+from normlightning.callbacks.evaluation import ForwardFn, default_forward, evaluate_accuracy, trainer_dataloader
 from normlightning.norms.layer_kinds import is_batch_statistic_layer
 
 __all__ = [
     "Recalibration",
     "batch_statistic_layers",
-    "default_forward",
-    "default_target",
-    "evaluate_accuracy",
     "recalibrate_statistics",
     "running_buffer_names",
 ]
 
-ForwardFn = Callable[[nn.Module, Any], Any]
-TargetFn = Callable[[Any], torch.Tensor]
-
 
 # ----------------------------------------------------------------------------- helpers
-def model_device(model: nn.Module) -> torch.device:
-    """Device of the model's first parameter (or buffer); CPU for a stateless model."""
-    for tensor in model.parameters():
-        return tensor.device
-    for tensor in model.buffers():
-        return tensor.device
-    return torch.device("cpu")
-
-
-def _inputs(batch: Any) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch
-    if isinstance(batch, (list, tuple)) and batch:
-        return batch[0]
-    raise TypeError(
-        f"default_forward: cannot find the inputs in a batch of type {type(batch).__name__}; "
-        "batches must be a tensor or an (inputs, targets, ...) sequence, otherwise pass "
-        "`forward_fn=lambda model, batch: model(...)`"
-    )
-
-
-def default_forward(model: nn.Module, batch: Any) -> Any:
-    """Move ``batch`` to the model's device and return ``model(inputs)``.
-
-    ``inputs`` is ``batch`` itself when it is a tensor, else ``batch[0]`` (the usual
-    ``(x, y)`` pair). For a ``ClassificationTask`` this is ``backbone(normalize(x))``:
-    logits of shape ``(N, num_classes)``.
-    """
-    return model(move_data_to_device(_inputs(batch), model_device(model)))
-
-
-def default_target(batch: Any) -> torch.Tensor:
-    """Targets of an ``(inputs, targets, ...)`` batch: ``batch[1]``, class indices ``(N,)``."""
-    if isinstance(batch, (list, tuple)) and len(batch) >= 2:
-        return batch[1]
-    raise TypeError(
-        f"default_target: batches of type {type(batch).__name__} have no targets at index 1; "
-        "pass `target_fn=lambda batch: ...`"
-    )
-
-
 def running_buffer_names(layer: nn.Module) -> set[str]:
     """Names (in ``layer.state_dict()``) of the buffers a recalibration may change.
 
@@ -130,46 +83,6 @@ def batch_statistic_layers(model: nn.Module) -> dict[str, nn.Module]:
     return found
 
 
-@torch.no_grad()
-def evaluate_accuracy(
-    model: nn.Module,
-    dataloader: Iterable[Any],
-    forward_fn: ForwardFn | None = None,
-    target_fn: TargetFn | None = None,
-    max_batches: int | None = None,
-) -> float:
-    """Top-1 accuracy of ``model`` in ``eval()`` mode: ``#{argmax(logits) == y} / #examples``.
-
-    Args:
-        model: returns logits ``(N, num_classes)`` through ``forward_fn``.
-        dataloader: iterable of batches.
-        forward_fn: ``(model, batch) -> logits``; default :func:`default_forward`.
-        target_fn: ``batch -> targets (N,)``; default :func:`default_target`.
-        max_batches: stop after this many batches (default: all).
-
-    The model's ``training`` flags are restored afterwards.
-    """
-    forward_fn = forward_fn or default_forward
-    target_fn = target_fn or default_target
-    flags = {m: m.training for m in model.modules()}
-    model.eval()
-    correct, total = 0, 0
-    try:
-        for i, batch in enumerate(dataloader):
-            if max_batches is not None and i >= max_batches:
-                break
-            logits = forward_fn(model, batch)
-            target = target_fn(batch).to(logits.device)
-            correct += int((logits.argmax(dim=-1) == target).sum())
-            total += int(target.numel())
-    finally:
-        for module, flag in flags.items():
-            module.training = flag
-    if total == 0:
-        raise ValueError("evaluate_accuracy: the dataloader yielded no examples; give it a non-empty loader")
-    return correct / total
-
-
 # ------------------------------------------------------------------------ the function
 @torch.no_grad()
 def recalibrate_statistics(
@@ -191,7 +104,7 @@ def recalibrate_statistics(
         batches: iterable of training batches (a DataLoader); finite if ``num_batches`` is None.
         num_batches: K, how many batches to use (default: all of ``batches``). Fewer
             available -> a warning and all of them are used.
-        forward_fn: ``(model, batch) -> Any``; default :func:`default_forward`.
+        forward_fn: ``(model, batch) -> Any``; default :func:`~normlightning.callbacks.evaluation.default_forward`.
 
     Returns:
         The number of batches used (0 when the model has no batch-statistic layer).
@@ -255,7 +168,7 @@ class Recalibration(Callback):
         report_accuracy: also measure top-1 accuracy on the validation loader before
             and after (costs two passes over it); logged as ``recalibration/acc_before``
             and ``recalibration/acc_after``.
-        forward_fn: ``(model, batch) -> logits``; default :func:`default_forward`.
+        forward_fn: ``(model, batch) -> logits``; default :func:`~normlightning.callbacks.evaluation.default_forward`.
 
     Logged (to every logger): ``recalibration/num_batches`` (+ accuracies). The last
     result is kept in :attr:`last_result`.
@@ -305,13 +218,13 @@ class Recalibration(Callback):
         """
         if trainer.sanity_checking:
             return {}
-        train_loader = _loader(trainer, "train")
+        train_loader = trainer_dataloader(trainer, "train")
         if train_loader is None:
             raise RuntimeError(
                 "Recalibration: no training dataloader; use a DataModule with train_dataloader() or run trainer.fit"
             )
         result: dict[str, float] = {}
-        val_loader = _loader(trainer, "val") if self.report_accuracy else None
+        val_loader = trainer_dataloader(trainer, "val") if self.report_accuracy else None
         if self.report_accuracy and val_loader is None:
             rank_zero_warn("Recalibration: report_accuracy=True but there is no validation dataloader.")
         if val_loader is not None:
@@ -326,21 +239,3 @@ class Recalibration(Callback):
         rank_zero_info("Recalibration: " + ", ".join(f"{k}={v:.4g}" for k, v in result.items()))
         self.last_result = result
         return result
-
-
-def _loader(trainer: Trainer, split: Literal["train", "val"]) -> Any:
-    """A fresh loader from the datamodule if there is one, else the trainer's loader."""
-    datamodule = getattr(trainer, "datamodule", None)
-    if datamodule is not None:
-        method = getattr(datamodule, f"{split}_dataloader", None)
-        if method is not None:
-            try:
-                return method()
-            except NotImplementedError:
-                pass
-    loaders = trainer.train_dataloader if split == "train" else trainer.val_dataloaders
-    if isinstance(loaders, (list, tuple)):
-        return loaders[0] if loaders else None
-    if isinstance(loaders, dict):
-        return next(iter(loaders.values()), None)
-    return loaders

@@ -11,16 +11,9 @@ A few-shot dataset is split **by classes** into three disjoint sets:
 queries, the number of episodes and their seed). Its ``val_dataloader`` yields ``val_episodes``
 ``n_way``-way ``val_shot``-shot episodes; its ``test_dataloader`` is a list with one loader per
 ``K`` in ``test_shots`` (``test_episodes`` each). Every batch of these loaders is one whole
-episode, a dict::
-
-    {"image": (N*K + N*Q, C, H, W) float in [0, 1],   # support grouped by class, then queries
-     "label": (N*K + N*Q,) int64 original labels,       # EpisodeSampler order
-     "n_way": N, "k_shot": K, "q_query": Q, "episode": i}
-
-so the task never has to guess how to split it (see
-:func:`normlightning.data.episodes.split_episode`). Episodes are produced by
-:class:`EpisodeDataset`, an ``IterableDataset`` over :class:`~normlightning.data.episodes.EpisodeSampler`:
-Lightning then leaves the loader alone under DDP (it injects a ``DistributedSampler`` only
+episode, the dict of :class:`~normlightning.data.episodes.EpisodeDataset` (an ``IterableDataset``
+over :class:`~normlightning.data.episodes.EpisodeSampler`), so the task never has to guess how
+to split it (see :func:`normlightning.data.episodes.split_episode`). Lightning then leaves the loader alone under DDP (it injects a ``DistributedSampler`` only
 into map-style loaders) and the data module shards the episodes itself: process ``r`` of
 ``W`` evaluates episodes ``r, r + W, ...`` of the same seeded set (and loader workers split a
 process's share further), so the union over processes is exactly the single-process set.
@@ -32,21 +25,20 @@ lists) and :class:`~normlightning.data.mini_imagenet.MiniImageNet`.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from lightning.pytorch import LightningDataModule
 from torch import Tensor
-from torch.utils.data import ConcatDataset, DataLoader, Dataset, IterableDataset, get_worker_info
+from torch.utils.data import ConcatDataset, DataLoader, Dataset
 from torchvision.transforms import v2
 
 from normlightning.data.base import BaseDataModule, Split
-from normlightning.data.episodes import EpisodeSampler
+from normlightning.data.episodes import EpisodeDataset
 
 __all__ = [
     "ClassSplitFewShotDataModule",
-    "EpisodeDataset",
     "FewShotDataModule",
     "RelabelledSubset",
     "dataset_labels",
@@ -128,61 +120,6 @@ class RelabelledSubset(Dataset):
         if self.transform is not None:
             image = self.transform(image)
         return image, self.labels[i]
-
-
-class EpisodeDataset(IterableDataset):
-    """Iterable of whole episodes (the dict documented in the module docstring).
-
-    Args:
-        dataset: map-style dataset of ``(image (C, H, W) tensor, label)``.
-        labels: label of every index of ``dataset`` (int ``(len(dataset),)``).
-        n_way, k_shot, q_query, episodes, seed: the episode set (see
-            :class:`~normlightning.data.episodes.EpisodeSampler`).
-        num_replicas, rank: this process's share of the episodes (``rank, rank + num_replicas, ...``).
-
-    With loader workers, worker ``w`` of ``W`` yields every ``W``-th episode of the share.
-    """
-
-    def __init__(
-        self,
-        dataset: Dataset,
-        labels: Tensor,
-        n_way: int,
-        k_shot: int,
-        q_query: int,
-        episodes: int,
-        seed: int,
-        num_replicas: int = 1,
-        rank: int = 0,
-    ) -> None:
-        super().__init__()
-        self.dataset = dataset
-        self.sampler = EpisodeSampler(labels, n_way, k_shot, q_query, episodes, seed, num_replicas, rank)
-        self.n_way, self.k_shot, self.q_query = n_way, k_shot, q_query
-
-    def __len__(self) -> int:
-        return len(self.sampler)
-
-    def episode_ids(self) -> list[int]:
-        """Indices (in the full seeded set) of the episodes this process and loader worker yield."""
-        ids = list(range(self.sampler.rank, self.sampler.episodes, self.sampler.num_replicas))
-        worker = get_worker_info()
-        if worker is not None:
-            ids = ids[worker.id :: worker.num_workers]
-        return ids
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        for i in self.episode_ids():
-            indices = self.sampler.episode(i)
-            items = [self.dataset[j] for j in indices]
-            yield {
-                "image": torch.stack([torch.as_tensor(item[0]) for item in items]),
-                "label": torch.as_tensor([int(item[1]) for item in items], dtype=torch.long),
-                "n_way": self.n_way,
-                "k_shot": self.k_shot,
-                "q_query": self.q_query,
-                "episode": i,
-            }
 
 
 class FewShotDataModule(BaseDataModule):

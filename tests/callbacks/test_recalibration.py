@@ -9,12 +9,8 @@ from lightning.pytorch.loggers import Logger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from normlightning.callbacks.recalibration import (
-    Recalibration,
-    batch_statistic_layers,
-    evaluate_accuracy,
-    recalibrate_statistics,
-)
+from normlightning.callbacks.evaluation import evaluate_accuracy
+from normlightning.callbacks.recalibration import Recalibration, batch_statistic_layers, recalibrate_statistics
 
 
 def _batches(k: int, n: int = 4, shift: float = 3.0) -> list[tuple[torch.Tensor, torch.Tensor]]:

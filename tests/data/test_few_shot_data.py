@@ -8,9 +8,10 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-import normlightning.data.few_shot as few_shot
+import normlightning.data.episodes as episodes_module
 from normlightning.data import Digits
-from normlightning.data.few_shot import ClassSplitFewShotDataModule, EpisodeDataset, dataset_labels
+from normlightning.data.episodes import EpisodeDataset
+from normlightning.data.few_shot import ClassSplitFewShotDataModule, dataset_labels
 
 
 def _toy(num_classes: int = 6, per_class: int = 5) -> tuple[TensorDataset, torch.Tensor]:
@@ -44,7 +45,7 @@ def test_episodes_shard_across_processes_and_workers(monkeypatch: pytest.MonkeyP
             seen[e["episode"]] = e["label"]
     assert seen.keys() == single.keys() and all(torch.equal(seen[i], single[i]) for i in single)
     # loader workers split a process's share: worker 1 of 2 on rank 0 gets episodes 3 (rank 0 has 0, 3, 6)
-    monkeypatch.setattr(few_shot, "get_worker_info", lambda: SimpleNamespace(id=1, num_workers=2))
+    monkeypatch.setattr(episodes_module, "get_worker_info", lambda: SimpleNamespace(id=1, num_workers=2))
     assert [e["episode"] for e in shards[0]] == [3]
 
 

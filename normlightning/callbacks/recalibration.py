@@ -28,13 +28,14 @@ SyncBatchNorm) with ``track_running_stats=True``, and any module whose class att
 ``seqnorm``, ``hn`` with batch sets, ``sn``, ``brn``) and that has
 ``reset_running_stats()`` and ``momentum``.
 
-Distributed: each process recalibrates on the batches it is given; with DDP's
-``broadcast_buffers=True`` (the default) rank 0's buffers win at the next forward.
+Distributed: each process recalibrates on the batches it is given; the callback then averages
+the statistics over the processes (``sync=True``, default), so every rank and every checkpoint
+holds the same recalibrated statistics.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
 import torch
@@ -47,6 +48,7 @@ from normlightning.norms.layer_kinds import is_batch_statistic_layer
 
 __all__ = [
     "Recalibration",
+    "average_running_statistics",
     "batch_statistic_layers",
     "recalibrate_statistics",
     "running_buffer_names",
@@ -152,6 +154,33 @@ def recalibrate_statistics(
     return used
 
 
+def average_running_statistics(model: nn.Module, reduce_mean: Callable[[torch.Tensor], torch.Tensor]) -> int:
+    """Replace every floating running statistic of ``model``'s batch-statistic layers by
+    ``reduce_mean(statistic)`` (e.g. the mean over DDP processes); returns how many were reduced.
+
+    Counters (``num_batches_tracked``) and non-statistic buffers are left as they are.
+    """
+    count = 0
+    with torch.no_grad():
+        for layer in batch_statistic_layers(model).values():
+            buffers = dict(layer.named_buffers())
+            for name in sorted(running_buffer_names(layer) - {"num_batches_tracked"}):
+                buffer = buffers.get(name)
+                if buffer is not None and buffer.is_floating_point():
+                    buffer.copy_(reduce_mean(buffer.detach().clone()))
+                    count += 1
+    return count
+
+
+def _is_final_training_batch(trainer: Trainer, batch_idx: int) -> bool:
+    """Whether the batch just trained on is the fit's last (``max_steps`` reached, or the last
+    batch of the last epoch)."""
+    if trainer.max_steps != -1 and trainer.global_step >= trainer.max_steps:
+        return True
+    last_epoch = trainer.max_epochs not in (None, -1) and trainer.current_epoch + 1 >= trainer.max_epochs
+    return last_epoch and batch_idx + 1 >= trainer.num_training_batches
+
+
 # ------------------------------------------------------------------------ the callback
 _WHEN = ("train_end", "validation_start", "test_start")
 
@@ -161,14 +190,19 @@ class Recalibration(Callback):
 
     Args:
         num_batches: K training batches for the cumulative average.
-        when: one or several of ``"train_end"`` (once, after the last training step;
-            later ``validate``/``test`` calls in the same process use the result),
+        when: one or several of ``"train_end"`` (once, right after the last training step, so
+            the final validation and every checkpoint written after it hold the recalibrated
+            statistics; a run stopped early is recalibrated at its end and its ``last.ckpt``
+            rewritten; later ``validate``/``test`` calls in the same process use the result),
             ``"validation_start"`` (before every validation run, including sanity
             check), ``"test_start"``.
         report_accuracy: also measure top-1 accuracy on the validation loader before
             and after (costs two passes over it); logged as ``recalibration/acc_before``
             and ``recalibration/acc_after``.
         forward_fn: ``(model, batch) -> logits``; default :func:`~normlightning.callbacks.evaluation.default_forward`.
+        sync: under DDP, average the recalibrated statistics over the processes (each process
+            recalibrates on its own batches; the average is over ``K * world_size`` batches).
+            ``False`` keeps each process's own result (checkpoints hold rank 0's).
 
     Logged (to every logger): ``recalibration/num_batches`` (+ accuracies). The last
     result is kept in :attr:`last_result`.
@@ -178,12 +212,16 @@ class Recalibration(Callback):
     Without a DistributedSampler every process sees the loader's own order.
     """
 
+    #: Set once ``train_end`` recalibration has run in this fit.
+    _done_for_fit: bool = False
+
     def __init__(
         self,
         num_batches: int = 100,
         when: Literal["train_end", "validation_start", "test_start"] | list[str] = "train_end",
         report_accuracy: bool = False,
         forward_fn: ForwardFn | None = None,
+        sync: bool = True,
     ) -> None:
         if not isinstance(num_batches, int) or num_batches < 1:
             raise ValueError(f"Recalibration: num_batches must be a positive int, got {num_batches!r}")
@@ -195,12 +233,27 @@ class Recalibration(Callback):
         self.when = tuple(when_list)
         self.report_accuracy = report_accuracy
         self.forward_fn = forward_fn
+        self.sync = sync
         self.last_result: dict[str, float] | None = None
 
     # hooks --------------------------------------------------------------------------
-    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if "train_end" in self.when:
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._done_for_fit = False
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if "train_end" in self.when and not self._done_for_fit and _is_final_training_batch(trainer, batch_idx):
             self.recalibrate(trainer, pl_module)
+            self._done_for_fit = True
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if "train_end" in self.when and not self._done_for_fit:  # stopped early (e.g. EarlyStopping)
+            self.recalibrate(trainer, pl_module)
+            self._done_for_fit = True
+            for callback in trainer.checkpoint_callbacks:
+                path = getattr(callback, "last_model_path", "")
+                if path:
+                    trainer.save_checkpoint(path)
+                    rank_zero_info(f"Recalibration: rewrote {path} with the recalibrated statistics")
 
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if "validation_start" in self.when:
@@ -232,6 +285,8 @@ class Recalibration(Callback):
         result["recalibration/num_batches"] = float(
             recalibrate_statistics(pl_module, train_loader, self.num_batches, self.forward_fn)
         )
+        if self.sync and trainer.world_size > 1:
+            average_running_statistics(pl_module, lambda t: trainer.strategy.reduce(t, reduce_op="mean"))
         if val_loader is not None:
             result["recalibration/acc_after"] = evaluate_accuracy(pl_module, val_loader, self.forward_fn)
         for logger in trainer.loggers:

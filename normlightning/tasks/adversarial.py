@@ -182,6 +182,7 @@ class AdversarialTask(ClassificationTask):
 
     def setup(self, stage: str) -> None:
         """Write :meth:`attack_summary` to the log and, with TensorBoard, as text ``adversarial/settings``."""
+        super().setup(stage)
         summary = self.attack_summary()
         rank_zero_info(summary)
         trainer = self._trainer

@@ -38,6 +38,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.optim import Optimizer
 
 from normlightning.injection import check_checkpoint_file, restore_injection, store_injection
+from normlightning.tasks.last_batch import check_last_training_batch
 from normlightning.tasks.lr_scaling import linear_lr_factor, scale_learning_rates
 from normlightning.tasks.norm_weight_decay import add_decay_toward_one, check_norm_decay, norm_parameter_groups
 
@@ -129,6 +130,16 @@ class BaseTask(LightningModule):
             self.remove_ignored_hparams(drop)
             for key in drop:
                 self._hparams_initial.pop(key, None)
+
+    def setup(self, stage: str) -> None:
+        """At ``fit``: check that the epoch's last, incomplete training batch can be normalized
+        (:func:`~normlightning.tasks.last_batch.check_last_training_batch`), so a bad remainder
+        fails now, naming ``data.drop_last``, not after a whole epoch."""
+        if stage != "fit" or self._trainer is None:
+            return
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None:
+            check_last_training_batch(self, datamodule.train_dataloader(), self.trainer.world_size)
 
     def parameter_groups(self) -> list[dict[str, Any]]:
         """Parameter groups handed to the optimizer: ``default`` (all trainable parameters) and,

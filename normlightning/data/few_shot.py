@@ -135,6 +135,9 @@ class FewShotDataModule(BaseDataModule):
         test_episodes: episodes per ``K`` (600 in the papers).
         val_shot: ``K`` of the validation episodes.
         val_episodes: validation episodes per validation run (0: no validation).
+        val_n_way: ``N`` of the validation episodes (``None``: ``n_way``; a validation split with
+            fewer classes than ``n_way`` needs a smaller one).
+        val_q_query: ``Q`` of the validation episodes (``None``: ``q_query``).
         episode_seed: seed of the episode sets (test: ``episode_seed``; validation: ``episode_seed + 1``).
             The same seed gives the same episodes, on any number of processes.
         augment: use the training augmentation (:func:`few_shot_train_transform`) on base batches.
@@ -156,6 +159,8 @@ class FewShotDataModule(BaseDataModule):
         test_episodes: int = 600,
         val_shot: int = 5,
         val_episodes: int = 200,
+        val_n_way: int | None = None,
+        val_q_query: int | None = None,
         episode_seed: int = 0,
         augment: bool = True,
         crop_padding: int = 8,
@@ -177,10 +182,16 @@ class FewShotDataModule(BaseDataModule):
             raise ValueError(f"test_episodes must be >= 2 (the 95% interval needs two episodes), got {test_episodes}")
         if val_shot < 1 or val_episodes < 0:
             raise ValueError(f"need val_shot >= 1 and val_episodes >= 0, got {val_shot} and {val_episodes}")
+        if val_n_way is not None and val_n_way < 2:
+            raise ValueError(f"val_n_way must be >= 2 or null (= n_way), got {val_n_way}")
+        if val_q_query is not None and val_q_query < 1:
+            raise ValueError(f"val_q_query must be >= 1 or null (= q_query), got {val_q_query}")
         if crop_padding < 0 or color_jitter < 0:
             raise ValueError(f"crop_padding and color_jitter must be >= 0, got {crop_padding} and {color_jitter}")
         self.n_way, self.test_shots, self.q_query = n_way, shots, q_query
         self.test_episodes, self.val_shot, self.val_episodes = test_episodes, val_shot, val_episodes
+        self.val_n_way = n_way if val_n_way is None else val_n_way
+        self.val_q_query = q_query if val_q_query is None else val_q_query
         self.episode_seed = episode_seed
         self.augment, self.crop_padding, self.color_jitter, self.flip = augment, crop_padding, color_jitter, flip
         self.split_labels: dict[str, Tensor] = {}
@@ -243,13 +254,22 @@ class FewShotDataModule(BaseDataModule):
             return 1, 0
         return int(trainer.world_size), int(trainer.global_rank)
 
-    def episode_loader(self, split: Split, k_shot: int, episodes: int, seed: int) -> DataLoader:
-        """A loader of ``episodes`` seeded ``n_way``-way ``k_shot``-shot episodes of ``split`` (this process's share)."""
+    def episode_loader(
+        self, split: Split, k_shot: int, episodes: int, seed: int, n_way: int | None = None, q_query: int | None = None
+    ) -> DataLoader:
+        """A loader of ``episodes`` seeded ``n_way``-way ``k_shot``-shot episodes of ``split`` (this
+        process's share); ``n_way``/``q_query`` default to the data module's."""
         dataset = self._dataset(split)
         num_replicas, rank = self._replicas()
-        episode_set = EpisodeDataset(
-            dataset, self.split_labels[split], self.n_way, k_shot, self.q_query, episodes, seed, num_replicas, rank
-        )
+        n_way = self.n_way if n_way is None else n_way
+        q_query = self.q_query if q_query is None else q_query
+        try:
+            episode_set = EpisodeDataset(
+                dataset, self.split_labels[split], n_way, k_shot, q_query, episodes, seed, num_replicas, rank
+            )
+        except ValueError as err:
+            setting = "data.val_n_way" if split == "val" else "data.n_way"
+            raise ValueError(f"{split} episodes: {err} (set {setting})") from err
         return DataLoader(
             episode_set,
             batch_size=None,
@@ -262,7 +282,9 @@ class FewShotDataModule(BaseDataModule):
         """``val_episodes`` episodes of ``val_shot`` shots on the validation classes (``[]``: no validation)."""
         if self.val_episodes == 0 or not self.has_split("val"):
             return []
-        return self.episode_loader("val", self.val_shot, self.val_episodes, self.episode_seed + 1)
+        return self.episode_loader(
+            "val", self.val_shot, self.val_episodes, self.episode_seed + 1, n_way=self.val_n_way, q_query=self.val_q_query
+        )
 
     def test_dataloader(self) -> list[DataLoader]:
         """One loader per ``K`` in ``test_shots``: ``test_episodes`` episodes on the novel classes."""
@@ -321,10 +343,10 @@ class ClassSplitFewShotDataModule(FewShotDataModule):
                 raise ValueError(f"{a} and {b} must be disjoint, both contain {common}")
         if not sets["base_classes"]:
             raise ValueError("base_classes must list at least one class")
-        for name in ("novel_classes", "val_classes"):
-            if sets[name] and len(sets[name]) < self.n_way:
+        for name, setting, n_way in (("novel_classes", "n_way", self.n_way), ("val_classes", "val_n_way", self.val_n_way)):
+            if sets[name] and len(sets[name]) < n_way:
                 raise ValueError(
-                    f"{name} has {len(sets[name])} classes, fewer than n_way={self.n_way}; add classes or lower n_way"
+                    f"{name} has {len(sets[name])} classes, fewer than {setting}={n_way}; add classes or lower {setting}"
                 )
         if not set(source_splits) <= {"train", "val", "test"} or not source_splits:
             raise ValueError(f"source_splits must be a non-empty subset of train, val, test; got {list(source_splits)}")

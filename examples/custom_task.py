@@ -7,7 +7,9 @@ and a permutation ``p`` of the batch, train on
     loss  = lam * CE(f(x_mix), y) + (1 - lam) * CE(f(x_mix), y[p])
 
 Validation and test are unchanged. ``x`` is in pixel space ``[0, 1]`` (the model normalizes
-it), so the mix stays in ``[0, 1]``.
+it), so the mix stays in ``[0, 1]``. The task overrides two hooks of ``ClassificationTask``:
+``prepare_training_batch`` mixes the batch and ``training_loss`` mixes the two losses; the
+training step itself (``train/loss``, ``train/acc1`` against ``y``) is inherited.
 
 Use it from a config (``examples/configs/custom_task.yaml``)::
 
@@ -70,16 +72,19 @@ class MixupClassificationTask(ClassificationTask):
         alpha = torch.tensor(self.mixup_alpha)
         return float(torch.distributions.Beta(alpha, alpha).sample())
 
-    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
+    def prepare_training_batch(self, batch: Any) -> tuple[Tensor, Tensor, Tensor, float]:
+        """``(x_mix, y, y[perm], lam)`` for a batch ``(x, y)``; logs ``train/mixup_lam``."""
         x, y = batch[0], batch[1]
         lam = self.sample_lam()
         perm = torch.randperm(x.shape[0], device=x.device)
         x_mix, y_a, y_b = mixup(x, y, lam, perm)
-        logits = self(x_mix)
-        loss = mixup_loss(logits, y_a, y_b, lam, self.label_smoothing)
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=x.shape[0])
         self.log("train/mixup_lam", lam, on_step=False, on_epoch=True, batch_size=x.shape[0])
-        return loss
+        return x_mix, y_a, y_b, lam
+
+    def training_loss(self, logits: Tensor, batch: Any) -> Tensor:
+        """:func:`mixup_loss` of the logits of ``x_mix`` (``batch`` as prepared above)."""
+        _, y_a, y_b, lam = batch
+        return mixup_loss(logits, y_a, y_b, lam, self.label_smoothing)
 
 
 def main(argv: list[str] | None = None) -> None:

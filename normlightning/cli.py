@@ -6,8 +6,8 @@ The data module's ``num_classes``, ``input_shape``, ``mean`` and ``std`` are pas
 task's ``num_classes``, ``input_shape``, ``input_mean`` and ``input_std`` after it is built.
 
 Defaults: seed 0, a TensorBoard logger writing to ``runs/<name>/version_<n>``, a
-``checkpoint:`` section (:class:`Checkpoint`, a ``ModelCheckpoint`` on ``val/acc1``, mode max,
-plus an always up-to-date ``last.ckpt``), a ``norm:`` section (the norm-layer injection),
+``checkpoint:`` section (:class:`~normlightning.callbacks.checkpoint.Checkpoint`, a
+``ModelCheckpoint`` on ``val/acc1``, mode max, plus an always up-to-date ``last.ckpt``), a ``norm:`` section (the norm-layer injection),
 the learning rate logged every step, the progress bar, and the resolved config saved next
 to the logs (``config.yaml``, overwritten on a rerun).
 """
@@ -16,11 +16,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from lightning.pytorch import LightningDataModule, LightningModule, Trainer
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch import LightningDataModule, Trainer
+from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
+from normlightning.callbacks.checkpoint import CHECKPOINT_DEFAULTS, Checkpoint
 from normlightning.callbacks.norm_injection import NormInjection
+from normlightning.data.base import MissingDataAttributeError
+from normlightning.injection import check_checkpoint_file
 from normlightning.tasks.base import BaseTask
 
 #: Task arguments filled from the data module after it is instantiated: data attr -> task arg.
@@ -45,42 +48,6 @@ TRAINER_DEFAULTS: dict[str, Any] = {
     ],
 }
 
-#: Defaults of the ``checkpoint:`` section (a :class:`Checkpoint` that is always present).
-CHECKPOINT_DEFAULTS: dict[str, Any] = {
-    "monitor": "val/acc1",
-    "mode": "max",
-    "save_last": True,
-    "save_top_k": 1,
-    "filename": "best-epoch{epoch:03d}-step{step}",
-    "auto_insert_metric_name": False,
-}
-
-
-class Checkpoint(ModelCheckpoint):
-    """``ModelCheckpoint`` whose ``last.ckpt`` is refreshed at every checkpointing point.
-
-    Lightning 2.6 writes ``last.ckpt`` (``save_last=True``) only when a top-k checkpoint is
-    written, so with a monitored metric that stops improving ``last.ckpt`` would lag behind
-    the run and resuming from it would repeat epochs. Here it always holds the latest state
-    (after each validation, or each training epoch when checkpointing there).
-    """
-
-    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        super().on_train_epoch_end(trainer, pl_module)
-        if self._should_save_on_train_epoch_end(trainer):
-            self._refresh_last(trainer)
-
-    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        super().on_validation_end(trainer, pl_module)
-        if not self._should_save_on_train_epoch_end(trainer):
-            self._refresh_last(trainer)
-
-    def _refresh_last(self, trainer: Trainer) -> None:
-        # skipped in sanity checks, fast_dev_run, outside fit, and when this step is already saved
-        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
-
-
 class NormLightningCLI(LightningCLI):
     """LightningCLI for normlightning tasks and data modules.
 
@@ -104,6 +71,29 @@ class NormLightningCLI(LightningCLI):
         for data_attr, model_arg in DATA_TO_MODEL_LINKS.items():
             parser.link_arguments(f"data.{data_attr}", f"model.init_args.{model_arg}", apply_on="instantiate")
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
+        """Parse, then check a given ``--ckpt_path`` file (LightningCLI reads its hyperparameters
+        next, and a missing, empty or truncated file would fail there with a bare ``EOFError``)."""
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry") and "://" not in str(ckpt_path):
+            check_checkpoint_file(ckpt_path, what="--ckpt_path")
+
+    def instantiate_classes(self) -> None:
+        """Instantiate data, model and trainer; a task argument that the data module should have
+        provided (``num_classes``, ``input_shape``) is reported as its own clear error, not wrapped
+        in the parser's "Does not validate against any of the Union subtypes"."""
+        try:
+            super().instantiate_classes()
+        except ValueError as err:
+            cause = err
+            while cause is not None and not isinstance(cause, MissingDataAttributeError):
+                cause = cause.__cause__ or cause.__context__
+            if cause is None:
+                raise
+            raise cause from None
+
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """The Trainer; with ``trainer.logger: false`` the default LearningRateMonitor is dropped (it needs a logger)."""
         trainer_config = self._get(self.config_init, "trainer", default={})
@@ -112,6 +102,26 @@ class NormLightningCLI(LightningCLI):
                 callback for callback in trainer_config["callbacks"] if not isinstance(callback, LearningRateMonitor)
             ]
         return super().instantiate_trainer(**kwargs)
+
+
+    def _point_injection_at_checkpoint(self, subcommand: str) -> None:
+        """Tell the ``norm:`` callback which checkpoint this run restores: its stored layers win."""
+        ckpt_path = self.config_init[subcommand].get("ckpt_path")
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, NormInjection):
+                callback.checkpoint_path = ckpt_path
+
+    def before_fit(self) -> None:
+        self._point_injection_at_checkpoint("fit")
+
+    def before_validate(self) -> None:
+        self._point_injection_at_checkpoint("validate")
+
+    def before_test(self) -> None:
+        self._point_injection_at_checkpoint("test")
+
+    def before_predict(self) -> None:
+        self._point_injection_at_checkpoint("predict")
 
 
 def build_cli(args: ArgsType = None, run: bool = True) -> NormLightningCLI:

@@ -7,7 +7,7 @@ from lightning.pytorch import Trainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from normlightning.cli import Checkpoint
+from normlightning.callbacks.checkpoint import Checkpoint
 from normlightning.tasks import BaseTask
 
 

@@ -12,6 +12,7 @@ import yaml
 
 from normlightning.cli import build_cli, main
 from normlightning.data import Digits
+from normlightning.data.base import MissingDataAttributeError
 from normlightning.tasks import ClassificationTask
 
 QUICKSTART = "configs/quickstart.yaml"
@@ -160,3 +161,23 @@ def test_plain_lightning_datamodule_by_class_path(run_dir, monkeypatch) -> None:
                      "--model.input_shape=[3, 8, 8]", "--trainer.fast_dev_run=true", *QUIET])
     assert cli.model.num_classes == 4 and cli.model.backbone.classifier.out_features == 4
     assert torch.equal(cli.model.normalize.mean, torch.zeros(3)) and torch.equal(cli.model.normalize.std, torch.ones(3))
+
+
+def test_data_module_without_num_classes_or_input_shape_is_a_clear_error(run_dir, monkeypatch) -> None:
+    """No silent 1000-way head on an assumed (3, 224, 224) input: the error lists what a DataModule provides."""
+    (run_dir / "bare_data.py").write_text(textwrap.dedent('''
+        import torch
+        from lightning.pytorch import LightningDataModule
+        from torch.utils.data import DataLoader, TensorDataset
+
+        class BareData(LightningDataModule):
+            def train_dataloader(self):
+                return DataLoader(TensorDataset(torch.rand(8, 3, 8, 8), torch.randint(3, (8,))), batch_size=4)
+    '''))
+    monkeypatch.syspath_prepend(str(run_dir))
+    with pytest.raises(MissingDataAttributeError, match=r"num_classes is not set.*input_shape.*batch_size.*--model\.num_classes"):
+        build_cli(["fit", "--data=bare_data.BareData", "--model=normlightning.tasks.ClassificationTask",
+                   "--model.backbone=small_cnn", "--trainer.fast_dev_run=true", *QUIET])
+    with pytest.raises(MissingDataAttributeError, match="input_shape is not set"):
+        build_cli(["fit", "--data=bare_data.BareData", "--model=normlightning.tasks.ClassificationTask",
+                   "--model.backbone=small_cnn", "--model.num_classes=3", "--trainer.fast_dev_run=true", *QUIET])

@@ -12,7 +12,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from normlightning import sweep
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 TINY = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1",
@@ -35,11 +34,8 @@ def examples():
 
 
 def _norm_args(method: str) -> list[str]:
-    """Select the injected method: the CLI's ``norm:`` section, or the same callback explicitly."""
-    if sweep._norm_section_supported():
-        return [f"--norm.method={method}"]
-    return ["--trainer.callbacks+=normlightning.callbacks.norm_injection.NormInjection",
-            f"--trainer.callbacks.method={method}"]
+    """Select the injected method: the CLI's ``norm:`` section."""
+    return [f"--norm.method={method}"]
 
 
 def _checkpoint(root: Path) -> Path:
@@ -105,6 +101,26 @@ def test_mixup_task_without_mixing_is_plain_cross_entropy(examples) -> None:
     torch.testing.assert_close(task.training_step((x, y), 0), F.cross_entropy(task(x), y))
     with pytest.raises(ValueError, match="mixup_alpha"):
         examples["custom_task"].MixupClassificationTask(mixup_alpha=-1.0)
+
+
+def test_mixup_task_trains_on_the_mixed_batch_through_the_hooks(examples) -> None:
+    module = examples["custom_task"]
+    task = module.MixupClassificationTask(
+        mixup_alpha=0.4, backbone="small_cnn", backbone_kwargs={"width": 4}, num_classes=3, input_shape=(1, 6, 6))
+    x, y = torch.rand(4, 1, 6, 6), torch.tensor([0, 1, 2, 0])
+    task.eval()  # deterministic BN for the comparison
+    torch.manual_seed(5)
+    loss = task.training_step((x, y), 0)
+    torch.manual_seed(5)  # the same lam and permutation, drawn by hand
+    alpha = torch.tensor(0.4)
+    lam = float(torch.distributions.Beta(alpha, alpha).sample())
+    perm = torch.randperm(4)
+    logits = task(lam * x + (1 - lam) * x[perm])
+    expected = lam * F.cross_entropy(logits, y) + (1 - lam) * F.cross_entropy(logits, y[perm])
+    torch.testing.assert_close(loss, expected)
+    # the inherited step still fed train/acc1 (the mixed batch's logits against y)
+    accuracy = (logits.argmax(-1) == y).float().mean()
+    assert float(task.train_metrics.compute()["train/acc1"]) == pytest.approx(float(accuracy))
 
 
 def test_custom_task_from_config_by_class_path(examples, run_dir) -> None:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
-from normlightning.callbacks.injection_spec import CHECKPOINT_KEY
+from normlightning.injection import CHECKPOINT_KEY
 from normlightning.cli import build_cli
 from normlightning.norms import BatchGroupNorm, GroupNorm
 from normlightning.tasks import ClassificationTask
@@ -91,3 +92,36 @@ def test_load_from_checkpoint_rebuilds_layers_and_outputs_match(run_dir):
     x = torch.rand(5, 3, 8, 8)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(x), trained(x), rtol=0, atol=0)
+
+
+def test_test_with_ckpt_path_installs_the_checkpoints_layers_before_the_config(run_dir):
+    """The checkpoint's stored spec wins: a norm: section that cannot be built for this model (gn with
+    its default 32 groups on 4/8 channels) does not stop `test --ckpt_path`, the mismatch is warned
+    about, and the setup table lists the layers that actually run."""
+    fit(run_dir, "--trainer.max_epochs=1")
+    last = run_dir / "ckpts" / "last.ckpt"
+    with pytest.warns(UserWarning, match="cannot be built for this model.*using the layers stored in the checkpoint"):
+        cli = build_cli(["test", "--config", "tiny.yaml", "--norm.method=gn", "--norm.num_groups=3",
+                         "--norm.overrides=[]", f"--ckpt_path={last}"])
+    (injection,) = [c for c in cli.trainer.callbacks if type(c).__name__ == "NormInjection"]
+    assert [r["new"].split(" ")[0] for r in injection.summary_rows] == ["BatchGroupNorm"] * 3 + ["GroupNorm"]
+    assert type(cli.model.backbone.features[0][1]) is BatchGroupNorm
+    assert "test/acc1" in cli.trainer.callback_metrics
+
+
+def test_empty_or_truncated_checkpoint_is_a_clear_error(run_dir):
+    (run_dir / "tiny.yaml").write_text(CONFIG)
+    empty = run_dir / "empty.ckpt"
+    empty.write_bytes(b"")
+    with pytest.raises(ValueError, match=r"--ckpt_path '.*empty\.ckpt' is empty \(0 bytes\)"):
+        build_cli(["test", "--config", "tiny.yaml", f"--ckpt_path={empty}"])
+    with pytest.raises(ValueError, match=r"empty\.ckpt' is empty"):
+        ClassificationTask.load_from_checkpoint(empty)
+    fit(run_dir, "--trainer.max_epochs=1")
+    data = (run_dir / "ckpts" / "last.ckpt").read_bytes()
+    truncated = run_dir / "truncated.ckpt"
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"truncated\.ckpt' \(\d+ bytes\) is truncated"):
+        build_cli(["test", "--config", "tiny.yaml", f"--ckpt_path={truncated}"])
+    with pytest.raises(ValueError, match="is truncated"):
+        ClassificationTask.load_from_checkpoint(truncated)

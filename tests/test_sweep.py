@@ -8,9 +8,12 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from normlightning import sweep
+from normlightning.norms import GroupArg, register_norm
+from normlightning.norms import registry as norm_registry
 
 BASE = {
     "seed_everything": 0,
@@ -33,11 +36,17 @@ BASE = {
 }
 
 
-def test_scaled_lr_is_linear() -> None:
-    assert sweep.scaled_lr(0.1, 2, 64) == pytest.approx(0.1 * 2 / 64)
-    assert sweep.scaled_lr(0.4, 256, 64) == pytest.approx(1.6)
-    with pytest.raises(ValueError, match="base_lr"):
-        sweep.scaled_lr(0.0, 2, 64)
+def test_cell_lr_is_scaled_by_the_task(tmp_path) -> None:
+    # the cell keeps the base LR and hands the linear rule to the task (lr_base_batch_size)
+    config = sweep.cell_config(BASE, sweep.Cell("bn", 8, 0), epochs=1, base_batch_size=32, cell_dir=tmp_path)
+    init = config["model"]["init_args"]
+    assert init["optimizer"]["init_args"]["lr"] == 0.2 and init["lr_base_batch_size"] == 32
+    same = json.loads(json.dumps(BASE))
+    same["model"]["init_args"]["lr_base_batch_size"] = 32
+    assert sweep.cell_config(same, sweep.Cell("bn", 8, 0), epochs=1, base_batch_size=32, cell_dir=tmp_path) == config
+    same["model"]["init_args"]["lr_base_batch_size"] = 64
+    with pytest.raises(ValueError, match="lr_base_batch_size=64 .* base_batch_size is 32"):
+        sweep.cell_config(same, sweep.Cell("bn", 8, 0), epochs=1, base_batch_size=32, cell_dir=tmp_path)
 
 
 def test_make_grid_order_and_errors() -> None:
@@ -53,7 +62,7 @@ def test_make_grid_order_and_errors() -> None:
         sweep.make_grid(["bn", "bn"], [2], [0])
     with pytest.raises(ValueError, match="misses batch sizes"):
         sweep.run_sweep(BASE, "unused", methods=["bn"], batch_sizes=[2, 8], epochs={2: 1}, log=None)
-    assert sweep._parse_epochs(["3"]) == 3 and sweep._parse_epochs(["2=2", "64=30"]) == {2: 2, 64: 30}
+    assert sweep.parse_epochs(["3"]) == 3 and sweep.parse_epochs(["2=2", "64=30"]) == {2: 2, 64: 30}
     with pytest.raises(ValueError, match="seeds is empty"):
         sweep.make_grid(["bn"], [2], [])
 
@@ -62,7 +71,6 @@ def test_cell_config_overrides(tmp_path) -> None:
     cell = sweep.Cell("bgn", 8, 3)
     config = sweep.cell_config(BASE, cell, epochs=5, base_batch_size=32, cell_dir=tmp_path / "c")
     init = config["model"]["init_args"]
-    assert init["optimizer"]["init_args"]["lr"] == pytest.approx(0.2 * 8 / 32)
     assert init["lr_scheduler"]["init_args"]["T_max"] == 5
     assert config["data"]["init_args"]["batch_size"] == 8 and config["data"]["init_args"]["drop_last"] is True
     assert config["seed_everything"] == 3 and config["trainer"]["max_epochs"] == 5
@@ -70,16 +78,65 @@ def test_cell_config_overrides(tmp_path) -> None:
     assert config["trainer"]["logger"]["init_args"]["save_dir"] == str(tmp_path / "c")
     # the base config is not modified
     assert BASE["model"]["init_args"]["optimizer"]["init_args"]["lr"] == 0.2 and "norm" not in BASE
-    # as the CLI reads it: norm section, or the same callback when the CLI has no norm section
-    cli = sweep.cli_config(config)
-    if "norm" in cli:
-        assert cli["norm"] == config["norm"]
-    else:
-        (callback,) = [c for c in cli["trainer"]["callbacks"] if c["class_path"].endswith("NormInjection")]
-        assert callback["init_args"] == config["norm"]
+    # the CLI reads the cell config as written: its norm: section becomes the injection callback
+    from normlightning.callbacks import NormInjection
+    from normlightning.cli import build_cli
+
+    (tmp_path / "cell.yaml").write_text(yaml.safe_dump(config))
+    cli = build_cli(["--config", str(tmp_path / "cell.yaml")], run=False)
+    (injection,) = [c for c in cli.trainer.callbacks if isinstance(c, NormInjection)]
+    assert (injection.method, injection.num_groups) == ("bgn", "auto")
+    assert cli.model.lr_base_batch_size == 32 and cli.datamodule.batch_size == 8
     with pytest.raises(ValueError, match="optimizer.init_args.lr"):
         sweep.cell_config({"model": {"init_args": {}}, "data": {"init_args": {}}}, cell, epochs=1,
                           base_batch_size=32, cell_dir=tmp_path)
+
+
+def test_method_presets_follow_the_layers_declarations() -> None:
+    from normlightning.norms import norm_group_args
+
+    expected = {
+        "bn": {"method": "bn"},
+        "gn": {"method": "gn", "num_groups": 8},
+        "ln": {"method": "ln"},
+        "ghost": {"method": "ghost", "num_groups": "auto"},
+        "seqnorm": {"method": "seqnorm", "kwargs": {"channel_groups": "auto", "batch_groups": "auto"}},
+        "bgn": {"method": "bgn", "num_groups": "auto"},
+        "gbgn": {"method": "gbgn", "kwargs": {"channel_groups": 8, "examples_per_group": 16}},
+        "hn": {"method": "hn"},
+    }
+    for method, preset in expected.items():
+        assert sweep.method_preset(method) == preset, method
+    # the sweep's own choices only fill counts that have no auto rule
+    for method, counts in sweep.FIXED_GROUP_COUNTS.items():
+        auto = {arg.name for arg in norm_group_args(method) if arg.auto}
+        assert not auto & set(counts), method
+
+
+class HalfGroupNorm(torch.nn.GroupNorm):
+    """A plugin: GroupNorm whose ``chunks`` count has one auto rule, ``C // 2`` (records its builds)."""
+
+    group_args = (GroupArg("chunks", "channels", auto={"half": lambda ctx: ctx.num_features // 2}),)
+    built: list[tuple[int, int]] = []
+
+    def __init__(self, num_features: int, chunks: int = 1, eps: float = 1e-5, affine: bool = True) -> None:
+        super().__init__(chunks, num_features, eps=eps, affine=affine)
+        HalfGroupNorm.built.append((num_features, chunks))
+
+
+def test_registered_plugin_gets_its_auto_group_count(tmp_path) -> None:
+    register_norm("half_gn_test", HalfGroupNorm)
+    try:
+        assert sweep.method_preset("half_gn_test") == {"method": "half_gn_test", "kwargs": {"chunks": "auto"}}
+        HalfGroupNorm.built.clear()
+        result = sweep.run_sweep(BASE, tmp_path / "s", methods=["half_gn_test"], batch_sizes=[4], seeds=[0],
+                                 epochs=1, base_batch_size=16, isolation="inline", plot=False, log=None)
+        assert result.status == {"half_gn_test_b4_s0": "ran"}
+        widths = {c for c, _ in HalfGroupNorm.built}
+        assert len(widths) >= 2  # small_cnn with width 8 has layers of different widths
+        assert all(chunks == c // 2 for c, chunks in HalfGroupNorm.built)  # the auto rule, per layer
+    finally:
+        norm_registry._REGISTRY.pop("half_gn_test", None)
 
 
 def test_read_last_metrics_takes_last_non_empty_value(tmp_path) -> None:

@@ -1,5 +1,6 @@
-"""Callbacks: normalization injection, statistics sync, and research tools."""
+"""Callbacks: normalization injection, statistics sync, the CLI's checkpoint, and research tools."""
 
+from normlightning.callbacks.checkpoint import Checkpoint
 from normlightning.callbacks.example_weighing import ExampleWeighingSearch, search_example_weighing
 from normlightning.callbacks.median_last_epochs import MedianOfLastEpochs
 from normlightning.callbacks.norm_injection import NormInjection
@@ -8,6 +9,7 @@ from normlightning.callbacks.norm_sync import NormSync, set_statistics_sync
 from normlightning.callbacks.recalibration import Recalibration, recalibrate_statistics
 
 __all__ = [
+    "Checkpoint",
     "ExampleWeighingSearch",
     "MedianOfLastEpochs",
     "NormInjection",

@@ -37,7 +37,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
-from normlightning.callbacks.recalibration import ForwardFn, TargetFn, _loader, evaluate_accuracy
+from normlightning.callbacks.evaluation import ForwardFn, TargetFn, evaluate_accuracy, trainer_dataloader
 
 __all__ = [
     "DEFAULT_ALPHAS",
@@ -258,7 +258,7 @@ class ExampleWeighingSearch(Callback):
         if not example_weighing_layers(pl_module):
             rank_zero_warn("ExampleWeighingSearch: no layer supports example weighing (bn, ghost, gbgn); skipped.")
             return None
-        loader = _loader(trainer, "val")
+        loader = trainer_dataloader(trainer, "val")
         if loader is None:
             rank_zero_warn("ExampleWeighingSearch: no validation dataloader to search alpha on; skipped.")
             return None

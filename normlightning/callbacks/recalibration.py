@@ -28,8 +28,9 @@ SyncBatchNorm) with ``track_running_stats=True``, and any module whose class att
 ``seqnorm``, ``hn`` with batch sets, ``sn``, ``brn``) and that has
 ``reset_running_stats()`` and ``momentum``.
 
-Distributed: each process recalibrates on the batches it is given; with DDP's
-``broadcast_buffers=True`` (the default) rank 0's buffers win at the next forward.
+Distributed: each process recalibrates on the batches it is given; the callback then averages
+the statistics over the processes (``sync=True``, default), so every rank and every checkpoint
+holds the same recalibrated statistics.
 """
 
 from __future__ import annotations
@@ -40,67 +41,21 @@ from typing import Any, Literal
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import nn
 
+from normlightning.callbacks.evaluation import ForwardFn, default_forward, evaluate_accuracy, trainer_dataloader
 from normlightning.norms.model_layers import is_batch_statistic_layer
 
 __all__ = [
     "Recalibration",
+    "average_running_statistics",
     "batch_statistic_layers",
-    "default_forward",
-    "default_target",
-    "evaluate_accuracy",
     "recalibrate_statistics",
     "running_buffer_names",
 ]
 
-ForwardFn = Callable[[nn.Module, Any], Any]
-TargetFn = Callable[[Any], torch.Tensor]
-
 
 # ----------------------------------------------------------------------------- helpers
-def model_device(model: nn.Module) -> torch.device:
-    """Device of the model's first parameter (or buffer); CPU for a stateless model."""
-    for tensor in model.parameters():
-        return tensor.device
-    for tensor in model.buffers():
-        return tensor.device
-    return torch.device("cpu")
-
-
-def _inputs(batch: Any) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch
-    if isinstance(batch, (list, tuple)) and batch:
-        return batch[0]
-    raise TypeError(
-        f"default_forward: cannot find the inputs in a batch of type {type(batch).__name__}; "
-        "batches must be a tensor or an (inputs, targets, ...) sequence, otherwise pass "
-        "`forward_fn=lambda model, batch: model(...)`"
-    )
-
-
-def default_forward(model: nn.Module, batch: Any) -> Any:
-    """Move ``batch`` to the model's device and return ``model(inputs)``.
-
-    ``inputs`` is ``batch`` itself when it is a tensor, else ``batch[0]`` (the usual
-    ``(x, y)`` pair). For a ``ClassificationTask`` this is ``backbone(normalize(x))``:
-    logits of shape ``(N, num_classes)``.
-    """
-    return model(move_data_to_device(_inputs(batch), model_device(model)))
-
-
-def default_target(batch: Any) -> torch.Tensor:
-    """Targets of an ``(inputs, targets, ...)`` batch: ``batch[1]``, class indices ``(N,)``."""
-    if isinstance(batch, (list, tuple)) and len(batch) >= 2:
-        return batch[1]
-    raise TypeError(
-        f"default_target: batches of type {type(batch).__name__} have no targets at index 1; "
-        "pass `target_fn=lambda batch: ...`"
-    )
-
-
 def running_buffer_names(layer: nn.Module) -> set[str]:
     """Names (in ``layer.state_dict()``) of the buffers a recalibration may change.
 
@@ -130,46 +85,6 @@ def batch_statistic_layers(model: nn.Module) -> dict[str, nn.Module]:
     return found
 
 
-@torch.no_grad()
-def evaluate_accuracy(
-    model: nn.Module,
-    dataloader: Iterable[Any],
-    forward_fn: ForwardFn | None = None,
-    target_fn: TargetFn | None = None,
-    max_batches: int | None = None,
-) -> float:
-    """Top-1 accuracy of ``model`` in ``eval()`` mode: ``#{argmax(logits) == y} / #examples``.
-
-    Args:
-        model: returns logits ``(N, num_classes)`` through ``forward_fn``.
-        dataloader: iterable of batches.
-        forward_fn: ``(model, batch) -> logits``; default :func:`default_forward`.
-        target_fn: ``batch -> targets (N,)``; default :func:`default_target`.
-        max_batches: stop after this many batches (default: all).
-
-    The model's ``training`` flags are restored afterwards.
-    """
-    forward_fn = forward_fn or default_forward
-    target_fn = target_fn or default_target
-    flags = {m: m.training for m in model.modules()}
-    model.eval()
-    correct, total = 0, 0
-    try:
-        for i, batch in enumerate(dataloader):
-            if max_batches is not None and i >= max_batches:
-                break
-            logits = forward_fn(model, batch)
-            target = target_fn(batch).to(logits.device)
-            correct += int((logits.argmax(dim=-1) == target).sum())
-            total += int(target.numel())
-    finally:
-        for module, flag in flags.items():
-            module.training = flag
-    if total == 0:
-        raise ValueError("evaluate_accuracy: the dataloader yielded no examples; give it a non-empty loader")
-    return correct / total
-
-
 # ------------------------------------------------------------------------ the function
 @torch.no_grad()
 def recalibrate_statistics(
@@ -191,7 +106,7 @@ def recalibrate_statistics(
         batches: iterable of training batches (a DataLoader); finite if ``num_batches`` is None.
         num_batches: K, how many batches to use (default: all of ``batches``). Fewer
             available -> a warning and all of them are used.
-        forward_fn: ``(model, batch) -> Any``; default :func:`default_forward`.
+        forward_fn: ``(model, batch) -> Any``; default :func:`~normlightning.callbacks.evaluation.default_forward`.
 
     Returns:
         The number of batches used (0 when the model has no batch-statistic layer).
@@ -239,6 +154,33 @@ def recalibrate_statistics(
     return used
 
 
+def average_running_statistics(model: nn.Module, reduce_mean: Callable[[torch.Tensor], torch.Tensor]) -> int:
+    """Replace every floating running statistic of ``model``'s batch-statistic layers by
+    ``reduce_mean(statistic)`` (e.g. the mean over DDP processes); returns how many were reduced.
+
+    Counters (``num_batches_tracked``) and non-statistic buffers are left as they are.
+    """
+    count = 0
+    with torch.no_grad():
+        for layer in batch_statistic_layers(model).values():
+            buffers = dict(layer.named_buffers())
+            for name in sorted(running_buffer_names(layer) - {"num_batches_tracked"}):
+                buffer = buffers.get(name)
+                if buffer is not None and buffer.is_floating_point():
+                    buffer.copy_(reduce_mean(buffer.detach().clone()))
+                    count += 1
+    return count
+
+
+def _is_final_training_batch(trainer: Trainer, batch_idx: int) -> bool:
+    """Whether the batch just trained on is the fit's last (``max_steps`` reached, or the last
+    batch of the last epoch)."""
+    if trainer.max_steps != -1 and trainer.global_step >= trainer.max_steps:
+        return True
+    last_epoch = trainer.max_epochs not in (None, -1) and trainer.current_epoch + 1 >= trainer.max_epochs
+    return last_epoch and batch_idx + 1 >= trainer.num_training_batches
+
+
 # ------------------------------------------------------------------------ the callback
 _WHEN = ("train_end", "validation_start", "test_start")
 
@@ -248,14 +190,19 @@ class Recalibration(Callback):
 
     Args:
         num_batches: K training batches for the cumulative average.
-        when: one or several of ``"train_end"`` (once, after the last training step;
-            later ``validate``/``test`` calls in the same process use the result),
+        when: one or several of ``"train_end"`` (once, right after the last training step, so
+            the final validation and every checkpoint written after it hold the recalibrated
+            statistics; a run stopped early is recalibrated at its end and its ``last.ckpt``
+            rewritten; later ``validate``/``test`` calls in the same process use the result),
             ``"validation_start"`` (before every validation run, including sanity
             check), ``"test_start"``.
         report_accuracy: also measure top-1 accuracy on the validation loader before
             and after (costs two passes over it); logged as ``recalibration/acc_before``
             and ``recalibration/acc_after``.
-        forward_fn: ``(model, batch) -> logits``; default :func:`default_forward`.
+        forward_fn: ``(model, batch) -> logits``; default :func:`~normlightning.callbacks.evaluation.default_forward`.
+        sync: under DDP, average the recalibrated statistics over the processes (each process
+            recalibrates on its own batches; the average is over ``K * world_size`` batches).
+            ``False`` keeps each process's own result (checkpoints hold rank 0's).
 
     Logged (to every logger): ``recalibration/num_batches`` (+ accuracies). The last
     result is kept in :attr:`last_result`.
@@ -265,12 +212,16 @@ class Recalibration(Callback):
     Without a DistributedSampler every process sees the loader's own order.
     """
 
+    #: Set once ``train_end`` recalibration has run in this fit.
+    _done_for_fit: bool = False
+
     def __init__(
         self,
         num_batches: int = 100,
         when: Literal["train_end", "validation_start", "test_start"] | list[str] = "train_end",
         report_accuracy: bool = False,
         forward_fn: ForwardFn | None = None,
+        sync: bool = True,
     ) -> None:
         if not isinstance(num_batches, int) or num_batches < 1:
             raise ValueError(f"Recalibration: num_batches must be a positive int, got {num_batches!r}")
@@ -282,12 +233,27 @@ class Recalibration(Callback):
         self.when = tuple(when_list)
         self.report_accuracy = report_accuracy
         self.forward_fn = forward_fn
+        self.sync = sync
         self.last_result: dict[str, float] | None = None
 
     # hooks --------------------------------------------------------------------------
-    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if "train_end" in self.when:
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._done_for_fit = False
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if "train_end" in self.when and not self._done_for_fit and _is_final_training_batch(trainer, batch_idx):
             self.recalibrate(trainer, pl_module)
+            self._done_for_fit = True
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if "train_end" in self.when and not self._done_for_fit:  # stopped early (e.g. EarlyStopping)
+            self.recalibrate(trainer, pl_module)
+            self._done_for_fit = True
+            for callback in trainer.checkpoint_callbacks:
+                path = getattr(callback, "last_model_path", "")
+                if path:
+                    trainer.save_checkpoint(path)
+                    rank_zero_info(f"Recalibration: rewrote {path} with the recalibrated statistics")
 
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if "validation_start" in self.when:
@@ -305,13 +271,13 @@ class Recalibration(Callback):
         """
         if trainer.sanity_checking:
             return {}
-        train_loader = _loader(trainer, "train")
+        train_loader = trainer_dataloader(trainer, "train")
         if train_loader is None:
             raise RuntimeError(
                 "Recalibration: no training dataloader; use a DataModule with train_dataloader() or run trainer.fit"
             )
         result: dict[str, float] = {}
-        val_loader = _loader(trainer, "val") if self.report_accuracy else None
+        val_loader = trainer_dataloader(trainer, "val") if self.report_accuracy else None
         if self.report_accuracy and val_loader is None:
             rank_zero_warn("Recalibration: report_accuracy=True but there is no validation dataloader.")
         if val_loader is not None:
@@ -319,6 +285,8 @@ class Recalibration(Callback):
         result["recalibration/num_batches"] = float(
             recalibrate_statistics(pl_module, train_loader, self.num_batches, self.forward_fn)
         )
+        if self.sync and trainer.world_size > 1:
+            average_running_statistics(pl_module, lambda t: trainer.strategy.reduce(t, reduce_op="mean"))
         if val_loader is not None:
             result["recalibration/acc_after"] = evaluate_accuracy(pl_module, val_loader, self.forward_fn)
         for logger in trainer.loggers:
@@ -326,21 +294,3 @@ class Recalibration(Callback):
         rank_zero_info("Recalibration: " + ", ".join(f"{k}={v:.4g}" for k, v in result.items()))
         self.last_result = result
         return result
-
-
-def _loader(trainer: Trainer, split: Literal["train", "val"]) -> Any:
-    """A fresh loader from the datamodule if there is one, else the trainer's loader."""
-    datamodule = getattr(trainer, "datamodule", None)
-    if datamodule is not None:
-        method = getattr(datamodule, f"{split}_dataloader", None)
-        if method is not None:
-            try:
-                return method()
-            except NotImplementedError:
-                pass
-    loaders = trainer.train_dataloader if split == "train" else trainer.val_dataloaders
-    if isinstance(loaders, (list, tuple)):
-        return loaders[0] if loaders else None
-    if isinstance(loaders, dict):
-        return next(iter(loaders.values()), None)
-    return loaders

@@ -23,6 +23,31 @@ from torch.utils.data import DataLoader, Dataset, Subset
 Split = Literal["train", "val", "test"]
 
 
+#: What a DataModule provides to normlightning's tasks (the CLI links them into the task) and the
+#: injection: attribute -> what it is.
+DATAMODULE_ATTRIBUTES: dict[str, str] = {
+    "num_classes": "int, the number of classes (the task's num_classes)",
+    "input_shape": "(C, H, W) of one example (the task's input_shape)",
+    "batch_size": "int, examples per batch per process (norm `auto` group counts, linear LR scaling)",
+    "mean": "optional per-channel tuple (the task's input_mean; default 0)",
+    "std": "optional per-channel tuple (the task's input_std; default 1)",
+}
+
+
+class MissingDataAttributeError(ValueError):
+    """A task argument that the DataModule should have provided is unset."""
+
+
+def missing_link_error(setting: str) -> MissingDataAttributeError:
+    """The error for a task argument that no DataModule attribute filled (names every attribute)."""
+    listed = "; ".join(f"{name}: {what}" for name, what in DATAMODULE_ATTRIBUTES.items())
+    return MissingDataAttributeError(
+        f"{setting} is not set: the data module does not provide it. A DataModule used with normlightning's "
+        f"tasks must have the attributes {listed} (subclass normlightning.data.BaseDataModule, or set them in "
+        f"your DataModule's __init__), or give the task's {setting} explicitly (--model.{setting}=...)."
+    )
+
+
 def split_indices(num_items: int, fractions: Sequence[float], seed: int) -> list[list[int]]:
     """Seeded random partition of ``range(num_items)`` into ``len(fractions) + 1`` parts.
 

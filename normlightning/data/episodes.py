@@ -16,16 +16,21 @@ Episodes are a pure function of ``(seed, epoch, episode index)`` (each episode h
 same episodes on every pass (a fixed, reproducible test set), ``set_epoch`` moves to a new
 set (for episodic training). With ``num_replicas > 1`` (DDP), replica ``rank`` yields the
 episodes ``rank, rank + num_replicas, ...`` of the same set.
+
+:class:`EpisodeDataset` is the same episodes as an ``IterableDataset`` of whole episode dicts
+(what the few-shot data modules' evaluation loaders yield).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
-from torch.utils.data import Sampler
+from torch import Tensor
+from torch.utils.data import Dataset, IterableDataset, Sampler, get_worker_info
 
-__all__ = ["EpisodeSampler", "split_episode"]
+__all__ = ["EpisodeDataset", "EpisodeSampler", "split_episode"]
 
 
 class EpisodeSampler(Sampler[list[int]]):
@@ -111,6 +116,65 @@ class EpisodeSampler(Sampler[list[int]]):
     def __iter__(self) -> Iterator[list[int]]:
         for i in range(self.rank, self.episodes, self.num_replicas):
             yield self.episode(i)
+
+
+class EpisodeDataset(IterableDataset):
+    """Iterable of whole episodes, one dict each::
+
+        {"image": (N*K + N*Q, C, H, W) float,            # support grouped by class, then queries
+         "label": (N*K + N*Q,) int64 original labels,   # EpisodeSampler order
+         "n_way": N, "k_shot": K, "q_query": Q, "episode": i}
+
+    Args:
+        dataset: map-style dataset of ``(image (C, H, W) tensor, label)``.
+        labels: label of every index of ``dataset`` (int ``(len(dataset),)``).
+        n_way, k_shot, q_query, episodes, seed: the episode set (see :class:`EpisodeSampler`).
+        num_replicas, rank: this process's share of the episodes (``rank, rank + num_replicas, ...``).
+
+    With loader workers, worker ``w`` of ``W`` yields every ``W``-th episode of the share. Being an
+    ``IterableDataset``, it is left alone by Lightning under DDP (no ``DistributedSampler``).
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        labels: Tensor,
+        n_way: int,
+        k_shot: int,
+        q_query: int,
+        episodes: int,
+        seed: int,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ) -> None:
+        super().__init__()
+        self.dataset = dataset
+        self.sampler = EpisodeSampler(labels, n_way, k_shot, q_query, episodes, seed, num_replicas, rank)
+        self.n_way, self.k_shot, self.q_query = n_way, k_shot, q_query
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def episode_ids(self) -> list[int]:
+        """Indices (in the full seeded set) of the episodes this process and loader worker yield."""
+        ids = list(range(self.sampler.rank, self.sampler.episodes, self.sampler.num_replicas))
+        worker = get_worker_info()
+        if worker is not None:
+            ids = ids[worker.id :: worker.num_workers]
+        return ids
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for i in self.episode_ids():
+            indices = self.sampler.episode(i)
+            items = [self.dataset[j] for j in indices]
+            yield {
+                "image": torch.stack([torch.as_tensor(item[0]) for item in items]),
+                "label": torch.as_tensor([int(item[1]) for item in items], dtype=torch.long),
+                "n_way": self.n_way,
+                "k_shot": self.k_shot,
+                "q_query": self.q_query,
+                "episode": i,
+            }
 
 
 def split_episode(

@@ -11,16 +11,9 @@ A few-shot dataset is split **by classes** into three disjoint sets:
 queries, the number of episodes and their seed). Its ``val_dataloader`` yields ``val_episodes``
 ``n_way``-way ``val_shot``-shot episodes; its ``test_dataloader`` is a list with one loader per
 ``K`` in ``test_shots`` (``test_episodes`` each). Every batch of these loaders is one whole
-episode, a dict::
-
-    {"image": (N*K + N*Q, C, H, W) float in [0, 1],   # support grouped by class, then queries
-     "label": (N*K + N*Q,) int64 original labels,       # EpisodeSampler order
-     "n_way": N, "k_shot": K, "q_query": Q, "episode": i}
-
-so the task never has to guess how to split it (see
-:func:`normlightning.data.episodes.split_episode`). Episodes are produced by
-:class:`EpisodeDataset`, an ``IterableDataset`` over :class:`~normlightning.data.episodes.EpisodeSampler`:
-Lightning then leaves the loader alone under DDP (it injects a ``DistributedSampler`` only
+episode, the dict of :class:`~normlightning.data.episodes.EpisodeDataset` (an ``IterableDataset``
+over :class:`~normlightning.data.episodes.EpisodeSampler`), so the task never has to guess how
+to split it (see :func:`normlightning.data.episodes.split_episode`). Lightning then leaves the loader alone under DDP (it injects a ``DistributedSampler`` only
 into map-style loaders) and the data module shards the episodes itself: process ``r`` of
 ``W`` evaluates episodes ``r, r + W, ...`` of the same seeded set (and loader workers split a
 process's share further), so the union over processes is exactly the single-process set.
@@ -32,21 +25,20 @@ lists) and :class:`~normlightning.data.mini_imagenet.MiniImageNet`.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from lightning.pytorch import LightningDataModule
 from torch import Tensor
-from torch.utils.data import ConcatDataset, DataLoader, Dataset, IterableDataset, get_worker_info
+from torch.utils.data import ConcatDataset, DataLoader, Dataset
 from torchvision.transforms import v2
 
 from normlightning.data.base import BaseDataModule, Split
-from normlightning.data.episodes import EpisodeSampler
+from normlightning.data.episodes import EpisodeDataset
 
 __all__ = [
     "ClassSplitFewShotDataModule",
-    "EpisodeDataset",
     "FewShotDataModule",
     "RelabelledSubset",
     "dataset_labels",
@@ -130,61 +122,6 @@ class RelabelledSubset(Dataset):
         return image, self.labels[i]
 
 
-class EpisodeDataset(IterableDataset):
-    """Iterable of whole episodes (the dict documented in the module docstring).
-
-    Args:
-        dataset: map-style dataset of ``(image (C, H, W) tensor, label)``.
-        labels: label of every index of ``dataset`` (int ``(len(dataset),)``).
-        n_way, k_shot, q_query, episodes, seed: the episode set (see
-            :class:`~normlightning.data.episodes.EpisodeSampler`).
-        num_replicas, rank: this process's share of the episodes (``rank, rank + num_replicas, ...``).
-
-    With loader workers, worker ``w`` of ``W`` yields every ``W``-th episode of the share.
-    """
-
-    def __init__(
-        self,
-        dataset: Dataset,
-        labels: Tensor,
-        n_way: int,
-        k_shot: int,
-        q_query: int,
-        episodes: int,
-        seed: int,
-        num_replicas: int = 1,
-        rank: int = 0,
-    ) -> None:
-        super().__init__()
-        self.dataset = dataset
-        self.sampler = EpisodeSampler(labels, n_way, k_shot, q_query, episodes, seed, num_replicas, rank)
-        self.n_way, self.k_shot, self.q_query = n_way, k_shot, q_query
-
-    def __len__(self) -> int:
-        return len(self.sampler)
-
-    def episode_ids(self) -> list[int]:
-        """Indices (in the full seeded set) of the episodes this process and loader worker yield."""
-        ids = list(range(self.sampler.rank, self.sampler.episodes, self.sampler.num_replicas))
-        worker = get_worker_info()
-        if worker is not None:
-            ids = ids[worker.id :: worker.num_workers]
-        return ids
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        for i in self.episode_ids():
-            indices = self.sampler.episode(i)
-            items = [self.dataset[j] for j in indices]
-            yield {
-                "image": torch.stack([torch.as_tensor(item[0]) for item in items]),
-                "label": torch.as_tensor([int(item[1]) for item in items], dtype=torch.long),
-                "n_way": self.n_way,
-                "k_shot": self.k_shot,
-                "q_query": self.q_query,
-                "episode": i,
-            }
-
-
 class FewShotDataModule(BaseDataModule):
     """Base-class training batches plus validation/test episodes (see the module docstring).
 
@@ -198,6 +135,9 @@ class FewShotDataModule(BaseDataModule):
         test_episodes: episodes per ``K`` (600 in the papers).
         val_shot: ``K`` of the validation episodes.
         val_episodes: validation episodes per validation run (0: no validation).
+        val_n_way: ``N`` of the validation episodes (``None``: ``n_way``; a validation split with
+            fewer classes than ``n_way`` needs a smaller one).
+        val_q_query: ``Q`` of the validation episodes (``None``: ``q_query``).
         episode_seed: seed of the episode sets (test: ``episode_seed``; validation: ``episode_seed + 1``).
             The same seed gives the same episodes, on any number of processes.
         augment: use the training augmentation (:func:`few_shot_train_transform`) on base batches.
@@ -219,6 +159,8 @@ class FewShotDataModule(BaseDataModule):
         test_episodes: int = 600,
         val_shot: int = 5,
         val_episodes: int = 200,
+        val_n_way: int | None = None,
+        val_q_query: int | None = None,
         episode_seed: int = 0,
         augment: bool = True,
         crop_padding: int = 8,
@@ -240,10 +182,16 @@ class FewShotDataModule(BaseDataModule):
             raise ValueError(f"test_episodes must be >= 2 (the 95% interval needs two episodes), got {test_episodes}")
         if val_shot < 1 or val_episodes < 0:
             raise ValueError(f"need val_shot >= 1 and val_episodes >= 0, got {val_shot} and {val_episodes}")
+        if val_n_way is not None and val_n_way < 2:
+            raise ValueError(f"val_n_way must be >= 2 or null (= n_way), got {val_n_way}")
+        if val_q_query is not None and val_q_query < 1:
+            raise ValueError(f"val_q_query must be >= 1 or null (= q_query), got {val_q_query}")
         if crop_padding < 0 or color_jitter < 0:
             raise ValueError(f"crop_padding and color_jitter must be >= 0, got {crop_padding} and {color_jitter}")
         self.n_way, self.test_shots, self.q_query = n_way, shots, q_query
         self.test_episodes, self.val_shot, self.val_episodes = test_episodes, val_shot, val_episodes
+        self.val_n_way = n_way if val_n_way is None else val_n_way
+        self.val_q_query = q_query if val_q_query is None else val_q_query
         self.episode_seed = episode_seed
         self.augment, self.crop_padding, self.color_jitter, self.flip = augment, crop_padding, color_jitter, flip
         self.split_labels: dict[str, Tensor] = {}
@@ -306,13 +254,22 @@ class FewShotDataModule(BaseDataModule):
             return 1, 0
         return int(trainer.world_size), int(trainer.global_rank)
 
-    def episode_loader(self, split: Split, k_shot: int, episodes: int, seed: int) -> DataLoader:
-        """A loader of ``episodes`` seeded ``n_way``-way ``k_shot``-shot episodes of ``split`` (this process's share)."""
+    def episode_loader(
+        self, split: Split, k_shot: int, episodes: int, seed: int, n_way: int | None = None, q_query: int | None = None
+    ) -> DataLoader:
+        """A loader of ``episodes`` seeded ``n_way``-way ``k_shot``-shot episodes of ``split`` (this
+        process's share); ``n_way``/``q_query`` default to the data module's."""
         dataset = self._dataset(split)
         num_replicas, rank = self._replicas()
-        episode_set = EpisodeDataset(
-            dataset, self.split_labels[split], self.n_way, k_shot, self.q_query, episodes, seed, num_replicas, rank
-        )
+        n_way = self.n_way if n_way is None else n_way
+        q_query = self.q_query if q_query is None else q_query
+        try:
+            episode_set = EpisodeDataset(
+                dataset, self.split_labels[split], n_way, k_shot, q_query, episodes, seed, num_replicas, rank
+            )
+        except ValueError as err:
+            setting = "data.val_n_way" if split == "val" else "data.n_way"
+            raise ValueError(f"{split} episodes: {err} (set {setting})") from err
         return DataLoader(
             episode_set,
             batch_size=None,
@@ -325,7 +282,9 @@ class FewShotDataModule(BaseDataModule):
         """``val_episodes`` episodes of ``val_shot`` shots on the validation classes (``[]``: no validation)."""
         if self.val_episodes == 0 or not self.has_split("val"):
             return []
-        return self.episode_loader("val", self.val_shot, self.val_episodes, self.episode_seed + 1)
+        return self.episode_loader(
+            "val", self.val_shot, self.val_episodes, self.episode_seed + 1, n_way=self.val_n_way, q_query=self.val_q_query
+        )
 
     def test_dataloader(self) -> list[DataLoader]:
         """One loader per ``K`` in ``test_shots``: ``test_episodes`` episodes on the novel classes."""
@@ -384,10 +343,10 @@ class ClassSplitFewShotDataModule(FewShotDataModule):
                 raise ValueError(f"{a} and {b} must be disjoint, both contain {common}")
         if not sets["base_classes"]:
             raise ValueError("base_classes must list at least one class")
-        for name in ("novel_classes", "val_classes"):
-            if sets[name] and len(sets[name]) < self.n_way:
+        for name, setting, n_way in (("novel_classes", "n_way", self.n_way), ("val_classes", "val_n_way", self.val_n_way)):
+            if sets[name] and len(sets[name]) < n_way:
                 raise ValueError(
-                    f"{name} has {len(sets[name])} classes, fewer than n_way={self.n_way}; add classes or lower n_way"
+                    f"{name} has {len(sets[name])} classes, fewer than {setting}={n_way}; add classes or lower {setting}"
                 )
         if not set(source_splits) <= {"train", "val", "test"} or not source_splits:
             raise ValueError(f"source_splits must be a non-empty subset of train, val, test; got {list(source_splits)}")

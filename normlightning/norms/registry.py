@@ -69,6 +69,12 @@ def norm_group_args(name: str) -> tuple[GroupArg, ...]:
     return group_args_of(_factory(name))
 
 
+def norm_class_name(name: str) -> str:
+    """The class (or factory) name behind the registry name ``name``, e.g. ``"BatchGroupNorm"``."""
+    factory = _factory(name)
+    return getattr(factory, "__name__", type(factory).__name__)
+
+
 def build_norm(name: str, num_features: int, **kwargs) -> nn.Module:
     """Build the normalization layer registered as ``name`` for ``num_features`` channels."""
     factory = _factory(name)

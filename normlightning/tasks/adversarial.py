@@ -43,16 +43,14 @@ from dataclasses import asdict
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
-from torchmetrics import MetricCollection
-from torchmetrics.classification import MulticlassAccuracy
 
 from normlightning.norms.model_layers import STATISTICS_MODES, StatisticsMode, check_statistics_mode, statistics_mode
 from normlightning.tasks.attacks import PGDConfig
 from normlightning.tasks.classification import ClassificationTask
+from normlightning.tasks.metrics import accuracy_metrics
 
 __all__ = ["AdversarialTask"]
 
@@ -85,6 +83,9 @@ class AdversarialTask(ClassificationTask):
     ``acc5_clean``/``acc5_robust`` with at least 5 classes. There is no plain ``val/acc1``:
     point checkpoints at ``val/acc1_robust`` (``--checkpoint.monitor=val/acc1_robust``; the
     configs do).
+
+    Its training step is its own (clean and robust losses, :meth:`cross_entropy` each): it does
+    not call ``prepare_training_batch`` or ``training_loss`` of ``ClassificationTask``.
 
     Args:
         train_attack: PGD used to make training examples (default: the BGN paper's PGD-4,
@@ -152,15 +153,9 @@ class AdversarialTask(ClassificationTask):
     # ----------------------------------------------------------------- metrics
     def configure_metrics(self) -> None:
         """``{stage}/acc1_{kind}`` (and ``acc5_{kind}`` with >= 5 classes), kind = clean | robust."""
-        metrics: dict[str, MulticlassAccuracy] = {
-            "acc1": MulticlassAccuracy(num_classes=self.num_classes, top_k=1, average="micro")
-        }
-        if self.num_classes >= 5:
-            metrics["acc5"] = MulticlassAccuracy(num_classes=self.num_classes, top_k=5, average="micro")
-        collection = MetricCollection(metrics)
         self.adv_metrics = nn.ModuleDict(
             {
-                f"{stage}_{kind}": collection.clone(prefix=f"{stage}/", postfix=f"_{kind}")
+                f"{stage}_{kind}": accuracy_metrics(self.num_classes, prefix=f"{stage}/", postfix=f"_{kind}")
                 for stage in ("train", "val", "test")
                 for kind in ("clean", "robust")
             }
@@ -187,6 +182,7 @@ class AdversarialTask(ClassificationTask):
 
     def setup(self, stage: str) -> None:
         """Write :meth:`attack_summary` to the log and, with TensorBoard, as text ``adversarial/settings``."""
+        super().setup(stage)
         summary = self.attack_summary()
         rank_zero_info(summary)
         trainer = self._trainer
@@ -209,12 +205,12 @@ class AdversarialTask(ClassificationTask):
             x_adv = self.attack(x, y, self.train_attack, self.train_attack_norm_mode)
         if w < 1:
             logits = self(x)
-            loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+            loss = self.cross_entropy(logits, y)
             self._log_kind("train", "clean", logits.detach(), y, loss.detach())
             total = total + (1 - w) * loss
         if w > 0:
             logits = self(x_adv)
-            loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+            loss = self.cross_entropy(logits, y)
             self._log_kind("train", "robust", logits.detach(), y, loss.detach())
             total = total + w * loss
         self.log("train/loss", total, on_step=True, on_epoch=True, prog_bar=True, batch_size=y.shape[0])
@@ -232,7 +228,7 @@ class AdversarialTask(ClassificationTask):
         x_adv = self.attack(x, y, self.eval_attack, self.eval_attack_norm_mode, generator=generator)
         for kind, inputs in (("clean", x), ("robust", x_adv)):
             logits = self(inputs)
-            loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+            loss = self.cross_entropy(logits, y)
             self._log_kind(stage, kind, logits, y, loss)
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:

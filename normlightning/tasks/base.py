@@ -21,12 +21,13 @@ Two more optimizer settings: weight decay on the normalization affine parameters
 (``gamma_weight_decay``, ``beta_weight_decay``, ``gamma_decay_target``; see
 :mod:`normlightning.tasks.norm_weight_decay`) and linear LR scaling (``lr_base_batch_size``;
 see :mod:`normlightning.tasks.lr_scaling`). Checkpoints remember injected norm layers
-(:mod:`normlightning.callbacks.injection_spec`): :meth:`BaseTask.on_load_checkpoint` rebuilds
+(:mod:`normlightning.injection.spec`): :meth:`BaseTask.on_load_checkpoint` rebuilds
 them before the weights are loaded.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 from typing import Any, Literal
 
@@ -36,7 +37,8 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 from torch.optim import Optimizer
 
-from normlightning.callbacks.injection_spec import restore_injection, store_injection
+from normlightning.injection import check_checkpoint_file, restore_injection, store_injection
+from normlightning.tasks.last_batch import check_last_training_batch
 from normlightning.tasks.lr_scaling import linear_lr_factor, scale_learning_rates
 from normlightning.tasks.norm_weight_decay import add_decay_toward_one, check_norm_decay, norm_parameter_groups
 
@@ -129,6 +131,16 @@ class BaseTask(LightningModule):
             for key in drop:
                 self._hparams_initial.pop(key, None)
 
+    def setup(self, stage: str) -> None:
+        """At ``fit``: check that the epoch's last, incomplete training batch can be normalized
+        (:func:`~normlightning.tasks.last_batch.check_last_training_batch`), so a bad remainder
+        fails now, naming ``data.drop_last``, not after a whole epoch."""
+        if stage != "fit" or self._trainer is None:
+            return
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None:
+            check_last_training_batch(self, datamodule.train_dataloader(), self.trainer.world_size)
+
     def parameter_groups(self) -> list[dict[str, Any]]:
         """Parameter groups handed to the optimizer: ``default`` (all trainable parameters) and,
         when ``gamma_weight_decay`` / ``beta_weight_decay`` are set, ``norm_gamma`` / ``norm_beta``
@@ -142,6 +154,15 @@ class BaseTask(LightningModule):
     def on_before_optimizer_step(self, optimizer: Optimizer) -> None:
         """Decay gamma toward 1 when ``gamma_decay_target=1`` (``grad += wd * (gamma - 1)``)."""
         add_decay_toward_one(optimizer)
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        """``LightningModule.load_from_checkpoint`` with a clear error for a missing, empty or
+        truncated local file (instead of a bare ``EOFError``); injected layers are rebuilt by
+        :meth:`on_load_checkpoint`."""
+        if isinstance(checkpoint_path, (str, os.PathLike)) and "://" not in str(checkpoint_path):
+            check_checkpoint_file(checkpoint_path)
+        return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Store the spec of injected norm layers (if any) in the checkpoint."""

@@ -4,9 +4,14 @@
 ``[0, 1]`` of shape ``(N, *input_shape)`` and ``normalize`` is the per-channel
 :class:`~normlightning.models.input_normalization.InputNormalization`, the model's first
 module. Loss: cross-entropy with optional label smoothing. Metrics (torchmetrics, one
-collection per stage, epoch-level, synchronized across processes): ``{stage}/acc1`` and,
-with at least 5 classes, ``{stage}/acc5``, for ``stage`` in ``train``, ``val``, ``test``;
-``train/loss`` every step, ``val/loss`` and ``test/loss`` per epoch.
+collection per stage, epoch-level, synchronized across processes; see
+:func:`~normlightning.tasks.metrics.accuracy_metrics`): ``{stage}/acc1`` and, with at least 5
+classes, ``{stage}/acc5``, for ``stage`` in ``train``, ``val``, ``test``; ``train/loss`` every
+step, ``val/loss`` and ``test/loss`` per epoch.
+
+Subclasses change training through two hooks and keep the metrics and logging of the
+training step: :meth:`ClassificationTask.prepare_training_batch` (a batch-level transform such
+as mixup) and :meth:`ClassificationTask.training_loss` (the loss: a penalty, mixed targets).
 """
 
 from __future__ import annotations
@@ -16,12 +21,12 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torchmetrics import MetricCollection
-from torchmetrics.classification import MulticlassAccuracy
 
+from normlightning.data.base import missing_link_error
 from normlightning.models import build_backbone
 from normlightning.models.input_normalization import InputNormalization
 from normlightning.tasks.base import BaseTask
+from normlightning.tasks.metrics import accuracy_metrics
 
 Stage = Literal["train", "val", "test"]
 
@@ -32,9 +37,9 @@ class ClassificationTask(BaseTask):
     Args:
         backbone: a name from :func:`normlightning.models.available_backbones` or any
             torchvision classification model (``resnet18``, ``mobilenet_v2``, ...).
-        num_classes: number of classes (linked from ``data.num_classes`` by the CLI).
+        num_classes: number of classes (linked from ``data.num_classes`` by the CLI); required.
         backbone_kwargs: extra arguments for the backbone factory (e.g. ``{width: 16}``).
-        input_shape: ``(C, H, W)`` of one image (linked from ``data.input_shape``).
+        input_shape: ``(C, H, W)`` of one image (linked from ``data.input_shape``); required.
         input_mean: per-channel mean for the input normalization (linked from ``data.mean``);
             ``None`` means 0 for every channel.
         input_std: per-channel std (linked from ``data.std``); ``None`` means 1.
@@ -47,15 +52,18 @@ class ClassificationTask(BaseTask):
         self,
         *,
         backbone: str = "resnet18",
-        num_classes: int = 1000,
+        num_classes: int | None = None,
         backbone_kwargs: dict[str, Any] | None = None,
-        input_shape: tuple[int, int, int] = (3, 224, 224),
+        input_shape: tuple[int, int, int] | None = None,
         input_mean: tuple[float, ...] | None = None,
         input_std: tuple[float, ...] | None = None,
         label_smoothing: float = 0.0,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        for setting, value in (("num_classes", num_classes), ("input_shape", input_shape)):
+            if value is None:
+                raise missing_link_error(setting)
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
         self.save_hyperparameters()
@@ -76,44 +84,72 @@ class ClassificationTask(BaseTask):
         self.configure_metrics()
 
     def configure_metrics(self) -> None:
-        """One ``MetricCollection`` per stage: ``acc1`` (and ``acc5`` when ``num_classes >= 5``)."""
-        metrics: dict[str, MulticlassAccuracy] = {
-            "acc1": MulticlassAccuracy(num_classes=self.num_classes, top_k=1, average="micro")
-        }
-        if self.num_classes >= 5:
-            metrics["acc5"] = MulticlassAccuracy(num_classes=self.num_classes, top_k=5, average="micro")
-        collection = MetricCollection(metrics)
-        self.train_metrics = collection.clone(prefix="train/")
-        self.val_metrics = collection.clone(prefix="val/")
-        self.test_metrics = collection.clone(prefix="test/")
+        """One metric collection per stage: ``acc1`` (and ``acc5`` when ``num_classes >= 5``)."""
+        self.train_metrics = accuracy_metrics(self.num_classes, prefix="train/")
+        self.val_metrics = accuracy_metrics(self.num_classes, prefix="val/")
+        self.test_metrics = accuracy_metrics(self.num_classes, prefix="test/")
 
     def forward(self, x: Tensor) -> Tensor:
         """Images ``(N, C, H, W)`` in ``[0, 1]`` -> logits ``(N, num_classes)``."""
         return self.backbone(self.normalize(x))
 
-    def _shared_step(self, batch: Any, stage: Stage) -> Tensor:
-        x, y = batch[0], batch[1]
-        logits = self(x)
-        loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+    def cross_entropy(self, logits: Tensor, y: Tensor) -> Tensor:
+        """``CE(logits, y)`` with the task's label smoothing, mean over the batch (the val/test loss)."""
+        return F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
+
+    def prepare_training_batch(self, batch: Any) -> Any:
+        """Transform a training batch before the forward (default: unchanged).
+
+        Override for batch-level augmentation (e.g. mixup). The returned batch must keep the
+        inputs at index 0 (fed to the model) and targets ``(N,)`` at index 1 (for the training
+        accuracy); further items reach :meth:`training_loss`.
+        """
+        return batch
+
+    def training_loss(self, logits: Tensor, batch: Any) -> Tensor:
+        """The loss the training step minimizes, a scalar (default: :meth:`cross_entropy` of
+        ``logits`` and the targets ``batch[1]``).
+
+        Args:
+            logits: ``self(batch[0])``, shape ``(N, num_classes)``.
+            batch: the training batch, as :meth:`prepare_training_batch` returned it.
+
+        Override to change the training loss (a penalty term, mixed targets): the training step
+        still updates and logs ``train/acc1`` (``train/acc5``) from ``logits`` against
+        ``batch[1]`` and logs the returned value as ``train/loss``. Validation and test losses
+        stay :meth:`cross_entropy`. (:class:`~normlightning.tasks.AdversarialTask` has its own
+        training step and does not call either hook.)
+        """
+        return self.cross_entropy(logits, batch[1])
+
+    def _log_step(self, stage: Stage, logits: Tensor, y: Tensor, loss: Tensor) -> None:
         metrics = {"train": self.train_metrics, "val": self.val_metrics, "test": self.test_metrics}[stage]
         metrics(logits, y)
         train = stage == "train"
         # train/loss every step; val/test losses are epoch means, averaged over processes under DDP
         self.log(
             f"{stage}/loss", loss, on_step=train, on_epoch=not train, prog_bar=True, sync_dist=not train,
-            batch_size=x.shape[0],
+            batch_size=y.shape[0],
         )
-        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage != "test", batch_size=x.shape[0])
-        return loss
+        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage != "test", batch_size=y.shape[0])
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        return self._shared_step(batch, "train")
+        """``training_loss(self(x), batch)`` of the prepared batch; logs it and the training accuracy."""
+        batch = self.prepare_training_batch(batch)
+        logits = self(batch[0])
+        loss = self.training_loss(logits, batch)
+        self._log_step("train", logits.detach(), batch[1], loss.detach())
+        return loss
+
+    def _eval_step(self, batch: Any, stage: Stage) -> None:
+        logits = self(batch[0])
+        self._log_step(stage, logits, batch[1], self.cross_entropy(logits, batch[1]))
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self._shared_step(batch, "val")
+        self._eval_step(batch, "val")
 
     def test_step(self, batch: Any, batch_idx: int) -> None:
-        self._shared_step(batch, "test")
+        self._eval_step(batch, "test")
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
         """Class probabilities ``softmax(logits)`` of shape ``(N, num_classes)``."""

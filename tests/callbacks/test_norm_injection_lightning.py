@@ -10,7 +10,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from normlightning.callbacks.injection_spec import CHECKPOINT_KEY, restore_injection
+from normlightning.injection import CHECKPOINT_KEY, restore_injection, store_injection
 from normlightning.callbacks.norm_injection import NormInjection
 from normlightning.callbacks.norm_sync import NormSync
 from normlightning.norms import BatchGroupNorm, GroupNorm
@@ -43,6 +43,9 @@ class TinyTask(LightningModule):
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+    def on_save_checkpoint(self, checkpoint):
+        store_injection(self, checkpoint)
 
     def on_load_checkpoint(self, checkpoint):
         restore_injection(self, checkpoint)

@@ -4,17 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import Logger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from normlightning.callbacks.recalibration import (
-    Recalibration,
-    batch_statistic_layers,
-    evaluate_accuracy,
-    recalibrate_statistics,
-)
+from normlightning.callbacks.evaluation import evaluate_accuracy
+from normlightning.callbacks.recalibration import Recalibration, batch_statistic_layers, recalibrate_statistics
 
 
 def _batches(k: int, n: int = 4, shift: float = 3.0) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -202,3 +198,66 @@ def test_normlightning_layers_cumulative_average(name):
     assert layer.momentum == momentum and model.training
     for k, v in others.items():  # weights and e.g. brn's renorm_step untouched
         assert torch.equal(layer.state_dict()[k], v), k
+
+
+def test_train_end_recalibration_is_in_the_last_checkpoint(tmp_path):
+    """The recalibrated statistics are computed before the final validation and checkpoint, so
+    ``last.ckpt`` holds them (not the moving averages of training)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    batches = _batches(4)
+    x = torch.cat([b[0] for b in batches])
+    y = torch.cat([b[1] for b in batches])
+    loader = DataLoader(TensorDataset(x, y), batch_size=4, shuffle=False)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0)
+    task = _Task()
+    trainer = Trainer(accelerator="cpu", max_epochs=2, logger=False, enable_progress_bar=False,
+                      enable_model_summary=False, default_root_dir=tmp_path, num_sanity_val_steps=0,
+                      callbacks=[Recalibration(num_batches=3, when="train_end"), checkpoint])
+    trainer.fit(task, loader, loader)
+    with torch.no_grad():
+        fc_out = [task.net[1](task.net[0](b[0])) for b in batches[:3]]
+    mean, var = _expected(fc_out, (0,))
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=False)["state_dict"]
+    torch.testing.assert_close(saved["net.2.running_mean"], mean)
+    torch.testing.assert_close(saved["net.2.running_var"], var)
+
+
+def test_early_stopped_run_is_recalibrated_and_last_checkpoint_rewritten(tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    batches = _batches(4)
+    loader = DataLoader(TensorDataset(torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])),
+                        batch_size=4, shuffle=False)
+
+    class StopAfterFirstEpoch(Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            trainer.should_stop = True
+
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0)
+    task = _Task()
+    trainer = Trainer(accelerator="cpu", max_epochs=5, logger=False, enable_progress_bar=False,
+                      enable_model_summary=False, default_root_dir=tmp_path, num_sanity_val_steps=0,
+                      callbacks=[Recalibration(num_batches=2, when="train_end"), StopAfterFirstEpoch(), checkpoint])
+    trainer.fit(task, loader, loader)
+    assert trainer.current_epoch == 1
+    with torch.no_grad():
+        fc_out = [task.net[1](task.net[0](b[0])) for b in batches[:2]]
+    mean, var = _expected(fc_out, (0,))
+    saved = torch.load(tmp_path / "last.ckpt", weights_only=False)["state_dict"]
+    torch.testing.assert_close(saved["net.2.running_mean"], mean)
+    torch.testing.assert_close(saved["net.2.running_var"], var)
+
+
+def test_average_running_statistics_over_two_gloo_processes(tmp_path):
+    """Each process holds its own statistics; afterwards both hold the average, counters untouched."""
+    import torch.multiprocessing as mp
+
+    from ddp_workers import average_worker
+
+    mp.spawn(average_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    results = [torch.load(tmp_path / f"{rank}.pt") for rank in range(2)]
+    for r in results:
+        torch.testing.assert_close(r["mean"], torch.tensor([0.5, 1.5, 2.5]))
+        torch.testing.assert_close(r["var"], torch.tensor([2.0, 3.0, 4.0]))
+    assert [int(r["count"]) for r in results] == [7, 8]

@@ -8,9 +8,10 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-import normlightning.data.few_shot as few_shot
+import normlightning.data.episodes as episodes_module
 from normlightning.data import Digits
-from normlightning.data.few_shot import ClassSplitFewShotDataModule, EpisodeDataset, dataset_labels
+from normlightning.data.episodes import EpisodeDataset
+from normlightning.data.few_shot import ClassSplitFewShotDataModule, dataset_labels
 
 
 def _toy(num_classes: int = 6, per_class: int = 5) -> tuple[TensorDataset, torch.Tensor]:
@@ -44,7 +45,7 @@ def test_episodes_shard_across_processes_and_workers(monkeypatch: pytest.MonkeyP
             seen[e["episode"]] = e["label"]
     assert seen.keys() == single.keys() and all(torch.equal(seen[i], single[i]) for i in single)
     # loader workers split a process's share: worker 1 of 2 on rank 0 gets episodes 3 (rank 0 has 0, 3, 6)
-    monkeypatch.setattr(few_shot, "get_worker_info", lambda: SimpleNamespace(id=1, num_workers=2))
+    monkeypatch.setattr(episodes_module, "get_worker_info", lambda: SimpleNamespace(id=1, num_workers=2))
     assert [e["episode"] for e in shards[0]] == [3]
 
 
@@ -91,3 +92,21 @@ def test_class_split_checks_its_settings() -> None:
     with pytest.raises(ValueError, match=r"classes \[11\] do not occur"):
         dm.setup("fit")
     assert dm.val_dataloader() == []  # no validation classes: no validation episodes
+
+
+def test_validation_has_its_own_episode_settings() -> None:
+    """A validation split with fewer classes than the test's n_way runs with its own val_n_way/val_q_query."""
+    with pytest.raises(ValueError, match="val_classes has 3 classes, fewer than val_n_way=5"):
+        ClassSplitFewShotDataModule(source=Digits(), base_classes=[0, 1], val_classes=[2, 3, 4],
+                                    novel_classes=[5, 6, 7, 8, 9])
+    dm = ClassSplitFewShotDataModule(
+        source=Digits(), base_classes=[0, 1], val_classes=[2, 3, 4], novel_classes=[5, 6, 7, 8, 9],
+        val_n_way=3, val_q_query=2, val_shot=1, val_episodes=2, test_shots=[1], q_query=4, test_episodes=2,
+        augment=False,
+    )
+    dm.setup("fit")
+    dm.setup("test")
+    episode = next(iter(dm.val_dataloader()))
+    assert set(episode["label"].tolist()) == {2, 3, 4} and episode["image"].shape[0] == 3 * (1 + 2)
+    test_episode = next(iter(dm.test_dataloader()[0]))
+    assert len(set(test_episode["label"].tolist())) == 5 and test_episode["image"].shape[0] == 5 * (1 + 4)

@@ -295,4 +295,4 @@ def test_paper_configs(method, run_dir):
     assert isinstance(optimizer, torch.optim.Adam) and optimizer.defaults["lr"] == 0.01
     assert cli.trainer.max_epochs == 200
     (injection,) = [c for c in cli.trainer.callbacks if isinstance(c, NormInjection)]
-    assert injection.method == method and injection.num_groups == PAPER_NORMS[method]
+    assert injection.rules.method == method and injection.rules.num_groups == PAPER_NORMS[method]

@@ -36,7 +36,7 @@ def test_loss_matches_cross_entropy_with_label_smoothing() -> None:
     logits = task(x)
     log_probs = logits.log_softmax(-1)
     by_hand = -(0.9 * log_probs.gather(1, y[:, None]).squeeze(1) + 0.1 * log_probs.mean(-1)).mean()
-    assert torch.allclose(task._shared_step((x, y), "train"), by_hand, atol=1e-6)
+    assert torch.allclose(task.training_step((x, y), 0), by_hand, atol=1e-6)
     assert torch.allclose(by_hand, F.cross_entropy(logits, y, label_smoothing=0.1), atol=1e-6)
 
 
@@ -75,3 +75,35 @@ def test_logged_metrics_and_reload(tmp_path) -> None:
     assert reloaded.hparams["backbone_kwargs"] == {"width": 4} and "optimizer" not in reloaded.hparams
     with torch.no_grad():
         assert torch.equal(reloaded(xs), task(xs))
+
+
+class PenaltyTask(ClassificationTask):
+    """Overrides only the loss hook: cross-entropy plus a logit penalty and a constant offset."""
+
+    def training_loss(self, logits, batch):
+        return F.cross_entropy(logits, batch[1]) + 0.5 * logits.pow(2).mean() + 100.0
+
+
+def test_training_loss_hook_keeps_metrics_and_logging(tmp_path) -> None:
+    task = PenaltyTask(backbone="small_cnn", num_classes=5, input_shape=(2, 6, 6), backbone_kwargs={"width": 4},
+                       optimizer=partial(torch.optim.SGD, lr=0.05)).eval()
+    x, y = torch.rand(6, 2, 6, 6), torch.tensor([0, 1, 4, 2, 3, 3])
+    logits = task(x)
+    by_hand = F.cross_entropy(logits, y) + 0.5 * logits.pow(2).mean() + 100.0
+    assert torch.allclose(task.training_step((x, y), 0), by_hand, atol=1e-5)
+    # the training step still fed the training accuracy with the step's logits
+    accuracy = (logits.argmax(-1) == y).float().mean()
+    assert float(task.train_metrics.compute()["train/acc1"]) == pytest.approx(float(accuracy))
+    task.train_metrics.reset()
+
+    data = Synthetic(input_shape=(2, 6, 6), num_classes=5, num_train=32, num_val=16, num_test=16, batch_size=8)
+    before = [p.detach().clone() for p in task.parameters()]
+    trainer = Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(task.train(), datamodule=data)
+    logged = trainer.callback_metrics
+    assert {"train/loss", "train/acc1", "train/acc5", "val/loss", "val/acc1"} <= set(logged)
+    assert 100.0 < float(logged["train/loss"]) < 110.0  # the overridden loss was logged (and minimized)
+    assert float(logged["val/loss"]) < 100.0  # validation keeps the plain cross-entropy
+    assert 0.0 <= float(logged["train/acc1"]) <= 1.0
+    assert any(not torch.equal(a, b) for a, b in zip(before, task.parameters()))  # it trained

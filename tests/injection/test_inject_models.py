@@ -7,8 +7,7 @@ import torch
 import torchvision
 from torch import nn
 
-from normlightning.callbacks.injection_spec import apply_spec
-from normlightning.callbacks.norm_injection import NormInjection
+from normlightning.injection import apply_spec, inject
 from normlightning.models import available_backbones, build_backbone
 from normlightning.norms.base import NormLayer
 
@@ -23,7 +22,7 @@ def test_torchvision_models_have_no_batchnorm_left(name):
     model = torchvision.models.get_model(name, num_classes=5)
     n_bn = count(model, nn.modules.batchnorm._BatchNorm)
     # gn's channel groups must divide C: densenet's C = 64 + 32k etc., so fit with `nearest`
-    spec = NormInjection(method="gn", num_groups=32, group_fit="nearest").inject(model)
+    spec = inject(model, method="gn", num_groups=32, group_fit="nearest")[0]
     assert count(model, nn.modules.batchnorm._BatchNorm) == 0
     assert count(model, NormLayer) == n_bn == len(spec["layers"])
     for rec in spec["layers"]:
@@ -36,8 +35,10 @@ def test_torchvision_models_have_no_batchnorm_left(name):
 
 def test_bgn_auto_on_resnet18_with_exclusions():
     model = torchvision.models.resnet18(num_classes=5)
-    cb = NormInjection(method="bgn", num_groups="auto", batch_size=8, exclude=[r"bn1", r"layer1\.0\..*"])
-    spec = cb.inject(model, example_input=torch.rand(2, 3, 32, 32))
+    spec, _ = inject(
+        model, method="bgn", num_groups="auto", batch_size=8, exclude=[r"bn1", r"layer1\.0\..*"],
+        example_input=torch.rand(2, 3, 32, 32),
+    )
     kept = [n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
     assert kept == ["bn1", "layer1.0.bn1", "layer1.0.bn2"]
     # batch 8 -> G = 16, which divides every layer's D = C*H*W here
@@ -57,7 +58,7 @@ def test_our_backbones_have_no_batchnorm_left(name):
     model = build_backbone(name, num_classes=4, input_shape=(3, 16, 16))
     n_bn = count(model, nn.modules.batchnorm._BatchNorm)
     assert n_bn > 0, f"{name} has no BatchNorm to replace"
-    NormInjection(method="gn", num_groups=4, group_fit="nearest").inject(model)
+    inject(model, method="gn", num_groups=4, group_fit="nearest")[0]
     assert count(model, nn.modules.batchnorm._BatchNorm) == 0
     assert count(model, NormLayer) >= n_bn
 
@@ -70,8 +71,7 @@ def test_param_norms_on_convs_replay_from_spec(kind):
 
     model = make()
     raw = model[0].weight.detach().clone()
-    cb = NormInjection(method="gn", num_groups=2, param_norm_exclude=[r"2"], **{kind: True})
-    spec = cb.inject(model)
+    spec, _ = inject(model, method="gn", num_groups=2, param_norm_exclude=[r"2"], param_norm=kind)
     assert spec["param_norms"] == [{"name": "0", "kind": kind}]
     w = model[0].weight
     if kind == "weight_standardization":

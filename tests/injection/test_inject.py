@@ -1,4 +1,4 @@
-"""NormInjection on plain torch models: replacement, rules, auto groups, fitting, summary."""
+"""normlightning.injection on plain torch models: replacement, rules, auto groups, fitting, summary."""
 
 from __future__ import annotations
 
@@ -6,11 +6,11 @@ import pytest
 import torch
 from torch import nn
 
-from normlightning.callbacks import group_rules
+from normlightning.callbacks.norm_injection import NormInjection
+from normlightning.injection import apply_spec, get_spec, inject, probe_input_shapes
+from normlightning.injection import groups as group_rules
 from normlightning.norms.batch_group_norm import bgn_paper_groups
 from normlightning.norms.ghost_norm import ghost_auto_batches
-from normlightning.callbacks.injection_spec import apply_spec, get_spec
-from normlightning.callbacks.norm_injection import NormInjection, probe_input_shapes
 from normlightning.norms.base import NormLayer
 
 
@@ -81,8 +81,7 @@ def test_bn_to_bn_copies_state_and_keeps_eval_outputs():
     randomize_norms(model)
     model.eval()
     expected = model(X)
-    cb = NormInjection(method="bn")
-    cb.inject(model)
+    inject(model, method="bn")
     assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     assert isinstance(model[1], NormLayer) and model[1].num_batches_tracked.item() == 7
     torch.testing.assert_close(model(X), expected)  # same running stats + affine -> same eval map
@@ -92,7 +91,7 @@ def test_gn_replacement_matches_native_group_norm_with_copied_affine():
     model = tiny_cnn()
     randomize_norms(model)
     w, b = model[1].weight.detach().clone(), model[1].bias.detach().clone()
-    NormInjection(method="gn", num_groups=2, targets=["BatchNorm2d"]).inject(model)
+    inject(model, method="gn", num_groups=2, targets=["BatchNorm2d"])[0]
     assert isinstance(model[7], nn.BatchNorm1d)  # not a target
     layer = model[1]
     x = torch.randn(2, 8, 5, 5)
@@ -101,7 +100,8 @@ def test_gn_replacement_matches_native_group_norm_with_copied_affine():
 
 def test_overrides_first_match_wins_and_exclusions_keep_layers():
     model = tiny_cnn()
-    cb = NormInjection(
+    spec, rows = inject(
+        model,
         method="gn",
         num_groups=2,
         overrides=[
@@ -111,25 +111,24 @@ def test_overrides_first_match_wins_and_exclusions_keep_layers():
         ],
         exclude=[r"1"],
     )
-    spec = cb.inject(model)
     assert isinstance(model[1], nn.BatchNorm2d)  # excluded wins over the override
     assert isinstance(model[7], nn.BatchNorm1d)  # method None keeps
     assert [(r["name"], r["method"]) for r in spec["layers"]] == [("4", "in")]
     assert "num_groups" not in spec["layers"][0]["kwargs"]  # a different method does not inherit gn's args
-    rows = {r["layer"]: r for r in cb.summary_rows}
+    rows = {r["layer"]: r for r in rows}
     assert rows["1"]["new"] == "(kept)" and rows["1"]["args"] == "excluded"
     assert "override 0" in rows["4"]["args"]
 
 
 def test_unmatched_pattern_warns():
     with pytest.warns(UserWarning, match="matches no target layer"):
-        NormInjection(method="gn", num_groups=2, exclude=["nothing_here"]).inject(tiny_cnn())
+        inject(tiny_cnn(), method="gn", num_groups=2, exclude=["nothing_here"])[0]
 
 
 def test_method_null_leaves_model_unchanged():
     model = tiny_cnn()
     before = list(model.modules())
-    spec = NormInjection(method=None).inject(model)
+    spec = inject(model, method=None)[0]
     assert spec["layers"] == [] and list(model.modules()) == before
 
 
@@ -141,14 +140,13 @@ def test_probe_records_input_shapes():
 def test_bgn_auto_fits_each_layer_from_probe():
     model = tiny_cnn()
     running_before = model[1].running_mean.clone()
-    cb = NormInjection(method="bgn", num_groups="auto", batch_size=32, targets=["BatchNorm2d"])
-    spec = cb.inject(model, example_input=X)
+    spec, rows = inject(model, method="bgn", num_groups="auto", batch_size=32, targets=["BatchNorm2d"], example_input=X)
     torch.testing.assert_close(running_before, torch.zeros(8))
     groups = {r["name"]: r["kwargs"]["num_groups"] for r in spec["layers"]}
     # B=32 -> G=128; layer 1: D = 8*8*8 = 512 -> 128 fits; layer 4: D = 4*4*4 = 64 -> nearest divisor 64
     assert groups == {"1": 128, "4": 64}
-    assert "num_groups auto->128 (B=32)" in cb.summary_rows[1]["args"]
-    assert "num_groups 128->64" in cb.summary_rows[1]["args"]
+    assert "num_groups auto->128 (B=32)" in rows[1]["args"]
+    assert "num_groups 128->64" in rows[1]["args"]
     model.train()
     assert model(X).shape == (4, 3)
 
@@ -156,38 +154,34 @@ def test_bgn_auto_fits_each_layer_from_probe():
 def test_bgn_explicit_groups_error_names_layer_and_nearest_fits():
     # layer 1: D = 8*64 = 512 takes 128; layer 4: D = 4*16 = 64 does not
     with pytest.raises(ValueError, match=r"layer '4'.*num_groups=128 does not divide D=C\*S=4\*16=64.*\(64\)"):
-        NormInjection(method="bgn", num_groups=128, targets=["BatchNorm2d"]).inject(tiny_cnn(), example_input=X)
-    spec = NormInjection(method="bgn", num_groups=48, group_fit="nearest", targets=["BatchNorm2d"]).inject(
-        tiny_cnn(), example_input=X
-    )
+        inject(tiny_cnn(), method="bgn", num_groups=128, targets=["BatchNorm2d"], example_input=X)[0]
+    spec = inject(tiny_cnn(), method="bgn", num_groups=48, group_fit="nearest", targets=["BatchNorm2d"], example_input=X)[0]
     assert [r["kwargs"]["num_groups"] for r in spec["layers"]] == [32, 32]  # largest divisors <= 48 of 512, 64
 
 
 def test_bgn_without_example_input_is_a_clear_error():
     with pytest.raises(ValueError, match="example_input_array"):
-        NormInjection(method="bgn", num_groups=4).inject(tiny_cnn())
+        inject(tiny_cnn(), method="bgn", num_groups=4)[0]
 
 
 def test_gn_group_count_that_does_not_divide_c_errors_with_layer_name():
     with pytest.raises(ValueError, match=r"layer '1'.*num_groups=3 does not divide C=8"):
-        NormInjection(method="gn", num_groups=3, targets=["BatchNorm2d"]).inject(tiny_cnn())
+        inject(tiny_cnn(), method="gn", num_groups=3, targets=["BatchNorm2d"])[0]
 
 
 def test_ghost_and_seqnorm_auto():
-    spec = NormInjection(method="ghost", num_groups="auto", batch_size=64, targets=["BatchNorm2d"]).inject(tiny_cnn())
+    spec = inject(tiny_cnn(), method="ghost", num_groups="auto", batch_size=64, targets=["BatchNorm2d"])[0]
     assert {r["kwargs"]["num_groups"] for r in spec["layers"]} == {4}  # 64 / 16
-    spec = NormInjection(method="seqnorm", num_groups="auto", batch_size=128, targets=["BatchNorm2d"]).inject(
-        tiny_cnn()
-    )
+    spec = inject(tiny_cnn(), method="seqnorm", num_groups="auto", batch_size=128, targets=["BatchNorm2d"])[0]
     got = [(r["kwargs"]["channel_groups"], r["kwargs"]["batch_groups"]) for r in spec["layers"]]
     assert got == [(4, 8), (4, 8)]
     with pytest.raises(ValueError, match="seqnorm takes channel_groups"):
-        NormInjection(method="seqnorm", num_groups=4).inject(tiny_cnn())
+        inject(tiny_cnn(), method="seqnorm", num_groups=4)[0]
 
 
 def test_auto_without_batch_size_is_a_clear_error():
     with pytest.raises(ValueError, match="norm.batch_size"):
-        NormInjection(method="ghost", num_groups="auto").inject(tiny_cnn())
+        inject(tiny_cnn(), method="ghost", num_groups="auto")[0]
 
 
 @pytest.mark.parametrize(
@@ -206,16 +200,14 @@ def test_other_target_types(native, shape):
     x = torch.randn(shape)
     expected = native(x)
     method = {nn.GroupNorm: "gn", nn.InstanceNorm2d: "in", nn.LayerNorm: "ln"}[type(native)]
-    NormInjection(method=method, num_groups=2 if method == "gn" else None, targets=[type(native).__name__]).inject(
-        model
-    )
+    inject(model, method=method, num_groups=2 if method == "gn" else None, targets=[type(native).__name__])[0]
     assert isinstance(model[0], NormLayer)
     torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_spec_replays_on_a_fresh_model_and_is_idempotent():
     model = tiny_cnn()
-    spec = NormInjection(method="bgn", num_groups=4, targets=["BatchNorm2d"]).inject(model, example_input=X)
+    spec = inject(model, method="bgn", num_groups=4, targets=["BatchNorm2d"], example_input=X)[0]
     fresh = tiny_cnn()
     assert apply_spec(fresh, spec) == 2
     assert get_spec(fresh) == spec
@@ -237,28 +229,24 @@ def test_bad_settings_are_clear_errors():
     with pytest.raises(ValueError, match="'pattern' key"):
         NormInjection(method="gn", overrides=[{"method": "bn"}])
     with pytest.raises(ValueError, match=r"cannot build 'nope' for layer '1'"):
-        NormInjection(method="nope").inject(tiny_cnn())
+        inject(tiny_cnn(), method="nope")[0]
 
 
 def test_num_groups_fills_the_group_count_each_method_declares():
     """``norm.num_groups`` goes to the argument the layer class declares with ``takes_num_groups``:
     gbgn's ``channel_groups``, gn's and bgn's ``num_groups``."""
-    spec = NormInjection(method="gbgn", num_groups=2, targets=["BatchNorm2d"]).inject(tiny_cnn())
+    spec = inject(tiny_cnn(), method="gbgn", num_groups=2, targets=["BatchNorm2d"])[0]
     assert [r["kwargs"]["channel_groups"] for r in spec["layers"]] == [2, 2]
     assert all("num_groups" not in r["kwargs"] for r in spec["layers"])
     with pytest.raises(ValueError, match="bn takes no group count"):
-        NormInjection(method="bn", num_groups=2).inject(tiny_cnn())
+        inject(tiny_cnn(), method="bn", num_groups=2)[0]
 
 
 def test_named_auto_policy_and_unknown_policy():
     model = tiny_cnn()
-    spec = NormInjection(method="bgn", num_groups="auto:paper", batch_size=8, targets=["BatchNorm2d"]).inject(
-        model, example_input=torch.zeros(2, 3, 8, 8)
-    )
+    spec = inject(model, method="bgn", num_groups="auto:paper", batch_size=8, targets=["BatchNorm2d"], example_input=torch.zeros(2, 3, 8, 8))[0]
     assert [r["kwargs"]["num_groups"] for r in spec["layers"]] == [16, 16]  # B=8 -> 16, divides 512 and 64
     with pytest.raises(ValueError, match=r"unknown auto policy 'nope'.*auto:paper"):
-        NormInjection(method="bgn", num_groups="auto:nope", batch_size=8).inject(
-            tiny_cnn(), example_input=torch.zeros(2, 3, 8, 8)
-        )
+        inject(tiny_cnn(), method="bgn", num_groups="auto:nope", batch_size=8, example_input=torch.zeros(2, 3, 8, 8))[0]
     with pytest.raises(ValueError, match="gn num_groups has no 'auto' rule"):
-        NormInjection(method="gn", num_groups="auto", batch_size=8).inject(tiny_cnn())
+        inject(tiny_cnn(), method="gn", num_groups="auto", batch_size=8)[0]

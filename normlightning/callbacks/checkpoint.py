@@ -1,0 +1,46 @@
+"""The checkpoint callback of the ``normlightning`` command (its ``checkpoint:`` section):
+a ``ModelCheckpoint`` whose ``last.ckpt`` always holds the latest state, and its defaults."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+__all__ = ["CHECKPOINT_DEFAULTS", "Checkpoint"]
+
+#: Defaults of the ``checkpoint:`` section of the CLI (a :class:`Checkpoint` that is always present).
+CHECKPOINT_DEFAULTS: dict[str, Any] = {
+    "monitor": "val/acc1",
+    "mode": "max",
+    "save_last": True,
+    "save_top_k": 1,
+    "filename": "best-epoch{epoch:03d}-step{step}",
+    "auto_insert_metric_name": False,
+}
+
+
+class Checkpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` whose ``last.ckpt`` is refreshed at every checkpointing point.
+
+    Lightning 2.6 writes ``last.ckpt`` (``save_last=True``) only when a top-k checkpoint is
+    written, so with a monitored metric that stops improving ``last.ckpt`` would lag behind
+    the run and resuming from it would repeat epochs. Here it always holds the latest state
+    (after each validation, or each training epoch when checkpointing there).
+    """
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        if self._should_save_on_train_epoch_end(trainer):
+            self._refresh_last(trainer)
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        super().on_validation_end(trainer, pl_module)
+        if not self._should_save_on_train_epoch_end(trainer):
+            self._refresh_last(trainer)
+
+    def _refresh_last(self, trainer: Trainer) -> None:
+        # skipped in sanity checks, fast_dev_run, outside fit, and when this step is already saved
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))

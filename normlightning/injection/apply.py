@@ -1,0 +1,189 @@
+"""Applying a spec to a model: installing layers, copying state, parameter normalizations.
+
+:func:`inject` plans (:mod:`normlightning.injection.plan`) and applies in one call, on any
+``nn.Module`` and without a Trainer; :func:`apply_spec` replays a stored spec (checkpoint
+restore); :func:`restore_injection` is the ``on_load_checkpoint`` helper.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from normlightning.injection.carry import NormWithCarried
+from normlightning.injection.plan import plan_injection
+from normlightning.injection.rules import InjectionRules
+from normlightning.injection.spec import CHECKPOINT_KEY, build_layer, get_spec, same_layers, set_spec, validate_spec
+from normlightning.norms import param_norms
+
+__all__ = ["apply_param_norm", "apply_spec", "copy_matching_state", "inject", "install_layer", "restore_injection"]
+
+
+def copy_matching_state(old: nn.Module, new: nn.Module) -> list[str]:
+    """Copy ``weight``/``bias`` and same-named buffers from ``old`` to ``new`` where shapes agree.
+
+    Returns the names copied. Buffers are matched by name (``running_mean``, ``running_var``,
+    ``num_batches_tracked``), so statistics with another meaning (per-group, raw moments) are not
+    mixed up with BN's per-channel ones.
+    """
+    copied = []
+    with torch.no_grad():
+        for pname in ("weight", "bias"):
+            src, dst = getattr(old, pname, None), getattr(new, pname, None)
+            if isinstance(src, torch.Tensor) and isinstance(dst, torch.Tensor) and src.shape == dst.shape:
+                dst.copy_(src)
+                copied.append(pname)
+        new_buffers = dict(new.named_buffers(recurse=False))
+        for bname, src in old.named_buffers(recurse=False):
+            dst = new_buffers.get(bname)
+            if src is not None and dst is not None and src.shape == dst.shape:
+                dst.copy_(src)
+                copied.append(bname)
+    return copied
+
+
+def _replace_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
+    if not name:
+        raise ValueError("cannot replace the root module itself; wrap it in a container first")
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
+
+
+def install_layer(root: nn.Module, record: Mapping[str, Any], *, copy_state: bool = False) -> list[str]:
+    """Replace the module at ``record["name"]`` by the layer the record describes.
+
+    The new layer is moved to the old one's device (and floating dtype) and takes its training
+    mode; modules the record lists under ``carried`` (taken from the old layer) run after it
+    (:class:`~normlightning.injection.carry.NormWithCarried`). ``copy_state`` copies matching
+    affine parameters and buffers (:func:`copy_matching_state`); returns the names copied.
+    """
+    name = record["name"]
+    old = root.get_submodule(name)
+    new = build_layer(dict(record))
+    ref = next(iter(old.parameters()), None)
+    ref = next(iter(old.buffers()), None) if ref is None else ref
+    if ref is not None:
+        new.to(device=ref.device, dtype=ref.dtype if ref.is_floating_point() else None)
+    copied = copy_matching_state(old, new) if copy_state else []
+    carried = record.get("carried") or []
+    if carried:
+        available = dict(old.named_children())
+        missing = [c for c in carried if c not in available]
+        if missing:
+            raise ValueError(
+                f"layer {name!r} ({type(old).__name__}) has no module(s) {missing} to carry over; the model "
+                "differs from the one the injection spec was made for"
+            )
+        new = NormWithCarried(new, {c: available[c] for c in carried})
+    new.train(old.training)
+    _replace_submodule(root, name, new)
+    return copied
+
+
+def apply_param_norm(module: nn.Module, kind: str) -> None:
+    """Weight standardization or weight normalization on ``module``'s weight, in place."""
+    if kind == "weight_standardization":
+        param_norms.apply_weight_standardization(module)
+    elif kind == "weight_norm":
+        param_norms.apply_weight_norm(module)
+    else:
+        raise ValueError(f"unknown parameter normalization {kind!r}; valid: weight_standardization, weight_norm")
+
+
+def inject(
+    model: nn.Module,
+    rules: InjectionRules | None = None,
+    *,
+    example_input: Any = None,
+    batch_size: int | None = None,
+    **settings: Any,
+) -> tuple[dict[str, Any], list[dict[str, str]]]:
+    """Rewrite ``model``'s normalization layers in place; any ``nn.Module``, no Trainer needed.
+
+    Args:
+        model: the model to change.
+        rules: the settings, or give them as keywords (``method="gn", num_groups=32``, ...: the
+            arguments of :class:`~normlightning.injection.rules.InjectionRules`).
+        example_input: one input for an eval forward (to probe layer sizes; needed by ``bgn``).
+        batch_size: per-process batch for ``auto`` group counts.
+
+    Returns:
+        ``(spec, rows)``: the applied spec (also kept on the model, see
+        :func:`~normlightning.injection.spec.get_spec`) and the summary rows (each replaced layer
+        notes which parameters and statistics it started from). A model that already carries a
+        spec is left as it is (its spec is returned).
+    """
+    from normlightning.injection.plan import summary_rows
+
+    if rules is None:
+        rules = InjectionRules(**settings)
+    elif settings:
+        raise TypeError("inject: give either `rules` or keyword settings, not both")
+    existing = get_spec(model)
+    if existing is not None:
+        return existing, summary_rows(model, existing)
+    spec, kept = plan_injection(model, rules, example_input=example_input, batch_size=batch_size)
+    for rec in spec["layers"]:
+        copied = install_layer(model, rec, copy_state=rules.copy_state)
+        rec["notes"] = rec["notes"] + ([f"copied {', '.join(copied)}"] if copied else [])
+    for rec in spec["param_norms"]:
+        apply_param_norm(model.get_submodule(rec["name"]), rec["kind"])
+    set_spec(model, spec)
+    return spec, summary_rows(model, spec, kept)
+
+
+def _param_norms_of(spec: Mapping[str, Any] | None) -> dict[str, str]:
+    return {rec["name"]: rec["kind"] for rec in (spec or {}).get("param_norms", [])}
+
+
+def apply_spec(model: nn.Module, spec: dict[str, Any]) -> int:
+    """Rebuild the layers and parameter normalizations that ``spec`` lists; return how many changed.
+
+    Idempotent: when ``model`` already carries the same layers nothing is rebuilt. New layers are
+    freshly initialised (their weights and statistics come from the ``state_dict`` loaded next).
+    """
+    spec = validate_spec(spec)
+    current = get_spec(model)
+    if same_layers(current, spec):
+        set_spec(model, spec)
+        return 0
+    if current is not None:
+        warnings.warn(
+            "the model already carries a different norm injection spec (e.g. the `norm:` config changed since "
+            "the checkpoint was written); rebuilding the layers the checkpoint lists",
+            stacklevel=2,
+        )
+    for rec in spec["layers"]:
+        install_layer(model, rec)  # a NormWithCarried in place still holds the modules to carry
+    wanted, have = _param_norms_of(spec), _param_norms_of(current)
+    extra = sorted(set(have) - set(wanted))
+    if extra or any(have.get(n, k) != k for n, k in wanted.items()):
+        raise ValueError(
+            "the model's weight standardization / weight norm differs from the checkpoint's on "
+            f"{extra or sorted(wanted)}; build the model with the same `norm.weight_standardization` / "
+            "`norm.weight_norm` settings as the checkpoint"
+        )
+    for name, kind in wanted.items():
+        module = model.get_submodule(name)
+        if not parametrize.is_parametrized(module, "weight"):
+            apply_param_norm(module, kind)
+    set_spec(model, spec)
+    return len(spec["layers"]) + len(set(wanted) - set(have))
+
+
+def restore_injection(model: nn.Module, checkpoint: Mapping[str, Any]) -> int:
+    """``on_load_checkpoint`` helper: re-apply the spec stored in ``checkpoint`` (if any) to ``model``.
+
+    Lightning runs ``on_load_checkpoint`` before ``load_state_dict``, both in
+    ``load_from_checkpoint`` and when ``Trainer.fit(ckpt_path=...)`` resumes. Returns the number of
+    modules rebuilt (0 when there is no spec or it already holds).
+    """
+    spec = checkpoint.get(CHECKPOINT_KEY)
+    return 0 if spec is None else apply_spec(model, spec)
+

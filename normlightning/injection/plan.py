@@ -1,0 +1,209 @@
+"""Planning an injection: which layer becomes what, decided without changing the model.
+
+:func:`plan_injection` probes the target layers' input shapes (one no-grad eval forward, only
+when a group count must divide ``D = C*S``), applies the rules and the group-count resolution to
+every target layer and returns the spec (:mod:`normlightning.injection.spec`) plus the rows of
+layers it keeps. :func:`summary_rows` / :func:`format_summary` turn a spec into the table printed
+at setup.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from normlightning.injection.carry import carried_modules
+from normlightning.injection.groups import resolve_groups
+from normlightning.injection.rules import InjectionRules, LayerRule
+from normlightning.injection.spec import SPEC_VERSION, build_layer
+from normlightning.norms import norm_group_args
+from normlightning.norms.registry import norm_class_name
+
+__all__ = ["format_summary", "plan_injection", "probe_input_shapes", "summary_rows"]
+
+TORCH_DEFAULT_MOMENTUM = 0.1
+
+
+def probe_input_shapes(model: nn.Module, example_input: Any, names: Sequence[str]) -> dict[str, tuple[int, ...]]:
+    """Input shape of each named submodule in one no-grad, eval-mode forward of ``example_input``.
+
+    ``example_input`` is a tensor, a tuple of positional arguments or a dict of keyword arguments
+    (as ``LightningModule.example_input_array``). The model's train/eval modes are restored.
+    """
+    shapes: dict[str, tuple[int, ...]] = {}
+    handles = []
+    for name in names:
+
+        def hook(_module: nn.Module, args: tuple, _name: str = name) -> None:
+            if args and isinstance(args[0], torch.Tensor):
+                shapes.setdefault(_name, tuple(args[0].shape))
+
+        handles.append(model.get_submodule(name).register_forward_pre_hook(hook))
+    modes = {m: m.training for m in model.modules()}
+    ref = next(iter(model.parameters()), None)
+    device = ref.device if ref is not None else torch.device("cpu")
+
+    def to_device(x: Any) -> Any:
+        return x.to(device) if isinstance(x, torch.Tensor) else x
+
+    try:
+        model.eval()
+        with torch.no_grad():
+            if isinstance(example_input, Mapping):
+                model(**{k: to_device(v) for k, v in example_input.items()})
+            elif isinstance(example_input, tuple):
+                model(*(to_device(v) for v in example_input))
+            else:
+                model(to_device(example_input))
+    finally:
+        for h in handles:
+            h.remove()
+        for m, mode in modes.items():
+            m.training = mode
+    return shapes
+
+
+def _num_features(layer: nn.Module, name: str) -> int:
+    """Channel count of a native norm layer (BatchNorm / InstanceNorm / GroupNorm / 1-D LayerNorm)."""
+    if isinstance(layer, nn.GroupNorm):
+        return layer.num_channels
+    if isinstance(layer, nn.LayerNorm):
+        if len(layer.normalized_shape) != 1:
+            raise ValueError(
+                f"layer {name!r}: LayerNorm over {tuple(layer.normalized_shape)} cannot be replaced (only a "
+                f"LayerNorm over the last axis of (N, C) inputs can); exclude it with norm.exclude"
+            )
+        return int(layer.normalized_shape[0])
+    if hasattr(layer, "num_features"):
+        return int(layer.num_features)
+    raise ValueError(f"layer {name!r} ({type(layer).__name__}) has no channel count; exclude it with norm.exclude")
+
+
+def _old_affine(layer: nn.Module) -> bool:
+    return bool(getattr(layer, "affine", getattr(layer, "elementwise_affine", True)))
+
+
+def _build_checked(record: dict[str, Any]) -> nn.Module:
+    """Build one layer now (validates its kwargs), naming the layer when ``build_norm`` refuses."""
+    try:
+        return build_layer(record)
+    except (ValueError, TypeError) as err:
+        raise type(err)(f"norm: cannot build {record['method']!r} for layer {record['name']!r}: {err}") from err
+
+
+def _uses_batch_statistics(layer: nn.Module) -> bool:
+    return bool(getattr(layer, "uses_batch_statistics", False))
+
+
+def _layer_record(
+    rule: LayerRule, group_fit: str, name: str, old: nn.Module, input_shape: tuple[int, ...] | None, batch_size: int | None
+) -> dict[str, Any]:
+    num_features = _num_features(old, name)
+    kwargs: dict[str, Any] = {"eps": float(getattr(old, "eps", 1e-5)), "affine": _old_affine(old)}
+    kwargs.update(copy.deepcopy(rule.kwargs))
+    notes = resolve_groups(name, rule.method, kwargs, num_features, input_shape, batch_size, group_fit)
+    if rule.reason != "global":
+        notes.insert(0, rule.reason)
+    record = {"name": name, "old_type": type(old).__name__, "method": rule.method,
+              "kwargs": {"num_features": num_features, **kwargs}}
+    probe = _build_checked(record)
+    momentum = getattr(old, "momentum", TORCH_DEFAULT_MOMENTUM)
+    if _uses_batch_statistics(probe) and "momentum" not in kwargs and momentum != TORCH_DEFAULT_MOMENTUM:
+        record["kwargs"]["momentum"] = momentum  # the model chose it; keep it
+        _build_checked(record)
+    carried = list(carried_modules(old, name, num_features, input_shape))
+    if carried:
+        record["carried"] = carried
+    record["notes"] = notes
+    return record
+
+
+def plan_injection(
+    model: nn.Module,
+    rules: InjectionRules,
+    *,
+    example_input: Any = None,
+    batch_size: int | None = None,
+) -> tuple[dict[str, Any], list[dict[str, str]]]:
+    """Decide the replacements for ``model``; changes nothing.
+
+    Args:
+        model: any ``nn.Module``.
+        rules: the settings.
+        example_input: an input for one eval forward, to probe layer input sizes (needed when a
+            group count must divide ``D = C*S``, and to check carried modules on real shapes).
+        batch_size: per-process batch size for ``auto`` group counts.
+
+    Returns:
+        ``(spec, kept_rows)``: the spec of the layers to replace and parameter normalizations to
+        apply, and summary rows of target layers that stay as they are.
+    """
+    candidates = [(n, m) for n, m in model.named_modules() if n and rules.is_target(m)]
+    kept: list[dict[str, str]] = []
+    for name, module in model.named_modules():
+        base = rules.untargeted_subclass(module) if name else None
+        if base is not None:
+            kept.append({"layer": name, "old": type(module).__name__, "new": "(kept)",
+                         "args": f"a subclass of {base.__name__} not in norm.targets; add "
+                                 f"'{type(module).__module__}.{type(module).__name__}' to replace it"})
+    layer_rules = {name: rules.rule_for(name) for name, _ in candidates}
+    needs_probe = any(
+        arg.divides == "flat" for rule in layer_rules.values() if rule.method is not None
+        for arg in norm_group_args(rule.method)
+    )
+    has_subclass = any(not type(m).__module__.startswith("torch.") for _, m in candidates)
+    shapes: dict[str, tuple[int, ...]] = {}
+    if example_input is not None and (needs_probe or has_subclass):
+        shapes = probe_input_shapes(model, example_input, [n for n, _ in candidates])
+    layers = []
+    for name, old in candidates:
+        rule = layer_rules[name]
+        if rule.method is None:
+            kept.append({"layer": name, "old": type(old).__name__, "new": "(kept)", "args": rule.reason})
+        else:
+            layers.append(_layer_record(rule, rules.group_fit, name, old, shapes.get(name), batch_size))
+    param_norms = [
+        {"name": name, "kind": rules.param_norm}
+        for name, module in model.named_modules()
+        if name and rules.wants_param_norm(name, module)
+    ]
+    for message in rules.unmatched_patterns([n for n, _ in candidates]):
+        warnings.warn(f"{message} matches no target layer", stacklevel=2)
+    return {"version": SPEC_VERSION, "layers": layers, "param_norms": param_norms}, kept
+
+
+def summary_rows(model: nn.Module, spec: Mapping[str, Any], kept: Sequence[Mapping[str, str]] = ()) -> list[dict[str, str]]:
+    """Rows ``{layer, old, new, args}`` of ``spec`` as applied to ``model`` (replaced layers, then
+    WS/WN layers), then ``kept``."""
+    rows = []
+    for rec in spec["layers"]:
+        args = ", ".join(f"{k}={v}" for k, v in rec["kwargs"].items())
+        notes = list(rec.get("notes", []))
+        new = f"{norm_class_name(rec['method'])} ({rec['method']})"
+        if rec.get("carried"):
+            new += " + " + ", ".join(rec["carried"])
+        rows.append({"layer": rec["name"], "old": rec.get("old_type", "?"), "new": new,
+                     "args": args + (f"  [{'; '.join(notes)}]" if notes else "")})
+    for rec in spec["param_norms"]:
+        old = type(model.get_submodule(rec["name"])).__name__
+        rows.append({"layer": rec["name"], "old": old, "new": f"{old} + {rec['kind']}", "args": ""})
+    return rows + [dict(r) for r in kept]
+
+
+def format_summary(rows: Sequence[Mapping[str, str]]) -> str:
+    """Rows ``{layer, old, new, args}`` as a Markdown table (TensorBoard renders it)."""
+    header = ("layer", "old type", "new type", "effective args")
+    body = [(r["layer"], r["old"], r["new"], r["args"]) for r in rows]
+    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(header)]
+
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
+
+    out = [line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    out += [line(b) for b in body]
+    return "\n".join(out)

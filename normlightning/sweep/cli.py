@@ -1,0 +1,70 @@
+"""Command line of the batch-size sweep: ``python -m normlightning.sweep`` and the
+``normlightning-sweep`` console script (see :func:`build_parser` for the options)."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+
+from normlightning.sweep.runner import SweepResult, run_cell, run_sweep
+
+__all__ = ["build_parser", "console_main", "main", "parse_epochs"]
+
+
+def parse_epochs(values: Sequence[str]) -> int | dict[int, int]:
+    """``["3"]`` -> 3; ``["2=2", "64=30"]`` -> ``{2: 2, 64: 30}``."""
+    try:
+        if len(values) == 1 and "=" not in values[0]:
+            return int(values[0])
+        return {int(b): int(e) for b, e in (v.split("=", 1) for v in values)}
+    except ValueError:
+        raise SystemExit(f"sweep: --epochs takes one int or B=E pairs (e.g. 2=2 64=30), got {list(values)}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m normlightning.sweep",
+        description="Run (or resume) a grid of normalization method x per-process batch size x seed, "
+        "with the LR scaled linearly with the batch; writes results.csv, table.md and accuracy_vs_batch.png.",
+    )
+    parser.add_argument("--config", help="base normlightning config (YAML); its optimizer lr holds at --base-batch-size")
+    parser.add_argument("--out", default="runs/sweep", help="sweep folder (reuse it to resume)")
+    parser.add_argument("--methods", nargs="+", default=["bn", "gn", "bgn"])
+    parser.add_argument("--batch-sizes", nargs="+", type=int, default=[2, 8, 64])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--epochs", nargs="+", default=["1"],
+                        help="epochs of every cell (one int), or per batch size as B=E pairs, e.g. 2=2 8=4 64=30")
+    parser.add_argument("--base-batch-size", type=int, default=64)
+    parser.add_argument("--isolation", choices=["subprocess", "inline"], default="subprocess")
+    parser.add_argument("--workers", type=int, default=1, help="cells run in parallel (worker processes)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per cell (0: torch default)")
+    parser.add_argument("--metric", default="test/acc1")
+    parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument("--run-cell", help=argparse.SUPPRESS)  # internal: run one prepared cell folder
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> SweepResult | None:
+    """Command-line entry point (``python -m normlightning.sweep``)."""
+    args = build_parser().parse_args(argv)
+    threads = args.threads or None
+    if args.run_cell:
+        run_cell(args.run_cell, threads=threads)
+        return None
+    if not args.config:
+        build_parser().error("--config is required (e.g. examples/configs/sweep_digits.yaml)")
+    result = run_sweep(
+        args.config, args.out, methods=args.methods, batch_sizes=args.batch_sizes, seeds=args.seeds,
+        epochs=parse_epochs(args.epochs), base_batch_size=args.base_batch_size, isolation=args.isolation,
+        threads=threads, workers=args.workers, metric=args.metric, plot=not args.no_plot,
+    )
+    counts = {s: sum(1 for v in result.status.values() if v == s) for s in ("ran", "skipped", "failed")}
+    print(f"[sweep] {counts} in {result.wall_s:.1f} s; table: {result.files.get('table')}")
+    print(Path(result.files["table"]).read_text())
+    return result
+
+
+def console_main() -> None:
+    """Console-script entry (returns nothing, so the exit status is 0 on success)."""
+    main()

@@ -157,7 +157,7 @@ class ExampleWeighingMixin:
     ``state_dict`` as the 0-d float32 buffer ``example_weighing_alpha``.
 
     At inference the population statistics are mixed with the example's own (docs/methods.md,
-    section gbgn, "Inference example weighing"); ``alpha`` has no effect in training.
+    section "Inference example weighing"); ``alpha`` has no effect in training.
 
     ``layer.alpha`` reads a Python float and ``layer.alpha = a`` validates ``a`` and writes the
     buffer in place, so ``Task.load_from_checkpoint`` / ``load_state_dict`` restore it without

@@ -4,7 +4,7 @@ Every batch-statistic method is "normalize ``x (N, C, *spatial)`` over a set"; t
 of :mod:`normlightning.norms` own parameters and buffers and call these functions. The
 conventions (biased variance with ``eps`` inside the root, per-channel affine, PyTorch's
 running-statistics update with the unbiased variance, the momentum factor ``f``) are in
-docs/methods.md, section "Conventions".
+docs/methods.md, section "Shared conventions".
 
 Every method of an activation ``x`` returns a tensor in ``x``'s shape, dtype and memory format
 (:class:`~.layout.NormInput`). Modules: :mod:`.layout` (compute dtype, ``(N, C, S)`` view,

@@ -52,7 +52,8 @@ def example_weighted_norm(
     alpha: float,
     eps: float,
 ) -> Tensor:
-    """Inference example weighing (Summers & Dinneen, "Four Things"; docs/methods.md, section gbgn).
+    """Inference example weighing (Summers & Dinneen, "Four Things"; docs/methods.md, section
+    "Inference example weighing").
 
     ``x3``: ``(N, K, L)``; per ``(n, k)`` the example's own moments over ``L`` are mixed with
     the population moments ``pop_mean``/``pop_ex2`` (shape ``(K,)``, ``pop_ex2 = E_pop[x^2]``):

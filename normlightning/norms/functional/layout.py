@@ -3,7 +3,7 @@
 A method computes on ``x (N, C, *spatial)`` in the compute dtype (float32 for float16 /
 bfloat16 inputs), usually through the view ``(N, C, S)`` (``S`` the product of the spatial
 sizes, 1 for ``(N, C)``), and returns a tensor of ``x``'s shape, dtype and memory format
-(docs/methods.md, section "Conventions").
+(docs/methods.md, section "Shared conventions", "Precision").
 """
 
 from __future__ import annotations

@@ -157,7 +157,9 @@ def switchable_norm(
     sync: bool = False,
     process_group=None,
 ) -> Tensor:
-    """Switchable Normalization (Luo et al. 2019), the official code's math.
+    """Switchable Normalization (Luo et al. 2019): the official code's formulas with biased
+    variances and PyTorch's running-statistics convention (docs/methods.md, section "Where we
+    deviate from official implementations, and why", Switchable Normalization).
 
     Per ``(n, c)``: ``mu_in, var_in`` over ``S`` (biased); ``mu_ln = mean_c mu_in``,
     ``var_ln = mean_c(var_in + mu_in^2) - mu_ln^2``; ``mu_bn = mean_n mu_in``,

@@ -125,3 +125,65 @@ def test_empty_or_truncated_checkpoint_is_a_clear_error(run_dir):
         build_cli(["test", "--config", "tiny.yaml", f"--ckpt_path={truncated}"])
     with pytest.raises(ValueError, match="is truncated"):
         ClassificationTask.load_from_checkpoint(truncated)
+
+
+EXACT_CONFIG = """
+seed_everything: 3
+trainer:
+  accelerator: cpu
+  devices: 1
+  max_epochs: 3
+  num_sanity_val_steps: 2
+  enable_progress_bar: false
+  enable_model_summary: false
+  logger: false
+model:
+  class_path: normlightning.tasks.ClassificationTask
+  init_args:
+    backbone: wide_resnet
+    backbone_kwargs: {depth: 10, widen_factor: 1, dropout: 0.3}
+    optimizer:
+      class_path: torch.optim.SGD
+      init_args: {lr: 0.05, momentum: 0.9}
+data:
+  class_path: normlightning.data.Synthetic
+  init_args: {input_shape: [3, 8, 8], num_classes: 3, num_train: 40, num_val: 8, num_test: 8, batch_size: 8}
+norm:
+  method: bgn
+  num_groups: 4
+checkpoint:
+  monitor: null
+  save_last: true
+  save_top_k: 0
+"""
+
+
+class KilledAfterEpoch(Exception):
+    pass
+
+
+def test_resume_at_an_epoch_boundary_is_bit_exact(run_dir):
+    """Kill a fit right after epoch 1's checkpoint, resume it from last.ckpt: the final weights equal an
+    uninterrupted run's exactly (data order, dropout and every other draw continue where they stopped)."""
+    from lightning.pytorch import Callback
+
+    class Kill(Callback):
+        def on_train_epoch_start(self, trainer, pl_module):  # right after epoch 1's checkpoint
+            if trainer.current_epoch == 2:
+                raise KilledAfterEpoch
+
+    (run_dir / "exact.yaml").write_text(EXACT_CONFIG)
+    whole = build_cli(["fit", "--config", "exact.yaml", "--checkpoint.dirpath=whole"])
+    with pytest.raises(KilledAfterEpoch):
+        cli = build_cli(["--config", "exact.yaml", "--checkpoint.dirpath=killed"], run=False)
+        cli.trainer.callbacks.append(Kill())
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    saved = torch.load(run_dir / "killed" / "last.ckpt", weights_only=False)
+    assert saved["epoch"] == 1 and saved["global_step"] == 10
+    resumed = build_cli(["fit", "--config", "exact.yaml", "--checkpoint.dirpath=resumed",
+                         f"--ckpt_path={run_dir / 'killed' / 'last.ckpt'}"])
+    assert resumed.trainer.global_step == whole.trainer.global_step == 15
+    final_whole, final_resumed = whole.model.state_dict(), resumed.model.state_dict()
+    assert final_whole.keys() == final_resumed.keys()
+    for key in final_whole:
+        assert torch.equal(final_whole[key], final_resumed[key]), key

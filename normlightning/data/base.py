@@ -20,6 +20,8 @@ import torch
 from lightning.pytorch import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from normlightning.data.samplers import EpochSeededRandomSampler, seeded_loader_generator
+
 Split = Literal["train", "val", "test"]
 
 
@@ -82,6 +84,9 @@ class BaseDataModule(LightningDataModule):
         seed: seed of the train/val split (independent of the global seed).
         drop_last: drop the last incomplete training batch (keeps batch statistics of
             batch-dependent normalizations on full batches).
+        shuffle_seed: seed of the training order: epoch ``e`` visits a permutation drawn from
+            ``(shuffle_seed, e)`` (so a resumed run sees the same order); ``None``: the seed of
+            ``seed_everything``.
     """
 
     #: ``val_fraction > 0`` carves the val split out of ``build_train_dataset`` (False: the
@@ -106,6 +111,7 @@ class BaseDataModule(LightningDataModule):
         val_fraction: float = 0.0,
         seed: int = 0,
         drop_last: bool = False,
+        shuffle_seed: int | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -125,6 +131,7 @@ class BaseDataModule(LightningDataModule):
         self.val_fraction = val_fraction
         self.seed = seed
         self.drop_last = drop_last
+        self.shuffle_seed = shuffle_seed
         self.datasets: dict[str, Dataset] = {}
 
     # ----------------------------------------------------------------- datasets
@@ -162,10 +169,14 @@ class BaseDataModule(LightningDataModule):
 
     # ----------------------------------------------------------------- loaders
     def _loader(self, split: Split, train: bool) -> DataLoader:
+        dataset = self._dataset(split)
+        generator = seeded_loader_generator(self.shuffle_seed)
+        sampler = EpochSeededRandomSampler(dataset, self.shuffle_seed, loader_generator=generator) if train else None
         return DataLoader(
-            self._dataset(split),
+            dataset,
             batch_size=self.batch_size if train else self.eval_batch_size,
-            shuffle=train,
+            sampler=sampler,
+            generator=generator,
             drop_last=self.drop_last and train,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,

@@ -41,6 +41,8 @@ from normlightning.injection import check_checkpoint_file, restore_injection, st
 from normlightning.tasks.last_batch import check_last_training_batch
 from normlightning.tasks.lr_scaling import linear_lr_factor, scale_learning_rates
 from normlightning.tasks.norm_weight_decay import add_decay_toward_one, check_norm_decay, norm_parameter_groups
+from normlightning.tasks.rng_state import CHECKPOINT_KEY as RNG_CHECKPOINT_KEY
+from normlightning.tasks.rng_state import capture_rng_states, restore_rng_states
 
 
 def default_optimizer(params: Iterable[Any]) -> Optimizer:
@@ -165,12 +167,26 @@ class BaseTask(LightningModule):
         return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Store the spec of injected norm layers (if any) in the checkpoint."""
+        """Store the spec of injected norm layers (if any) and the random-number states."""
         store_injection(self, checkpoint)
+        checkpoint[RNG_CHECKPOINT_KEY] = capture_rng_states()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Rebuild injected norm layers from the checkpoint's spec, before its weights are loaded."""
+        """Rebuild injected norm layers from the checkpoint's spec, before its weights are loaded.
+
+        When a Trainer resumes from the checkpoint, its random-number states are set again at
+        the start of training (after the sanity check, whose loaders draw from them), so the
+        resumed run continues as the interrupted one would have.
+        """
         restore_injection(self, checkpoint)
+        self._rng_states_to_resume = checkpoint.get(RNG_CHECKPOINT_KEY) if self._trainer is not None else None
+
+    def on_train_start(self) -> None:
+        """Continue from the random-number states of the checkpoint this fit resumes (if any)."""
+        states = getattr(self, "_rng_states_to_resume", None)
+        if states is not None:
+            restore_rng_states(states)
+            self._rng_states_to_resume = None
 
     def configure_optimizers(self) -> Any:
         """Build the optimizer from :meth:`parameter_groups` (LR linearly scaled when

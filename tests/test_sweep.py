@@ -85,7 +85,7 @@ def test_cell_config_overrides(tmp_path) -> None:
     (tmp_path / "cell.yaml").write_text(yaml.safe_dump(config))
     cli = build_cli(["--config", str(tmp_path / "cell.yaml")], run=False)
     (injection,) = [c for c in cli.trainer.callbacks if isinstance(c, NormInjection)]
-    assert (injection.method, injection.num_groups) == ("bgn", "auto")
+    assert (injection.rules.method, injection.rules.num_groups) == ("bgn", "auto")
     assert cli.model.lr_base_batch_size == 32 and cli.datamodule.batch_size == 8
     with pytest.raises(ValueError, match="optimizer.init_args.lr"):
         sweep.cell_config({"model": {"init_args": {}}, "data": {"init_args": {}}}, cell, epochs=1,

@@ -33,7 +33,7 @@ def _bgn_auto_paper(context: AutoContext) -> int:
 
 
 class BatchGroupNorm(BatchStatNorm):
-    """Batch Group Normalization (Zhou, Sun, Cheng & Zhang, AAAI 2021), registry name ``bgn``.
+    """Batch Group Normalization (Zhou, Sun, Ye, Lan, Luo, Lai, Esperança, Yang & Li, AAAI 2021), registry name ``bgn``.
 
     Flatten ``(C, S)`` into ``D = C*S`` (``C·H·W`` for images) and cut it into ``G``
     contiguous groups of ``D/G``; eqs. (8)-(9): ``mu_g, var_g`` (biased) over

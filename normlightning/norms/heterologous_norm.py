@@ -10,7 +10,7 @@ from .base import BatchStatNorm
 
 
 class HeterologousNorm(BatchStatNorm):
-    """Heterologous Normalization (Lu, Wang, Shi & Wang 2021), registry name ``hn``.
+    """Heterologous Normalization (the HN paper; our copy is the anonymous double-blind submission), registry name ``hn``.
 
     ``x_hat = (x - mu_S) / sqrt(var_S' + eps)``, ``y = gamma_c x_hat + beta_c``: the mean
     comes from set ``S`` (``mean``) and the variance from a different set ``S'`` (``std``),

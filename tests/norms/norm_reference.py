@@ -1,4 +1,4 @@
-"""Independent reference implementations written from METHODS.md's formulas.
+"""Independent reference implementations written from the formulas of docs/methods.md.
 
 Plain torch means/variances over explicit dims and explicit loops over sets; nothing here
 calls ``normlightning.norms.functional``.
@@ -122,7 +122,7 @@ def gbgn_train(x, Gc, E, eps=EPS):
 
 
 def example_weighted(x, pop_mean, pop_ex2, alpha, eps=EPS):
-    """METHODS.md inference example weighing on (N, K, L) with pop stats (K,)."""
+    """Inference example weighing (docs/methods.md) on (N, K, L) with pop stats (K,)."""
     mu_ex = x.mean(dim=2, keepdim=True)
     ex2 = (x ** 2).mean(dim=2, keepdim=True)
     mu = (1 - alpha) * pop_mean.view(1, -1, 1).to(x.dtype) + alpha * mu_ex

@@ -1,24 +1,9 @@
 """N-way K-shot episodes for few-shot evaluation, on any labelled dataset.
 
-:class:`EpisodeSampler` is a batch sampler: each item it yields is the list of dataset
-indices of one episode, in this order (``N*K + N*Q`` indices)::
-
-    [support of class c_0 (K), support of c_1 (K), ..., support of c_{N-1} (K),
-     query   of class c_0 (Q), query   of c_1 (Q), ..., query   of c_{N-1} (Q)]
-
-where ``c_0 .. c_{N-1}`` are the episode's N distinct classes in sampled order. Use it as
-``DataLoader(dataset, batch_sampler=EpisodeSampler(labels, ...))``; then
-:func:`split_episode` cuts the collated batch into support and query and relabels the
-classes to ``0 .. N-1`` by their position in the episode.
-
-Episodes are a pure function of ``(seed, epoch, episode index)`` (each episode has its own
-``torch.Generator`` seeded from the three): the same seed gives the
-same episodes on every pass (a fixed, reproducible test set), ``set_epoch`` moves to a new
-set (for episodic training). With ``num_replicas > 1`` (DDP), replica ``rank`` yields the
-episodes ``rank, rank + num_replicas, ...`` of the same set.
-
-:class:`EpisodeDataset` is the same episodes as an ``IterableDataset`` of whole episode dicts
-(what the few-shot data modules' evaluation loaders yield).
+:class:`EpisodeSampler` yields each episode's dataset indices (the ``N*K`` support examples class
+by class, then the ``N*Q`` queries); :class:`EpisodeDataset` yields whole collated episodes.
+Episodes are a pure function of ``(seed, epoch, episode index)`` and shard over replicas;
+:func:`split_episode` cuts a batch into support and query with labels ``0 .. N-1``.
 """
 
 from __future__ import annotations

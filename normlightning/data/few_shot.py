@@ -1,26 +1,10 @@
 """Few-shot data: base-class training batches and seeded N-way K-shot episodes, on any labelled data.
 
-A few-shot dataset is split **by classes** into three disjoint sets:
-
-- ``train``: the *base* classes, labelled ``0 .. num_classes - 1``; ordinary shuffled
-  mini-batches (with augmentation) train the backbone and its cosine classifier;
-- ``val``: validation classes, evaluated with episodes (model selection);
-- ``test``: the *novel* classes, evaluated with episodes (the reported numbers).
-
-:class:`FewShotDataModule` owns this and the episode protocol (``n_way``, the shots, the
-queries, the number of episodes and their seed). Its ``val_dataloader`` yields ``val_episodes``
-``n_way``-way ``val_shot``-shot episodes; its ``test_dataloader`` is a list with one loader per
-``K`` in ``test_shots`` (``test_episodes`` each). Every batch of these loaders is one whole
-episode, the dict of :class:`~normlightning.data.episodes.EpisodeDataset` (an ``IterableDataset``
-over :class:`~normlightning.data.episodes.EpisodeSampler`), so the task never has to guess how
-to split it (see :func:`normlightning.data.episodes.split_episode`). Lightning then leaves the loader alone under DDP (it injects a ``DistributedSampler`` only
-into map-style loaders) and the data module shards the episodes itself: process ``r`` of
-``W`` evaluates episodes ``r, r + W, ...`` of the same seeded set (and loader workers split a
-process's share further), so the union over processes is exactly the single-process set.
-
-Subclasses implement :meth:`FewShotDataModule.build_split`. Two are provided:
-:class:`ClassSplitFewShotDataModule` (any labelled data module, e.g. Digits, split by class
-lists) and :class:`~normlightning.data.mini_imagenet.MiniImageNet`.
+A dataset is split by classes into base (training), validation and novel (test) classes;
+:class:`FewShotDataModule` owns the episode protocol (``n_way``, shots, queries, episode counts and
+seeds, with separate validation settings) and shards the episodes over DDP processes itself.
+:class:`ClassSplitFewShotDataModule` splits any labelled data module by class lists. See
+``docs/few_shot.md``.
 """
 
 from __future__ import annotations

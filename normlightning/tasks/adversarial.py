@@ -1,40 +1,9 @@
-"""AdversarialTask: PGD adversarial training and clean + robust evaluation.
+"""AdversarialTask: PGD adversarial training with clean and robust evaluation.
 
-Training (Madry et al. 2018; the mix of Goodfellow et al. 2015), for a batch ``(x, y)`` of
-images in pixel space ``[0, 1]``::
-
-    x_adv = PGD_train(f, x, y)                               (norm layers in train_attack_norm_mode)
-    loss  = (1 - w) * CE(f(x), y) + w * CE(f(x_adv), y)      w = adversarial_weight in [0, 1]
-
-``w = 1`` (default) trains on PGD examples only, ``w = 0`` is clean training (no attack is run),
-values between mix both losses; clean and adversarial batches then get separate forward passes.
-Validation and test: clean accuracy on ``x`` and robust accuracy on ``PGD_eval(f, x, y)``,
-logged as ``{stage}/acc1_clean``, ``{stage}/acc1_robust`` (and ``acc5_*`` with >= 5 classes,
-``loss_clean``, ``loss_robust``). The evaluation attack (e.g. PGD-20) is configured apart
-from the training attack. ``eps``/``step_size`` are in pixel units: the model's first module
-is the input normalization.
-
-Norm-layer mode while an attack runs (:func:`~normlightning.norms.model_layers.statistics_mode`),
-one setting for training attacks and one for evaluation attacks:
-
-* ``eval``: running statistics (the torchattacks and TRADES default); no buffer changes.
-* ``train``: batch statistics, and the attack's forwards update the running buffers as
-  ordinary training forwards do (Madry's code).
-* ``train_frozen``: batch statistics, and every buffer is restored after the attack, so the
-  attack leaves the running statistics (and ``num_batches_tracked``) untouched.
-
-Only normalization layers are switched (torch's and ours, see
-:func:`~normlightning.norms.model_layers.is_norm_layer`); other modules such as
-dropout keep the mode the model is in (train in the training step, eval in validation).
-Every module's mode is restored afterwards. The settings are hyperparameters and are also
-written as a summary line at the start of every fit/validate/test (log and TensorBoard text).
-
-Gradients during evaluation: Lightning runs validation and test under
-``torch.inference_mode()`` by default. This task keeps that default working instead of
-requiring ``Trainer(inference_mode=False)``: the attack runs inside
-``torch.inference_mode(False)`` + ``torch.enable_grad()`` (see
-:func:`~normlightning.tasks.attacks.pgd_attack`), and the clean and robust evaluation
-forwards stay gradient-free. ``trainer.inference_mode: false`` works as well.
+Training loss ``(1 - w) * CE(f(x), y) + w * CE(f(PGD(x)), y)`` on pixel-space images; validation
+and test log clean and robust accuracy. How norm layers compute statistics while an attack runs
+(``eval``, ``train``, ``train_frozen``) is an explicit setting per attack. The loss, the modes and
+the inference-mode choice are described in ``docs/adversarial.md``.
 """
 
 from __future__ import annotations

@@ -1,29 +1,9 @@
-"""Projected gradient descent (PGD) under the L-inf norm (Madry et al., ICLR 2018).
+"""Projected gradient descent (PGD) under the L-inf norm (Madry et al., ICLR 2018), in pixel space.
 
-The attack works in pixel space: ``x`` is in ``clamp = (0, 1)`` and the model's first module
-is the input normalization, so ``eps`` and ``step_size`` are in pixel units.
-
-With perturbation ``delta`` (the only tensor gradients are taken for)::
-
-    delta_0     = U(-eps, eps)   (random_start)  |  0  |  init_delta
-    delta_0     = P(delta_0)
-    delta_{t+1} = P(delta_t + step_size * sign(grad_delta L(f(x + delta_t), y)))
-    P(d)        = clamp(x + clamp(d, -eps, eps), lo, hi) - x
-
-i.e. after every step the adversarial example is projected onto the eps-ball around ``x``
-and clamped to the pixel range. ``L`` defaults to the summed cross-entropy (the sum keeps
-per-example gradients from being scaled by ``1/N``; the sign is the same).
-
-Norm-layer modes (train/eval, frozen running statistics) are the caller's business: the
-attack runs the model as it finds it. Gradients come from ``torch.autograd.grad`` w.r.t.
-``delta`` only, so no parameter ``.grad`` is created or changed.
-
-Grad mode: the attack needs autograd. It enables it locally, so it may be called under
-``torch.no_grad()`` and also under ``torch.inference_mode()`` (e.g. Lightning's validation
-loop with ``Trainer(inference_mode=True)``): inference mode is switched off inside the attack
-and inference-tensor inputs are cloned into normal tensors. It cannot work if the model's
-parameters or buffers are themselves inference tensors (a model created under inference
-mode); that raises a ``RuntimeError`` saying so.
+``delta_{t+1} = P(delta_t + step_size * sign(grad_delta L(f(x + delta_t), y)))`` with
+``P(d) = clamp(x + clamp(d, -eps, eps), 0, 1) - x``; gradients are taken w.r.t. ``delta`` only.
+The attack runs the model in whatever norm-layer mode it finds and works under ``no_grad`` and
+``inference_mode`` (see ``docs/adversarial.md``).
 """
 
 from __future__ import annotations

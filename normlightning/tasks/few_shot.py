@@ -1,39 +1,10 @@
-"""FewShotTask: imprinted weights (Qi, Brown & Lowe 2018) trained as Gidaris & Komodakis (2018).
+"""FewShotTask: base-class training with a cosine classifier, imprinted-weight episodes for val/test.
 
-**Training** (``fit``): ordinary classification of the base classes with a cosine classifier,
-``logits = s * normalize(f(x)) @ normalize(W)^T`` (learnable scale ``s``, initialised to
-``cosine_scale``), cross-entropy loss. Everything of
-:class:`~normlightning.tasks.classification.ClassificationTask` applies (input
-normalization, metrics ``train/loss``, ``train/acc1``, ...).
-
-**Episodes** (``validate`` on the validation classes, ``test`` on the novel classes): each
-batch is one ``N``-way ``K``-shot episode with ``Q`` queries per class (see
-:mod:`normlightning.data.few_shot`). The embeddings ``f`` of the support and query images
-are computed in one forward pass; the weight of episode class ``c`` is imprinted,
-``w_c = normalize(mean_{i in support of c} normalize(f_i))``, and every query is assigned to
-``argmax_c cos(f_q, w_c)``. The episode accuracy is the fraction of correct queries.
-
-Logged (accuracies are fractions in [0, 1]):
-
-- ``val/acc1`` (mean episode accuracy, what the checkpoint monitors) and ``val/loss``
-  (cross-entropy of ``s * cos`` on the queries);
-- ``test/acc_{K}shot`` = mean over the ``E`` episodes and ``test/ci95_{K}shot`` =
-  ``1.96 * std(acc, ddof=1) / sqrt(E)``, for every ``K`` the data module tests. Under DDP each
-  process evaluates its share of the seeded episode set and the per-episode accuracies are
-  gathered before the statistics are computed, so the numbers do not depend on the number of
-  processes. They are also kept in ``task.test_results`` and ``task.test_episode_accuracies``.
-
-**Norm statistics in episodes** (``test_norm_statistics``; this changes the numbers and papers
-differ on it, so it is an explicit setting, used for validation and test episodes alike):
-
-- ``eval`` (default): every layer in evaluation mode; batch-statistic layers (BN, BGN, ...)
-  use their running statistics from base-class training. Queries do not influence each other.
-- ``transductive``: batch-statistic layers normalize with the statistics of the episode batch
-  itself (support + queries together, ``N*K + N*Q`` images), as in training mode, with the
-  running buffers left untouched and statistics local to the process
-  (:func:`~normlightning.norms.model_layers.statistics_mode` ``train_frozen``, ``sync=False``). Queries influence each other's
-  features through the shared statistics (transductive inference). Layers without batch
-  statistics (GN, LN, IN, PN) are unaffected either way.
+Imprinted weights (Qi, Brown & Lowe 2018) trained as Gidaris & Komodakis (2018): each validation
+or test batch is one N-way K-shot episode; class weights are the normalized mean support
+embeddings and queries go to the nearest weight by cosine. Norm statistics in episodes are
+``eval`` or ``transductive``. The method, the metrics and the DDP behaviour are described in
+``docs/few_shot.md``.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@
    and the checkpoint).
 4. Load the checkpoint and get a plain ``nn.Module`` back for deployment.
 
-Offline (scikit-learn's 8x8 digits); a few seconds on 2 CPU cores::
+Offline (scikit-learn's 8x8 digits); about 10 s on 2 CPU cores (val/acc1 0.847 after 3 epochs)::
 
     python examples/python_api.py
 """

@@ -6,9 +6,9 @@
     from normlightning.integrations import timm as nl_timm
 
     nl_timm.register()                                   # every name of available_norms()
-    nl_timm.register_as("bgn64", "bgn", num_groups=64)   # a name with bound arguments
-    timm.create_model("resnet18", norm_layer="bgn64")
-    timm.create_model("efficientnet_b0", norm_layer="gn")  # keeps the model's activation
+    nl_timm.register_as("gn8", "gn", num_groups=8)       # a name with bound arguments
+    timm.create_model("resnet18", norm_layer="bgn")
+    timm.create_model("efficientnet_b0", norm_layer="gn8")  # keeps the model's activation
 
 timm resolves a string ``norm_layer`` in one of two tables: plain norm layers
 (``get_norm_layer``; ResNet) and norm + activation layers (``get_norm_act_layer``; EfficientNet,

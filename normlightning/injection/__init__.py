@@ -12,6 +12,8 @@ from normlightning.injection.apply import (
     copy_matching_state,
     inject,
     install_layer,
+    mark_pretrained,
+    pretrained_names,
     restore_injection,
 )
 from normlightning.injection.carry import NormWithCarried
@@ -41,7 +43,9 @@ __all__ = [
     "get_spec",
     "inject",
     "install_layer",
+    "mark_pretrained",
     "plan_injection",
+    "pretrained_names",
     "probe_input_shapes",
     "read_checkpoint",
     "restore_injection",

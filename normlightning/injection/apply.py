@@ -2,13 +2,16 @@
 
 :func:`inject` plans (:mod:`normlightning.injection.plan`) and applies in one call, on any
 ``nn.Module`` and without a Trainer; :func:`apply_spec` replays a stored spec (checkpoint
-restore); :func:`restore_injection` is the ``on_load_checkpoint`` helper.
+restore); :func:`restore_injection` is the ``on_load_checkpoint`` helper; :func:`mark_pretrained`
+records which tensors came from pretrained weights, so that :func:`inject`'s summary says which
+layers started from pretrained statistics.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Mapping
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -21,7 +24,49 @@ from normlightning.injection.rules import InjectionRules
 from normlightning.injection.spec import CHECKPOINT_KEY, build_layer, get_spec, same_layers, set_spec, validate_spec
 from normlightning.norms import param_norms
 
-__all__ = ["apply_param_norm", "apply_spec", "copy_matching_state", "inject", "install_layer", "restore_injection"]
+__all__ = [
+    "apply_param_norm",
+    "apply_spec",
+    "copy_matching_state",
+    "inject",
+    "install_layer",
+    "mark_pretrained",
+    "pretrained_names",
+    "restore_injection",
+]
+
+#: Module attribute: names of the module's own parameters and buffers loaded from pretrained weights.
+PRETRAINED_ATTR = "_normlightning_pretrained"
+_STATISTICS = frozenset({"running_mean", "running_var"})
+
+
+def mark_pretrained(model: nn.Module, keys: Iterable[str]) -> None:
+    """Record that the ``state_dict`` keys ``keys`` of ``model`` were loaded from pretrained weights
+    (on each owning module, so the record survives wrapping ``model`` in a task)."""
+    by_module: dict[str, set[str]] = defaultdict(set)
+    for key in keys:
+        module_name, _, tensor_name = key.rpartition(".")
+        by_module[module_name].add(tensor_name)
+    for module_name, names in by_module.items():
+        module = model.get_submodule(module_name)
+        setattr(module, PRETRAINED_ATTR, pretrained_names(module) | frozenset(names))
+
+
+def pretrained_names(module: nn.Module) -> frozenset[str]:
+    """Names of ``module``'s own parameters and buffers marked by :func:`mark_pretrained`."""
+    return getattr(module, PRETRAINED_ATTR, frozenset())
+
+
+def _state_notes(copied: list[str], pretrained: frozenset[str]) -> list[str]:
+    """Summary notes: what was copied from the old layer, what of it was pretrained, and
+    ``pretrained statistics`` when the running mean and variance were."""
+    if not copied:
+        return []
+    note = f"copied {', '.join(copied)}"
+    from_weights = [name for name in copied if name in pretrained]
+    if from_weights:
+        note += " (pretrained)" if len(from_weights) == len(copied) else f" (pretrained: {', '.join(from_weights)})"
+    return [note] + (["pretrained statistics"] if _STATISTICS <= set(from_weights) else [])
 
 
 def copy_matching_state(old: nn.Module, new: nn.Module) -> list[str]:
@@ -116,8 +161,9 @@ def inject(
     Returns:
         ``(spec, rows)``: the applied spec (also kept on the model, see
         :func:`~normlightning.injection.spec.get_spec`) and the summary rows (each replaced layer
-        notes which parameters and statistics it started from). A model that already carries a
-        spec is left as it is (its spec is returned).
+        notes which parameters and statistics it started from, and ``pretrained statistics`` when
+        its running statistics came from pretrained weights, see :func:`mark_pretrained`). A
+        model that already carries a spec is left as it is (its spec is returned).
     """
     from normlightning.injection.plan import summary_rows
 
@@ -130,8 +176,9 @@ def inject(
         return existing, summary_rows(model, existing)
     spec, kept = plan_injection(model, rules, example_input=example_input, batch_size=batch_size)
     for rec in spec["layers"]:
+        pretrained = pretrained_names(model.get_submodule(rec["name"]))
         copied = install_layer(model, rec, copy_state=rules.copy_state)
-        rec["notes"] = rec["notes"] + ([f"copied {', '.join(copied)}"] if copied else [])
+        rec["notes"] = rec["notes"] + _state_notes(copied, pretrained)
     for rec in spec["param_norms"]:
         apply_param_norm(model.get_submodule(rec["name"]), rec["kind"])
     set_spec(model, spec)

@@ -6,13 +6,19 @@ this order:
 1. names added with :func:`register_backbone` (plugins) and our built-in backbones
    (:data:`BUILTIN_BACKBONES`, imported lazily from ``"module:function"`` strings, so a
    backbone module is only imported when it is used);
-2. any other name goes to ``torchvision.models.get_model(name, num_classes=num_classes,
+2. ``timm/<architecture>`` goes to ``timm.create_model(<architecture>, num_classes=num_classes,
+   in_chans=input_shape[0], pretrained=False, **kwargs)`` (the optional extra
+   ``pip install "normlightning[timm]"``);
+3. any other name goes to ``torchvision.models.get_model(name, num_classes=num_classes,
    weights=None, **kwargs)``: ``resnet18``, ``resnet50``, ``mobilenet_v2``,
    ``shufflenet_v2_x1_5``, ``densenet121``, ... (see ``torchvision.models.list_models()``).
    Nothing is downloaded. A torchvision model's stem expects 3 input channels; for
    ``input_shape[0] != 3`` its first convolution is rebuilt with ``input_shape[0]`` input
    channels (same kernel, stride, padding, freshly initialised), see
    :func:`adapt_input_channels`.
+
+Pretrained weights are never built in here: they come from local files, loaded by
+:func:`normlightning.models.weights.load_backbone_weights` (the task's ``backbone_weights``).
 
 Every factory has the signature ``fn(num_classes: int, input_shape: tuple[int, int, int],
 **kwargs) -> nn.Module``. Every normalization layer inside our backbones is a plain
@@ -27,6 +33,9 @@ from collections.abc import Callable
 from torch import nn
 
 BackboneFactory = Callable[..., nn.Module]
+
+#: Prefix of timm backbone names: ``timm/resnet18`` is timm's ``resnet18``.
+TIMM_PREFIX = "timm/"
 
 #: Our own backbones: registry name -> "module:function" (function name == registry name).
 BUILTIN_BACKBONES: dict[str, str] = {
@@ -117,7 +126,8 @@ def build_backbone(
     """Build the backbone ``name`` for ``num_classes`` classes and inputs of shape ``input_shape``.
 
     Args:
-        name: one of :func:`available_backbones` or a torchvision classification model name.
+        name: one of :func:`available_backbones`, ``timm/<architecture>`` or a torchvision
+            classification model name.
         num_classes: number of output logits.
         input_shape: ``(C, H, W)`` of one input example.
         **kwargs: passed on to the factory (e.g. ``depth``/``widen_factor`` for ``wide_resnet``).
@@ -132,6 +142,8 @@ def build_backbone(
         return _PLUGINS[name](num_classes=num_classes, input_shape=input_shape, **kwargs)
     if name in BUILTIN_BACKBONES:
         return _resolve_builtin(name)(num_classes=num_classes, input_shape=input_shape, **kwargs)
+    if name.startswith(TIMM_PREFIX):
+        return _build_timm(name[len(TIMM_PREFIX):], num_classes, input_shape, **kwargs)
     return _build_torchvision(name, num_classes, input_shape, **kwargs)
 
 
@@ -142,13 +154,15 @@ def _build_torchvision(name: str, num_classes: int, input_shape: tuple[int, int,
         raise ValueError(
             f"unknown backbone {name!r}. Our backbones: {', '.join(available_backbones())}. "
             "Any torchvision classification model name also works, e.g. resnet18, resnet50, mobilenet_v2, "
-            "shufflenet_v2_x1_5, densenet121 (full list: torchvision.models.list_models(module=torchvision.models)). "
+            "shufflenet_v2_x1_5, densenet121 (full list: torchvision.models.list_models(module=torchvision.models)), "
+            "and timm/<architecture> builds a timm model (e.g. timm/resnet18, timm/efficientnet_b0). "
             "Add your own with normlightning.models.register_backbone(name, factory)."
         )
     if kwargs.get("weights") is not None:
         raise ValueError(
-            f"backbone_kwargs.weights={kwargs['weights']!r}: pretrained weights are not supported "
-            "(normlightning trains from scratch and never downloads); remove 'weights'"
+            f"backbone_kwargs.weights={kwargs['weights']!r}: the backbone is built without weights (nothing is "
+            f"downloaded); remove 'weights' and set model.backbone_weights: {kwargs['weights']!r} instead (read from "
+            "the local torch hub cache, or a path to a state_dict file)"
         )
     kwargs.pop("weights", None)
     model = torchvision.models.get_model(name, weights=None, num_classes=num_classes, **kwargs)
@@ -157,9 +171,37 @@ def _build_torchvision(name: str, num_classes: int, input_shape: tuple[int, int,
     return model
 
 
+def _build_timm(architecture: str, num_classes: int, input_shape: tuple[int, int, int], **kwargs: object) -> nn.Module:
+    try:
+        import timm
+    except ImportError:
+        raise ImportError(
+            f'backbone "{TIMM_PREFIX}{architecture}" needs timm: pip install "normlightning[timm]"'
+        ) from None
+    if not timm.is_model(architecture):
+        raise ValueError(
+            f"unknown timm architecture {architecture!r} (backbone {TIMM_PREFIX}{architecture}); list them with "
+            f"timm.list_models('{architecture[:4]}*')"
+        )
+    set_by_task = sorted(k for k in ("num_classes", "in_chans") if k in kwargs)
+    if set_by_task:
+        raise ValueError(
+            f"backbone_kwargs {set_by_task} are set from the task (num_classes, input_shape[0]); remove them"
+        )
+    if kwargs.get("pretrained") or "pretrained_cfg_overlay" in kwargs:
+        raise ValueError(
+            "backbone_kwargs pretrained / pretrained_cfg_overlay: timm backbones are built with pretrained=False "
+            "(nothing is downloaded); set model.backbone_weights to the local weights file instead (the file that "
+            "pretrained_cfg_overlay=dict(file=...) would name)"
+        )
+    kwargs.pop("pretrained", None)
+    return timm.create_model(architecture, pretrained=False, num_classes=num_classes, in_chans=input_shape[0], **kwargs)
+
+
 __all__ = [
     "BUILTIN_BACKBONES",
     "BackboneFactory",
+    "TIMM_PREFIX",
     "adapt_input_channels",
     "available_backbones",
     "build_backbone",

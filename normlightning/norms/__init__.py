@@ -1,6 +1,7 @@
 """normlightning.norms: every normalization method behind one registry.
 
-``build_norm(name, num_features, **kwargs)``; names: bn gn ln in pn ghost seqnorm bgn gbgn hn sn brn.
+``build_norm(name, num_features, **kwargs)``; ``norm_layer(name, **kwargs)`` for torchvision/timm
+``norm_layer=`` arguments; names: bn gn ln in pn ghost seqnorm bgn gbgn hn sn brn.
 The math lives once in :mod:`normlightning.norms.functional`; the layer classes are thin shells.
 """
 
@@ -14,6 +15,7 @@ from .param_norms import WeightStandardization, WSConv2d, apply_weight_norm, app
 from .per_example import GroupNorm, InstanceNorm, LayerNorm, PositionalNorm
 from .group_args import AutoContext, GroupArg
 from .registry import available_norms, build_norm, norm_group_args, register_norm
+from .norm_layer import norm_layer
 from .switchable_norm import SwitchableNorm
 
 __all__ = [
@@ -42,5 +44,6 @@ __all__ = [
     "available_norms",
     "build_norm",
     "norm_group_args",
+    "norm_layer",
     "register_norm",
 ]

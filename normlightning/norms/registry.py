@@ -19,7 +19,7 @@ from .heterologous_norm import HeterologousNorm
 from .per_example import GroupNorm, InstanceNorm, LayerNorm, PositionalNorm
 from .switchable_norm import SwitchableNorm
 
-__all__ = ["build_norm", "register_norm", "available_norms", "norm_group_args"]
+__all__ = ["build_norm", "register_norm", "available_norms", "norm_factory", "norm_group_args"]
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {
     "bn": BatchNorm,
@@ -57,7 +57,8 @@ def register_norm(name: str, factory: Callable[..., nn.Module], *, overwrite: bo
     return factory
 
 
-def _factory(name: str) -> Callable[..., nn.Module]:
+def norm_factory(name: str) -> Callable[..., nn.Module]:
+    """The class or factory registered as ``name`` (``ValueError`` listing the names when unknown)."""
     try:
         return _REGISTRY[name]
     except (KeyError, TypeError):
@@ -66,18 +67,18 @@ def _factory(name: str) -> Callable[..., nn.Module]:
 
 def norm_group_args(name: str) -> tuple[GroupArg, ...]:
     """The group-count arguments that the method ``name`` declares (``group_args`` of its class)."""
-    return group_args_of(_factory(name))
+    return group_args_of(norm_factory(name))
 
 
 def norm_class_name(name: str) -> str:
     """The class (or factory) name behind the registry name ``name``, e.g. ``"BatchGroupNorm"``."""
-    factory = _factory(name)
+    factory = norm_factory(name)
     return getattr(factory, "__name__", type(factory).__name__)
 
 
 def build_norm(name: str, num_features: int, **kwargs) -> nn.Module:
     """Build the normalization layer registered as ``name`` for ``num_features`` channels."""
-    factory = _factory(name)
+    factory = norm_factory(name)
     try:
         return factory(num_features, **kwargs)
     except TypeError as err:

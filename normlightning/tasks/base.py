@@ -108,13 +108,18 @@ class BaseTask(LightningModule):
         check_norm_decay(**self.norm_decay)
         self.lr_base_batch_size = lr_base_batch_size
 
+    #: Constructor arguments kept out of the saved hyperparameters (and so out of checkpoints):
+    #: starting points that a checkpoint makes unnecessary, such as ``backbone_weights``.
+    unsaved_hparams: tuple[str, ...] = ()
+
     def save_hyperparameters(self, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
         """``LightningModule.save_hyperparameters`` that keeps checkpoints loadable.
 
         Launched from the CLI, the optimizer and scheduler arrive as config dicts
         (``class_path``/``init_args``) or import paths and are kept. Python callables (a ``partial``, a
         lambda) are dropped from the saved hyperparameters: they may not pickle, and a
-        reloaded task then gets the default optimizer (inference does not need one).
+        reloaded task then gets the default optimizer (inference does not need one). The
+        arguments a subclass lists in :attr:`unsaved_hparams` are never saved.
         """
         frame = kwargs.pop("frame", None)
         if frame is None:
@@ -127,7 +132,7 @@ class BaseTask(LightningModule):
             key
             for key in ("optimizer", "lr_scheduler")
             if self._hparams.get(key) is not None and not isinstance(self._hparams[key], (dict, str))
-        ]
+        ] + [key for key in self.unsaved_hparams if key in self._hparams]
         if drop:
             self.remove_ignored_hparams(drop)
             for key in drop:

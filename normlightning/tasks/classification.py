@@ -20,10 +20,12 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from normlightning.data.base import missing_link_error
 from normlightning.models import build_backbone
+from normlightning.models.weights import WeightsReport, load_backbone_weights
 from normlightning.models.input_normalization import InputNormalization
 from normlightning.tasks.base import BaseTask
 from normlightning.tasks.metrics import accuracy_metrics
@@ -35,10 +37,18 @@ class ClassificationTask(BaseTask):
     """Classify images into ``num_classes`` classes.
 
     Args:
-        backbone: a name from :func:`normlightning.models.available_backbones` or any
-            torchvision classification model (``resnet18``, ``mobilenet_v2``, ...).
+        backbone: a name from :func:`normlightning.models.available_backbones`, any
+            torchvision classification model (``resnet18``, ``mobilenet_v2``, ...) or
+            ``timm/<architecture>``.
         num_classes: number of classes (linked from ``data.num_classes`` by the CLI); required.
         backbone_kwargs: extra arguments for the backbone factory (e.g. ``{width: 16}``).
+        backbone_weights: a pretrained starting point, loaded into the backbone right after it
+            is built (so before the ``norm:`` injection): a local ``.pt``/``.pth``/``.bin``/
+            ``.safetensors`` state_dict, or a torchvision weights name (``IMAGENET1K_V1``) read
+            from the local torch hub cache; a head of another ``num_classes`` is skipped and
+            reported (:func:`~normlightning.models.weights.load_backbone_weights`). Not saved
+            in the hyperparameters: a checkpoint holds the trained weights, and
+            ``load_from_checkpoint`` does not need the file (the run's ``config.yaml`` names it).
         input_shape: ``(C, H, W)`` of one image (linked from ``data.input_shape``); required.
         input_mean: per-channel mean for the input normalization (linked from ``data.mean``);
             ``None`` means 0 for every channel.
@@ -48,12 +58,15 @@ class ClassificationTask(BaseTask):
             scheduler, norm weight decay, linear LR scaling).
     """
 
+    unsaved_hparams = ("backbone_weights",)
+
     def __init__(
         self,
         *,
         backbone: str = "resnet18",
         num_classes: int | None = None,
         backbone_kwargs: dict[str, Any] | None = None,
+        backbone_weights: str | None = None,
         input_shape: tuple[int, int, int] | None = None,
         input_mean: tuple[float, ...] | None = None,
         input_std: tuple[float, ...] | None = None,
@@ -80,6 +93,13 @@ class ClassificationTask(BaseTask):
         self.label_smoothing = label_smoothing
         self.normalize = InputNormalization(mean, std)
         self.backbone = build_backbone(backbone, num_classes, input_shape, **(backbone_kwargs or {}))
+        self.backbone_weights_report: WeightsReport | None = None
+        if backbone_weights is not None:
+            self.backbone_weights_report = load_backbone_weights(
+                self.backbone, backbone_weights, backbone=backbone, num_classes=num_classes,
+                input_channels=input_shape[0],
+            )
+            rank_zero_info(self.backbone_weights_report.summary())
         self.example_input_array = torch.zeros(2, *input_shape)
         self.configure_metrics()
 

@@ -1,0 +1,1 @@
+"""Hooks into other libraries' registries (each imports its library lazily): :mod:`.timm`."""

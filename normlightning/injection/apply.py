@@ -57,10 +57,17 @@ def pretrained_names(module: nn.Module) -> frozenset[str]:
     return getattr(module, PRETRAINED_ATTR, frozenset())
 
 
-def _state_notes(copied: list[str], pretrained: frozenset[str]) -> list[str]:
+def _has_seen_data(layer: nn.Module) -> bool:
+    """Whether ``layer`` has tracked batches (its state is not its initialisation)."""
+    tracked = getattr(layer, "num_batches_tracked", None)
+    return isinstance(tracked, torch.Tensor) and int(tracked) > 0
+
+
+def _state_notes(copied: list[str], pretrained: frozenset[str], trained: bool) -> list[str]:
     """Summary notes: what was copied from the old layer, what of it was pretrained, and
-    ``pretrained statistics`` when the running mean and variance were."""
-    if not copied:
+    ``pretrained statistics`` when the running mean and variance were. Nothing when the old
+    layer was fresh (neither loaded from weights nor trained): copying its initial values is no news."""
+    if not copied or not (pretrained or trained):
         return []
     note = f"copied {', '.join(copied)}"
     from_weights = [name for name in copied if name in pretrained]
@@ -176,9 +183,10 @@ def inject(
         return existing, summary_rows(model, existing)
     spec, kept = plan_injection(model, rules, example_input=example_input, batch_size=batch_size)
     for rec in spec["layers"]:
-        pretrained = pretrained_names(model.get_submodule(rec["name"]))
+        old = model.get_submodule(rec["name"])
+        pretrained, trained = pretrained_names(old), _has_seen_data(old)
         copied = install_layer(model, rec, copy_state=rules.copy_state)
-        rec["notes"] = rec["notes"] + _state_notes(copied, pretrained)
+        rec["notes"] = rec["notes"] + _state_notes(copied, pretrained, trained)
     for rec in spec["param_norms"]:
         apply_param_norm(model.get_submodule(rec["name"]), rec["kind"])
     set_spec(model, spec)

@@ -12,8 +12,8 @@ harmless. Messages whose cause is ours are fixed at the cause instead, not liste
 - LightningCLI's "args + sys.argv" warning: :func:`normlightning.cli.build_cli` takes explicit
   arguments in place of ``sys.argv`` by design (a sweep cell is built inside the sweep's own
   process), so the CLI does not compare the two;
-- CSVLogger's "directory exists and is not empty" in sweep cells: each cell logs into a fresh
-  ``logs/`` folder (:mod:`normlightning.sweep.grid`).
+- CSVLogger's "directory exists and is not empty" in sweep cells: each attempt of a cell logs
+  into a fresh ``logs/`` folder (:mod:`normlightning.sweep.grid`, :mod:`normlightning.sweep.cell`).
 
 Call :func:`install` yourself when you drive Lightning from Python without the CLI. It is
 idempotent; it only adds filters, it never turns on a warning that was off.

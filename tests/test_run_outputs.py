@@ -121,6 +121,7 @@ def test_hparams_tab_has_the_best_validation_accuracy(injected_run) -> None:
     values = session.session_start_info.hparams
     assert values["norm/method"].string_value == "bgn+gn"
     assert values["data/batch_size"].number_value == 8 and values["backbone"].string_value == "small_cnn"
+    assert "lr-SGD/default" in accumulator.Tags()["scalars"]  # the tag the README names
     validation = [e.value for e in accumulator.Scalars("val/acc1")]
     assert len(validation) == 2
     # TensorBoard shows a metric's last value: the best validation accuracy so far

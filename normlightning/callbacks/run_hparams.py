@@ -18,7 +18,8 @@ groups to the task's own hyperparameters, in plain YAML types (``yaml.safe_load`
 In ``fit`` it also gives TensorBoard's HParams tab a metric, ``hp/best_<metric>`` (default: the
 best ``val/acc1``, following the ``checkpoint:`` section's ``monitor`` and ``mode``), logged to
 every logger after every validation, so that runs of several methods and batch sizes sit in one
-table. Put it after
+table. (A ``TensorBoardLogger`` with ``default_hp_metric=True`` makes Lightning write an HParams
+row of its own as well; the CLI's default logger, and any config that keeps its class, set it false.) Put it after
 :class:`~normlightning.callbacks.norm_injection.NormInjection` in the callback list (the CLI does).
 """
 

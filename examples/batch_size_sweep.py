@@ -33,7 +33,7 @@ REPORT_DEFAULTS = [
     "--seeds", "0", "1", "2",
     "--epochs", "2=2", "8=4", "64=16",
     "--base-batch-size", "64",
-    "--isolation", "inline",
+    "--executor", "inline",
 ]
 
 

@@ -8,20 +8,29 @@ task's ``num_classes``, ``input_shape``, ``input_mean`` and ``input_std`` after 
 Defaults: seed 0, a TensorBoard logger writing to ``runs/<name>/version_<n>``, a
 ``checkpoint:`` section (:class:`~normlightning.callbacks.checkpoint.Checkpoint`, a
 ``ModelCheckpoint`` on ``val/acc1``, mode max, plus an always up-to-date ``last.ckpt``), a ``norm:`` section (the norm-layer injection),
-the learning rate logged every step, the progress bar, and the resolved config saved next
-to the logs (``config.yaml``, overwritten on a rerun).
+an ``hparams:`` section (:class:`~normlightning.callbacks.run_hparams.RunHyperparameters`: the
+applied normalization and the batch size as hyperparameters, the best ``val/acc1`` as the
+HParams metric), a ``predictions:`` section
+(:class:`~normlightning.callbacks.prediction_writer.PredictionWriter`: ``predict`` writes
+``predictions.csv`` into the run's folder), the learning rate logged every step, the progress
+bar, and the resolved config saved next to the logs (``config.yaml``, overwritten on a rerun).
+Known harmless warnings are filtered in one place, :mod:`normlightning.known_warnings`.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from jsonargparse import Namespace
 from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
+from normlightning import known_warnings
 from normlightning.callbacks.checkpoint import CHECKPOINT_DEFAULTS, Checkpoint
 from normlightning.callbacks.norm_injection import NormInjection
+from normlightning.callbacks.prediction_writer import PredictionWriter
+from normlightning.callbacks.run_hparams import RunHyperparameters
 from normlightning.data.base import MissingDataAttributeError
 from normlightning.injection import check_checkpoint_file
 from normlightning.tasks.base import BaseTask
@@ -53,12 +62,18 @@ class NormLightningCLI(LightningCLI):
 
     Top-level config sections that configure an always-present callback are listed in
     :attr:`forced_callbacks` (section name -> callback class, with defaults in
-    :attr:`forced_callback_defaults`): ``checkpoint:`` and ``norm:``
+    :attr:`forced_callback_defaults`): ``checkpoint:``, ``norm:``
     (:class:`~normlightning.callbacks.norm_injection.NormInjection`, which rewrites the model's
-    normalization layers at setup; ``method: null``, the default, leaves the model unchanged).
+    normalization layers at setup; ``method: null``, the default, leaves the model unchanged),
+    ``hparams:`` (after ``norm:``, whose applied layers it logs) and ``predictions:``.
     """
 
-    forced_callbacks: dict[str, type] = {"checkpoint": Checkpoint, "norm": NormInjection}
+    forced_callbacks: dict[str, type] = {
+        "checkpoint": Checkpoint,
+        "norm": NormInjection,
+        "hparams": RunHyperparameters,
+        "predictions": PredictionWriter,
+    }
     forced_callback_defaults: dict[str, dict[str, Any]] = {"checkpoint": CHECKPOINT_DEFAULTS}
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -72,9 +87,18 @@ class NormLightningCLI(LightningCLI):
             parser.link_arguments(f"data.{data_attr}", f"model.init_args.{model_arg}", apply_on="instantiate")
 
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
-        """Parse, then check a given ``--ckpt_path`` file (LightningCLI reads its hyperparameters
-        next, and a missing, empty or truncated file would fail there with a bare ``EOFError``)."""
-        super().parse_arguments(parser, args)
+        """Parse ``args`` (``None``: ``sys.argv``), then check a given ``--ckpt_path`` file
+        (LightningCLI reads its hyperparameters next, and a missing, empty or truncated file would
+        fail there with a bare ``EOFError``).
+
+        Explicit ``args`` replace ``sys.argv`` (a sweep cell or a study builds its CLI inside a
+        process that has its own command line), so, unlike LightningCLI, this does not warn when
+        both are present.
+        """
+        if isinstance(args, (dict, Namespace)):
+            self.config = parser.parse_object(args)
+        else:
+            self.config = parser.parse_args(args)
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry") and "://" not in str(ckpt_path):
@@ -137,7 +161,10 @@ def build_cli(args: ArgsType = None, run: bool = True) -> NormLightningCLI:
         The CLI object (``.trainer``, ``.model``, ``.datamodule``, ``.config``).
         ``--help`` and ``--print_config`` raise ``SystemExit(0)``; a bad argument
         ``SystemExit(2)`` after printing the parser's message.
+
+    Installs the filters of :mod:`normlightning.known_warnings` first.
     """
+    known_warnings.install()
     return NormLightningCLI(
         model_class=BaseTask,
         datamodule_class=LightningDataModule,

@@ -136,12 +136,20 @@ def test_custom_task_from_config_by_class_path(examples, run_dir) -> None:
 
 
 # ---------------------------------------------------------------- statistics_study
-def test_statistics_study_tiny(examples, tmp_path) -> None:
+def test_statistics_study_tiny(examples, tmp_path, capsys) -> None:
     study = examples["statistics_study"]
     window = 4
     summary = study.run_study(tmp_path / "st", epochs={128: 1, 4: 1}, window=window, data="synthetic",
                               limit_train_batches=6)
     assert set(summary["test_acc1"]) == {128, 4}
+    # progress: a line before and after each run, Lightning's bar in between, one closing line
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.startswith("[statistics study]")]
+    assert lines[0] == "[statistics study] run 1/2: batch 128, 1 epochs"
+    assert lines[1].startswith("[statistics study] batch 128: 6 steps, test acc1 ")
+    assert lines[2] == "[statistics study] run 2/2: batch 4, 1 epochs"
+    assert lines[-1].startswith("[statistics study] done in ") and str(tmp_path / "st") in lines[-1]
+    assert "Epoch 0: 100%" in out
     for name in ("hn_fluctuation.png", "hn_evolution.png", "hn_fluctuation.csv", "summary.json"):
         assert (tmp_path / "st" / name).stat().st_size > 0
     layers = [f"backbone.layers.{i}.bn" for i in range(4)]

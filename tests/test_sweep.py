@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -130,7 +132,7 @@ def test_registered_plugin_gets_its_auto_group_count(tmp_path) -> None:
         assert sweep.method_preset("half_gn_test") == {"method": "half_gn_test", "kwargs": {"chunks": "auto"}}
         HalfGroupNorm.built.clear()
         result = sweep.run_sweep(BASE, tmp_path / "s", methods=["half_gn_test"], batch_sizes=[4], seeds=[0],
-                                 epochs=1, base_batch_size=16, isolation="inline", plot=False, log=None)
+                                 epochs=1, base_batch_size=16, executor="inline", plot=False, log=None)
         assert result.status == {"half_gn_test_b4_s0": "ran"}
         widths = {c for c, _ in HalfGroupNorm.built}
         assert len(widths) >= 2  # small_cnn with width 8 has layers of different widths
@@ -169,6 +171,10 @@ def test_aggregate_and_table() -> None:
     assert lines[0] == "| method | B=2 | B=8 |"
     assert lines[2] == "| bn | 70.0 ± 20.0 (n=3) | - |"
     assert lines[3] == "| gn | - | 80.0 (n=1) |"
+    # the figure's title names the data, the model and the epochs
+    assert sweep.sweep_title(BASE, {2: 2, 8: 4}, "test/acc1") == (
+        "Synthetic, small_cnn: test/acc1 by normalization method (epochs 2 / 4 at batch 2 / 8)")
+    assert sweep.sweep_title(BASE, {2: 3, 8: 3}, "val/acc1").endswith("(3 epochs)")
 
 
 def _mtimes(out: Path) -> dict[str, float]:
@@ -178,7 +184,7 @@ def _mtimes(out: Path) -> dict[str, float]:
 def test_sweep_runs_collects_and_resumes(tmp_path) -> None:
     out = tmp_path / "sweep"
     kwargs = dict(methods=["bn", "gn"], batch_sizes=[4, 8], seeds=[0], epochs=1, base_batch_size=16,
-                  isolation="inline", log=None)
+                  executor="inline", log=None)
     first = sweep.run_sweep(BASE, out, **kwargs)
     assert set(first.status.values()) == {"ran"} and len(first.status) == 4
     with open(out / "results.csv", newline="") as handle:
@@ -190,7 +196,7 @@ def test_sweep_runs_collects_and_resumes(tmp_path) -> None:
         assert 0.0 <= float(row["test/acc1"]) <= 1.0
         # the value in results.csv is the last test/acc1 of the cell's own CSV log
         cell_dir = out / "cells" / f"{row['method']}_b{row['batch_size']}_s{row['seed']}"
-        logged = [r["test/acc1"] for r in csv.DictReader(open(cell_dir / "metrics.csv")) if r.get("test/acc1")]
+        logged = [r["test/acc1"] for r in csv.DictReader(open(cell_dir / "logs" / "metrics.csv")) if r.get("test/acc1")]
         assert float(row["test/acc1"]) == pytest.approx(float(logged[-1]))
         config = yaml.safe_load((cell_dir / "cell.yaml").read_text())
         assert config["data"]["init_args"]["batch_size"] == int(row["batch_size"])
@@ -222,18 +228,18 @@ def test_failed_cell_is_reported_and_retried(tmp_path) -> None:
     bad = json.loads(json.dumps(BASE))
     bad["model"]["init_args"]["backbone"] = "no_such_backbone_xyz"
     result = sweep.run_sweep(bad, tmp_path / "s", methods=["bn"], batch_sizes=[4], seeds=[0], epochs=1,
-                             base_batch_size=16, isolation="inline", plot=False, log=None)
+                             base_batch_size=16, executor="inline", plot=False, log=None)
     assert result.status == {"bn_b4_s0": "failed"} and result.rows == []
     assert "no_such_backbone_xyz" in (tmp_path / "s" / "cells" / "bn_b4_s0" / "error.txt").read_text()
 
 
-def test_subprocess_isolation_and_cli(tmp_path) -> None:
+def test_subprocess_executor_and_cli(tmp_path) -> None:
     config = tmp_path / "base.yaml"
     config.write_text(yaml.safe_dump(BASE))
     out = tmp_path / "s"
     args = ["--config", str(config), "--out", str(out), "--methods", "hn", "--batch-sizes", "4", "--seeds", "1",
             "--epochs", "1", "--base-batch-size", "8", "--no-plot"]
-    result = sweep.main(args)  # default isolation: one subprocess per cell
+    result = sweep.main(args)  # default executor: one subprocess per cell
     assert result.status == {"hn_b4_s1": "ran"}
     stored = json.loads((out / "cells" / "hn_b4_s1" / sweep.RESULT_FILE).read_text())
     assert stored["status"] == "ok" and stored["lr"] == pytest.approx(0.2 * 4 / 8)
@@ -246,8 +252,69 @@ def test_subprocess_isolation_and_cli(tmp_path) -> None:
 def test_parallel_workers_run_every_cell_once(tmp_path) -> None:
     out = tmp_path / "p"
     result = sweep.run_sweep(BASE, out, methods=["bn", "ln"], batch_sizes=[4], seeds=[0], epochs=1,
-                             base_batch_size=16, isolation="inline", workers=2, plot=False, log=None)
+                             base_batch_size=16, executor="inline", workers=2, plot=False, log=None)
     assert result.status == {"bn_b4_s0": "ran", "ln_b4_s0": "ran"}
     assert sorted(r["method"] for r in result.rows) == ["bn", "ln"]
     with pytest.raises(ValueError, match="workers must be a positive int"):
         sweep.run_sweep(BASE, out, methods=["bn"], batch_sizes=[4], workers=0, log=None)
+
+
+def test_submitit_local_cluster_runs_and_resumes(tmp_path, monkeypatch) -> None:
+    """Two cells as submitit jobs on this machine; a rerun skips both (the same resume as inline)."""
+    pytest.importorskip("submitit")  # the `cluster` extra, part of `dev`
+    repo = Path(__file__).resolve().parents[1]
+    # the jobs are fresh interpreters: they import this checkout's normlightning
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")])))
+    out = tmp_path / "s"
+    kwargs = dict(methods=["bn", "gn"], batch_sizes=[4], seeds=[0], epochs=1, base_batch_size=16, executor="submitit",
+                  cluster=sweep.ClusterSettings(cluster="local", time_limit_min=10), plot=False, log=None)
+    first = sweep.run_sweep(BASE, out, **kwargs)
+    assert first.status == {"bn_b4_s0": "ran", "gn_b4_s0": "ran"}
+    assert sorted(r["method"] for r in first.rows) == ["bn", "gn"]
+    jobs = sorted((out / "jobs").glob("*_0_log.out"))
+    assert len(jobs) == 2  # one submitit job per cell, with its own log
+    for row in first.rows:
+        assert float(row["lr"]) == pytest.approx(0.2 * 4 / 16)
+        cell_dir = out / "cells" / f"{row['method']}_b4_s0"
+        logged = [r["test/acc1"] for r in csv.DictReader(open(cell_dir / "logs" / "metrics.csv")) if r.get("test/acc1")]
+        assert float(row["test/acc1"]) == pytest.approx(float(logged[-1]))
+    before = _mtimes(out)
+    second = sweep.run_sweep(BASE, out, **kwargs)
+    assert second.status == {"bn_b4_s0": "skipped", "gn_b4_s0": "skipped"}
+    assert _mtimes(out) == before and len(sorted((out / "jobs").glob("*_0_log.out"))) == 2  # nothing submitted
+    # cells finished by another executor count as finished too
+    assert sweep.run_sweep(BASE, out, **{**kwargs, "executor": "inline"}).status == second.status
+
+
+def test_cluster_settings_and_gpu_cells(tmp_path) -> None:
+    settings = sweep.ClusterSettings(cluster="slurm", partition="gpu", gpus_per_cell=16, nodes_per_cell=2)
+    assert (settings.devices, settings.processes) == (8, 16)
+    config = sweep.cell_config(BASE, sweep.Cell("bn", 8, 0), epochs=1, base_batch_size=32, cell_dir=tmp_path,
+                               gpus=settings.gpus_per_cell, nodes=settings.nodes_per_cell)
+    trainer = config["trainer"]
+    assert (trainer["accelerator"], trainer["devices"], trainer["num_nodes"], trainer["strategy"]) == ("gpu", 8, 2, "ddp")
+    cpu = sweep.cell_config(BASE, sweep.Cell("bn", 8, 0), epochs=1, base_batch_size=32, cell_dir=tmp_path)
+    assert cpu["trainer"]["accelerator"] == "cpu" and "strategy" not in cpu["trainer"]
+    # a CPU cell's spec does not depend on the executor's settings: resume works across executors
+    assert sweep.cell_spec(sweep.Cell("bn", 8, 0), cpu) == sweep.cell_spec(
+        sweep.Cell("bn", 8, 0), sweep.cell_config(BASE, sweep.Cell("bn", 8, 0), epochs=1, base_batch_size=32,
+                                                   cell_dir=tmp_path / "elsewhere"))
+    with pytest.raises(ValueError, match="multiple of nodes_per_cell"):
+        sweep.ClusterSettings(gpus_per_cell=3, nodes_per_cell=2)
+    with pytest.raises(ValueError, match="nodes_per_cell > 1 needs GPUs"):
+        sweep.ClusterSettings(nodes_per_cell=2)
+    with pytest.raises(ValueError, match="cluster must be"):
+        sweep.ClusterSettings(cluster="pbs")
+    with pytest.raises(ValueError, match="cannot run inline"):
+        sweep.run_cells([tmp_path], "inline", threads=1, workers=1, cluster=sweep.ClusterSettings(gpus_per_cell=2),
+                        jobs_dir=tmp_path, log=print)
+    with pytest.raises(SystemExit):
+        sweep.main(["--config", "x.yaml", "--gpus-per-cell", "3", "--nodes-per-cell", "2"])
+
+
+def test_submitit_missing_names_the_extra(monkeypatch) -> None:
+    from normlightning.sweep import executors
+
+    monkeypatch.setitem(sys.modules, "submitit", None)  # `import submitit` raises ImportError
+    with pytest.raises(ImportError, match=r'pip install "normlightning\[cluster\]"'):
+        executors.import_submitit()

@@ -1,4 +1,5 @@
-"""Callbacks: normalization injection, statistics sync, the CLI's checkpoint, and research tools."""
+"""Callbacks: normalization injection, statistics sync, the CLI's checkpoint, hyperparameters and
+prediction writer, and research tools."""
 
 from normlightning.callbacks.checkpoint import Checkpoint
 from normlightning.callbacks.example_weighing import ExampleWeighingSearch, search_example_weighing
@@ -6,7 +7,9 @@ from normlightning.callbacks.median_last_epochs import MedianOfLastEpochs
 from normlightning.callbacks.norm_injection import NormInjection
 from normlightning.callbacks.norm_stats import NormStatistics
 from normlightning.callbacks.norm_sync import NormSync, set_statistics_sync
+from normlightning.callbacks.prediction_writer import PredictionWriter
 from normlightning.callbacks.recalibration import Recalibration, recalibrate_statistics
+from normlightning.callbacks.run_hparams import RunHyperparameters
 
 __all__ = [
     "Checkpoint",
@@ -15,7 +18,9 @@ __all__ = [
     "NormInjection",
     "NormStatistics",
     "NormSync",
+    "PredictionWriter",
     "Recalibration",
+    "RunHyperparameters",
     "recalibrate_statistics",
     "search_example_weighing",
     "set_statistics_sync",

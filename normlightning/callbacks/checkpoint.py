@@ -28,7 +28,24 @@ class Checkpoint(ModelCheckpoint):
     written, so with a monitored metric that stops improving ``last.ckpt`` would lag behind
     the run and resuming from it would repeat epochs. Here it always holds the latest state
     (after each validation, or each training epoch when checkpointing there).
+
+    Outside ``fit`` (``validate``/``test``/``predict --ckpt_path``) the run logs into a new
+    ``version_N`` folder, so the restored checkpoint's folder differs from this run's by design:
+    only ``best_model_path`` is restored (what ``--ckpt_path best`` needs), without
+    ``ModelCheckpoint``'s "dirpath has changed" warning. A resumed ``fit`` in a new folder still warns.
     """
+
+    _stage: str | None = None
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        self._stage = stage
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self._stage not in (None, "fit") and state_dict.get("dirpath", self.dirpath) != self.dirpath:
+            self.best_model_path = state_dict["best_model_path"]
+            return
+        super().load_state_dict(state_dict)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_train_epoch_end(trainer, pl_module)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import os
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,6 +39,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from normlightning.callbacks.evaluation import ForwardFn, TargetFn, evaluate_accuracy, trainer_dataloader
+from normlightning.callbacks.progress import counted, loader_length, progress_bar, trainer_shows_progress
 
 __all__ = [
     "DEFAULT_ALPHAS",
@@ -142,6 +144,8 @@ def search_example_weighing(
     forward_fn: ForwardFn | None = None,
     target_fn: TargetFn | None = None,
     batch_size: int | None = None,
+    progress: bool = False,
+    below_main_bar: bool = False,
 ) -> ExampleWeighingResult:
     """Grid-search one shared ``alpha`` for every example-weighing layer by top-1 accuracy.
 
@@ -153,6 +157,9 @@ def search_example_weighing(
         target_fn: ``batch -> targets (N,)``; default ``batch[1]``.
         batch_size: training batch size of a normalization set, adds ``1/B``-centred points
             to the default grid (ignored when ``alphas`` is given).
+        progress: draw a progress bar over all evaluated batches (every alpha), with the last
+            alpha and its accuracy (:mod:`normlightning.callbacks.progress`).
+        below_main_bar: draw it below Lightning's training bar (inside ``fit``).
 
     Returns:
         :class:`ExampleWeighingResult`; the best alpha is left set in the model.
@@ -165,10 +172,17 @@ def search_example_weighing(
             "Inject one of those layers first."
         )
     grid = _check_alphas(alphas) if alphas is not None else example_weighing_grid(batch_size)
+    per_alpha = loader_length(dataloader)
+    bar = progress_bar("Example weighing", per_alpha * len(grid) if per_alpha is not None else None, progress,
+                       below_main_bar=below_main_bar)
     accuracies = []
-    for alpha in grid:
-        set_example_weighing_alpha(model, alpha)
-        accuracies.append(evaluate_accuracy(model, dataloader, forward_fn, target_fn))
+    try:
+        for alpha in grid:
+            set_example_weighing_alpha(model, alpha)
+            accuracies.append(evaluate_accuracy(model, counted(dataloader, bar), forward_fn, target_fn))
+            bar.set_postfix(alpha=f"{alpha:.4g}", acc=f"{accuracies[-1]:.4f}")
+    finally:
+        bar.close()
     best = max(range(len(grid)), key=lambda i: (accuracies[i], -i))
     set_example_weighing_alpha(model, grid[best])
     return ExampleWeighingResult(grid, accuracies, grid[best], accuracies[best], sorted(layers))
@@ -198,7 +212,9 @@ class ExampleWeighingSearch(Callback):
 
     Logged to every logger: ``example_weighing/acc@alpha=<a>`` per grid point,
     ``example_weighing/best_alpha`` and ``example_weighing/best_acc``; TensorBoard also
-    gets the markdown table as text. Checkpoint state: ``{"alpha", "table"}``.
+    gets the markdown table as text. Checkpoint state: ``{"alpha", "table"}``. While it runs, a
+    progress bar (when the run shows Lightning's); then one line, e.g.
+    ``ExampleWeighingSearch: best alpha 0.0625, val acc 0.9340 (alpha 0: 0.9120), 12 alphas in 4.2 s``.
     """
 
     def __init__(
@@ -262,7 +278,11 @@ class ExampleWeighingSearch(Callback):
         if loader is None:
             rank_zero_warn("ExampleWeighingSearch: no validation dataloader to search alpha on; skipped.")
             return None
-        result = search_example_weighing(pl_module, loader, self.alphas, self.forward_fn)
+        start = time.perf_counter()
+        result = search_example_weighing(
+            pl_module, loader, self.alphas, self.forward_fn,
+            progress=trainer_shows_progress(trainer), below_main_bar=trainer.state.fn == "fit",
+        )
         self.alpha, self.table = result.best_alpha, result.table()
         metrics = {f"example_weighing/acc@alpha={a:.6g}": acc for a, acc in zip(result.alphas, result.accuracies)}
         metrics["example_weighing/best_alpha"] = result.best_alpha
@@ -272,7 +292,11 @@ class ExampleWeighingSearch(Callback):
             add_text = getattr(getattr(logger, "experiment", None), "add_text", None)
             if callable(add_text) and trainer.is_global_zero:
                 add_text("example_weighing/table", result.to_markdown(), trainer.global_step)
-        rank_zero_info("ExampleWeighingSearch:\n" + result.to_markdown())
+        plain = f" (alpha 0: {result.accuracies[result.alphas.index(0.0)]:.4f})" if 0.0 in result.alphas else ""
+        rank_zero_info(
+            f"ExampleWeighingSearch: best alpha {result.best_alpha:.6g}, val acc {result.best_accuracy:.4f}{plain}, "
+            f"{len(result.alphas)} alphas in {time.perf_counter() - start:.1f} s"
+        )
         return result
 
     def _apply(self, pl_module: LightningModule) -> None:

@@ -29,7 +29,9 @@ Outputs:
 - at the end of training, in ``output_dir`` (default: the trainer's ``log_dir``):
   ``norm_stats_summary.csv`` (one row per layer), ``norm_stats_history.csv`` (EN view and
   the BN view of ``plot_channels`` at every recorded step), ``norm_stats_evolution.png``
-  (statistic vs step, HN Fig. 7) and ``norm_stats_fluctuation.png`` (HN Fig. 6).
+  (statistic vs step, HN Fig. 7) and ``norm_stats_fluctuation.png`` (HN Fig. 6), titled with
+  the data module, the model and the epochs trained; the figures also go to TensorBoard loggers
+  as images (``norm_stats/evolution``, ``norm_stats/fluctuation``).
 """
 
 from __future__ import annotations
@@ -47,10 +49,15 @@ from torch import nn
 from normlightning import plotting
 from normlightning.norms.model_layers import is_norm_layer
 
-__all__ = ["NormStatistics", "input_statistics", "fluctuation", "STATISTICS"]
+__all__ = ["NormStatistics", "input_statistics", "fluctuation", "run_title", "STATISTICS"]
 
 #: Names of the recorded statistics, in storage order.
 STATISTICS = ("bn_mean", "bn_std", "en_mean", "en_std")
+#: Legend names of the statistics in the figures.
+LEGEND = {"bn_mean": "BN view mean", "bn_std": "BN view std", "en_mean": "EN view mean", "en_std": "EN view std"}
+#: What the two views are, printed under the figures.
+VIEWS_NOTE = ("BN view: statistic of one channel over the batch and positions (bars: averaged over channels); "
+              "EN view: statistic over the whole layer input (batch, channels and positions)")
 
 
 def input_statistics(x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -109,6 +116,16 @@ class _History:
         self.steps.extend(state["steps"])
         for k in STATISTICS:
             self.values[k].extend(state[k])
+
+
+def run_title(trainer: Trainer, pl_module: LightningModule) -> str:
+    """``"Digits, small_cnn, 3 epochs (51 steps)"``: the data module, the model (the task's
+    ``backbone`` hyperparameter, else its class) and the training done so far."""
+    datamodule = getattr(trainer, "datamodule", None)
+    data = type(datamodule).__name__ if datamodule is not None else "no DataModule"
+    model = getattr(pl_module, "hparams", {}).get("backbone") or type(pl_module).__name__
+    epochs = trainer.current_epoch
+    return f"{data}, {model}, {epochs} epoch{'s' if epochs != 1 else ''} ({trainer.global_step} steps)"
 
 
 class NormStatistics(Callback):
@@ -248,7 +265,8 @@ class NormStatistics(Callback):
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.detach()
         if trainer.is_global_zero:
-            self.write_outputs(self.output_dir or trainer.log_dir or trainer.default_root_dir)
+            self.write_outputs(self.output_dir or trainer.log_dir or trainer.default_root_dir, run_title(trainer, pl_module))
+            self._log_figures(trainer)
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         self.detach()
@@ -321,8 +339,9 @@ class NormStatistics(Callback):
             rows.append(row)
         return rows
 
-    def write_outputs(self, directory: str) -> list[str]:
-        """Write the CSV tables and (if ``plot``) the PNG figures into ``directory``."""
+    def write_outputs(self, directory: str, run: str | None = None) -> list[str]:
+        """Write the CSV tables and (if ``plot``) the PNG figures into ``directory``; ``run``
+        (e.g. :func:`run_title`) starts the figures' titles."""
         self.summary = self.summary_rows()
         if not self.summary:
             return []
@@ -330,16 +349,31 @@ class NormStatistics(Callback):
         files = [self._write_csv(os.path.join(directory, "norm_stats_summary.csv"), self.summary)]
         files.append(self._write_csv(os.path.join(directory, "norm_stats_history.csv"), self._history_rows()))
         if self.plot:
-            files.append(self._plot_evolution(os.path.join(directory, "norm_stats_evolution.png")))
+            prefix = f"{run}: " if run else ""
+            files.append(self._plot_evolution(os.path.join(directory, "norm_stats_evolution.png"), prefix))
             files.append(
                 plotting.plot_fluctuation(
-                    {r["layer"]: {k: r[f"{k}_fluct"] for k in STATISTICS} for r in self.summary},
+                    {r["layer"]: {LEGEND[k]: r[f"{k}_fluct"] for k in STATISTICS} for r in self.summary},
                     os.path.join(directory, "norm_stats_fluctuation.png"),
-                    title=f"fluctuation of batch statistics (std over last {self.window} samples)",
+                    title=f"{prefix}fluctuation of the batch statistics at normalization-layer inputs",
+                    ylabel=f"std over the last {self.window} recorded steps\n"
+                    + ("(every step)" if self.every_n_steps == 1 else f"(one every {self.every_n_steps} steps)"),
+                    note=VIEWS_NOTE,
                 )
             )
         self.output_files = files
         return files
+
+    def _log_figures(self, trainer: Trainer) -> None:
+        """Log the written PNG figures to the TensorBoard loggers as images."""
+        figures = [f for f in self.output_files if f.endswith(".png")]
+        for logger in trainer.loggers:
+            add_image = getattr(getattr(logger, "experiment", None), "add_image", None)
+            if not callable(add_image):
+                continue
+            for path in figures:
+                tag = "norm_stats/" + os.path.basename(path)[len("norm_stats_") : -len(".png")]
+                add_image(tag, plotting.read_png(path), trainer.global_step, dataformats="HWC")
 
     def _history_rows(self) -> list[dict[str, Any]]:
         columns = [f"{k}_c{c}" for c in self.plot_channels for k in ("bn_mean", "bn_std")]
@@ -358,7 +392,7 @@ class NormStatistics(Callback):
                 rows.append(row)
         return rows
 
-    def _plot_evolution(self, path: str) -> str:
+    def _plot_evolution(self, path: str, prefix: str = "") -> str:
         steps, series = {}, {}
         for name, history in self.history.items():
             if len(history) == 0:
@@ -369,10 +403,13 @@ class NormStatistics(Callback):
                 bn = history.stacked(f"bn_{stat}")
                 for c in self.plot_channels:
                     if c < bn.shape[1]:
-                        layer_series[stat][f"BN c{c}"] = bn[:, c].tolist()
-                layer_series[stat]["EN"] = history.stacked(f"en_{stat}").tolist()
+                        layer_series[stat][f"BN view, channel {c}"] = bn[:, c].tolist()
+                layer_series[stat]["EN view (whole layer)"] = history.stacked(f"en_{stat}").tolist()
             series[name] = layer_series
-        return plotting.plot_statistics_evolution(steps, series, path, title="batch statistics vs training step")
+        return plotting.plot_statistics_evolution(
+            steps, series, path, title=f"{prefix}batch statistics at normalization-layer inputs vs training step",
+            note=VIEWS_NOTE,
+        )
 
     @staticmethod
     def _write_csv(path: str, rows: list[dict[str, Any]]) -> str:

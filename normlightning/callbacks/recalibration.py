@@ -35,6 +35,7 @@ holds the same recalibrated statistics.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
@@ -44,6 +45,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from normlightning.callbacks.evaluation import ForwardFn, default_forward, evaluate_accuracy, trainer_dataloader
+from normlightning.callbacks.progress import counted, loader_length, progress_bar, trainer_shows_progress
 from normlightning.norms.model_layers import is_batch_statistic_layer
 
 __all__ = [
@@ -92,6 +94,8 @@ def recalibrate_statistics(
     batches: Iterable[Any],
     num_batches: int | None = None,
     forward_fn: ForwardFn | None = None,
+    progress: bool = False,
+    below_main_bar: bool = False,
 ) -> int:
     """Recompute the running statistics of every batch-statistic layer over ``num_batches``.
 
@@ -107,6 +111,8 @@ def recalibrate_statistics(
         num_batches: K, how many batches to use (default: all of ``batches``). Fewer
             available -> a warning and all of them are used.
         forward_fn: ``(model, batch) -> Any``; default :func:`~normlightning.callbacks.evaluation.default_forward`.
+        progress: draw a progress bar over the batches (:mod:`normlightning.callbacks.progress`).
+        below_main_bar: draw it below Lightning's training bar (inside ``fit``).
 
     Returns:
         The number of batches used (0 when the model has no batch-statistic layer).
@@ -122,13 +128,16 @@ def recalibrate_statistics(
     momenta = {name: layer.momentum for name, layer in layers.items()}
     saved = {name: {k: v.clone() for k, v in layer.state_dict().items()} for name, layer in layers.items()}
     used = 0
+    available = loader_length(batches)
+    total = num_batches if available is None else min(available, num_batches or available)
+    bar = progress_bar("Recalibration", total, progress, below_main_bar=below_main_bar)
     try:
         model.eval()
         for layer in layers.values():
             layer.reset_running_stats()
             layer.momentum = None
             layer.train()
-        for batch in batches:
+        for batch in counted(batches, bar):
             if num_batches is not None and used >= num_batches:
                 break
             forward_fn(model, batch)
@@ -147,6 +156,7 @@ def recalibrate_statistics(
             layer.load_state_dict(saved[name])
         raise
     finally:
+        bar.close()
         for name, layer in layers.items():
             layer.momentum = momenta[name]
         for module, flag in flags.items():
@@ -205,7 +215,8 @@ class Recalibration(Callback):
             ``False`` keeps each process's own result (checkpoints hold rank 0's).
 
     Logged (to every logger): ``recalibration/num_batches`` (+ accuracies). The last
-    result is kept in :attr:`last_result`.
+    result is kept in :attr:`last_result`. While it runs, a progress bar (when the run shows
+    Lightning's); then one line, e.g. ``Recalibration: 100 batches in 2.1 s, val acc 0.9120 -> 0.9340``.
 
     Training batches come from ``trainer.datamodule.train_dataloader()`` (a fresh loader,
     so an ongoing training epoch is not disturbed), else ``trainer.train_dataloader``.
@@ -277,20 +288,35 @@ class Recalibration(Callback):
                 "Recalibration: no training dataloader; use a DataModule with train_dataloader() or run trainer.fit"
             )
         result: dict[str, float] = {}
+        start = time.perf_counter()
         val_loader = trainer_dataloader(trainer, "val") if self.report_accuracy else None
         if self.report_accuracy and val_loader is None:
             rank_zero_warn("Recalibration: report_accuracy=True but there is no validation dataloader.")
+        show, below = trainer_shows_progress(trainer), trainer.state.fn == "fit"
+
+        def val_accuracy(desc: str) -> float:
+            bar = progress_bar(desc, loader_length(val_loader), show, below_main_bar=below)
+            try:
+                return evaluate_accuracy(pl_module, counted(val_loader, bar), self.forward_fn)
+            finally:
+                bar.close()
+
         if val_loader is not None:
-            result["recalibration/acc_before"] = evaluate_accuracy(pl_module, val_loader, self.forward_fn)
+            result["recalibration/acc_before"] = val_accuracy("Recalibration: val acc before")
         result["recalibration/num_batches"] = float(
-            recalibrate_statistics(pl_module, train_loader, self.num_batches, self.forward_fn)
+            recalibrate_statistics(
+                pl_module, train_loader, self.num_batches, self.forward_fn, progress=show, below_main_bar=below
+            )
         )
         if self.sync and trainer.world_size > 1:
             average_running_statistics(pl_module, lambda t: trainer.strategy.reduce(t, reduce_op="mean"))
         if val_loader is not None:
-            result["recalibration/acc_after"] = evaluate_accuracy(pl_module, val_loader, self.forward_fn)
+            result["recalibration/acc_after"] = val_accuracy("Recalibration: val acc after")
         for logger in trainer.loggers:
             logger.log_metrics(result, step=trainer.global_step)
-        rank_zero_info("Recalibration: " + ", ".join(f"{k}={v:.4g}" for k, v in result.items()))
+        line = f"Recalibration: {int(result['recalibration/num_batches'])} batches in {time.perf_counter() - start:.1f} s"
+        if val_loader is not None:
+            line += f", val acc {result['recalibration/acc_before']:.4f} -> {result['recalibration/acc_after']:.4f}"
+        rank_zero_info(line)
         self.last_result = result
         return result

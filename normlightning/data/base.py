@@ -77,7 +77,8 @@ class BaseDataModule(LightningDataModule):
         batch_size: examples per batch **per process** (per GPU under DDP).
         eval_batch_size: batch size of the val/test/predict loaders (default: ``batch_size``).
         num_workers: loader worker processes.
-        pin_memory: pin host memory (faster host-to-GPU copies).
+        pin_memory: pin host memory (faster host-to-GPU copies); applied only when the run's device
+            is a GPU (see :meth:`loader_pin_memory`).
         persistent_workers: keep workers alive between epochs (only with ``num_workers > 0``).
         val_fraction: fraction of the training set held out for validation (0: use the
             dataset's own validation/test split).
@@ -168,6 +169,20 @@ class BaseDataModule(LightningDataModule):
             self._dataset(split)
 
     # ----------------------------------------------------------------- loaders
+    def loader_pin_memory(self) -> bool:
+        """``pin_memory`` for the loaders: the setting, but only when batches go to a GPU.
+
+        Pinned memory only speeds up host-to-GPU copies; on a CPU-only run torch would warn that
+        it is unused. The device is the trainer's (``trainer.strategy.root_device``); without a
+        trainer, whether CUDA is available.
+        """
+        if not self.pin_memory:
+            return False
+        trainer = self.trainer
+        if trainer is not None:
+            return trainer.strategy.root_device.type == "cuda"
+        return torch.cuda.is_available()
+
     def _loader(self, split: Split, train: bool) -> DataLoader:
         dataset = self._dataset(split)
         generator = seeded_loader_generator(self.shuffle_seed)
@@ -179,7 +194,7 @@ class BaseDataModule(LightningDataModule):
             generator=generator,
             drop_last=self.drop_last and train,
             num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
+            pin_memory=self.loader_pin_memory(),
             persistent_workers=self.persistent_workers,
         )
 

@@ -258,7 +258,7 @@ class FewShotDataModule(BaseDataModule):
             episode_set,
             batch_size=None,
             num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
+            pin_memory=self.loader_pin_memory(),
             persistent_workers=self.persistent_workers,
         )
 

@@ -4,7 +4,8 @@ config one cell runs with.
 A cell ``(method, B, seed)`` is the base config (any ``normlightning fit`` config) with the keys
 listed in :func:`cell_config` overridden; :func:`cell_spec` is what identifies a finished cell.
 Layout of a sweep folder: ``cells/<method>_b<B>_s<seed>/`` holds :data:`CONFIG_FILE`,
-:data:`METRICS_FILE` and, written last, :data:`RESULT_FILE`.
+:data:`SPEC_FILE`, the run's logs in :data:`LOGS_DIR` (:data:`METRICS_FILE`) and, written last,
+:data:`RESULT_FILE`.
 """
 
 from __future__ import annotations
@@ -21,9 +22,11 @@ from typing import Any
 __all__ = [
     "CONFIG_FILE",
     "FIXED_GROUP_COUNTS",
+    "LOGS_DIR",
     "METRICS_FILE",
     "RESULT_FILE",
     "RESULT_METRICS",
+    "SPEC_FILE",
     "Cell",
     "cell_config",
     "cell_spec",
@@ -33,8 +36,11 @@ __all__ = [
 ]
 
 RESULT_FILE = "result.json"
-METRICS_FILE = "metrics.csv"
 CONFIG_FILE = "cell.yaml"
+SPEC_FILE = "spec.json"
+#: The cell's log folder (a fresh one for every attempt: the CSV logger never finds old files).
+LOGS_DIR = "logs"
+METRICS_FILE = f"{LOGS_DIR}/metrics.csv"
 #: Metrics copied from each cell's logs into ``results.csv``.
 RESULT_METRICS = ("test/acc1", "test/loss", "val/acc1", "val/loss", "train/loss_epoch")
 
@@ -127,7 +133,14 @@ def epochs_per_batch(epochs: int | Mapping[int, int], batch_sizes: Sequence[int]
 
 
 def cell_config(
-    base: Mapping[str, Any], cell: Cell, *, epochs: int, base_batch_size: int, cell_dir: str | os.PathLike
+    base: Mapping[str, Any],
+    cell: Cell,
+    *,
+    epochs: int,
+    base_batch_size: int,
+    cell_dir: str | os.PathLike,
+    gpus: int = 0,
+    nodes: int = 1,
 ) -> dict[str, Any]:
     """The full config of ``cell``: ``base`` with these keys overridden:
 
@@ -139,7 +152,9 @@ def cell_config(
       ``lr = base_lr * B * world_size / base_batch_size``;
     - ``seed_everything = seed`` (weights, data order; the data split keeps its own seed);
     - ``trainer.max_epochs = epochs`` and ``T_max`` of a ``CosineAnnealingLR`` scheduler;
-    - a ``CSVLogger`` writing into ``cell_dir``, no progress bar, no checkpoint files.
+    - a ``CSVLogger`` writing into ``cell_dir/logs``, no progress bar, no checkpoint files;
+    - with ``gpus > 0``: ``trainer.accelerator = gpu``, ``devices = gpus / nodes``,
+      ``num_nodes = nodes`` and, with more than one GPU, ``strategy = ddp``.
 
     Args:
         base: a normlightning config (dict, as loaded from YAML) with ``model.init_args.optimizer``
@@ -147,7 +162,9 @@ def cell_config(
         cell: the grid cell.
         epochs: ``trainer.max_epochs``.
         base_batch_size: batch size at which the base config's ``lr`` holds.
-        cell_dir: the cell folder (logs go there).
+        cell_dir: the cell folder (logs go to its ``logs/``).
+        gpus, nodes: GPUs of the cell over all its nodes, and its nodes (0: the base config's
+            accelerator and devices are kept).
 
     Raises:
         ValueError: a missing key above, or a base config whose own ``lr_base_batch_size``
@@ -184,10 +201,14 @@ def cell_config(
             "enable_model_summary": False,
             "logger": {
                 "class_path": "lightning.pytorch.loggers.CSVLogger",
-                "init_args": {"save_dir": str(cell_dir), "name": "", "version": ""},
+                "init_args": {"save_dir": str(cell_dir), "name": LOGS_DIR, "version": ""},
             },
         }
     )
+    if gpus:
+        trainer.update({"accelerator": "gpu", "devices": gpus // nodes, "num_nodes": nodes})
+        if gpus > 1:
+            trainer["strategy"] = "ddp"
     # the cell's method comes from the norm: section alone; a NormInjection listed as a callback would inject twice
     trainer["callbacks"] = [c for c in trainer.get("callbacks") or [] if not _is_injection(c)]
     checkpoint = config.setdefault("checkpoint", {})

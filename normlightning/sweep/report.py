@@ -1,6 +1,6 @@
 """The report of a batch-size sweep, from the cells' ``result.json`` files: ``results.csv``
 (one row per finished cell), the mean and sample std over seeds (:func:`aggregate`), a
-markdown table (``table.md``) and accuracy vs batch size (``accuracy_vs_batch.png``).
+markdown table (``table.md``) and accuracy by method, one panel per batch size (``accuracy_vs_batch.png``).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 from normlightning import plotting
 from normlightning.sweep.grid import RESULT_FILE, RESULT_METRICS, Cell
 
-__all__ = ["aggregate", "collect_rows", "markdown_table", "plot_sweep", "write_report"]
+__all__ = ["aggregate", "collect_rows", "markdown_table", "plot_sweep", "sweep_title", "write_report"]
 
 #: Statistics of one metric: ``{method: {batch_size: (mean, std, n)}}``.
 Stats = Mapping[str, Mapping[int, tuple[float, float, int]]]
@@ -84,30 +84,49 @@ def plot_sweep(
     ylabel: str = "test top-1 accuracy (%)",
     scale: float = 100.0,
     title: str | None = None,
+    reference: str | None = "bn",
 ) -> str:
-    """Accuracy vs per-process batch size (log2 x axis), one line per method, std error bars
-    (BGN paper, Figure 1 bottom). Returns ``str(path)``."""
+    """One panel per per-process batch size, the methods side by side in each (BGN paper,
+    Figure 1 bottom, read per batch size): mean over seeds with error bars of ± one sample std,
+    and a dashed line at the ``reference`` method's mean (``None`` or absent: no line). Each panel
+    has its own y range, so methods that nearly tie at one batch size stay apart. Returns ``str(path)``.
+    """
     plt = plotting.require_matplotlib()
     if not stats:
         raise ValueError("plot_sweep: no finished cells to plot")
-    fig, ax = plt.subplots(figsize=(7.0, 4.5))
-    markers = "os^vD<>phX*"
-    for k, (method, by_batch) in enumerate(stats.items()):
-        batches = sorted(by_batch)
-        means = [by_batch[b][0] * scale for b in batches]
-        stds = [0.0 if math.isnan(by_batch[b][1]) else by_batch[b][1] * scale for b in batches]
-        ax.errorbar(batches, means, yerr=stds, label=method, marker=markers[k % len(markers)], capsize=3, linewidth=1.2)
-    all_batches = sorted({b for by_batch in stats.values() for b in by_batch})
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(all_batches)
-    ax.set_xticklabels([str(b) for b in all_batches])
-    ax.set_xlabel("per-process batch size")
-    ax.set_ylabel(ylabel)
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8, ncol=2)
+    methods = list(stats)
+    batches = sorted({b for by_batch in stats.values() for b in by_batch})
+    seeds = sorted({by_batch[b][2] for by_batch in stats.values() for b in by_batch})
+    fig, axes = plt.subplots(1, len(batches), figsize=(max(4.0, 0.45 * len(methods) + 1.6) * len(batches), 4.6),
+                             squeeze=False)
+    handles: dict[str, Any] = {}
+    for ax, batch in zip(axes[0], batches):
+        xs = [i for i, m in enumerate(methods) if batch in stats[m]]
+        means = [stats[methods[i]][batch][0] * scale for i in xs]
+        stds = [0.0 if math.isnan(stats[methods[i]][batch][1]) else stats[methods[i]][batch][1] * scale for i in xs]
+        handles["cells"] = ax.errorbar(xs, means, yerr=stds, fmt="o", color="tab:blue", ecolor="tab:blue",
+                                       capsize=4, markersize=5, linewidth=1.2)
+        if reference in stats and batch in stats[reference]:
+            handles["reference"] = ax.axhline(stats[reference][batch][0] * scale, color="tab:gray", linestyle="--",
+                                              linewidth=1.0)
+        ax.set_xticks(range(len(methods)))
+        ax.set_xticklabels(methods, rotation=45, ha="right")
+        ax.set_xlim(-0.6, len(methods) - 0.4)
+        ax.set_title(f"per-process batch size {batch}", fontsize=10)
+        ax.set_xlabel("normalization method")
+        ax.grid(True, axis="y", alpha=0.3)
+    axes[0][0].set_ylabel(ylabel)
+    seed_text = f"n = {seeds[0]} seed{'s' if seeds[0] != 1 else ''}" if len(seeds) == 1 else \
+        f"n = {seeds[0]}-{seeds[-1]} seeds per cell"
+    if seeds[0] == 1:
+        seed_text += "; no bar with 1 seed"
+    labels = {"cells": f"mean over seeds; bar: ± 1 sample std ({seed_text})",
+              "reference": f"{reference} mean at that batch size"}
+    fig.legend([handles[k] for k in handles], [labels[k] for k in handles], loc="lower center",
+               ncol=len(handles), fontsize=9, frameon=False)
     if title:
-        ax.set_title(title)
-    fig.tight_layout()
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     out = os.fspath(path)
     if os.path.dirname(out):
         os.makedirs(os.path.dirname(out), exist_ok=True)
@@ -116,8 +135,25 @@ def plot_sweep(
     return out
 
 
-def write_report(out_dir: str | os.PathLike, rows: Sequence[Mapping[str, Any]], *, metric: str, plot: bool) -> dict[str, str]:
-    """Write ``results.csv`` (all rows), ``table.md`` and (``plot``) ``accuracy_vs_batch.png``."""
+def sweep_title(base_config: Mapping[str, Any], epochs: Mapping[int, int], metric: str) -> str:
+    """``"Digits, small_cnn: test/acc1 by method (epochs 2 / 4 / 16 at batch 2 / 8 / 64)"``: the
+    dataset (data class), the model (backbone or task class) and the epochs of a sweep."""
+    data = str(base_config.get("data", {}).get("class_path", "?")).rsplit(".", 1)[-1]
+    model = base_config.get("model", {})
+    backbone = model.get("init_args", {}).get("backbone") or str(model.get("class_path", "?")).rsplit(".", 1)[-1]
+    if len(set(epochs.values())) == 1:
+        schedule = f"{next(iter(epochs.values()))} epochs"
+    else:
+        schedule = (f"epochs {' / '.join(str(e) for e in epochs.values())} at batch "
+                    f"{' / '.join(str(b) for b in epochs)}")
+    return f"{data}, {backbone}: {metric} by normalization method ({schedule})"
+
+
+def write_report(
+    out_dir: str | os.PathLike, rows: Sequence[Mapping[str, Any]], *, metric: str, plot: bool, title: str | None = None
+) -> dict[str, str]:
+    """Write ``results.csv`` (all rows), ``table.md`` and (``plot``) ``accuracy_vs_batch.png``
+    (:func:`plot_sweep`, with ``title``, e.g. :func:`sweep_title`)."""
     out = Path(out_dir)
     files = {}
     columns = ["method", "batch_size", "seed", "lr", "wall_s", *RESULT_METRICS]
@@ -131,5 +167,5 @@ def write_report(out_dir: str | os.PathLike, rows: Sequence[Mapping[str, Any]], 
     (out / "table.md").write_text(table)
     files["table"] = str(out / "table.md")
     if plot and stats:
-        files["plot"] = plot_sweep(stats, out / "accuracy_vs_batch.png")
+        files["plot"] = plot_sweep(stats, out / "accuracy_vs_batch.png", ylabel=f"{metric} (%)", title=title)
     return files

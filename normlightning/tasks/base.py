@@ -28,13 +28,14 @@ them before the weights are loaded.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from enum import Enum
 from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import AttributeDict, rank_zero_info
 from torch.optim import Optimizer
 
 from normlightning.injection import check_checkpoint_file, restore_injection, store_injection
@@ -43,6 +44,21 @@ from normlightning.tasks.lr_scaling import linear_lr_factor, scale_learning_rate
 from normlightning.tasks.norm_weight_decay import add_decay_toward_one, check_norm_decay, norm_parameter_groups
 from normlightning.tasks.rng_state import CHECKPOINT_KEY as RNG_CHECKPOINT_KEY
 from normlightning.tasks.rng_state import capture_rng_states, restore_rng_states
+
+
+def yaml_safe(value: Any) -> Any:
+    """``value`` with plain YAML types only, so that ``yaml.safe_load`` reads it back: tuples and
+    sets become lists, mappings plain dicts with string keys, paths and enums strings, any other
+    object its ``str``; ``None``, bools, ints, floats and strings stay."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, Mapping):
+        return {str(k): yaml_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [yaml_safe(v) for v in value]
+    if isinstance(value, Enum):
+        return yaml_safe(value.value)
+    return str(value)
 
 
 def default_optimizer(params: Iterable[Any]) -> Optimizer:
@@ -120,6 +136,10 @@ class BaseTask(LightningModule):
         lambda) are dropped from the saved hyperparameters: they may not pickle, and a
         reloaded task then gets the default optimizer (inference does not need one). The
         arguments a subclass lists in :attr:`unsaved_hparams` are never saved.
+
+        The copy that loggers write (``hparams_initial``, e.g. TensorBoard's ``hparams.yaml``) holds
+        plain YAML types only (:func:`yaml_safe`: tuples become lists), so ``yaml.safe_load`` reads
+        it; the copy stored in checkpoints (``hparams``) keeps the arguments as given.
         """
         frame = kwargs.pop("frame", None)
         if frame is None:
@@ -137,6 +157,7 @@ class BaseTask(LightningModule):
             self.remove_ignored_hparams(drop)
             for key in drop:
                 self._hparams_initial.pop(key, None)
+        self._hparams_initial = AttributeDict(yaml_safe(dict(self._hparams_initial)))
 
     def setup(self, stage: str) -> None:
         """At ``fit``: check that the epoch's last, incomplete training batch can be normalized

@@ -206,4 +206,14 @@ def test_normlightning_layers_and_tensorboard(tmp_path):
     torch.testing.assert_close(cb.history["net.0"].values["bn_std"][1], _hand_stats(x[8:12])["bn_std"])
     log_dir = tmp_path / "tb" / "version_0"
     assert (log_dir / "norm_stats_summary.csv").is_file() and (log_dir / "norm_stats_evolution.png").is_file()
-    assert list(log_dir.glob("events.out.tfevents.*"))
+    (events,) = log_dir.glob("events.out.tfevents.*")
+    # the figures also go to TensorBoard, as images of the PNGs' size
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(events))
+    accumulator.Reload()
+    assert sorted(accumulator.Tags()["images"]) == ["norm_stats/evolution", "norm_stats/fluctuation"]
+    from PIL import Image
+
+    image = accumulator.Images("norm_stats/fluctuation")[-1]
+    assert (image.width, image.height) == Image.open(log_dir / "norm_stats_fluctuation.png").size

@@ -1,0 +1,169 @@
+"""PredictionWriter: ``normlightning predict`` writes its predictions to a file (the ``predictions:`` section).
+
+A Lightning ``BasePredictionWriter``: it collects each predicted batch and, at the end of the
+prediction epoch, writes into the run's log folder (``trainer.log_dir``, e.g.
+``runs/quickstart/version_3/``; ``output_dir`` to choose another) and prints the path:
+
+- ``predictions.csv`` (``format: csv``, the default), one row per input::
+
+      index,target,predicted_class,top1_class,top1_prob,top2_class,top2_prob,...
+
+  ``index`` is the example's index in the prediction dataset (the test split for normlightning's
+  DataModules), ``target`` its label when the batches carry one (``(x, y)`` batches),
+  ``predicted_class`` the argmax, then the ``top_k`` most probable classes with their
+  probabilities, most probable first;
+- ``predictions.pt`` (``format: pt``): ``{"index": (N,), "probabilities": (N, C), "target": (N,)}``
+  (``target`` only with labelled batches), the full tensors for ``torch.load``;
+- both with ``format: both``; nothing with ``format: none``.
+
+The task's ``predict_step`` must return one row of class probabilities per input, ``(N, C)``
+(:class:`~normlightning.tasks.ClassificationTask` returns ``softmax(logits)``). Under DDP each
+process writes its own share (``predictions_rank<r>.csv``; Lightning's distributed sampler may
+repeat a few examples to even out the shares).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from typing import Any, Literal
+
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import BasePredictionWriter
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
+
+__all__ = ["PredictionWriter", "csv_columns"]
+
+
+def csv_columns(top_k: int, with_target: bool) -> list[str]:
+    """Header of ``predictions.csv`` for ``top_k`` classes (``with_target``: a ``target`` column)."""
+    ranked = [name for i in range(1, top_k + 1) for name in (f"top{i}_class", f"top{i}_prob")]
+    return ["index", *(["target"] if with_target else []), "predicted_class", *ranked]
+
+
+def _batch_target(batch: Any, size: int) -> Tensor | None:
+    """The labels ``(N,)`` of an ``(x, y, ...)`` batch, ``None`` when it carries none."""
+    if isinstance(batch, (list, tuple)) and len(batch) >= 2 and isinstance(batch[1], Tensor):
+        y = batch[1]
+        if y.dim() == 1 and y.shape[0] == size and not y.is_floating_point():
+            return y.detach().cpu()
+    return None
+
+
+class PredictionWriter(BasePredictionWriter):
+    """Write the predictions of ``trainer.predict`` to ``predictions.csv`` and/or ``predictions.pt``.
+
+    Args:
+        format: ``csv`` (one row per input: index, target, predicted class, top-k classes and
+            probabilities), ``pt`` (the full tensors), ``both``, or ``none`` (write nothing, e.g. for a
+            task whose ``predict_step`` returns something else).
+        top_k: classes listed per row of the CSV (at most the number of classes).
+        output_dir: folder of the files; default the run's log folder (``trainer.log_dir``).
+        filename: file name without extension.
+
+    After a prediction run, :attr:`files` holds the paths written.
+    """
+
+    def __init__(
+        self,
+        format: Literal["csv", "pt", "both", "none"] = "csv",
+        top_k: int = 5,
+        output_dir: str | None = None,
+        filename: str = "predictions",
+    ) -> None:
+        super().__init__(write_interval="batch")
+        if format not in ("csv", "pt", "both", "none"):
+            raise ValueError(f"predictions.format must be 'csv', 'pt', 'both' or 'none', got {format!r}")
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+            raise ValueError(f"predictions.top_k must be a positive int, got {top_k!r}")
+        if not filename or os.sep in filename:
+            raise ValueError(f"predictions.filename must be a plain file name without folders, got {filename!r}")
+        self.format = format
+        self.top_k = top_k
+        self.output_dir = output_dir
+        self.filename = filename
+        self.files: list[str] = []
+        self._reset()
+
+    def _reset(self) -> None:
+        self._indices: list[Tensor] = []
+        self._probabilities: list[Tensor] = []
+        self._targets: list[Tensor] = []
+        self._seen = 0
+
+    def on_predict_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._reset()
+        self.files = []
+
+    def write_on_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        prediction: Any,
+        batch_indices: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int,
+    ) -> None:
+        """Keep one batch: its dataset indices, its probabilities ``(N, C)`` and its labels."""
+        if self.format == "none":
+            return
+        if not isinstance(prediction, Tensor) or prediction.dim() != 2 or not prediction.is_floating_point():
+            shape = tuple(prediction.shape) if isinstance(prediction, Tensor) else type(prediction).__name__
+            raise ValueError(
+                f"PredictionWriter: predict_step must return class probabilities of shape (N, num_classes), got "
+                f"{shape}; return them from your task's predict_step, or set predictions.format=none to write no file"
+            )
+        size = prediction.shape[0]
+        if batch_indices is not None and len(batch_indices) == size:
+            indices = torch.as_tensor(list(batch_indices), dtype=torch.long)
+        else:  # the loader has no sampler Lightning can track (e.g. an IterableDataset): count
+            indices = torch.arange(self._seen, self._seen + size)
+        self._seen += size
+        target = _batch_target(batch, size)
+        if self._probabilities and (target is None) != (not self._targets):
+            raise ValueError("PredictionWriter: some prediction batches carry labels and others do not")
+        self._indices.append(indices)
+        self._probabilities.append(prediction.detach().float().cpu())
+        if target is not None:
+            self._targets.append(target)
+
+    def on_predict_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Write the files of this process and print where they are."""
+        if self.format == "none":
+            return
+        if not self._probabilities:
+            rank_zero_info("PredictionWriter: the prediction loader yielded no batch; nothing written")
+            return
+        folder = self.output_dir or trainer.log_dir or trainer.default_root_dir
+        os.makedirs(folder, exist_ok=True)
+        stem = self.filename if trainer.world_size == 1 else f"{self.filename}_rank{trainer.global_rank}"
+        index = torch.cat(self._indices)
+        probabilities = torch.cat(self._probabilities)
+        target = torch.cat(self._targets) if self._targets else None
+        if self.format in ("csv", "both"):
+            self.files.append(self._write_csv(os.path.join(folder, f"{stem}.csv"), index, probabilities, target))
+        if self.format in ("pt", "both"):
+            tensors = {"index": index, "probabilities": probabilities}
+            if target is not None:
+                tensors["target"] = target
+            path = os.path.join(folder, f"{stem}.pt")
+            torch.save(tensors, path)
+            self.files.append(path)
+        shares = "" if trainer.world_size == 1 else f" (this process's share; one file per process in {folder})"
+        rank_zero_info(f"PredictionWriter: {len(index)} predictions written to {', '.join(self.files)}{shares}")
+        self._reset()
+
+    def _write_csv(self, path: str, index: Tensor, probabilities: Tensor, target: Tensor | None) -> str:
+        k = min(self.top_k, probabilities.shape[1])
+        top_prob, top_class = probabilities.topk(k, dim=1)
+        with open(path, "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(csv_columns(k, target is not None))
+            for row in range(len(index)):
+                ranked = [v for c, p in zip(top_class[row].tolist(), top_prob[row].tolist()) for v in (c, f"{p:.6g}")]
+                labels = [int(target[row])] if target is not None else []
+                writer.writerow([int(index[row]), *labels, int(top_class[row, 0]), *ranked])
+        return path

@@ -1,0 +1,171 @@
+"""RunHyperparameters: what makes runs comparable, logged as hyperparameters (the ``hparams:`` section).
+
+At ``setup`` (after the ``norm:`` injection, before Lightning writes ``hparams.yaml``) it adds two
+groups to the task's own hyperparameters, in plain YAML types (``yaml.safe_load`` reads the file):
+
+- ``norm``: the normalization the run really uses, from the applied injection spec
+  (:mod:`normlightning.injection.spec`) and the ``norm:`` settings::
+
+      norm: {method: bgn, layers: 4, groups: {num_groups: 256}, num_groups_setting: auto,
+             kwargs: {}, overrides: [], exclude: [], param_norm: null}
+
+  ``method`` joins the methods of the replaced layers (``bgn+gn`` with an override); without an
+  injection it names the model's own layer classes (``native:BatchNorm2d``). ``groups`` holds each
+  resolved group count, one value or a comma-separated list when layers differ;
+- ``data``: ``{class: Digits, batch_size: 64, world_size: 1, global_batch_size: 64}``
+  (``batch_size`` per process).
+
+In ``fit`` it also gives TensorBoard's HParams tab a metric, ``hp/best_<metric>`` (default: the
+best ``val/acc1``, following the ``checkpoint:`` section's ``monitor`` and ``mode``), logged to
+every logger after every validation, so that runs of several methods and batch sizes sit in one
+table. (A ``TensorBoardLogger`` with ``default_hp_metric=True`` makes Lightning write an HParams
+row of its own as well; the CLI's default logger, and any config that keeps its class, set it false.) Put it after
+:class:`~normlightning.callbacks.norm_injection.NormInjection` in the callback list (the CLI does).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch import nn
+
+from normlightning.callbacks.norm_injection import NormInjection
+from normlightning.injection import get_spec
+from normlightning.injection.rules import InjectionRules
+from normlightning.norms import norm_group_args
+from normlightning.norms.model_layers import is_norm_layer
+from normlightning.tasks.base import yaml_safe
+
+__all__ = ["RunHyperparameters", "data_hparams", "norm_hparams"]
+
+#: Keys LightningCLI adds to a task's hyperparameters for reloading; not hyperparameters of the run.
+_CLI_KEYS = ("_class_path", "_instantiator")
+
+
+def _ordered_unique(values: list[Any]) -> list[Any]:
+    return list(dict.fromkeys(values))
+
+
+def _native_norms(model: nn.Module) -> str | None:
+    """``native:<Class>+...`` of the normalization layers a model has of its own (``None``: none)."""
+    names = _ordered_unique([type(m).__name__ for _, m in model.named_modules() if is_norm_layer(m)])
+    return "native:" + "+".join(names) if names else None
+
+
+def _group_counts(layers: list[dict[str, Any]]) -> dict[str, int | str]:
+    """Resolved group counts of the replaced layers: ``{arg: value}`` or ``{arg: "16,256"}`` when they differ."""
+    seen: dict[str, list[Any]] = {}
+    for record in layers:
+        for arg in norm_group_args(record["method"]):
+            if arg.name in record["kwargs"]:
+                seen.setdefault(arg.name, []).append(record["kwargs"][arg.name])
+    counts: dict[str, int | str] = {}
+    for name, values in seen.items():
+        distinct = sorted(set(values), key=str)
+        counts[name] = distinct[0] if len(distinct) == 1 else ",".join(str(v) for v in distinct)
+    return counts
+
+
+def norm_hparams(model: nn.Module, spec: dict[str, Any] | None, rules: InjectionRules | None) -> dict[str, Any]:
+    """The ``norm`` hyperparameters of a run: the applied ``spec`` on ``model`` and the ``rules`` it came from."""
+    layers = list((spec or {}).get("layers", []))
+    method = "+".join(_ordered_unique([r["method"] for r in layers])) if layers else _native_norms(model)
+    params = (spec or {}).get("param_norms", [])
+    out: dict[str, Any] = {"method": method, "layers": len(layers), "groups": _group_counts(layers)}
+    if rules is not None:
+        out.update(
+            num_groups_setting=rules.num_groups,
+            kwargs=dict(rules.kwargs),
+            overrides=[{**o, "pattern": o["pattern"].pattern} for o in rules.overrides],
+            exclude=[p.pattern for p in rules.exclude],
+        )
+    out["param_norm"] = params[0]["kind"] if params else None
+    return yaml_safe(out)
+
+
+def data_hparams(datamodule: Any, world_size: int) -> dict[str, Any]:
+    """The ``data`` hyperparameters: class name, per-process and global batch size."""
+    batch_size = getattr(datamodule, "batch_size", None)
+    batch_size = batch_size if isinstance(batch_size, int) and not isinstance(batch_size, bool) else None
+    return {
+        "class": type(datamodule).__name__ if datamodule is not None else None,
+        "batch_size": batch_size,
+        "world_size": world_size,
+        "global_batch_size": batch_size * world_size if batch_size is not None else None,
+    }
+
+
+class RunHyperparameters(Callback):
+    """Log the run's normalization and data settings as hyperparameters and a best-metric for HParams.
+
+    Args:
+        metric: the metric whose best value goes to the HParams tab as ``hp/best_<metric>``;
+            default: the ``checkpoint:`` section's ``monitor`` (``val/acc1``).
+        mode: ``max`` or ``min``; default: the checkpoint's ``mode``.
+
+    Attributes:
+        params: the ``{"norm": ..., "data": ...}`` hyperparameters logged at the last ``setup``.
+        best: the best value of ``metric`` so far in ``fit`` (``nan`` before the first validation).
+    """
+
+    def __init__(self, metric: str | None = None, mode: Literal["max", "min"] | None = None) -> None:
+        if mode not in (None, "max", "min"):
+            raise ValueError(f"hparams.mode must be 'max', 'min' or null, got {mode!r}")
+        self.metric = metric
+        self.mode = mode
+        self._metric, self._mode = metric, mode or "max"
+        self.params: dict[str, Any] = {}
+        self.best = math.nan
+
+    @property
+    def tag(self) -> str | None:
+        """The HParams metric's name, ``hp/best_<metric>`` (``None`` without a metric)."""
+        return f"hp/best_{self._metric}" if self._metric else None
+
+    def _resolve_metric(self, trainer: Trainer) -> None:
+        checkpoint = trainer.checkpoint_callback
+        self._metric = self.metric or getattr(checkpoint, "monitor", None)
+        self._mode = self.mode or getattr(checkpoint, "mode", None) or "max"
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._resolve_metric(trainer)
+        injection = next((c for c in trainer.callbacks if isinstance(c, NormInjection)), None)
+        self.params = {
+            "norm": norm_hparams(pl_module, get_spec(pl_module), injection.rules if injection else None),
+            "data": data_hparams(getattr(trainer, "datamodule", None), trainer.world_size),
+        }
+        for logger in trainer.loggers:
+            if stage == "fit" and self.tag is not None and isinstance(logger, TensorBoardLogger):
+                # the HParams row: the task's (and data module's) hyperparameters too, as Lightning logs them
+                row = {**self._own_hparams(trainer, pl_module), **self.params}
+                logger.log_hyperparams(row, metrics={self.tag: self.best})
+            else:
+                logger.log_hyperparams(self.params)
+
+    @staticmethod
+    def _own_hparams(trainer: Trainer, pl_module: LightningModule) -> dict[str, Any]:
+        datamodule = getattr(trainer, "datamodule", None)
+        merged = {**(datamodule.hparams_initial if datamodule is not None else {}), **pl_module.hparams_initial}
+        return yaml_safe({k: v for k, v in merged.items() if k not in _CLI_KEYS})
+
+    def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.sanity_checking or self.tag is None or trainer.state.fn != "fit":
+            return
+        value = trainer.callback_metrics.get(self._metric)
+        if value is None:
+            return
+        value = float(value)
+        better = value > self.best if self._mode == "max" else value < self.best
+        if math.isnan(self.best) or better:
+            self.best = value
+        for logger in trainer.loggers:
+            logger.log_metrics({self.tag: self.best}, step=trainer.global_step)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.best = float(state_dict.get("best", math.nan))

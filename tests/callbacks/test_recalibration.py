@@ -9,6 +9,7 @@ from lightning.pytorch.loggers import Logger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from normlightning.callbacks.checkpoint import Checkpoint
 from normlightning.callbacks.evaluation import evaluate_accuracy
 from normlightning.callbacks.recalibration import Recalibration, batch_statistic_layers, recalibrate_statistics
 
@@ -203,13 +204,11 @@ def test_normlightning_layers_cumulative_average(name):
 def test_train_end_recalibration_is_in_the_last_checkpoint(tmp_path):
     """The recalibrated statistics are computed before the final validation and checkpoint, so
     ``last.ckpt`` holds them (not the moving averages of training)."""
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
     batches = _batches(4)
     x = torch.cat([b[0] for b in batches])
     y = torch.cat([b[1] for b in batches])
     loader = DataLoader(TensorDataset(x, y), batch_size=4, shuffle=False)
-    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0)
+    checkpoint = Checkpoint(dirpath=tmp_path, save_last=True, save_top_k=0)  # the CLI's: last.ckpt every epoch
     task = _Task()
     trainer = Trainer(accelerator="cpu", max_epochs=2, logger=False, enable_progress_bar=False,
                       enable_model_summary=False, default_root_dir=tmp_path, num_sanity_val_steps=0,
@@ -224,8 +223,6 @@ def test_train_end_recalibration_is_in_the_last_checkpoint(tmp_path):
 
 
 def test_early_stopped_run_is_recalibrated_and_last_checkpoint_rewritten(tmp_path):
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
     batches = _batches(4)
     loader = DataLoader(TensorDataset(torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])),
                         batch_size=4, shuffle=False)
@@ -234,7 +231,7 @@ def test_early_stopped_run_is_recalibrated_and_last_checkpoint_rewritten(tmp_pat
         def on_train_epoch_end(self, trainer, pl_module):
             trainer.should_stop = True
 
-    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True, save_top_k=0)
+    checkpoint = Checkpoint(dirpath=tmp_path, save_last=True, save_top_k=0)  # the CLI's: last.ckpt every epoch
     task = _Task()
     trainer = Trainer(accelerator="cpu", max_epochs=5, logger=False, enable_progress_bar=False,
                       enable_model_summary=False, default_root_dir=tmp_path, num_sanity_val_steps=0,

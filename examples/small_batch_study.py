@@ -59,7 +59,11 @@ import yaml
 from normlightning import sweep
 
 CONFIG = Path(__file__).resolve().parent / "configs" / "study_mnist.yaml"
-METHODS = ["bn", "gn", "ln", "in", "pn", "ghost", "seqnorm", "bgn", "gbgn", "hn", "sn", "brn"]
+#: ``brn-scaled`` is BRN with its r/d schedule scaled to the run (:func:`brn_scaled_norm`); ``brn``
+#: keeps the paper's step counts, whose 5,000-step warm-up (r_max = 1, d_max = 0: plain BN) is
+#: longer than every run here.
+METHODS = ["bn", "gn", "ln", "in", "pn", "ghost", "seqnorm", "bgn", "gbgn", "hn", "sn", "brn", "brn-scaled"]
+TRAIN_IMAGES = 2000  # the training split of study_mnist.yaml (5,000 x (1 - 0.2 - 0.4))
 BATCH_SIZES = [2, 4, 16, 64]
 SEEDS = [0, 1, 2]
 EPOCHS = 4
@@ -114,7 +118,7 @@ def study_cells(
     unknown = [p for p in parts if p not in PARTS]
     if unknown:
         raise ValueError(f"small_batch_study: unknown parts {unknown}; choose from {list(PARTS)}")
-    sweep.make_grid(methods, batch_sizes, seeds)  # checks the axes
+    sweep.make_grid([m for m in methods if m != "brn-scaled"] or ["bn"], batch_sizes, seeds)  # checks the axes
     cells: list[StudyCell] = []
     for seed in seeds:
         if "grid" in parts:
@@ -129,13 +133,25 @@ def study_cells(
     return cells
 
 
+def brn_scaled_norm(total_steps: int) -> dict[str, Any]:
+    """``norm:`` section of BRN with the paper's schedule (r_max 1 -> 3 over steps 5k -> 40k, d_max
+    0 -> 5 over 5k -> 25k) compressed so that it ends at half of a run of ``total_steps``:
+    both ramps start at ``T/16``; r_max reaches 3 at ``T/2``, d_max reaches 5 at ``5T/16``."""
+    start = total_steps // 16
+    return {"method": "brn", "kwargs": {"r_max_start_step": start, "r_max_end_step": total_steps // 2,
+                                        "d_max_start_step": start, "d_max_end_step": 5 * total_steps // 16}}
+
+
 def cell_config(base: Mapping[str, Any], cell: StudyCell, cell_dir: Path) -> dict[str, Any]:
     """:func:`normlightning.sweep.cell_config` of the cell, with its model and (G sweep) its BGN G."""
-    config = sweep.cell_config(base, sweep.Cell(cell.method, cell.batch_size, cell.seed), epochs=cell.epochs,
+    method = "brn" if cell.method == "brn-scaled" else cell.method
+    config = sweep.cell_config(base, sweep.Cell(method, cell.batch_size, cell.seed), epochs=cell.epochs,
                                base_batch_size=BASE_BATCH_SIZE, cell_dir=cell_dir)
     config["model"]["init_args"]["backbone_kwargs"] = {"depth": cell.depth, "base_width": cell.base_width}
     if cell.groups is not None:
         config["norm"] = {"method": "bgn", "num_groups": cell.groups, "group_fit": "nearest"}
+    if cell.method == "brn-scaled":
+        config["norm"] = brn_scaled_norm(cell.epochs * (TRAIN_IMAGES // cell.batch_size))
     return config
 
 

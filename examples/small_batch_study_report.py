@@ -11,7 +11,8 @@ Reads ``<study>/results.csv`` and writes, into ``--assets``:
 - ``study_inference_gap.png``: per batch-statistic method, accuracy vs batch under the four
   inference modes (running statistics, test batches of the training size, recalibrated,
   example weighing);
-- ``study_results.csv`` (a copy of the per-cell rows) and ``study_tables.md`` (every table).
+- ``study_results.csv`` (a copy of the per-cell rows) and ``study_tables.md`` (every table,
+  also returned by :func:`main` for the generated blocks of ``docs/reproduction.md``).
 
 Run: ``python examples/small_batch_study_report.py --study runs/reproduction/study --assets docs/assets``.
 """
@@ -34,7 +35,7 @@ import small_batch_study as study  # noqa: E402
 
 from normlightning import plotting  # noqa: E402
 
-BATCH_STAT = ["bn", "ghost", "seqnorm", "bgn", "gbgn", "hn", "sn", "brn"]
+BATCH_STAT = ["bn", "ghost", "seqnorm", "bgn", "gbgn", "hn", "sn", "brn", "brn-scaled"]
 BATCH_FREE = ["gn", "ln", "in", "pn"]
 MODE_LABELS = {
     "acc_running": "running statistics (standard eval)",
@@ -181,7 +182,7 @@ def elements_per_set(row: Mapping[str, Any], sizes: Mapping[str, int]) -> float:
 
 # ----------------------------------------------------------------------------- figures
 COLORS = {"bn": "black", "ghost": "tab:blue", "seqnorm": "tab:orange", "bgn": "tab:red", "gbgn": "tab:purple",
-          "hn": "tab:green", "sn": "tab:brown", "brn": "tab:pink", "gn": "tab:olive", "ln": "tab:cyan",
+          "hn": "tab:green", "sn": "tab:brown", "brn": "tab:pink", "brn-scaled": "deeppink", "gn": "tab:olive", "ln": "tab:cyan",
           "in": "tab:gray", "pn": "gold"}
 
 
@@ -286,7 +287,7 @@ def plot_inference_gap(grid: Sequence[Mapping[str, Any]], path: Path, title: str
     plt = plotting.require_matplotlib()
     methods = [m for m in BATCH_STAT if any(r["method"] == m for r in grid)]
     batches = sorted({r["batch_size"] for r in grid})
-    fig, axes = plt.subplots(2, 4, figsize=(15, 7.5), sharex=True, sharey=True, squeeze=False)
+    fig, axes = plt.subplots(3, 3, figsize=(13, 11), sharex=True, sharey=True, squeeze=False)
     mode_colors = dict(zip(study.MEASURES, ("black", "tab:red", "tab:blue", "tab:green")))
     for ax, method in zip(axes.flat, methods):
         rows = [r for r in grid if r["method"] == method]
@@ -301,7 +302,7 @@ def plot_inference_gap(grid: Sequence[Mapping[str, Any]], path: Path, title: str
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=9, title="line: mean; band: ± std over seeds")
     fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -317,6 +318,7 @@ def describe(rows: Sequence[Mapping[str, Any]]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, str]:
+    """Write the figures and tables; return the tables ``{block name: markdown}`` of docs/reproduction.md."""
     parser = argparse.ArgumentParser(description="Tables and figures of the small-batch study")
     parser.add_argument("--study", default="runs/reproduction/study")
     parser.add_argument("--assets", default="docs/assets")
@@ -336,25 +338,26 @@ def main(argv: Sequence[str] | None = None) -> dict[str, str]:
         return geometric_mean(batch * d / g for d in r50)
 
     groups = parts["groups"] + parts["groups_wide"]
+    tables = {"study-accuracy": f"Test accuracy in % ({describe(parts['grid'])}), mean ± sample std over seeds\n\n"
+              + accuracy_table(parts["grid"], parts["long"]),
+              "study-gap": gap_table(parts["grid"])}
     files = {"results": str(assets / "study_results.csv")}
-    tables = [f"## Accuracy ({describe(parts['grid'])})\n", accuracy_table(parts["grid"], parts["long"]),
-              "\n## Inference modes\n", gap_table(parts["grid"])]
     if parts["grid"]:
         files["accuracy"] = plot_accuracy_vs_batch(parts["grid"], assets / "study_accuracy_vs_batch.png",
                                                    f"Test accuracy vs batch: {describe(parts['grid'])}")
         files["gap"] = plot_inference_gap(parts["grid"], assets / "study_inference_gap.png",
                                           f"Train/inference gap of batch-statistic methods: {describe(parts['grid'])}")
     if groups:
-        tables += ["\n## BGN group sweep\n", groups_table(groups, elements)]
+        tables["study-groups"] = groups_table(groups, elements)
         files["groups"] = plot_groups(groups, parts["grid"], elements, paper_elements, assets / "study_bgn_groups.png",
                                       f"BGN group count G: {describe(groups)}")
-    (assets / "study_tables.md").write_text("\n".join(tables))
+    cost = {p: round(sum(r["cpu_s"] for r in part) / 60, 1) for p, part in parts.items()}
+    tables["study-cost"] = (f"{len(rows)} cells; CPU time (sum over cells, one torch thread each): "
+                            + ", ".join(f"{p} {m} min" for p, m in cost.items()) + f"; total {sum(cost.values()):.1f} min.\n")
+    (assets / "study_tables.md").write_text("\n".join(f"<!-- {k} -->\n{v}" for k, v in tables.items()))
     files["tables"] = str(assets / "study_tables.md")
-    cost = {p: sum(r["cpu_s"] for r in part) for p, part in parts.items()}
-    (assets / "study_cost.json").write_text(json.dumps({"cells": len(rows), "cpu_s_per_part": cost,
-                                                        "cpu_s_total": sum(cost.values())}, indent=2))
-    print("\n".join(tables))
-    return files
+    print("\n".join(tables.values()))
+    return tables
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import small_batch_study as study  # noqa: E402
 
 from normlightning import plotting  # noqa: E402
+from normlightning.norms.batch_group_norm import bgn_paper_groups  # noqa: E402
 
 BATCH_STAT = ["bn", "ghost", "seqnorm", "bgn", "gbgn", "hn", "sn", "brn", "brn-scaled"]
 BATCH_FREE = ["gn", "ln", "in", "pn"]
@@ -244,13 +245,26 @@ def plot_groups(groups: Sequence[Mapping[str, Any]], grid: Sequence[Mapping[str,
     """(a) accuracy vs G per (width, B), BN of the grid as dashed lines; (b) difference to the best G
     of each curve vs elements per set, with the paper's Table 1 (ResNet-50, 224 px)."""
     plt = plotting.require_matplotlib()
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    fig, axes = plt.subplots(1, 2, figsize=(14, 7.5))
     curves = sorted({(r["base_width"], r["batch_size"]) for r in groups})
     colors = dict(zip(curves, ("tab:red", "tab:blue", "tab:green", "tab:purple")))
     acc = {c: group_values([r for r in groups if (r["base_width"], r["batch_size"]) == c], lambda r: r["groups"], "acc_running")
            for c in curves}
     labels = {c: f"BGN, ResNet-8 width {c[0]}, B={c[1]}" for c in curves}
     draw_bands(axes[0], {labels[c]: acc[c] for c in curves}, {labels[c]: colors[c] for c in curves})
+    for c in curves:
+        train_mode = group_values([r for r in groups if (r["base_width"], r["batch_size"]) == c], lambda r: r["groups"], "acc_batch")
+        xs = sorted(train_mode)
+        axes[0].plot(xs, [mean_std(train_mode[x])[0] for x in xs], ":", color=colors[c], linewidth=1.2,
+                     label=f"same, test batches of B={c[1]} with batch statistics")
+        paper = bgn_paper_groups(c[1])
+        if paper in acc[c]:
+            axes[0].plot([paper], [mean_std(acc[c][paper])[0]], "*", color=colors[c], markersize=14,
+                         markeredgecolor="black", label=f"paper's mapping at B={c[1]}: G={paper}")
+    for k, channels in enumerate(sorted({w * 2**i for w, _ in curves for i in range(3)})):
+        axes[0].axvline(channels, color="gray", linestyle="-.", linewidth=0.7)
+        axes[0].text(channels, 0.03 + 0.05 * (k % 2), f" C={channels}", transform=axes[0].get_xaxis_transform(),
+                     fontsize=7, color="gray")
     bn = group_values([r for r in grid if r["method"] == "bn"], lambda r: r["batch_size"], "acc_running")
     for c in curves:
         if c[0] == study.MODEL["base_width"] and c[1] in bn:
@@ -259,8 +273,9 @@ def plot_groups(groups: Sequence[Mapping[str, Any]], grid: Sequence[Mapping[str,
     all_g = sorted({g for c in curves for g in acc[c]})
     _log2_axis(axes[0], all_g, "BGN group count G requested (fitted per layer)")
     axes[0].set_ylabel("test top-1 accuracy (%)")
-    axes[0].set_title("(a) accuracy vs G; line: mean, band: ± std over seeds")
-    axes[0].legend(fontsize=8)
+    axes[0].set_title("(a) accuracy vs G; line: mean, band: ± std over seeds;\n"
+                      "dash-dot: channel counts C of the layers (G < C: groups of several channels)", fontsize=10)
+    axes[0].legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2)
     for c in curves:
         by_g = acc[c]
         best = max(mean_std(v)[0] for v in by_g.values())
@@ -277,7 +292,7 @@ def plot_groups(groups: Sequence[Mapping[str, Any]], grid: Sequence[Mapping[str,
     axes[1].set_ylabel("accuracy minus the best G of the same curve (points)")
     axes[1].set_title("(b) the same vs the size of the normalization sets")
     axes[1].grid(True, alpha=0.3)
-    axes[1].legend(fontsize=8)
+    axes[1].legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2)
     fig.suptitle(title)
     return _save(fig, plt, path)
 

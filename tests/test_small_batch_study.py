@@ -64,6 +64,10 @@ def test_group_cell_config(study, tmp_path):
     assert config["model"]["init_args"]["backbone_kwargs"] == {"depth": 8, "base_width": 16}
     assert config["model"]["init_args"]["optimizer"]["init_args"]["lr"] == pytest.approx(0.2)  # 0.2 * 64 / 64
     assert config["data"]["init_args"]["batch_size"] == 64 and config["trainer"]["max_epochs"] == 2
+    # brn-scaled: the paper's r/d ramps compressed into a run of T = 4 epochs x 2000 // 16 = 500 steps
+    brn = study.cell_config(TINY, study.StudyCell("grid", "brn-scaled", 16, 0, 4), tmp_path)["norm"]
+    assert brn == {"method": "brn", "kwargs": {"r_max_start_step": 31, "r_max_end_step": 250,
+                                               "d_max_start_step": 31, "d_max_end_step": 156}}
 
 
 def test_one_cell_runs_measures_and_resumes(study, tmp_path):

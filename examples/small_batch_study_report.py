@@ -87,14 +87,17 @@ def fmt(values: Sequence[float] | None, digits: int = 1) -> str:
 
 # ----------------------------------------------------------------------------- tables
 def accuracy_table(grid: Sequence[Mapping[str, Any]], long: Sequence[Mapping[str, Any]]) -> str:
-    """Method x batch: test accuracy (running statistics), and the long batch-64 reference."""
+    """Method x batch: test accuracy (running statistics), the seed-paired difference to BN, the long
+    batch-64 reference, and the training accuracy of the last epoch (training mode) at the smallest batch."""
     acc = group_values(grid, lambda r: (r["method"], r["batch_size"]), "acc_running")
     diff = paired_difference(grid)
     longs = group_values(long, lambda r: r["method"], "acc_running")
     batches = sorted({r["batch_size"] for r in grid})
     long_epochs = long[0]["epochs"] if long else None
     head = "| method | " + " | ".join(f"B={b}" for b in batches) + " | " + " | ".join(f"Δ vs BN, B={b}" for b in (batches[0], batches[-1]))
-    head += f" | B=64, {long_epochs} epochs |" if long else " |"
+    head += f" | B=64, {long_epochs} epochs" if long else ""
+    head += f" | training accuracy, last epoch, B={batches[0]} |"
+    train = group_values(grid, lambda r: (r["method"], r["batch_size"]), "train_acc1")
     lines = [head, "|---" * (head.count("|") - 1) + "|"]
     for method in study.METHODS:
         if not any(k[0] == method for k in acc):
@@ -103,6 +106,7 @@ def accuracy_table(grid: Sequence[Mapping[str, Any]], long: Sequence[Mapping[str
         cells += [fmt(diff.get((method, b))) if method != "bn" else "0" for b in (batches[0], batches[-1])]
         if long:
             cells.append(fmt(longs.get(method)))
+        cells.append(fmt(train.get((method, batches[0]))))
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -110,3 +110,20 @@ def test_batch_statistics_accuracy_matches_a_train_mode_forward(study, tmp_path)
         for x, y in torch.utils.data.DataLoader(cli.datamodule.test_dataloader().dataset, batch_size=4):
             correct += int((reference(x).argmax(-1) == y).sum())
     assert measured["acc_batch"] == pytest.approx(correct / 12)
+
+
+def test_report_statistics(study):
+    import small_batch_study_report as report
+
+    rows = [{"method": m, "batch_size": 2, "seed": s, "acc_running": a}
+            for m, s, a in (("bn", 0, 0.90), ("bn", 1, 0.80), ("bgn", 0, 0.85), ("bgn", 1, 0.60))]
+    # seed-paired differences to BN in points: (85 - 90, 60 - 80)
+    diff = report.paired_difference(rows)[("bgn", 2)]
+    assert diff == pytest.approx([-5.0, -20.0])
+    assert report.mean_std(diff)[:2] == pytest.approx((-12.5, 10.606601717798213))
+    assert report.fmt([93.0]) == "93.0" and report.fmt([]) == "-"
+    # elements per set: geometric mean over layers of N * D / G
+    row = {"batch_size": 2, "layer_groups": json.dumps({"a": 1, "b": 4})}
+    assert report.elements_per_set(row, {"a": 100, "b": 800}) == pytest.approx((200 * 400) ** 0.5)
+    sizes = report.layer_sizes(8, 8)
+    assert sorted(set(sizes.values())) == [32 * 49, 16 * 196, 8 * 784]  # D = C*H*W of stage 3, 2, 1 and len(sizes) == 9

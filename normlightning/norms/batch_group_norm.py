@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from . import functional as NF
+from .functional.layout import spatial_size
 from .base import BatchStatNorm, ExampleWeighingMixin
 from .group_args import AutoContext, GroupArg, divisors
 
@@ -81,7 +82,7 @@ class BatchGroupNorm(BatchStatNorm):
             self._trained_spatial = 0
 
     def _check_spatial(self, x: Tensor) -> None:
-        S = x[0, 0].numel()
+        S = spatial_size(x)
         trained = self._trained_spatial
         if trained == 0 or trained == S:
             if self.training:  # always rewrite: a buffer restore may have reset it behind the cache

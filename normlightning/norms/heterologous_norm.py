@@ -6,6 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as NF
+from .functional.layout import spatial_size
 from .base import BatchStatNorm
 
 
@@ -94,7 +95,7 @@ class HeterologousNorm(BatchStatNorm):
         )
 
     def _check_sets(self, x: Tensor) -> None:
-        N, C, S = x.shape[0], x.shape[1], x[0, 0].numel()
+        N, C, S = x.shape[0], x.shape[1], spatial_size(x)
         for kind, g in [self.mean_set, *self.std_sets]:
             size = (N if NF.is_batch_set(kind) else 1) * (C // g) * S
             if size < 2:

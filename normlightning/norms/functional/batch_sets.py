@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .fused_ops import channel_affine
-from .layout import NormInput
+from .layout import NormInput, spatial_size
 from .moments import check_set_size, set_mean_var, update_running_stats
 
 
@@ -88,7 +88,7 @@ def batch_norm(
     example's own moments when ``alpha > 0`` (inference example weighing).
     """
     if training:
-        n = x.shape[0] * (x[0, 0].numel())
+        n = x.shape[0] * spatial_size(x)
         check_set_size(n, "BatchNorm input", "Use a batch of more than one example (N * S > 1).")
     io = NormInput(x, weight, bias)
     w, b = io.weight, io.bias
@@ -133,7 +133,7 @@ def ghost_norm(
     if not training:
         return batch_norm(x, running_mean, running_var, weight, bias, training=False, eps=eps, alpha=alpha)
     N, C = x.shape[0], x.shape[1]
-    S = x[0, 0].numel()
+    S = spatial_size(x)
     G = num_ghosts
     if N < G:
         raise ValueError(
@@ -219,7 +219,7 @@ def batch_renorm(
     """
     if not training:
         return batch_norm(x, running_mean, running_var, weight, bias, training=False, eps=eps)
-    check_set_size(x.shape[0] * x[0, 0].numel(), "BatchRenorm input", "Use a batch with N * S > 1.")
+    check_set_size(x.shape[0] * spatial_size(x), "BatchRenorm input", "Use a batch with N * S > 1.")
     io = NormInput(x, weight, bias)
     dt, x3 = io.dtype, io.x3
     with torch.no_grad():

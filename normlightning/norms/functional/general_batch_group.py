@@ -8,7 +8,7 @@ from torch import Tensor
 
 from .batch_sets import example_weighted_norm
 from .fused_ops import channel_affine, normalize_affine
-from .layout import NormInput
+from .layout import NormInput, spatial_size
 from .moments import check_set_size, chunk_sizes, reduce_mean, row_moments
 
 
@@ -38,7 +38,7 @@ def general_batch_group_norm(
     mixed with the example's own moments over ``(C/G_C, S)`` when ``alpha > 0``.
     """
     N, C = x.shape[0], x.shape[1]
-    S = x[0, 0].numel()
+    S = spatial_size(x)
     Gc = channel_groups
     Cg = C // Gc
     io = NormInput(x, weight, bias)

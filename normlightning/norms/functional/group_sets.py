@@ -10,7 +10,7 @@ from torch import Tensor
 
 from ..group_args import divisors
 from .batch_sets import ghost_norm
-from .layout import NormInput
+from .layout import NormInput, spatial_size
 from .moments import check_set_size
 
 
@@ -28,7 +28,7 @@ def group_norm(
             f"valid choices: {divisors(C)}."
         )
     if training:
-        S = x[0, 0].numel()
+        S = spatial_size(x)
         check_set_size(
             (C // num_groups) * S,
             f"GroupNorm with num_groups={num_groups} on C={C} channels and S={S} position(s)",
@@ -48,7 +48,7 @@ def instance_norm(
 ) -> Tensor:
     """Instance Norm (Ulyanov et al. 2016): per ``(n, c)`` over ``S`` (GN with G=C)."""
     if training:
-        check_set_size(x[0, 0].numel(), "InstanceNorm input", "InstanceNorm needs a spatial size S > 1.")
+        check_set_size(spatial_size(x), "InstanceNorm input", "InstanceNorm needs a spatial size S > 1.")
     return group_norm(x, x.shape[1], weight, bias, eps)
 
 

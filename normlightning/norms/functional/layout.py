@@ -8,6 +8,8 @@ sizes, 1 for ``(N, C)``), and returns a tensor of ``x``'s shape, dtype and memor
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -17,6 +19,12 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype statistics are computed in: float32 for float16/bfloat16, else ``dtype``."""
     return torch.float32 if dtype in _LOW_PRECISION else dtype
+
+
+def spatial_size(x: Tensor) -> int:
+    """``S``: the product of the spatial sizes of ``x (N, C, *spatial)`` (1 for ``(N, C)``), from
+    the shape alone (no indexing op)."""
+    return math.prod(x.shape[2:])
 
 
 def upcast(x: Tensor) -> Tensor:

@@ -88,8 +88,8 @@ def batch_group_norm(
     per_group, per_channel = Lg // L, S // L  # blocks per group / per channel
     xv = io.x if L == S else io.x.reshape(N, K, L)
     if training and not sync:
-        part = (G, per_group), (1,)
-        y, _, _, (mean, var) = pooled_set_norm(xv, w, b, (1, per_channel), (("pool",) + part,), (("tv",) + part,), eps)
+        stage = ((("pool", (G, per_group), (1,)),), (("tv", (G, per_group), (1,)),))
+        y, _, _, (mean, var) = pooled_set_norm(xv, w, b, (1, per_channel), (stage,), eps)
         update_running_stats(running_mean, running_var, mean, var, N * Lg, factor)
         return io.output(y)
     if training:

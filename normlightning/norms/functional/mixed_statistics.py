@@ -145,7 +145,7 @@ def _heterologous_local(io: NormInput, mean_set, std_sets, std_mix_logits, runni
         return F.batch_norm(x, consts[0], consts[1], io.weight, io.bias, False, 0.0, eps)
     xv = x if channel_units else x.reshape(1, N * C, S)
     y, m, v, stats = pooled_set_norm(
-        xv, io.weight, io.bias, (1, 1) if channel_units else (N, 1), mean_parts, var_parts, eps, tuple(consts),
+        xv, io.weight, io.bias, (1, 1) if channel_units else (N, 1), ((mean_parts, var_parts),), eps, tuple(consts),
         var_logits=std_mix_logits,
     )
     if training:
@@ -243,7 +243,7 @@ def switchable_norm(
         mean_parts = (("own",), layer, ("const", 0))
         var_parts = (("own",), ("raw",) + layer[1:], ("const", 1))
     y, _, _, stats = pooled_set_norm(
-        x.reshape(1, N * C, S), io.weight, io.bias, (N, 1), mean_parts, var_parts, eps, consts,
+        x.reshape(1, N * C, S), io.weight, io.bias, (N, 1), ((mean_parts, var_parts),), eps, consts,
         mean_logits=mean_logits, var_logits=var_logits,
     )
     if training:  # stats: the layer and batch set means, then the layer and batch set variances

@@ -78,6 +78,19 @@ def row_moments(x: Tensor) -> tuple[Tensor, Tensor]:
     return RowMoments.apply(x)
 
 
+def channel_moments(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean and biased variance of each channel (dim 1) over every other dim, shapes ``(C,)``.
+
+    Two fast reductions and one full-size temporary (the centred values, squared in place): no
+    ``E[x^2] - E[x]^2`` cancellation. Records no autograd node of its own (for use under
+    ``no_grad`` or inside a custom autograd Function).
+    """
+    dims = [d for d in range(x.dim()) if d != 1]
+    mean = x.mean(dims, keepdim=True)
+    var = (x - mean).square_().mean(dims)
+    return mean.view(-1), var
+
+
 def combine_moments(mean: Tensor, var: Tensor, dims: Sequence[int]) -> tuple[Tensor, Tensor]:
     """Pool equal-size sets: the mean and biased variance of the union over ``dims`` (keepdim).
 

@@ -27,9 +27,10 @@ variances.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
+
+from .moments import channel_moments
 
 Part = tuple
 
@@ -120,30 +121,85 @@ def _weighted_sum(parts: list[Tensor], weights: Tensor | None) -> Tensor:
     return total
 
 
+def _parts_backward(g_mu, g_var, m, stage_stats, mean_parts, var_parts, alpha, beta):
+    """Adjoints of one stage's statistics: ``(g_m, g_v)`` of the units' moments (``None`` when
+    nothing depends on them) and the gradients of the mixture weights (lists)."""
+    means, _, variances, var_sets = stage_stats
+    g_m = g_v = None
+    g_alpha, g_beta = [], []
+    for j, part in enumerate(mean_parts):
+        if alpha is not None:
+            g_alpha.append((g_mu * means[j]).sum())
+        gj = g_mu if alpha is None else alpha[j] * g_mu
+        if part[0] == "own":
+            g_m = _add(g_m, gj)
+        elif part[0] == "pool":
+            g_m = _add(g_m, gj.view(part[1]).mean(part[2], keepdim=True), part[1])
+    pooled = iter(var_sets)
+    for j, part in enumerate(var_parts):
+        if beta is not None:
+            g_beta.append((g_var * variances[j]).sum())
+        gj = g_var if beta is None else beta[j] * g_var
+        if part[0] == "own":
+            g_v = _add(g_v, gj)
+        elif part[0] != "const":
+            _, _, dm, mask = next(pooled)
+            P = gj.view(part[1]).mean(part[2], keepdim=True)
+            if mask is not None:
+                P = P * mask
+            g_v = _add(g_v, P, part[1])
+            g_m = _add(g_m, (2.0 * dm * P).view(-1))
+    return g_m, g_v, g_alpha, g_beta
+
+
+def _forward_stages(m, v, stages, consts, alpha, beta, eps):
+    """Run the stages on the moments: per stage ``(m_in, v_in, P_in, statistics, mu, var, r)``,
+    and the last stage's output row scale ``P`` and mean. ``P`` is the product of the ``r``s so
+    far (``None`` before the first stage)."""
+    records = []
+    P = None
+    for s, (mean_parts, var_parts) in enumerate(stages):
+        last = s == len(stages) - 1
+        stats = _statistics(m, v, mean_parts, var_parts, consts)
+        mu = _weighted_sum(stats[0], alpha if last else None)
+        var = _weighted_sum(stats[2], beta if last else None)
+        r = torch.rsqrt(var + eps)
+        records.append((m, v, P, stats, mu, var, r))
+        P = r if P is None else P * r
+        m = (m - mu) * r
+        if not last:
+            v = v * (r * r)
+    return records, P, m
+
+
 class _PooledSetNorm(torch.autograd.Function):
     """``(xv, weight, bias, mean_logits, var_logits, plan, eps, *consts) -> (y, m, v, *set_stats)``.
 
-    ``plan = (affine_layout, mean_parts, var_parts)``; ``m``/``v`` are the units' own mean and
-    biased variance ``(K,)``; ``set_stats`` holds the set means of the pooled mean parts, then the
-    set variances of the pooled variance parts, set-level shapes. Only ``y`` is differentiable. Backward recomputes the (small) statistics from the saved ``m``, ``v``.
+    ``plan = (affine_layout, stages)``, ``stages`` a tuple of ``(mean_parts, var_parts)`` applied
+    one after the other (each normalizes the previous one's output; the mixture weights mix the
+    last stage's parts; the affine follows the last stage). ``m``/``v`` are the units' own mean
+    and biased variance ``(K,)``; ``set_stats`` holds, stage by stage, the set means of the
+    pooled mean parts, then the set variances of the pooled variance parts (set-level shapes).
+    Only ``y`` is differentiable. Backward recomputes the (small) statistics from ``m``, ``v``.
     """
 
     @staticmethod
     def forward(ctx, xv, weight, bias, mean_logits, var_logits, plan, eps, *consts):
-        layout, mean_parts, var_parts = plan
-        K = xv.shape[1]
-        red = [d for d in range(xv.dim()) if d != 1]
-        m_b = xv.mean(red, keepdim=True)
-        # one full-size temporary, squared in place; two fast reductions (no E[x^2] - E[x]^2)
-        v = (xv - m_b).square_().mean(red)
-        m = m_b.view(K)
+        layout, stages = plan
+        m, v = channel_moments(xv)
         alpha, beta = _softmax(mean_logits, m.dtype), _softmax(var_logits, m.dtype)
-        means, mean_sets, variances, var_sets = _statistics(m, v, mean_parts, var_parts, consts)
-        mu, var = _weighted_sum(means, alpha), _weighted_sum(variances, beta)
-        y = torch.batch_norm(xv, _expand_affine(weight, layout), _expand_affine(bias, layout), mu, var, False, 0.0, eps, False)
-        ctx.save_for_backward(xv, weight, m, v, mu, var, mean_logits, var_logits, *consts)
+        records, P, m_out = _forward_stages(m, v, stages, consts, alpha, beta, eps)
+        w, b = _expand_affine(weight, layout), _expand_affine(bias, layout)
+        if len(stages) == 1:  # y = w (x - mu) / sqrt(var + eps) + b
+            _, _, _, _, mu, var, _ = records[0]
+            y = torch.batch_norm(xv, w, b, mu, var, False, 0.0, eps, False)
+        else:  # y = w ((x - m) P + m_out) + b
+            scale = P if w is None else w * P
+            shift = m_out if w is None else w * m_out
+            y = torch.batch_norm(xv, scale, shift if b is None else shift + b, m, torch.ones_like(m), False, 0.0, 0.0, False)
+        ctx.save_for_backward(xv, weight, m, v, mean_logits, var_logits, *consts)
         ctx.plan, ctx.eps = plan, eps
-        stats = mean_sets + [V for _, V, _, _ in var_sets]
+        stats = [t for rec in records for t in rec[3][1] + [V for _, V, _, _ in rec[3][3]]]
         ctx.mark_non_differentiable(m, v, *stats)
         ctx.set_materialize_grads(False)  # no zero gradients for the statistics outputs
         return (y, m, v, *stats)
@@ -153,55 +209,54 @@ class _PooledSetNorm(torch.autograd.Function):
     def backward(ctx, g, *_):
         if g is None:  # the output took no part in the loss
             return (None,) * len(ctx.needs_input_grad)
-        xv, weight, m, v, mu, var, mean_logits, var_logits, *consts = ctx.saved_tensors
-        layout, mean_parts, var_parts = ctx.plan
+        xv, weight, m, v, mean_logits, var_logits, *consts = ctx.saved_tensors
+        layout, stages = ctx.plan
         alpha, beta = _softmax(mean_logits, m.dtype), _softmax(var_logits, m.dtype)
-        means, _, variances, var_sets = _statistics(m, v, mean_parts, var_parts, consts)
+        records, P, m_out = _forward_stages(m, v, stages, consts, alpha, beta, ctx.eps)
         K = xv.shape[1]
         # per unit: sum g (x - m) and sum g, one fused native pass
         _, s_gc, s_g = _BN_BACKWARD(g, xv, None, m, torch.ones_like(m), None, None, False, 0.0, [False, True, True])
-        r = torch.rsqrt(var + ctx.eps)
-        t = s_gc + (m - mu) * s_g  # sum g (x - mu)
-        gw = _reduce_affine(r * t, layout) if ctx.needs_input_grad[1] else None
+        # y = w ((x - m) P + m_out) + b: gradients of w, b, and cotangents of P, m_out, m (explicit)
+        gw = _reduce_affine(P * s_gc + m_out * s_g, layout) if ctx.needs_input_grad[1] else None
         gb = _reduce_affine(s_g, layout) if ctx.needs_input_grad[2] else None
-        a = r if weight is None else r * _expand_affine(weight, layout)
-        g_mu = -a * s_g
-        g_var = (-0.5 * t) * a * r * r
-        g_m = g_v = None
-        g_alpha, g_beta = [], []
-        for j, part in enumerate(mean_parts):
-            if alpha is not None:
-                g_alpha.append((g_mu * means[j]).sum())
-            gj = g_mu if alpha is None else alpha[j] * g_mu
-            if part[0] == "own":
-                g_m = _add(g_m, gj)
-            elif part[0] == "pool":
-                g_m = _add(g_m, gj.view(part[1]).mean(part[2], keepdim=True), part[1])
-        pooled = iter(var_sets)
-        for j, part in enumerate(var_parts):
-            if beta is not None:
-                g_beta.append((g_var * variances[j]).sum())
-            gj = g_var if beta is None else beta[j] * g_var
-            if part[0] == "own":
-                g_v = _add(g_v, gj)
-            elif part[0] != "const":
-                _, _, dm, mask = next(pooled)
-                P = gj.view(part[1]).mean(part[2], keepdim=True)
-                if mask is not None:
-                    P = P * mask
-                g_v = _add(g_v, P, part[1])
-                g_m = _add(g_m, (2.0 * dm * P).view(-1))
+        w = _expand_affine(weight, layout)
+        g_P = s_gc if w is None else w * s_gc
+        g_mo = s_g if w is None else w * s_g
+        scale = P if w is None else w * P
+        g_m = -scale * s_g
+        g_v = None
+        g_alpha = g_beta = []
+        for s in range(len(stages) - 1, -1, -1):
+            m_in, v_in, P_in, stats, mu, var, r = records[s]
+            mean_parts, var_parts = stages[s]
+            g_r = (g_P if P_in is None else g_P * P_in) + g_mo * (m_in - mu)
+            g_mo = g_mo * r  # cotangent of m_in, direct
+            last = s == len(stages) - 1
+            gm_s, gv_s, ga, gb_ = _parts_backward(-g_mo, (-0.5 * g_r) * r * r * r, m_in, stats, mean_parts, var_parts,
+                                                 alpha if last else None, beta if last else None)
+            if last:
+                g_alpha, g_beta = ga, gb_
+            if gm_s is not None:
+                g_mo = g_mo + gm_s
+            if P_in is None:  # the first stage: its inputs are the units' own moments
+                if gv_s is not None:
+                    g_v = _add(g_v, gv_s)
+            else:  # the inputs of a later stage: m_in (carried in g_mo) and v_in = v P_in^2
+                g_P = g_P * r
+                if gv_s is not None:
+                    g_P = g_P + gv_s * 2.0 * v * P_in
+                    g_v = _add(g_v, gv_s * P_in * P_in)
+        g_m = g_m + g_mo
         gx = None
         if ctx.needs_input_grad[0]:
             n = xv.numel() // K
             shape = [1, K] + [1] * (xv.dim() - 2)
-            gx = g * a.view(shape)
+            gx = g * scale.view(shape)
             if g_v is not None:
                 coef_x = g_v * (2.0 / n)
                 gx.addcmul_(xv, coef_x.view(shape))
-                g_m = _add(g_m, -n * coef_x * m)
-            if g_m is not None:
-                gx.add_((g_m / n).view(shape))
+                g_m = g_m - n * coef_x * m
+            gx.add_((g_m / n).view(shape))
         g_mean_logits = _softmax_grad(alpha, g_alpha, mean_logits.dtype) if alpha is not None and ctx.needs_input_grad[3] else None
         g_var_logits = _softmax_grad(beta, g_beta, var_logits.dtype) if beta is not None and ctx.needs_input_grad[4] else None
         return (gx, gw, gb, g_mean_logits, g_var_logits, None, None) + (None,) * (len(ctx.needs_input_grad) - 7)
@@ -212,8 +267,7 @@ def pooled_set_norm(
     weight: Tensor | None,
     bias: Tensor | None,
     affine_layout: tuple[int, int],
-    mean_parts: tuple[Part, ...],
-    var_parts: tuple[Part, ...],
+    stages: tuple[tuple[tuple[Part, ...], tuple[Part, ...]], ...],
     eps: float,
     consts: tuple[Tensor, ...] = (),
     mean_logits: Tensor | None = None,
@@ -225,17 +279,17 @@ def pooled_set_norm(
         xv: the input viewed so that its units are dim 1, in the compute dtype.
         weight, bias: per-channel affine ``(C,)`` or ``None``; ``affine_layout = (before, after)``
             says how units map to channels: unit ``k`` of ``(before, C, after)`` has channel ``c``.
-        mean_parts, var_parts: the parts of ``mu`` and ``var``; several parts are mixed with
-            ``softmax(mean_logits)`` / ``softmax(var_logits)``.
+        stages: ``((mean_parts, var_parts), ...)``: one normalization per stage, each of the
+            previous one's output (SeqNorm has two); several parts of the last stage are mixed
+            with ``softmax(mean_logits)`` / ``softmax(var_logits)``.
         consts: the ``(K,)`` constants that ``("const", i)`` parts name (e.g. running statistics).
 
     Returns:
         ``(y, m, v, set_stats)``: the output (``xv``'s shape), the units' own mean and biased
         variance ``(K,)`` and the set statistics of the pooled parts (see ``_PooledSetNorm``).
     """
-    y, m, v, *stats = _PooledSetNorm.apply(
-        xv, weight, bias, mean_logits, var_logits, (affine_layout, tuple(mean_parts), tuple(var_parts)), eps, *consts
-    )
+    stages = tuple((tuple(mp), tuple(vp)) for mp, vp in stages)
+    y, m, v, *stats = _PooledSetNorm.apply(xv, weight, bias, mean_logits, var_logits, (affine_layout, stages), eps, *consts)
     return y, m, v, tuple(stats)
 
 

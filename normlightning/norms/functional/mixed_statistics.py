@@ -12,7 +12,7 @@ from torch import Tensor
 import torch.nn.functional as F
 
 from ..group_args import divisors
-from .fused_ops import normalize_affine
+from .fused_ops import blocks, normalize_affine
 from .layout import NormInput, spatial_size
 from .pooled_sets import channel_group_part, pooled_set_norm, row_part
 from .moments import check_set_size, combine_moments, reduce_mean, row_moments, set_mean_var, update_running_stats
@@ -132,7 +132,7 @@ def _heterologous_local(io: NormInput, mean_set, std_sets, std_mix_logits, runni
 
     def part(kind: str, set_kind: str, groups: int, running: Tensor | None):
         if is_batch_set(set_kind) and not training:  # running statistics: a constant per unit
-            per_channel = running.to(dt).view(groups, 1).expand(groups, C // groups).reshape(C)
+            per_channel = blocks(running.to(dt), C // groups)
             consts.append(per_channel if channel_units else per_channel.repeat(N))
             return ("const", len(consts) - 1)
         if channel_units:

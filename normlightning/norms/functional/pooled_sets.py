@@ -47,12 +47,18 @@ def _softmax_grad(weights: Tensor, g_weights: list[Tensor], dtype) -> Tensor:
     return (weights * (gs - (weights * gs).sum())).to(dtype)
 
 
+def _spread(t: Tensor, shape) -> Tensor:
+    """``t`` broadcast to ``shape`` and flattened, as a real contiguous tensor: a stride-0 view
+    (a one-element ``t``) would send the native batch-norm kernels down their slow generic path."""
+    return t.expand(shape).contiguous().view(-1)
+
+
 def _expand_affine(t: Tensor | None, layout: tuple[int, int]) -> Tensor | None:
     """Per-channel ``(C,)`` -> per-unit ``(K,)`` for units laid out as ``(before, C, after)``."""
     if t is None or layout == (1, 1):
         return t
     before, after = layout
-    return t.view(1, -1, 1).expand(before, -1, after).reshape(-1)
+    return _spread(t.view(1, -1, 1), (before, t.shape[0], after))
 
 
 def _reduce_affine(t: Tensor, layout: tuple[int, int]) -> Tensor:
@@ -68,7 +74,7 @@ def _add(total: Tensor | None, term: Tensor, shape=None) -> Tensor:
     if shape is None:
         return term if total is None else total + term
     if total is None:
-        return term.expand(shape).reshape(-1)
+        return _spread(term, shape)
     return (total.view(shape) + term).view(-1)
 
 
@@ -92,7 +98,7 @@ def _statistics(m: Tensor, v: Tensor, mean_parts, var_parts, consts):
         else:
             M = set_mean(part)
             mean_sets.append(M)
-            means.append(M.expand(part[1]).reshape(-1))
+            means.append(_spread(M, part[1]))
     variances, var_sets = [], []
     for part in var_parts:
         if part[0] == "own":
@@ -108,7 +114,7 @@ def _statistics(m: Tensor, v: Tensor, mean_parts, var_parts, consts):
                 raw = (v + m * m).view(part[1]).mean(part[2], keepdim=True) - M * M
                 V, mask = raw.clamp_min(0.0), raw > 0
             var_sets.append((M, V, dm, mask))
-            variances.append(V.expand(part[1]).reshape(-1))
+            variances.append(_spread(V, part[1]))
     return means, mean_sets, variances, var_sets
 
 

@@ -8,7 +8,8 @@ task's ``num_classes``, ``input_shape``, ``input_mean`` and ``input_std`` after 
 Defaults: seed 0, a TensorBoard logger writing to ``runs/<name>/version_<n>``, a
 ``checkpoint:`` section (:class:`~normlightning.callbacks.checkpoint.Checkpoint`, a
 ``ModelCheckpoint`` on ``val/acc1``, mode max, plus an always up-to-date ``last.ckpt``), a ``norm:`` section (the norm-layer injection),
-the learning rate logged every step, the progress bar, and the resolved config saved next
+the learning rate logged every step, the progress bar (redrawn at most 10 times a second,
+:class:`~normlightning.callbacks.progress.ThrottledProgressBar`), and the resolved config saved next
 to the logs (``config.yaml``, overwritten on a rerun).
 """
 
@@ -22,6 +23,7 @@ from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCL
 
 from normlightning.callbacks.checkpoint import CHECKPOINT_DEFAULTS, Checkpoint
 from normlightning.callbacks.norm_injection import NormInjection
+from normlightning.callbacks.progress import with_progress_bar
 from normlightning.data.base import MissingDataAttributeError
 from normlightning.injection import check_checkpoint_file
 from normlightning.tasks.base import BaseTask
@@ -95,12 +97,14 @@ class NormLightningCLI(LightningCLI):
             raise cause from None
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        """The Trainer; with ``trainer.logger: false`` the default LearningRateMonitor is dropped (it needs a logger)."""
+        """The Trainer; with ``trainer.logger: false`` the default LearningRateMonitor is dropped (it needs a logger);
+        the progress bar, unless the config brings its own or turns it off, is a ``ThrottledProgressBar``."""
         trainer_config = self._get(self.config_init, "trainer", default={})
         if trainer_config.get("logger") is False and trainer_config.get("callbacks"):
             trainer_config["callbacks"] = [
                 callback for callback in trainer_config["callbacks"] if not isinstance(callback, LearningRateMonitor)
             ]
+        trainer_config["callbacks"] = with_progress_bar(trainer_config.get("callbacks"), trainer_config.get("enable_progress_bar") is not False)
         return super().instantiate_trainer(**kwargs)
 
 

@@ -1,4 +1,4 @@
-"""Callbacks: normalization injection, statistics sync, the CLI's checkpoint, and research tools."""
+"""Callbacks: normalization injection, statistics sync, the CLI's checkpoint and progress bar, and research tools."""
 
 from normlightning.callbacks.checkpoint import Checkpoint
 from normlightning.callbacks.example_weighing import ExampleWeighingSearch, search_example_weighing
@@ -6,6 +6,7 @@ from normlightning.callbacks.median_last_epochs import MedianOfLastEpochs
 from normlightning.callbacks.norm_injection import NormInjection
 from normlightning.callbacks.norm_stats import NormStatistics
 from normlightning.callbacks.norm_sync import NormSync, set_statistics_sync
+from normlightning.callbacks.progress import ThrottledProgressBar
 from normlightning.callbacks.recalibration import Recalibration, recalibrate_statistics
 
 __all__ = [
@@ -16,6 +17,7 @@ __all__ = [
     "NormStatistics",
     "NormSync",
     "Recalibration",
+    "ThrottledProgressBar",
     "recalibrate_statistics",
     "search_example_weighing",
     "set_statistics_sync",

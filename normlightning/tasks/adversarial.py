@@ -46,6 +46,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
+from torchmetrics import MetricCollection
 
 from normlightning.norms.model_layers import STATISTICS_MODES, StatisticsMode, check_statistics_mode, statistics_mode
 from normlightning.tasks.attacks import PGDConfig
@@ -190,12 +191,13 @@ class AdversarialTask(ClassificationTask):
             trainer.logger.experiment.add_text("adversarial/settings", summary)
 
     # ----------------------------------------------------------------- steps
+    def epoch_metrics(self, stage: str) -> list[MetricCollection]:
+        """The clean and robust accuracies of ``stage``, logged at the epoch's end."""
+        return [self.adv_metrics[f"{stage}_{kind}"] for kind in ("clean", "robust")]
+
     def _log_kind(self, stage: str, kind: str, logits: Tensor, y: Tensor, loss: Tensor) -> None:
-        metrics = self.adv_metrics[f"{stage}_{kind}"]
-        metrics(logits, y)
-        batch_size = y.shape[0]
-        self.log(f"{stage}/loss_{kind}", loss, on_step=stage == "train", on_epoch=True, batch_size=batch_size)
-        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage != "test", batch_size=batch_size)
+        self.adv_metrics[f"{stage}_{kind}"].update(logits, y)
+        self.log(f"{stage}/loss_{kind}", loss, on_step=stage == "train", on_epoch=True, batch_size=y.shape[0])
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         x, y = batch[0], batch[1]

@@ -4,10 +4,11 @@
 ``[0, 1]`` of shape ``(N, *input_shape)`` and ``normalize`` is the per-channel
 :class:`~normlightning.models.input_normalization.InputNormalization`, the model's first
 module. Loss: cross-entropy with optional label smoothing. Metrics (torchmetrics, one
-collection per stage, epoch-level, synchronized across processes; see
-:func:`~normlightning.tasks.metrics.accuracy_metrics`): ``{stage}/acc1`` and, with at least 5
-classes, ``{stage}/acc5``, for ``stage`` in ``train``, ``val``, ``test``; ``train/loss`` every
-step, ``val/loss`` and ``test/loss`` per epoch.
+collection per stage, updated every step and logged at each epoch's end, synchronized across
+processes; see :func:`~normlightning.tasks.metrics.accuracy_metrics`): ``{stage}/acc1`` and,
+with at least 5 classes, ``{stage}/acc5``, for ``stage`` in ``train``, ``val``, ``test``;
+``train/loss`` at the logging steps (see :meth:`ClassificationTask._logs_this_step`),
+``val/loss`` and ``test/loss`` per epoch.
 
 Subclasses change training through two hooks and keep the metrics and logging of the
 training step: :meth:`ClassificationTask.prepare_training_batch` (a batch-level transform such
@@ -21,12 +22,13 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torchmetrics import MetricCollection
 
 from normlightning.data.base import missing_link_error
 from normlightning.models import build_backbone
 from normlightning.models.input_normalization import InputNormalization
 from normlightning.tasks.base import BaseTask
-from normlightning.tasks.metrics import accuracy_metrics
+from normlightning.tasks.metrics import accuracy_metrics, log_epoch_metrics
 
 Stage = Literal["train", "val", "test"]
 
@@ -122,16 +124,36 @@ class ClassificationTask(BaseTask):
         """
         return self.cross_entropy(logits, batch[1])
 
+    def epoch_metrics(self, stage: Stage) -> list[MetricCollection]:
+        """The metric collections that ``stage``'s steps update, logged at the epoch's end."""
+        return [{"train": self.train_metrics, "val": self.val_metrics, "test": self.test_metrics}[stage]]
+
     def _log_step(self, stage: Stage, logits: Tensor, y: Tensor, loss: Tensor) -> None:
-        metrics = {"train": self.train_metrics, "val": self.val_metrics, "test": self.test_metrics}[stage]
-        metrics(logits, y)
-        train = stage == "train"
-        # train/loss every step; val/test losses are epoch means, averaged over processes under DDP
-        self.log(
-            f"{stage}/loss", loss, on_step=train, on_epoch=not train, prog_bar=True, sync_dist=not train,
-            batch_size=y.shape[0],
-        )
-        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage != "test", batch_size=y.shape[0])
+        self.epoch_metrics(stage)[0].update(logits, y)
+        if stage != "train":  # val/test losses are epoch means, averaged over processes under DDP
+            self.log(f"{stage}/loss", loss, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=y.shape[0])
+        elif self._logs_this_step():
+            self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=y.shape[0])
+
+    def _logs_this_step(self) -> bool:
+        """Whether the training step logs ``train/loss``: at the steps the logger writes
+        (every ``trainer.log_every_n_steps``), at an epoch's last batch and when training stops
+        (a logged value costs Lightning about as much as a small model's step; the logger's
+        records and the final ``train/loss`` are the same as logging every step). Outside a
+        Trainer: always."""
+        trainer = self._trainer
+        if trainer is None:
+            return True
+        return (self.global_step + 1) % max(1, trainer.log_every_n_steps) == 0 or trainer.is_last_batch or trainer.should_stop
+
+    def on_train_epoch_end(self) -> None:
+        log_epoch_metrics(self, self.epoch_metrics("train"), prog_bar=True)
+
+    def on_validation_epoch_end(self) -> None:
+        log_epoch_metrics(self, self.epoch_metrics("val"), prog_bar=True)
+
+    def on_test_epoch_end(self) -> None:
+        log_epoch_metrics(self, self.epoch_metrics("test"), prog_bar=False)
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         """``training_loss(self(x), batch)`` of the prepared batch; logs it and the training accuracy."""

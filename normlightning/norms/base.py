@@ -186,6 +186,14 @@ class ExampleWeighingMixin:
             with torch.no_grad():
                 buf.fill_(self._alpha)
 
+    def _check_no_example_weighing(self) -> None:
+        """Raise ``ValueError`` when ``alpha > 0`` (inference then mixes in each example's own statistics)."""
+        if self._alpha != 0.0:
+            raise ValueError(
+                f"{type(self).__name__} has alpha={self._alpha} (inference example weighing): its inference "
+                "statistics depend on each example; set alpha = 0"
+            )
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         key = prefix + ALPHA_BUFFER
         if key not in state_dict:  # a checkpoint from before alpha was persisted: keep the current value

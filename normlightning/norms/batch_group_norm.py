@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from . import functional as NF
+from .functional.fused_ops import blocks
 from .functional.layout import spatial_size
 from .base import BatchStatNorm, ExampleWeighingMixin
 from .group_args import AutoContext, GroupArg, divisors
@@ -98,6 +99,17 @@ class BatchGroupNorm(BatchStatNorm):
                 f"spatial size, or a num_groups that divides C={C} ({divisors(C)}), whose groups are whole channels."
             )
 
+    def inference_channel_statistics(self) -> tuple[Tensor, Tensor]:
+        """The mean and variance per channel ``(C,)`` this layer normalizes with at inference
+        (``y = gamma (x - mean) / sqrt(var + eps) + beta``); ``ValueError`` when groups split channels (``num_groups`` does not divide ``C``)."""
+        C, G = self.num_features, self.num_groups
+        if C % G != 0:
+            raise ValueError(
+                f"BatchGroupNorm num_groups={G} on C={C} channels: its groups split channels, so its statistics "
+                f"differ between positions of one channel; only whole-channel groups ({divisors(C)}) have them per channel"
+            )
+        return blocks(self.running_mean, C // G), blocks(self.running_var, C // G)
+
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
         self._check_spatial(x)
@@ -172,6 +184,12 @@ class GeneralBatchGroupNorm(ExampleWeighingMixin, BatchStatNorm):
         self._register_running("moving_x", (num_features,), 0.0)
         self._register_running("moving_x2", (num_features,), 1.0)
         self.reset_parameters()
+
+    def inference_channel_statistics(self) -> tuple[Tensor, Tensor]:
+        """The mean and variance per channel ``(C,)`` this layer normalizes with at inference
+        (``y = gamma (x - mean) / sqrt(var + eps) + beta``); ``ValueError`` when ``alpha > 0``."""
+        self._check_no_example_weighing()
+        return NF.general_batch_group_channel_statistics(self.moving_x, self.moving_x2, self.channel_groups, self.moving_x.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)

@@ -71,6 +71,22 @@ class HeterologousNorm(BatchStatNorm):
         if self.std_weight is not None:
             nn.init.zeros_(self.std_weight)
 
+    def inference_channel_statistics(self) -> tuple[Tensor, Tensor]:
+        """The mean and variance per channel ``(C,)`` this layer normalizes with at inference
+        (``y = gamma (x - mean) / sqrt(var + eps) + beta``); ``ValueError`` when a set is per example (``in``, ``ln``, ``gn:G``: computed from each input)."""
+        per_example = [spec for spec, (kind, _) in zip([self.mean_spec, *self.std_spec.split("+")], [self.mean_set, *self.std_sets])
+                       if not NF.is_batch_set(kind)]
+        if per_example:
+            raise ValueError(
+                f"HeterologousNorm(mean={self.mean_spec!r}, std={self.std_spec!r}): the set(s) {per_example} are per "
+                "example, so their statistics come from each input at inference; only batch sets (bn, en:G) are constants"
+            )
+        logits = None if self.std_weight is None else self.std_weight.detach()
+        running_vars = [getattr(self, name) for name in self._var_names]
+        return NF.heterologous_channel_statistics(
+            self.mean_set, self.std_sets, logits, self.running_mean, running_vars, self.num_features, self.running_mean.dtype
+        )
+
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
         if self.training:

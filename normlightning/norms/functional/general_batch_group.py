@@ -50,13 +50,13 @@ def general_batch_group_norm(
     io = NormInput(x, weight, bias)
     x3, w, b = io.x3, io.weight, io.bias
     if not training:
-        m1 = moving_x.to(io.dtype).view(Gc, Cg).mean(1)
-        m2 = moving_x2.to(io.dtype).view(Gc, Cg).mean(1)
         if alpha != 0.0:
+            m1 = moving_x.to(io.dtype).view(Gc, Cg).mean(1)
+            m2 = moving_x2.to(io.dtype).view(Gc, Cg).mean(1)
             yg = example_weighted_norm(x3.reshape(N, Gc, Cg * S), m1, m2, alpha, eps)
             return io.output(channel_affine(yg.reshape(N, C, S), w, b))
-        var = (m2 - m1 * m1).clamp_min(0.0)  # one native pass with each channel's group statistics
-        return io.output(F.batch_norm(io.x, blocks(m1, Cg), blocks(var, Cg), w, b, False, 0.0, eps))
+        mean, var = general_batch_group_channel_statistics(moving_x, moving_x2, Gc, io.dtype)
+        return io.output(F.batch_norm(io.x, mean, var, w, b, False, 0.0, eps))  # one native pass
     E = N if examples_per_group is None else examples_per_group
     k = -(-N // E)
     sizes = chunk_sizes(N, k)
@@ -79,6 +79,16 @@ def general_batch_group_norm(
     moving_x.lerp_(bm1.to(moving_x.dtype), factor)
     moving_x2.lerp_(bm2.to(moving_x2.dtype), factor)
     return io.output(y)
+
+
+def general_batch_group_channel_statistics(moving_x: Tensor, moving_x2: Tensor, channel_groups: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """The inference mean and variance per channel ``(C,)`` without example weighing: the raw
+    moments averaged over each channel group, ``var = max(m2 - m1^2, 0)``, spread to the group's
+    channels."""
+    Cg = moving_x.shape[0] // channel_groups
+    m1 = moving_x.to(dtype).view(channel_groups, Cg).mean(1)
+    m2 = moving_x2.to(dtype).view(channel_groups, Cg).mean(1)
+    return blocks(m1, Cg), blocks((m2 - m1 * m1).clamp_min(0.0), Cg)
 
 
 def _gbgn_moments(io: NormInput, Gc: int, sizes: list[int], moving_x, moving_x2, factor, eps, sync, process_group) -> Tensor:

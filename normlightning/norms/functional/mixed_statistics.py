@@ -139,10 +139,11 @@ def _heterologous_local(io: NormInput, mean_set, std_sets, std_mix_logits, runni
             return channel_group_part(kind, C, groups)
         return row_part(kind, N, C, groups, batch=is_batch_set(set_kind))
 
+    if not training and channel_units and std_mix_logits is None:  # constants per channel: one native pass
+        mean, var = heterologous_channel_statistics(mean_set, std_sets, None, running_mean, running_vars, C, dt)
+        return F.batch_norm(x, mean, var, io.weight, io.bias, False, 0.0, eps)
     mean_parts = (part("pool", mean_set[0], mean_set[1], running_mean),)
     var_parts = tuple(part("tv", k, g, rv) for (k, g), rv in zip(std_sets, running_vars))
-    if len(consts) == 1 + len(std_sets) and std_mix_logits is None:
-        return F.batch_norm(x, consts[0], consts[1], io.weight, io.bias, False, 0.0, eps)
     xv = x if channel_units else x.reshape(1, N * C, S)
     y, m, v, stats = pooled_set_norm(
         xv, io.weight, io.bias, (1, 1) if channel_units else (N, 1), ((mean_parts, var_parts),), eps, tuple(consts),
@@ -151,6 +152,27 @@ def _heterologous_local(io: NormInput, mean_set, std_sets, std_mix_logits, runni
     if training:
         _update_hn_running(mean_set, std_sets, mean_parts, var_parts, m, v, stats, running_mean, running_vars, N, C, S, factor)
     return y
+
+
+def heterologous_channel_statistics(
+    mean_set: tuple[str, int],
+    std_sets: Sequence[tuple[str, int]],
+    std_mix_logits: Tensor | None,
+    running_mean: Tensor,
+    running_vars: Sequence[Tensor],
+    num_channels: int,
+    dtype: torch.dtype,
+) -> tuple[Tensor, Tensor]:
+    """The inference mean and variance per channel ``(C,)`` of an HN layer whose sets are all batch
+    sets: each set's running statistic spread to its channels, the variances mixed with
+    ``softmax(std_mix_logits)`` (one std set: as is)."""
+    C = num_channels
+    mean = blocks(running_mean.to(dtype), C // mean_set[1])
+    variances = [blocks(rv.to(dtype), C // g) for (_, g), rv in zip(std_sets, running_vars)]
+    if std_mix_logits is None:
+        return mean, variances[0]
+    weights = torch.softmax(std_mix_logits.to(dtype), 0)
+    return mean, sum(weights[k] * v for k, v in enumerate(variances))
 
 
 def _update_hn_running(mean_set, std_sets, mean_parts, var_parts, m, v, stats, running_mean, running_vars, N, C, S, factor) -> None:

@@ -5,7 +5,9 @@ For every model and batch size, a model with native ``nn.BatchNorm2d`` and one c
 ``norm:`` config section) are built. Each timing round runs one training step
 (``zero_grad``, forward, cross-entropy, backward, ``SGD.step``) of the BatchNorm model and
 then one of the method's model, so machine noise hits both alike; the table gives the median of
-the per-round ratios and the ratio of the fastest steps. ``--eval`` adds the eval-mode forward
+the per-round ratios and the ratio of the fastest steps. The clock is this process's CPU time
+(``--clock process``, the default: on a shared machine it does not count the time other jobs
+hold the cores) or wall time (``--clock wall``). ``--eval`` adds the eval-mode forward
 (``no_grad``, running statistics) measured the same way; ``--compile`` adds the step of
 ``torch.compile``d copies (compiled method vs compiled BatchNorm, and compiled vs eager).
 
@@ -50,6 +52,8 @@ def method_settings(name: str) -> dict:
         "gbgn": {"kwargs": {"channel_groups": 32, "examples_per_group": None}, "group_fit": "nearest"},
         "gn": {"num_groups": 32, "group_fit": "nearest"},
         "hn": {"kwargs": {"mean": "bn", "std": "en:1"}},
+        # the renormalization ramp under way (r_max > 1, d_max > 0), not BN's first 5000 steps
+        "brn": {"kwargs": {"r_max_start_step": 0, "r_max_end_step": 1, "d_max_start_step": 0, "d_max_end_step": 1}},
     }.get(name, {})
     return {"method": name, **settings}
 
@@ -57,6 +61,8 @@ def method_settings(name: str) -> dict:
 def settings_text(settings: dict) -> str:
     parts = [f"{k}={v}" for k, v in settings.items() if k not in ("method", "kwargs", "group_fit")]
     parts += [f"{k}={v}" for k, v in settings.get("kwargs", {}).items()]
+    if settings["method"] == "brn":
+        return "ramp under way"
     return ", ".join(parts) or "-"
 
 
@@ -66,6 +72,8 @@ def build_model(backbone: str, image: int) -> nn.Module:
 
 class Runner:
     """One model with its optimizer and a fixed batch; times train steps and eval forwards."""
+
+    clock = staticmethod(time.process_time)
 
     def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
         self.model, self.x, self.y = model, x, y
@@ -85,16 +93,16 @@ class Runner:
 
     def time_step(self) -> float:
         self.model.train()
-        t0 = time.perf_counter()
+        t0 = self.clock()
         self.step_fn()
-        return time.perf_counter() - t0
+        return self.clock() - t0
 
     def time_eval(self) -> float:
         self.model.eval()
         with torch.no_grad():
-            t0 = time.perf_counter()
+            t0 = self.clock()
             self.eval_fn(self.x)
-            return time.perf_counter() - t0
+            return self.clock() - t0
 
 
 def paired(base: Runner, other: Runner, what: str, repeats: int, warmup: int) -> dict:
@@ -183,14 +191,16 @@ def main(argv=None) -> None:
     p.add_argument("--eval", action="store_true", help="also time the eval-mode forward")
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd steps (slow to compile)")
     p.add_argument("--backend", default="inductor", help="torch.compile backend for --compile")
+    p.add_argument("--clock", choices=("process", "wall"), default="process", help="process CPU time or wall time")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    Runner.clock = staticmethod(time.process_time if args.clock == "process" else time.perf_counter)
     methods = args.methods or available_norms()
     rows = []
     for backbone in args.models:
         for batch in args.batches:
             rows += measure(backbone, batch, methods, args)
-    print(f"input 3x{args.image}x{args.image}, {torch.get_num_threads()} thread(s), float32, SGD; "
+    print(f"input 3x{args.image}x{args.image}, {torch.get_num_threads()} thread(s), float32, SGD, {args.clock} clock; "
           f"ratios to the native-BatchNorm model interleaved in the same run, {args.repeats} rounds; target {TARGET}x\n")
     print(table(rows, args))
     missed = sorted({f"{r['method']} ({r['backbone']}, {r['batch']})" for r in rows if "step" in r and r["step"]["median"] > TARGET})

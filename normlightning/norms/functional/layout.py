@@ -73,12 +73,17 @@ class NormInput:
     def output(self, y: Tensor) -> Tensor:
         """``y`` in the input's shape, dtype and memory format (one copy at most, only when ``y``
         is not already laid out so; a contiguous result of a channels_last input is the case
-        this exists for). Inputs in no standard memory format keep ``y``'s strides."""
+        this exists for), with the input's very strides when they differ only on size-1 dims.
+        Inputs in no standard memory format keep ``y``'s strides."""
         source = self._source
         if y.shape != source.shape:
             y = y.reshape(source.shape)
         fmt = memory_format_of(source)
         if fmt is None or y.is_contiguous(memory_format=fmt):
+            if fmt is not None and y.stride() != source.stride():
+                # the same layout up to the strides of size-1 dims, which convolutions still read
+                # (a (N, C, 1, 1) tensor with channel stride 1 counts as channels_last there)
+                y = y.as_strided(source.shape, source.stride())
             return y.to(source.dtype)
         if y.dtype != source.dtype:
             return y.to(dtype=source.dtype, memory_format=fmt)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .moments import channel_moments
 
@@ -41,10 +42,9 @@ def _softmax(logits: Tensor | None, dtype) -> Tensor | None:
     return None if logits is None else torch.softmax(logits.to(dtype), 0)
 
 
-def _softmax_grad(weights: Tensor, g_weights: list[Tensor], dtype) -> Tensor:
+def _softmax_grad(weights: Tensor, g_weights: Tensor, dtype) -> Tensor:
     """``softmax`` backward: ``d logits = s * (g - sum s g)``."""
-    gs = torch.stack(g_weights)
-    return (weights * (gs - (weights * gs).sum())).to(dtype)
+    return (weights * (g_weights - (weights * g_weights).sum())).to(dtype)
 
 
 def _spread(t: Tensor, shape) -> Tensor:
@@ -78,9 +78,20 @@ def _add(total: Tensor | None, term: Tensor, shape=None) -> Tensor:
     return (total.view(shape) + term).view(-1)
 
 
-def _statistics(m: Tensor, v: Tensor, mean_parts, var_parts, consts):
-    """Per-part statistics from the units' moments ``m``, ``v`` ``(K,)``: per part the per-unit
-    value ``(K,)`` and, for pooled parts, the set-level tensors kept for backward."""
+def _mixed(parts: list[Tensor], weights: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """``sum_j w_j parts_j`` and the stacked parts ``(J, K)`` (kept for the weights' gradient);
+    a single part is returned as is."""
+    if weights is None:
+        return parts[0], None
+    stacked = torch.stack(parts)
+    return (weights.unsqueeze(1) * stacked).sum(0), stacked
+
+
+def _stage_forward(m: Tensor, v: Tensor, mean_parts, var_parts, consts, alpha, beta, eps):
+    """One stage's statistics from the units' moments ``m``, ``v`` ``(K,)``: ``(mu, r)`` per unit
+    with ``r = 1 / sqrt(var + eps)``, the set statistics reported to the caller, and what the
+    backward needs (the stacked parts of a mixture, ``m - M`` and the clamp mask of each pooled
+    variance part)."""
     pooled: dict = {}  # (shape, dims) -> set mean: a mean part and a variance part may share it
 
     def set_mean(part):
@@ -89,7 +100,7 @@ def _statistics(m: Tensor, v: Tensor, mean_parts, var_parts, consts):
             pooled[key] = m.view(part[1]).mean(part[2], keepdim=True)
         return pooled[key]
 
-    means, mean_sets = [], []
+    means, reported = [], []
     for part in mean_parts:
         if part[0] == "own":
             means.append(m)
@@ -97,9 +108,9 @@ def _statistics(m: Tensor, v: Tensor, mean_parts, var_parts, consts):
             means.append(consts[part[1]])
         else:
             M = set_mean(part)
-            mean_sets.append(M)
+            reported.append(M)
             means.append(_spread(M, part[1]))
-    variances, var_sets = [], []
+    variances, saved = [], []
     for part in var_parts:
         if part[0] == "own":
             variances.append(v)
@@ -113,69 +124,40 @@ def _statistics(m: Tensor, v: Tensor, mean_parts, var_parts, consts):
             else:  # max(avg E[x^2] - M^2, 0)
                 raw = (v + m * m).view(part[1]).mean(part[2], keepdim=True) - M * M
                 V, mask = raw.clamp_min(0.0), raw > 0
-            var_sets.append((M, V, dm, mask))
+            reported.append(V)
+            saved.append((dm, mask))
             variances.append(_spread(V, part[1]))
-    return means, mean_sets, variances, var_sets
+    mu, mean_stack = _mixed(means, alpha)
+    var, var_stack = _mixed(variances, beta)
+    return mu, var, torch.rsqrt(var + eps), reported, (mean_stack, var_stack, saved)
 
 
-def _weighted_sum(parts: list[Tensor], weights: Tensor | None) -> Tensor:
-    if weights is None:
-        return parts[0]
-    total = weights[0] * parts[0]
-    for k in range(1, len(parts)):
-        total = total + weights[k] * parts[k]
-    return total
-
-
-def _parts_backward(g_mu, g_var, m, stage_stats, mean_parts, var_parts, alpha, beta):
-    """Adjoints of one stage's statistics: ``(g_m, g_v)`` of the units' moments (``None`` when
-    nothing depends on them) and the gradients of the mixture weights (lists)."""
-    means, _, variances, var_sets = stage_stats
+def _stage_backward(g_mu, g_var, mean_parts, var_parts, alpha, beta, saved):
+    """Adjoints of one stage's statistics: ``(g_m, g_v)`` of its units' moments (``None`` when
+    nothing depends on them) and the gradients of the mixture weights (``None`` without)."""
+    mean_stack, var_stack, pooled_vars = saved
     g_m = g_v = None
-    g_alpha, g_beta = [], []
     for j, part in enumerate(mean_parts):
-        if alpha is not None:
-            g_alpha.append((g_mu * means[j]).sum())
         gj = g_mu if alpha is None else alpha[j] * g_mu
         if part[0] == "own":
             g_m = _add(g_m, gj)
         elif part[0] == "pool":
             g_m = _add(g_m, gj.view(part[1]).mean(part[2], keepdim=True), part[1])
-    pooled = iter(var_sets)
+    pooled = iter(pooled_vars)
     for j, part in enumerate(var_parts):
-        if beta is not None:
-            g_beta.append((g_var * variances[j]).sum())
         gj = g_var if beta is None else beta[j] * g_var
         if part[0] == "own":
             g_v = _add(g_v, gj)
         elif part[0] != "const":
-            _, _, dm, mask = next(pooled)
+            dm, mask = next(pooled)
             P = gj.view(part[1]).mean(part[2], keepdim=True)
             if mask is not None:
                 P = P * mask
             g_v = _add(g_v, P, part[1])
             g_m = _add(g_m, (2.0 * dm * P).view(-1))
+    g_alpha = None if alpha is None else (mean_stack * g_mu).sum(1)
+    g_beta = None if beta is None else (var_stack * g_var).sum(1)
     return g_m, g_v, g_alpha, g_beta
-
-
-def _forward_stages(m, v, stages, consts, alpha, beta, eps):
-    """Run the stages on the moments: per stage ``(m_in, v_in, P_in, statistics, mu, var, r)``,
-    and the last stage's output row scale ``P`` and mean. ``P`` is the product of the ``r``s so
-    far (``None`` before the first stage)."""
-    records = []
-    P = None
-    for s, (mean_parts, var_parts) in enumerate(stages):
-        last = s == len(stages) - 1
-        stats = _statistics(m, v, mean_parts, var_parts, consts)
-        mu = _weighted_sum(stats[0], alpha if last else None)
-        var = _weighted_sum(stats[2], beta if last else None)
-        r = torch.rsqrt(var + eps)
-        records.append((m, v, P, stats, mu, var, r))
-        P = r if P is None else P * r
-        m = (m - mu) * r
-        if not last:
-            v = v * (r * r)
-    return records, P, m
 
 
 class _PooledSetNorm(torch.autograd.Function):
@@ -186,7 +168,8 @@ class _PooledSetNorm(torch.autograd.Function):
     last stage's parts; the affine follows the last stage). ``m``/``v`` are the units' own mean
     and biased variance ``(K,)``; ``set_stats`` holds, stage by stage, the set means of the
     pooled mean parts, then the set variances of the pooled variance parts (set-level shapes).
-    Only ``y`` is differentiable. Backward recomputes the (small) statistics from ``m``, ``v``.
+    Only ``y`` is differentiable. The small per-unit tensors of the forward are kept for the
+    backward (flattened with ``torch.utils._pytree`` into ``save_for_backward``).
     """
 
     @staticmethod
@@ -194,65 +177,74 @@ class _PooledSetNorm(torch.autograd.Function):
         layout, stages = plan
         m, v = channel_moments(xv)
         alpha, beta = _softmax(mean_logits, m.dtype), _softmax(var_logits, m.dtype)
-        records, P, m_out = _forward_stages(m, v, stages, consts, alpha, beta, eps)
+        records, reported = [], []
+        m_s, v_s, P = m, v, None  # P: the product of the stages' r so far
+        for s, (mean_parts, var_parts) in enumerate(stages):
+            last = s == len(stages) - 1
+            mu, var, r, stats, saved = _stage_forward(m_s, v_s, mean_parts, var_parts, consts,
+                                                      alpha if last else None, beta if last else None, eps)
+            records.append((m_s, P, mu, r, saved))
+            reported += stats
+            P = r if P is None else P * r
+            m_s = (m_s - mu) * r
+            if not last:
+                v_s = v_s * (r * r)
         w, b = _expand_affine(weight, layout), _expand_affine(bias, layout)
         if len(stages) == 1:  # y = w (x - mu) / sqrt(var + eps) + b
-            _, _, _, _, mu, var, _ = records[0]
             y = torch.batch_norm(xv, w, b, mu, var, False, 0.0, eps, False)
-        else:  # y = w ((x - m) P + m_out) + b
+        else:  # y = w ((x - m) P + m_out) + b, m_out the last stage's output mean
             scale = P if w is None else w * P
-            shift = m_out if w is None else w * m_out
+            shift = m_s if w is None else w * m_s
             y = torch.batch_norm(xv, scale, shift if b is None else shift + b, m, torch.ones_like(m), False, 0.0, 0.0, False)
-        ctx.save_for_backward(xv, weight, m, v, mean_logits, var_logits, *consts)
-        ctx.plan, ctx.eps = plan, eps
-        stats = [t for rec in records for t in rec[3][1] + [V for _, V, _, _ in rec[3][3]]]
-        ctx.mark_non_differentiable(m, v, *stats)
+        leaves, ctx.tree = tree_flatten((records, P, m_s, alpha, beta))
+        ctx.save_for_backward(xv, weight, m, v, mean_logits, var_logits, *leaves)
+        ctx.plan = plan
+        ctx.mark_non_differentiable(m, v, *reported)
         ctx.set_materialize_grads(False)  # no zero gradients for the statistics outputs
-        return (y, m, v, *stats)
+        return (y, m, v, *reported)
 
     @staticmethod
     @once_differentiable  # a second derivative would need its own formula: raise, don't be wrong
     def backward(ctx, g, *_):
         if g is None:  # the output took no part in the loss
             return (None,) * len(ctx.needs_input_grad)
-        xv, weight, m, v, mean_logits, var_logits, *consts = ctx.saved_tensors
+        xv, weight, m, v, mean_logits, var_logits, *leaves = ctx.saved_tensors
+        records, P, m_out, alpha, beta = tree_unflatten(leaves, ctx.tree)
         layout, stages = ctx.plan
-        alpha, beta = _softmax(mean_logits, m.dtype), _softmax(var_logits, m.dtype)
-        records, P, m_out = _forward_stages(m, v, stages, consts, alpha, beta, ctx.eps)
         K = xv.shape[1]
         # per unit: sum g (x - m) and sum g, one fused native pass
         _, s_gc, s_g = _BN_BACKWARD(g, xv, None, m, torch.ones_like(m), None, None, False, 0.0, [False, True, True])
-        # y = w ((x - m) P + m_out) + b: gradients of w, b, and cotangents of P, m_out, m (explicit)
+        # y = w ((x - m) P + m_out) + b: the gradients of w, b and the cotangents of P, m_out
         gw = _reduce_affine(P * s_gc + m_out * s_g, layout) if ctx.needs_input_grad[1] else None
         gb = _reduce_affine(s_g, layout) if ctx.needs_input_grad[2] else None
         w = _expand_affine(weight, layout)
+        scale = P if w is None else w * P
         g_P = s_gc if w is None else w * s_gc
         g_mo = s_g if w is None else w * s_g
-        scale = P if w is None else w * P
-        g_m = -scale * s_g
-        g_v = None
-        g_alpha = g_beta = []
+        g_v = g_alpha = g_beta = None
         for s in range(len(stages) - 1, -1, -1):
-            m_in, v_in, P_in, stats, mu, var, r = records[s]
-            mean_parts, var_parts = stages[s]
-            g_r = (g_P if P_in is None else g_P * P_in) + g_mo * (m_in - mu)
-            g_mo = g_mo * r  # cotangent of m_in, direct
-            last = s == len(stages) - 1
-            gm_s, gv_s, ga, gb_ = _parts_backward(-g_mo, (-0.5 * g_r) * r * r * r, m_in, stats, mean_parts, var_parts,
-                                                 alpha if last else None, beta if last else None)
+            m_in, P_in, mu, r, saved = records[s]
+            last, first = s == len(stages) - 1, s == 0
+            g_r = (g_P if first else g_P * P_in) + g_mo * (m_in - mu)
+            g_mu = g_mo * -r
+            # the m_in -> m_s path: for one stage it cancels with the output's explicit -m term
+            g_mo = None if first and last else g_mo * r
+            gm_s, gv_s, ga, gb_ = _stage_backward(g_mu, (-0.5 * g_r) * r * r * r, *stages[s],
+                                                  alpha if last else None, beta if last else None, saved)
             if last:
                 g_alpha, g_beta = ga, gb_
             if gm_s is not None:
-                g_mo = g_mo + gm_s
-            if P_in is None:  # the first stage: its inputs are the units' own moments
+                g_mo = _add(g_mo, gm_s)
+            if first:  # the first stage's inputs are the units' own moments
                 if gv_s is not None:
                     g_v = _add(g_v, gv_s)
-            else:  # the inputs of a later stage: m_in (carried in g_mo) and v_in = v P_in^2
+            else:  # a later stage's inputs: m_in (carried in g_mo) and v_in = v P_in^2
                 g_P = g_P * r
                 if gv_s is not None:
                     g_P = g_P + gv_s * 2.0 * v * P_in
                     g_v = _add(g_v, gv_s * P_in * P_in)
-        g_m = g_m + g_mo
+        # m_out's dependence on m through the stages is in g_mo; add the output's explicit -m term
+        g_m = g_mo if len(stages) == 1 else _add(g_mo, -scale * s_g)
         gx = None
         if ctx.needs_input_grad[0]:
             n = xv.numel() // K
@@ -261,10 +253,11 @@ class _PooledSetNorm(torch.autograd.Function):
             if g_v is not None:
                 coef_x = g_v * (2.0 / n)
                 gx.addcmul_(xv, coef_x.view(shape))
-                g_m = g_m - n * coef_x * m
-            gx.add_((g_m / n).view(shape))
-        g_mean_logits = _softmax_grad(alpha, g_alpha, mean_logits.dtype) if alpha is not None and ctx.needs_input_grad[3] else None
-        g_var_logits = _softmax_grad(beta, g_beta, var_logits.dtype) if beta is not None and ctx.needs_input_grad[4] else None
+                g_m = _add(g_m, -n * coef_x * m)
+            if g_m is not None:
+                gx.add_((g_m / n).view(shape))
+        g_mean_logits = _softmax_grad(alpha, g_alpha, mean_logits.dtype) if g_alpha is not None and ctx.needs_input_grad[3] else None
+        g_var_logits = _softmax_grad(beta, g_beta, var_logits.dtype) if g_beta is not None and ctx.needs_input_grad[4] else None
         return (gx, gw, gb, g_mean_logits, g_var_logits, None, None) + (None,) * (len(ctx.needs_input_grad) - 7)
 
 

@@ -101,7 +101,8 @@ class BatchGroupNorm(BatchStatNorm):
 
     def inference_channel_statistics(self) -> tuple[Tensor, Tensor]:
         """The mean and variance per channel ``(C,)`` this layer normalizes with at inference
-        (``y = gamma (x - mean) / sqrt(var + eps) + beta``); ``ValueError`` when groups split channels (``num_groups`` does not divide ``C``)."""
+        (``y = gamma (x - mean) / sqrt(var + eps) + beta``); ``ValueError`` when groups split
+        channels (``num_groups`` does not divide ``C``)."""
         C, G = self.num_features, self.num_groups
         if C % G != 0:
             raise ValueError(
@@ -110,9 +111,14 @@ class BatchGroupNorm(BatchStatNorm):
             )
         return blocks(self.running_mean, C // G), blocks(self.running_var, C // G)
 
+    def _channel_statistics_sources(self) -> tuple[Tensor, ...]:
+        return self.running_mean, self.running_var
+
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
         self._check_spatial(x)
+        if not self.training and self.num_features % self.num_groups == 0:
+            return self._inference_by_channel(x)
         factor = self._momentum_factor()
         return NF.batch_group_norm(
             x,
@@ -191,8 +197,13 @@ class GeneralBatchGroupNorm(ExampleWeighingMixin, BatchStatNorm):
         self._check_no_example_weighing()
         return NF.general_batch_group_channel_statistics(self.moving_x, self.moving_x2, self.channel_groups, self.moving_x.dtype)
 
+    def _channel_statistics_sources(self) -> tuple[Tensor, ...]:
+        return self.moving_x, self.moving_x2
+
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
+        if not self.training and self._alpha == 0.0:
+            return self._inference_by_channel(x)
         factor = self._momentum_factor()
         return NF.general_batch_group_norm(
             x,

@@ -50,6 +50,7 @@ class HeterologousNorm(BatchStatNorm):
         self.std_sets = NF.parse_set_spec(std, num_features, allow_mixture=True, role="std")
         sets = [self.mean_set, *self.std_sets]
         self.uses_batch_statistics = any(NF.is_batch_set(k) for k, _ in sets)
+        self._batch_sets_only = all(NF.is_batch_set(k) for k, _ in sets)
         if NF.is_batch_set(self.mean_set[0]):
             self._register_running("running_mean", (self.mean_set[1],), 0.0)
         self._var_names: list[str | None] = []
@@ -73,10 +74,11 @@ class HeterologousNorm(BatchStatNorm):
 
     def inference_channel_statistics(self) -> tuple[Tensor, Tensor]:
         """The mean and variance per channel ``(C,)`` this layer normalizes with at inference
-        (``y = gamma (x - mean) / sqrt(var + eps) + beta``); ``ValueError`` when a set is per example (``in``, ``ln``, ``gn:G``: computed from each input)."""
-        per_example = [spec for spec, (kind, _) in zip([self.mean_spec, *self.std_spec.split("+")], [self.mean_set, *self.std_sets])
-                       if not NF.is_batch_set(kind)]
-        if per_example:
+        (``y = gamma (x - mean) / sqrt(var + eps) + beta``); ``ValueError`` when a set is per
+        example (``in``, ``ln``, ``gn:G``: computed from each input)."""
+        if not self._batch_sets_only:
+            per_example = [spec for spec, (kind, _) in zip([self.mean_spec, *self.std_spec.split("+")], [self.mean_set, *self.std_sets])
+                           if not NF.is_batch_set(kind)]
             raise ValueError(
                 f"HeterologousNorm(mean={self.mean_spec!r}, std={self.std_spec!r}): the set(s) {per_example} are per "
                 "example, so their statistics come from each input at inference; only batch sets (bn, en:G) are constants"
@@ -87,10 +89,15 @@ class HeterologousNorm(BatchStatNorm):
             self.mean_set, self.std_sets, logits, self.running_mean, running_vars, self.num_features, self.running_mean.dtype
         )
 
+    def _channel_statistics_sources(self) -> tuple[Tensor, ...]:
+        return (self.running_mean, *(getattr(self, name) for name in self._var_names))
+
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
         if self.training:
             self._check_sets(x)
+        elif self._batch_sets_only and self.std_weight is None:
+            return self._inference_by_channel(x)
         running_mean = getattr(self, "running_mean", None) if NF.is_batch_set(self.mean_set[0]) else None
         running_vars = [None if n is None else getattr(self, n) for n in self._var_names]
         factor = self._momentum_factor() if self.uses_batch_statistics else 0.0

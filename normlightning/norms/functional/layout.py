@@ -61,9 +61,10 @@ class NormInput:
     def __init__(self, x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None) -> None:
         self._source = x
         self.x = upcast(x)
-        self.dtype = self.x.dtype
-        self.weight = None if weight is None else weight.to(self.dtype)
-        self.bias = None if bias is None else bias.to(self.dtype)
+        self.dtype = dtype = self.x.dtype
+        # (dtype checks in Python: a no-op ``.to`` still costs a dispatch per call)
+        self.weight = weight if weight is None or weight.dtype == dtype else weight.to(dtype)
+        self.bias = bias if bias is None or bias.dtype == dtype else bias.to(dtype)
 
     @property
     def x3(self) -> Tensor:
@@ -84,7 +85,7 @@ class NormInput:
                 # the same layout up to the strides of size-1 dims, which convolutions still read
                 # (a (N, C, 1, 1) tensor with channel stride 1 counts as channels_last there)
                 y = y.as_strided(source.shape, source.stride())
-            return y.to(source.dtype)
+            return y if y.dtype == source.dtype else y.to(source.dtype)
         if y.dtype != source.dtype:
             return y.to(dtype=source.dtype, memory_format=fmt)
         return y.contiguous(memory_format=fmt)

@@ -159,7 +159,13 @@ def update_running_stats(
     buffers' shape; ``count`` is the set size ``n``.
     """
     if running_mean is not None:
-        running_mean.lerp_(mean.detach().reshape(running_mean.shape).to(running_mean.dtype), factor)
+        running_mean.lerp_(_like(mean, running_mean), factor)
     if running_var is not None:
-        unbiased = var.detach().reshape(running_var.shape) * (count / (count - 1))
-        running_var.lerp_(unbiased.to(running_var.dtype), factor)
+        running_var.lerp_(_like(var * (count / (count - 1)), running_var), factor)
+
+
+def _like(t: Tensor, buffer: Tensor) -> Tensor:
+    """``t`` in ``buffer``'s shape and dtype (no op for what already matches)."""
+    if t.shape != buffer.shape:
+        t = t.reshape(buffer.shape)
+    return t if t.dtype == buffer.dtype else t.to(buffer.dtype)

@@ -93,6 +93,11 @@ def positional_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: 
     return io.output(_SwapChannels.apply(y))
 
 
+#: Inputs smaller than this train SeqNorm with the two native kernels (GN, then ghost BN): the
+#: fused node's fixed cost in small operations outweighs its one saved pass below about this size.
+SEQNORM_FUSED_MIN_NUMEL = 1 << 18
+
+
 def sequential_norm(
     x: Tensor,
     channel_groups: int,
@@ -110,13 +115,15 @@ def sequential_norm(
     """SeqNorm (Dimitriou & Arandjelovic 2022): ``Ghost_{G_M}(GroupNorm_{G_C}(x))``.
 
     The GN stage has no affine; the per-channel affine and running statistics live in the
-    ghost stage. Local training with ``G_M`` dividing ``N`` is one autograd node of two stages
-    over ``(example, channel)`` rows (:func:`~.pooled_sets.pooled_set_norm`; the GN output is
-    never stored); otherwise native GN, then :func:`ghost_norm`.
+    ghost stage. Local training with ``G_M`` dividing ``N`` on an input of at least
+    :data:`SEQNORM_FUSED_MIN_NUMEL` values is one autograd node of two stages over
+    ``(example, channel)`` rows (:func:`~.pooled_sets.pooled_set_norm`; the GN output is never
+    stored); otherwise native GN, then :func:`ghost_norm` (two native kernels: fewer operations
+    for small inputs, whose stored GN output costs little memory).
     """
     N, C = x.shape[0], x.shape[1]
     S, G = spatial_size(x), num_ghosts
-    if not training or sync or N % G != 0:
+    if not training or sync or N % G != 0 or x.numel() < SEQNORM_FUSED_MIN_NUMEL:
         io = NormInput(x)
         h = group_norm(io.x, channel_groups, None, None, eps=eps, training=training)
         y = ghost_norm(

@@ -29,17 +29,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
-from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .moments import channel_moments
 
 Part = tuple
 
 _BN_BACKWARD = torch.ops.aten.native_batch_norm_backward.default
-
-
-def _softmax(logits: Tensor | None, dtype) -> Tensor | None:
-    return None if logits is None else torch.softmax(logits.to(dtype), 0)
 
 
 def _softmax_grad(weights: Tensor, g_weights: Tensor, dtype) -> Tensor:
@@ -87,55 +82,55 @@ def _mixed(parts: list[Tensor], weights: Tensor | None) -> tuple[Tensor, Tensor 
     return (weights.unsqueeze(1) * stacked).sum(0), stacked
 
 
-def _stage_forward(m: Tensor, v: Tensor, mean_parts, var_parts, consts, alpha, beta, eps):
-    """One stage's statistics from the units' moments ``m``, ``v`` ``(K,)``: ``(mu, r)`` per unit
-    with ``r = 1 / sqrt(var + eps)``, the set statistics reported to the caller, and what the
-    backward needs (the stacked parts of a mixture, ``m - M`` and the clamp mask of each pooled
-    variance part)."""
+def _stage_forward(m: Tensor, v: Tensor, mean_parts, var_parts, consts, alpha, beta, eps, saved: list, reported: list):
+    """One stage's statistics from its units' moments ``m``, ``v`` ``(K,)``: returns ``(mu, var, r)``
+    per unit with ``r = 1 / sqrt(var + eps)``; appends the set statistics reported to the caller to
+    ``reported`` and what the backward needs to ``saved`` (per pooled variance part ``m - M`` and
+    the clamp mask, then the stacked parts of the mixtures)."""
     pooled: dict = {}  # (shape, dims) -> set mean: a mean part and a variance part may share it
-
-    def set_mean(part):
-        key = (part[1], part[2])
-        if key not in pooled:
-            pooled[key] = m.view(part[1]).mean(part[2], keepdim=True)
-        return pooled[key]
-
-    means, reported = [], []
+    means = []
     for part in mean_parts:
-        if part[0] == "own":
+        kind = part[0]
+        if kind == "own":
             means.append(m)
-        elif part[0] == "const":
+        elif kind == "const":
             means.append(consts[part[1]])
         else:
-            M = set_mean(part)
+            M = pooled[part[1:]] = m.view(part[1]).mean(part[2], keepdim=True)
             reported.append(M)
             means.append(_spread(M, part[1]))
-    variances, saved = [], []
+    variances = []
     for part in var_parts:
-        if part[0] == "own":
+        kind = part[0]
+        if kind == "own":
             variances.append(v)
-        elif part[0] == "const":
+        elif kind == "const":
             variances.append(consts[part[1]])
         else:
-            M = set_mean(part)
-            dm = m.view(part[1]) - M
-            if part[0] == "tv":  # law of total variance: avg v + avg (m - M)^2
-                V, mask = (v.view(part[1]) + dm * dm).mean(part[2], keepdim=True), None
+            shape, dims = part[1], part[2]
+            M = pooled.get(part[1:])
+            if M is None:
+                M = pooled[part[1:]] = m.view(shape).mean(dims, keepdim=True)
+            dm = m.view(shape) - M
+            if kind == "tv":  # law of total variance: avg v + avg (m - M)^2
+                V, mask = (v.view(shape) + dm * dm).mean(dims, keepdim=True), None
             else:  # max(avg E[x^2] - M^2, 0)
-                raw = (v + m * m).view(part[1]).mean(part[2], keepdim=True) - M * M
+                raw = (v + m * m).view(shape).mean(dims, keepdim=True) - M * M
                 V, mask = raw.clamp_min(0.0), raw > 0
             reported.append(V)
-            saved.append((dm, mask))
-            variances.append(_spread(V, part[1]))
+            saved += (dm, mask)
+            variances.append(_spread(V, shape))
     mu, mean_stack = _mixed(means, alpha)
     var, var_stack = _mixed(variances, beta)
-    return mu, var, torch.rsqrt(var + eps), reported, (mean_stack, var_stack, saved)
+    saved += (mean_stack, var_stack)
+    return mu, var, torch.rsqrt(var + eps)
 
 
-def _stage_backward(g_mu, g_var, mean_parts, var_parts, alpha, beta, saved):
+def _stage_backward(g_mu, g_var, mean_parts, var_parts, alpha, beta, saved: list):
     """Adjoints of one stage's statistics: ``(g_m, g_v)`` of its units' moments (``None`` when
-    nothing depends on them) and the gradients of the mixture weights (``None`` without)."""
-    mean_stack, var_stack, pooled_vars = saved
+    nothing depends on them) and the gradients of the mixture weights (``None`` without);
+    takes the stage's tensors from the end of ``saved``."""
+    var_stack, mean_stack = saved.pop(), saved.pop()
     g_m = g_v = None
     for j, part in enumerate(mean_parts):
         gj = g_mu if alpha is None else alpha[j] * g_mu
@@ -143,13 +138,15 @@ def _stage_backward(g_mu, g_var, mean_parts, var_parts, alpha, beta, saved):
             g_m = _add(g_m, gj)
         elif part[0] == "pool":
             g_m = _add(g_m, gj.view(part[1]).mean(part[2], keepdim=True), part[1])
-    pooled = iter(pooled_vars)
+    pooled = [(saved.pop(-2), saved.pop()) for part in var_parts if part[0] in ("tv", "raw")][::-1]
+    k = 0
     for j, part in enumerate(var_parts):
         gj = g_var if beta is None else beta[j] * g_var
         if part[0] == "own":
             g_v = _add(g_v, gj)
         elif part[0] != "const":
-            dm, mask = next(pooled)
+            dm, mask = pooled[k]
+            k += 1
             P = gj.view(part[1]).mean(part[2], keepdim=True)
             if mask is not None:
                 P = P * mask
@@ -169,35 +166,35 @@ class _PooledSetNorm(torch.autograd.Function):
     and biased variance ``(K,)``; ``set_stats`` holds, stage by stage, the set means of the
     pooled mean parts, then the set variances of the pooled variance parts (set-level shapes).
     Only ``y`` is differentiable. The small per-unit tensors of the forward are kept for the
-    backward (flattened with ``torch.utils._pytree`` into ``save_for_backward``).
+    backward, stage by stage in one flat ``save_for_backward`` list.
     """
 
     @staticmethod
     def forward(ctx, xv, weight, bias, mean_logits, var_logits, plan, eps, *consts):
         layout, stages = plan
         m, v = channel_moments(xv)
-        alpha, beta = _softmax(mean_logits, m.dtype), _softmax(var_logits, m.dtype)
-        records, reported = [], []
+        alpha = None if mean_logits is None else torch.softmax(mean_logits.to(m.dtype), 0)
+        beta = None if var_logits is None else torch.softmax(var_logits.to(m.dtype), 0)
+        saved: list = []
+        reported: list = []
         m_s, v_s, P = m, v, None  # P: the product of the stages' r so far
+        last = len(stages) - 1
         for s, (mean_parts, var_parts) in enumerate(stages):
-            last = s == len(stages) - 1
-            mu, var, r, stats, saved = _stage_forward(m_s, v_s, mean_parts, var_parts, consts,
-                                                      alpha if last else None, beta if last else None, eps)
-            records.append((m_s, P, mu, r, saved))
-            reported += stats
+            mu, var, r = _stage_forward(m_s, v_s, mean_parts, var_parts, consts,
+                                        alpha if s == last else None, beta if s == last else None, eps, saved, reported)
+            saved += (m_s, P, mu, r)
             P = r if P is None else P * r
             m_s = (m_s - mu) * r
-            if not last:
+            if s != last:
                 v_s = v_s * (r * r)
         w, b = _expand_affine(weight, layout), _expand_affine(bias, layout)
-        if len(stages) == 1:  # y = w (x - mu) / sqrt(var + eps) + b
+        if last == 0:  # y = w (x - mu) / sqrt(var + eps) + b
             y = torch.batch_norm(xv, w, b, mu, var, False, 0.0, eps, False)
         else:  # y = w ((x - m) P + m_out) + b, m_out the last stage's output mean
             scale = P if w is None else w * P
             shift = m_s if w is None else w * m_s
             y = torch.batch_norm(xv, scale, shift if b is None else shift + b, m, torch.ones_like(m), False, 0.0, 0.0, False)
-        leaves, ctx.tree = tree_flatten((records, P, m_s, alpha, beta))
-        ctx.save_for_backward(xv, weight, m, v, mean_logits, var_logits, *leaves)
+        ctx.save_for_backward(xv, weight, m, v, P, m_s, alpha, beta, mean_logits, var_logits, *saved)
         ctx.plan = plan
         ctx.mark_non_differentiable(m, v, *reported)
         ctx.set_materialize_grads(False)  # no zero gradients for the statistics outputs
@@ -208,34 +205,39 @@ class _PooledSetNorm(torch.autograd.Function):
     def backward(ctx, g, *_):
         if g is None:  # the output took no part in the loss
             return (None,) * len(ctx.needs_input_grad)
-        xv, weight, m, v, mean_logits, var_logits, *leaves = ctx.saved_tensors
-        records, P, m_out, alpha, beta = tree_unflatten(leaves, ctx.tree)
+        xv, weight, m, v, P, m_out, alpha, beta, mean_logits, var_logits, *saved = ctx.saved_tensors
         layout, stages = ctx.plan
         K = xv.shape[1]
         # per unit: sum g (x - m) and sum g, one fused native pass
         _, s_gc, s_g = _BN_BACKWARD(g, xv, None, m, torch.ones_like(m), None, None, False, 0.0, [False, True, True])
         # y = w ((x - m) P + m_out) + b: the gradients of w, b and the cotangents of P, m_out
-        gw = _reduce_affine(P * s_gc + m_out * s_g, layout) if ctx.needs_input_grad[1] else None
+        last = len(stages) - 1
+        own_mean = last == 0 and len(stages[0][0]) == 1 and stages[0][0][0][0] == "own"  # m_out = 0
+        if ctx.needs_input_grad[1]:
+            gw = _reduce_affine(P * s_gc if own_mean else P * s_gc + m_out * s_g, layout)
+        else:
+            gw = None
         gb = _reduce_affine(s_g, layout) if ctx.needs_input_grad[2] else None
         w = _expand_affine(weight, layout)
         scale = P if w is None else w * P
         g_P = s_gc if w is None else w * s_gc
         g_mo = s_g if w is None else w * s_g
         g_v = g_alpha = g_beta = None
-        for s in range(len(stages) - 1, -1, -1):
-            m_in, P_in, mu, r, saved = records[s]
-            last, first = s == len(stages) - 1, s == 0
-            g_r = (g_P if first else g_P * P_in) + g_mo * (m_in - mu)
+        for s in range(last, -1, -1):
+            r, mu, P_in, m_in = saved.pop(), saved.pop(), saved.pop(), saved.pop()
+            g_r = g_P if P_in is None else g_P * P_in
+            if not (s == 0 and own_mean):
+                g_r = g_r + g_mo * (m_in - mu)
             g_mu = g_mo * -r
             # the m_in -> m_s path: for one stage it cancels with the output's explicit -m term
-            g_mo = None if first and last else g_mo * r
+            g_mo = None if s == 0 and last == 0 else g_mo * r
             gm_s, gv_s, ga, gb_ = _stage_backward(g_mu, (-0.5 * g_r) * r * r * r, *stages[s],
-                                                  alpha if last else None, beta if last else None, saved)
-            if last:
+                                                  alpha if s == last else None, beta if s == last else None, saved)
+            if s == last:
                 g_alpha, g_beta = ga, gb_
             if gm_s is not None:
                 g_mo = _add(g_mo, gm_s)
-            if first:  # the first stage's inputs are the units' own moments
+            if s == 0:  # the first stage's inputs are the units' own moments
                 if gv_s is not None:
                     g_v = _add(g_v, gv_s)
             else:  # a later stage's inputs: m_in (carried in g_mo) and v_in = v P_in^2
@@ -244,7 +246,7 @@ class _PooledSetNorm(torch.autograd.Function):
                     g_P = g_P + gv_s * 2.0 * v * P_in
                     g_v = _add(g_v, gv_s * P_in * P_in)
         # m_out's dependence on m through the stages is in g_mo; add the output's explicit -m term
-        g_m = g_mo if len(stages) == 1 else _add(g_mo, -scale * s_g)
+        g_m = g_mo if last == 0 else _add(g_mo, -scale * s_g)
         gx = None
         if ctx.needs_input_grad[0]:
             n = xv.numel() // K

@@ -46,7 +46,6 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
-from torchmetrics import MetricCollection
 
 from normlightning.norms.model_layers import STATISTICS_MODES, StatisticsMode, check_statistics_mode, statistics_mode
 from normlightning.tasks.attacks import PGDConfig
@@ -191,12 +190,8 @@ class AdversarialTask(ClassificationTask):
             trainer.logger.experiment.add_text("adversarial/settings", summary)
 
     # ----------------------------------------------------------------- steps
-    def epoch_metrics(self, stage: str) -> list[MetricCollection]:
-        """The clean and robust accuracies of ``stage``, logged at the epoch's end."""
-        return [self.adv_metrics[f"{stage}_{kind}"] for kind in ("clean", "robust")]
-
     def _log_kind(self, stage: str, kind: str, logits: Tensor, y: Tensor, loss: Tensor) -> None:
-        self.adv_metrics[f"{stage}_{kind}"].update(logits, y)
+        self.update_metrics(stage, self.adv_metrics[f"{stage}_{kind}"], logits, y)
         self.log(f"{stage}/loss_{kind}", loss, on_step=stage == "train", on_epoch=True, batch_size=y.shape[0])
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:

@@ -4,8 +4,8 @@
 ``[0, 1]`` of shape ``(N, *input_shape)`` and ``normalize`` is the per-channel
 :class:`~normlightning.models.input_normalization.InputNormalization`, the model's first
 module. Loss: cross-entropy with optional label smoothing. Metrics (torchmetrics, one
-collection per stage, updated every step and logged at each epoch's end, synchronized across
-processes; see :func:`~normlightning.tasks.metrics.accuracy_metrics`): ``{stage}/acc1`` and,
+collection per stage, epoch-level, synchronized across processes; see
+:func:`~normlightning.tasks.metrics.accuracy_metrics` and :meth:`ClassificationTask.update_metrics`): ``{stage}/acc1`` and,
 with at least 5 classes, ``{stage}/acc5``, for ``stage`` in ``train``, ``val``, ``test``;
 ``train/loss`` at the logging steps (see :meth:`ClassificationTask._logs_this_step`),
 ``val/loss`` and ``test/loss`` per epoch.
@@ -28,7 +28,7 @@ from normlightning.data.base import missing_link_error
 from normlightning.models import build_backbone
 from normlightning.models.input_normalization import InputNormalization
 from normlightning.tasks.base import BaseTask
-from normlightning.tasks.metrics import accuracy_metrics, log_epoch_metrics
+from normlightning.tasks.metrics import accuracy_metrics
 
 Stage = Literal["train", "val", "test"]
 
@@ -83,6 +83,7 @@ class ClassificationTask(BaseTask):
         self.normalize = InputNormalization(mean, std)
         self.backbone = build_backbone(backbone, num_classes, input_shape, **(backbone_kwargs or {}))
         self.example_input_array = torch.zeros(2, *input_shape)
+        self._metrics_logged: dict[str, set[int]] = {}  # stage -> metric collections logged this epoch
         self.configure_metrics()
 
     def configure_metrics(self) -> None:
@@ -124,12 +125,22 @@ class ClassificationTask(BaseTask):
         """
         return self.cross_entropy(logits, batch[1])
 
-    def epoch_metrics(self, stage: Stage) -> list[MetricCollection]:
-        """The metric collections that ``stage``'s steps update, logged at the epoch's end."""
-        return [{"train": self.train_metrics, "val": self.val_metrics, "test": self.test_metrics}[stage]]
+    def update_metrics(self, stage: str, metrics: MetricCollection, logits: Tensor, y: Tensor) -> None:
+        """Update the epoch-level ``metrics`` of ``stage`` with a step's logits and targets.
+
+        The metric objects are handed to ``self.log_dict`` once per epoch, at their first update:
+        Lightning computes them over the whole epoch at its end (synchronized across processes)
+        and resets them, exactly as when they are logged every step, which costs Lightning more
+        per step than a small model's training step (benchmarks/lightning_overhead.py).
+        """
+        metrics.update(logits, y)
+        if id(metrics) not in self._metrics_logged.setdefault(stage, set()):
+            self._metrics_logged[stage].add(id(metrics))
+            self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage != "test")
 
     def _log_step(self, stage: Stage, logits: Tensor, y: Tensor, loss: Tensor) -> None:
-        self.epoch_metrics(stage)[0].update(logits, y)
+        metrics = {"train": self.train_metrics, "val": self.val_metrics, "test": self.test_metrics}[stage]
+        self.update_metrics(stage, metrics, logits, y)
         if stage != "train":  # val/test losses are epoch means, averaged over processes under DDP
             self.log(f"{stage}/loss", loss, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=y.shape[0])
         elif self._logs_this_step():
@@ -146,14 +157,14 @@ class ClassificationTask(BaseTask):
             return True
         return (self.global_step + 1) % max(1, trainer.log_every_n_steps) == 0 or trainer.is_last_batch or trainer.should_stop
 
-    def on_train_epoch_end(self) -> None:
-        log_epoch_metrics(self, self.epoch_metrics("train"), prog_bar=True)
+    def on_train_epoch_start(self) -> None:
+        self._metrics_logged.pop("train", None)
 
-    def on_validation_epoch_end(self) -> None:
-        log_epoch_metrics(self, self.epoch_metrics("val"), prog_bar=True)
+    def on_validation_epoch_start(self) -> None:
+        self._metrics_logged.pop("val", None)
 
-    def on_test_epoch_end(self) -> None:
-        log_epoch_metrics(self, self.epoch_metrics("test"), prog_bar=False)
+    def on_test_epoch_start(self) -> None:
+        self._metrics_logged.pop("test", None)
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         """``training_loss(self(x), batch)`` of the prepared batch; logs it and the training accuracy."""

@@ -3,15 +3,13 @@ one builder, so that every task names and computes its top-k accuracies the same
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from typing import Any
 
 import torch
-from lightning.pytorch import LightningModule
 from torch import Tensor
 from torchmetrics import Metric, MetricCollection
 
-__all__ = ["TopKAccuracy", "accuracy_metrics", "log_epoch_metrics"]
+__all__ = ["TopKAccuracy", "accuracy_metrics"]
 
 
 class TopKAccuracy(Metric):
@@ -59,19 +57,3 @@ def accuracy_metrics(num_classes: int, *, prefix: str = "", postfix: str = "") -
     if num_classes >= 5:
         metrics["acc5"] = TopKAccuracy(5)
     return MetricCollection(metrics, prefix=prefix or None, postfix=postfix or None, compute_groups=False)
-
-
-def log_epoch_metrics(module: LightningModule, collections: Iterable[MetricCollection], *, prog_bar: bool) -> None:
-    """At an epoch end: log each collection's ``compute()`` and reset it (a collection that no
-    step updated this epoch is only reset).
-
-    The tasks ``update`` their metrics in every step and log the values here, once per epoch:
-    logging the metric objects in every step costs Lightning more per step than a small model's
-    whole training step (benchmarks/lightning_overhead.py). ``compute()`` synchronizes across
-    processes (torchmetrics); ``sync_dist`` then averages identical values and keeps Lightning
-    from warning about epoch-level values under DDP.
-    """
-    for metrics in collections:
-        if any(metric.update_called for metric in metrics.values()):
-            module.log_dict(metrics.compute(), prog_bar=prog_bar, sync_dist=True)
-        metrics.reset()

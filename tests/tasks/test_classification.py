@@ -143,3 +143,30 @@ def test_train_loss_logged_at_logging_steps_and_epoch_end_accuracy(tmp_path) -> 
     assert [value for _, value in task.loss_logs] == pytest.approx([task.step_losses[i] for i in (1, 3, 4)])
     assert float(trainer.callback_metrics["train/loss"]) == pytest.approx(task.step_losses[-1])
     assert float(trainer.callback_metrics["train/acc1"]) == pytest.approx(sum(task.step_hits) / 40)
+
+
+def test_epoch_accuracy_is_visible_to_callbacks_at_the_epoch_end(tmp_path) -> None:
+    """Callbacks that read ``val/acc1`` in their ``on_validation_epoch_end`` (MedianOfLastEpochs) see
+    the epoch that just ended (the metric objects are logged once per epoch, at their first update)."""
+    from lightning.pytorch import Callback
+
+    from normlightning.callbacks.median_last_epochs import MedianOfLastEpochs
+
+    class Probe(Callback):
+        seen: list = []
+
+        def on_validation_epoch_end(self, trainer, pl_module):
+            if not trainer.sanity_checking:
+                self.seen.append(float(trainer.callback_metrics["val/acc1"]))
+
+    data = Synthetic(input_shape=(2, 6, 6), num_classes=5, num_train=16, num_val=16, num_test=8, batch_size=8)
+    task = _task(optimizer=partial(torch.optim.SGD, lr=0.5))
+    probe, median = Probe(), MedianOfLastEpochs(k=1)
+    trainer = Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False, default_root_dir=tmp_path, callbacks=[probe, median])
+    trainer.fit(task, datamodule=data)
+    task.eval()
+    xs, ys = map(torch.stack, zip(*[data.datasets["val"][i] for i in range(16)]))
+    with torch.no_grad():
+        accuracy = float((task(xs).argmax(-1) == ys).float().mean())
+    assert len(probe.seen) == 2 and probe.seen[-1] == pytest.approx(accuracy) and median.history[-1] == pytest.approx(accuracy)

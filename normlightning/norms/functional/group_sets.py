@@ -57,40 +57,19 @@ def instance_norm(
     return group_norm(x, x.shape[1], weight, bias, eps)
 
 
-class _SwapChannels(torch.autograd.Function):
-    """``(N, A, B) -> (N, B, A)`` as a contiguous copy, and the gradient copied back the same way:
-    a plain transpose would hand the convolution before a layer a gradient with transposed strides,
-    which its backward converts at a cost of several copies (and a weight gradient to re-layout)."""
-
-    @staticmethod
-    def forward(x: Tensor) -> Tensor:
-        return x.transpose(1, 2).contiguous()
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        pass
-
-    @staticmethod
-    def backward(ctx, g: Tensor) -> Tensor:
-        return g.transpose(1, 2).contiguous()
-
-
 def positional_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float = 1e-5) -> Tensor:
     """Positional Norm (Li et al. 2019): per ``(n, s)`` over ``C``, per-channel affine.
 
-    Native ``layer_norm`` over the channel axis of the ``(N, S, C)`` layout, whose ``(C,)`` affine
-    is ours: on channels-last inputs (and at one position) a view; otherwise a copy each way,
-    gradients included.
+    Native ``layer_norm`` over the channel axis of the ``(N, S, C)`` transposed view, whose
+    ``(C,)`` affine is ours (a view of a channels-last input; copied for a contiguous one). At one
+    position ``(N, C)`` itself: a transposed ``(N, C, 1, 1)`` output or gradient would have channel
+    stride 1, which convolutions read as channels-last and answer by converting their weight.
     """
     io = NormInput(x, weight, bias)
     N, C = x.shape[0], x.shape[1]
-    if spatial_size(x) == 1:  # one position: (N, C) itself, no transposed strides either way
+    if spatial_size(x) == 1:
         return io.output(F.layer_norm(io.x.reshape(N, C), (C,), io.weight, io.bias, eps))
-    xt = io.x3.transpose(1, 2)
-    if xt.is_contiguous():
-        return io.output(F.layer_norm(xt, (C,), io.weight, io.bias, eps).transpose(1, 2))
-    y = F.layer_norm(_SwapChannels.apply(io.x3), (C,), io.weight, io.bias, eps)
-    return io.output(_SwapChannels.apply(y))
+    return io.output(F.layer_norm(io.x3.transpose(1, 2), (C,), io.weight, io.bias, eps).transpose(1, 2))
 
 
 #: Inputs smaller than this train SeqNorm with the two native kernels (GN, then ghost BN): the

@@ -7,7 +7,10 @@ For every model and batch size, a model with native ``nn.BatchNorm2d`` and one c
 then one of the method's model, so machine noise hits both alike; the table gives the median of
 the per-round ratios and the ratio of the fastest steps. The clock is this process's CPU time
 (``--clock process``, the default: on a shared machine it does not count the time other jobs
-hold the cores) or wall time (``--clock wall``). ``--eval`` adds the eval-mode forward
+hold the cores) or wall time (``--clock wall``); on CUDA always wall time after a device
+synchronization. ``--device cuda --amp bf16 --channels-last`` runs the steps as GPU training does
+(the issue's CUDA case: ``--models resnet50 --image 224 --batches 32``); the table also gives
+images per second. ``--eval`` adds the eval-mode forward
 (``no_grad``, running statistics) measured the same way; ``--compile`` adds the step of
 ``torch.compile``d copies (compiled method vs compiled BatchNorm, and compiled vs eager).
 
@@ -16,6 +19,7 @@ Usage::
     python benchmarks/train_step.py                                  # resnet18 + small_cnn, batch 2 16 64
     python benchmarks/train_step.py --models small_cnn --batches 16 --methods bn gn hn --eval
     python benchmarks/train_step.py --models small_cnn --batches 16 --compile   # slow: compiles each model
+    python benchmarks/train_step.py --device cuda --amp bf16 --channels-last --models resnet50 --image 224 --batches 32
 """
 
 from __future__ import annotations
@@ -71,9 +75,11 @@ def build_model(backbone: str, image: int) -> nn.Module:
 
 
 class Runner:
-    """One model with its optimizer and a fixed batch; times train steps and eval forwards."""
+    """One model with its optimizer and a fixed batch; times train steps and eval forwards
+    (under ``torch.autocast`` when ``amp`` names a dtype)."""
 
     clock = staticmethod(time.process_time)
+    amp: torch.dtype | None = None
 
     def __init__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
         self.model, self.x, self.y = model, x, y
@@ -81,9 +87,17 @@ class Runner:
         self.step_fn = self._step
         self.eval_fn = model
 
+    def _autocast(self):
+        return torch.autocast(self.x.device.type, dtype=self.amp, enabled=self.amp is not None)
+
+    def _sync(self) -> None:
+        if self.x.device.type == "cuda":
+            torch.cuda.synchronize()
+
     def _step(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(self.model(self.x), self.y)
+        with self._autocast():
+            loss = F.cross_entropy(self.model(self.x), self.y)
         loss.backward()
         self.optimizer.step()
 
@@ -93,15 +107,19 @@ class Runner:
 
     def time_step(self) -> float:
         self.model.train()
+        self._sync()
         t0 = self.clock()
         self.step_fn()
+        self._sync()
         return self.clock() - t0
 
     def time_eval(self) -> float:
         self.model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), self._autocast():
+            self._sync()
             t0 = self.clock()
             self.eval_fn(self.x)
+            self._sync()
             return self.clock() - t0
 
 
@@ -122,9 +140,11 @@ def paired(base: Runner, other: Runner, what: str, repeats: int, warmup: int) ->
 
 def measure(backbone: str, batch: int, methods, args) -> list[dict]:
     torch.manual_seed(0)
-    base_model = build_model(backbone, args.image)
-    x = torch.randn(batch, 3, args.image, args.image)
-    y = torch.randint(0, NUM_CLASSES, (batch,))
+    device = torch.device(args.device)
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    base_model = build_model(backbone, args.image).to(device=device, memory_format=fmt)
+    x = torch.randn(batch, 3, args.image, args.image, device=device).contiguous(memory_format=fmt)
+    y = torch.randint(0, NUM_CLASSES, (batch,), device=device)
     base = Runner(base_model, x, y)
     compiled_base = None
     if args.compile:
@@ -137,6 +157,7 @@ def measure(backbone: str, batch: int, methods, args) -> list[dict]:
         try:
             model = copy.deepcopy(base_model)
             inject(model, example_input=x[:2], batch_size=batch, **settings)
+            model.to(memory_format=fmt)
             runner = Runner(model, x, y)
             row["step"] = paired(base, runner, "time_step", args.repeats, args.warmup)
             if args.eval:
@@ -154,8 +175,8 @@ def measure(backbone: str, batch: int, methods, args) -> list[dict]:
 
 
 def table(rows, args) -> str:
-    head = "| model | batch | method | config | step (ms) | BN step (ms) | ratio (median) | ratio (min) | met |"
-    sep = "|---|---:|---|---|---:|---:|---:|---:|:---:|"
+    head = "| model | batch | method | config | step (ms) | BN step (ms) | images/s | ratio (median) | ratio (min) | met |"
+    sep = "|---|---:|---|---|---:|---:|---:|---:|---:|:---:|"
     if args.eval:
         head += " eval fwd ratio (median) | eval fwd ratio (min) |"
         sep += "---:|---:|"
@@ -169,7 +190,7 @@ def table(rows, args) -> str:
             continue
         s = r["step"]
         line = (f"| {r['backbone']} | {r['batch']} | {r['method']} | {r['config']} | {s['ms']:.1f} | {s['base_ms']:.1f} | "
-                f"{s['median']:.2f}x | {s['min']:.2f}x | {'yes' if s['median'] <= TARGET else 'no'} |")
+                f"{1e3 * r['batch'] / s['ms']:.0f} | {s['median']:.2f}x | {s['min']:.2f}x | {'yes' if s['median'] <= TARGET else 'no'} |")
         if args.eval:
             line += f" {r['eval']['median']:.2f}x | {r['eval']['min']:.2f}x |"
         if args.compile:
@@ -191,16 +212,24 @@ def main(argv=None) -> None:
     p.add_argument("--eval", action="store_true", help="also time the eval-mode forward")
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd steps (slow to compile)")
     p.add_argument("--backend", default="inductor", help="torch.compile backend for --compile")
-    p.add_argument("--clock", choices=("process", "wall"), default="process", help="process CPU time or wall time")
+    p.add_argument("--clock", choices=("process", "wall"), default="process", help="process CPU time or wall time (CPU)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none", help="torch.autocast dtype")
+    p.add_argument("--channels-last", action="store_true", help="model and input in channels_last")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.device.startswith("cuda"):
+        args.clock = "wall"
     Runner.clock = staticmethod(time.process_time if args.clock == "process" else time.perf_counter)
+    Runner.amp = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
     methods = args.methods or available_norms()
     rows = []
     for backbone in args.models:
         for batch in args.batches:
             rows += measure(backbone, batch, methods, args)
-    print(f"input 3x{args.image}x{args.image}, {torch.get_num_threads()} thread(s), float32, SGD, {args.clock} clock; "
+    precision = "float32" if args.amp == "none" else f"autocast {args.amp}"
+    layout = ", channels_last" if args.channels_last else ""
+    print(f"device {args.device}, input 3x{args.image}x{args.image}{layout}, {torch.get_num_threads()} thread(s), {precision}, SGD, {args.clock} clock; "
           f"ratios to the native-BatchNorm model interleaved in the same run, {args.repeats} rounds; target {TARGET}x\n")
     print(table(rows, args))
     missed = sorted({f"{r['method']} ({r['backbone']}, {r['batch']})" for r in rows if "step" in r and r["step"]["median"] > TARGET})

@@ -73,8 +73,8 @@ def batch_group_norm(
     if G % C == 0:
         # every group lies in one channel: the affine is the native kernel's per-"channel" one
         r = G // C
-        wg = None if w is None else w.repeat_interleave(r)
-        bg = None if b is None else b.repeat_interleave(r)
+        wg = None if w is None else blocks(w, r)
+        bg = None if b is None else blocks(b, r)
         xv = io.x.reshape(N, G, Lg)
         y = normalize_batch_sets(
             xv, running_mean, running_var, wg, bg, training=training, factor=factor, eps=eps, sync=sync, process_group=process_group

@@ -114,8 +114,11 @@ def _stage_forward(m: Tensor, v: Tensor, mean_parts, var_parts, consts, alpha, b
             dm = m.view(shape) - M
             if kind == "tv":  # law of total variance: avg v + avg (m - M)^2
                 V, mask = (v.view(shape) + dm * dm).mean(dims, keepdim=True), None
-            else:  # max(avg E[x^2] - M^2, 0)
-                raw = (v + m * m).view(shape).mean(dims, keepdim=True) - M * M
+            else:  # max(avg E[x^2] - M^2, 0), E[x^2] per unit shared by the raw parts
+                q = pooled.get("q")
+                if q is None:
+                    q = pooled["q"] = v + m * m
+                raw = q.view(shape).mean(dims, keepdim=True) - M * M
                 V, mask = raw.clamp_min(0.0), raw > 0
             reported.append(V)
             saved += (dm, mask)
@@ -132,8 +135,10 @@ def _stage_backward(g_mu, g_var, mean_parts, var_parts, alpha, beta, saved: list
     takes the stage's tensors from the end of ``saved``."""
     var_stack, mean_stack = saved.pop(), saved.pop()
     g_m = g_v = None
+    g_means = None if alpha is None else alpha.unsqueeze(1) * g_mu  # (J, K): part j's share
+    g_vars = None if beta is None else beta.unsqueeze(1) * g_var
     for j, part in enumerate(mean_parts):
-        gj = g_mu if alpha is None else alpha[j] * g_mu
+        gj = g_mu if alpha is None else g_means[j]
         if part[0] == "own":
             g_m = _add(g_m, gj)
         elif part[0] == "pool":
@@ -141,7 +146,7 @@ def _stage_backward(g_mu, g_var, mean_parts, var_parts, alpha, beta, saved: list
     pooled = [(saved.pop(-2), saved.pop()) for part in var_parts if part[0] in ("tv", "raw")][::-1]
     k = 0
     for j, part in enumerate(var_parts):
-        gj = g_var if beta is None else beta[j] * g_var
+        gj = g_var if beta is None else g_vars[j]
         if part[0] == "own":
             g_v = _add(g_v, gj)
         elif part[0] != "const":
@@ -155,6 +160,35 @@ def _stage_backward(g_mu, g_var, mean_parts, var_parts, alpha, beta, saved: list
     g_alpha = None if alpha is None else (mean_stack * g_mu).sum(1)
     g_beta = None if beta is None else (var_stack * g_var).sum(1)
     return g_m, g_v, g_alpha, g_beta
+
+
+def _pooled_forward(xv, weight, bias, mean_logits, var_logits, plan, eps, consts):
+    """The forward of :class:`_PooledSetNorm` as a plain function: ``(y, m, v, reported, kept)``
+    with ``kept`` what the backward needs (``P, m_out, alpha, beta`` and each stage's tensors)."""
+    layout, stages = plan
+    m, v = channel_moments(xv)
+    alpha = None if mean_logits is None else torch.softmax(mean_logits.to(m.dtype), 0)
+    beta = None if var_logits is None else torch.softmax(var_logits.to(m.dtype), 0)
+    saved: list = []
+    reported: list = []
+    m_s, v_s, P = m, v, None  # P: the product of the stages' r so far
+    last = len(stages) - 1
+    for s, (mean_parts, var_parts) in enumerate(stages):
+        mu, var, r = _stage_forward(m_s, v_s, mean_parts, var_parts, consts,
+                                    alpha if s == last else None, beta if s == last else None, eps, saved, reported)
+        saved += (m_s, P, mu, r)
+        P = r if P is None else P * r
+        m_s = (m_s - mu) * r
+        if s != last:
+            v_s = v_s * (r * r)
+    w, b = _expand_affine(weight, layout), _expand_affine(bias, layout)
+    if last == 0:  # y = w (x - mu) / sqrt(var + eps) + b
+        y = torch.batch_norm(xv, w, b, mu, var, False, 0.0, eps, False)
+    else:  # y = w ((x - m) P + m_out) + b, m_out the last stage's output mean
+        scale = P if w is None else w * P
+        shift = m_s if w is None else w * m_s
+        y = torch.batch_norm(xv, scale, shift if b is None else shift + b, m, torch.ones_like(m), False, 0.0, 0.0, False)
+    return y, m, v, reported, [P, m_s, alpha, beta, *saved]
 
 
 class _PooledSetNorm(torch.autograd.Function):
@@ -171,30 +205,8 @@ class _PooledSetNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, xv, weight, bias, mean_logits, var_logits, plan, eps, *consts):
-        layout, stages = plan
-        m, v = channel_moments(xv)
-        alpha = None if mean_logits is None else torch.softmax(mean_logits.to(m.dtype), 0)
-        beta = None if var_logits is None else torch.softmax(var_logits.to(m.dtype), 0)
-        saved: list = []
-        reported: list = []
-        m_s, v_s, P = m, v, None  # P: the product of the stages' r so far
-        last = len(stages) - 1
-        for s, (mean_parts, var_parts) in enumerate(stages):
-            mu, var, r = _stage_forward(m_s, v_s, mean_parts, var_parts, consts,
-                                        alpha if s == last else None, beta if s == last else None, eps, saved, reported)
-            saved += (m_s, P, mu, r)
-            P = r if P is None else P * r
-            m_s = (m_s - mu) * r
-            if s != last:
-                v_s = v_s * (r * r)
-        w, b = _expand_affine(weight, layout), _expand_affine(bias, layout)
-        if last == 0:  # y = w (x - mu) / sqrt(var + eps) + b
-            y = torch.batch_norm(xv, w, b, mu, var, False, 0.0, eps, False)
-        else:  # y = w ((x - m) P + m_out) + b, m_out the last stage's output mean
-            scale = P if w is None else w * P
-            shift = m_s if w is None else w * m_s
-            y = torch.batch_norm(xv, scale, shift if b is None else shift + b, m, torch.ones_like(m), False, 0.0, 0.0, False)
-        ctx.save_for_backward(xv, weight, m, v, P, m_s, alpha, beta, mean_logits, var_logits, *saved)
+        y, m, v, reported, kept = _pooled_forward(xv, weight, bias, mean_logits, var_logits, plan, eps, consts)
+        ctx.save_for_backward(xv, weight, m, v, mean_logits, var_logits, *kept)
         ctx.plan = plan
         ctx.mark_non_differentiable(m, v, *reported)
         ctx.set_materialize_grads(False)  # no zero gradients for the statistics outputs
@@ -205,7 +217,7 @@ class _PooledSetNorm(torch.autograd.Function):
     def backward(ctx, g, *_):
         if g is None:  # the output took no part in the loss
             return (None,) * len(ctx.needs_input_grad)
-        xv, weight, m, v, P, m_out, alpha, beta, mean_logits, var_logits, *saved = ctx.saved_tensors
+        xv, weight, m, v, mean_logits, var_logits, P, m_out, alpha, beta, *saved = ctx.saved_tensors
         layout, stages = ctx.plan
         K = xv.shape[1]
         # per unit: sum g (x - m) and sum g, one fused native pass
@@ -289,8 +301,12 @@ def pooled_set_norm(
         ``(y, m, v, set_stats)``: the output (``xv``'s shape), the units' own mean and biased
         variance ``(K,)`` and the set statistics of the pooled parts (see ``_PooledSetNorm``).
     """
-    stages = tuple((tuple(mp), tuple(vp)) for mp, vp in stages)
-    y, m, v, *stats = _PooledSetNorm.apply(xv, weight, bias, mean_logits, var_logits, (affine_layout, stages), eps, *consts)
+    plan = (affine_layout, tuple((tuple(mp), tuple(vp)) for mp, vp in stages))
+    inputs = (xv, weight, bias, mean_logits, var_logits)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
+        y, m, v, *stats = _PooledSetNorm.apply(*inputs, plan, eps, *consts)
+        return y, m, v, tuple(stats)
+    y, m, v, stats, _ = _pooled_forward(*inputs, plan, eps, consts)  # nothing to differentiate: no node
     return y, m, v, tuple(stats)
 
 

@@ -13,7 +13,9 @@ applied normalization and the batch size as hyperparameters, the best ``val/acc1
 HParams metric), a ``predictions:`` section
 (:class:`~normlightning.callbacks.prediction_writer.PredictionWriter`: ``predict`` writes
 ``predictions.csv`` into the run's folder), the learning rate logged every step, the progress
-bar, and the resolved config saved next to the logs (``config.yaml``, overwritten on a rerun).
+bar (redrawn at most 10 times a second,
+:class:`~normlightning.callbacks.throttled_progress_bar.ThrottledProgressBar`), and the resolved
+config saved next to the logs (``config.yaml``, overwritten on a rerun).
 Known harmless warnings are filtered in one place, :mod:`normlightning.known_warnings`.
 """
 
@@ -31,6 +33,7 @@ from normlightning.callbacks.checkpoint import CHECKPOINT_DEFAULTS, Checkpoint
 from normlightning.callbacks.norm_injection import NormInjection
 from normlightning.callbacks.prediction_writer import PredictionWriter
 from normlightning.callbacks.run_hparams import RunHyperparameters
+from normlightning.callbacks.throttled_progress_bar import with_progress_bar
 from normlightning.data.base import MissingDataAttributeError
 from normlightning.injection import check_checkpoint_file
 from normlightning.tasks.base import BaseTask
@@ -119,14 +122,15 @@ class NormLightningCLI(LightningCLI):
             raise cause from None
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
-        """The Trainer; with ``trainer.logger: false`` the default LearningRateMonitor is dropped (it needs a logger)."""
+        """The Trainer; with ``trainer.logger: false`` the default LearningRateMonitor is dropped (it needs a logger);
+        the progress bar, unless the config brings its own or turns it off, is a ``ThrottledProgressBar``."""
         trainer_config = self._get(self.config_init, "trainer", default={})
         if trainer_config.get("logger") is False and trainer_config.get("callbacks"):
             trainer_config["callbacks"] = [
                 callback for callback in trainer_config["callbacks"] if not isinstance(callback, LearningRateMonitor)
             ]
+        trainer_config["callbacks"] = with_progress_bar(trainer_config.get("callbacks"), trainer_config.get("enable_progress_bar") is not False)
         return super().instantiate_trainer(**kwargs)
-
 
     def _point_injection_at_checkpoint(self, subcommand: str) -> None:
         """Tell the ``norm:`` callback which checkpoint this run restores: its stored layers win."""

@@ -3,7 +3,8 @@
 ``inject(model, method="gn", num_groups=32)`` plans and applies; the pieces: settings
 (:mod:`.rules`), group counts (:mod:`.groups`), planning and the summary (:mod:`.plan`), modules
 carried over from subclassed layers (:mod:`.carry`), the spec stored in checkpoints
-(:mod:`.spec`) and applying or replaying it (:mod:`.apply`).
+(:mod:`.spec`), applying or replaying it (:mod:`.apply`) and, for inference, folding norm layers
+into the convolutions before them (:mod:`.fold`).
 """
 
 from normlightning.injection.apply import (
@@ -17,6 +18,7 @@ from normlightning.injection.apply import (
     restore_injection,
 )
 from normlightning.injection.carry import NormWithCarried
+from normlightning.injection.fold import fold_norms, inference_affine
 from normlightning.injection.plan import format_summary, plan_injection, probe_input_shapes, summary_rows
 from normlightning.injection.rules import DEFAULT_TARGETS, InjectionRules
 from normlightning.injection.spec import (
@@ -39,8 +41,10 @@ __all__ = [
     "apply_spec",
     "check_checkpoint_file",
     "copy_matching_state",
+    "fold_norms",
     "format_summary",
     "get_spec",
+    "inference_affine",
     "inject",
     "install_layer",
     "mark_pretrained",

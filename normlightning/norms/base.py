@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from . import functional as NF
+
 
 class NormLayer(nn.Module):
     """Base of every normalization layer (a plain ``nn.Module``, never ``_BatchNorm``).
@@ -138,6 +140,27 @@ class BatchStatNorm(NormLayer):
             return 1.0 / float(self.num_batches_tracked)
         return self.momentum
 
+    def _channel_statistics_sources(self) -> tuple[Tensor, ...]:
+        """The tensors ``inference_channel_statistics()`` reads (subclasses with that method)."""
+        raise NotImplementedError
+
+    def _inference_by_channel(self, x: Tensor) -> Tensor:
+        """Eval forward of a layer whose inference statistics are constants per channel: BN's with
+        ``inference_channel_statistics()``, kept between calls until one of its sources changes
+        (tensor version counters: any in-place update, ``load_state_dict``, ``.to()``). While
+        ``torch.compile`` traces, no cache (the compiled graph computes them)."""
+        if torch.compiler.is_compiling():
+            mean, var = self.inference_channel_statistics()
+        else:
+            key = tuple((t._version, t.data_ptr(), t.dtype) for t in self._channel_statistics_sources())
+            cache = self.__dict__.get("_channel_statistics_cache")
+            if cache is None or cache[0] != key:
+                with torch.no_grad():
+                    cache = (key, *self.inference_channel_statistics())
+                self.__dict__["_channel_statistics_cache"] = cache
+            mean, var = cache[1], cache[2]
+        return NF.batch_norm(x, mean, var, self.weight, self.bias, training=False, eps=self.eps)
+
     def extra_repr(self) -> str:
         return super().extra_repr() + f", momentum={self.momentum}"
 
@@ -185,6 +208,14 @@ class ExampleWeighingMixin:
         if buf is not None:
             with torch.no_grad():
                 buf.fill_(self._alpha)
+
+    def _check_no_example_weighing(self) -> None:
+        """Raise ``ValueError`` when ``alpha > 0`` (inference then mixes in each example's own statistics)."""
+        if self._alpha != 0.0:
+            raise ValueError(
+                f"{type(self).__name__} has alpha={self._alpha} (inference example weighing): its inference "
+                "statistics depend on each example; set alpha = 0"
+            )
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         key = prefix + ALPHA_BUFFER

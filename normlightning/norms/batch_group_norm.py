@@ -6,6 +6,8 @@ import torch
 from torch import Tensor
 
 from . import functional as NF
+from .functional.fused_ops import blocks
+from .functional.layout import spatial_size
 from .base import BatchStatNorm, ExampleWeighingMixin
 from .group_args import AutoContext, GroupArg, divisors
 
@@ -81,7 +83,7 @@ class BatchGroupNorm(BatchStatNorm):
             self._trained_spatial = 0
 
     def _check_spatial(self, x: Tensor) -> None:
-        S = x[0, 0].numel()
+        S = spatial_size(x)
         trained = self._trained_spatial
         if trained == 0 or trained == S:
             if self.training:  # always rewrite: a buffer restore may have reset it behind the cache
@@ -97,9 +99,26 @@ class BatchGroupNorm(BatchStatNorm):
                 f"spatial size, or a num_groups that divides C={C} ({divisors(C)}), whose groups are whole channels."
             )
 
+    def inference_channel_statistics(self) -> tuple[Tensor, Tensor]:
+        """The mean and variance per channel ``(C,)`` this layer normalizes with at inference
+        (``y = gamma (x - mean) / sqrt(var + eps) + beta``); ``ValueError`` when groups split
+        channels (``num_groups`` does not divide ``C``)."""
+        C, G = self.num_features, self.num_groups
+        if C % G != 0:
+            raise ValueError(
+                f"BatchGroupNorm num_groups={G} on C={C} channels: its groups split channels, so its statistics "
+                f"differ between positions of one channel; only whole-channel groups ({divisors(C)}) have them per channel"
+            )
+        return blocks(self.running_mean, C // G), blocks(self.running_var, C // G)
+
+    def _channel_statistics_sources(self) -> tuple[Tensor, ...]:
+        return self.running_mean, self.running_var
+
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
         self._check_spatial(x)
+        if not self.training and self.num_features % self.num_groups == 0:
+            return self._inference_by_channel(x)
         factor = self._momentum_factor()
         return NF.batch_group_norm(
             x,
@@ -172,8 +191,19 @@ class GeneralBatchGroupNorm(ExampleWeighingMixin, BatchStatNorm):
         self._register_running("moving_x2", (num_features,), 1.0)
         self.reset_parameters()
 
+    def inference_channel_statistics(self) -> tuple[Tensor, Tensor]:
+        """The mean and variance per channel ``(C,)`` this layer normalizes with at inference
+        (``y = gamma (x - mean) / sqrt(var + eps) + beta``); ``ValueError`` when ``alpha > 0``."""
+        self._check_no_example_weighing()
+        return NF.general_batch_group_channel_statistics(self.moving_x, self.moving_x2, self.channel_groups, self.moving_x.dtype)
+
+    def _channel_statistics_sources(self) -> tuple[Tensor, ...]:
+        return self.moving_x, self.moving_x2
+
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
+        if not self.training and self._alpha == 0.0:
+            return self._inference_by_channel(x)
         factor = self._momentum_factor()
         return NF.general_batch_group_norm(
             x,

@@ -28,6 +28,12 @@ class BatchNorm(ExampleWeighingMixin, BatchStatNorm):
         self._register_running("running_var", (num_features,), 1.0)
         self.reset_parameters()
 
+    def inference_channel_statistics(self) -> tuple[Tensor, Tensor]:
+        """The mean and variance per channel ``(C,)`` this layer normalizes with at inference
+        (``y = gamma (x - mean) / sqrt(var + eps) + beta``); ``ValueError`` when ``alpha > 0``."""
+        self._check_no_example_weighing()
+        return self.running_mean, self.running_var
+
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
         factor = self._momentum_factor()
@@ -103,6 +109,11 @@ class BatchRenorm(BatchStatNorm):
             self._ramp(s, self.r_max_start_step, self.r_max_end_step, 1.0, self.r_max),
             self._ramp(s, self.d_max_start_step, self.d_max_end_step, 0.0, self.d_max),
         )
+
+    def inference_channel_statistics(self) -> tuple[Tensor, Tensor]:
+        """The mean and variance per channel ``(C,)`` this layer normalizes with at inference: the
+        running statistics (eval is BN)."""
+        return self.running_mean, self.running_var
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)

@@ -101,6 +101,12 @@ class GhostNorm(ExampleWeighingMixin, _GhostMixin, BatchStatNorm):
         self._register_running("running_var", (num_features,), 1.0)
         self.reset_parameters()
 
+    def inference_channel_statistics(self) -> tuple[Tensor, Tensor]:
+        """The mean and variance per channel ``(C,)`` this layer normalizes with at inference
+        (``y = gamma (x - mean) / sqrt(var + eps) + beta``); ``ValueError`` when ``alpha > 0``."""
+        self._check_no_example_weighing()
+        return self.running_mean, self.running_var
+
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
         factor = self._momentum_factor()

@@ -6,6 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as NF
+from .functional.layout import spatial_size
 from .base import BatchStatNorm
 
 
@@ -49,6 +50,7 @@ class HeterologousNorm(BatchStatNorm):
         self.std_sets = NF.parse_set_spec(std, num_features, allow_mixture=True, role="std")
         sets = [self.mean_set, *self.std_sets]
         self.uses_batch_statistics = any(NF.is_batch_set(k) for k, _ in sets)
+        self._batch_sets_only = all(NF.is_batch_set(k) for k, _ in sets)
         if NF.is_batch_set(self.mean_set[0]):
             self._register_running("running_mean", (self.mean_set[1],), 0.0)
         self._var_names: list[str | None] = []
@@ -70,10 +72,32 @@ class HeterologousNorm(BatchStatNorm):
         if self.std_weight is not None:
             nn.init.zeros_(self.std_weight)
 
+    def inference_channel_statistics(self) -> tuple[Tensor, Tensor]:
+        """The mean and variance per channel ``(C,)`` this layer normalizes with at inference
+        (``y = gamma (x - mean) / sqrt(var + eps) + beta``); ``ValueError`` when a set is per
+        example (``in``, ``ln``, ``gn:G``: computed from each input)."""
+        if not self._batch_sets_only:
+            per_example = [spec for spec, (kind, _) in zip([self.mean_spec, *self.std_spec.split("+")], [self.mean_set, *self.std_sets])
+                           if not NF.is_batch_set(kind)]
+            raise ValueError(
+                f"HeterologousNorm(mean={self.mean_spec!r}, std={self.std_spec!r}): the set(s) {per_example} are per "
+                "example, so their statistics come from each input at inference; only batch sets (bn, en:G) are constants"
+            )
+        logits = None if self.std_weight is None else self.std_weight.detach()
+        running_vars = [getattr(self, name) for name in self._var_names]
+        return NF.heterologous_channel_statistics(
+            self.mean_set, self.std_sets, logits, self.running_mean, running_vars, self.num_features, self.running_mean.dtype
+        )
+
+    def _channel_statistics_sources(self) -> tuple[Tensor, ...]:
+        return (self.running_mean, *(getattr(self, name) for name in self._var_names))
+
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
         if self.training:
             self._check_sets(x)
+        elif self._batch_sets_only and self.std_weight is None:
+            return self._inference_by_channel(x)
         running_mean = getattr(self, "running_mean", None) if NF.is_batch_set(self.mean_set[0]) else None
         running_vars = [None if n is None else getattr(self, n) for n in self._var_names]
         factor = self._momentum_factor() if self.uses_batch_statistics else 0.0
@@ -94,7 +118,7 @@ class HeterologousNorm(BatchStatNorm):
         )
 
     def _check_sets(self, x: Tensor) -> None:
-        N, C, S = x.shape[0], x.shape[1], x[0, 0].numel()
+        N, C, S = x.shape[0], x.shape[1], spatial_size(x)
         for kind, g in [self.mean_set, *self.std_sets]:
             size = (N if NF.is_batch_set(kind) else 1) * (C // g) * S
             if size < 2:

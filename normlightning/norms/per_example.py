@@ -9,6 +9,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from . import functional as NF
+from .functional.layout import spatial_size
 from .base import NormLayer
 from .group_args import GroupArg, divisors
 
@@ -57,7 +58,7 @@ class LayerNorm(NormLayer):
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
-        if self.training and x[0].numel() < 2:
+        if self.training and x.shape[1] * spatial_size(x) < 2:
             raise ValueError("LayerNorm: a set of one element (C * S == 1) in training; use C * S > 1.")
         return NF.layer_norm(x, weight=self.weight, bias=self.bias, eps=self.eps)
 

@@ -160,11 +160,8 @@ class AdversarialTask(ClassificationTask):
 
     # ----------------------------------------------------------------- steps
     def _log_kind(self, stage: str, kind: str, logits: Tensor, y: Tensor, loss: Tensor) -> None:
-        metrics = self.adv_metrics[f"{stage}_{kind}"]
-        metrics(logits, y)
-        batch_size = y.shape[0]
-        self.log(f"{stage}/loss_{kind}", loss, on_step=stage == "train", on_epoch=True, batch_size=batch_size)
-        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage != "test", batch_size=batch_size)
+        self.update_metrics(stage, self.adv_metrics[f"{stage}_{kind}"], logits, y)
+        self.log(f"{stage}/loss_{kind}", loss, on_step=stage == "train", on_epoch=True, batch_size=y.shape[0])
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         x, y = batch[0], batch[1]

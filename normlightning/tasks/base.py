@@ -90,6 +90,11 @@ class BaseTask(LightningModule):
         lr_base_batch_size: when set, linear LR scaling
             ``lr = base_lr * batch_size * world_size / lr_base_batch_size`` (``batch_size`` per
             process, from the data module), applied before the scheduler is built.
+        compile: compile the task's forward with ``torch.compile`` when the Trainer sets it up
+            (:meth:`configure_model`, after the norm injection): ``True`` (the default backend,
+            inductor), or a dict of ``torch.compile`` arguments (``{backend: aot_eager}``,
+            ``{mode: max-autotune}``). In place (``nn.Module.compile``): parameter names, the
+            checkpoints and the injected layers' names stay as they are.
     """
 
     def __init__(
@@ -103,6 +108,7 @@ class BaseTask(LightningModule):
         beta_weight_decay: float | None = None,
         gamma_decay_target: Literal[0, 1] = 0,
         lr_base_batch_size: int | None = None,
+        compile: bool | dict[str, Any] = False,
     ) -> None:
         super().__init__()
         if not callable(optimizer):
@@ -123,6 +129,9 @@ class BaseTask(LightningModule):
                            "gamma_decay_target": gamma_decay_target}
         check_norm_decay(**self.norm_decay)
         self.lr_base_batch_size = lr_base_batch_size
+        if not isinstance(compile, (bool, dict)):
+            raise TypeError(f"compile must be true, false or a dict of torch.compile arguments, got {compile!r}")
+        self.compile_options: dict[str, Any] | None = (dict(compile) if isinstance(compile, dict) else {}) if compile else None
 
     #: Constructor arguments kept out of the saved hyperparameters (and so out of checkpoints):
     #: starting points that a checkpoint makes unnecessary, such as ``backbone_weights``.
@@ -168,6 +177,12 @@ class BaseTask(LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None)
         if datamodule is not None:
             check_last_training_batch(self, datamodule.train_dataloader(), self.trainer.world_size)
+
+    def configure_model(self) -> None:
+        """Compile the forward when the ``compile`` argument asks for it (once; the Trainer calls
+        this hook after every callback's ``setup``, so after the norm injection)."""
+        if self.compile_options is not None and self._compiled_call_impl is None:
+            self.compile(**self.compile_options)
 
     def parameter_groups(self) -> list[dict[str, Any]]:
         """Parameter groups handed to the optimizer: ``default`` (all trainable parameters) and,

@@ -5,9 +5,10 @@
 :class:`~normlightning.models.input_normalization.InputNormalization`, the model's first
 module. Loss: cross-entropy with optional label smoothing. Metrics (torchmetrics, one
 collection per stage, epoch-level, synchronized across processes; see
-:func:`~normlightning.tasks.metrics.accuracy_metrics`): ``{stage}/acc1`` and, with at least 5
-classes, ``{stage}/acc5``, for ``stage`` in ``train``, ``val``, ``test``; ``train/loss`` every
-step, ``val/loss`` and ``test/loss`` per epoch.
+:func:`~normlightning.tasks.metrics.accuracy_metrics` and :meth:`ClassificationTask.update_metrics`): ``{stage}/acc1`` and,
+with at least 5 classes, ``{stage}/acc5``, for ``stage`` in ``train``, ``val``, ``test``;
+``train/loss`` at the logging steps (see :meth:`ClassificationTask._logs_this_step`),
+``val/loss`` and ``test/loss`` per epoch.
 
 Subclasses change training through two hooks and keep the metrics and logging of the
 training step: :meth:`ClassificationTask.prepare_training_batch` (a batch-level transform such
@@ -22,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
+from torchmetrics import MetricCollection
 
 from normlightning.data.base import missing_link_error
 from normlightning.models import build_backbone
@@ -101,6 +103,7 @@ class ClassificationTask(BaseTask):
             )
             rank_zero_info(self.backbone_weights_report.summary())
         self.example_input_array = torch.zeros(2, *input_shape)
+        self._metrics_logged: dict[str, set[int]] = {}  # stage -> metric collections logged this epoch
         self.configure_metrics()
 
     def configure_metrics(self) -> None:
@@ -142,16 +145,46 @@ class ClassificationTask(BaseTask):
         """
         return self.cross_entropy(logits, batch[1])
 
+    def update_metrics(self, stage: str, metrics: MetricCollection, logits: Tensor, y: Tensor) -> None:
+        """Update the epoch-level ``metrics`` of ``stage`` with a step's logits and targets.
+
+        The metric objects are handed to ``self.log_dict`` once per epoch, at their first update:
+        Lightning computes them over the whole epoch at its end (synchronized across processes)
+        and resets them, exactly as when they are logged every step, which costs Lightning more
+        per step than a small model's training step (benchmarks/lightning_overhead.py).
+        """
+        metrics.update(logits, y)
+        if id(metrics) not in self._metrics_logged.setdefault(stage, set()):
+            self._metrics_logged[stage].add(id(metrics))
+            self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage != "test")
+
     def _log_step(self, stage: Stage, logits: Tensor, y: Tensor, loss: Tensor) -> None:
         metrics = {"train": self.train_metrics, "val": self.val_metrics, "test": self.test_metrics}[stage]
-        metrics(logits, y)
-        train = stage == "train"
-        # train/loss every step; val/test losses are epoch means, averaged over processes under DDP
-        self.log(
-            f"{stage}/loss", loss, on_step=train, on_epoch=not train, prog_bar=True, sync_dist=not train,
-            batch_size=y.shape[0],
-        )
-        self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage != "test", batch_size=y.shape[0])
+        self.update_metrics(stage, metrics, logits, y)
+        if stage != "train":  # val/test losses are epoch means, averaged over processes under DDP
+            self.log(f"{stage}/loss", loss, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=y.shape[0])
+        elif self._logs_this_step():
+            self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=y.shape[0])
+
+    def _logs_this_step(self) -> bool:
+        """Whether the training step logs ``train/loss``: at the steps the logger writes
+        (every ``trainer.log_every_n_steps``), at an epoch's last batch and when training stops
+        (a logged value costs Lightning about as much as a small model's step; the logger's
+        records and the final ``train/loss`` are the same as logging every step). Outside a
+        Trainer: always."""
+        trainer = self._trainer
+        if trainer is None:
+            return True
+        return (self.global_step + 1) % max(1, trainer.log_every_n_steps) == 0 or trainer.is_last_batch or trainer.should_stop
+
+    def on_train_epoch_start(self) -> None:
+        self._metrics_logged.pop("train", None)
+
+    def on_validation_epoch_start(self) -> None:
+        self._metrics_logged.pop("val", None)
+
+    def on_test_epoch_start(self) -> None:
+        self._metrics_logged.pop("test", None)
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         """``training_loss(self(x), batch)`` of the prepared batch; logs it and the training accuracy."""

@@ -129,6 +129,7 @@ class FewShotTask(ClassificationTask):
 
     # ------------------------------------------------------------------ test
     def on_test_epoch_start(self) -> None:
+        super().on_test_epoch_start()
         self._episode_accs, self._episode_ids = {}, {}
         for loader in getattr(self.trainer, "test_dataloaders", None) or []:
             k_shot = getattr(getattr(loader, "dataset", None), "k_shot", None)

@@ -121,3 +121,21 @@ def test_contiguous_input_gives_contiguous_output(name, shape):
     for training in (True, False):
         y = layer.train(training)(x)
         assert y.is_contiguous(), f"{name}: output strides {y.stride()} for shape {shape}"
+
+
+@pytest.mark.parametrize("name", sorted(ALL_SPECS))
+def test_one_position_input_keeps_its_exact_strides(name):
+    """(N, C, 1, 1) is dense in both formats; the output and the input gradient must still carry
+    the input's strides: convolutions pick their layout from them (channel stride 1 reads as
+    channels_last), and the convolution next to the layer would convert its weight on every call."""
+    spec = {"num_groups": 2} if name == "bgn" else ALL_SPECS[name]  # G must divide D = C here
+    layer = build_norm(name, C, **spec)
+    x = torch.randn(6, C, 1, 1) + 1
+    for mode in (False,) if name == "in" else (True, False):  # IN has one value per set: eval only
+        layer.train(mode)
+        inp = x.clone().requires_grad_() * 1.0  # not a leaf: its gradient keeps the strides it arrives with
+        grads = []
+        inp.register_hook(grads.append)
+        y = layer(inp)
+        y.backward(torch.randn_like(y))
+        assert y.stride() == x.stride() and grads[0].stride() == x.stride()

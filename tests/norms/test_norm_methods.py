@@ -163,7 +163,9 @@ def test_ln_in_pn():
     _compare(ln, lambda t: R.affine(R.normalize(t, (1,)), ln.weight, ln.bias), x2)
 
 
-def test_seqnorm():
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "native-kernels"])
+def test_seqnorm(fused, monkeypatch):
+    monkeypatch.setattr("normlightning.norms.functional.group_sets.SEQNORM_FUSED_MIN_NUMEL", 0 if fused else 1 << 30)
     torch.manual_seed(7)
     layer = _randomize_affine(SequentialNorm(4, channel_groups=2, batch_groups=2, dtype=D64))
     mean, var = torch.zeros(4, dtype=D64), torch.ones(4, dtype=D64)

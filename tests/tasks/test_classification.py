@@ -107,3 +107,66 @@ def test_training_loss_hook_keeps_metrics_and_logging(tmp_path) -> None:
     assert float(logged["val/loss"]) < 100.0  # validation keeps the plain cross-entropy
     assert 0.0 <= float(logged["train/acc1"]) <= 1.0
     assert any(not torch.equal(a, b) for a, b in zip(before, task.parameters()))  # it trained
+
+
+class RecordingTask(ClassificationTask):
+    """Records every ``train/loss`` value handed to ``self.log`` with the step it was logged at,
+    and the loss of every training step."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.loss_logs, self.step_losses, self.step_hits = [], [], []
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        self.step_losses.append(float(loss.detach()))
+        logits = self(batch[0])
+        self.step_hits.append((logits.argmax(-1) == batch[1]).sum().item())
+        return loss
+
+    def log(self, name, value, *args, **kwargs):
+        if name == "train/loss":
+            self.loss_logs.append((self.global_step, float(value)))
+        super().log(name, value, *args, **kwargs)
+
+
+def test_train_loss_logged_at_logging_steps_and_epoch_end_accuracy(tmp_path) -> None:
+    """``train/loss`` goes to Lightning at the steps its logger writes (every log_every_n_steps) and
+    at the epoch's last batch; the training accuracy is the epoch's, logged once at its end."""
+    data = Synthetic(input_shape=(2, 6, 6), num_classes=5, num_train=40, num_val=8, num_test=8, batch_size=8)
+    task = RecordingTask(backbone="small_cnn", num_classes=5, input_shape=(2, 6, 6), backbone_kwargs={"width": 4},
+                         optimizer=partial(torch.optim.SGD, lr=0.0))  # lr 0: the step's logits are the recomputed ones
+    trainer = Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False, limit_val_batches=0, log_every_n_steps=2, default_root_dir=tmp_path)
+    trainer.fit(task, datamodule=data)
+    assert [step for step, _ in task.loss_logs] == [1, 3, 4]  # steps 0..4: every 2nd, and the last batch
+    assert [value for _, value in task.loss_logs] == pytest.approx([task.step_losses[i] for i in (1, 3, 4)])
+    assert float(trainer.callback_metrics["train/loss"]) == pytest.approx(task.step_losses[-1])
+    assert float(trainer.callback_metrics["train/acc1"]) == pytest.approx(sum(task.step_hits) / 40)
+
+
+def test_epoch_accuracy_is_visible_to_callbacks_at_the_epoch_end(tmp_path) -> None:
+    """Callbacks that read ``val/acc1`` in their ``on_validation_epoch_end`` (MedianOfLastEpochs) see
+    the epoch that just ended (the metric objects are logged once per epoch, at their first update)."""
+    from lightning.pytorch import Callback
+
+    from normlightning.callbacks.median_last_epochs import MedianOfLastEpochs
+
+    class Probe(Callback):
+        seen: list = []
+
+        def on_validation_epoch_end(self, trainer, pl_module):
+            if not trainer.sanity_checking:
+                self.seen.append(float(trainer.callback_metrics["val/acc1"]))
+
+    data = Synthetic(input_shape=(2, 6, 6), num_classes=5, num_train=16, num_val=16, num_test=8, batch_size=8)
+    task = _task(optimizer=partial(torch.optim.SGD, lr=0.5))
+    probe, median = Probe(), MedianOfLastEpochs(k=1)
+    trainer = Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False, default_root_dir=tmp_path, callbacks=[probe, median])
+    trainer.fit(task, datamodule=data)
+    task.eval()
+    xs, ys = map(torch.stack, zip(*[data.datasets["val"][i] for i in range(16)]))
+    with torch.no_grad():
+        accuracy = float((task(xs).argmax(-1) == ys).float().mean())
+    assert len(probe.seen) == 2 and probe.seen[-1] == pytest.approx(accuracy) and median.history[-1] == pytest.approx(accuracy)

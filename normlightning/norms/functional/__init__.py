@@ -12,6 +12,7 @@ output layout), :mod:`.moments` (statistics of sets, all-reduce, running statist
 :mod:`.fused_ops` (one-pass normalize + affine), :mod:`.batch_sets` (bn, ghost, brn, example
 weighing), :mod:`.batch_group` (bgn), :mod:`.group_sets` (gn, ln, in, pn, seqnorm),
 :mod:`.general_batch_group` (gbgn), :mod:`.mixed_statistics` (hn, sn),
+:mod:`.pooled_sets` (the one-node training path of bgn, gbgn, hn, sn, seqnorm),
 :mod:`.parameter_norms` (weight standardization).
 """
 
@@ -19,10 +20,10 @@ from ..group_args import divisors, nearby_divisors
 from .batch_group import batch_group_norm
 from .batch_sets import batch_norm, batch_renorm, example_weighted_norm, ghost_norm
 from .fused_ops import scale_shift
-from .general_batch_group import general_batch_group_norm
+from .general_batch_group import general_batch_group_channel_statistics, general_batch_group_norm
 from .group_sets import group_norm, instance_norm, layer_norm, positional_norm, sequential_norm
 from .layout import compute_dtype
-from .mixed_statistics import heterologous_norm, is_batch_set, parse_set_spec, switchable_norm
+from .mixed_statistics import heterologous_channel_statistics, heterologous_norm, is_batch_set, parse_set_spec, switchable_norm
 from .moments import chunk_sizes, combine_moments, reduce_mean, row_moments, set_mean_var, update_running_stats
 from .parameter_norms import weight_standardize
 
@@ -42,8 +43,10 @@ __all__ = [
     "positional_norm",
     "sequential_norm",
     "general_batch_group_norm",
+    "general_batch_group_channel_statistics",
     "example_weighted_norm",
     "heterologous_norm",
+    "heterologous_channel_statistics",
     "switchable_norm",
     "batch_renorm",
     "weight_standardize",

@@ -1,85 +1,20 @@
 """Batch Group Norm: sets of contiguous groups of the flattened ``D = C*S`` over the batch
-(docs/methods.md, section bgn), with its fused training op (one autograd node)."""
+(docs/methods.md, section bgn)."""
 
 from __future__ import annotations
 
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from ..group_args import nearby_divisors
 from .batch_sets import normalize_batch_sets
-from .fused_ops import RowMoments, blocks, fma, scale_shift
-from .layout import NormInput
-from .moments import check_set_size, combine_moments, set_mean_var, update_running_stats
-
-
-class _BlockSetNorm(torch.autograd.Function):
-    """Training-mode set normalization with per-channel affine on a block view ``x (N, K, L)``:
-    blocks of ``L`` contiguous values, each inside one set and one channel; ``per_group`` blocks
-    form a set (statistics over ``(N, per_group*L)``), ``per_channel`` blocks a channel.
-    Returns ``(y, mean, var)`` (``mean``/``var`` per set, biased, not differentiable).
-
-    Backward: one fused reduction (native batch-norm backward in eval mode gives the per-block
-    ``sum g`` and ``sum g*xhat`` in one pass), pooled per set/channel, then one fused full-size
-    pass ``dx = a*g + b*x + c`` with per-block ``a, b, c`` from
-    ``dx = (dxhat - mean_set(dxhat) - xhat*mean_set(dxhat*xhat)) / sigma``, ``dxhat = g*gamma``.
-    """
-
-    @staticmethod
-    def forward(x, weight, bias, per_group: int, per_channel: int, eps: float):
-        N, K, L = x.shape
-        G = K // per_group
-        mean, var = RowMoments.forward(x.reshape(N, G, per_group * L))  # no grad needed here
-        mean, var = combine_moments(mean, var, (0,))
-        mean, var = mean.view(G), var.view(G)
-        scale, shift = _block_scale_shift(mean, var, weight, bias, per_group, per_channel, eps)
-        y = fma(x, scale.view(1, K, 1), shift.view(1, K, 1))
-        return y, mean, var
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        x, weight, bias, per_group, per_channel, eps = inputs
-        _, mean, var = output
-        ctx.save_for_backward(x, weight, mean, var)
-        ctx.consts = (per_group, per_channel, eps)
-        ctx.mark_non_differentiable(mean, var)
-
-    @staticmethod
-    @once_differentiable  # a second derivative would need its own formula: raise, don't be wrong
-    def backward(ctx, g, _gm=None, _gv=None):
-        x, weight, mean, var = ctx.saved_tensors
-        per_group, per_channel, eps = ctx.consts
-        N, K, L = x.shape
-        G = K // per_group
-        mb, vb = blocks(mean, per_group), blocks(var, per_group)
-        # per-block sum g*xhat and sum g over (N, L), one fused pass
-        _, s_gx, s_g = torch.ops.aten.native_batch_norm_backward(
-            g, x, None, mb, vb, None, None, False, eps, [False, True, True]
-        )
-        gw = gb = None
-        if ctx.needs_input_grad[1]:
-            gw = s_gx.view(-1, per_channel).sum(1)
-        if ctx.needs_input_grad[2]:
-            gb = s_g.view(-1, per_channel).sum(1)
-        gx = None
-        if ctx.needs_input_grad[0]:
-            rstd = torch.rsqrt(var + eps)
-            gam = None if weight is None else blocks(weight, per_channel)
-            t1, t2 = (s_g, s_gx) if gam is None else (s_g * gam, s_gx * gam)
-            n = N * per_group * L
-            m1 = t1.view(G, per_group).sum(1) / n  # mean_set(dxhat)
-            m2 = t2.view(G, per_group).sum(1) / n  # mean_set(dxhat * xhat)
-            rb = blocks(rstd, per_group)
-            a = rb if gam is None else rb * gam
-            bco = -rstd * rstd * m2
-            c = -rstd * m1 - bco * mean
-            b_, c_ = blocks(bco, per_group), blocks(c, per_group)
-            gx = g * a.view(1, K, 1)
-            gx.addcmul_(x, b_.view(1, K, 1)).add_(c_.view(1, K, 1))
-        return gx, gw, gb, None, None, None
+from .fused_ops import blocks, scale_shift
+from .layout import NormInput, spatial_size
+from .moments import check_set_size, set_mean_var, update_running_stats
+from .pooled_sets import pooled_set_norm
 
 
 def _block_scale_shift(mean, var, weight, bias, per_group: int, per_channel: int, eps: float) -> tuple[Tensor, Tensor]:
@@ -114,13 +49,14 @@ def batch_group_norm(
     per group over ``(N, D/G)`` (native ``F.batch_norm`` on the view ``(N, G, D/G)``).
     Running statistics per group (shape ``(G,)``); per-channel affine. When ``G`` is a multiple
     of ``C`` every group lies in one channel and the affine is fused into the native call.
-    Otherwise the group statistics (or, in eval, the running ones) are computed once
-    (:func:`set_mean_var`) and normalization + affine are one pass :func:`scale_shift` with
-    statistic-sized scale/shift; local training (no ``sync``) is one autograd node
-    (``_BlockSetNorm``) with a fused backward.
+    Otherwise the units are blocks of contiguous values each inside one group and one channel
+    (whole channels when groups are whole channels): local training (no ``sync``) is one
+    autograd node (:func:`~.pooled_sets.pooled_set_norm`), eval one native eval-mode call with
+    each block's running statistics, and synced training normalizes with the all-reduced group
+    statistics in one pass :func:`scale_shift`.
     """
     N, C = x.shape[0], x.shape[1]
-    D = x[0].numel()
+    D = x.shape[1] * spatial_size(x)
     G = num_groups
     if D % G != 0:
         dims = "·".join(str(s) for s in x.shape[1:])
@@ -137,31 +73,33 @@ def batch_group_norm(
     if G % C == 0:
         # every group lies in one channel: the affine is the native kernel's per-"channel" one
         r = G // C
-        wg = None if w is None else w.repeat_interleave(r)
-        bg = None if b is None else b.repeat_interleave(r)
+        wg = None if w is None else blocks(w, r)
+        bg = None if b is None else blocks(b, r)
         xv = io.x.reshape(N, G, Lg)
         y = normalize_batch_sets(
             xv, running_mean, running_var, wg, bg, training=training, factor=factor, eps=eps, sync=sync, process_group=process_group
         )
         return io.output(y)
-    # Group statistics once, then normalization and the per-channel affine as one pass
-    # x * scale + shift over blocks of L = gcd(S, D/G) contiguous values, each inside one group
-    # and one channel (L = S when groups are whole channels, L = D/G when channels split).
+    # Units: blocks of L = gcd(S, D/G) contiguous values, each inside one group and one channel
+    # (L = S: the channels themselves, any memory format; L = D/G when groups split channels).
     S = D // C
     L = math.gcd(S, Lg)
     K = D // L
     per_group, per_channel = Lg // L, S // L  # blocks per group / per channel
-    xb = io.x.reshape(N, K, L)
+    xv = io.x if L == S else io.x.reshape(N, K, L)
     if training and not sync:
-        # one autograd node: fused statistics + normalize + affine, fused backward
-        y, mean, var = _BlockSetNorm.apply(xb, w, b, per_group, per_channel, eps)
+        stage = ((("pool", (G, per_group), (1,)),), (("tv", (G, per_group), (1,)),))
+        y, _, _, (mean, var) = pooled_set_norm(xv, w, b, (1, per_channel), (stage,), eps)
         update_running_stats(running_mean, running_var, mean, var, N * Lg, factor)
         return io.output(y)
     if training:
         mean, var, count = set_mean_var(io.x.reshape(N, G, Lg), (0, 2), sync=sync, process_group=process_group)
         update_running_stats(running_mean, running_var, mean, var, count, factor)
-        mean, var = mean.view(G), var.view(G)
-    else:
-        mean, var = running_mean.to(io.dtype), running_var.to(io.dtype)
-    scale, shift = _block_scale_shift(mean, var, w, b, per_group, per_channel, eps)
-    return io.output(scale_shift(xb, scale.view(1, K, 1), shift.view(1, K, 1)))
+        scale, shift = _block_scale_shift(mean.view(G), var.view(G), w, b, per_group, per_channel, eps)
+        xb = io.x.reshape(N, K, L)
+        return io.output(scale_shift(xb, scale.view(1, K, 1), shift.view(1, K, 1)))
+    # eval: one native pass with the running statistics of each block's group
+    mean, var = blocks(running_mean.to(io.dtype), per_group), blocks(running_var.to(io.dtype), per_group)
+    wk = None if w is None else blocks(w, per_channel)
+    bk = None if b is None else blocks(b, per_channel)
+    return io.output(F.batch_norm(xv, mean, var, wk, bk, False, 0.0, eps))

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .fused_ops import channel_affine
-from .layout import NormInput
-from .moments import check_set_size, set_mean_var, update_running_stats
+from .layout import NormInput, spatial_size
+from .moments import channel_moments, check_set_size, set_mean_var, update_running_stats
 
 
 def normalize_batch_sets(
@@ -88,7 +88,7 @@ def batch_norm(
     example's own moments when ``alpha > 0`` (inference example weighing).
     """
     if training:
-        n = x.shape[0] * (x[0, 0].numel())
+        n = x.shape[0] * spatial_size(x)
         check_set_size(n, "BatchNorm input", "Use a batch of more than one example (N * S > 1).")
     io = NormInput(x, weight, bias)
     w, b = io.weight, io.bias
@@ -103,6 +103,22 @@ def batch_norm(
     else:
         y = F.batch_norm(io.x, running_mean, running_var, w, b, training, factor, eps)
     return io.output(y)
+
+
+def check_ghost_batches(N: int, G: int, S: int) -> None:
+    """Raise ``ValueError`` (naming the fix) when ``N`` examples cannot form ``G`` ghost batches
+    whose sets ``(N/G, S)`` hold more than one value."""
+    if N < G:
+        raise ValueError(
+            f"GhostNorm cannot split a batch of N={N} examples into num_groups (G_M)={G} ghost "
+            f"batches. Use a batch of at least {G} examples (e.g. drop_last=True in the loader) "
+            f"or a smaller num_groups / larger ghost_batch_size."
+        )
+    check_set_size(
+        (N // G) * S,
+        f"GhostNorm with N={N}, G_M={G}, S={S}",
+        "Use fewer ghost batches (num_groups) or larger ghost batches (ghost_batch_size).",
+    )
 
 
 def ghost_norm(
@@ -132,22 +148,13 @@ def ghost_norm(
     """
     if not training:
         return batch_norm(x, running_mean, running_var, weight, bias, training=False, eps=eps, alpha=alpha)
-    N, C = x.shape[0], x.shape[1]
-    S = x[0, 0].numel()
+    N, C, S = x.shape[0], x.shape[1], spatial_size(x)
     G = num_ghosts
-    if N < G:
-        raise ValueError(
-            f"GhostNorm cannot split a batch of N={N} examples into num_groups (G_M)={G} ghost "
-            f"batches. Use a batch of at least {G} examples (e.g. drop_last=True in the loader) "
-            f"or a smaller num_groups / larger ghost_batch_size."
-        )
-    check_set_size(
-        (N // G) * S,
-        f"GhostNorm with N={N}, G_M={G}, S={S}",
-        "Use fewer ghost batches (num_groups) or larger ghost batches (ghost_batch_size).",
-    )
+    check_ghost_batches(N, G, S)
     io = NormInput(x, weight, bias)
     x3, w, b = io.x3, io.weight, io.bias
+    if G == 1 and not sync:  # one ghost batch: BN, whose native update is the ghost rule for G_M = 1
+        return io.output(F.batch_norm(io.x, running_mean, running_var, w, b, True, factor, eps))
     if N % G == 0:
         xv = x3.reshape(N // G, G * C, S)
         y, means, uvars = _ghost_pass(xv, G, w, b, eps, sync, process_group)
@@ -219,21 +226,25 @@ def batch_renorm(
     """
     if not training:
         return batch_norm(x, running_mean, running_var, weight, bias, training=False, eps=eps)
-    check_set_size(x.shape[0] * x[0, 0].numel(), "BatchRenorm input", "Use a batch with N * S > 1.")
+    check_set_size(x.shape[0] * spatial_size(x), "BatchRenorm input", "Use a batch with N * S > 1.")
     io = NormInput(x, weight, bias)
     dt, x3 = io.dtype, io.x3
     with torch.no_grad():
-        mean, var, _ = set_mean_var(x3.detach(), (0, 2), sync=sync, process_group=process_group)
-        sigma_b = torch.sqrt(var.view(-1) + eps)
-        sigma_r = torch.sqrt(running_var.to(dt) + eps)
-        r = (sigma_b / sigma_r).clamp(1.0 / r_max, r_max)
-        d = ((mean.view(-1) - running_mean.to(dt)) / sigma_r).clamp(-d_max, d_max)
+        if sync:
+            mean, var, _ = set_mean_var(x3.detach(), (0, 2), sync=True, process_group=process_group)
+            mean, var = mean.view(-1), var.view(-1)
+        else:
+            mean, var = channel_moments(io.x)
+        inv_sigma_r = torch.rsqrt(running_var.to(dt) + eps)
+        r = (torch.sqrt(var + eps) * inv_sigma_r).clamp(1.0 / r_max, r_max)
+        d = ((mean - running_mean.to(dt)) * inv_sigma_r).clamp(-d_max, d_max)
     w, b = io.weight, io.bias
     w_eff = r if w is None else w * r
     b_eff = d if w is None else w * d
     if b is not None:
         b_eff = b_eff + b
     y = normalize_batch_sets(
-        x3, running_mean, running_var, w_eff, b_eff, training=True, factor=factor, eps=eps, sync=sync, process_group=process_group
+        x3 if sync else io.x, running_mean, running_var, w_eff, b_eff, training=True, factor=factor, eps=eps,
+        sync=sync, process_group=process_group,
     )
     return io.output(y)

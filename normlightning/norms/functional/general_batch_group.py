@@ -4,12 +4,14 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .batch_sets import example_weighted_norm
-from .fused_ops import channel_affine, normalize_affine
-from .layout import NormInput
+from .fused_ops import blocks, channel_affine, normalize_affine
+from .layout import NormInput, spatial_size
 from .moments import check_set_size, chunk_sizes, reduce_mean, row_moments
+from .pooled_sets import pooled_set_norm
 
 
 def general_batch_group_norm(
@@ -36,23 +38,25 @@ def general_batch_group_norm(
     per-channel moments ``moving_x`` (``E[x]``) and ``moving_x2`` (``E[x^2]``) over ``(N, S)``.
     Eval: the moments are averaged over each channel group, ``var = max(m2 - m1^2, 0)``, and
     mixed with the example's own moments over ``(C/G_C, S)`` when ``alpha > 0``.
+
+    Local training with equal example groups is one autograd node
+    (:func:`~.pooled_sets.pooled_set_norm`, ``raw`` variances); eval without ``alpha`` one native
+    eval-mode ``F.batch_norm``.
     """
     N, C = x.shape[0], x.shape[1]
-    S = x[0, 0].numel()
+    S = spatial_size(x)
     Gc = channel_groups
     Cg = C // Gc
     io = NormInput(x, weight, bias)
     x3, w, b = io.x3, io.weight, io.bias
     if not training:
-        m1 = moving_x.to(io.dtype).view(Gc, Cg).mean(1)
-        m2 = moving_x2.to(io.dtype).view(Gc, Cg).mean(1)
-        xg = x3.reshape(N, Gc, Cg * S)
         if alpha != 0.0:
-            yg = example_weighted_norm(xg, m1, m2, alpha, eps)
-        else:
-            var = (m2 - m1 * m1).clamp_min(0.0)
-            yg = (xg - m1.view(1, Gc, 1)) * torch.rsqrt(var + eps).view(1, Gc, 1)
-        return io.output(channel_affine(yg.reshape(N, C, S), w, b))
+            m1 = moving_x.to(io.dtype).view(Gc, Cg).mean(1)
+            m2 = moving_x2.to(io.dtype).view(Gc, Cg).mean(1)
+            yg = example_weighted_norm(x3.reshape(N, Gc, Cg * S), m1, m2, alpha, eps)
+            return io.output(channel_affine(yg.reshape(N, C, S), w, b))
+        mean, var = general_batch_group_channel_statistics(moving_x, moving_x2, Gc, io.dtype)
+        return io.output(F.batch_norm(io.x, mean, var, w, b, False, 0.0, eps))  # one native pass
     E = N if examples_per_group is None else examples_per_group
     k = -(-N // E)
     sizes = chunk_sizes(N, k)
@@ -61,6 +65,38 @@ def general_batch_group_norm(
         f"GeneralBatchGroupNorm with N={N}, examples_per_group={E}, C/G_C={Cg}, S={S}",
         "Use more examples per group or fewer channel groups.",
     )
+    if sync or N % E != 0:
+        return io.output(_gbgn_moments(io, Gc, sizes, moving_x, moving_x2, factor, eps, sync, process_group))
+    # local, equal groups: one autograd node; units are channels (E = N) or (example, channel) rows
+    shape, dims = ((Gc, Cg), (1,)) if E == N else ((N // E, E, Gc, Cg), (1, 3))
+    stage = ((("pool", shape, dims),), (("raw", shape, dims),))
+    if E == N:
+        y, m_c, v_c, _ = pooled_set_norm(io.x, w, b, (1, 1), (stage,), eps)
+        bm1, bm2 = m_c, v_c + m_c * m_c
+    else:
+        y, m_r, v_r, _ = pooled_set_norm(x3.reshape(1, N * C, S), w, b, (N, 1), (stage,), eps)
+        bm1, bm2 = m_r.view(N, C).mean(0), (v_r + m_r * m_r).view(N, C).mean(0)
+    moving_x.lerp_(bm1.to(moving_x.dtype), factor)
+    moving_x2.lerp_(bm2.to(moving_x2.dtype), factor)
+    return io.output(y)
+
+
+def general_batch_group_channel_statistics(moving_x: Tensor, moving_x2: Tensor, channel_groups: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """The inference mean and variance per channel ``(C,)`` without example weighing: the raw
+    moments averaged over each channel group, ``var = max(m2 - m1^2, 0)``, spread to the group's
+    channels."""
+    Cg = moving_x.shape[0] // channel_groups
+    m1 = moving_x.to(dtype).view(channel_groups, Cg).mean(1)
+    m2 = moving_x2.to(dtype).view(channel_groups, Cg).mean(1)
+    return blocks(m1, Cg), blocks((m2 - m1 * m1).clamp_min(0.0), Cg)
+
+
+def _gbgn_moments(io: NormInput, Gc: int, sizes: list[int], moving_x, moving_x2, factor, eps, sync, process_group) -> Tensor:
+    """Training from the per-``(n, c)`` moments, chunk by chunk (example groups of unequal sizes),
+    block moments (all-)reduced with ``sync``; normalization + affine in one pass."""
+    x3 = io.x3
+    N, C, _ = x3.shape
+    Cg = C // Gc
     # the authors' formulation: per (example, channel) moments over S, averaged over blocks
     m_nc, v_nc = row_moments(x3)
     m_nc, v_nc = m_nc.squeeze(2), v_nc.squeeze(2)
@@ -79,4 +115,4 @@ def general_batch_group_norm(
         (bm1, bm2), _ = reduce_mean([m_nc.detach(), ex2_nc.detach()], (0,), sync=sync, process_group=process_group)
         moving_x.lerp_(bm1.view(C).to(moving_x.dtype), factor)
         moving_x2.lerp_(bm2.view(C).to(moving_x2.dtype), factor)
-    return io.output(normalize_affine(x3, mu.unsqueeze(2), var.unsqueeze(2), w, b, eps))
+    return normalize_affine(x3, mu.unsqueeze(2), var.unsqueeze(2), io.weight, io.bias, eps)

@@ -5,13 +5,15 @@ PN (the channels at one position), and SeqNorm, GN followed by GhostNorm
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ..group_args import divisors
-from .batch_sets import ghost_norm
-from .layout import NormInput
+from .batch_sets import check_ghost_batches, ghost_norm
+from .layout import NormInput, spatial_size
 from .moments import check_set_size
+from .pooled_sets import pooled_set_norm
 
 
 def group_norm(
@@ -28,14 +30,17 @@ def group_norm(
             f"valid choices: {divisors(C)}."
         )
     if training:
-        S = x[0, 0].numel()
-        check_set_size(
-            (C // num_groups) * S,
-            f"GroupNorm with num_groups={num_groups} on C={C} channels and S={S} position(s)",
-            "Use fewer groups (num_groups) or an input with more positions.",
-        )
+        _check_group_sets(C, num_groups, spatial_size(x))
     io = NormInput(x, weight, bias)
     return io.output(F.group_norm(io.x, num_groups, io.weight, io.bias, eps))
+
+
+def _check_group_sets(C: int, G: int, S: int) -> None:
+    check_set_size(
+        (C // G) * S,
+        f"GroupNorm with num_groups={G} on C={C} channels and S={S} position(s)",
+        "Use fewer groups (num_groups) or an input with more positions.",
+    )
 
 
 def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float = 1e-5) -> Tensor:
@@ -48,17 +53,28 @@ def instance_norm(
 ) -> Tensor:
     """Instance Norm (Ulyanov et al. 2016): per ``(n, c)`` over ``S`` (GN with G=C)."""
     if training:
-        check_set_size(x[0, 0].numel(), "InstanceNorm input", "InstanceNorm needs a spatial size S > 1.")
+        check_set_size(spatial_size(x), "InstanceNorm input", "InstanceNorm needs a spatial size S > 1.")
     return group_norm(x, x.shape[1], weight, bias, eps)
 
 
 def positional_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float = 1e-5) -> Tensor:
-    """Positional Norm (Li et al. 2019): per ``(n, s)`` over ``C``, per-channel affine."""
+    """Positional Norm (Li et al. 2019): per ``(n, s)`` over ``C``, per-channel affine.
+
+    Native ``layer_norm`` over the channel axis of the ``(N, S, C)`` transposed view, whose
+    ``(C,)`` affine is ours (a view of a channels-last input; copied for a contiguous one). At one
+    position ``(N, C)`` itself: a transposed ``(N, C, 1, 1)`` output or gradient would have channel
+    stride 1, which convolutions read as channels-last and answer by converting their weight.
+    """
     io = NormInput(x, weight, bias)
-    C = x.shape[1]
-    # native layer_norm over the channel axis of the (N, S, C) transpose; its (C,) affine is ours
-    y = F.layer_norm(io.x3.transpose(1, 2), (C,), io.weight, io.bias, eps)
-    return io.output(y.transpose(1, 2))
+    N, C = x.shape[0], x.shape[1]
+    if spatial_size(x) == 1:
+        return io.output(F.layer_norm(io.x.reshape(N, C), (C,), io.weight, io.bias, eps))
+    return io.output(F.layer_norm(io.x3.transpose(1, 2), (C,), io.weight, io.bias, eps).transpose(1, 2))
+
+
+#: Inputs smaller than this train SeqNorm with the two native kernels (GN, then ghost BN): the
+#: fused node's fixed cost in small operations outweighs its one saved pass below about this size.
+SEQNORM_FUSED_MIN_NUMEL = 1 << 18
 
 
 def sequential_norm(
@@ -78,21 +94,31 @@ def sequential_norm(
     """SeqNorm (Dimitriou & Arandjelovic 2022): ``Ghost_{G_M}(GroupNorm_{G_C}(x))``.
 
     The GN stage has no affine; the per-channel affine and running statistics live in the
-    ghost stage.
+    ghost stage. Local training with ``G_M`` dividing ``N`` on an input of at least
+    :data:`SEQNORM_FUSED_MIN_NUMEL` values is one autograd node of two stages over
+    ``(example, channel)`` rows (:func:`~.pooled_sets.pooled_set_norm`; the GN output is never
+    stored); otherwise native GN, then :func:`ghost_norm` (two native kernels: fewer operations
+    for small inputs, whose stored GN output costs little memory).
     """
-    io = NormInput(x)
-    h = group_norm(io.x, channel_groups, None, None, eps=eps, training=training)
-    y = ghost_norm(
-        h,
-        num_ghosts,
-        running_mean,
-        running_var,
-        weight,
-        bias,
-        training=training,
-        factor=factor,
-        eps=eps,
-        sync=sync,
-        process_group=process_group,
-    )
+    N, C = x.shape[0], x.shape[1]
+    S, G = spatial_size(x), num_ghosts
+    if not training or sync or N % G != 0 or x.numel() < SEQNORM_FUSED_MIN_NUMEL:
+        io = NormInput(x)
+        h = group_norm(io.x, channel_groups, None, None, eps=eps, training=training)
+        y = ghost_norm(
+            h, G, running_mean, running_var, weight, bias, training=training, factor=factor, eps=eps, sync=sync,
+            process_group=process_group,
+        )
+        return io.output(y)
+    _check_group_sets(C, channel_groups, S)
+    check_ghost_batches(N, G, S)
+    io = NormInput(x, weight, bias)
+    gn = (N, channel_groups, C // channel_groups), (2,)
+    ghost = (N // G, G, C), (0,)  # ghost batch j: the examples n = j (mod G)
+    stages = ((("pool",) + gn,), (("tv",) + gn,)), ((("pool",) + ghost,), (("tv",) + ghost,))
+    y, _, _, (_, _, mean, var) = pooled_set_norm(io.x.reshape(1, N * C, S), io.weight, io.bias, (N, 1), stages, eps)
+    n = (N // G) * S
+    with torch.no_grad():
+        running_mean.lerp_(mean.view(G, C).mean(0).to(running_mean.dtype), factor)
+        running_var.lerp_((var.view(G, C) * (n / (n - 1))).mean(0).to(running_var.dtype), factor)
     return io.output(y)

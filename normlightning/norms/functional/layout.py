@@ -8,6 +8,8 @@ sizes, 1 for ``(N, C)``), and returns a tensor of ``x``'s shape, dtype and memor
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -17,6 +19,12 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype statistics are computed in: float32 for float16/bfloat16, else ``dtype``."""
     return torch.float32 if dtype in _LOW_PRECISION else dtype
+
+
+def spatial_size(x: Tensor) -> int:
+    """``S``: the product of the spatial sizes of ``x (N, C, *spatial)`` (1 for ``(N, C)``), from
+    the shape alone (no indexing op)."""
+    return math.prod(x.shape[2:])
 
 
 def upcast(x: Tensor) -> Tensor:
@@ -53,9 +61,10 @@ class NormInput:
     def __init__(self, x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None) -> None:
         self._source = x
         self.x = upcast(x)
-        self.dtype = self.x.dtype
-        self.weight = None if weight is None else weight.to(self.dtype)
-        self.bias = None if bias is None else bias.to(self.dtype)
+        self.dtype = dtype = self.x.dtype
+        # (dtype checks in Python: a no-op ``.to`` still costs a dispatch per call)
+        self.weight = weight if weight is None or weight.dtype == dtype else weight.to(dtype)
+        self.bias = bias if bias is None or bias.dtype == dtype else bias.to(dtype)
 
     @property
     def x3(self) -> Tensor:
@@ -65,13 +74,18 @@ class NormInput:
     def output(self, y: Tensor) -> Tensor:
         """``y`` in the input's shape, dtype and memory format (one copy at most, only when ``y``
         is not already laid out so; a contiguous result of a channels_last input is the case
-        this exists for). Inputs in no standard memory format keep ``y``'s strides."""
+        this exists for), with the input's very strides when they differ only on size-1 dims.
+        Inputs in no standard memory format keep ``y``'s strides."""
         source = self._source
         if y.shape != source.shape:
             y = y.reshape(source.shape)
         fmt = memory_format_of(source)
         if fmt is None or y.is_contiguous(memory_format=fmt):
-            return y.to(source.dtype)
+            if fmt is not None and y.stride() != source.stride():
+                # the same layout up to the strides of size-1 dims, which convolutions still read
+                # (a (N, C, 1, 1) tensor with channel stride 1 counts as channels_last there)
+                y = y.as_strided(source.shape, source.stride())
+            return y if y.dtype == source.dtype else y.to(source.dtype)
         if y.dtype != source.dtype:
             return y.to(dtype=source.dtype, memory_format=fmt)
         return y.contiguous(memory_format=fmt)

@@ -9,9 +9,12 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+import torch.nn.functional as F
+
 from ..group_args import divisors
-from .fused_ops import normalize_affine
-from .layout import NormInput
+from .fused_ops import blocks, normalize_affine
+from .layout import NormInput, spatial_size
+from .pooled_sets import channel_group_part, pooled_set_norm, row_part
 from .moments import check_set_size, combine_moments, reduce_mean, row_moments, set_mean_var, update_running_stats
 
 
@@ -106,10 +109,91 @@ def heterologous_norm(
     ``en:G``: per channel group) use batch statistics in training and their running buffers
     (``running_mean`` for the mean set, ``running_vars[k]`` for std component ``k``; ``None``
     for per-example sets) at inference; per-example sets are computed from the input.
+
+    Locally (no ``sync``) one autograd node (:func:`~.pooled_sets.pooled_set_norm`): the units
+    are channels when every set spans the batch, else ``(example, channel)`` rows.
     """
     io = NormInput(x, weight, bias)
+    if training and sync and any(is_batch_set(k) for k, _ in (mean_set, *std_sets)):
+        y = _heterologous_synced(io, mean_set, std_sets, std_mix_logits, running_mean, running_vars, factor, eps, process_group)
+    else:
+        y = _heterologous_local(io, mean_set, std_sets, std_mix_logits, running_mean, running_vars, training, factor, eps)
+    return io.output(y)
+
+
+def _heterologous_local(io: NormInput, mean_set, std_sets, std_mix_logits, running_mean, running_vars, training, factor, eps) -> Tensor:
+    """HN without communication: pooled parts over channel or row units, running statistics as
+    constants at inference (one native eval-mode batch norm when every statistic is a constant)."""
+    x, dt = io.x, io.dtype
+    N, C = x.shape[0], x.shape[1]
+    S = spatial_size(x)
+    channel_units = all(is_batch_set(k) for k, _ in (mean_set, *std_sets))
+    consts: list[Tensor] = []
+
+    def part(kind: str, set_kind: str, groups: int, running: Tensor | None):
+        if is_batch_set(set_kind) and not training:  # running statistics: a constant per unit
+            per_channel = blocks(running.to(dt), C // groups)
+            consts.append(per_channel if channel_units else per_channel.repeat(N))
+            return ("const", len(consts) - 1)
+        if channel_units:
+            return channel_group_part(kind, C, groups)
+        return row_part(kind, N, C, groups, batch=is_batch_set(set_kind))
+
+    if not training and channel_units and std_mix_logits is None:  # constants per channel: one native pass
+        mean, var = heterologous_channel_statistics(mean_set, std_sets, None, running_mean, running_vars, C, dt)
+        return F.batch_norm(x, mean, var, io.weight, io.bias, False, 0.0, eps)
+    mean_parts = (part("pool", mean_set[0], mean_set[1], running_mean),)
+    var_parts = tuple(part("tv", k, g, rv) for (k, g), rv in zip(std_sets, running_vars))
+    xv = x if channel_units else x.reshape(1, N * C, S)
+    y, m, v, stats = pooled_set_norm(
+        xv, io.weight, io.bias, (1, 1) if channel_units else (N, 1), ((mean_parts, var_parts),), eps, tuple(consts),
+        var_logits=std_mix_logits,
+    )
+    if training:
+        _update_hn_running(mean_set, std_sets, mean_parts, var_parts, m, v, stats, running_mean, running_vars, N, C, S, factor)
+    return y
+
+
+def heterologous_channel_statistics(
+    mean_set: tuple[str, int],
+    std_sets: Sequence[tuple[str, int]],
+    std_mix_logits: Tensor | None,
+    running_mean: Tensor,
+    running_vars: Sequence[Tensor],
+    num_channels: int,
+    dtype: torch.dtype,
+) -> tuple[Tensor, Tensor]:
+    """The inference mean and variance per channel ``(C,)`` of an HN layer whose sets are all batch
+    sets: each set's running statistic spread to its channels, the variances mixed with
+    ``softmax(std_mix_logits)`` (one std set: as is)."""
+    C = num_channels
+    mean = blocks(running_mean.to(dtype), C // mean_set[1])
+    variances = [blocks(rv.to(dtype), C // g) for (_, g), rv in zip(std_sets, running_vars)]
+    if std_mix_logits is None:
+        return mean, variances[0]
+    weights = torch.softmax(std_mix_logits.to(dtype), 0)
+    return mean, sum(weights[k] * v for k, v in enumerate(variances))
+
+
+def _update_hn_running(mean_set, std_sets, mean_parts, var_parts, m, v, stats, running_mean, running_vars, N, C, S, factor) -> None:
+    """Running statistics of the batch sets from the fused node's outputs: a part of single
+    units (``own``) is ``m``/``v`` itself, a pooled part's set statistics come in part order."""
+    it = iter(stats)
+    kind = mean_set[0]
+    mean = m if mean_parts[0][0] == "own" else next(it)
+    if is_batch_set(kind):
+        update_running_stats(running_mean, None, mean, None, 0, factor)
+    for (kind, groups), part, running_var in zip(std_sets, var_parts, running_vars):
+        var = v if part[0] == "own" else next(it)
+        if is_batch_set(kind):
+            update_running_stats(None, running_var, None, var, N * (C // groups) * S, factor)
+
+
+def _heterologous_synced(io: NormInput, mean_set, std_sets, std_mix_logits, running_mean, running_vars, factor, eps, process_group) -> Tensor:
+    """HN in training with ``sync``: batch sets from all-reduced moments (differentiable), the
+    per-example sets from the local ``(n, c)`` moments."""
     x3, dt = io.x3, io.dtype
-    N, C, S = x3.shape
+    C = x3.shape[1]
     cache: list[tuple[Tensor, Tensor]] = []
 
     def nc_moments() -> tuple[Tensor, Tensor]:
@@ -117,30 +201,22 @@ def heterologous_norm(
             cache.append(row_moments(x3))
         return cache[0]
 
-    # mean
     kind, g = mean_set
-    if is_batch_set(kind) and not training:
-        mu = _per_channel(running_mean.to(dt).view(1, g, 1, 1), C)
-    else:
-        m, v, n = _set_stats(x3, kind, g, sync, process_group, nc_moments)
-        mu = _per_channel(m, C)
-        if training and is_batch_set(kind):
-            update_running_stats(running_mean, None, m, v, n, factor)
-    # std
+    m, v, n = _set_stats(x3, kind, g, True, process_group, nc_moments)
+    mu = _per_channel(m, C)
+    if is_batch_set(kind):
+        update_running_stats(running_mean, None, m, v, n, factor)
     var = None
     weights = None if std_mix_logits is None else torch.softmax(std_mix_logits.to(dt), 0)
     for k, (skind, sg) in enumerate(std_sets):
-        if is_batch_set(skind) and not training:
-            vk = running_vars[k].to(dt).view(1, sg, 1, 1)
-        else:
-            m, vk, n = _set_stats(x3, skind, sg, sync, process_group, nc_moments)
-            if training and is_batch_set(skind):
-                update_running_stats(None, running_vars[k], m, vk, n, factor)
+        m, vk, n = _set_stats(x3, skind, sg, True, process_group, nc_moments)
+        if is_batch_set(skind):
+            update_running_stats(None, running_vars[k], m, vk, n, factor)
         vk = _per_channel(vk, C)
         if weights is not None:
             vk = weights[k] * vk
         var = vk if var is None else var + vk
-    return io.output(normalize_affine(x3, mu, var, io.weight, io.bias, eps))
+    return normalize_affine(x3, mu, var, io.weight, io.bias, eps)
 
 
 def switchable_norm(
@@ -166,25 +242,50 @@ def switchable_norm(
     ``var_bn = mean_n(var_in + mu_in^2) - mu_bn^2`` (both clamped at 0). Mixed with
     ``softmax(mean_logits)`` / ``softmax(var_logits)`` over (IN, LN, BN). Running stats for the
     BN term only (eval uses them for that term).
+
+    Locally (no ``sync``) one autograd node over ``(example, channel)`` row units
+    (:func:`~.pooled_sets.pooled_set_norm`); the BN term's running statistics are constants at
+    inference.
     """
     if training:
-        check_set_size(x.shape[0] * x[0, 0].numel(), "SwitchableNorm input (BN term)", "Use a batch with N * S > 1.")
+        check_set_size(x.shape[0] * spatial_size(x), "SwitchableNorm input (BN term)", "Use a batch with N * S > 1.")
     io = NormInput(x, weight, bias)
+    if training and sync:
+        return io.output(_switchable_synced(io, mean_logits, var_logits, running_mean, running_var, factor, eps, process_group))
+    x, dt = io.x, io.dtype
+    N, C = x.shape[0], x.shape[1]
+    S = spatial_size(x)
+    layer, batch = ("pool", (N, C), (1,)), ("pool", (N, C), (0,))
+    consts: tuple[Tensor, ...] = ()
+    if training:
+        mean_parts = (("own",), layer, batch)
+        var_parts = (("own",), ("raw",) + layer[1:], ("raw",) + batch[1:])
+    else:
+        consts = (running_mean.to(dt).repeat(N), running_var.to(dt).repeat(N))
+        mean_parts = (("own",), layer, ("const", 0))
+        var_parts = (("own",), ("raw",) + layer[1:], ("const", 1))
+    y, _, _, stats = pooled_set_norm(
+        x.reshape(1, N * C, S), io.weight, io.bias, (N, 1), ((mean_parts, var_parts),), eps, consts,
+        mean_logits=mean_logits, var_logits=var_logits,
+    )
+    if training:  # stats: the layer and batch set means, then the layer and batch set variances
+        update_running_stats(running_mean, running_var, stats[1], stats[3], N * S, factor)
+    return io.output(y)
+
+
+def _switchable_synced(io: NormInput, mean_logits, var_logits, running_mean, running_var, factor, eps, process_group) -> Tensor:
+    """SN in training with ``sync``: the BN term's moments all-reduced (differentiably)."""
     x3, dt = io.x3, io.dtype
-    N, C, S = x3.shape
+    S = x3.shape[2]
     mu_in, var_in = row_moments(x3)
     temp = var_in + mu_in * mu_in
     mu_ln = mu_in.mean(1, keepdim=True)
     var_ln = (temp.mean(1, keepdim=True) - mu_ln * mu_ln).clamp_min(0.0)
-    if training:
-        (mu_bn, t_bn), n_ex = reduce_mean([mu_in, temp], (0,), sync=sync, process_group=process_group)
-        var_bn = (t_bn - mu_bn * mu_bn).clamp_min(0.0)
-        update_running_stats(running_mean, running_var, mu_bn, var_bn, n_ex * S, factor)
-    else:
-        mu_bn = running_mean.to(dt).view(1, C, 1)
-        var_bn = running_var.to(dt).view(1, C, 1)
+    (mu_bn, t_bn), n_ex = reduce_mean([mu_in, temp], (0,), sync=True, process_group=process_group)
+    var_bn = (t_bn - mu_bn * mu_bn).clamp_min(0.0)
+    update_running_stats(running_mean, running_var, mu_bn, var_bn, n_ex * S, factor)
     wm = torch.softmax(mean_logits.to(dt), 0)
     wv = torch.softmax(var_logits.to(dt), 0)
     mu = wm[0] * mu_in + wm[1] * mu_ln + wm[2] * mu_bn
     var = wv[0] * var_in + wv[1] * var_ln + wv[2] * var_bn
-    return io.output(normalize_affine(x3, mu, var, io.weight, io.bias, eps))
+    return normalize_affine(x3, mu, var, io.weight, io.bias, eps)

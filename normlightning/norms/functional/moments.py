@@ -78,6 +78,19 @@ def row_moments(x: Tensor) -> tuple[Tensor, Tensor]:
     return RowMoments.apply(x)
 
 
+def channel_moments(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean and biased variance of each channel (dim 1) over every other dim, shapes ``(C,)``.
+
+    Two fast reductions and one full-size temporary (the centred values, squared in place): no
+    ``E[x^2] - E[x]^2`` cancellation. Records no autograd node of its own (for use under
+    ``no_grad`` or inside a custom autograd Function).
+    """
+    dims = [d for d in range(x.dim()) if d != 1]
+    mean = x.mean(dims, keepdim=True)
+    var = (x - mean).square_().mean(dims)
+    return mean.view(-1), var
+
+
 def combine_moments(mean: Tensor, var: Tensor, dims: Sequence[int]) -> tuple[Tensor, Tensor]:
     """Pool equal-size sets: the mean and biased variance of the union over ``dims`` (keepdim).
 
@@ -146,7 +159,13 @@ def update_running_stats(
     buffers' shape; ``count`` is the set size ``n``.
     """
     if running_mean is not None:
-        running_mean.lerp_(mean.detach().reshape(running_mean.shape).to(running_mean.dtype), factor)
+        running_mean.lerp_(_like(mean, running_mean), factor)
     if running_var is not None:
-        unbiased = var.detach().reshape(running_var.shape) * (count / (count - 1))
-        running_var.lerp_(unbiased.to(running_var.dtype), factor)
+        running_var.lerp_(_like(var * (count / (count - 1)), running_var), factor)
+
+
+def _like(t: Tensor, buffer: Tensor) -> Tensor:
+    """``t`` in ``buffer``'s shape and dtype (no op for what already matches)."""
+    if t.shape != buffer.shape:
+        t = t.reshape(buffer.shape)
+    return t if t.dtype == buffer.dtype else t.to(buffer.dtype)

@@ -1,0 +1,216 @@
+"""Folding inference-mode normalization layers into the convolution before them.
+
+At inference a layer whose statistics are constants per channel is ``y = s_c x + t_c`` with
+``s_c = gamma_c / sqrt(var_c + eps)`` and ``t_c = beta_c - mean_c s_c``. When its input is the
+output of a convolution and nothing else reads that output, the convolution can compute ``y``
+itself: ``W'[o] = s_o W[o]``, ``b'[o] = s_o b[o] + t_o``; the norm layer becomes ``nn.Identity``.
+That holds for native ``BatchNorm*d`` and for the layers with ``inference_channel_statistics()``
+(bn, brn, ghost, gbgn without example weighing; bgn with whole-channel groups; hn with batch sets
+only, as the HN paper notes). Model surgery, like the injection: plain PyTorch, in place.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections import Counter
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.utils import parametrize
+
+from normlightning.injection.apply import _replace_submodule
+from normlightning.injection.spec import MODULE_ATTR
+from normlightning.norms.model_layers import is_norm_layer
+
+__all__ = ["fold_norms", "inference_affine"]
+
+CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def inference_affine(layer: nn.Module) -> tuple[Tensor, Tensor]:
+    """``(s, t)`` per channel, float64, with ``layer(x) = s_c x + t_c`` at inference.
+
+    Raises ``ValueError`` (the reason) when ``layer``'s inference statistics are not constants per
+    channel: per-example sets (gn, ln, in, pn, sn, seqnorm, hn with per-example sets), example
+    weighing, bgn groups that split channels, a BatchNorm without running statistics.
+    """
+    if isinstance(layer, _BatchNorm):
+        if layer.running_mean is None or not layer.track_running_stats:
+            raise ValueError(f"{type(layer).__name__} keeps no running statistics (track_running_stats=False)")
+        mean, var = layer.running_mean, layer.running_var
+    elif hasattr(layer, "inference_channel_statistics"):
+        mean, var = layer.inference_channel_statistics()
+    else:
+        raise ValueError(f"{type(layer).__name__} computes its statistics from each input at inference (per-example sets)")
+    scale = torch.rsqrt(var.detach().double() + layer.eps)
+    if getattr(layer, "weight", None) is not None:
+        scale = scale * layer.weight.detach().double()
+    shift = -mean.detach().double() * scale
+    if getattr(layer, "bias", None) is not None:
+        shift = shift + layer.bias.detach().double()
+    return scale, shift
+
+
+def _tensors(value: Any) -> Iterable[Tensor]:
+    if isinstance(value, Tensor):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _tensors(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _tensors(v)
+
+
+def _readers(outputs: Any) -> Counter:
+    """How many times each autograd output ``(node, index)`` is read: by a later node of the graph
+    that produced ``outputs``, or as one of ``outputs``."""
+    counts: Counter = Counter()
+    stack, seen = [], set()
+    for t in _tensors(outputs):
+        if t.grad_fn is not None:
+            counts[(t.grad_fn, t.output_nr)] += 1
+            stack.append(t.grad_fn)
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        for child, index in node.next_functions:
+            if child is not None:
+                counts[(child, index)] += 1
+                stack.append(child)
+    return counts
+
+
+def _trace(model: nn.Module, example_input: Any, norms: dict[str, nn.Module]) -> tuple[dict[str, str], dict[str, str]]:
+    """One forward of ``example_input`` (eval mode): ``({norm: convolution}, {norm: why not})``. A
+    norm layer qualifies when it reads exactly the output of one convolution (called once), and
+    nothing else reads that output."""
+    convs = {m: name for name, m in model.named_modules() if isinstance(m, CONVOLUTIONS)}
+    produced: dict[int, tuple[str, Tensor]] = {}
+    inputs: dict[str, list[Tensor]] = {name: [] for name in norms}
+    calls: Counter = Counter()
+
+    def conv_hook(module, args, output):
+        calls[convs[module]] += 1
+        produced[id(output)] = (convs[module], output)
+
+    def norm_hook(name):
+        return lambda module, args: inputs[name].append(args[0])
+
+    handles = [m.register_forward_hook(conv_hook) for m in convs]
+    handles += [m.register_forward_pre_hook(norm_hook(name)) for name, m in norms.items()]
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]  # layers left in training mode update theirs
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            leaves = [t.detach().clone().requires_grad_(t.is_floating_point()) for t in _tensors(example_input)]
+            outputs = model(leaves[0] if isinstance(example_input, Tensor) else example_input)
+    finally:
+        for handle in handles:
+            handle.remove()
+        with torch.no_grad():
+            for buffer, value in buffers:
+                buffer.copy_(value)
+    readers = _readers(outputs)
+    found, problems = {}, {}
+    for name, seen in inputs.items():
+        if len(seen) != 1:
+            problems[name] = f"the example forward called it {len(seen)} times (folding needs exactly one call)"
+            continue
+        t = seen[0]
+        conv = produced.get(id(t))
+        if conv is None or conv[1] is not t:
+            problems[name] = "it is not directly after a convolution (its input is not a Conv1d/2d/3d output)"
+        elif calls[conv[0]] != 1:
+            problems[name] = f"the convolution {conv[0]!r} before it runs {calls[conv[0]]} times"
+        elif readers[(t.grad_fn, t.output_nr)] != 1:
+            problems[name] = f"the output of the convolution {conv[0]!r} before it is also read elsewhere"
+        else:
+            found[name] = conv[0]
+    return found, problems
+
+
+def _fold_into(conv: nn.Module, scale: Tensor, shift: Tensor) -> None:
+    if parametrize.is_parametrized(conv, "weight"):  # weight standardization / weight norm: bake it in
+        parametrize.remove_parametrizations(conv, "weight", leave_parametrized=True)
+    with torch.no_grad():
+        weight = conv.weight
+        shape = (-1,) + (1,) * (weight.dim() - 1)
+        weight.copy_((weight.double() * scale.view(shape)).to(weight.dtype))
+        bias = shift if conv.bias is None else conv.bias.double() * scale + shift
+        if conv.bias is None:
+            conv.bias = nn.Parameter(bias.to(weight.dtype))
+        else:
+            conv.bias.copy_(bias.to(conv.bias.dtype))
+
+
+def fold_norms(
+    model: nn.Module, example_input: Any = None, *, exclude: Iterable[str] = (), skip_unfoldable: bool = False
+) -> dict[str, str]:
+    """Fold every inference-mode normalization layer of ``model`` into the convolution before it.
+
+    Args:
+        model: the model, in eval mode (its norm layers at least): folding uses the running
+            statistics.
+        example_input: one input of ``model`` for an eval forward that finds, for each norm
+            layer, the convolution that produces its input (default: ``model.example_input_array``,
+            which the tasks have). Nothing is updated by it.
+        exclude: regexes (``re.fullmatch`` on module names) of norm layers to leave as they are.
+        skip_unfoldable: leave the layers that cannot be folded (with a warning) instead of
+            raising ``ValueError``.
+
+    Returns:
+        ``{norm layer name: convolution name}`` of the folded layers (each now ``nn.Identity``).
+
+    Raises:
+        ValueError: naming every norm layer that cannot be folded and why (training mode,
+            statistics not constant per channel, not directly after a convolution, the
+            convolution's output also read elsewhere), before anything is changed.
+
+    The model's injection spec is dropped (its layers are gone): save a folded model's
+    ``state_dict`` for inference, not as a checkpoint to resume or re-inject.
+    """
+    patterns = [re.compile(p) for p in exclude]
+    norms = {
+        name: m for name, m in model.named_modules()
+        if name and is_norm_layer(m) and not any(p.fullmatch(name) for p in patterns)
+    }
+    problems: dict[str, str] = {}
+    affines: dict[str, tuple[Tensor, Tensor]] = {}
+    for name, layer in norms.items():
+        if layer.training:
+            problems[name] = f"{type(layer).__name__} is in training mode (call model.eval(): folding uses the running statistics)"
+            continue
+        try:
+            affines[name] = inference_affine(layer)
+        except ValueError as err:
+            problems[name] = str(err)
+    convs: dict[str, str] = {}
+    if affines:
+        if example_input is None:
+            example_input = getattr(model, "example_input_array", None)
+        if example_input is None:
+            raise ValueError("fold_norms needs example_input (one input of the model) to find the convolution before each norm layer")
+        convs, not_after_conv = _trace(model, example_input, {n: norms[n] for n in affines})
+        problems.update(not_after_conv)
+    for name, conv_name in list(convs.items()):
+        if model.get_submodule(conv_name).out_channels != affines[name][0].numel():
+            problems[name] = f"the convolution {conv_name!r} before it has a different number of channels"
+            del convs[name]
+    if problems:
+        listed = "\n".join(f"  {name}: {why}" for name, why in problems.items())
+        if not skip_unfoldable:
+            raise ValueError(f"fold_norms cannot fold {len(problems)} norm layer(s) (nothing was changed):\n{listed}")
+        warnings.warn(f"fold_norms left {len(problems)} norm layer(s) as they are:\n{listed}", stacklevel=2)
+    for name, conv_name in convs.items():
+        _fold_into(model.get_submodule(conv_name), *affines[name])
+        _replace_submodule(model, name, nn.Identity())
+    if convs:
+        for module in model.modules():
+            module.__dict__.pop(MODULE_ATTR, None)
+    return convs

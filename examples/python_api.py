@@ -22,6 +22,7 @@ import torchvision
 from lightning.pytorch import Trainer
 from torch import nn
 
+from normlightning import known_warnings
 from normlightning.callbacks import Checkpoint, NormInjection
 from normlightning.data import Digits
 from normlightning.injection import format_summary, inject
@@ -82,6 +83,7 @@ def main(argv: list[str] | None = None) -> nn.Module:
     parser.add_argument("--limit-batches", type=int, default=None, help="train/val batches per epoch (default all)")
     args = parser.parse_args(argv)
 
+    known_warnings.install()  # the CLI's filters of harmless third-party messages (Lightning's logger tip, ...)
     torch.manual_seed(0)
     data = Digits(batch_size=64, num_workers=0)
     inject_into_any_module()

@@ -4,8 +4,9 @@ timm's ``BatchNormAct2d`` is a ``BatchNorm2d`` that also applies dropout and an 
 (EfficientNet, RegNet, ...): ``act(drop(batch_norm(x)))``. Replacing it by a bare norm layer
 would drop the activation. :func:`carried_modules` finds such modules (the layer's children, in
 registration order) and checks, on a probe input in eval mode, that the old layer is exactly its
-``torch.nn`` base class's forward followed by them; :class:`NormWithCarried` then runs the new
-norm layer followed by the same modules. Anything else is an error naming the layer and class.
+``torch.nn`` base class's forward followed by them;
+:class:`~normlightning.norms.with_carried.NormWithCarried` then runs the new norm layer followed by
+the same modules. Anything else is an error naming the layer and class.
 """
 
 from __future__ import annotations
@@ -15,30 +16,9 @@ from collections import OrderedDict
 import torch
 from torch import Tensor, nn
 
+from normlightning.norms.with_carried import NormWithCarried
+
 __all__ = ["NormWithCarried", "carried_modules", "torch_base_class"]
-
-
-class NormWithCarried(nn.Module):
-    """``y = carried_k(... carried_1(norm(x)))``: a norm layer followed by the modules the layer it
-    replaced applied after normalizing (e.g. timm's ``drop`` then ``act``).
-
-    Shape: as ``norm``. The carried modules keep their names (``self.drop``, ``self.act``).
-    """
-
-    def __init__(self, norm: nn.Module, carried: OrderedDict[str, nn.Module]) -> None:
-        super().__init__()
-        self.norm = norm
-        for name, module in carried.items():
-            if name == "norm":
-                raise ValueError("a carried module cannot be named 'norm'")
-            self.add_module(name, module)
-        self.carried_names = tuple(carried)
-
-    def forward(self, x: Tensor) -> Tensor:
-        y = self.norm(x)
-        for name in self.carried_names:
-            y = getattr(self, name)(y)
-        return y
 
 
 def torch_base_class(module: nn.Module) -> type[nn.Module]:

@@ -17,6 +17,7 @@ from .group_args import AutoContext, GroupArg
 from .registry import available_norms, build_norm, norm_group_args, register_norm
 from .norm_layer import norm_layer
 from .switchable_norm import SwitchableNorm
+from .with_carried import NormWithCarried
 
 __all__ = [
     "functional",
@@ -45,5 +46,6 @@ __all__ = [
     "build_norm",
     "norm_group_args",
     "norm_layer",
+    "NormWithCarried",
     "register_norm",
 ]

@@ -16,7 +16,7 @@ Keyword arguments the zoos pass at the call (they override the bound ones, as wi
   them (they always keep running statistics) and ignored for the others;
 - timm's norm + activation arguments ``act_layer``, ``act_kwargs``, ``apply_act``, ``inplace``,
   ``drop_layer``: the result is our layer followed by the dropout and the activation, the structure
-  of timm's ``BatchNormAct2d`` (``drop`` then ``act``; :class:`~normlightning.injection.NormWithCarried`,
+  of timm's ``BatchNormAct2d`` (``drop`` then ``act``; :class:`~normlightning.norms.with_carried.NormWithCarried`,
   the same module the ``norm:`` injection builds from a ``BatchNormAct2d``). The activation is made
   by timm's ``create_act_layer``.
 
@@ -34,6 +34,7 @@ from typing import Any
 from torch import nn
 
 from .registry import build_norm, norm_class_name, norm_factory
+from .with_carried import NormWithCarried
 
 __all__ = ["NORM_ACT_ARGS", "norm_layer"]
 
@@ -80,8 +81,6 @@ def _activation(name: str, act_layer: Any, act_kwargs: dict[str, Any] | None, in
 
 def _with_activation(name: str, layer: nn.Module, act_args: dict[str, Any]) -> nn.Module:
     """``act(drop(layer(x)))`` as timm's ``BatchNormAct2d`` computes it."""
-    from normlightning.injection.carry import NormWithCarried
-
     apply_act = act_args.get("apply_act", True)
     if apply_act and "act_layer" not in act_args:
         raise ValueError(

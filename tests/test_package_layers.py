@@ -1,6 +1,7 @@
 """The package's layers: each subpackage imports only the ones below it (README, "Development").
 
-norms (the layers) <- injection (model surgery, plain PyTorch) <- tasks, callbacks <- cli, sweep.
+norms (the layers) <- injection (model surgery, plain PyTorch) <- models <- tasks, callbacks <- cli,
+sweep; data and integrations (timm, above norms only) beside them.
 """
 
 from __future__ import annotations
@@ -16,8 +17,11 @@ PACKAGE = Path(__file__).resolve().parents[1] / "normlightning"
 
 #: subpackage -> the normlightning subpackages it must not import.
 FORBIDDEN = {
-    "norms": ("injection", "tasks", "callbacks", "cli", "sweep", "data", "models", "integrations"),
-    "injection": ("tasks", "callbacks", "cli", "sweep"),
+    "norms": ("injection", "models", "tasks", "callbacks", "cli", "sweep", "data", "integrations"),
+    "injection": ("models", "tasks", "callbacks", "cli", "sweep", "data"),
+    "models": ("tasks", "callbacks", "cli", "sweep", "data"),
+    "data": ("norms", "injection", "models", "tasks", "callbacks", "cli", "sweep"),
+    "integrations": ("injection", "models", "tasks", "callbacks", "cli", "sweep", "data"),
     "tasks": ("callbacks", "cli", "sweep"),
     "callbacks": ("cli", "sweep"),
 }

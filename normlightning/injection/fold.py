@@ -29,6 +29,18 @@ from normlightning.norms.model_layers import is_norm_layer
 __all__ = ["fold_norms", "inference_affine"]
 
 CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+#: native batch norms whose forward is only the normalization (a subclass may add to it, e.g.
+#: timm's ``BatchNormAct2d`` applies an activation: inject our layers first, they carry it).
+NATIVE_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+def _plain_convolution(module: nn.Module) -> bool:
+    """A ``Conv1d/2d/3d`` itself, or one whose weight is a parametrization (folded by baking it
+    in); a subclass may rewrite its weight in ``forward`` (``WSConv2d`` standardizes it)."""
+    cls = type(module)
+    if parametrize.is_parametrized(module):
+        cls = cls.__bases__[0]
+    return cls in CONVOLUTIONS
 
 
 def inference_affine(layer: nn.Module) -> tuple[Tensor, Tensor]:
@@ -39,6 +51,11 @@ def inference_affine(layer: nn.Module) -> tuple[Tensor, Tensor]:
     weighing, bgn groups that split channels, a BatchNorm without running statistics.
     """
     if isinstance(layer, _BatchNorm):
+        if type(layer) not in NATIVE_BATCH_NORMS:
+            raise ValueError(
+                f"{type(layer).__name__} subclasses {type(layer).__mro__[1].__name__} and may do more than normalize "
+                "(timm's BatchNormAct2d applies an activation); inject our layers first (norm: bn carries it over)"
+            )
         if layer.running_mean is None or not layer.track_running_stats:
             raise ValueError(f"{type(layer).__name__} keeps no running statistics (track_running_stats=False)")
         mean, var = layer.running_mean, layer.running_var
@@ -66,6 +83,20 @@ def _tensors(value: Any) -> Iterable[Tensor]:
             yield from _tensors(v)
 
 
+def _as_traced_leaves(value: Any) -> Any:
+    """``value`` with every tensor replaced by a detached copy that requires a gradient (floating
+    point), so the example forward builds an autograd graph even with frozen parameters."""
+    if isinstance(value, Tensor):
+        return value.detach().clone().requires_grad_(value.is_floating_point())
+    if isinstance(value, dict):
+        return type(value)((k, _as_traced_leaves(v)) for k, v in value.items())
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # a namedtuple
+        return type(value)(*(_as_traced_leaves(v) for v in value))
+    if isinstance(value, (list, tuple)):
+        return type(value)(_as_traced_leaves(v) for v in value)
+    return value
+
+
 def _readers(outputs: Any) -> Counter:
     """How many times each autograd output ``(node, index)`` is read: by a later node of the graph
     that produced ``outputs``, or as one of ``outputs``."""
@@ -90,15 +121,16 @@ def _readers(outputs: Any) -> Counter:
 def _trace(model: nn.Module, example_input: Any, norms: dict[str, nn.Module]) -> tuple[dict[str, str], dict[str, str]]:
     """One forward of ``example_input`` (eval mode): ``({norm: convolution}, {norm: why not})``. A
     norm layer qualifies when it reads exactly the output of one convolution (called once), and
-    nothing else reads that output."""
+    nothing else reads that output, not even in place (the tensor the norm receives is still the
+    convolution's output: same autograd node, same version)."""
     convs = {m: name for name, m in model.named_modules() if isinstance(m, CONVOLUTIONS)}
-    produced: dict[int, tuple[str, Tensor]] = {}
+    produced: dict[int, tuple[str, Tensor, Any, int]] = {}
     inputs: dict[str, list[Tensor]] = {name: [] for name in norms}
     calls: Counter = Counter()
 
     def conv_hook(module, args, output):
         calls[convs[module]] += 1
-        produced[id(output)] = (convs[module], output)
+        produced[id(output)] = (convs[module], output, output.grad_fn, output._version)
 
     def norm_hook(name):
         return lambda module, args: inputs[name].append(args[0])
@@ -108,8 +140,7 @@ def _trace(model: nn.Module, example_input: Any, norms: dict[str, nn.Module]) ->
     buffers = [(b, b.detach().clone()) for b in model.buffers()]  # layers left in training mode update theirs
     try:
         with torch.inference_mode(False), torch.enable_grad():
-            leaves = [t.detach().clone().requires_grad_(t.is_floating_point()) for t in _tensors(example_input)]
-            outputs = model(leaves[0] if isinstance(example_input, Tensor) else example_input)
+            outputs = model(_as_traced_leaves(example_input))
     finally:
         for handle in handles:
             handle.remove()
@@ -126,6 +157,13 @@ def _trace(model: nn.Module, example_input: Any, norms: dict[str, nn.Module]) ->
         conv = produced.get(id(t))
         if conv is None or conv[1] is not t:
             problems[name] = "it is not directly after a convolution (its input is not a Conv1d/2d/3d output)"
+        elif conv[2] is not t.grad_fn or conv[3] != t._version:
+            problems[name] = f"the output of the convolution {conv[0]!r} before it is changed in place before the norm layer reads it"
+        elif t.grad_fn is None:
+            problems[name] = "the example forward built no autograd graph to check what reads the convolution's output"
+        elif not _plain_convolution(model.get_submodule(conv[0])):
+            kind = type(model.get_submodule(conv[0])).__name__
+            problems[name] = f"the convolution {conv[0]!r} before it is a {kind}, whose forward may change its weight (folding needs a plain Conv1d/2d/3d)"
         elif calls[conv[0]] != 1:
             problems[name] = f"the convolution {conv[0]!r} before it runs {calls[conv[0]]} times"
         elif readers[(t.grad_fn, t.output_nr)] != 1:

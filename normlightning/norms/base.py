@@ -140,25 +140,12 @@ class BatchStatNorm(NormLayer):
             return 1.0 / float(self.num_batches_tracked)
         return self.momentum
 
-    def _channel_statistics_sources(self) -> tuple[Tensor, ...]:
-        """The tensors ``inference_channel_statistics()`` reads (subclasses with that method)."""
-        raise NotImplementedError
-
     def _inference_by_channel(self, x: Tensor) -> Tensor:
-        """Eval forward of a layer whose inference statistics are constants per channel: BN's with
-        ``inference_channel_statistics()``, kept between calls until one of its sources changes
-        (tensor version counters: any in-place update, ``load_state_dict``, ``.to()``). While
-        ``torch.compile`` traces, no cache (the compiled graph computes them)."""
-        if torch.compiler.is_compiling():
-            mean, var = self.inference_channel_statistics()
-        else:
-            key = tuple((t._version, t.data_ptr(), t.dtype) for t in self._channel_statistics_sources())
-            cache = self.__dict__.get("_channel_statistics_cache")
-            if cache is None or cache[0] != key:
-                with torch.no_grad():
-                    cache = (key, *self.inference_channel_statistics())
-                self.__dict__["_channel_statistics_cache"] = cache
-            mean, var = cache[1], cache[2]
+        """Eval forward of a layer whose inference statistics are constants per channel: native
+        eval-mode batch norm with ``inference_channel_statistics()`` (``(C,)`` each), read from the
+        buffers on every call, in the dtype the input's statistics are computed in."""
+        dtype = NF.compute_dtype(x.dtype)
+        mean, var = (t.to(dtype) for t in self.inference_channel_statistics())
         return NF.batch_norm(x, mean, var, self.weight, self.bias, training=False, eps=self.eps)
 
     def extra_repr(self) -> str:

@@ -84,13 +84,47 @@ class ConvReadTwice(nn.Module):
         return self.norm(y) + y
 
 
+class ConvPlusShortcutInPlace(nn.Module):
+    """``conv(x) += shortcut`` before the norm (the last block of a pre-activation ResNet)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.norm = nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        y = self.conv(x)
+        y += x
+        return self.norm(y)
+
+
+class BatchNormWithActivation(nn.BatchNorm2d):
+    """A BatchNorm2d subclass that does more than normalize (as timm's BatchNormAct2d)."""
+
+    def forward(self, x):
+        return torch.relu(super().forward(x))
+
+
+class StandardizingConv(nn.Conv2d):
+    """A Conv2d subclass that rewrites its weight on every call (as WSConv2d)."""
+
+    def forward(self, x):
+        w = self.weight
+        w = (w - w.mean(dim=(1, 2, 3), keepdim=True)) / (w.std(dim=(1, 2, 3), keepdim=True) + 1e-5)
+        return self._conv_forward(x, w, self.bias)
+
+
 @pytest.mark.parametrize(
     "make,match",
     [
         (lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.BatchNorm2d(4)), "2: it is not directly after a convolution"),
         (lambda: ConvReadTwice(), "norm: the output of the convolution 'conv' before it is also read elsewhere"),
+        (lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(inplace=True), nn.BatchNorm2d(4)),
+         "2: the output of the convolution '0' before it is changed in place"),
+        (lambda: ConvPlusShortcutInPlace(), "norm: the output of the convolution 'conv' before it is changed in place"),
+        (lambda: nn.Sequential(nn.Conv2d(3, 4, 3), BatchNormWithActivation(4)), "1: BatchNormWithActivation subclasses BatchNorm2d"),
+        (lambda: nn.Sequential(StandardizingConv(3, 4, 3), nn.BatchNorm2d(4)), "1: the convolution '0' before it is a StandardizingConv"),
     ],
-    ids=["after-relu", "conv-read-twice"],
+    ids=["after-relu", "conv-read-twice", "after-inplace-relu", "inplace-shortcut", "bn-subclass", "conv-subclass"],
 )
 def test_refuses_what_the_dataflow_does_not_allow(make, match):
     model = make().eval()
@@ -142,3 +176,24 @@ def test_skip_unfoldable_and_exclude_leave_those_layers():
     assert type(model.features[1][1]).__name__ == "GroupNorm" and type(model.features[4][1]).__name__ == "BatchNorm"
     with torch.no_grad():
         torch.testing.assert_close(model(x), before, rtol=1e-10, atol=1e-10)
+
+
+class DictInput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.norm = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+    def forward(self, inputs):
+        return self.norm(self.conv(inputs["image"]))
+
+
+def test_structured_input_with_frozen_parameters_folds():
+    """A dict input and no parameter requiring a gradient: the example forward still traces."""
+    model = DictInput().double().eval().requires_grad_(False)
+    with torch.no_grad():
+        model.norm.running_mean.copy_(torch.randn(4, dtype=D64))
+        model.norm.running_var.copy_(torch.rand(4, dtype=D64) + 0.5)
+    x = {"image": torch.randn(2, 3, 8, 8, dtype=D64)}
+    before = model(x)
+    assert fold_norms(model, x) == {"norm": "conv"}
+    torch.testing.assert_close(model(x), before, rtol=1e-10, atol=1e-10)

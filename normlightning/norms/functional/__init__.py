@@ -24,12 +24,12 @@ from .general_batch_group import general_batch_group_channel_statistics, general
 from .group_sets import group_norm, instance_norm, layer_norm, positional_norm, sequential_norm
 from .layout import compute_dtype
 from .mixed_statistics import heterologous_channel_statistics, heterologous_norm, is_batch_set, parse_set_spec, switchable_norm
-from .moments import chunk_sizes, combine_moments, reduce_mean, row_moments, set_mean_var, update_running_stats
+from .moments import chunk_sizes, combine_moments, reduce_mean, row_moments, synced_mean_var, update_running_stats
 from .parameter_norms import weight_standardize
 
 __all__ = [
     "compute_dtype",
-    "set_mean_var",
+    "synced_mean_var",
     "row_moments",
     "combine_moments",
     "reduce_mean",

@@ -13,7 +13,7 @@ from ..group_args import nearby_divisors
 from .batch_sets import normalize_batch_sets
 from .fused_ops import blocks, scale_shift
 from .layout import NormInput, spatial_size
-from .moments import check_set_size, set_mean_var, update_running_stats
+from .moments import check_set_size, synced_mean_var, update_running_stats
 from .pooled_sets import pooled_set_norm
 
 
@@ -93,7 +93,7 @@ def batch_group_norm(
         update_running_stats(running_mean, running_var, mean, var, N * Lg, factor)
         return io.output(y)
     if training:
-        mean, var, count = set_mean_var(io.x.reshape(N, G, Lg), (0, 2), sync=sync, process_group=process_group)
+        mean, var, count = synced_mean_var(io.x.reshape(N, G, Lg), (0, 2), process_group=process_group)
         update_running_stats(running_mean, running_var, mean, var, count, factor)
         scale, shift = _block_scale_shift(mean.view(G), var.view(G), w, b, per_group, per_channel, eps)
         xb = io.x.reshape(N, K, L)

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from .fused_ops import channel_affine
 from .layout import NormInput, spatial_size
-from .moments import channel_moments, check_set_size, set_mean_var, update_running_stats
+from .moments import channel_moments, check_set_size, synced_mean_var, update_running_stats
 
 
 def normalize_batch_sets(
@@ -31,11 +31,11 @@ def normalize_batch_sets(
     """Normalize a ``(N, K, L)`` view per ``k`` over ``(N, L)``; weight/bias of shape ``(K,)``.
 
     Training: batch statistics, running buffers (shape ``(K,)``) updated. Eval: running stats.
-    Native ``F.batch_norm`` unless ``sync`` (the moments path of :func:`set_mean_var`).
+    Native ``F.batch_norm`` unless ``sync`` (the moments path of :func:`synced_mean_var`).
     """
     if not training or not sync:
         return F.batch_norm(x3, running_mean, running_var, weight, bias, training, factor, eps)
-    mean, var, count = set_mean_var(x3, (0, 2), sync=True, process_group=process_group)
+    mean, var, count = synced_mean_var(x3, (0, 2), process_group=process_group)
     update_running_stats(running_mean, running_var, mean, var, count, factor)
     y = (x3 - mean) * torch.rsqrt(var + eps)
     if weight is not None:
@@ -189,7 +189,7 @@ def _ghost_pass(xv: Tensor, G: int, w, b, eps, sync, process_group):
         tmp_var = torch.ones(K, dtype=xv.dtype, device=xv.device)
         y = F.batch_norm(xv, tmp_mean, tmp_var, wk, bk, True, 1.0, eps)
         return y, tmp_mean.view(G, C), tmp_var.view(G, C)
-    mean, var, count = set_mean_var(xv, (0, 2), sync=True, process_group=process_group)
+    mean, var, count = synced_mean_var(xv, (0, 2), process_group=process_group)
     y = (xv - mean) * torch.rsqrt(var + eps)
     if wk is not None:
         y = y * wk.view(1, -1, 1)
@@ -231,7 +231,7 @@ def batch_renorm(
     dt, x3 = io.dtype, io.x3
     with torch.no_grad():
         if sync:
-            mean, var, _ = set_mean_var(x3.detach(), (0, 2), sync=True, process_group=process_group)
+            mean, var, _ = synced_mean_var(x3.detach(), (0, 2), process_group=process_group)
             mean, var = mean.view(-1), var.view(-1)
         else:
             mean, var = channel_moments(io.x)

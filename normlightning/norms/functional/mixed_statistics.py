@@ -15,7 +15,7 @@ from ..group_args import divisors
 from .fused_ops import blocks, normalize_affine
 from .layout import NormInput, spatial_size
 from .pooled_sets import channel_group_part, pooled_set_norm, row_part
-from .moments import check_set_size, combine_moments, reduce_mean, row_moments, set_mean_var, update_running_stats
+from .moments import check_set_size, combine_moments, reduce_mean, row_moments, synced_mean_var, update_running_stats
 
 
 _SET_KINDS = ("bn", "in", "ln", "gn", "en")
@@ -64,21 +64,21 @@ def is_batch_set(kind: str) -> bool:
     return kind in ("bn", "en")
 
 
-def _set_stats(x3: Tensor, kind: str, groups: int, sync: bool, process_group, nc_moments):
-    """Mean/var/count of an HN set on ``x3 (N, C, S)``; stats shaped ``(N|1, G, 1, 1)``.
+def _set_stats(x3: Tensor, kind: str, groups: int, process_group, nc_moments):
+    """Mean/var/count of an HN set on ``x3 (N, C, S)`` in synchronized training; stats shaped
+    ``(N|1, G, 1, 1)``.
 
-    Every HN set is a union of whole ``(n, c)`` rows, so locally its statistics are pooled
-    (:func:`combine_moments`) from the per-``(n, c)`` moments ``nc_moments()`` (computed once,
-    shared by the mean set and every std set). Synced batch sets use the moments path.
+    Batch sets (``bn``, ``en:G``) come from all-reduced moments (:func:`synced_mean_var`). A
+    per-example set is a union of whole ``(n, c)`` rows, so its statistics are pooled
+    (:func:`combine_moments`) from the local per-``(n, c)`` moments ``nc_moments()`` (computed
+    once, shared by the mean set and every std set).
     """
     N, C, S = x3.shape
-    batch = is_batch_set(kind)
-    if sync and batch:
-        return set_mean_var(x3.reshape(N, groups, C // groups, S), (0, 2, 3), sync=True, process_group=process_group)
+    if is_batch_set(kind):
+        return synced_mean_var(x3.reshape(N, groups, C // groups, S), (0, 2, 3), process_group=process_group)
     m_nc, v_nc = nc_moments()
-    dims = (0, 2) if batch else (2,)
-    m, v = combine_moments(m_nc.reshape(N, groups, C // groups), v_nc.reshape(N, groups, C // groups), dims)
-    return m.unsqueeze(-1), v.unsqueeze(-1), (N if batch else 1) * (C // groups) * S
+    m, v = combine_moments(m_nc.reshape(N, groups, C // groups), v_nc.reshape(N, groups, C // groups), (2,))
+    return m.unsqueeze(-1), v.unsqueeze(-1), (C // groups) * S
 
 
 def _per_channel(t: Tensor, C: int) -> Tensor:
@@ -202,14 +202,14 @@ def _heterologous_synced(io: NormInput, mean_set, std_sets, std_mix_logits, runn
         return cache[0]
 
     kind, g = mean_set
-    m, v, n = _set_stats(x3, kind, g, True, process_group, nc_moments)
+    m, v, n = _set_stats(x3, kind, g, process_group, nc_moments)
     mu = _per_channel(m, C)
     if is_batch_set(kind):
         update_running_stats(running_mean, None, m, v, n, factor)
     var = None
     weights = None if std_mix_logits is None else torch.softmax(std_mix_logits.to(dt), 0)
     for k, (skind, sg) in enumerate(std_sets):
-        m, vk, n = _set_stats(x3, skind, sg, True, process_group, nc_moments)
+        m, vk, n = _set_stats(x3, skind, sg, process_group, nc_moments)
         if is_batch_set(skind):
             update_running_stats(None, running_vars[k], m, vk, n, factor)
         vk = _per_channel(vk, C)

@@ -106,39 +106,11 @@ def combine_moments(mean: Tensor, var: Tensor, dims: Sequence[int]) -> tuple[Ten
     return mu, var.mean(dim=dims, keepdim=True) + (dm * dm).mean(dim=dims, keepdim=True)
 
 
-def _local_mean_var(x: Tensor, dims: Sequence[int]) -> tuple[Tensor, Tensor]:
-    """Mean and biased variance over ``dims`` (keepdim) without communication: the trailing
-    reduced axes are flattened into rows (:func:`row_moments`), the other reduced axes pooled
-    with :func:`combine_moments`."""
-    nd = x.dim()
-    dims = sorted({d % nd for d in dims})
-    k = nd
-    while k - 1 in dims:
-        k -= 1
-    if k == nd:  # no trailing axis is reduced
-        var, mean = torch.var_mean(x, dim=tuple(dims), correction=0, keepdim=True)
-        return mean, var
-    mean, var = row_moments(x.reshape(*x.shape[:k], -1))
-    mean, var = combine_moments(mean, var, [d for d in dims if d < k])
-    shape = [1 if d in dims else x.shape[d] for d in range(nd)]
-    return mean.reshape(shape), var.reshape(shape)
-
-
-def set_mean_var(
-    x: Tensor, dims: Sequence[int], *, sync: bool = False, process_group=None
-) -> tuple[Tensor, Tensor, Tensor | int]:
-    """Mean and biased variance of ``x`` over ``dims`` (keepdim), and the set size.
-
-    Local path: :func:`row_moments` over the trailing reduced axes, pooled over the others
-    with the law of total variance (numerically stable). Sync path (``sync=True``): the moments
-    ``E[x]`` and ``E[x^2]`` are (all-)reduced and ``var = max(E[x^2] - E[x]^2, 0)``.
-    """
-    if not sync:
-        mean, var = _local_mean_var(x, dims)
-        count = 1
-        for d in dims:
-            count *= x.shape[d]
-        return mean, var, count
+def synced_mean_var(x: Tensor, dims: Sequence[int], *, process_group=None) -> tuple[Tensor, Tensor, Tensor | int]:
+    """Mean and biased variance of ``x`` over ``dims`` (keepdim) across the processes of
+    ``process_group``, and the set size: the moments ``E[x]`` and ``E[x^2]`` are all-reduced
+    (:func:`reduce_mean`) and ``var = max(E[x^2] - E[x]^2, 0)``. The synchronized training path
+    of the batch-set methods; local training uses native kernels or the pooled-set node."""
     (mean, ex2), count = reduce_mean([x, x * x], dims, sync=True, process_group=process_group)
     var = (ex2 - mean * mean).clamp_min(0.0)
     return mean, var, count

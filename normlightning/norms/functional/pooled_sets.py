@@ -17,7 +17,8 @@ Output: ``y = w (x - mu) / sqrt(var + eps) + b`` (native eval-mode ``F.batch_nor
 
 Backward (analytic, no graph of small ops): one native reduction pass gives per unit
 ``sum g`` and ``sum g (x - m)``; the statistics' adjoints follow from the pooling (an average
-broadcast back is its own adjoint); one elementwise pass gives ``dx = A g + B x + C`` per unit.
+broadcast back is its own adjoint); then ``dx = A g + B x + C`` per unit, computed in three
+elementwise passes that write one output tensor (``g * A``, ``+= B x``, ``+= C``).
 
 A *part* is a tuple: ``("own",)``, ``("const", i)`` (the ``i``-th constant, shape ``(K,)``),
 ``("pool", shape, dims)`` for means, ``("tv", shape, dims)`` / ``("raw", shape, dims)`` for

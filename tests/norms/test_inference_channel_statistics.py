@@ -1,0 +1,79 @@
+"""Layers whose inference statistics are constants per channel (bgn with whole-channel groups,
+gbgn without example weighing, hn with batch sets only) run native eval batch norm with them:
+every change of the running statistics must show in the next output, however it was made, and
+an output computed under ``inference_mode`` must not stop a later eval forward with gradients
+(a PGD attack after validation)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from normlightning.norms import build_norm
+
+SPECS = {"bgn": {"num_groups": 2}, "gbgn": {"channel_groups": 2}, "hn": {"mean": "en:2", "std": "en:1"}}
+
+
+def _trained(name: str, shift: float):
+    layer = build_norm(name, 4, **SPECS[name])
+    layer(torch.randn(6, 4, 3, 3) * 2 + shift)
+    return layer.eval()
+
+
+def _reference(name: str, layer, x):
+    """The eval output of a new ``name`` layer given ``layer``'s parameters and buffers, in ``x``'s dtype."""
+    twin = build_norm(name, 4, **SPECS[name])
+    twin.load_state_dict(layer.state_dict())
+    return twin.to(x.dtype).eval()(x)
+
+
+def _running_buffer(layer):
+    return next(b for n, b in layer.named_buffers() if n in ("running_mean", "moving_x"))
+
+
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_eval_follows_every_change_of_the_running_statistics(name):
+    torch.manual_seed(0)
+    layer = _trained(name, 1.0)
+    x = torch.randn(3, 4, 3, 3)
+    first = layer(x)
+    layer.train()(torch.randn(6, 4, 3, 3) * 3 - 1)  # a training step updates the running statistics
+    layer.eval()
+    after_step = layer(x)
+    assert not torch.allclose(after_step, first)
+    torch.testing.assert_close(after_step, _reference(name, layer, x))
+    other = _trained(name, 5.0)
+    layer.load_state_dict(other.state_dict())
+    torch.testing.assert_close(layer(x), other(x))
+    with torch.no_grad():
+        _running_buffer(layer).add_(0.5)
+    torch.testing.assert_close(layer(x), _reference(name, layer, x))
+    before = layer(x)
+    _running_buffer(layer).data.add_(0.5)  # no version bump (as dist.broadcast / all_reduce)
+    changed = layer(x)
+    assert not torch.allclose(changed, before)
+    torch.testing.assert_close(changed, _reference(name, layer, x))
+    layer.double()
+    torch.testing.assert_close(layer(x.double()), _reference(name, layer, x.double()))
+
+
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_eval_after_inference_mode_still_gives_input_gradients(name):
+    torch.manual_seed(0)
+    layer = _trained(name, 1.0)
+    x = torch.randn(3, 4, 3, 3)
+    with torch.inference_mode():
+        layer(x)
+    x_adv = x.clone().requires_grad_(True)
+    layer(x_adv).square().sum().backward()
+    assert x_adv.grad is not None and torch.isfinite(x_adv.grad).all()
+
+
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_float32_layer_in_eval_takes_float64_input(name):
+    torch.manual_seed(0)
+    layer = _trained(name, 1.0)
+    x = torch.randn(3, 4, 3, 3, dtype=torch.float64)
+    y = layer(x)
+    assert y.dtype == torch.float64
+    torch.testing.assert_close(y, _reference(name, layer, x))

@@ -140,13 +140,41 @@ class BatchStatNorm(NormLayer):
             return 1.0 / float(self.num_batches_tracked)
         return self.momentum
 
+    def _channel_statistics_sources(self) -> tuple[Tensor, ...]:
+        """The tensors ``inference_channel_statistics()`` reads (subclasses with that method)."""
+        raise NotImplementedError
+
     def _inference_by_channel(self, x: Tensor) -> Tensor:
         """Eval forward of a layer whose inference statistics are constants per channel: native
-        eval-mode batch norm with ``inference_channel_statistics()`` (``(C,)`` each), read from the
-        buffers on every call, in the dtype the input's statistics are computed in."""
+        eval-mode batch norm with ``inference_channel_statistics()`` (``(C,)`` each), cast to the
+        dtype the input's statistics are computed in.
+
+        The statistics are kept between calls (rebuilding them costs a few small tensor operations)
+        and rebuilt when a source buffer's version counter, storage or dtype changes (any in-place
+        PyTorch op, ``load_state_dict``, ``.to()``) and at every ``train()``/``eval()`` call. Writes
+        that bypass version counters (through ``.data``, or ``torch.distributed`` collectives on the
+        buffers) show after the next ``eval()`` call (docs/methods.md, "Inference statistics kept
+        between calls"). The cache is built outside inference mode, so a forward that needs
+        gradients can follow one under ``torch.inference_mode``; while ``torch.compile`` traces there
+        is no cache (the compiled graph computes them).
+        """
+        if torch.compiler.is_compiling():
+            mean, var = self.inference_channel_statistics()
+        else:
+            key = tuple((t._version, t.data_ptr(), t.dtype) for t in self._channel_statistics_sources())
+            cache = self.__dict__.get("_channel_statistics_cache")
+            if cache is None or cache[0] != key:
+                with torch.inference_mode(False), torch.no_grad():
+                    cache = (key, *self.inference_channel_statistics())
+                self.__dict__["_channel_statistics_cache"] = cache
+            mean, var = cache[1], cache[2]
         dtype = NF.compute_dtype(x.dtype)
-        mean, var = (t.to(dtype) for t in self.inference_channel_statistics())
-        return NF.batch_norm(x, mean, var, self.weight, self.bias, training=False, eps=self.eps)
+        return NF.batch_norm(x, mean.to(dtype), var.to(dtype), self.weight, self.bias, training=False, eps=self.eps)
+
+    def train(self, mode: bool = True):
+        """``nn.Module.train``; also drops the kept inference statistics (see ``_inference_by_channel``)."""
+        self.__dict__.pop("_channel_statistics_cache", None)
+        return super().train(mode)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", momentum={self.momentum}"

@@ -111,6 +111,9 @@ class BatchGroupNorm(BatchStatNorm):
             )
         return blocks(self.running_mean, C // G), blocks(self.running_var, C // G)
 
+    def _channel_statistics_sources(self) -> tuple[Tensor, ...]:
+        return self.running_mean, self.running_var
+
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
         self._check_spatial(x)
@@ -193,6 +196,9 @@ class GeneralBatchGroupNorm(ExampleWeighingMixin, BatchStatNorm):
         (``y = gamma (x - mean) / sqrt(var + eps) + beta``); ``ValueError`` when ``alpha > 0``."""
         self._check_no_example_weighing()
         return NF.general_batch_group_channel_statistics(self.moving_x, self.moving_x2, self.channel_groups, self.moving_x.dtype)
+
+    def _channel_statistics_sources(self) -> tuple[Tensor, ...]:
+        return self.moving_x, self.moving_x2
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)

@@ -89,6 +89,9 @@ class HeterologousNorm(BatchStatNorm):
             self.mean_set, self.std_sets, logits, self.running_mean, running_vars, self.num_features, self.running_mean.dtype
         )
 
+    def _channel_statistics_sources(self) -> tuple[Tensor, ...]:
+        return (self.running_mean, *(getattr(self, name) for name in self._var_names))
+
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
         if self.training:

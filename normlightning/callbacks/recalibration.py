@@ -18,7 +18,9 @@ schedule counter ``renorm_step``) are restored, see :func:`running_buffer_names`
 Modes during the pass: the batch-statistic layers are in ``train()`` (that is when they update their running statistics, with
 ``momentum=None``); **every other module is in** ``eval()`` (dropout off, stochastic
 depth off, other layers' inference behaviour), so the recomputed statistics are those of
-the activations the model sees at inference. Afterwards every module's ``training``
+the activations the model sees at inference. ``brn`` computes its corrections ``r, d`` against
+its trained running statistics during the pass (``BatchRenorm.renorm_reference``), not against
+the averages being rebuilt from their reset values. Afterwards every module's ``training``
 flag and every layer's ``momentum`` are restored; if the pass raises, the running
 buffers are restored too.
 
@@ -134,6 +136,8 @@ def recalibrate_statistics(
     try:
         model.eval()
         for layer in layers.values():
+            if hasattr(layer, "renorm_reference"):  # brn: r, d against the trained statistics
+                layer.renorm_reference = (layer.running_mean.clone(), layer.running_var.clone())
             layer.reset_running_stats()
             layer.momentum = None
             layer.train()
@@ -159,6 +163,8 @@ def recalibrate_statistics(
         bar.close()
         for name, layer in layers.items():
             layer.momentum = momenta[name]
+            if hasattr(layer, "renorm_reference"):
+                layer.renorm_reference = None
         for module, flag in flags.items():
             module.training = flag
     return used

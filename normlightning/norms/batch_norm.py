@@ -62,8 +62,17 @@ class BatchRenorm(BatchStatNorm):
     25k). The step counter is the buffer ``renorm_step`` (survives checkpoints and is the same
     on every DDP rank); it advances once per training forward. Eval: BN with running stats.
 
+    Attribute ``renorm_reference``: ``None``, or ``(mean, var)`` that ``r, d`` use instead of the
+    running statistics (not saved). :func:`~normlightning.callbacks.recalibrate_statistics` sets
+    it to the trained statistics while it rebuilds the running ones from their reset values, so
+    the layer's outputs during the pass are those of training, not of ``r, d`` against a reset
+    average.
+
     Shape: input ``(N, C, *)``, output the same.
     """
+
+    #: ``(mean, var)`` for ``r, d`` in place of the running statistics; ``None``: the running ones.
+    renorm_reference: tuple[Tensor, Tensor] | None = None
 
     def __init__(
         self,
@@ -145,6 +154,7 @@ class BatchRenorm(BatchStatNorm):
             eps=self.eps,
             sync=self.sync_statistics,
             process_group=self.process_group,
+            reference=self.renorm_reference,
         )
         self.renorm_step.add_(1)
         return y

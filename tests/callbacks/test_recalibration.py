@@ -258,3 +258,41 @@ def test_average_running_statistics_over_two_gloo_processes(tmp_path):
         torch.testing.assert_close(r["mean"], torch.tensor([0.5, 1.5, 2.5]))
         torch.testing.assert_close(r["var"], torch.tensor([2.0, 3.0, 4.0]))
     assert [int(r["count"]) for r in results] == [7, 8]
+
+
+def test_brn_corrections_use_the_trained_statistics_during_the_pass():
+    """Two BRN layers in a row, renormalization fully on (r_max 3, d_max 5): while the first
+    layer's running statistics are rebuilt from (0, 1), its output, which the second layer
+    averages, still uses r, d against its trained statistics (m0, v0), as in training."""
+    from normlightning.norms import build_norm
+
+    torch.manual_seed(0)
+    schedule = {"r_max_start_step": 0, "r_max_end_step": 1, "d_max_start_step": 0, "d_max_end_step": 1}
+    first, second = build_norm("brn", 3, **schedule), build_norm("brn", 3, **schedule)
+    model = nn.Sequential(first, second).eval()
+    m0, v0 = torch.tensor([2.0, -1.0, 0.5]), torch.tensor([0.25, 4.0, 1.5])
+    with torch.no_grad():
+        first.running_mean.copy_(m0)
+        first.running_var.copy_(v0)
+        first.renorm_step.fill_(10)
+        first.weight.copy_(torch.tensor([1.5, 0.5, 2.0]))
+        first.bias.copy_(torch.tensor([0.1, -0.2, 0.3]))
+    batches = [torch.randn(4, 3, 5, 5) * 3 + 1 for _ in range(3)]
+
+    recalibrate_statistics(model, batches, forward_fn=lambda m, x: m(x))
+
+    eps = first.eps
+    outputs = []
+    for x in batches:  # the first layer's training output, written out with r, d against (m0, v0)
+        mu = x.mean(dim=(0, 2, 3))
+        var = x.var(dim=(0, 2, 3), unbiased=False)
+        r = (torch.sqrt(var + eps) / torch.sqrt(v0 + eps)).clamp(1 / 3, 3)
+        d = ((mu - m0) / torch.sqrt(v0 + eps)).clamp(-5, 5)
+        x_hat = (x - mu.view(1, 3, 1, 1)) / torch.sqrt(var + eps).view(1, 3, 1, 1) * r.view(1, 3, 1, 1) + d.view(1, 3, 1, 1)
+        outputs.append(first.weight.detach().view(1, 3, 1, 1) * x_hat + first.bias.detach().view(1, 3, 1, 1))
+    expected_mean = torch.stack([y.mean(dim=(0, 2, 3)) for y in outputs]).mean(0)
+    expected_var = torch.stack([y.var(dim=(0, 2, 3), unbiased=True) for y in outputs]).mean(0)
+    torch.testing.assert_close(second.running_mean, expected_mean, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(second.running_var, expected_var, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(first.running_mean, torch.stack([x.mean(dim=(0, 2, 3)) for x in batches]).mean(0))
+    assert first.renorm_reference is None and int(first.renorm_step) == 10

@@ -213,6 +213,7 @@ def batch_renorm(
     eps: float = 1e-5,
     sync: bool = False,
     process_group=None,
+    reference: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     """Batch Renormalization (Ioffe 2017).
 
@@ -220,7 +221,8 @@ def batch_renorm(
     ``d = sg(clip((mu_B - mu_run) / sigma_run, -d_max, d_max))``,
     ``x_hat = (x - mu_B) / sigma_B * r + d``, ``y = gamma x_hat + beta`` with
     ``sigma = sqrt(var + eps)``; ``r, d`` use the running statistics *before* this step's
-    update. Since ``gamma (x_hat_BN r + d) + beta = x_hat_BN (gamma r) + (gamma d + beta)``, the
+    update, or ``reference = (mu_run, var_run)`` when given (the running buffers are still the
+    ones updated: recalibration rebuilds them while ``r, d`` keep the trained statistics). Since ``gamma (x_hat_BN r + d) + beta = x_hat_BN (gamma r) + (gamma d + beta)``, the
     output is one native batch-norm call with weight ``gamma r`` and bias ``gamma d + beta``.
     Eval: BN with the running statistics.
     """
@@ -235,9 +237,10 @@ def batch_renorm(
             mean, var = mean.view(-1), var.view(-1)
         else:
             mean, var = channel_moments(io.x)
-        inv_sigma_r = torch.rsqrt(running_var.to(dt) + eps)
+        ref_mean, ref_var = (running_mean, running_var) if reference is None else reference
+        inv_sigma_r = torch.rsqrt(ref_var.to(dt) + eps)
         r = (torch.sqrt(var + eps) * inv_sigma_r).clamp(1.0 / r_max, r_max)
-        d = ((mean - running_mean.to(dt)) * inv_sigma_r).clamp(-d_max, d_max)
+        d = ((mean - ref_mean.to(dt)) * inv_sigma_r).clamp(-d_max, d_max)
     w, b = io.weight, io.bias
     w_eff = r if w is None else w * r
     b_eff = d if w is None else w * d

@@ -72,6 +72,17 @@ class LayerRule:
     reason: str
 
 
+def _check_method(method: str | None, setting: str) -> None:
+    """A ``ValueError`` naming ``setting`` and listing the registered names when ``method`` is not
+    one (``None``: no method, nothing to check). Plugins register before the rules are built."""
+    if method is None:
+        return
+    try:
+        norm_group_args(method)
+    except ValueError as err:
+        raise ValueError(f"{setting}: {err}") from None
+
+
 class InjectionRules:
     """Validated injection settings (the ``norm:`` section, without the Lightning parts).
 
@@ -112,6 +123,7 @@ class InjectionRules:
             raise ValueError(f"norm.num_groups must be a positive int, 'auto', 'auto:<policy>' or null, got {num_groups!r}")
         if param_norm is not None and param_norm not in PARAM_NORM_KINDS:
             raise ValueError(f"unknown parameter normalization {param_norm!r}; valid: {', '.join(PARAM_NORM_KINDS)}")
+        _check_method(method, "norm.method")
         self.method = method
         self.num_groups = num_groups
         self.kwargs = dict(kwargs or {})
@@ -141,6 +153,7 @@ class InjectionRules:
             )
         out = dict(override)
         out["pattern"] = _compile(out["pattern"], f"norm.overrides[{index}].pattern")
+        _check_method(out.get("method"), f"norm.overrides[{index}].method")
         return out
 
     def is_target(self, module: nn.Module) -> bool:

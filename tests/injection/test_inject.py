@@ -228,7 +228,7 @@ def test_bad_settings_are_clear_errors():
         NormInjection(method="gn", exclude=["("])
     with pytest.raises(ValueError, match="'pattern' key"):
         NormInjection(method="gn", overrides=[{"method": "bn"}])
-    with pytest.raises(ValueError, match=r"cannot build 'nope' for layer '1'"):
+    with pytest.raises(ValueError, match=r"norm.method: Unknown normalization 'nope'"):
         inject(tiny_cnn(), method="nope")[0]
 
 
@@ -250,3 +250,14 @@ def test_named_auto_policy_and_unknown_policy():
         inject(tiny_cnn(), method="bgn", num_groups="auto:nope", batch_size=8, example_input=torch.zeros(2, 3, 8, 8))[0]
     with pytest.raises(ValueError, match="gn num_groups has no 'auto' rule"):
         inject(tiny_cnn(), method="gn", num_groups="auto", batch_size=8)[0]
+
+
+def test_a_method_name_typo_fails_when_the_settings_are_built_and_lists_the_valid_names():
+    """Before any data or model is touched: the `norm:` section itself is rejected."""
+    valid = "valid names: bgn, bn, brn, gbgn, ghost, gn, hn, in, ln, pn, seqnorm, sn"
+    with pytest.raises(ValueError, match=f"norm.method: Unknown normalization 'bgnn'; {valid}"):
+        NormInjection(method="bgnn")
+    with pytest.raises(ValueError, match=f"norm.overrides\\[1\\].method: Unknown normalization 'gnn'; {valid}"):
+        NormInjection(method="bn", overrides=[{"pattern": "a"}, {"pattern": "b", "method": "gnn"}])
+    with pytest.raises(ValueError, match="norm.method: Unknown normalization 'bgnn'"):
+        inject(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)), method="bgnn")

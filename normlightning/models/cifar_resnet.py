@@ -1,4 +1,4 @@
-"""The CIFAR ResNet-18 (as in the HN paper's CIFAR experiments).
+"""The CIFAR ResNet-18 (as in the HN paper's CIFAR experiments) and its building blocks.
 
 The ImageNet ResNet-18 with a CIFAR stem: a 3x3 stride-1 convolution and no max-pool, so a
 32x32 input keeps its resolution in the first stage. Four stages of two BasicBlocks with
@@ -37,12 +37,15 @@ class BasicBlock(nn.Module):
 
 
 class CifarResNet(nn.Module):
-    """CIFAR-style ResNet of BasicBlocks.
+    """CIFAR-style ResNet of BasicBlocks: a 3x3 stride-1 stem, then one stage per entry of
+    ``blocks_per_stage`` (``layer1``, ``layer2``, ...; the first stride 1, the others 2), global
+    average pooling and a linear head.
 
     Args:
         in_channels: ``C`` of the input.
         num_classes: number of logits.
-        blocks_per_stage: BasicBlocks in each of the four stages (``(2, 2, 2, 2)`` = ResNet-18).
+        blocks_per_stage: BasicBlocks in each stage (``(2, 2, 2, 2)`` = ResNet-18; ``(n, n, n)``
+            = He et al.'s depth-``6n + 2`` nets, :mod:`normlightning.models.cifar_resnet_depth`).
         base_width: channels of the stem and first stage (doubles per stage).
     """
 
@@ -67,7 +70,9 @@ class CifarResNet(nn.Module):
                 blocks.append(BasicBlock(channels, out_channels, stride if block_index == 0 else 1))
                 channels = out_channels
             stages.append(nn.Sequential(*blocks))
-        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.stage_names = tuple(f"layer{index + 1}" for index in range(len(stages)))
+        for name, stage in zip(self.stage_names, stages):
+            self.add_module(name, stage)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(channels, num_classes)
         for module in self.modules():
@@ -77,7 +82,8 @@ class CifarResNet(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """``(N, C, H, W)`` -> logits ``(N, num_classes)``."""
         x = self.relu(self.bn1(self.conv1(x)))
-        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        for name in self.stage_names:
+            x = getattr(self, name)(x)
         return self.fc(self.pool(x).flatten(1))
 
 

@@ -20,59 +20,26 @@ Every normalization layer is ``nn.BatchNorm2d`` (swappable by the norm injection
 
 from __future__ import annotations
 
-from torch import Tensor, nn
-
-from normlightning.models.cifar_resnet import BasicBlock
-
-
-class CifarResNetDepth(nn.Module):
-    """Three-stage CIFAR ResNet of depth ``6n + 2``.
-
-    Args:
-        in_channels: ``C`` of the input.
-        num_classes: number of logits.
-        depth: ``6n + 2`` with ``n >= 1`` (8, 14, 20, 26, 32, 44, 56, 110, ...).
-        base_width: channels ``w`` of the stem and the first stage (``2w``, ``4w`` after).
-    """
-
-    def __init__(self, in_channels: int, num_classes: int, depth: int = 20, base_width: int = 16) -> None:
-        super().__init__()
-        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 8 or (depth - 2) % 6:
-            raise ValueError(f"cifar_resnet: depth must be 6n+2 with n >= 1 (8, 14, 20, 32, 56, ...), got {depth!r}")
-        if isinstance(base_width, bool) or not isinstance(base_width, int) or base_width < 1:
-            raise ValueError(f"cifar_resnet: base_width must be a positive int, got {base_width!r}")
-        blocks_per_stage = (depth - 2) // 6
-        self.conv1 = nn.Conv2d(in_channels, base_width, 3, stride=1, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(base_width)
-        self.relu = nn.ReLU(inplace=True)
-        channels = base_width
-        stages = []
-        for index in range(3):
-            out_channels = base_width * 2**index
-            blocks = []
-            for block_index in range(blocks_per_stage):
-                stride = 2 if index > 0 and block_index == 0 else 1
-                blocks.append(BasicBlock(channels, out_channels, stride))
-                channels = out_channels
-            stages.append(nn.Sequential(*blocks))
-        self.layer1, self.layer2, self.layer3 = stages
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.fc = nn.Linear(channels, num_classes)
-        for module in self.modules():
-            if isinstance(module, nn.Conv2d):
-                nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-
-    def forward(self, x: Tensor) -> Tensor:
-        """``(N, C, H, W)`` -> logits ``(N, num_classes)``."""
-        x = self.relu(self.bn1(self.conv1(x)))
-        x = self.layer3(self.layer2(self.layer1(x)))
-        return self.fc(self.pool(x).flatten(1))
+from normlightning.models.cifar_resnet import CifarResNet
 
 
 def cifar_resnet(
     num_classes: int, input_shape: tuple[int, int, int], depth: int = 20, base_width: int = 16
-) -> CifarResNetDepth:
-    """Registry factory: CIFAR ResNet of depth ``6n + 2`` (default ResNet-20, width 16)."""
+) -> CifarResNet:
+    """Registry factory: the three-stage CIFAR ResNet of depth ``6n + 2`` (default ResNet-20,
+    width 16): ``CifarResNet`` with ``n`` BasicBlocks per stage.
+
+    Args:
+        num_classes: number of logits.
+        input_shape: ``(C, H, W)``; ``H, W >= 4`` (two stride-2 stages).
+        depth: ``6n + 2`` with ``n >= 1`` (8, 14, 20, 26, 32, 44, 56, 110, ...).
+        base_width: channels ``w`` of the stem and the first stage (``2w``, ``4w`` after).
+    """
+    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 8 or (depth - 2) % 6:
+        raise ValueError(f"cifar_resnet: depth must be 6n+2 with n >= 1 (8, 14, 20, 32, 56, ...), got {depth!r}")
+    if isinstance(base_width, bool) or not isinstance(base_width, int) or base_width < 1:
+        raise ValueError(f"cifar_resnet: base_width must be a positive int, got {base_width!r}")
     if min(input_shape[1:]) < 4:
         raise ValueError(f"cifar_resnet needs H, W >= 4 (two stride-2 stages), got input_shape={input_shape}")
-    return CifarResNetDepth(input_shape[0], num_classes, depth=depth, base_width=base_width)
+    n = (depth - 2) // 6
+    return CifarResNet(input_shape[0], num_classes, (n, n, n), base_width=base_width)

@@ -1,7 +1,9 @@
-"""Shared fixtures: a scratch working directory and writers of tiny datasets in their real on-disk formats."""
+"""Shared fixtures: a scratch working directory, writers of tiny datasets in their real on-disk
+formats, and a recorder of Lightning's rank-zero messages."""
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import struct
@@ -129,3 +131,15 @@ def _restore_environ():
     yield
     os.environ.clear()
     os.environ.update(saved)
+
+
+@pytest.fixture
+def lightning_info():
+    """Messages of Lightning's rank-zero logger (``rank_zero_info``), which does not propagate to pytest's."""
+    records: list[str] = []
+    handler = logging.Handler(level=logging.INFO)
+    handler.emit = lambda record: records.append(record.getMessage())  # type: ignore[method-assign]
+    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    logger.addHandler(handler)
+    yield records
+    logger.removeHandler(handler)

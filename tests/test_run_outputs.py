@@ -27,18 +27,6 @@ SYNTHETIC = [
 ]
 
 
-@pytest.fixture
-def lightning_info():
-    """Messages of Lightning's rank-zero logger (``rank_zero_info``), which does not propagate to pytest's."""
-    records: list[str] = []
-    handler = logging.Handler(level=logging.INFO)
-    handler.emit = lambda record: records.append(record.getMessage())  # type: ignore[method-assign]
-    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
-    logger.addHandler(handler)
-    yield records
-    logger.removeHandler(handler)
-
-
 def _test_split(cli) -> tuple[torch.Tensor, torch.Tensor]:
     dataset = cli.datamodule.datasets["test"]
     xs, ys = zip(*(dataset[i] for i in range(len(dataset))))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import re
 
 import pytest
@@ -13,18 +12,6 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from normlightning.callbacks import ExampleWeighingSearch, Recalibration, recalibrate_statistics, search_example_weighing
 from normlightning.norms import build_norm
-
-
-@pytest.fixture
-def lightning_info():
-    """Messages of Lightning's rank-zero logger (``rank_zero_info``), which does not propagate to pytest's."""
-    records: list[str] = []
-    handler = logging.Handler(level=logging.INFO)
-    handler.emit = lambda record: records.append(record.getMessage())  # type: ignore[method-assign]
-    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
-    logger.addHandler(handler)
-    yield records
-    logger.removeHandler(handler)
 
 
 class _Task(LightningModule):

@@ -97,7 +97,6 @@ class BatchStatNorm(NormLayer):
     """
 
     uses_batch_statistics = True
-    track_running_stats = True
 
     def __init__(
         self,
@@ -113,7 +112,9 @@ class BatchStatNorm(NormLayer):
         if momentum is not None and not (isinstance(momentum, (int, float)) and 0.0 <= momentum <= 1.0):
             raise ValueError(f"{type(self).__name__}: momentum must be in [0, 1] or None (cumulative average), got {momentum!r}.")
         if not isinstance(track_running_stats, bool):
-            raise ValueError(f"{type(self).__name__}: track_running_stats must be True or False, got {track_running_stats!r}.")
+            raise ValueError(
+                f"{type(self).__name__}: track_running_stats must be True or False, got {track_running_stats!r}."
+            )
         self.momentum = None if momentum is None else float(momentum)
         self.track_running_stats = track_running_stats
         self.sync_statistics = False

@@ -26,7 +26,17 @@ class BatchNorm(ExampleWeighingMixin, BatchStatNorm):
     Shape: input ``(N, C, *)`` with 0 to 3 spatial dims, output the same.
     """
 
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True, alpha: float = 0.0, device=None, dtype=None, track_running_stats: bool = True) -> None:
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        alpha: float = 0.0,
+        device=None,
+        dtype=None,
+        track_running_stats: bool = True,
+    ) -> None:
         super().__init__(num_features, eps, momentum, affine, device, dtype, track_running_stats)
         self._init_alpha(alpha, device)
         self._check_population_for_alpha()

@@ -12,15 +12,18 @@ import itertools
 
 import pytest
 import torch
+from lightning.pytorch import Trainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from normlightning.callbacks.norm_sync import set_statistics_sync
 from normlightning.injection import apply_spec, inject
+from normlightning.injection.fold import fold_norms
 from normlightning.injection.spec import CHECKPOINT_KEY
 from normlightning.norms import build_norm
 from normlightning.norms.model_layers import is_batch_statistic_layer
 from normlightning.norms.norm_layer import norm_layer
+from normlightning.tasks import BaseTask
 from normlightning.tasks.last_batch import check_last_training_batch
 
 C = 4
@@ -176,6 +179,9 @@ def test_untracked_bn_layer_matches_torch_and_has_no_constant_statistics():
     torch.testing.assert_close(layer.eval()(x), expected)
     with pytest.raises(ValueError, match="track_running_stats=False"):
         layer.inference_channel_statistics()
+    conv_bn = nn.Sequential(nn.Conv2d(C, C, 1), build_norm("bn", C, track_running_stats=False)).eval()
+    with pytest.raises(ValueError, match=r"1: BatchNorm with track_running_stats=False"):  # nothing to fold
+        fold_norms(conv_bn, torch.randn(2, C, 3, 3))
     with pytest.raises(ValueError, match="track_running_stats=False.*alpha"):
         build_norm("bn", C, track_running_stats=False, alpha=0.5)
     layer.alpha = 0.5
@@ -209,3 +215,28 @@ def test_untracked_bn_is_synchronized_in_training_and_checked_on_a_last_batch_of
     loader = DataLoader(TensorDataset(torch.randn(17, C)), batch_size=8)
     with pytest.raises(ValueError, match="drop_last"):
         check_last_training_batch(mlp, loader)
+
+
+class UntrackedTask(BaseTask):
+    """A task whose network's BatchNorm keeps no running statistics."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(2, C), nn.BatchNorm1d(C, track_running_stats=False), nn.Linear(C, 1))
+
+    def training_step(self, batch, batch_idx):
+        return self.net(batch[0]).pow(2).mean()
+
+
+def test_load_from_checkpoint_rebuilds_the_untracked_bn(tmp_path):
+    """``load_from_checkpoint`` rebuilds ``bn`` with ``track_running_stats=False`` from the stored spec."""
+    task = UntrackedTask()
+    inject(task, method="bn")
+    trainer = Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                      enable_model_summary=False, default_root_dir=tmp_path)
+    trainer.fit(task, train_dataloaders=DataLoader(TensorDataset(torch.rand(8, 2)), batch_size=4))
+    trainer.save_checkpoint(tmp_path / "untracked.ckpt")
+    loaded = UntrackedTask.load_from_checkpoint(tmp_path / "untracked.ckpt")
+    assert loaded.net[1].track_running_stats is False and loaded.net[1].running_mean is None
+    x = torch.rand(5, 2)
+    torch.testing.assert_close(loaded.eval().net(x), task.eval().net(x))

@@ -23,18 +23,19 @@ import torch
 from lightning.pytorch.plugins.layer_sync import LayerSync, TorchSyncBatchNorm
 from torch import nn
 
-from normlightning.norms.model_layers import is_batch_statistic_layer
+from normlightning.norms.model_layers import has_batch_sets
 
 
 def set_statistics_sync(model: nn.Module, enabled: bool, process_group: Any = None) -> int:
-    """Set ``sync_statistics`` (and ``process_group``) on every normlightning batch layer of ``model``.
+    """Set ``sync_statistics`` (and ``process_group``) on every normlightning batch layer of ``model``
+    (with running statistics or ``track_running_stats=False``, as ``SyncBatchNorm`` converts both).
 
     Returns the number of layers changed.  A synced layer all-reduces its batch statistics across
     ``process_group`` (``None`` = the default group) when ``torch.distributed`` is initialized.
     """
     count = 0
     for module in model.modules():
-        if is_batch_statistic_layer(module) and hasattr(module, "sync_statistics"):
+        if has_batch_sets(module) and hasattr(module, "sync_statistics"):
             module.sync_statistics = enabled
             module.process_group = process_group if enabled else None
             count += 1

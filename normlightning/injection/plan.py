@@ -16,13 +16,14 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from normlightning.injection.carry import carried_modules
 from normlightning.injection.groups import resolve_groups
 from normlightning.injection.rules import InjectionRules, LayerRule
 from normlightning.injection.spec import SPEC_VERSION, build_layer
 from normlightning.norms import norm_group_args
-from normlightning.norms.registry import norm_class_name
+from normlightning.norms.registry import norm_accepts, norm_class_name
 
 __all__ = ["format_summary", "plan_injection", "probe_input_shapes", "summary_rows"]
 
@@ -100,6 +101,36 @@ def _uses_batch_statistics(layer: nn.Module) -> bool:
     return bool(getattr(layer, "uses_batch_statistics", False))
 
 
+def _batch_statistics_at_inference(old: nn.Module) -> bool:
+    """Whether ``old`` is a torch BatchNorm that normalizes with each batch's statistics in eval mode
+    too: it keeps no running buffers (``track_running_stats=False``; torch's own test is
+    ``running_mean is None and running_var is None``)."""
+    return isinstance(old, _BatchNorm) and old.running_mean is None and old.running_var is None
+
+
+def _keep_untracked(record: dict[str, Any], probe: nn.Module) -> None:
+    """Carry ``track_running_stats=False`` into ``record`` for a method with running statistics, or
+    raise ``ValueError`` naming the layer and the option when the method cannot keep its meaning.
+
+    A method without running statistics (``probe`` has sets without the batch axis only: gn, ln, in,
+    pn, hn with per-example sets) computes its statistics from the input at inference already.
+    """
+    if not _uses_batch_statistics(probe):
+        return
+    method, name = record["method"], record["name"]
+    if norm_accepts(method, "track_running_stats"):
+        record["kwargs"]["track_running_stats"] = False
+        if getattr(_build_checked(record), "track_running_stats", True) is False:
+            return
+        del record["kwargs"]["track_running_stats"]
+    raise ValueError(
+        f"norm: layer {name!r} ({record['old_type']}) has track_running_stats=False (it normalizes with each "
+        f"batch's statistics at inference too), but {norm_class_name(method)} ({method!r}) always normalizes with "
+        "running statistics at inference. Use method bn (which keeps track_running_stats=False), a method without "
+        "running statistics (gn, ln, in, pn), or keep the layer with norm.exclude"
+    )
+
+
 def _layer_record(
     rule: LayerRule, group_fit: str, name: str, old: nn.Module, input_shape: tuple[int, ...] | None, batch_size: int | None
 ) -> dict[str, Any]:
@@ -112,6 +143,8 @@ def _layer_record(
     record = {"name": name, "old_type": type(old).__name__, "method": rule.method,
               "kwargs": {"num_features": num_features, **kwargs}}
     probe = _build_checked(record)
+    if _batch_statistics_at_inference(old) and "track_running_stats" not in kwargs:
+        _keep_untracked(record, probe)
     momentum = getattr(old, "momentum", TORCH_DEFAULT_MOMENTUM)
     if _uses_batch_statistics(probe) and "momentum" not in kwargs and momentum != TORCH_DEFAULT_MOMENTUM:
         record["kwargs"]["momentum"] = momentum  # the model chose it; keep it

@@ -7,7 +7,8 @@ per-channel affine parameters ``weight``/``bias`` of shape ``(C,)`` (``None`` wh
 ``BatchStatNorm`` adds what layers whose sets include the batch axis have: ``momentum``
 (float, or ``None`` for a cumulative average), ``num_batches_tracked``, running buffers
 registered with ``_register_running`` (listed by ``running_stat_names``),
-``reset_running_stats()``, and the
+``reset_running_stats()``, ``track_running_stats`` (``False``: no running buffers, batch
+statistics at inference too; only layers that take the argument, e.g. ``bn``), and the
 ``sync_statistics``/``process_group`` attributes read by the functional core.
 
 ``ExampleWeighingMixin`` gives a layer the inference example weighing ``alpha``.
@@ -84,6 +85,10 @@ class BatchStatNorm(NormLayer):
 
     Args:
         momentum: running-average factor (PyTorch convention), ``None`` = cumulative average.
+        track_running_stats: ``False`` registers every running buffer and ``num_batches_tracked``
+            as ``None`` (as ``torch.nn.BatchNorm2d`` does); a subclass that passes it normalizes
+            with the statistics of the batch at inference too. Subclasses that do not take the
+            argument always track.
     Attributes:
         sync_statistics: when True (set by a sync plugin) and ``torch.distributed`` is
             initialized, batch-axis statistics are all-reduced (differentiably) across
@@ -93,19 +98,38 @@ class BatchStatNorm(NormLayer):
 
     uses_batch_statistics = True
 
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True, device=None, dtype=None) -> None:
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        device=None,
+        dtype=None,
+        track_running_stats: bool = True,
+    ) -> None:
         super().__init__(num_features, eps, affine, device, dtype)
         if momentum is not None and not (isinstance(momentum, (int, float)) and 0.0 <= momentum <= 1.0):
             raise ValueError(f"{type(self).__name__}: momentum must be in [0, 1] or None (cumulative average), got {momentum!r}.")
+        if not isinstance(track_running_stats, bool):
+            raise ValueError(
+                f"{type(self).__name__}: track_running_stats must be True or False, got {track_running_stats!r}."
+            )
         self.momentum = None if momentum is None else float(momentum)
+        self.track_running_stats = track_running_stats
         self.sync_statistics = False
         self.process_group = None
         self._running_inits: dict[str, float] = {}
-        self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
+        counter = torch.tensor(0, dtype=torch.long, device=device) if track_running_stats else None
+        self.register_buffer("num_batches_tracked", counter)
 
     def _register_running(self, name: str, shape, init: float) -> None:
         """Register a running buffer initialised to ``init`` (float32, or the layer's ``dtype``
-        when that is float64; float16/bfloat16 layers keep float32 statistics)."""
+        when that is float64; float16/bfloat16 layers keep float32 statistics); a ``None`` buffer
+        when ``track_running_stats`` is False."""
+        if not self.track_running_stats:
+            self.register_buffer(name, None)
+            return
         device, dtype = self._factory["device"], self._factory["dtype"]
         dtype = torch.float64 if dtype == torch.float64 else torch.float32
         self.register_buffer(name, torch.full(tuple(shape), float(init), dtype=dtype, device=device))
@@ -122,18 +146,21 @@ class BatchStatNorm(NormLayer):
         return tuple(self._running_inits)
 
     def reset_running_stats(self) -> None:
-        """Running buffers back to their initial values; ``num_batches_tracked = 0``."""
+        """Running buffers back to their initial values; ``num_batches_tracked = 0`` (nothing to
+        reset when ``track_running_stats`` is False)."""
         for name, init in self._running_inits.items():
             getattr(self, name).fill_(init)
-        self.num_batches_tracked.zero_()
+        if self.num_batches_tracked is not None:
+            self.num_batches_tracked.zero_()
 
     def reset_parameters(self) -> None:
         self.reset_running_stats()
         super().reset_parameters()
 
     def _momentum_factor(self) -> float:
-        """Count one update (training) and return the averaging factor for it."""
-        if not self.training:
+        """Count one update (training) and return the averaging factor for it (0 in eval and
+        without running statistics)."""
+        if not self.training or not self.track_running_stats:
             return 0.0
         self.num_batches_tracked.add_(1)
         if self.momentum is None:
@@ -177,7 +204,8 @@ class BatchStatNorm(NormLayer):
         return super().train(mode)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", momentum={self.momentum}"
+        untracked = "" if self.track_running_stats else ", track_running_stats=False"
+        return super().extra_repr() + f", momentum={self.momentum}" + untracked
 
 
 #: Name of the 0-d float32 buffer that stores ``alpha`` in the module's ``state_dict``.

@@ -18,36 +18,68 @@ class BatchNorm(ExampleWeighingMixin, BatchStatNorm):
     ``mu = (1-a) mu_pop + a mu_ex``, ``var = (1-a)(var_pop + mu_pop^2) + a E_ex[x^2] - mu^2``
     with ``_ex`` over the example's ``S`` (Summers & Dinneen 2020).
 
+    ``track_running_stats=False`` (as ``torch.nn.BatchNorm2d``'s): ``running_mean``,
+    ``running_var`` and ``num_batches_tracked`` are ``None`` and eval normalizes with the batch
+    statistics too (biased ``var_c`` over ``(N, S)``); ``alpha`` must then stay 0 (there is no
+    population to weigh the example against).
+
     Shape: input ``(N, C, *)`` with 0 to 3 spatial dims, output the same.
     """
 
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True, alpha: float = 0.0, device=None, dtype=None) -> None:
-        super().__init__(num_features, eps, momentum, affine, device, dtype)
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        alpha: float = 0.0,
+        device=None,
+        dtype=None,
+        track_running_stats: bool = True,
+    ) -> None:
+        super().__init__(num_features, eps, momentum, affine, device, dtype, track_running_stats)
         self._init_alpha(alpha, device)
+        self._check_population_for_alpha()
         self._register_running("running_mean", (num_features,), 0.0)
         self._register_running("running_var", (num_features,), 1.0)
         self.reset_parameters()
 
     def inference_channel_statistics(self) -> tuple[Tensor, Tensor]:
         """The mean and variance per channel ``(C,)`` this layer normalizes with at inference
-        (``y = gamma (x - mean) / sqrt(var + eps) + beta``); ``ValueError`` when ``alpha > 0``."""
+        (``y = gamma (x - mean) / sqrt(var + eps) + beta``); ``ValueError`` when ``alpha > 0`` or
+        ``track_running_stats`` is False (each batch's own statistics then)."""
+        if not self.track_running_stats:
+            raise ValueError(
+                "BatchNorm with track_running_stats=False normalizes with each batch's statistics at inference; "
+                "it has no constant statistics per channel"
+            )
         self._check_no_example_weighing()
         return self.running_mean, self.running_var
 
+    def _check_population_for_alpha(self) -> None:
+        """``ValueError`` when ``alpha > 0`` without running statistics to weigh the example against."""
+        if not self.track_running_stats and self._alpha != 0.0:
+            raise ValueError(
+                f"BatchNorm with track_running_stats=False has no running statistics for alpha={self._alpha} "
+                "(inference example weighing) to mix with; set alpha = 0 or track_running_stats=True"
+            )
+
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
+        self._check_population_for_alpha()
         factor = self._momentum_factor()
+        batch_statistics = self.training or not self.track_running_stats
         return NF.batch_norm(
             x,
             running_mean=self.running_mean,
             running_var=self.running_var,
             weight=self.weight,
             bias=self.bias,
-            training=self.training,
+            training=batch_statistics,
             factor=factor,
             eps=self.eps,
             alpha=self.alpha,
-            sync=self.sync_statistics,
+            sync=self.sync_statistics and self.training,  # as SyncBatchNorm: no collective in eval
             process_group=self.process_group,
         )
 

@@ -50,6 +50,13 @@ def is_batch_statistic_layer(module: nn.Module) -> bool:
     return False
 
 
+def has_batch_sets(module: nn.Module) -> bool:
+    """True for a layer whose training sets include the batch axis, with running statistics or
+    without (``track_running_stats=False``: batch statistics at inference too): native BatchNorm,
+    and our layers whose class declares ``uses_batch_statistics``."""
+    return isinstance(module, _BatchNorm) or getattr(type(module), "uses_batch_statistics", False) is True
+
+
 StatisticsMode = Literal["eval", "train", "train_frozen"]
 STATISTICS_MODES: dict[str, str] = {
     "eval": "running statistics, no buffer updates",

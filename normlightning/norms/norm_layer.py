@@ -12,8 +12,9 @@ Keyword arguments the zoos pass at the call (they override the bound ones, as wi
 - ``eps``, ``affine``, ``device``, ``dtype``: passed on to the layer;
 - ``momentum``: passed on to layers with running statistics, dropped for the others (``gn``,
   ``ln``, ``in``, ``pn`` have no running average for it to weigh);
-- ``track_running_stats``: ``True`` is what our batch-statistic layers do; ``False`` is refused for
-  them (they always keep running statistics) and ignored for the others;
+- ``track_running_stats``: ``True`` is what our batch-statistic layers do; ``False`` is passed on to
+  the layers that take it (``bn``: batch statistics at inference too), refused for the other
+  batch-statistic layers (they always keep running statistics) and ignored for the others;
 - timm's norm + activation arguments ``act_layer``, ``act_kwargs``, ``apply_act``, ``inplace``,
   ``drop_layer``: the result is our layer followed by the dropout and the activation, the structure
   of timm's ``BatchNormAct2d`` (``drop`` then ``act``; :class:`~normlightning.norms.with_carried.NormWithCarried`,
@@ -27,13 +28,12 @@ loses ``"bgn"`` inside timm. See ``docs/interop.md``.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable
 from typing import Any
 
 from torch import nn
 
-from .registry import build_norm, norm_class_name, norm_factory
+from .registry import build_norm, norm_accepts, norm_class_name, norm_factory
 from .with_carried import NormWithCarried
 
 __all__ = ["NORM_ACT_ARGS", "norm_layer"]
@@ -42,26 +42,19 @@ __all__ = ["NORM_ACT_ARGS", "norm_layer"]
 NORM_ACT_ARGS = ("act_layer", "act_kwargs", "apply_act", "inplace", "drop_layer")
 
 
-def _accepts(factory: Callable[..., nn.Module], argument: str) -> bool:
-    """Whether ``factory`` takes the keyword ``argument`` (or any keyword, ``**kwargs``)."""
-    try:
-        parameters = inspect.signature(factory).parameters.values()
-    except (TypeError, ValueError):
-        return True
-    return any(p.name == argument or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
-
-
-def _build(name: str, factory: Callable[..., nn.Module], num_features: int, kwargs: dict[str, Any]) -> nn.Module:
+def _build(name: str, num_features: int, kwargs: dict[str, Any]) -> nn.Module:
     """``build_norm`` with ``momentum`` / ``track_running_stats`` mapped as the module docstring says."""
     kwargs = dict(kwargs)
     track = kwargs.pop("track_running_stats", True)
-    if "momentum" in kwargs and not _accepts(factory, "momentum"):
+    if not track and norm_accepts(name, "track_running_stats"):
+        kwargs["track_running_stats"] = False
+    if "momentum" in kwargs and not norm_accepts(name, "momentum"):
         kwargs.pop("momentum")
     layer = build_norm(name, num_features, **kwargs)
-    if not track and getattr(layer, "uses_batch_statistics", False):
+    if not track and getattr(layer, "uses_batch_statistics", False) and getattr(layer, "track_running_stats", True):
         raise ValueError(
             f"norm_layer({name!r}): track_running_stats=False is not supported; {norm_class_name(name)} always "
-            "keeps running statistics (use a method without them, e.g. gn, ln, in)"
+            "keeps running statistics (use bn, which takes it, or a method without them, e.g. gn, ln, in)"
         )
     return layer
 
@@ -116,13 +109,13 @@ def norm_layer(name: str, **kwargs: Any) -> Callable[..., nn.Module]:
     ``C`` always fits (``G = 64`` in a ResNet-50, whose layers have 64 to 2048 channels); the
     ``norm:`` injection with ``num_groups: auto`` or ``group_fit: nearest`` fits ``G`` per layer.
     """
-    factory = norm_factory(name)
+    norm_factory(name)  # an unknown name fails here, not at the first call
     bound = dict(kwargs)
 
     def make(num_features: int, **call_kwargs: Any) -> nn.Module:
         merged = {**bound, **call_kwargs}
         act_args = {key: merged.pop(key) for key in NORM_ACT_ARGS if key in merged}
-        layer = _build(name, factory, num_features, merged)
+        layer = _build(name, num_features, merged)
         return _with_activation(name, layer, act_args) if act_args else layer
 
     make.__name__ = make.__qualname__ = f"{name}_norm_layer"

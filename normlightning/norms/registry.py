@@ -7,6 +7,7 @@ adds a plugin (a callable ``factory(num_features, **kwargs) -> nn.Module``);
 
 from __future__ import annotations
 
+import inspect
 from typing import Callable
 
 from torch import nn
@@ -68,6 +69,16 @@ def norm_factory(name: str) -> Callable[..., nn.Module]:
 def norm_group_args(name: str) -> tuple[GroupArg, ...]:
     """The group-count arguments that the method ``name`` declares (``group_args`` of its class)."""
     return group_args_of(norm_factory(name))
+
+
+def norm_accepts(name: str, argument: str) -> bool:
+    """Whether the factory registered as ``name`` takes the keyword ``argument`` (or any keyword,
+    ``**kwargs``; ``True`` when its signature cannot be read)."""
+    try:
+        parameters = inspect.signature(norm_factory(name)).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    return any(p.name == argument or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
 
 
 def norm_class_name(name: str) -> str:

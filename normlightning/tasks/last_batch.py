@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from normlightning.norms.model_layers import is_batch_statistic_layer, statistics_mode
+from normlightning.norms.model_layers import has_batch_sets, statistics_mode
 
 __all__ = ["check_last_training_batch", "last_batch_size"]
 
@@ -46,7 +46,7 @@ def check_last_training_batch(model: nn.Module, loader: Any, world_size: int = 1
     """
     if not isinstance(loader, DataLoader) or loader.drop_last or loader.batch_size is None:
         return
-    if not any(is_batch_statistic_layer(m) for m in model.modules()):
+    if not any(has_batch_sets(m) for m in model.modules()):
         return
     try:
         num_examples = len(loader.dataset)  # type: ignore[arg-type]

@@ -50,8 +50,9 @@ def test_keyword_arguments_of_the_call_map_onto_the_layer() -> None:
     assert layer.weight is None and layer.running_mean.dtype == torch.float64
     assert make(8, eps=1e-4).eps == 1e-4  # the call wins over the bound value, as with functools.partial
     assert make(8, track_running_stats=True).momentum == 0.1
-    with pytest.raises(ValueError, match="track_running_stats=False"):
-        make(8, track_running_stats=False)
+    with pytest.raises(ValueError, match="track_running_stats=False"):  # ghost always keeps running statistics
+        norm_layer("ghost", num_groups=2)(8, track_running_stats=False)
+    assert make(8, track_running_stats=False).running_mean is None  # bn takes it (batch statistics at inference)
     gn = norm_layer("gn", num_groups=4)(8, eps=1e-3, momentum=0.1, track_running_stats=False)  # no running stats
     assert isinstance(gn, GroupNorm) and gn.eps == 1e-3 and not hasattr(gn, "momentum")
     with pytest.raises(TypeError, match="build_norm\\('gn'\\)"):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import shlex
 import struct
 from collections.abc import Callable
 from pathlib import Path
@@ -91,6 +92,24 @@ def write_cifar() -> Callable[..., tuple[np.ndarray, list[int]]]:
         return images, labels
 
     return write
+
+
+class _RunsOnLoad:
+    """The payload of a malicious file: unpickling it calls ``os.system(command)``."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self) -> tuple[Callable[[str], int], tuple[str]]:
+        return os.system, (self.command,)
+
+
+@pytest.fixture
+def load_time_payload(tmp_path: Path) -> tuple[object, Path]:
+    """``(payload, marker)``: unpickling ``payload`` runs a shell command that creates the file ``marker``
+    (in ``tmp_path``); a safe reader refuses the payload and ``marker`` never exists."""
+    marker = tmp_path / "payload_ran"
+    return _RunsOnLoad(f"touch {shlex.quote(str(marker))}"), marker
 
 
 @pytest.fixture

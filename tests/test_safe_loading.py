@@ -79,3 +79,19 @@ def test_a_type_the_user_declares_safe_loads(tmp_path) -> None:
     note = loaded["hyper_parameters"]["note"]
     assert isinstance(note, HarmlessRecord) and note.value == 7
     torch.testing.assert_close(loaded["state_dict"]["w"], torch.ones(2))
+
+
+def test_load_from_checkpoint_opt_in_for_a_trusted_file(tmp_path) -> None:
+    """``weights_only=False`` is the caller's promise that the file is trusted: the scan is skipped and it loads."""
+    task = ClassificationTask(backbone="small_cnn", num_classes=3, input_shape=(3, 8, 8), backbone_kwargs={"width": 4})
+    with torch.no_grad():  # weights no fresh task has
+        for parameter in task.parameters():
+            parameter.copy_(torch.linspace(-1, 1, parameter.numel()).view_as(parameter))
+    path = tmp_path / "trusted.ckpt"
+    torch.save({"state_dict": task.state_dict(), "hyper_parameters": dict(task.hparams),
+                "pytorch-lightning_version": "2.6.0", "note": HarmlessRecord(3)}, path)
+    with pytest.raises(UnsafeFileError, match=r"'.*trusted\.ckpt' needs the types .*HarmlessRecord"):
+        ClassificationTask.load_from_checkpoint(path)
+    loaded = ClassificationTask.load_from_checkpoint(path, weights_only=False)
+    for key, value in task.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[key], value, rtol=0, atol=0)

@@ -13,8 +13,9 @@ a file naming a type other than numpy arrays and plain containers is refused.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 from torch.utils.data import Dataset

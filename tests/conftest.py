@@ -1,17 +1,24 @@
 """Shared fixtures: a scratch working directory, writers of tiny datasets in their real on-disk
-formats, and a recorder of Lightning's rank-zero messages."""
+formats, a recorder of Lightning's rank-zero messages, and the process-wide state (registries,
+warnings filters, random generators, environment) restored after every test, so that tests pass in
+any order (``-p randomly``)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import pickle
+import random
+import shlex
 import struct
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -93,6 +100,24 @@ def write_cifar() -> Callable[..., tuple[np.ndarray, list[int]]]:
     return write
 
 
+class _RunsOnLoad:
+    """The payload of a malicious file: unpickling it calls ``os.system(command)``."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self) -> tuple[Callable[[str], int], tuple[str]]:
+        return os.system, (self.command,)
+
+
+@pytest.fixture
+def load_time_payload(tmp_path: Path) -> tuple[object, Path]:
+    """``(payload, marker)``: unpickling ``payload`` runs a shell command that creates the file ``marker``
+    (in ``tmp_path``); a safe reader refuses the payload and ``marker`` never exists."""
+    marker = tmp_path / "payload_ran"
+    return _RunsOnLoad(f"touch {shlex.quote(str(marker))}"), marker
+
+
 @pytest.fixture
 def write_image_folders() -> Callable[..., list[str]]:
     """Write ``root/<split>/<class>/<i>.jpg`` JPEGs (40x30, one colour per class); returns the class names."""
@@ -131,6 +156,43 @@ def _restore_environ():
     yield
     os.environ.clear()
     os.environ.update(saved)
+
+
+@contextlib.contextmanager
+def restored_global_state() -> Iterator[None]:
+    """Undo, on exit, what the block changed in process-wide state: the norm and backbone registries
+    (``register_norm`` / ``register_backbone`` plugins, an example imported for its registration), the
+    warnings filters, and the global random generators of torch (CPU), numpy and Python
+    (``seed_everything``, ``torch.manual_seed``)."""
+    from normlightning.models import registry as backbone_registry
+    from normlightning.norms import registry as norm_registry
+
+    norms, backbones = dict(norm_registry._REGISTRY), dict(backbone_registry._PLUGINS)
+    torch_rng, numpy_rng, python_rng = torch.get_rng_state(), np.random.get_state(), random.getstate()
+    try:
+        with warnings.catch_warnings():
+            yield
+    finally:
+        norm_registry._REGISTRY.clear()
+        norm_registry._REGISTRY.update(norms)
+        backbone_registry._PLUGINS.clear()
+        backbone_registry._PLUGINS.update(backbones)
+        torch.set_rng_state(torch_rng)
+        np.random.set_state(numpy_rng)
+        random.setstate(python_rng)
+
+
+@pytest.fixture(autouse=True)
+def _restore_global_state() -> Iterator[None]:
+    """Every test runs inside :func:`restored_global_state`."""
+    with restored_global_state():
+        yield
+
+
+@pytest.fixture
+def global_state_restorer() -> Callable[[], contextlib.AbstractContextManager[None]]:
+    """:func:`restored_global_state` itself, for the test of what it restores."""
+    return restored_global_state
 
 
 @pytest.fixture

@@ -31,5 +31,5 @@ def test_last_checkpoint_follows_the_run(tmp_path) -> None:
                       enable_model_summary=False, num_sanity_val_steps=0)
     trainer.fit(ConstantMetricTask(), train_dataloaders=loader, val_dataloaders=loader)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best-epoch=0.ckpt", "last.ckpt"]
-    last = torch.load(tmp_path / "last.ckpt", weights_only=False)
+    last = torch.load(tmp_path / "last.ckpt", weights_only=True)
     assert (last["epoch"], last["global_step"]) == (2, 6) and trainer.global_step == 6

@@ -22,14 +22,22 @@ SYNTHETIC = ["--data=normlightning.data.Synthetic", "--data.input_shape=[1, 6, 6
              "--model.backbone_kwargs={width: 8}"]
 
 
-@pytest.fixture(scope="module")
+EXAMPLE_MODULES = ("custom_norm", "custom_task", "statistics_study", "batch_size_sweep")
+
+
+@pytest.fixture
 def examples():
-    """Import the example files as modules (their folder on sys.path, as when run as scripts)."""
+    """Import the example files as modules (their folder on sys.path, as when run as scripts), afresh for
+    each test: importing ``custom_norm`` registers the norm ``rms``, which conftest's restored global state
+    removes after the test."""
     sys.path.insert(0, str(EXAMPLES))
     try:
-        yield {name: importlib.import_module(name) for name in ("custom_norm", "custom_task", "statistics_study",
-                                                                 "batch_size_sweep")}
+        for name in EXAMPLE_MODULES:
+            sys.modules.pop(name, None)
+        yield {name: importlib.import_module(name) for name in EXAMPLE_MODULES}
     finally:
+        for name in EXAMPLE_MODULES:
+            sys.modules.pop(name, None)
         sys.path.remove(str(EXAMPLES))
 
 

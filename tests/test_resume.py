@@ -63,7 +63,7 @@ def fit(run_dir: Path, *extra: str):
 def test_resume_continues_with_injected_layers_and_optimizer_state(run_dir):
     first = fit(run_dir, "--trainer.max_epochs=2")
     last = run_dir / "ckpts" / "last.ckpt"
-    ckpt = torch.load(last, weights_only=False)
+    ckpt = torch.load(last, weights_only=True)
     assert ckpt["epoch"] == 1 and ckpt["global_step"] == 2 * STEPS_PER_EPOCH
     assert [r["method"] for r in ckpt[CHECKPOINT_KEY]["layers"]] == ["bgn", "bgn", "bgn", "gn"]
 
@@ -178,7 +178,7 @@ def test_resume_at_an_epoch_boundary_is_bit_exact(run_dir):
         cli = build_cli(["--config", "exact.yaml", "--checkpoint.dirpath=killed"], run=False)
         cli.trainer.callbacks.append(Kill())
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
-    saved = torch.load(run_dir / "killed" / "last.ckpt", weights_only=False)
+    saved = torch.load(run_dir / "killed" / "last.ckpt", weights_only=True)
     assert saved["epoch"] == 1 and saved["global_step"] == 10
     resumed = build_cli(["fit", "--config", "exact.yaml", "--checkpoint.dirpath=resumed",
                          f"--ckpt_path={run_dir / 'killed' / 'last.ckpt'}"])

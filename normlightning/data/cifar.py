@@ -5,29 +5,70 @@ Validation uses the test set unless ``val_fraction > 0``.
 
 Files are checked for presence, not md5: torchvision hashes all ~170 MB on every
 construction; here the archive is md5-checked once, when ``download=True`` fetches it.
+The batch files are read without running code from them
+(:func:`~normlightning.safe_loading.load_data_pickle`, where torchvision calls ``pickle.load``):
+a file naming a type other than numpy arrays and plain containers is refused.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 from torch.utils.data import Dataset
 from torchvision import datasets
 
 from normlightning.data.base import BaseDataModule, Split
 from normlightning.data.errors import DatasetNotFoundError
 from normlightning.data.transforms import cifar_train, to_tensor
+from normlightning.safe_loading import load_data_pickle
+
+
+class _SafelyReadCIFAR(datasets.CIFAR10):
+    """torchvision's CIFAR dataset with its pickles read by :func:`load_data_pickle` (its own
+    ``__init__`` calls ``pickle.load``, which runs any code a file carries); same attributes:
+    ``data`` uint8 ``(N, 32, 32, 3)``, ``targets``, ``classes``, ``class_to_idx``."""
+
+    def __init__(
+        self,
+        root: str | Path,
+        train: bool = True,
+        transform: Callable | None = None,
+        target_transform: Callable | None = None,
+        download: bool = False,
+    ) -> None:
+        datasets.VisionDataset.__init__(self, root, transform=transform, target_transform=target_transform)
+        self.train = train
+        if download:
+            self.download()
+        if not self._check_integrity():
+            raise RuntimeError("Dataset not found or corrupted. You can use download=True to download it")
+        folder = os.path.join(self.root, self.base_folder)
+        entries = [load_data_pickle(os.path.join(folder, name), what="CIFAR file")
+                   for name, _ in (self.train_list if train else self.test_list)]
+        self.data = np.vstack([entry["data"] for entry in entries]).reshape(-1, 3, 32, 32).transpose((0, 2, 3, 1))
+        self.targets = [label for entry in entries
+                        for label in (entry["labels"] if "labels" in entry else entry["fine_labels"])]
+        self._load_meta()
+
+    def _load_meta(self) -> None:
+        meta = load_data_pickle(os.path.join(self.root, self.base_folder, self.meta["filename"]), what="CIFAR file")
+        self.classes = meta[self.meta["key"]]
+        self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
 
 
 def _without_file_md5(cls: type[datasets.CIFAR10], name: str) -> type[datasets.CIFAR10]:
-    """A subclass ``name`` of a torchvision CIFAR class whose extracted files are checked for presence only.
+    """A subclass ``name`` of a torchvision CIFAR class whose extracted files are checked for presence only
+    and read by :class:`_SafelyReadCIFAR`.
 
     ``name`` must be the module-level name it is bound to (so that it pickles).
     """
     return type(
         name,
-        (cls,),
+        (_SafelyReadCIFAR, cls),
         {
             "train_list": [[name, None] for name, _ in cls.train_list],
             "test_list": [[name, None] for name, _ in cls.test_list],

@@ -20,7 +20,10 @@ Images of any size are resized to ``image_size`` x ``image_size``.
 
 each a pickled dict with ``data``: uint8 array ``(N, 84, 84, 3)`` and ``labels``: ``N`` ints
 (Python 2 pickles, read with ``encoding="latin1"``). The ``*_train_phase_{val,test}`` files
-(held-out images of the base classes) are not needed.
+(held-out images of the base classes) are not needed. The pickles are read by an unpickler that
+builds only numpy arrays, dtypes and scalars, dicts, lists, numbers and strings: a file naming any
+other type is refused with an :class:`~normlightning.safe_loading.UnsafeFileError` before
+anything in it runs.
 
 Training labels are the sorted base classes renumbered ``0 .. 63``; episodes relabel the
 val/test classes themselves. Augmentation and episodes: see :mod:`normlightning.data.few_shot`.
@@ -42,6 +45,7 @@ from torch.utils.data import Dataset
 from normlightning.data.base import Split
 from normlightning.data.errors import DatasetNotFoundError
 from normlightning.data.few_shot import FewShotDataModule
+from normlightning.safe_loading import UnsafeFileError, load_data_pickle
 
 __all__ = ["MINI_IMAGENET_MEAN", "MINI_IMAGENET_STD", "PICKLE_FILES", "MiniImageNet"]
 
@@ -120,6 +124,8 @@ class MiniImageNet(FewShotDataModule):
     Raises:
         DatasetNotFoundError: no layout found under ``root``, a file missing, or a malformed file;
             the message shows both expected layouts.
+        UnsafeFileError: a pickle names a type outside numpy arrays and plain containers (the
+            message names the file, the type and how to convert a trusted file).
     """
 
     def __init__(
@@ -218,11 +224,13 @@ class MiniImageNet(FewShotDataModule):
         return paths, names, sorted(set(names))
 
     def _read_pickle(self, split: str) -> tuple[np.ndarray, list[int], list[int]]:
-        """``(uint8 images (N, H, W, 3), labels, sorted classes)`` of one pickle split."""
+        """``(uint8 images (N, H, W, 3), labels, sorted classes)`` of one pickle split, read without
+        running code from the file (:func:`~normlightning.safe_loading.load_data_pickle`)."""
         path = os.path.join(self.root, PICKLE_FILES[split])
         try:
-            with open(path, "rb") as f:
-                content = pickle.load(f, encoding="latin1")
+            content = load_data_pickle(path, what="MiniImageNet file")
+        except UnsafeFileError:
+            raise
         except (OSError, pickle.UnpicklingError, EOFError, ValueError) as error:
             self._missing(f"cannot read {path}: {error}")
         if not isinstance(content, dict) or "data" not in content or "labels" not in content:

@@ -200,11 +200,14 @@ class BaseTask(LightningModule):
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
-        """``LightningModule.load_from_checkpoint`` with a clear error for a missing, empty or
-        truncated local file (instead of a bare ``EOFError``); injected layers are rebuilt by
-        :meth:`on_load_checkpoint`."""
+        """``LightningModule.load_from_checkpoint`` with ``weights_only=True`` unless the caller passes
+        ``weights_only=False`` (their promise that the file is trusted: it may run code), and a clear
+        error for a missing, empty or truncated local file (instead of a bare ``EOFError``) or one
+        that needs types a weights-only load refuses (``UnsafeFileError``, naming them); injected
+        layers are rebuilt by :meth:`on_load_checkpoint`."""
+        weights_only = kwargs.setdefault("weights_only", True)
         if isinstance(checkpoint_path, (str, os.PathLike)) and "://" not in str(checkpoint_path):
-            check_checkpoint_file(checkpoint_path)
+            check_checkpoint_file(checkpoint_path, weights_only=weights_only is not False)
         return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -130,7 +130,7 @@ def test_callback_searches_after_fit_and_restores_from_checkpoint(tmp_path, monk
     _trainer(tmp_path, cb).fit(task, loader, loader)
     assert cb.alpha == BEST and task.layer.alpha == BEST
     assert len(cb.table) == len(DEFAULT_ALPHAS)
-    ckpt = torch.load(cb.checkpoint_path, weights_only=False)
+    ckpt = torch.load(cb.checkpoint_path, weights_only=True)
     state = next(v for k, v in ckpt["callbacks"].items() if "ExampleWeighingSearch" in str(k))
     assert state["alpha"] == BEST
 

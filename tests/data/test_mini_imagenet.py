@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 import pickle
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from PIL import Image
 
 from normlightning.data.errors import DatasetNotFoundError
 from normlightning.data.mini_imagenet import PICKLE_FILES, MiniImageNet
+from normlightning.safe_loading import UnsafeFileError
 
 SIZE = 12
 SMALL = {"n_way": 2, "test_shots": [1, 2], "q_query": 2, "test_episodes": 3, "val_shot": 1, "val_episodes": 2}
@@ -173,3 +175,34 @@ def test_malformed_pickles(tmp_path: Path) -> None:
     with pytest.raises(DatasetNotFoundError, match="training split has 3 classes"):
         write_pickle_layout(tmp_path)
         MiniImageNet(root=str(tmp_path), num_base_classes=64, image_size=SIZE, **SMALL).setup("fit")
+
+
+def test_pickle_carrying_a_call_is_refused_before_it_runs(tmp_path: Path, load_time_payload) -> None:
+    payload, marker = load_time_payload
+    contents = write_pickle_layout(tmp_path / "data")
+    train = tmp_path / "data" / PICKLE_FILES["train"]
+    with open(train, "wb") as f:  # a well-formed file that also carries a call
+        pickle.dump({**contents["train"], "catname2label": payload}, f, protocol=2)
+    refused = (rf"MiniImageNet file '.*{PICKLE_FILES['train']}' needs the type {os.system.__module__}\.system to load"
+               r".*numpy arrays.*convert it once")
+    with pytest.raises(UnsafeFileError, match=refused):  # read at construction
+        MiniImageNet(root=str(tmp_path / "data"), image_size=SIZE, num_base_classes=None, **SMALL)
+    with pytest.raises(UnsafeFileError, match=refused):  # read in setup
+        _plain(tmp_path / "data").setup("fit")
+    assert not marker.exists()
+    with open(train, "rb") as f:  # the file is live: plain pickle.load runs its call
+        pickle.load(f, encoding="latin1")
+    assert marker.exists()
+
+
+def test_pickles_of_numpy_1_and_protocol_5_load(tmp_path: Path) -> None:
+    """The distributed files name numpy 1's module ``numpy.core`` (protocol 2); newer ones may use protocol 5."""
+    contents = write_pickle_layout(tmp_path)
+    numpy_1 = pickle.dumps(contents["train"], protocol=2).replace(b"numpy._core.", b"numpy.core.")
+    assert b"numpy.core.multiarray" in numpy_1
+    (tmp_path / PICKLE_FILES["train"]).write_bytes(numpy_1)
+    (tmp_path / PICKLE_FILES["val"]).write_bytes(pickle.dumps(contents["val"], protocol=5))
+    dm = _plain(tmp_path)
+    dm.setup("fit")
+    np.testing.assert_array_equal(dm.datasets["train"].images, contents["train"]["data"])
+    np.testing.assert_array_equal(dm._read_pickle("val")[0], contents["val"]["data"])

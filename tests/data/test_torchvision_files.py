@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import pickle
+
 import pytest
 import torch
 
 from normlightning.data import CIFAR10, CIFAR100, MNIST, DatasetNotFoundError
+from normlightning.safe_loading import UnsafeFileError
 
 
 def test_mnist_reads_idx_files(tmp_path, write_mnist) -> None:
@@ -81,3 +85,20 @@ def test_cifar_incomplete_folder_names_missing_files(tmp_path, write_cifar) -> N
     assert "cifar-10-python.tar.gz" in str(info.value)
     with pytest.raises(DatasetNotFoundError, match="cifar-100-python"):
         CIFAR100(root=str(tmp_path)).setup("test")
+
+
+def test_cifar_batch_carrying_a_call_is_refused_before_it_runs(tmp_path, write_cifar, load_time_payload) -> None:
+    payload, marker = load_time_payload
+    write_cifar(tmp_path / "data", num_classes=10)
+    batch = tmp_path / "data" / "cifar-10-batches-py" / "data_batch_2"
+    with open(batch, "rb") as f:
+        entry = pickle.load(f, encoding="latin1")
+    with open(batch, "wb") as f:
+        pickle.dump({**entry, "batch_label": payload}, f, protocol=2)
+    refused = rf"CIFAR file '.*data_batch_2' needs the type {os.system.__module__}\.system"
+    with pytest.raises(UnsafeFileError, match=refused):
+        CIFAR10(root=str(tmp_path / "data")).setup("fit")
+    assert not marker.exists()
+    with open(batch, "rb") as f:  # the file is live: torchvision's plain pickle.load would run its call
+        pickle.load(f, encoding="latin1")
+    assert marker.exists()

@@ -13,7 +13,7 @@ batch layer whose running mean starts at 0 with momentum ``m``) and writes ``ran
 * ``second``: the running mean the layer holds when its second training forward starts (after
   DDP's buffer broadcast from rank 0, when ``broadcast_buffers`` is on), if there is one.
 
-``FinitenessProbe``, ``PoisonWeights(epoch)`` and ``SigtermAt(step)`` serve the tests of runs
+``FinitenessProbe``, ``PoisonWeights(epoch)`` and ``SignalAt(step, name)`` serve the tests of runs
 that diverge or are stopped (tests/test_run_failures.py).
 """
 
@@ -109,15 +109,17 @@ class PoisonWeights(Callback):
                 next(pl_module.parameters()).fill_(float("nan"))
 
 
-class SigtermAt(Callback):
-    """Sends SIGTERM to this process after training step ``step`` (as a batch scheduler would);
-    refuses when no handler would catch it (the default action would kill the test process)."""
+class SignalAt(Callback):
+    """Sends the signal ``name`` (``SIGTERM``, as a batch scheduler would, or ``SIGINT``, as Ctrl+C
+    would) to this process after training step ``step``; refuses when no handler would catch it
+    (the default action would kill the test process)."""
 
-    def __init__(self, step: int) -> None:
+    def __init__(self, step: int, name: str = "SIGTERM") -> None:
         self.step = step
+        self.signal = getattr(signal, name)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step == self.step:
-            if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, signal.SIG_IGN, None):
-                raise RuntimeError("SigtermAt: no SIGTERM handler is installed")
-            os.kill(os.getpid(), signal.SIGTERM)
+            if signal.getsignal(self.signal) in (signal.SIG_DFL, signal.SIG_IGN, None):
+                raise RuntimeError(f"SignalAt: no handler of {self.signal!r} is installed")
+            os.kill(os.getpid(), self.signal)

@@ -4,13 +4,14 @@ run's folder, predictions do not replace earlier predictions."""
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import pytest
 import torch
 
 from normlightning.callbacks.divergence import NonFiniteError
-from normlightning.cli import EXIT_SIGTERM, build_cli, main
+from normlightning.cli import EXIT_KEYBOARD_INTERRUPT, EXIT_SIGTERM, build_cli, main
 from normlightning.run_folder import RunFolderNotEmptyError
 
 TESTS = Path(__file__).resolve().parent
@@ -64,16 +65,28 @@ def test_diverged_weights_are_never_checkpointed_and_warn_trains_on(run_dir, mon
     assert torch.load(best, weights_only=False)["global_step"] == 2 and _all_finite(best)
 
 
-# ------------------------------------------------------------------ SIGTERM
+# ------------------------------------------------------------------ SIGTERM, Ctrl+C
 def test_sigterm_exits_143_with_last_ckpt_and_the_resume_command(run_dir, monkeypatch, capsys) -> None:
     monkeypatch.syspath_prepend(str(TESTS))
-    sigterm = '{"class_path": "probe_callbacks.SigtermAt", "init_args": {"step": 5}}'
+    sigterm = '{"class_path": "probe_callbacks.SignalAt", "init_args": {"step": 5, "name": "SIGTERM"}}'
     with pytest.raises(SystemExit) as info:
         main(["fit", *SYNTHETIC, "--trainer.max_epochs=50", f"--trainer.callbacks+={sigterm}"])
     assert info.value.code == EXIT_SIGTERM == 143
     last = run_dir / "runs" / "run" / "version_0" / "checkpoints" / "last.ckpt"
     assert torch.load(last, weights_only=False)["global_step"] == 4  # the end of epoch 1 (2 steps per epoch)
     assert f"--ckpt_path {last.relative_to(run_dir)}" in capsys.readouterr().err
+
+
+def test_ctrl_c_exits_130(run_dir, monkeypatch) -> None:
+    monkeypatch.syspath_prepend(str(TESTS))
+    sigint = '{"class_path": "probe_callbacks.SignalAt", "init_args": {"step": 1, "name": "SIGINT"}}'
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit) as info:
+            main(["fit", *SYNTHETIC, "--trainer.max_epochs=50", f"--trainer.callbacks+={sigint}"])
+    finally:
+        signal.signal(signal.SIGINT, handler)  # Lightning ignores Ctrl+C from its shutdown on
+    assert info.value.code == EXIT_KEYBOARD_INTERRUPT == 130
 
 
 # ------------------------------------------------------------------ no training batch

@@ -32,7 +32,6 @@ Known harmless warnings are filtered in one place, :mod:`normlightning.known_war
 
 from __future__ import annotations
 
-import os
 import sys
 from typing import Any
 
@@ -62,12 +61,12 @@ DATA_TO_MODEL_LINKS: dict[str, str] = {
     "std": "input_std",
 }
 
-#: ``trainer.*`` defaults (every one can be overridden in a config or on the command line).
 #: Exit code of a run stopped by SIGTERM (128 + 15, as a shell reports a process killed by it).
 EXIT_SIGTERM = 143
 #: Exit code of a run stopped with Ctrl+C (128 + SIGINT).
 EXIT_KEYBOARD_INTERRUPT = 130
 
+#: ``trainer.*`` defaults (every one can be overridden in a config or on the command line).
 TRAINER_DEFAULTS: dict[str, Any] = {
     "logger": {
         "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
@@ -196,8 +195,9 @@ class NormLightningCLI(LightningCLI):
             super()._run_subcommand(subcommand)
         except SIGTERMException:
             if self.trainer.is_global_zero:
+                hint = self._resume_hint() if subcommand == "fit" else "rerun it"
                 print(f"normlightning: {subcommand} stopped by SIGTERM at step {self.trainer.global_step} "
-                      f"(epoch {self.trainer.current_epoch}); {self._resume_hint() if subcommand == 'fit' else 'rerun it'}", file=sys.stderr, flush=True)
+                      f"(epoch {self.trainer.current_epoch}); {hint}", file=sys.stderr, flush=True)
             raise SystemExit(EXIT_SIGTERM) from None
         except SystemExit as exit_:
             if isinstance(exit_.__context__, KeyboardInterrupt):
@@ -206,11 +206,7 @@ class NormLightningCLI(LightningCLI):
 
     def _resume_hint(self) -> str:
         """Where the interrupted fit can resume from (``last.ckpt`` of this run, if written)."""
-        callback = self.trainer.checkpoint_callback
-        last = getattr(callback, "last_model_path", "") or ""
-        if not last and getattr(callback, "dirpath", None):
-            candidate = os.path.join(callback.dirpath, "last.ckpt")
-            last = candidate if os.path.isfile(candidate) else ""
+        last = getattr(self.trainer.checkpoint_callback, "last_model_path", "")
         if not last:
             return "no checkpoint was written yet: rerun it from the start"
         return f"resume with: fit --config <the same config> --ckpt_path {last}"
@@ -228,7 +224,8 @@ def build_cli(args: ArgsType = None, run: bool = True) -> NormLightningCLI:
     Returns:
         The CLI object (``.trainer``, ``.model``, ``.datamodule``, ``.config``).
         ``--help`` and ``--print_config`` raise ``SystemExit(0)``; a bad argument
-        ``SystemExit(2)`` after printing the parser's message.
+        ``SystemExit(2)`` after printing the parser's message; a run stopped by SIGTERM
+        ``SystemExit(EXIT_SIGTERM)`` (143), by Ctrl+C ``SystemExit(EXIT_KEYBOARD_INTERRUPT)`` (130).
 
     Installs the filters of :mod:`normlightning.known_warnings` first.
     """

@@ -20,7 +20,8 @@ QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=
 SYNTHETIC = [
     "--data=normlightning.data.Synthetic", "--data.input_shape=[1, 6, 6]", "--data.num_classes=3",
     "--data.num_train=16", "--data.num_val=8", "--data.num_test=8", "--data.batch_size=8",
-    "--model=normlightning.tasks.ClassificationTask", "--model.backbone=small_cnn", "--model.backbone_kwargs={width: 4}",
+    "--model=normlightning.tasks.ClassificationTask", "--model.backbone=small_cnn",
+    "--model.backbone_kwargs={width: 4}",
     "--trainer.accelerator=cpu", "--trainer.logger.init_args.name=run", *QUIET,
 ]
 

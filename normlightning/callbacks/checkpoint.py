@@ -83,7 +83,8 @@ class Checkpoint(ModelCheckpoint):
         if not self._warned_nonfinite:
             self._warned_nonfinite = True
             rank_zero_warn(
-                f"checkpoint: the weights are not finite at step {trainer.global_step} ({name or 'on another process'}); "
+                f"checkpoint: the weights are not finite at step {trainer.global_step} "
+                f"({name or 'on another process'}); "
                 f"no checkpoint is saved from now on while they are not (best and last.ckpt keep the last finite state)"
             )
         return False

@@ -74,7 +74,8 @@ class DivergenceCheck(Callback):
         nonfinite = not bool(torch.isfinite(loss.detach()).all())
         # under DDP every process stops together (a rank that stops alone would hang the others)
         if trainer.strategy.reduce_boolean_decision(nonfinite, all=False):
-            self._report(trainer, f"the training loss is {loss.detach().flatten()[0].item()}", "before this step's update")
+            value = loss.detach().flatten()[0].item()
+            self._report(trainer, f"the training loss is {value}", "before this step's update")
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int

@@ -36,7 +36,8 @@ def test_image_folder_val_fraction_without_val_dir(tmp_path, write_image_folders
 
 def test_image_folder_with_a_single_class_is_refused_naming_the_folder(tmp_path, write_image_folders) -> None:
     write_image_folders(tmp_path, classes=("cat",))
-    with pytest.raises(ValueError, match=rf"{re.escape(str(tmp_path / 'train'))} has 1 class folder \(cat\); .* at least 2"):
+    folder = re.escape(str(tmp_path / "train"))
+    with pytest.raises(ValueError, match=rf"{folder} has 1 class folder \(cat\); .* at least 2"):
         ImageFolderDataModule(root=str(tmp_path), image_size=8, num_workers=0)
 
 

@@ -15,27 +15,42 @@ HParams metric), a ``predictions:`` section
 ``predictions.csv`` into the run's folder), the learning rate logged every step, the progress
 bar (redrawn at most 10 times a second,
 :class:`~normlightning.callbacks.throttled_progress_bar.ThrottledProgressBar`), and the resolved
-config saved next to the logs (``config.yaml``, overwritten on a rerun).
+config saved next to the logs (``config.yaml``), a ``divergence:`` section
+(:class:`~normlightning.callbacks.divergence.DivergenceCheck`: a NaN or infinite loss or weights
+stop the run, naming the step and the learning rate).
+
+A run never writes into a run folder that holds another run's files
+(:mod:`normlightning.run_folder`; ``--overwrite_run=true`` to do it anyway, or resume that run
+with ``fit --ckpt_path``).
+
+Exit codes of the command (README, "Exit codes"): 0 the subcommand finished; 1 an error (a Python
+traceback ends with the message); 2 a bad argument (the parser's message); 130 interrupted with
+Ctrl+C; 143 (``EXIT_SIGTERM``, 128 + SIGTERM as shells report it) stopped by SIGTERM, e.g. a
+batch scheduler's preemption, with the path of ``last.ckpt`` to resume from.
 Known harmless warnings are filtered in one place, :mod:`normlightning.known_warnings`.
 """
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from jsonargparse import Namespace
 from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from normlightning import known_warnings
 from normlightning.callbacks.checkpoint import CHECKPOINT_DEFAULTS, Checkpoint
+from normlightning.callbacks.divergence import DivergenceCheck
 from normlightning.callbacks.norm_injection import NormInjection
 from normlightning.callbacks.prediction_writer import PredictionWriter
 from normlightning.callbacks.run_hparams import RunHyperparameters
 from normlightning.callbacks.throttled_progress_bar import with_progress_bar
 from normlightning.data.base import MissingDataAttributeError
 from normlightning.injection import check_checkpoint_file
+from normlightning.run_folder import check_run_folder
 from normlightning.tasks.base import BaseTask
 
 #: Task arguments filled from the data module after it is instantiated: data attr -> task arg.
@@ -45,6 +60,11 @@ DATA_TO_MODEL_LINKS: dict[str, str] = {
     "mean": "input_mean",
     "std": "input_std",
 }
+
+#: Exit code of a run stopped by SIGTERM (128 + 15, as a shell reports a process killed by it).
+EXIT_SIGTERM = 143
+#: Exit code of a run stopped with Ctrl+C (128 + SIGINT).
+EXIT_KEYBOARD_INTERRUPT = 130
 
 #: ``trainer.*`` defaults (every one can be overridden in a config or on the command line).
 TRAINER_DEFAULTS: dict[str, Any] = {
@@ -68,7 +88,8 @@ class NormLightningCLI(LightningCLI):
     :attr:`forced_callback_defaults`): ``checkpoint:``, ``norm:``
     (:class:`~normlightning.callbacks.norm_injection.NormInjection`, which rewrites the model's
     normalization layers at setup; ``method: null``, the default, leaves the model unchanged),
-    ``hparams:`` (after ``norm:``, whose applied layers it logs) and ``predictions:``.
+    ``hparams:`` (after ``norm:``, whose applied layers it logs), ``predictions:`` and
+    ``divergence:``.
     """
 
     forced_callbacks: dict[str, type] = {
@@ -76,6 +97,7 @@ class NormLightningCLI(LightningCLI):
         "norm": NormInjection,
         "hparams": RunHyperparameters,
         "predictions": PredictionWriter,
+        "divergence": DivergenceCheck,
     }
     forced_callback_defaults: dict[str, dict[str, Any]] = {"checkpoint": CHECKPOINT_DEFAULTS}
 
@@ -86,6 +108,11 @@ class NormLightningCLI(LightningCLI):
             if defaults:
                 parser.set_defaults({f"{section}.{key}": value for key, value in defaults.items()})
         parser.set_defaults({f"trainer.{key}": value for key, value in TRAINER_DEFAULTS.items()})
+        parser.add_argument(
+            "--overwrite_run", type=bool, default=False,
+            help="write into a run folder (<save_dir>/<name>/<version>) that already holds another run's files "
+            "(default: refuse, unless fit resumes from a checkpoint in it)",
+        )
         for data_attr, model_arg in DATA_TO_MODEL_LINKS.items():
             parser.link_arguments(f"data.{data_attr}", f"model.init_args.{model_arg}", apply_on="instantiate")
 
@@ -139,17 +166,50 @@ class NormLightningCLI(LightningCLI):
             if isinstance(callback, NormInjection):
                 callback.checkpoint_path = ckpt_path
 
+    def _check_run_folder(self, subcommand: str) -> None:
+        """Refuse to write into another run's folder (:func:`~normlightning.run_folder.check_run_folder`)."""
+        config = self.config_init[subcommand]
+        check_run_folder(self.trainer, subcommand, config.get("ckpt_path"), bool(config.get("overwrite_run")))
+
     def before_fit(self) -> None:
+        self._check_run_folder("fit")
         self._point_injection_at_checkpoint("fit")
 
     def before_validate(self) -> None:
+        self._check_run_folder("validate")
         self._point_injection_at_checkpoint("validate")
 
     def before_test(self) -> None:
+        self._check_run_folder("test")
         self._point_injection_at_checkpoint("test")
 
     def before_predict(self) -> None:
+        self._check_run_folder("predict")
         self._point_injection_at_checkpoint("predict")
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        """Run the subcommand; an interrupted run exits non-zero: ``EXIT_SIGTERM`` (143) after SIGTERM,
+        naming the ``last.ckpt`` to resume from, ``EXIT_KEYBOARD_INTERRUPT`` (130) after Ctrl+C
+        (Lightning itself exits 0 after SIGTERM and 1 after Ctrl+C)."""
+        try:
+            super()._run_subcommand(subcommand)
+        except SIGTERMException:
+            if self.trainer.is_global_zero:
+                hint = self._resume_hint() if subcommand == "fit" else "rerun it"
+                print(f"normlightning: {subcommand} stopped by SIGTERM at step {self.trainer.global_step} "
+                      f"(epoch {self.trainer.current_epoch}); {hint}", file=sys.stderr, flush=True)
+            raise SystemExit(EXIT_SIGTERM) from None
+        except SystemExit as exit_:
+            if isinstance(exit_.__context__, KeyboardInterrupt):
+                raise SystemExit(EXIT_KEYBOARD_INTERRUPT) from None
+            raise
+
+    def _resume_hint(self) -> str:
+        """Where the interrupted fit can resume from (``last.ckpt`` of this run, if written)."""
+        last = getattr(self.trainer.checkpoint_callback, "last_model_path", "")
+        if not last:
+            return "no checkpoint was written yet: rerun it from the start"
+        return f"resume with: fit --config <the same config> --ckpt_path {last}"
 
 
 def build_cli(args: ArgsType = None, run: bool = True) -> NormLightningCLI:
@@ -164,7 +224,8 @@ def build_cli(args: ArgsType = None, run: bool = True) -> NormLightningCLI:
     Returns:
         The CLI object (``.trainer``, ``.model``, ``.datamodule``, ``.config``).
         ``--help`` and ``--print_config`` raise ``SystemExit(0)``; a bad argument
-        ``SystemExit(2)`` after printing the parser's message.
+        ``SystemExit(2)`` after printing the parser's message; a run stopped by SIGTERM
+        ``SystemExit(EXIT_SIGTERM)`` (143), by Ctrl+C ``SystemExit(EXIT_KEYBOARD_INTERRUPT)`` (130).
 
     Installs the filters of :mod:`normlightning.known_warnings` first.
     """

@@ -33,7 +33,8 @@ class ImageFolderDataModule(BaseDataModule):
     """Train on a folder of images sorted into one sub-folder per class.
 
     ``num_classes`` is the number of class folders in ``root/<train_dir>`` (read in
-    ``__init__``, so a missing folder fails early with the expected layout).
+    ``__init__``, so a missing folder fails early with the expected layout; fewer than 2 class
+    folders is an error naming the folder).
 
     Args:
         train_dir: training split folder, relative to ``root``.
@@ -82,6 +83,13 @@ class ImageFolderDataModule(BaseDataModule):
         self.image_size = image_size
         self.resize = resize
         self.classes = self._find_classes(train_dir)
+        if len(self.classes) < 2:
+            raise ValueError(
+                f"{type(self).__name__}: {os.path.join(self.root, train_dir)} has {len(self.classes)} class folder "
+                f"({', '.join(self.classes)}); classification needs at least 2 (one sub-folder per class: "
+                f"{train_dir}/<class_a>/, {train_dir}/<class_b>/, ...). A single class trains a model that is always "
+                f"right."
+            )
         if expected_num_classes is not None and len(self.classes) != expected_num_classes:
             self._missing(f"{train_dir}/ has {len(self.classes)} class folders, expected {expected_num_classes}")
         self.num_classes = len(self.classes)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 
 import pytest
@@ -31,6 +32,13 @@ def test_image_folder_val_fraction_without_val_dir(tmp_path, write_image_folders
     assert (len(dm.datasets["train"]), len(dm.datasets["val"])) == (9, 3)
     with pytest.raises(ValueError, match="val_fraction"):
         ImageFolderDataModule(root=str(tmp_path), val_dir=None)
+
+
+def test_image_folder_with_a_single_class_is_refused_naming_the_folder(tmp_path, write_image_folders) -> None:
+    write_image_folders(tmp_path, classes=("cat",))
+    folder = re.escape(str(tmp_path / "train"))
+    with pytest.raises(ValueError, match=rf"{folder} has 1 class folder \(cat\); .* at least 2"):
+        ImageFolderDataModule(root=str(tmp_path), image_size=8, num_workers=0)
 
 
 def test_imagenet_layout_errors(tmp_path, write_image_folders) -> None:

@@ -5,7 +5,8 @@
 The data module's ``num_classes``, ``input_shape``, ``mean`` and ``std`` are passed to the
 task's ``num_classes``, ``input_shape``, ``input_mean`` and ``input_std`` after it is built.
 
-Defaults: seed 0, a TensorBoard logger writing to ``runs/<name>/version_<n>``, a
+Defaults: seed 0, a TensorBoard logger writing to ``runs/<name>/version_<n>`` (under
+``trainer.default_root_dir`` when given: a relative logger ``save_dir`` is taken there), a
 ``checkpoint:`` section (:class:`~normlightning.callbacks.checkpoint.Checkpoint`, a
 ``ModelCheckpoint`` on ``val/acc1``, mode max, plus an always up-to-date ``last.ckpt``), a ``norm:`` section (the norm-layer injection),
 an ``hparams:`` section (:class:`~normlightning.callbacks.run_hparams.RunHyperparameters`: the
@@ -32,6 +33,7 @@ Known harmless warnings are filtered in one place, :mod:`normlightning.known_war
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
@@ -79,6 +81,23 @@ TRAINER_DEFAULTS: dict[str, Any] = {
         }
     ],
 }
+
+def anchor_loggers_at_root_dir(trainer_config: Namespace) -> None:
+    """Put every relative logger ``save_dir`` in ``trainer_config`` under ``trainer_config.default_root_dir``.
+
+    ``save_dir: runs`` (our default) with ``default_root_dir: /scratch/exp`` becomes ``/scratch/exp/runs``;
+    an absolute ``save_dir``, or no ``default_root_dir``, is left as it is (relative to the working directory).
+    """
+    root = trainer_config.get("default_root_dir")
+    loggers = trainer_config.get("logger")
+    if not root or loggers in (None, True, False):
+        return
+    for logger in loggers if isinstance(loggers, list) else [loggers]:
+        init_args = logger.get("init_args") if isinstance(logger, (Namespace, dict)) else None
+        save_dir = init_args.get("save_dir") if init_args is not None else None
+        if isinstance(save_dir, str) and not os.path.isabs(save_dir) and "://" not in save_dir:
+            init_args["save_dir"] = os.path.join(str(root), save_dir)
+
 
 class NormLightningCLI(LightningCLI):
     """LightningCLI for normlightning tasks and data modules.
@@ -133,6 +152,13 @@ class NormLightningCLI(LightningCLI):
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry") and "://" not in str(ckpt_path):
             check_checkpoint_file(ckpt_path, what="--ckpt_path")
+
+    def before_instantiate_classes(self) -> None:
+        """Resolve a relative logger ``save_dir`` (the default is ``runs``) under
+        ``trainer.default_root_dir`` when one is given, so that a run told where to write writes there."""
+        trainer_config = self._get(self.config, "trainer", default=None)
+        if trainer_config is not None:
+            anchor_loggers_at_root_dir(trainer_config)
 
     def instantiate_classes(self) -> None:
         """Instantiate data, model and trainer; a task argument that the data module should have

@@ -138,6 +138,53 @@ def write_image_folders() -> Callable[..., list[str]]:
     return write
 
 
+#: Checkout folders the guard below does not look into: tools' caches and a virtual environment or data of the user's.
+NOT_WATCHED = {".git", "__pycache__", ".pytest_cache", ".ruff_cache", ".mypy_cache", "data"}
+
+
+def files_under(root: Path) -> set[str]:
+    """Relative paths of the files under ``root``, skipping :data:`NOT_WATCHED`, ``*.egg-info`` and virtual
+    environments (a folder with a ``pyvenv.cfg``)."""
+    found: set[str] = set()
+    pending = [root]
+    while pending:
+        folder = pending.pop()
+        for entry in os.scandir(folder):
+            if entry.is_dir(follow_symlinks=False):
+                path = Path(entry.path)
+                if entry.name not in NOT_WATCHED and not entry.name.endswith(".egg-info") \
+                        and not (path / "pyvenv.cfg").exists():
+                    pending.append(path)
+            else:
+                found.add(os.path.relpath(entry.path, root))
+    return found
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    session.config.stash[CHECKOUT_FILES] = files_under(REPO_ROOT)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fail the session if a test wrote into the checkout (runs must go under ``tmp_path``)."""
+    before = session.config.stash.get(CHECKOUT_FILES, None)
+    if before is None:
+        return
+    written = sorted(files_under(REPO_ROOT) - before)
+    if written:
+        listing = "\n  ".join(written[:20])
+        print(f"\nERROR: the tests wrote {len(written)} file(s) into the checkout {REPO_ROOT}:\n  {listing}")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+CHECKOUT_FILES = pytest.StashKey[set]()
+
+
+@pytest.fixture
+def checkout_guard_files() -> Callable[[Path], set[str]]:
+    """:func:`files_under`, the guard's listing, for its own test."""
+    return files_under
+
+
 @pytest.fixture(autouse=True)
 def _plain_argv(monkeypatch: pytest.MonkeyPatch) -> None:
     """Tests call the CLI with explicit args; hide pytest's own argv from LightningCLI."""

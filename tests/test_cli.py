@@ -181,3 +181,17 @@ def test_data_module_without_num_classes_or_input_shape_is_a_clear_error(run_dir
     with pytest.raises(MissingDataAttributeError, match="input_shape is not set"):
         build_cli(["fit", "--data=bare_data.BareData", "--model=normlightning.tasks.ClassificationTask",
                    "--model.backbone=small_cnn", "--model.num_classes=3", "--trainer.fast_dev_run=true", *QUIET])
+
+
+def test_default_root_dir_holds_the_default_logger_runs(run_dir, tmp_path_factory) -> None:
+    """``--trainer.default_root_dir`` moves the default ``runs/`` logger folder under it; nothing is written
+    into the working directory (a relative ``save_dir`` is taken under the root, an absolute one is kept)."""
+    root = tmp_path_factory.mktemp("root")
+    short = ["fit", *SYNTHETIC, *QUIET, "--trainer.max_epochs=1", "--trainer.limit_train_batches=1",
+             "--trainer.limit_val_batches=1", "--trainer.accelerator=cpu", f"--trainer.default_root_dir={root}"]
+    build_cli(short)
+    assert (root / "runs" / "default" / "version_0" / "config.yaml").is_file()
+    assert not (run_dir / "runs").exists()
+    elsewhere = tmp_path_factory.mktemp("elsewhere")
+    build_cli([*short, f"--trainer.logger.init_args.save_dir={elsewhere}"])
+    assert (elsewhere / "default" / "version_0" / "config.yaml").is_file()

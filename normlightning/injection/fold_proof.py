@@ -1,0 +1,185 @@
+"""What proves that folding a norm layer into the convolution before it keeps the model's function.
+
+Folding rewrites the convolution's weight and bias (``W'[o] = s_o W[o]``, ``b'[o] = s_o b[o] + t_o``)
+and drops the norm layer, so it keeps the function only when the convolution's output is read by
+that norm layer alone and its parameters by nothing but the convolution. Two checks:
+
+- the module tree (always): no other parameter or buffer of the model shares storage with the
+  convolution's parameters (``conv2.weight = conv.weight``), no forward hook reads the
+  convolution's output, no hook on the norm layer would be dropped;
+- a ``torch.fx`` symbolic trace of ``model.forward`` (a graph valid for every input: tracing
+  refuses control flow that depends on tensor values): the convolution and the norm layer are
+  each called once, the norm layer's only input is the convolution's output, that output has
+  no other user (a comparison, ``.detach()``, an op under ``torch.no_grad()``, the model's
+  outputs...), and no other node reads the convolution's parameters (``F.conv2d(x, conv.weight)``,
+  a tensor constant sharing their storage). Convolutions, norm layers, ``torch.nn`` layers and
+  modules that contain no convolution or norm layer are single calls in the graph: what they read
+  is their inputs and their own registered parameters.
+
+A model that ``torch.fx`` cannot trace folds only on the user's promise (``assume_exclusive``).
+"""
+
+from __future__ import annotations
+
+import operator
+from collections import defaultdict
+from collections.abc import Iterable
+
+from torch import Tensor, fx, nn
+
+from normlightning.norms.model_layers import is_norm_layer
+
+__all__ = ["exclusivity_problems"]
+
+CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _storages(tensors: Iterable[Tensor]) -> set[int]:
+    """Addresses of the storages behind ``tensors`` (empty ones and meta tensors have none)."""
+    return {t.untyped_storage().data_ptr() for t in tensors if t.untyped_storage().nbytes() > 0}
+
+
+def _aliases(tensor: object, storages: set[int]) -> bool:
+    return isinstance(tensor, Tensor) and bool(_storages([tensor]) & storages)
+
+
+def _module_tree_problems(model: nn.Module, pairs: dict[str, str]) -> dict[str, str]:
+    """Shared parameter storage and hooks, per norm layer of ``pairs`` (``{norm: convolution}``)."""
+    tensors = list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers(remove_duplicate=False))
+    problems = {}
+    for norm, conv in pairs.items():
+        module = model.get_submodule(conv)
+        own = {name: _storages([t]) for name, t in module.named_parameters(remove_duplicate=False)}
+        shared = [
+            f"{repr(f'{conv}.{local}')} is also {name!r}"
+            for name, t in tensors if not name.startswith(f"{conv}.")
+            for local, storage in own.items() if _aliases(t, storage)
+        ]
+        if shared:
+            problems[norm] = (
+                f"a parameter of the convolution {conv!r} before it is shared ({', '.join(shared)}): folding would "
+                "change that reader too"
+            )
+        elif module._forward_hooks:
+            problems[norm] = f"the convolution {conv!r} before it has forward hooks, which read its output"
+        elif model.get_submodule(norm)._forward_hooks or model.get_submodule(norm)._forward_pre_hooks:
+            problems[norm] = "it has forward hooks, which folding would drop"
+    return problems
+
+
+class _Tracer(fx.Tracer):
+    """Convolutions, norm layers and modules without either stay single ``call_module`` nodes."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.opaque = {
+            m for m in model.modules()
+            if isinstance(m, CONVOLUTIONS) or is_norm_layer(m)
+            or not any(isinstance(s, CONVOLUTIONS) or is_norm_layer(s) for s in m.modules())
+        }
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return m in self.opaque or super().is_leaf_module(m, module_qualified_name)
+
+
+def _trace(model: nn.Module) -> tuple[fx.Graph, dict[fx.Node, object]]:
+    """``model.forward``'s graph and the value of each ``get_attr`` node. The tensor constants that
+    tracing stores on ``model`` (``_tensor_constant0``, ...) are removed again."""
+    before = set(vars(model))
+    tracer = _Tracer(model)
+    try:
+        graph = tracer.trace(model)
+    finally:
+        constants = {name: value for value, name in tracer.tensor_attrs.items()}
+        for name in set(vars(model)) - before:
+            delattr(model, name)
+    values = {}
+    for node in graph.nodes:
+        if node.op == "get_attr":
+            values[node] = constants[node.target] if node.target in constants else _attribute(model, node.target)
+    return graph, values
+
+
+def _attribute(model: nn.Module, target: str) -> object:
+    *path, name = target.split(".")
+    return getattr(model.get_submodule(".".join(path)), name)
+
+
+def _describe(node: fx.Node) -> str:
+    """How a graph node reads its arguments, in words: ``gt``, ``.detach()``, ``module 'conv2'``."""
+    if node.op == "call_function":
+        name = getattr(node.target, "__name__", str(node.target))
+        return {operator.getitem.__name__: "indexing"}.get(name, name)
+    if node.op == "call_method":
+        return f".{node.target}()"
+    if node.op == "call_module":
+        return f"module {node.target!r}"
+    if node.op == "get_attr":
+        return f"attribute {node.target!r}"
+    return "the model's output"
+
+
+def _graph_problems(
+    graph: fx.Graph, values: dict[fx.Node, object], model: nn.Module, pairs: dict[str, str]
+) -> dict[str, str]:
+    calls: dict[str, list[fx.Node]] = defaultdict(list)
+    for node in graph.nodes:
+        if node.op == "call_module":
+            calls[node.target].append(node)
+    problems = {}
+    for norm, conv in pairs.items():
+        if len(calls[conv]) != 1 or len(calls[norm]) != 1:
+            problems[norm] = (
+                f"the traced graph calls it {len(calls[norm])} times and the convolution {conv!r} before it "
+                f"{len(calls[conv])} times (folding needs exactly one call of each)"
+            )
+            continue
+        (conv_node,), (norm_node,) = calls[conv], calls[norm]
+        storages = _storages(model.get_submodule(conv).parameters())
+        output_readers = [_describe(n) for n in conv_node.users if n is not norm_node]
+        parameter_readers = [
+            _describe(n) for n in graph.nodes
+            if (n.op == "get_attr" and _aliases(values[n], storages))
+            or (n.op == "call_module" and n.target.startswith(f"{conv}."))
+        ]
+        if norm_node.args != (conv_node,) or norm_node.kwargs:
+            problems[norm] = f"the traced graph does not show it reading only the output of the convolution {conv!r}"
+        elif output_readers:
+            problems[norm] = (
+                f"the output of the convolution {conv!r} before it is also read elsewhere (by "
+                f"{', '.join(output_readers)} in the traced graph)"
+            )
+        elif parameter_readers:
+            problems[norm] = (
+                f"a parameter of the convolution {conv!r} before it is also read elsewhere (by "
+                f"{', '.join(parameter_readers)} in the traced graph)"
+            )
+    return problems
+
+
+def exclusivity_problems(model: nn.Module, pairs: dict[str, str], *, assume_exclusive: bool) -> dict[str, str]:
+    """``{norm layer: why folding it could change the model's function}`` for ``pairs``
+    (``{norm layer name: name of the convolution whose output it reads}``, from an example forward).
+
+    The module tree is always checked, the ``torch.fx`` graph when the model traces. A model that
+    does not trace gets a reason for every layer, unless ``assume_exclusive`` (the user's promise
+    that nothing but the norm layer reads each convolution's output, and nothing but the
+    convolution its parameters).
+    """
+    problems = _module_tree_problems(model, pairs)
+    pairs = {norm: conv for norm, conv in pairs.items() if norm not in problems}
+    if not pairs:
+        return problems
+    try:
+        graph, values = _trace(model)
+    except Exception as err:  # noqa: BLE001 - any tracing failure leaves the structure unproven
+        if not assume_exclusive:
+            cause = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+            for norm, conv in pairs.items():
+                problems[norm] = (
+                    f"torch.fx cannot trace the model ({cause}), so nothing proves that only it reads the output of "
+                    f"the convolution {conv!r}; pass assume_exclusive=True if you know that it does"
+                )
+        return problems
+    problems.update(_graph_problems(graph, values, model, pairs))
+    return problems

@@ -25,7 +25,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils import parametrize
 
 from normlightning.injection.apply import _replace_submodule
-from normlightning.injection.fold_proof import CONVOLUTIONS, exclusivity_problems
+from normlightning.injection.fold_proof import CONVOLUTIONS, example_forward, exclusivity_problems
 from normlightning.injection.spec import MODULE_ATTR
 from normlightning.norms.model_layers import is_norm_layer
 
@@ -139,16 +139,11 @@ def _trace(model: nn.Module, example_input: Any, norms: dict[str, nn.Module]) ->
 
     handles = [m.register_forward_hook(conv_hook) for m in convs]
     handles += [m.register_forward_pre_hook(norm_hook(name)) for name, m in norms.items()]
-    buffers = [(b, b.detach().clone()) for b in model.buffers()]  # layers left in training mode update theirs
     try:
-        with torch.inference_mode(False), torch.enable_grad():
-            outputs = model(_as_traced_leaves(example_input))
+        outputs = example_forward(model, _as_traced_leaves(example_input), grad=True)
     finally:
         for handle in handles:
             handle.remove()
-        with torch.no_grad():
-            for buffer, value in buffers:
-                buffer.copy_(value)
     readers = _readers(outputs)
     found, problems = {}, {}
     for name, seen in inputs.items():
@@ -208,12 +203,11 @@ def fold_norms(
         exclude: regexes (``re.fullmatch`` on module names) of norm layers to leave as they are.
         skip_unfoldable: leave the layers that cannot be folded (with a warning) instead of
             raising ``ValueError``.
-        assume_exclusive: your promise, for a model that ``torch.fx`` cannot trace, that the
-            output of each convolution before a norm layer is read by that layer alone and the
-            convolution's weight and bias by nothing else. Then only the example forward's
-            autograd graph and the module tree are checked, which do not see a reader under
-            ``torch.no_grad()``, through ``.detach()`` or a comparison, or a functional use of the
-            weight. It never overrides a reader that the trace or the module tree shows.
+        assume_exclusive: your promise, for a model that ``torch.fx`` cannot trace, that on every
+            input the output of each convolution before a norm layer is read by that layer alone
+            and the convolution's weight and bias by nothing else. Then the module tree and the
+            ops of the example forward are still checked (the input's path only: a reader on a
+            branch it does not take is not seen); the promise never overrides a reader they show.
 
     Returns:
         ``{norm layer name: convolution name}`` of the folded layers (each now ``nn.Identity``).
@@ -224,11 +218,12 @@ def fold_norms(
             convolution's output or parameters also read elsewhere, a model that ``torch.fx``
             cannot trace without ``assume_exclusive``), before anything is changed.
 
-    What is proven before folding (:mod:`normlightning.injection.fold_proof`): the example forward
+    What is checked before folding (:mod:`normlightning.injection.fold_proof`): the example forward
     finds the convolution whose output each norm layer receives; the module tree shows no other
     parameter or buffer sharing the convolution's storage and no hook that would read or drop
-    anything; a ``torch.fx`` trace of ``model.forward`` (valid for every input) shows the output
-    read by the norm layer alone and the parameters by the convolution alone.
+    anything; a ``torch.fx`` trace of ``model.forward`` (one graph for every input) shows the
+    output read by the norm layer alone and the parameters by the convolution alone; and no op of
+    the example forward reads them elsewhere.
 
     The model's injection spec is dropped (its layers are gone): save a folded model's
     ``state_dict`` for inference, not as a checkpoint to resume or re-inject.
@@ -256,7 +251,7 @@ def fold_norms(
             raise ValueError("fold_norms needs example_input (one input of the model) to find the convolution before each norm layer")
         convs, not_after_conv = _trace(model, example_input, {n: norms[n] for n in affines})
         problems.update(not_after_conv)
-        problems.update(exclusivity_problems(model, convs, assume_exclusive=assume_exclusive))
+        problems.update(exclusivity_problems(model, example_input, convs, assume_exclusive=assume_exclusive))
         convs = {name: conv for name, conv in convs.items() if name not in problems}
     for name, conv_name in list(convs.items()):
         if model.get_submodule(conv_name).out_channels != affines[name][0].numel():

@@ -2,30 +2,39 @@
 
 Folding rewrites the convolution's weight and bias (``W'[o] = s_o W[o]``, ``b'[o] = s_o b[o] + t_o``)
 and drops the norm layer, so it keeps the function only when the convolution's output is read by
-that norm layer alone and its parameters by nothing but the convolution. Two checks:
+that norm layer alone and its parameters by nothing but the convolution. Three checks, in order:
 
-- the module tree (always): no other parameter or buffer of the model shares storage with the
+- the module tree: no other parameter or buffer of the model shares storage with the
   convolution's parameters (``conv2.weight = conv.weight``), no forward hook reads the
   convolution's output, no hook on the norm layer would be dropped;
-- a ``torch.fx`` symbolic trace of ``model.forward`` (a graph valid for every input: tracing
-  refuses control flow that depends on tensor values): the convolution and the norm layer are
-  each called once, the norm layer's only input is the convolution's output, that output has
-  no other user (a comparison, ``.detach()``, an op under ``torch.no_grad()``, the model's
-  outputs...), and no other node reads the convolution's parameters (``F.conv2d(x, conv.weight)``,
-  a tensor constant sharing their storage). Convolutions, norm layers, ``torch.nn`` layers and
-  modules that contain no convolution or norm layer are single calls in the graph: what they read
-  is their inputs and their own registered parameters.
+- a ``torch.fx`` symbolic trace of ``model.forward``, one graph for every input (tracing refuses
+  control flow on tensor values and shapes): the convolution and the norm layer are each called
+  once, the norm layer's only input is the convolution's output, that output has no other user (a
+  comparison, ``.detach()``, an op under ``torch.no_grad()``, the model's outputs...) and no other
+  node reads the convolution's parameters (``F.conv2d(x, conv.weight)``, a tensor constant sharing
+  their storage). Convolutions, norm layers, ``torch.nn`` layers and modules that contain no
+  convolution or norm layer are single calls in the graph;
+- every ATen op of one example forward: none reads the convolution's parameters outside the
+  convolution, or its output outside the norm layer (storage aliasing, so views and ``.detach()``
+  count). This sees what the graph cannot: a tensor reached through a Python list, a global or a
+  closure, the inside of a module the graph calls as one node. As the trace shows one path for
+  every input, the example's path is that path (except for branches inside those modules).
 
-A model that ``torch.fx`` cannot trace folds only on the user's promise (``assume_exclusive``).
+A model that ``torch.fx`` cannot trace folds only on the user's promise (``assume_exclusive``):
+then the module tree and the example's path are checked, and other paths are the promise.
 """
 
 from __future__ import annotations
 
 import operator
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterable
+from typing import Any
 
+import torch
 from torch import Tensor, fx, nn
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from normlightning.norms.model_layers import is_norm_layer
 
@@ -61,9 +70,83 @@ def _module_tree_problems(model: nn.Module, pairs: dict[str, str]) -> dict[str, 
                 "change that reader too"
             )
         elif module._forward_hooks:
-            problems[norm] = f"the convolution {conv!r} before it has forward hooks, which read its output"
+            problems[norm] = f"the convolution {conv!r} before it has forward hooks, which read its output (remove them)"
         elif model.get_submodule(norm)._forward_hooks or model.get_submodule(norm)._forward_pre_hooks:
-            problems[norm] = "it has forward hooks, which folding would drop"
+            problems[norm] = "it has forward hooks, which folding would drop (remove them)"
+    return problems
+
+
+def example_forward(model: nn.Module, example_input: Any, *, grad: bool) -> Any:
+    """``model(example_input)`` outside inference mode, gradients on or off; every buffer restored
+    afterwards (layers left in training mode update theirs)."""
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    try:
+        with torch.inference_mode(False), torch.set_grad_enabled(grad):
+            return model(example_input)
+    finally:
+        with torch.no_grad():
+            for buffer, value in buffers:
+                buffer.copy_(value)
+
+
+class _StorageReads(TorchDispatchMode):
+    """Records each ATen op that reads a watched storage while the module allowed to read it is not
+    running: ``watched[storage] = (norm layer, what, allowed module)``, ``reads[(norm layer, what)]``
+    the op names."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.watched: dict[int, tuple[str, str, str]] = {}
+        self.running: Counter = Counter()
+        self.reads: dict[tuple[str, str], list[str]] = defaultdict(list)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        for t in pytree.tree_leaves((args, kwargs)):
+            if isinstance(t, Tensor) and (entry := self.watched.get(next(iter(_storages([t])), None))):
+                norm, what, allowed = entry
+                if not self.running[allowed]:
+                    self.reads[(norm, what)].append(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def _example_reader_problems(model: nn.Module, example_input: Any, pairs: dict[str, str]) -> dict[str, str]:
+    """Every ATen op of one example forward (no gradients) that reads a convolution's parameters
+    outside that convolution, or its output outside the norm layer of ``pairs`` after it: readers
+    that the graph may not show (a tensor reached through a Python list, a global, a closure, or
+    inside a module the graph calls as one node), on the example's path."""
+    if not pairs:
+        return {}
+    mode, handles, outputs = _StorageReads(), [], []
+
+    def enter(name):
+        return lambda module, args: mode.running.update([name])
+
+    def leave(name, norm=None):
+        def hook(module, args, output):
+            mode.running.subtract([name])
+            if norm is not None:  # the convolution's output: watched from now on
+                outputs.append(output)
+                mode.watched.update({s: (norm, "output", norm) for s in _storages([output])})
+        return hook
+
+    for norm, conv in pairs.items():
+        module = model.get_submodule(conv)
+        mode.watched.update({s: (norm, "parameter", conv) for s in _storages(module.parameters())})
+        for name, after in ((conv, norm), (norm, None)):
+            handles.append(model.get_submodule(name).register_forward_pre_hook(enter(name)))
+            handles.append(model.get_submodule(name).register_forward_hook(leave(name, after)))
+    try:
+        with mode:
+            example_forward(model, example_input, grad=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    problems = {}
+    for (norm, what), ops in mode.reads.items():
+        problems.setdefault(norm, (
+            f"{'the output' if what == 'output' else 'a parameter'} of the convolution {pairs[norm]!r} before it is "
+            f"also read elsewhere (by {', '.join(dict.fromkeys(ops))} in the example forward)"
+        ))
     return problems
 
 
@@ -90,7 +173,7 @@ def _trace(model: nn.Module) -> tuple[fx.Graph, dict[fx.Node, object]]:
     try:
         graph = tracer.trace(model)
     finally:
-        constants = {name: value for value, name in tracer.tensor_attrs.items()}
+        constants = {name: value for value, name in getattr(tracer, "tensor_attrs", {}).items()}
         for name in set(vars(model)) - before:
             delattr(model, name)
     values = {}
@@ -157,29 +240,32 @@ def _graph_problems(
     return problems
 
 
-def exclusivity_problems(model: nn.Module, pairs: dict[str, str], *, assume_exclusive: bool) -> dict[str, str]:
+def exclusivity_problems(
+    model: nn.Module, example_input: Any, pairs: dict[str, str], *, assume_exclusive: bool
+) -> dict[str, str]:
     """``{norm layer: why folding it could change the model's function}`` for ``pairs``
     (``{norm layer name: name of the convolution whose output it reads}``, from an example forward).
 
-    The module tree is always checked, the ``torch.fx`` graph when the model traces. A model that
-    does not trace gets a reason for every layer, unless ``assume_exclusive`` (the user's promise
+    In order, the first reason per layer: the module tree; the ``torch.fx`` graph (a model that
+    does not trace gets a reason for every layer, unless ``assume_exclusive``: the user's promise
     that nothing but the norm layer reads each convolution's output, and nothing but the
-    convolution its parameters).
+    convolution its parameters, on every input); the ops of one example forward.
     """
     problems = _module_tree_problems(model, pairs)
-    pairs = {norm: conv for norm, conv in pairs.items() if norm not in problems}
-    if not pairs:
+    pending = {norm: conv for norm, conv in pairs.items() if norm not in problems}
+    if not pending:
         return problems
     try:
         graph, values = _trace(model)
     except Exception as err:  # noqa: BLE001 - any tracing failure leaves the structure unproven
         if not assume_exclusive:
             cause = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-            for norm, conv in pairs.items():
-                problems[norm] = (
-                    f"torch.fx cannot trace the model ({cause}), so nothing proves that only it reads the output of "
-                    f"the convolution {conv!r}; pass assume_exclusive=True if you know that it does"
-                )
-        return problems
-    problems.update(_graph_problems(graph, values, model, pairs))
-    return problems
+            return problems | {
+                norm: f"torch.fx cannot trace the model ({cause}), so nothing proves that only it reads the output of "
+                f"the convolution {conv!r}; pass assume_exclusive=True if you know that it does"
+                for norm, conv in pending.items()
+            }
+    else:
+        problems.update(_graph_problems(graph, values, model, pending))
+    pending = {norm: conv for norm, conv in pending.items() if norm not in problems}
+    return problems | _example_reader_problems(model, example_input, pending)

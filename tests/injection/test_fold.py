@@ -261,6 +261,34 @@ def test_refuses_readers_the_autograd_graph_does_not_show(make, match):
     assert set(vars(model)) == attributes  # the trace's tensor constants are not left on the model
 
 
+def test_refuses_a_parameter_read_that_only_the_example_forward_shows():
+    """The weight's storage reached through a plain list: tracing computes its sum once, as a
+    constant; the ops of the example forward show the read."""
+    model = ConvNormAndReader(lambda m, x, h, y: y + x.mean() * m.hidden[0].sum()).eval()
+    model.hidden = [model.conv.weight.detach()]
+    attributes = set(vars(model))
+    with pytest.raises(ValueError, match=r"norm: " + PARAMETER_READ + r"sum in the example forward\)"):
+        fold_norms(model, torch.randn(2, 3, 8, 8))
+    assert set(vars(model)) == attributes  # the trace's tensor constant (the sum) is not left on the model
+
+
+@pytest.mark.parametrize(
+    "hook,match",
+    [
+        (lambda m: m.conv.register_forward_hook(lambda module, args, out: None),
+         "norm: the convolution 'conv' before it has forward hooks, which read its output"),
+        (lambda m: m.norm.register_forward_pre_hook(lambda module, args: None),
+         "norm: it has forward hooks, which folding would drop"),
+    ],
+    ids=["conv-hook", "norm-hook"],
+)
+def test_refuses_hooks(hook, match):
+    model = ConvNormAndReader(lambda m, x, h, y: y).eval()
+    hook(model)
+    with pytest.raises(ValueError, match=match):
+        fold_norms(model, torch.randn(2, 3, 8, 8))
+
+
 class ValueDependentBranch(nn.Module):
     """Control flow on tensor values: torch.fx cannot trace it."""
 
@@ -288,11 +316,21 @@ def test_untraceable_model_folds_only_on_the_users_promise():
         torch.testing.assert_close((model(x), model(-x.abs())), before, rtol=1e-10, atol=1e-10)
 
 
-def test_assume_exclusive_never_overrides_what_the_module_tree_shows():
+class ValueDependentBranchReadingDetached(ValueDependentBranch):
+    def forward(self, x):
+        h = self.conv(x)
+        y = self.norm(h) + h.detach().mean()
+        return y.relu() if x.mean() > 0 else y
+
+
+def test_assume_exclusive_never_overrides_what_the_module_tree_or_example_forward_shows():
     model = ValueDependentBranch().eval()
     model.conv2 = nn.Conv2d(3, 4, 3)
     model.conv2.weight = model.conv.weight
     with pytest.raises(ValueError, match="norm: a parameter of the convolution 'conv' before it is shared"):
+        fold_norms(model, torch.randn(2, 3, 8, 8), assume_exclusive=True)
+    model = ValueDependentBranchReadingDetached().eval()
+    with pytest.raises(ValueError, match="norm: " + OUTPUT_READ + "detach, mean in the example forward"):
         fold_norms(model, torch.randn(2, 3, 8, 8), assume_exclusive=True)
 
 

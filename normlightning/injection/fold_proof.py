@@ -10,10 +10,11 @@ that norm layer alone and its parameters by nothing but the convolution. Three c
 - a ``torch.fx`` symbolic trace of ``model.forward``, one graph for every input (tracing refuses
   control flow on tensor values and shapes): the convolution and the norm layer are each called
   once, the norm layer's only input is the convolution's output, that output has no other user (a
-  comparison, ``.detach()``, an op under ``torch.no_grad()``, the model's outputs...) and no other
-  node reads the convolution's parameters (``F.conv2d(x, conv.weight)``, a tensor constant sharing
-  their storage). Convolutions, norm layers, ``torch.nn`` layers and modules that contain no
-  convolution or norm layer are single calls in the graph;
+  comparison, ``.detach()``, an op under ``torch.no_grad()``, the model's outputs, an attribute
+  that keeps it: ``self.features = h``) and no other node reads the convolution's parameters
+  (``F.conv2d(x, conv.weight)``, a tensor constant sharing their storage). Convolutions, norm
+  layers, ``torch.nn`` layers and modules that contain no convolution or norm layer are single
+  calls in the graph;
 - every ATen op of one example forward: none reads the convolution's parameters outside the
   convolution, or its output outside the norm layer (storage aliasing, so views and ``.detach()``
   count). This sees what the graph cannot: a tensor reached through a Python list, a global or a
@@ -29,6 +30,7 @@ from __future__ import annotations
 import operator
 from collections import Counter, defaultdict
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -165,22 +167,38 @@ class _Tracer(fx.Tracer):
         return m in self.opaque or super().is_leaf_module(m, module_qualified_name)
 
 
-def _trace(model: nn.Module) -> tuple[fx.Graph, dict[fx.Node, object]]:
-    """``model.forward``'s graph and the value of each ``get_attr`` node. The tensor constants that
-    tracing stores on ``model`` (``_tensor_constant0``, ...) are removed again."""
-    before = set(vars(model))
+@dataclass
+class _Traced:
+    """``model.forward``'s graph, the value of each ``get_attr`` node, and the module attributes
+    (``"block.cache"``) in which the forward stores each node's value."""
+
+    graph: fx.Graph
+    values: dict[fx.Node, object]
+    stored: dict[fx.Node, list[str]]
+
+
+def _trace(model: nn.Module) -> _Traced:
+    """Traces ``model.forward``; every module's attributes are put back as they were (tracing stores
+    tensor constants on ``model``, and a forward that keeps a value on a module keeps a proxy)."""
+    saved = [(name, m, dict(vars(m))) for name, m in model.named_modules()]
     tracer = _Tracer(model)
+    stored: dict[fx.Node, list[str]] = defaultdict(list)
     try:
         graph = tracer.trace(model)
     finally:
         constants = {name: value for value, name in getattr(tracer, "tensor_attrs", {}).items()}
-        for name in set(vars(model)) - before:
-            delattr(model, name)
+        for name, module, attributes in saved:
+            for key, value in vars(module).items():
+                for leaf in pytree.tree_leaves(value):
+                    if isinstance(leaf, fx.Proxy):
+                        stored[leaf.node].append(f"{name}.{key}" if name else key)
+            module.__dict__.clear()
+            module.__dict__.update(attributes)
     values = {}
     for node in graph.nodes:
         if node.op == "get_attr":
             values[node] = constants[node.target] if node.target in constants else _attribute(model, node.target)
-    return graph, values
+    return _Traced(graph, values, stored)
 
 
 def _attribute(model: nn.Module, target: str) -> object:
@@ -202,11 +220,9 @@ def _describe(node: fx.Node) -> str:
     return "the model's output"
 
 
-def _graph_problems(
-    graph: fx.Graph, values: dict[fx.Node, object], model: nn.Module, pairs: dict[str, str]
-) -> dict[str, str]:
+def _graph_problems(traced: _Traced, model: nn.Module, pairs: dict[str, str]) -> dict[str, str]:
     calls: dict[str, list[fx.Node]] = defaultdict(list)
-    for node in graph.nodes:
+    for node in traced.graph.nodes:
         if node.op == "call_module":
             calls[node.target].append(node)
     problems = {}
@@ -220,9 +236,10 @@ def _graph_problems(
         (conv_node,), (norm_node,) = calls[conv], calls[norm]
         storages = _storages(model.get_submodule(conv).parameters())
         output_readers = [_describe(n) for n in conv_node.users if n is not norm_node]
+        output_readers += [f"the attribute {path!r} that keeps it" for path in traced.stored.get(conv_node, [])]
         parameter_readers = [
-            _describe(n) for n in graph.nodes
-            if (n.op == "get_attr" and _aliases(values[n], storages))
+            _describe(n) for n in traced.graph.nodes
+            if (n.op == "get_attr" and _aliases(traced.values[n], storages))
             or (n.op == "call_module" and n.target.startswith(f"{conv}."))
         ]
         if norm_node.args != (conv_node,) or norm_node.kwargs:
@@ -256,7 +273,7 @@ def exclusivity_problems(
     if not pending:
         return problems
     try:
-        graph, values = _trace(model)
+        traced = _trace(model)
     except Exception as err:  # noqa: BLE001 - any tracing failure leaves the structure unproven
         if not assume_exclusive:
             cause = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
@@ -266,6 +283,6 @@ def exclusivity_problems(
                 for norm, conv in pending.items()
             }
     else:
-        problems.update(_graph_problems(graph, values, model, pending))
+        problems.update(_graph_problems(traced, model, pending))
     pending = {norm: conv for norm, conv in pending.items() if norm not in problems}
     return problems | _example_reader_problems(model, example_input, pending)

@@ -272,6 +272,21 @@ def test_refuses_a_parameter_read_that_only_the_example_forward_shows():
     assert set(vars(model)) == attributes  # the trace's tensor constant (the sum) is not left on the model
 
 
+class KeepsConvOutput(ConvNormAndReader):
+    """Keeps the convolution's output on the module (feature extraction for a later loss)."""
+
+    def forward(self, x):
+        self.features = self.conv(x)
+        return self.norm(self.features)
+
+
+def test_refuses_an_output_kept_on_a_module():
+    model = KeepsConvOutput(None).eval()
+    with pytest.raises(ValueError, match="norm: " + OUTPUT_READ + "the attribute 'features' that keeps it"):
+        fold_norms(model, torch.randn(2, 3, 8, 8))
+    assert isinstance(model.features, torch.Tensor)  # what tracing stored there (a proxy) is undone
+
+
 @pytest.mark.parametrize(
     "hook,match",
     [

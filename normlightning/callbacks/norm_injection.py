@@ -106,6 +106,9 @@ class NormInjection(Callback):
         """Inject (once per process; idempotent across stages), print and log the summary."""
         if get_spec(pl_module) is not None:
             if self.spec is None:
+                if not self.rules.changes_nothing:  # raises when the norm: settings ask for other layers
+                    inject(pl_module, self.rules, example_input=pl_module.example_input_array,
+                           batch_size=self._batch_size(trainer))
                 self.spec = get_spec(pl_module)
                 rank_zero_info("NormInjection: the model already carries injected layers; left as is")
         else:

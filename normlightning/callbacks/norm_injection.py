@@ -16,7 +16,9 @@ In a config::
 ``sync_batchnorm``) and before ``configure_optimizers``; it is idempotent across stages. When the
 run restores a checkpoint that holds an injection spec, the checkpoint's layers are installed
 instead of the config's (a mismatch is warned about), so ``test --ckpt_path`` works even when the
-``norm:`` section could not be built for this model.
+``norm:`` section could not be built for this model. A model that already carries injected layers
+(from :func:`~normlightning.injection.inject` before the run) is left as it is when the ``norm:``
+settings ask for the same layers; settings that ask for others raise ``ValueError`` at ``setup``.
 """
 
 from __future__ import annotations

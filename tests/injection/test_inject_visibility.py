@@ -112,6 +112,7 @@ def test_inject_on_a_model_without_target_layers_warns_naming_targets():
     assert rows[0]["new"] == "GroupNorm (gn)"
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
 def test_inject_refuses_torchscript_modules():
     eager = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)).eval()
     with pytest.raises(TypeError, match="the model itself is a TorchScript module.*inject into the eager nn.Module"):

@@ -233,10 +233,15 @@ def _check_episodes(config: dict[str, Any], smoke: dict[str, Any], cli: Any) -> 
 
 def _layer_kwargs(norm: dict[str, Any]) -> dict[str, Any]:
     """Keyword arguments valid for a 64-channel probe layer of the configured method (type check only)."""
+    from normlightning.norms import norm_group_args
+
     kwargs = dict(norm.get("kwargs") or {})
     for key in ("channel_groups", "batch_groups"):
         if kwargs.get(key) == "auto":
             kwargs.pop(key)
+    for arg in norm_group_args(norm["method"]):  # counts without a default (bgn, seqnorm): any valid one will do
+        if arg.required and not any(isinstance(kwargs.get(name), int) for name in (arg.name, *arg.alternatives)):
+            kwargs[arg.name] = 1
     return kwargs
 
 

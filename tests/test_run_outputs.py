@@ -89,6 +89,11 @@ def test_hparams_yaml_is_safe_loadable_and_names_the_method(injected_run) -> Non
     assert hparams["norm"]["layers"] == 4 and hparams["norm"]["num_groups_setting"] == "auto"
     # BGN's auto rule at B=8 asks for G=16, fitted per layer (D = C*H*W); GN's override keeps 2
     assert set(str(hparams["norm"]["groups"]["num_groups"]).split(",")) >= {"2"}
+    # every effective argument of the built layers, per method (defaults the settings did not name included)
+    args = hparams["norm"]["args"]
+    assert args["gn"] == {"num_groups": 2, "eps": 1e-5, "affine": True}
+    assert set(args["bgn"]) == {"num_groups", "eps", "momentum", "affine"} and args["bgn"]["momentum"] == 0.1
+    assert all(1 <= int(g) <= 16 for g in str(args["bgn"]["num_groups"]).split(","))  # auto at B=8 asks 16
     assert hparams["norm"]["overrides"] == [{"pattern": "backbone\\.features\\.4\\.1", "method": "gn", "num_groups": 2}]
     assert hparams["data"] == {"class": "Synthetic", "batch_size": 8, "world_size": 1, "global_batch_size": 8}
     assert hparams["input_shape"] == [1, 6, 6] and hparams["num_classes"] == 7  # tuples written as lists
@@ -108,6 +113,7 @@ def test_hparams_tab_has_the_best_validation_accuracy(injected_run) -> None:
     session = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
     values = session.session_start_info.hparams
     assert values["norm/method"].string_value == "bgn+gn"
+    assert values["norm/args/gn/num_groups"].number_value == 2 and values["norm/args/bgn/momentum"].number_value == 0.1
     assert values["data/batch_size"].number_value == 8 and values["backbone"].string_value == "small_cnn"
     assert "lr-SGD/default" in accumulator.Tags()["scalars"]  # the tag the README names
     validation = [e.value for e in accumulator.Scalars("val/acc1")]

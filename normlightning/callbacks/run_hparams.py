@@ -6,12 +6,18 @@ groups to the task's own hyperparameters, in plain YAML types (``yaml.safe_load`
 - ``norm``: the normalization the run really uses, from the applied injection spec
   (:mod:`normlightning.injection.spec`) and the ``norm:`` settings::
 
-      norm: {method: bgn, layers: 4, groups: {num_groups: 256}, num_groups_setting: auto,
-             kwargs: {}, overrides: [], exclude: [], param_norm: null}
+      norm: {method: bgn, layers: 4, groups: {num_groups: 256},
+             args: {bgn: {num_groups: 256, eps: 1.0e-05, momentum: 0.1, affine: true}},
+             num_groups_setting: auto, kwargs: {}, overrides: [], exclude: [], param_norm: null}
 
   ``method`` joins the methods of the replaced layers (``bgn+gn`` with an override); without an
-  injection it names the model's own layer classes (``native:BatchNorm2d``). ``groups`` holds each
-  resolved group count, one value or a comma-separated list when layers differ;
+  injection it names the model's own layer classes (``native:BatchNorm2d``). ``args`` holds, per
+  method, every effective argument of its layers, read from the built layers (defaults included,
+  e.g. ``gn``'s ``num_groups: 32`` when the settings gave none); ``groups`` the group counts among
+  them (``norm_group_args``, merged over methods). A value that differs between layers (counts
+  fitted per layer) is the distinct values in model order, comma-separated (``"16,8"``); the
+  per-layer values are in the summary table and the checkpoint's injection spec. ``num_groups_setting``
+  and ``kwargs`` are what the settings asked;
 - ``data``: ``{class: Digits, batch_size: 64, world_size: 1, global_batch_size: 64}``
   (``batch_size`` per process).
 
@@ -33,7 +39,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 
 from normlightning.callbacks.norm_injection import NormInjection
-from normlightning.injection import get_spec
+from normlightning.injection import get_spec, layer_args
 from normlightning.injection.rules import InjectionRules
 from normlightning.norms import norm_group_args
 from normlightning.norms.model_layers import is_norm_layer
@@ -55,18 +61,33 @@ def _native_norms(model: nn.Module) -> str | None:
     return "native:" + "+".join(names) if names else None
 
 
-def _group_counts(layers: list[dict[str, Any]]) -> dict[str, int | str]:
-    """Resolved group counts of the replaced layers: ``{arg: value}`` or ``{arg: "16,256"}`` when they differ."""
-    seen: dict[str, list[Any]] = {}
+def _compact(values: list[Any]) -> Any:
+    """One value when all agree, else the distinct values in model order joined by commas (``"16,256"``)."""
+    distinct = _ordered_unique(values)
+    return distinct[0] if len(distinct) == 1 else ",".join(str(v) for v in distinct)
+
+
+def _effective_values(model: nn.Module, layers: list[dict[str, Any]]) -> dict[str, dict[str, list[Any]]]:
+    """``{method: {argument: [value per layer]}}``: every effective argument of the replaced layers, read
+    from the built layers (:func:`~normlightning.injection.plan.layer_args`), ``num_features`` aside."""
+    seen: dict[str, dict[str, list[Any]]] = {}
     for record in layers:
-        for arg in norm_group_args(record["method"]):
-            if arg.name in record["kwargs"]:
-                seen.setdefault(arg.name, []).append(record["kwargs"][arg.name])
-    counts: dict[str, int | str] = {}
-    for name, values in seen.items():
-        distinct = sorted(set(values), key=str)
-        counts[name] = distinct[0] if len(distinct) == 1 else ",".join(str(v) for v in distinct)
-    return counts
+        per_method = seen.setdefault(record["method"], {})
+        for name, value in layer_args(model, record).items():
+            if name != "num_features":
+                per_method.setdefault(name, []).append(value)
+    return seen
+
+
+def _group_counts(values: dict[str, dict[str, list[Any]]]) -> dict[str, Any]:
+    """The group counts each method declares (``norm_group_args``), merged over methods:
+    ``{arg: value}``, or ``{arg: "16,256"}`` when layers differ."""
+    seen: dict[str, list[Any]] = {}
+    for method, per_arg in values.items():
+        for arg in norm_group_args(method):
+            if arg.name in per_arg:
+                seen.setdefault(arg.name, []).extend(per_arg[arg.name])
+    return {name: _compact(counts) for name, counts in seen.items()}
 
 
 def norm_hparams(model: nn.Module, spec: dict[str, Any] | None, rules: InjectionRules | None) -> dict[str, Any]:
@@ -74,7 +95,9 @@ def norm_hparams(model: nn.Module, spec: dict[str, Any] | None, rules: Injection
     layers = list((spec or {}).get("layers", []))
     method = "+".join(_ordered_unique([r["method"] for r in layers])) if layers else _native_norms(model)
     params = (spec or {}).get("param_norms", [])
-    out: dict[str, Any] = {"method": method, "layers": len(layers), "groups": _group_counts(layers)}
+    values = _effective_values(model, layers)
+    args = {m: {name: _compact(v) for name, v in per_arg.items()} for m, per_arg in values.items()}
+    out: dict[str, Any] = {"method": method, "layers": len(layers), "groups": _group_counts(values), "args": args}
     if rules is not None:
         out.update(
             num_groups_setting=rules.num_groups,

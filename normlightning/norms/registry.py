@@ -93,6 +93,6 @@ def build_norm(name: str, num_features: int, **kwargs) -> nn.Module:
     try:
         return factory(num_features, **kwargs)
     except TypeError as err:
-        if "unexpected keyword argument" in str(err):
+        if "unexpected keyword argument" in str(err) or "missing 1 required" in str(err):
             raise TypeError(f"build_norm({name!r}): {err}. See the docstring of {getattr(factory, '__name__', factory)} for its arguments.") from err
         raise

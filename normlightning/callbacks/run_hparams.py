@@ -18,8 +18,18 @@ groups to the task's own hyperparameters, in plain YAML types (``yaml.safe_load`
   fitted per layer) is the distinct values in model order, comma-separated (``"16,8"``); the
   per-layer values are in the summary table and the checkpoint's injection spec. ``num_groups_setting``
   and ``kwargs`` are what the settings asked;
+  ``effective`` holds the same values under fixed keys: every constructor argument of every registered
+  method (:func:`norm_argument_names`), ``null`` where no replaced layer has it, so that every run
+  logs the same keys;
 - ``data``: ``{class: Digits, batch_size: 64, world_size: 1, global_batch_size: 64}``
-  (``batch_size`` per process).
+  (``batch_size`` per process);
+- ``run``: ``{seed: 0, max_epochs: 10, max_steps: -1, lr: 0.1, lr_scaled: 0.1}`` (``lr``: the optimizer's
+  configured learning rate, ``lr_scaled``: after the task's linear scaling, ``lr_base_batch_size``).
+
+TensorBoard's HParams tab takes its columns from the first run it reads, so the row logged there has the
+same keys in every run: ``norm/args`` and ``norm/groups`` (whose keys depend on the method) are left out of
+it (``norm/effective`` holds their values), ``norm/kwargs`` is one string, and the optimizer's switches
+that do not change the math (:data:`OPTIMIZER_NOISE`) are dropped. ``hparams.yaml`` has everything.
 
 In ``fit`` it also gives TensorBoard's HParams tab a metric, ``hp/best_<metric>`` (default: the
 best ``val/acc1``, following the ``checkpoint:`` section's ``monitor`` and ``mode``), logged to
@@ -31,8 +41,14 @@ row of its own as well; the CLI's default logger, and any config that keeps its 
 
 from __future__ import annotations
 
+import copy
+import inspect
 import math
+import os
 from typing import Any, Literal
+
+import torch
+import yaml
 
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -41,11 +57,19 @@ from torch import nn
 from normlightning.callbacks.norm_injection import NormInjection
 from normlightning.injection import get_spec, layer_args
 from normlightning.injection.rules import InjectionRules
-from normlightning.norms import norm_group_args
+from normlightning.norms import available_norms, norm_group_args
+from normlightning.norms.registry import norm_factory
 from normlightning.norms.model_layers import is_norm_layer
 from normlightning.tasks.base import yaml_safe
+from normlightning.tasks.lr_scaling import linear_lr_factor
 
-__all__ = ["RunHyperparameters", "data_hparams", "norm_hparams"]
+__all__ = ["RunHyperparameters", "data_hparams", "norm_argument_names", "norm_hparams", "run_hparams"]
+
+#: ``torch.optim`` constructor switches that choose an implementation, not the update: left out of the HParams row.
+OPTIMIZER_NOISE = ("foreach", "fused", "differentiable", "maximize", "capturable")
+
+#: Arguments every norm layer has that are not settings of the method (the layer's size and placement).
+_LAYER_PLACEMENT = ("self", "num_features", "device", "dtype")
 
 #: Keys LightningCLI adds to a task's hyperparameters for reloading; not hyperparameters of the run.
 _CLI_KEYS = ("_class_path", "_instantiator")
@@ -90,6 +114,21 @@ def _group_counts(values: dict[str, dict[str, list[Any]]]) -> dict[str, Any]:
     return {name: _compact(counts) for name, counts in seen.items()}
 
 
+def norm_argument_names() -> list[str]:
+    """Sorted names of the constructor arguments of every registered method, ``num_features`` and placement aside
+    (``affine``, ``eps``, ``momentum``, ``num_groups``, ``channel_groups``, ``mean``, ``std``, ...)."""
+    names: set[str] = set()
+    for method in available_norms():
+        factory = norm_factory(method)
+        try:
+            parameters = inspect.signature(factory).parameters.values()
+        except (TypeError, ValueError):  # a plugin factory without a signature
+            continue
+        names.update(p.name for p in parameters
+                     if p.name not in _LAYER_PLACEMENT and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD))
+    return sorted(names)
+
+
 def norm_hparams(model: nn.Module, spec: dict[str, Any] | None, rules: InjectionRules | None) -> dict[str, Any]:
     """The ``norm`` hyperparameters of a run: the applied ``spec`` on ``model`` and the ``rules`` it came from."""
     layers = list((spec or {}).get("layers", []))
@@ -97,7 +136,14 @@ def norm_hparams(model: nn.Module, spec: dict[str, Any] | None, rules: Injection
     params = (spec or {}).get("param_norms", [])
     values = _effective_values(model, layers)
     args = {m: {name: _compact(v) for name, v in per_arg.items()} for m, per_arg in values.items()}
-    out: dict[str, Any] = {"method": method, "layers": len(layers), "groups": _group_counts(values), "args": args}
+    merged: dict[str, list[Any]] = {}
+    for per_arg in values.values():
+        for name, per_layer in per_arg.items():
+            merged.setdefault(name, []).extend(per_layer)
+    names = sorted(set(norm_argument_names()) | set(merged))
+    effective = {name: _compact(merged[name]) if name in merged else None for name in names}
+    out: dict[str, Any] = {"method": method, "layers": len(layers), "groups": _group_counts(values), "args": args,
+                           "effective": effective}
     if rules is not None:
         out.update(
             num_groups_setting=rules.num_groups,
@@ -119,6 +165,42 @@ def data_hparams(datamodule: Any, world_size: int) -> dict[str, Any]:
         "world_size": world_size,
         "global_batch_size": batch_size * world_size if batch_size is not None else None,
     }
+
+
+def run_hparams(trainer: Trainer, pl_module: LightningModule, batch_size: int | None) -> dict[str, Any]:
+    """The ``run`` hyperparameters: the global seed (``PL_GLOBAL_SEED``, set by ``seed_everything``), the
+    training length, and the optimizer's configured and linearly scaled learning rate. The configured ``lr`` is
+    read from an optimizer that the task's ``optimizer_factory`` builds over a stand-in parameter (the default
+    optimizer's too); ``None`` for a task without one."""
+    seed = os.environ.get("PL_GLOBAL_SEED")
+    factory = getattr(pl_module, "optimizer_factory", None)
+    lr = factory([torch.nn.Parameter(torch.zeros(1))]).defaults.get("lr") if callable(factory) else None
+    lr = float(lr) if isinstance(lr, (int, float)) else None
+    lr_scaled = lr
+    base = getattr(pl_module, "lr_base_batch_size", None)
+    if lr is not None and base is not None and batch_size is not None:
+        lr_scaled = lr * linear_lr_factor(batch_size, trainer.world_size, base)
+    return {
+        "seed": int(seed) if seed is not None else None,
+        "max_epochs": trainer.max_epochs,
+        "max_steps": trainer.max_steps,
+        "lr": lr,
+        "lr_scaled": lr_scaled,
+    }
+
+
+def hparams_row(params: dict[str, Any]) -> dict[str, Any]:
+    """``params`` for TensorBoard's HParams tab: the same keys in every run (see the module docstring)."""
+    row = copy.deepcopy(params)
+    norm = row.get("norm", {})
+    norm.pop("args", None)
+    norm.pop("groups", None)
+    if "kwargs" in norm:
+        norm["kwargs"] = yaml.safe_dump(norm["kwargs"], default_flow_style=True, width=10**6).strip()
+    optimizer = row.get("optimizer")
+    if isinstance(optimizer, dict) and isinstance(optimizer.get("init_args"), dict):
+        optimizer["init_args"] = {k: v for k, v in optimizer["init_args"].items() if k not in OPTIMIZER_NOISE}
+    return row
 
 
 class RunHyperparameters(Callback):
@@ -156,15 +238,19 @@ class RunHyperparameters(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._resolve_metric(trainer)
         injection = next((c for c in trainer.callbacks if isinstance(c, NormInjection)), None)
+        data = data_hparams(getattr(trainer, "datamodule", None), trainer.world_size)
         self.params = {
             "norm": norm_hparams(pl_module, get_spec(pl_module), injection.rules if injection else None),
-            "data": data_hparams(getattr(trainer, "datamodule", None), trainer.world_size),
+            "data": data,
+            "run": run_hparams(trainer, pl_module, data["batch_size"]),
         }
         for logger in trainer.loggers:
             if stage == "fit" and self.tag is not None and isinstance(logger, TensorBoardLogger):
-                # the HParams row: the task's (and data module's) hyperparameters too, as Lightning logs them
-                row = {**self._own_hparams(trainer, pl_module), **self.params}
-                logger.log_hyperparams(row, metrics={self.tag: self.best})
+                # the HParams row: the task's (and data module's) hyperparameters too, as Lightning logs them,
+                # with the same keys in every run; hparams.yaml (the logger's ``hparams``) gets everything
+                full = {**self._own_hparams(trainer, pl_module), **self.params}
+                logger.log_hyperparams(hparams_row(full), metrics={self.tag: self.best})
+                logger.hparams.update(full)
             else:
                 logger.log_hyperparams(self.params)
 

@@ -24,8 +24,8 @@ A run never writes into a run folder that holds another run's files
 (:mod:`normlightning.run_folder`; ``--overwrite_run=true`` to do it anyway, or resume that run
 with ``fit --ckpt_path``).
 
-Exit codes of the command (README, "Exit codes"): 0 the subcommand finished; 1 an error (a Python
-traceback ends with the message); 2 a bad argument (the parser's message); 130 interrupted with
+Exit codes of the command (README, "Exit codes"): 0 the subcommand finished; 1 an error (the
+package's own errors as one message, ``NORMLIGHTNING_DEBUG=1`` for their traceback; others with theirs); 2 a bad argument (the parser's message); 130 interrupted with
 Ctrl+C; 143 (``EXIT_SIGTERM``, 128 + SIGTERM as shells report it) stopped by SIGTERM, e.g. a
 batch scheduler's preemption, with the path of ``last.ckpt`` to resume from.
 Known harmless warnings are filtered in one place, :mod:`normlightning.known_warnings`.
@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import os
 import sys
+import traceback
 from typing import Any
 
 from jsonargparse import Namespace
@@ -62,6 +63,13 @@ DATA_TO_MODEL_LINKS: dict[str, str] = {
     "mean": "input_mean",
     "std": "input_std",
 }
+
+#: Exit code of a run that failed with an error.
+EXIT_ERROR = 1
+#: Environment variable that makes :func:`main` show the traceback of the package's own errors.
+DEBUG_ENV = "NORMLIGHTNING_DEBUG"
+#: The package's folder: an error raised by a file under it is one of ours.
+PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 #: Exit code of a run stopped by SIGTERM (128 + 15, as a shell reports a process killed by it).
 EXIT_SIGTERM = 143
@@ -161,18 +169,21 @@ class NormLightningCLI(LightningCLI):
             anchor_loggers_at_root_dir(trainer_config)
 
     def instantiate_classes(self) -> None:
-        """Instantiate data, model and trainer; a task argument that the data module should have
-        provided (``num_classes``, ``input_shape``) is reported as its own clear error, not wrapped
-        in the parser's "Does not validate against any of the Union subtypes"."""
+        """Instantiate data, model and trainer; one of the package's own errors raised while building a
+        class (e.g. a task argument that the data module should have provided, or a backbone argument the
+        backbone rejects) is reported as itself, not wrapped in the parser's "Does not validate against any
+        of the Union subtypes"."""
         try:
             super().instantiate_classes()
         except ValueError as err:
             cause = err
-            while cause is not None and not isinstance(cause, MissingDataAttributeError):
+            while cause is not None and not (isinstance(cause, MissingDataAttributeError)
+                                             or (cause is not err and raised_by_normlightning(cause))):
                 cause = cause.__cause__ or cause.__context__
             if cause is None:
                 raise
-            raise cause from None
+            cause.__suppress_context__ = True  # its own cause (``raise ... from``) is still shown
+            raise cause
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """The Trainer; with ``trainer.logger: false`` the default LearningRateMonitor is dropped (it needs a logger);
@@ -269,9 +280,29 @@ def build_cli(args: ArgsType = None, run: bool = True) -> NormLightningCLI:
     )
 
 
+def raised_by_normlightning(err: BaseException) -> bool:
+    """Whether ``err`` is one of the package's own errors: an ``Exception`` raised by a line of normlightning
+    (the innermost frame of its traceback), whose message names the setting and the fix. Errors raised inside
+    torch, Lightning or a user's class are not."""
+    frames = traceback.extract_tb(err.__traceback__)
+    return isinstance(err, Exception) and bool(frames) and os.path.abspath(frames[-1].filename).startswith(PACKAGE_DIR)
+
+
 def main(args: ArgsType = None) -> None:
-    """Entry point of ``normlightning`` and ``python -m normlightning`` (see :func:`build_cli`)."""
-    build_cli(args)
+    """Entry point of ``normlightning`` and ``python -m normlightning`` (see :func:`build_cli`).
+
+    One of the package's own errors (:func:`raised_by_normlightning`) is printed as one message, without the
+    traceback, and exits with ``EXIT_ERROR`` (1); ``NORMLIGHTNING_DEBUG=1`` in the environment raises it
+    with its traceback instead. Any other error keeps its traceback (exit code 1 as well).
+    """
+    try:
+        build_cli(args)
+    except Exception as err:
+        if os.environ.get(DEBUG_ENV, "") not in ("", "0") or not raised_by_normlightning(err):
+            raise
+        print(f"normlightning: error: {type(err).__name__}: {err}\n"
+              f"(the traceback: run again with {DEBUG_ENV}=1)", file=sys.stderr)
+        raise SystemExit(EXIT_ERROR) from None
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from .batch_norm import BatchNorm, BatchRenorm
 from .ghost_norm import GhostNorm, SequentialNorm
 from .heterologous_norm import HeterologousNorm
 from .param_norms import WeightStandardization, WSConv2d, apply_weight_norm, apply_weight_standardization
-from .per_example import GroupNorm, InstanceNorm, LayerNorm, PositionalNorm
+from .per_example import FlatGroupNorm, GroupNorm, InstanceNorm, LayerNorm, PositionalNorm
 from .group_args import AutoContext, GroupArg
 from .registry import available_norms, build_norm, norm_group_args, register_norm
 from .norm_layer import norm_layer
@@ -26,6 +26,7 @@ __all__ = [
     "BatchNorm",
     "BatchRenorm",
     "GroupNorm",
+    "FlatGroupNorm",
     "LayerNorm",
     "InstanceNorm",
     "PositionalNorm",

@@ -164,12 +164,12 @@ PAPER: dict[str, dict[str, Any]] = {
     "imagenet_bgn_in.yaml": {**BGN_IMAGENET, "norm.method": "in"},
     "imagenet_bgn_ln.yaml": {**BGN_IMAGENET, "norm.method": "ln"},
     "imagenet_bgn_pn.yaml": {**BGN_IMAGENET, "norm.method": "pn"},
-    # BGN: adversarial training, Table 5 (GN with G = 128 read as groups of C*H*W: docs/methods.md, gn_flat)
+    # BGN: adversarial training, Table 5 (GN with G = 128 read as groups of C*H*W: docs/methods.md, gnflat)
     "cifar10_pgd_bn.yaml": {**PGD, "norm.method": "bn"},
     "cifar10_pgd_in.yaml": {**PGD, "norm.method": "in"},
     "cifar10_pgd_ln.yaml": {**PGD, "norm.method": "ln"},
     "cifar10_pgd_pn.yaml": {**PGD, "norm.method": "pn"},
-    "cifar10_pgd_gn.yaml": {**PGD, "norm.method": "gn_flat", "norm.num_groups": 128},
+    "cifar10_pgd_gn.yaml": {**PGD, "norm.method": "gnflat", "norm.num_groups": 128},
     "cifar10_pgd_bgn.yaml": {**PGD, "norm.method": "bgn", "norm.num_groups": 128},
     # BGN: few-shot, Table 6 (G of GN and BGN not given for this experiment)
     "miniimagenet_imprint_bn.yaml": {**FEW_SHOT, "norm.method": "bn"},

@@ -44,8 +44,8 @@ class GroupNorm(NormLayer):
 
 
 class FlatGroupNorm(NormLayer):
-    """Group Norm over each example's flattened ``D = C*S`` (docs/methods.md, section gn_flat), registry
-    name ``gn_flat``: the reading of the BGN paper's "G = 128 is used in GN" on WideResNet-10-2 (16-128
+    """Group Norm over each example's flattened ``D = C*S`` (docs/methods.md, section gnflat), registry
+    name ``gnflat``: the reading of the BGN paper's "G = 128 is used in GN" on WideResNet-10-2 (16-128
     channels), where G "will divide images into patches".
 
     ``D`` (channel-major) is cut into ``G`` contiguous groups of ``D/G``; per ``(n, g)``:

@@ -24,7 +24,7 @@ __all__ = ["build_norm", "register_norm", "available_norms", "norm_factory", "no
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {
     "bn": BatchNorm,
     "gn": GroupNorm,
-    "gn_flat": FlatGroupNorm,
+    "gnflat": FlatGroupNorm,
     "ln": LayerNorm,
     "in": InstanceNorm,
     "pn": PositionalNorm,

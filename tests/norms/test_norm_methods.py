@@ -147,8 +147,8 @@ def test_gn(G):
 
 
 @pytest.mark.parametrize("G", [2, 4, 8, 24])
-def test_gn_flat(G):
-    """gn_flat: per (n, g) over the g-th of G contiguous slices of the flattened C*H*W (4*2*6 = 48 values): G = 2
+def test_gnflat(G):
+    """gnflat: per (n, g) over the g-th of G contiguous slices of the flattened C*H*W (4*2*6 = 48 values): G = 2
     is GN's channel pairs, G = 4 one channel (IN's set), G = 8 and 24 bands of one channel's rows (patches)."""
     torch.manual_seed(5)
     layer = _randomize_affine(FlatGroupNorm(4, num_groups=G, dtype=D64))

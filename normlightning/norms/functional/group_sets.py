@@ -1,6 +1,6 @@
 """Methods whose sets lie within one example: GN, LN (one group), IN (one channel per group),
-PN (the channels at one position), GN over the flattened ``C*S`` (gn_flat), and SeqNorm, GN followed by
-GhostNorm (docs/methods.md, sections gn, gn_flat, ln, in, pn, seqnorm). Fast paths: ``F.group_norm``,
+PN (the channels at one position), GN over the flattened ``C*S`` (gnflat), and SeqNorm, GN followed by
+GhostNorm (docs/methods.md, sections gn, gnflat, ln, in, pn, seqnorm). Fast paths: ``F.group_norm``,
 ``F.layer_norm``."""
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def group_norm(
 def flat_group_norm(
     x: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None, eps: float = 1e-5, training: bool = False
 ) -> Tensor:
-    """Group Norm over the flattened ``D = C*S`` of each example (docs/methods.md, section gn_flat).
+    """Group Norm over the flattened ``D = C*S`` of each example (docs/methods.md, section gnflat).
 
     ``D`` (channel-major, ``d = c*S + s``) is cut into ``G`` contiguous groups of ``D/G``; per ``(n, g)``
     over its ``D/G`` values: ``y = gamma_c (x - mu_ng) / sqrt(var_ng + eps) + beta_c`` (biased variance).

@@ -95,7 +95,8 @@ BGN_PAPER_G = {128: 512, 64: 256, 32: 128, 16: 64, 8: 16, 4: 2, 2: 1}
 ATTACK = {"eps": 0.0157, "step_size": 2 / 255, "steps": 4}
 PGD = {
     "model.backbone": "wide_resnet", "model.backbone_kwargs.depth": 10, "model.backbone_kwargs.widen_factor": 2,
-    **{f"model.train_attack.{k}": v for k, v in ATTACK.items()}, **{f"model.eval_attack.{k}": v for k, v in ATTACK.items()},
+    **{f"model.train_attack.{k}": v for k, v in ATTACK.items()},
+    **{f"model.eval_attack.{k}": v for k, v in ATTACK.items()},
     "trainer.max_epochs": 200, "opt.class": "torch.optim.Adam", "opt.lr": 0.01, **CIFAR10,
 }
 #: "Few Shot Learning": imprinted weights, ResNet-12 of TADAM (Oreshkin et al. 2018), "SGD with Nesterov momentum

@@ -124,7 +124,10 @@ class ImageFolderDataModule(BaseDataModule):
                 f"missing {lacking[:5]}{'...' if len(lacking) > 5 else ''}, "
                 f"extra {extra[:5]}{'...' if len(extra) > 5 else ''}"
             )
-        transform = imagenet_train(self.image_size) if train else imagenet_eval(self.image_size, self.resize, self.eval_resize_mode)
+        if train:
+            transform = imagenet_train(self.image_size)
+        else:
+            transform = imagenet_eval(self.image_size, self.resize, self.eval_resize_mode)
         try:
             return ImageFolder(os.path.join(self.root, folder), transform=transform)
         except FileNotFoundError as error:

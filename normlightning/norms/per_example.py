@@ -58,7 +58,9 @@ class FlatGroupNorm(NormLayer):
 
     group_args = (GroupArg("num_groups", "flat", takes_num_groups=True, doc="groups of the flattened D = C*S"),)
 
-    def __init__(self, num_features: int, num_groups: int = 32, eps: float = 1e-5, affine: bool = True, device=None, dtype=None) -> None:
+    def __init__(
+        self, num_features: int, num_groups: int = 32, eps: float = 1e-5, affine: bool = True, device=None, dtype=None
+    ) -> None:
         super().__init__(num_features, eps, affine, device, dtype)
         if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1:
             raise ValueError(f"FlatGroupNorm num_groups={num_groups!r} must be a positive int (a divisor of D = C*S).")
@@ -67,7 +69,9 @@ class FlatGroupNorm(NormLayer):
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
-        return NF.flat_group_norm(x, num_groups=self.num_groups, weight=self.weight, bias=self.bias, eps=self.eps, training=self.training)
+        return NF.flat_group_norm(
+            x, num_groups=self.num_groups, weight=self.weight, bias=self.bias, eps=self.eps, training=self.training
+        )
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", num_groups={self.num_groups}"

@@ -74,14 +74,17 @@ def test_seqnorm_matches_gn_then_ghost_composition():
 
 # ------------------------------------------------------------------ errors and edge cases
 def test_registry_unknown_name_lists_valid_names():
-    with pytest.raises(ValueError, match="valid names: bgn, bn, brn, gbgn, ghost, gn, gnflat, hn, in, ln, pn, seqnorm, sn"):
+    valid = "valid names: bgn, bn, brn, gbgn, ghost, gn, gnflat, hn, in, ln, pn, seqnorm, sn"
+    with pytest.raises(ValueError, match=valid):
         build_norm("batchnorm", 4)
     with pytest.raises(TypeError, match="unexpected keyword"):
         build_norm("bn", 4, num_groups=2)
 
 
 def test_registry_plugin_and_all_names_build():
-    assert available_norms() == sorted(["bn", "gn", "gnflat", "ln", "in", "pn", "ghost", "seqnorm", "bgn", "gbgn", "hn", "sn", "brn"])
+    assert available_norms() == sorted(
+        ["bn", "gn", "gnflat", "ln", "in", "pn", "ghost", "seqnorm", "bgn", "gbgn", "hn", "sn", "brn"]
+    )
     for name in available_norms():
         layer = build_norm(name, 8, **({"num_groups": 4} if name == "gn" else {}))  # gn default: 32 groups
         assert isinstance(layer, NormLayer) and not isinstance(layer, nn.modules.batchnorm._BatchNorm)

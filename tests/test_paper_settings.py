@@ -346,3 +346,30 @@ def test_imagenet_fourthings_split_searches_on_train_and_reports_val(tmp_path, w
     val_files = {val.dataset.samples[i][0] for i in val.indices}
     assert all("/train/" in f for f in val_files)
     assert {f for f, _ in test.samples} == {str(p) for p in (tmp_path / "val").rglob("*.jpg")}
+
+
+def test_pgd_gn_config_is_not_instance_norm(resolve_config) -> None:
+    """cifar10_pgd_gn's norm section on its WRN-10-2: every layer is gnflat (the summary names it), and the first
+    (16 channels at 32x32, D = 16384) normalizes sets of D / 128 = 128 values, four rows of one channel, not IN's
+    whole 32x32 channel."""
+    import torch
+    import torch.nn.functional as F
+
+    from normlightning.injection import inject
+    from normlightning.models.registry import build_backbone
+
+    resolved = resolve_config(CONFIG_DIR / "cifar10_pgd_gn.yaml")
+    norm, model_args = resolved["norm"], resolved["model"]["init_args"]
+    model = build_backbone(model_args["backbone"], num_classes=10, input_shape=(3, 32, 32),
+                           **model_args["backbone_kwargs"])
+    _, rows = inject(model, method=norm["method"], num_groups=norm["num_groups"],
+                     example_input=torch.randn(2, 3, 32, 32))
+    assert rows and all(row["new"] == "FlatGroupNorm (gnflat)" for row in rows)
+    layer = model.get_submodule(rows[0]["layer"])
+    x = torch.randn(2, 16, 32, 32, dtype=torch.float64)
+    y = layer.double()(x)
+    band = x[:, 3, 4:8, :]  # the 4th channel's second band of four rows: one set
+    expected = (band - band.mean((1, 2), keepdim=True)) / torch.sqrt(band.var((1, 2), unbiased=False, keepdim=True)
+                                                                    + layer.eps)
+    torch.testing.assert_close(y[:, 3, 4:8, :], expected)
+    assert not torch.allclose(y, F.instance_norm(x, eps=layer.eps), atol=1e-3)

@@ -6,7 +6,8 @@
   its few-shot experiment): widths 64-128-256-512, swish-1 (``x * sigmoid(x)``), no dropout and no
   DropBlock; the same block otherwise (three conv3x3-BN, a conv1x1-BN projection shortcut, 2x2 max-pool)
   and a global average pool to 512-d. The order "sum, activation, max-pool" is the one of this module's
-  block (TADAM's text does not fix it; with swish, which is not monotonic, pooling first would differ).
+  block (the TADAM descriptions available to us do not fix it; with swish, which is not monotonic, pooling
+  first would differ).
 
 MetaOptNet layout for an 84x84 input::
 

@@ -55,7 +55,8 @@ DATASETS: dict[str, tuple[int, int, Any]] = {
 #: image side used in the test, by the real side: 32 px data runs at 16, 224 px (ImageNet-style
 #: torchvision backbones, five stride-2 stages: 2x2 at the last stage, so per-example sets such as
 #: IN still have more than one element) at 64; 84 px few-shot data (ResNet-12: four 2x2 max-pools,
-#: DropBlock in blocks 3-4, whose norm layers then see 8x8 and 4x4 maps) at 32; tiny images as they are.
+#: DropBlock in blocks 3-4 in its MetaOptNet variant, whose norm layers then see 8x8 and 4x4 maps) at 32; tiny images
+#: as they are.
 TEST_SIDE = {32: 16, 84: 32, 224: 64}
 EPISODIC_TASKS = ("normlightning.tasks.few_shot.FewShotTask",)
 CLASS_SPLIT = "normlightning.data.few_shot.ClassSplitFewShotDataModule"

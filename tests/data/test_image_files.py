@@ -44,7 +44,8 @@ CASES = [
     # CMYK -> RGB: R = (255 - C)(255 - K) / 255: (100, 50, 0, 51) -> (155 * 204, 205 * 204, 255 * 204) / 255
     ("CMYK", "tiff", Image.frombytes("CMYK", (2, 1), bytes([100, 50, 0, 51, 0, 0, 0, 0])),
      [[124, 164, 204], [255, 255, 255]]),
-    # JPEG's YCbCr: R = Y + 1.402 (Cr - 128), G = Y - 0.344136 (Cb - 128) - 0.714136 (Cr - 128), B = Y + 1.772 (Cb - 128)
+    # JPEG's YCbCr: R = Y + 1.402 (Cr - 128), G = Y - 0.344136 (Cb - 128) - 0.714136 (Cr - 128),
+    # B = Y + 1.772 (Cb - 128)
     # (76, 85, 255) -> (254.05, 0.10, -0.20) -> (254, 0, 0)
     ("YCbCr", "tiff", Image.frombytes("YCbCr", (2, 1), bytes([76, 85, 255, 128, 128, 128])),
      [[254, 0, 0], [128, 128, 128]]),
@@ -108,7 +109,8 @@ def test_truncated_jpeg_is_named(tmp_path, write_image_folders) -> None:
     dm = ImageFolderDataModule(root=str(tmp_path), image_size=8, num_workers=0, batch_size=6)
     dm.setup("validate")
     bad = tmp_path / "val" / "cat" / "1.jpg"
-    with pytest.raises(UnreadableImageError, match=f"{bad}: OSError: Truncated File Read.*set data.unreadable_images=skip"):
+    expected = f"{bad}: OSError: Truncated File Read.*set data.unreadable_images=skip"
+    with pytest.raises(UnreadableImageError, match=expected):
         next(iter(dm.val_dataloader()))
 
 

@@ -21,7 +21,8 @@ Known harmless warnings are filtered in one place, :mod:`normlightning.known_war
 
 from __future__ import annotations
 
-from typing import Any
+import os
+from typing import Any, NoReturn
 
 from jsonargparse import Namespace
 from lightning.pytorch import LightningDataModule, Trainer
@@ -29,13 +30,22 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 
 from normlightning import known_warnings
+from normlightning.ckpt_path import (
+    LIGHTNING_CKPT_NAMES,
+    CheckpointPathError,
+    best_error,
+    check_num_classes,
+    check_task_checkpoint,
+    directory_error,
+    resolve_last,
+)
 from normlightning.callbacks.checkpoint import CHECKPOINT_DEFAULTS, Checkpoint
 from normlightning.callbacks.norm_injection import NormInjection
 from normlightning.callbacks.prediction_writer import PredictionWriter
 from normlightning.callbacks.run_hparams import RunHyperparameters
 from normlightning.callbacks.throttled_progress_bar import with_progress_bar
 from normlightning.data.base import MissingDataAttributeError
-from normlightning.injection import check_checkpoint_file
+from normlightning.injection import read_checkpoint
 from normlightning.tasks.base import BaseTask
 
 #: Task arguments filled from the data module after it is instantiated: data attr -> task arg.
@@ -59,6 +69,31 @@ TRAINER_DEFAULTS: dict[str, Any] = {
         }
     ],
 }
+
+#: The base classes that jsonargparse uses for a ``model:`` / ``data:`` section without ``class_path``.
+SECTION_BASE_CLASSES: dict[str, str] = {
+    "model": "normlightning.tasks.BaseTask",
+    "data": "lightning.LightningDataModule",
+}
+
+
+class NormLightningArgumentParser(LightningArgumentParser):
+    """The command's parser: a ``model:`` or ``data:`` section without ``class_path`` fails with an
+    error that says so (jsonargparse alone reports its arguments as "not accepted" by the base class)."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        for section, base in SECTION_BASE_CLASSES.items():
+            if f"Problem with given class_path '{base}'" in message:
+                message = (
+                    f"the {section}: section has no class_path (or names the base class {base}): name the class "
+                    f"and put its arguments under init_args, e.g.\n  {section}:\n    class_path: "
+                    f"{'normlightning.tasks.ClassificationTask' if section == 'model' else 'normlightning.data.Digits'}"
+                    f"\n    init_args:\n      ...\n(or --{section}=<class_path> on the command line).\n"
+                    f"The parser's message: {message}"
+                )
+                break
+        super().error(message, ex)
+
 
 class NormLightningCLI(LightningCLI):
     """LightningCLI for normlightning tasks and data modules.
@@ -103,9 +138,45 @@ class NormLightningCLI(LightningCLI):
         else:
             self.config = parser.parse_args(args)
         subcommand = self.config.get("subcommand")
-        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry") and "://" not in str(ckpt_path):
-            check_checkpoint_file(ckpt_path, what="--ckpt_path")
+        self._checkpoint_hparams: dict[str, Any] = {}
+        if subcommand:
+            self._check_ckpt_path(subcommand)
+
+    def _check_ckpt_path(self, subcommand: str) -> None:
+        """Resolve ``--ckpt_path last``, and fail early, saying what to pass, on ``best``, a directory, a file
+        that is not a normlightning task checkpoint (:mod:`normlightning.ckpt_path`), and on ``predict``
+        without a checkpoint unless ``--allow_untrained=true``."""
+        config = self.config[subcommand]
+        ckpt_path = config.get("ckpt_path")
+        if not ckpt_path:
+            if subcommand == "predict" and not config.get("allow_untrained"):
+                raise CheckpointPathError(
+                    "predict without --ckpt_path would predict with the model's initial weights (nothing trained). "
+                    "Give the checkpoint, e.g. --ckpt_path last or --ckpt_path runs/<name>/version_<n>/checkpoints/"
+                    "best-<epoch>-<step>.ckpt, or --allow_untrained=true to predict with the initial weights"
+                )
+            return
+        if ckpt_path == "last":
+            config["ckpt_path"] = ckpt_path = resolve_last(config, subcommand)
+        elif ckpt_path == "best":
+            raise best_error(config)
+        if ckpt_path in LIGHTNING_CKPT_NAMES or "://" in str(ckpt_path):
+            return
+        if os.path.isdir(ckpt_path):
+            raise directory_error(ckpt_path)
+        checkpoint = read_checkpoint(ckpt_path, what="--ckpt_path")
+        check_task_checkpoint(checkpoint, ckpt_path)
+        self._checkpoint_hparams = dict(checkpoint.get("hyper_parameters") or {})
+
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
+        """The subcommand's parser; ``predict`` gets ``--allow_untrained``."""
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if subcommand == "predict":
+            parser.add_argument(
+                "--allow_untrained", type=bool, default=False,
+                help="predict without --ckpt_path, with the model's initial (untrained) weights",
+            )
+        return parser
 
     def instantiate_classes(self) -> None:
         """Instantiate data, model and trainer; a task argument that the data module should have
@@ -120,6 +191,13 @@ class NormLightningCLI(LightningCLI):
             if cause is None:
                 raise
             raise cause from None
+        if self._checkpoint_hparams:
+            check_num_classes(
+                self._checkpoint_hparams,
+                self.config[self.subcommand]["ckpt_path"],
+                getattr(self.datamodule, "num_classes", None),
+                self.model.hparams.get("num_classes"),
+            )
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """The Trainer; with ``trainer.logger: false`` the default LearningRateMonitor is dropped (it needs a logger);
@@ -175,6 +253,7 @@ def build_cli(args: ArgsType = None, run: bool = True) -> NormLightningCLI:
         subclass_mode_model=True,
         subclass_mode_data=True,
         auto_configure_optimizers=False,
+        parser_class=NormLightningArgumentParser,
         seed_everything_default=0,
         save_config_kwargs={"overwrite": True},
         args=args,

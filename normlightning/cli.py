@@ -17,6 +17,12 @@ bar (redrawn at most 10 times a second,
 :class:`~normlightning.callbacks.throttled_progress_bar.ThrottledProgressBar`), and the resolved
 config saved next to the logs (``config.yaml``, overwritten on a rerun).
 Known harmless warnings are filtered in one place, :mod:`normlightning.known_warnings`.
+
+``--ckpt_path`` is checked before anything is built (:mod:`normlightning.ckpt_path`): ``last`` is the
+newest ``last.ckpt`` of the run name, ``best``, a directory, a file not written by a normlightning task and
+a ``num_classes`` other than the data's are errors that say what to pass; ``predict`` without a checkpoint
+needs ``--allow_untrained=true``. A ``model:`` or ``data:`` section without ``class_path`` is an error that
+says so (:class:`NormLightningArgumentParser`).
 """
 
 from __future__ import annotations
@@ -181,7 +187,8 @@ class NormLightningCLI(LightningCLI):
     def instantiate_classes(self) -> None:
         """Instantiate data, model and trainer; a task argument that the data module should have
         provided (``num_classes``, ``input_shape``) is reported as its own clear error, not wrapped
-        in the parser's "Does not validate against any of the Union subtypes"."""
+        in the parser's "Does not validate against any of the Union subtypes". With ``--ckpt_path``,
+        a task ``num_classes`` other than the checkpoint's is an error naming both (not a ``size mismatch``)."""
         try:
             super().instantiate_classes()
         except ValueError as err:

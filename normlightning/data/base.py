@@ -166,7 +166,8 @@ class BaseDataModule(LightningDataModule):
                 self.datasets[split] = Subset(full, train_idx if split == "train" else val_idx)
             else:
                 self.datasets[split] = self.build_dataset(split)
-            if self.unreadable_images == "skip":
+            # (a split built from another split's dataset, e.g. test = val, is wrapped once)
+            if self.unreadable_images == "skip" and not isinstance(self.datasets[split], SkipUnreadableImages):
                 self.datasets[split] = SkipUnreadableImages(self.datasets[split], split)
         return self.datasets[split]
 

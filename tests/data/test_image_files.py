@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils.data import Subset
 
 from normlightning.data import ImageFolderDataModule
 from normlightning.data.errors import UnreadableImageError
@@ -136,3 +137,13 @@ def test_unreadable_images_skip_uses_the_next_image_and_counts(tmp_path, write_i
     assert dm.datasets["val"].num_skipped == 1  # flagged in the worker, seen here
     with pytest.warns(UserWarning, match=r"1 unreadable image\(s\) of the val split skipped \(items 1\)"):
         dm.teardown("validate")
+
+
+def test_unreadable_images_skip_wraps_a_shared_split_once(tmp_path, write_image_folders) -> None:
+    """Without val/ and test/, the test split is the held-out val split: one skipping wrapper, one count."""
+    write_image_folders(tmp_path, splits=("train",), per_class=4)
+    dm = ImageFolderDataModule(root=str(tmp_path), val_dir=None, val_fraction=0.25, image_size=8, num_workers=0,
+                               unreadable_images="skip")
+    dm.setup("fit")
+    dm.setup("test")
+    assert dm.datasets["test"] is dm.datasets["val"] and isinstance(dm.datasets["val"].dataset, Subset)

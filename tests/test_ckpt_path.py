@@ -12,7 +12,7 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from torch.utils.data import DataLoader, TensorDataset
 
-from normlightning.ckpt_path import CheckpointPathError
+from normlightning.ckpt_path import CheckpointPathError, run_checkpoint_folders
 from normlightning.cli import build_cli, main
 
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
@@ -127,3 +127,25 @@ def test_predict_without_ckpt_path_needs_allow_untrained(runs) -> None:
     with pytest.raises(CheckpointPathError, match=r"predict without --ckpt_path would predict with the model's initial "
                        r"weights.*--allow_untrained=true"):
         build_cli(["predict", *synthetic(runs)])
+
+
+def test_run_checkpoint_folders_follow_the_run_settings(tmp_path) -> None:
+    """Where `last` looks: checkpoint.dirpath; else the logger's save_dir/name/<version>/checkpoints (only the set
+    version); without a logger default_root_dir/checkpoints; a logger without a local folder: nowhere."""
+    for version in ("version_0", "version_1", "other"):
+        (tmp_path / "runs" / "tiny" / version).mkdir(parents=True)
+    tensorboard = {"class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                   "init_args": {"save_dir": str(tmp_path / "runs"), "name": "tiny"}}
+    folders, pattern = run_checkpoint_folders({"trainer": {"logger": tensorboard}})
+    names = ["other", "version_0", "version_1"]
+    assert folders == [tmp_path / "runs" / "tiny" / name / "checkpoints" for name in names]
+    assert pattern == f"{tmp_path}/runs/tiny/version_<n>/checkpoints"
+    tensorboard["init_args"]["version"] = 1
+    assert run_checkpoint_folders({"trainer": {"logger": tensorboard}})[0] == [
+        tmp_path / "runs" / "tiny" / "version_1" / "checkpoints"]
+    assert run_checkpoint_folders({"trainer": {"logger": tensorboard}, "checkpoint": {"dirpath": "ckpts"}})[0] == [
+        Path("ckpts")]
+    assert run_checkpoint_folders({"trainer": {"logger": False, "default_root_dir": str(tmp_path)}})[0] == [
+        tmp_path / "checkpoints"]
+    wandb = {"class_path": "lightning.pytorch.loggers.WandbLogger", "init_args": {"project": "p"}}
+    assert run_checkpoint_folders({"trainer": {"logger": wandb}}) == ([], "<the logger's run folder>/checkpoints")

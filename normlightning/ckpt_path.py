@@ -32,6 +32,7 @@ from normlightning.tasks.rng_state import CHECKPOINT_KEY as RNG_CHECKPOINT_KEY
 
 #: ``--ckpt_path`` values that are not local files and that Lightning resolves itself.
 LIGHTNING_CKPT_NAMES = ("hpc", "registry")
+#: The class every normlightning task derives from.
 BASE_TASK = "normlightning.tasks.BaseTask"
 #: At most this many files are listed in a message.
 LISTED_FILES = 20

@@ -37,6 +37,7 @@ from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCL
 
 from normlightning import known_warnings
 from normlightning.ckpt_path import (
+    BASE_TASK,
     LIGHTNING_CKPT_NAMES,
     CheckpointPathError,
     best_error,
@@ -78,7 +79,7 @@ TRAINER_DEFAULTS: dict[str, Any] = {
 
 #: The base classes that jsonargparse uses for a ``model:`` / ``data:`` section without ``class_path``.
 SECTION_BASE_CLASSES: dict[str, str] = {
-    "model": "normlightning.tasks.BaseTask",
+    "model": BASE_TASK,
     "data": "lightning.LightningDataModule",
 }
 

@@ -46,7 +46,7 @@ FLOAT_MODE = "F"
 
 
 def _gray_to_rgb(gray8: np.ndarray) -> Image.Image:
-    return Image.fromarray(gray8.astype(np.uint8), mode="L").convert("RGB")
+    return Image.fromarray(gray8.astype(np.uint8)).convert("RGB")  # a 2-D uint8 array is mode L
 
 
 def _name(image: Image.Image) -> str:

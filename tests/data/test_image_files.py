@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Subset
 
-from normlightning.data import ImageFolderDataModule
+from normlightning.data import ImageFolderDataModule, MiniImageNet
 from normlightning.data.errors import UnreadableImageError
 from normlightning.data.rgb_images import load_rgb_image
 
@@ -147,3 +147,9 @@ def test_unreadable_images_skip_wraps_a_shared_split_once(tmp_path, write_image_
     dm.setup("fit")
     dm.setup("test")
     assert dm.datasets["test"] is dm.datasets["val"] and isinstance(dm.datasets["val"].dataset, Subset)
+
+
+def test_few_shot_episodes_refuse_skip(tmp_path) -> None:
+    """A skipped image would be replaced by the next one, of another class: episodes keep `error`."""
+    with pytest.raises(ValueError, match="data.unreadable_images=skip is not available for episodes"):
+        MiniImageNet(root=str(tmp_path), unreadable_images="skip")

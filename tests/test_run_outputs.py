@@ -35,7 +35,8 @@ def _test_split(cli) -> tuple[torch.Tensor, torch.Tensor]:
 
 # ------------------------------------------------------------------ predictions
 def test_predict_writes_one_csv_row_per_input_and_prints_the_path(run_dir, lightning_info) -> None:
-    cli = build_cli(["predict", *SYNTHETIC, *QUIET, "--predictions.top_k=3", "--predictions.format=both"])
+    cli = build_cli(["predict", *SYNTHETIC, *QUIET, "--predictions.top_k=3", "--predictions.format=both",
+                     "--allow_untrained=true"])
     folder = run_dir / "runs" / "out" / "version_0"
     path = folder / "predictions.csv"
     assert any(str(path.relative_to(run_dir)) in m and "13 predictions" in m for m in lightning_info), lightning_info

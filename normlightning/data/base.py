@@ -19,9 +19,11 @@ from typing import Literal
 
 import torch
 from lightning.pytorch import LightningDataModule
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from normlightning.data.samplers import EpochSeededRandomSampler, seeded_loader_generator
+from normlightning.data.unreadable import UNREADABLE_IMAGE_POLICIES, SkipUnreadableImages
 
 Split = Literal["train", "val", "test"]
 
@@ -87,6 +89,11 @@ class BaseDataModule(LightningDataModule):
         drop_last: drop the last incomplete training batch (keeps batch statistics of
             batch-dependent normalizations on full batches); a training set (per process)
             smaller than ``batch_size`` is then an error at ``setup("fit")``.
+        unreadable_images: an image file that cannot be read (truncated, not an image, a mode
+            without a known scaling; data modules that read image files): ``error`` stops with an
+            error naming the file; ``skip`` uses the next readable image of the split instead
+            (batches keep their size), names each skipped file in a warning and reports their
+            number at the end of the stage (:mod:`normlightning.data.unreadable`).
         shuffle_seed: seed of the training order: epoch ``e`` visits a permutation drawn from
             ``(shuffle_seed, e)`` (so a resumed run sees the same order); ``None``: the seed of
             ``seed_everything``.
@@ -115,6 +122,7 @@ class BaseDataModule(LightningDataModule):
         seed: int = 0,
         drop_last: bool = False,
         shuffle_seed: int | None = None,
+        unreadable_images: Literal["error", "skip"] = "error",
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -125,6 +133,8 @@ class BaseDataModule(LightningDataModule):
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        if unreadable_images not in UNREADABLE_IMAGE_POLICIES:
+            raise ValueError(f"unreadable_images must be one of {UNREADABLE_IMAGE_POLICIES}, got {unreadable_images!r}")
         self.root = root
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
@@ -135,6 +145,7 @@ class BaseDataModule(LightningDataModule):
         self.seed = seed
         self.drop_last = drop_last
         self.shuffle_seed = shuffle_seed
+        self.unreadable_images = unreadable_images
         self.datasets: dict[str, Dataset] = {}
 
     # ----------------------------------------------------------------- datasets
@@ -157,6 +168,9 @@ class BaseDataModule(LightningDataModule):
                 self.datasets[split] = Subset(full, train_idx if split == "train" else val_idx)
             else:
                 self.datasets[split] = self.build_dataset(split)
+            # (a split built from another split's dataset, e.g. test = val, is wrapped once)
+            if self.unreadable_images == "skip" and not isinstance(self.datasets[split], SkipUnreadableImages):
+                self.datasets[split] = SkipUnreadableImages(self.datasets[split], split)
         return self.datasets[split]
 
     def setup(self, stage: str) -> None:
@@ -190,6 +204,12 @@ class BaseDataModule(LightningDataModule):
                 f"and data.drop_last is true, so there is no training batch. Set data.batch_size <= {per_process}, "
                 f"or data.drop_last=false."
             )
+
+    def teardown(self, stage: str) -> None:
+        """With ``unreadable_images=skip``: warn how many images of each split were skipped."""
+        for dataset in self.datasets.values():
+            if isinstance(dataset, SkipUnreadableImages) and dataset.num_skipped:
+                rank_zero_warn(f"data.unreadable_images=skip: {dataset.report()}")
 
     # ----------------------------------------------------------------- loaders
     def loader_pin_memory(self) -> bool:

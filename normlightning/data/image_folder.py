@@ -8,6 +8,8 @@ Layout (one sub-folder per class, any image files torchvision can read)::
       test/<class_a>/...                         (optional; default: the val split)
 
 Class indices follow the sorted folder names of ``train/`` (as ``torchvision.datasets.ImageFolder``).
+Files are read as 8-bit RGB by :func:`~normlightning.data.rgb_images.load_rgb_image` (16-bit and
+float images scaled to their range; an unreadable file named, or skipped with ``unreadable_images=skip``).
 Training: RandomResizedCrop ``image_size`` + horizontal flip; evaluation: resize the short
 side (``eval_resize_mode: square``: both sides) to ``round(image_size * 256 / 224)`` and center crop ``image_size``.
 """
@@ -23,6 +25,7 @@ from torchvision.datasets.folder import find_classes
 
 from normlightning.data.base import BaseDataModule, Split
 from normlightning.data.errors import DatasetNotFoundError
+from normlightning.data.rgb_images import load_rgb_image
 from normlightning.data.transforms import imagenet_eval, imagenet_train
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -137,7 +140,7 @@ class ImageFolderDataModule(BaseDataModule):
         else:
             transform = imagenet_eval(self.image_size, self.resize, self.eval_resize_mode)
         try:
-            return ImageFolder(os.path.join(self.root, folder), transform=transform)
+            return ImageFolder(os.path.join(self.root, folder), transform=transform, loader=load_rgb_image)
         except FileNotFoundError as error:
             self._missing(f"{folder}/: {error}")
             raise  # unreachable, for type checkers

@@ -45,6 +45,17 @@ def memory_format_of(x: Tensor) -> torch.memory_format | None:
     return None
 
 
+def laid_out_like(g: Tensor, x: Tensor) -> Tensor:
+    """``g`` (the shape of ``x``) with exactly ``x``'s strides: ``g`` itself when they already match,
+    else one copy (into ``torch.empty_like(x)``, which keeps the strides of a dense ``x``).
+
+    Fed to a native batch-norm backward (see :func:`~.native.native_batch_norm`), whose CPU
+    kernel misreads an upstream gradient dense in another memory format when a dim has size 1."""
+    if g is None or g.stride() == x.stride():  # (a hook may be handed no gradient)
+        return g
+    return torch.empty_like(x, dtype=g.dtype).copy_(g)
+
+
 class NormInput:
     """An input ``x (N, C, *spatial)`` as a method computes on it, and the way back.
 

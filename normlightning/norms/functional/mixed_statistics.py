@@ -9,7 +9,6 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-
 from ..group_args import divisors
 from .fused_ops import blocks, normalize_affine
 from .layout import NormInput, spatial_size

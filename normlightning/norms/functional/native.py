@@ -4,8 +4,10 @@ PyTorch's CPU batch-norm backward (``native_batch_norm_backward``; seen in torch
 and eval mode alike, and so in ``torch.nn.BatchNorm2d``) returns wrong input, weight and bias
 gradients when the upstream gradient is dense in a different memory format than the input and a
 dimension has size 1, e.g. an ``(N, C, H, 1)`` input followed by ``.squeeze(-1).transpose(1, 2)``
-(docs/methods.md, "Precision", where the minimal repro is kept). Laying the gradient out with the
-input's strides first (:func:`~.layout.laid_out_like`, a copy only when they differ) makes it exact.
+(docs/methods.md, "Upstream gradients in another memory layout", which keeps a minimal repro).
+Laying the gradient out with the input's strides first (:func:`~.layout.laid_out_like`, a copy only
+when they differ) makes it exact. Under ``torch.compile`` no hook is added: the compiled backward
+does not run this kernel on the eager gradient (checked on the issue's repro: exact).
 """
 
 from __future__ import annotations

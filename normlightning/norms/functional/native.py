@@ -5,7 +5,7 @@ and eval mode alike, and so in ``torch.nn.BatchNorm2d``) returns wrong input, we
 gradients when the upstream gradient is dense in a different memory format than the input and a
 dimension has size 1, e.g. an ``(N, C, H, 1)`` input followed by ``.squeeze(-1).transpose(1, 2)``
 (docs/methods.md, "Upstream gradients in another memory layout", which keeps a minimal repro).
-Laying the gradient out with the input's strides first (:func:`~.layout.laid_out_like`, a copy only
+Laying the gradient out with the input's strides first (:func:`~.layout.laid_out_as`, a copy only
 when they differ) makes it exact. Under ``torch.compile`` no hook is added: the compiled backward
 does not run this kernel on the eager gradient (checked on the issue's repro: exact).
 """
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .layout import laid_out_like
+from .layout import laid_out_as
 
 
 def native_batch_norm(
@@ -34,5 +34,6 @@ def native_batch_norm(
     backward node when a later op works in place on the output (``ReLU(inplace=True)``)."""
     y = F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
     if y.requires_grad and not torch.compiler.is_compiling():
-        y.register_hook(lambda g: laid_out_like(g, x))
+        stride = x.stride()  # the strides only: the hook keeps no reference to x
+        y.register_hook(lambda g: laid_out_as(g, stride))
     return y

@@ -23,7 +23,7 @@ broadcast back is its own adjoint); then ``dx = A g + B (x - m) + C`` per unit, 
 passes that write one output tensor (``x - m``, ``*= B``, ``+= C``, ``+= A g``). The
 centred term keeps float32 gradients exact where ``x`` is near its unit's mean (a unit of one
 value, data offset by many standard deviations), where ``B x - B m`` would cancel. The upstream
-gradient is first laid out like ``xv`` (:func:`~.layout.laid_out_like`: the native reduction
+gradient is first laid out like ``xv`` (:func:`~.layout.laid_out_as`: the native reduction
 misreads another layout).
 
 A *part* is a tuple: ``("own",)``, ``("const", i)`` (the ``i``-th constant, shape ``(K,)``),
@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .layout import laid_out_like
+from .layout import laid_out_as
 from .moments import channel_moments
 
 Part = tuple
@@ -218,7 +218,7 @@ class _PooledSetNorm(torch.autograd.Function):
         xv, weight, m, v, mean_logits, var_logits, P, m_out, alpha, beta, *saved = ctx.saved_tensors
         layout, stages = ctx.plan
         K = xv.shape[1]
-        g = laid_out_like(g, xv)
+        g = laid_out_as(g, xv.stride())
         # per unit: sum g (x - m) and sum g, one fused native pass
         _, s_gc, s_g = _BN_BACKWARD(g, xv, None, m, torch.ones_like(m), None, None, False, 0.0, [False, True, True])
         # y = w ((x - m) P + m_out) + b: the gradients of w, b and the cotangents of P, m_out

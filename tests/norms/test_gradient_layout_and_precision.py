@@ -222,3 +222,31 @@ def test_native_per_example_kernels_float32_on_offset_data(name, shape, training
     ref.backward(g.double())
     assert _rel(y.detach(), ref.detach()) < 1e-4
     assert _rel(x.grad, x64.grad) < 1e-4
+
+
+@pytest.mark.parametrize("name,kwargs", [
+    ("bn", {}),
+    ("sn", {}),
+    ("gbgn", {"channel_groups": 2, "examples_per_group": 4}),
+], ids=["bn", "sn", "gbgn"])
+def test_synchronized_statistics_float32_on_offset_data(name, kwargs):
+    """``sync_statistics=True`` (no process group: the all-reduce path on the local batch) at
+    mean/std = 100: statistics in two passes of all-reduces, not ``E[x^2] - E[x]^2`` (main: 1e-3 off)."""
+    torch.manual_seed(7)
+    x64 = (torch.randn(8, 4, 3, 3, dtype=D64) + 100.0).float().double().requires_grad_()
+    g = torch.randn(8, 4, 3, 3)
+    layer = build_norm(name, 4, **kwargs)
+    layer.sync_statistics = True
+    x = x64.detach().float().requires_grad_()
+    y = layer(x)
+    y.backward(g)
+    if name == "bn":
+        mu = x64.mean((0, 2, 3), keepdim=True)
+        ref = (x64 - mu) / torch.sqrt(((x64 - mu) ** 2).mean((0, 2, 3), keepdim=True) + EPS)
+    elif name == "sn":
+        ref = _sn_two_pass(x64, torch.ones(3, dtype=D64), torch.ones(3, dtype=D64))
+    else:
+        ref = gbgn_train(x64, kwargs["channel_groups"], kwargs["examples_per_group"])
+    ref.backward(g.double())
+    assert _rel(y.detach(), ref.detach()) < 1e-4
+    assert _rel(x.grad, x64.grad) < 1e-4

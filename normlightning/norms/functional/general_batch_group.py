@@ -10,7 +10,7 @@ from .batch_sets import example_weighted_norm
 from .fused_ops import blocks, channel_affine, normalize_affine
 from .layout import NormInput, spatial_size
 from .native import native_batch_norm
-from .moments import check_set_size, chunk_sizes, combine_moments, reduce_mean, row_moments
+from .moments import check_set_size, chunk_sizes, pooled_moments, reduce_mean, row_moments
 from .pooled_sets import pooled_set_norm
 
 
@@ -94,9 +94,8 @@ def general_batch_group_channel_statistics(moving_x: Tensor, moving_x2: Tensor, 
 
 def _gbgn_moments(io: NormInput, Gc: int, sizes: list[int], moving_x, moving_x2, factor, eps, sync, process_group) -> Tensor:
     """Training from the per-``(n, c)`` moments, chunk by chunk (example groups of unequal sizes);
-    normalization + affine in one pass. Locally each block's variance is pooled without
-    cancellation (:func:`combine_moments`); with ``sync`` the moments ``E[x]``, ``E[x^2]`` are
-    all-reduced and ``var = max(E[x^2] - mu^2, 0)``."""
+    normalization + affine in one pass. Each block's variance is pooled without cancellation
+    (:func:`pooled_moments`, across processes with ``sync``)."""
     x3 = io.x3
     N, C, _ = x3.shape
     Cg = C // Gc
@@ -108,11 +107,7 @@ def _gbgn_moments(io: NormInput, Gc: int, sizes: list[int], moving_x, moving_x2,
     for m_c, v_c in zip(torch.split(m_nc, sizes, 0), torch.split(v_nc, sizes, 0)):
         n_c = m_c.shape[0]
         m_b, v_b = m_c.reshape(1, n_c, Gc, Cg), v_c.reshape(1, n_c, Gc, Cg)
-        if sync:
-            (mu, ex2), _ = reduce_mean([m_b, v_b + m_b * m_b], (1, 3), sync=True, process_group=process_group)
-            var = (ex2 - mu * mu).clamp_min(0.0)
-        else:
-            mu, var = combine_moments(m_b, v_b, (1, 3))
+        mu, var, _ = pooled_moments(m_b, v_b, (1, 3), sync=sync, process_group=process_group)
         mus.append(mu.expand(1, n_c, Gc, Cg).reshape(n_c, C))
         variances.append(var.expand(1, n_c, Gc, Cg).reshape(n_c, C))
     mu = torch.cat(mus, 0) if len(mus) > 1 else mus[0]

@@ -14,7 +14,7 @@ from .fused_ops import blocks, normalize_affine
 from .layout import NormInput, spatial_size
 from .native import native_batch_norm
 from .pooled_sets import channel_group_part, pooled_set_norm, row_part
-from .moments import check_set_size, combine_moments, reduce_mean, row_moments, synced_mean_var, update_running_stats
+from .moments import check_set_size, combine_moments, pooled_moments, row_moments, synced_mean_var, update_running_stats
 
 
 _SET_KINDS = ("bn", "in", "ln", "gn", "en")
@@ -274,15 +274,13 @@ def switchable_norm(
 
 
 def _switchable_synced(io: NormInput, mean_logits, var_logits, running_mean, running_var, factor, eps, process_group) -> Tensor:
-    """SN in training with ``sync``: the BN term's moments all-reduced (differentiably)."""
+    """SN in training with ``sync``: the BN term pooled across processes (differentiably,
+    :func:`pooled_moments`), the LN term from the local rows (:func:`combine_moments`)."""
     x3, dt = io.x3, io.dtype
     S = x3.shape[2]
     mu_in, var_in = row_moments(x3)
-    temp = var_in + mu_in * mu_in
-    mu_ln = mu_in.mean(1, keepdim=True)
-    var_ln = (temp.mean(1, keepdim=True) - mu_ln * mu_ln).clamp_min(0.0)
-    (mu_bn, t_bn), n_ex = reduce_mean([mu_in, temp], (0,), sync=True, process_group=process_group)
-    var_bn = (t_bn - mu_bn * mu_bn).clamp_min(0.0)
+    mu_ln, var_ln = combine_moments(mu_in, var_in, (1,))
+    mu_bn, var_bn, n_ex = pooled_moments(mu_in, var_in, (0,), sync=True, process_group=process_group)
     update_running_stats(running_mean, running_var, mu_bn, var_bn, n_ex * S, factor)
     wm = torch.softmax(mean_logits.to(dt), 0)
     wv = torch.softmax(var_logits.to(dt), 0)

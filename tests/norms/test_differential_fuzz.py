@@ -1,11 +1,12 @@
 """Seeded randomized differential test: every registered method against float64 formulas.
 
 Each case draws, from one seeded generator: a shape (``(N, C)`` and 1 to 3 spatial dims, sizes
-of 1 included), the method's group counts, the memory layout of the input (any dense order of
-its dims, or a strided view) and of the upstream gradient (any dense order), the dtype
-(float32/float64), train or eval, random affine / mixture parameters and running statistics, and
-data offset by up to 100 standard deviations or constant within each ``(n, c)`` (zero-variance
-sets). The output, the input gradient and every parameter gradient are compared with the float64
+of 1 included), the method's group counts, the memory layout of the input (contiguous, channels
+last, size-1 dims moved, a random dim order, or a strided view) and of the upstream gradient (often
+a pair that PyTorch's batch-norm backward misreads), the dtype (float32/float64), train (with or
+without synchronized statistics on the local batch) or eval, random affine / mixture parameters and
+running statistics, and data offset by 100 standard deviations or constant within each ``(n, c)``
+(zero-variance sets). The output, the input gradient and every parameter gradient are compared with the float64
 formulas of docs/methods.md written out below (their gradients by autograd of plain tensor ops).
 
 The methods come from the registry: a registered name without a reference here fails the test.
@@ -306,7 +307,7 @@ def _draw_case(name: str, rng: random.Random):
     dtype = rng.choice([torch.float32, torch.float64])
     data = rng.choice(["plain", "offset", "constant-rows"])
     return dict(name=name, shape=(N, C, *spatial), cfg=cfg, training=training, dtype=dtype, data=data,
-                fused=rng.random() < 0.5, layouts=_layout_kinds(rng))
+                fused=rng.random() < 0.5, layouts=_layout_kinds(rng), sync=training and rng.random() < 0.3)
 
 
 #: The registry at collection, before any test registers (and removes) a plugin of its own.
@@ -391,6 +392,7 @@ def _case_id(case) -> str:
     cfg = ",".join(f"{k}={v}" for k, v in case["cfg"].items() if "step" not in k)
     mode = "train" if case["training"] else "eval"
     layouts = "/".join(case["layouts"])
+    mode += "-sync" if case["sync"] else ""
     return f"{case['name']}[{cfg}]-{tuple(case['shape'])}-{layouts}-{mode}-{str(case['dtype'])[6:]}-{case['data']}"
 
 
@@ -412,6 +414,7 @@ def test_against_float64_formula(index, monkeypatch):
     gen = torch.Generator().manual_seed(SEED * 1000 + index)
     rng = random.Random(SEED * 1000 + index)
     layer = build_norm(name, case["shape"][1], **cfg).to(dtype)
+    layer.sync_statistics = case["sync"]  # no process group: the all-reduce path on the local batch
     _randomize(layer, gen)
     layer.train(training)
     state = {k: v.detach().clone().requires_grad_(v.requires_grad) for k, v in layer.state_dict(keep_vars=True).items()}

@@ -56,10 +56,12 @@ class FlatGroupNorm(NormLayer):
     Shape: input ``(N, C, *)``, output the same.
     """
 
-    group_args = (GroupArg("num_groups", "flat", takes_num_groups=True, doc="groups of the flattened D = C*S"),)
+    group_args = (
+        GroupArg("num_groups", "flat", takes_num_groups=True, required=True, doc="groups of the flattened D = C*S"),
+    )
 
     def __init__(
-        self, num_features: int, num_groups: int = 32, eps: float = 1e-5, affine: bool = True, device=None, dtype=None
+        self, num_features: int, num_groups: int, eps: float = 1e-5, affine: bool = True, device=None, dtype=None
     ) -> None:
         super().__init__(num_features, eps, affine, device, dtype)
         if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1:

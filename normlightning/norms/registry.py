@@ -145,7 +145,10 @@ def norm_factory(name: str) -> Callable[..., nn.Module]:
         pass
     if isinstance(name, str) and name in _discovered():
         return _load_plugin(name)
-    raise ValueError(f"Unknown normalization {name!r}; valid names: {', '.join(available_norms())}.") from None
+    raise ValueError(
+        f"Unknown normalization {name!r}; valid names: {', '.join(available_norms())}. A plugin package declares "
+        f"its methods in the entry-point group {ENTRY_POINT_GROUP!r} (docs/methods.md, 'Adding a method')."
+    )
 
 
 def norm_group_args(name: str) -> tuple[GroupArg, ...]:

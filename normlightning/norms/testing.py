@@ -32,9 +32,10 @@ raises :class:`NormContractError` naming the rule):
    recalibration touches, eval normalizes with the batch's statistics (eval output = train output),
    a forward changes no buffer;
 9. ``eval gradients``: in eval, the input gradient is finite and non-zero (adversarial attacks);
-10. ``inference affine``: where the injection's ``fold_norms`` reads constant statistics per
-    channel (``inference_channel_statistics()``), the eval output is ``scale_c x + shift_c`` with
-    the scale and shift it computes;
+10. ``inference channel statistics``: where a layer reports constant statistics per channel
+    (``inference_channel_statistics()``, what the injection's ``fold_norms`` folds into the
+    convolution before it; a ``ValueError`` says there are none in this setting), its eval output
+    is ``gamma_c (x - mean_c) / sqrt(var_c + eps) + beta_c`` with them;
 11. ``gradcheck``: ``torch.autograd.gradcheck`` of the training forward in float64 on a small
     input, with respect to the input and every parameter.
 
@@ -296,20 +297,24 @@ class _Checker:
             self.require(bool(torch.isfinite(x.grad).all()), "the eval input gradient is not finite")
             self.require(bool(x.grad.abs().sum() > 0), "the eval input gradient is zero")
 
-    def inference_affine(self) -> None:
-        from normlightning.injection.fold import inference_affine  # the injection imports this package
-
+    def inference_channel_statistics(self) -> None:
         layer = self.trained().eval()
         if not hasattr(layer, "inference_channel_statistics"):
             return
-        with self.checking("inference affine"):
+        with self.checking("inference channel statistics"):
             try:
-                scale, shift = inference_affine(layer)
-            except ValueError:  # the layer says its statistics are not constants per channel
+                mean, var = layer.inference_channel_statistics()
+            except ValueError:  # the layer says its statistics are not constants per channel in this setting
                 return
+            C = self.num_features
+            self.require(mean.shape == (C,) and var.shape == (C,), f"mean and variance must have shape ({C},)")
             x = self.input(self.dims[-1], seed=12)
             view = (1, -1) + (1,) * (x.dim() - 2)
-            self.close(layer(x), x * scale.view(view) + shift.view(view), "eval output against scale_c x + shift_c")
+            weight = torch.ones(C, dtype=x.dtype) if layer.weight is None else layer.weight.detach()
+            bias = torch.zeros(C, dtype=x.dtype) if layer.bias is None else layer.bias.detach()
+            scale = weight / torch.sqrt(var.detach().to(x.dtype) + layer.eps)
+            expected = (x - mean.detach().to(x.dtype).view(view)) * scale.view(view) + bias.view(view)
+            self.close(layer(x), expected, "eval output against gamma_c (x - mean_c) / sqrt(var_c + eps) + beta_c")
 
     def gradcheck(self) -> None:
         with self.checking("gradcheck"):
@@ -333,7 +338,7 @@ class _Checker:
         self.running_statistics()
         self.untracked()
         self.eval_gradients()
-        self.inference_affine()
+        self.inference_channel_statistics()
         self.gradcheck()
 
 

@@ -158,7 +158,7 @@ class MeanWithoutGradient(NormLayer):
         (ResetsOnlyTheCounter, "running statistics", r"after reset_running_stats\(\)"),
         (IgnoresUntracked, "track_running_stats=False", "track_running_stats is not False"),
         (DetachedInEval, "eval gradients", "does not depend on the input"),
-        (WrongChannelStatistics, "inference affine", "scale_c x \\+ shift_c"),
+        (WrongChannelStatistics, "inference channel statistics", r"gamma_c \(x - mean_c\) / sqrt\(var_c \+ eps\)"),
         (MeanWithoutGradient, "gradcheck", "Jacobian mismatch"),
     ],
     ids=lambda value: value.__name__ if isinstance(value, type) else "",

@@ -8,6 +8,7 @@ package's module, in a folder put on ``sys.path``."""
 
 from __future__ import annotations
 
+import re
 import sys
 import textwrap
 from pathlib import Path
@@ -20,28 +21,20 @@ from normlightning.norms import available_norms, build_norm, register_norm, regi
 from normlightning.norms.model_layers import is_norm_layer
 from normlightning.norms.testing import check_norm_layer
 
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def docs_plugin_source() -> str:
+    """The plugin file of docs/methods.md, "Adding a method" (the block that starts ``# my_norm.py``):
+    the tests install the example the docs show."""
+    text = (REPO_ROOT / "docs" / "methods.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```python\n# my_norm.py\n(.*?)```", text, re.DOTALL)
+    assert len(blocks) == 1, "docs/methods.md has no single ```python block starting with '# my_norm.py'"
+    return blocks[0]
+
+
 #: The plugin's layer: per-example RMS normalization over (C, S) with a per-channel affine.
-PLUGIN_SOURCE = '''
-import torch
-from normlightning.norms import NormLayer
-
-
-class ChannelRMSNorm(NormLayer):
-    """y = gamma_c x / sqrt(mean_{c, s} x^2 + eps) + beta_c per example."""
-
-    def __init__(self, num_features, eps=1e-5, affine=True, device=None, dtype=None):
-        super().__init__(num_features, eps, affine, device, dtype)
-        self.reset_parameters()
-
-    def forward(self, x):
-        self._check_input(x)
-        x_ = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-        y = x_ * torch.rsqrt(x_.pow(2).mean(tuple(range(1, x.dim())), keepdim=True) + self.eps)
-        if self.affine:
-            shape = (1, -1) + (1,) * (x.dim() - 2)
-            y = y * self.weight.view(shape) + self.bias.view(shape)
-        return y.to(x.dtype)
-'''
+PLUGIN_SOURCE = docs_plugin_source()
 
 
 def install(site: Path, dist: str, entry_points: dict[str, str], modules: dict[str, str] | None = None) -> None:

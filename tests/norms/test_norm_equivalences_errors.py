@@ -88,8 +88,8 @@ def test_registry_plugin_and_all_names_build():
     shipped = {"bn", "gn", "ln", "in", "pn", "ghost", "seqnorm", "bgn", "gbgn", "hn", "sn", "brn"}
     assert set(available_norms()) >= shipped and set(registry.BUILTIN_NORMS) == shipped
     for name in available_norms():
-        # channel group counts that fit C = 8 (gn's default, 32 groups, does not)
-        kw = {arg.name: 4 for arg in norm_group_args(name) if arg.divides == "channels"}
+        # every declared group count at 4: fits C = 8, D = C * 16 and the batch of 8 (gn's default, 32, does not)
+        kw = {arg.name: 4 for arg in norm_group_args(name)}
         layer = build_norm(name, 8, **kw)
         assert isinstance(layer, NormLayer) and not isinstance(layer, nn.modules.batchnorm._BatchNorm)
         assert layer.weight.shape == (8,) and layer.bias.shape == (8,)
@@ -214,7 +214,7 @@ def test_input_checks():
 
 def test_affine_false_and_reset_parameters():
     for name in available_norms():
-        kw = {arg.name: 2 for arg in norm_group_args(name) if arg.divides == "channels"}  # fit C = 4
+        kw = {arg.name: 2 for arg in norm_group_args(name)}  # every declared group count: fits C = 4
         layer = build_norm(name, 4, affine=False, **kw)
         assert layer.weight is None and layer.bias is None
         layer = build_norm(name, 4, **kw)

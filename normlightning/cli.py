@@ -5,7 +5,8 @@
 The data module's ``num_classes``, ``input_shape``, ``mean`` and ``std`` are passed to the
 task's ``num_classes``, ``input_shape``, ``input_mean`` and ``input_std`` after it is built.
 
-Defaults: seed 0, a TensorBoard logger writing to ``runs/<name>/version_<n>``, a
+Defaults: seed 0, a TensorBoard logger writing to ``runs/<name>/version_<n>`` (under
+``trainer.default_root_dir`` when given: a relative logger ``save_dir`` is taken there), a
 ``checkpoint:`` section (:class:`~normlightning.callbacks.checkpoint.Checkpoint`, a
 ``ModelCheckpoint`` on ``val/acc1``, mode max, plus an always up-to-date ``last.ckpt``), a ``norm:`` section (the norm-layer injection),
 an ``hparams:`` section (:class:`~normlightning.callbacks.run_hparams.RunHyperparameters`: the
@@ -15,27 +16,44 @@ HParams metric), a ``predictions:`` section
 ``predictions.csv`` into the run's folder), the learning rate logged every step, the progress
 bar (redrawn at most 10 times a second,
 :class:`~normlightning.callbacks.throttled_progress_bar.ThrottledProgressBar`), and the resolved
-config saved next to the logs (``config.yaml``, overwritten on a rerun).
+config saved next to the logs (``config.yaml``), a ``divergence:`` section
+(:class:`~normlightning.callbacks.divergence.DivergenceCheck`: a NaN or infinite loss or weights
+stop the run, naming the step and the learning rate).
+
+A run never writes into a run folder that holds another run's files
+(:mod:`normlightning.run_folder`; ``--overwrite_run=true`` to do it anyway, or resume that run
+with ``fit --ckpt_path``).
+
+Exit codes of the command (README, "Exit codes"): 0 the subcommand finished; 1 an error (the
+package's own errors as one message, ``NORMLIGHTNING_DEBUG=1`` for their traceback; others with theirs); 2 a bad argument (the parser's message); 130 interrupted with
+Ctrl+C; 143 (``EXIT_SIGTERM``, 128 + SIGTERM as shells report it) stopped by SIGTERM, e.g. a
+batch scheduler's preemption, with the path of ``last.ckpt`` to resume from.
 Known harmless warnings are filtered in one place, :mod:`normlightning.known_warnings`.
 """
 
 from __future__ import annotations
 
+import os
+import sys
+import traceback
 from typing import Any
 
 from jsonargparse import Namespace
 from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from normlightning import known_warnings
 from normlightning.callbacks.checkpoint import CHECKPOINT_DEFAULTS, Checkpoint
+from normlightning.callbacks.divergence import DivergenceCheck
 from normlightning.callbacks.norm_injection import NormInjection
 from normlightning.callbacks.prediction_writer import PredictionWriter
 from normlightning.callbacks.run_hparams import RunHyperparameters
 from normlightning.callbacks.throttled_progress_bar import with_progress_bar
 from normlightning.data.base import MissingDataAttributeError
 from normlightning.injection import check_checkpoint_file
+from normlightning.run_folder import check_run_folder
 from normlightning.tasks.base import BaseTask
 
 #: Task arguments filled from the data module after it is instantiated: data attr -> task arg.
@@ -45,6 +63,18 @@ DATA_TO_MODEL_LINKS: dict[str, str] = {
     "mean": "input_mean",
     "std": "input_std",
 }
+
+#: Exit code of a run that failed with an error.
+EXIT_ERROR = 1
+#: Environment variable that makes :func:`main` show the traceback of the package's own errors.
+DEBUG_ENV = "NORMLIGHTNING_DEBUG"
+#: The package's folder: an error raised by a file under it is one of ours.
+PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+#: Exit code of a run stopped by SIGTERM (128 + 15, as a shell reports a process killed by it).
+EXIT_SIGTERM = 143
+#: Exit code of a run stopped with Ctrl+C (128 + SIGINT).
+EXIT_KEYBOARD_INTERRUPT = 130
 
 #: ``trainer.*`` defaults (every one can be overridden in a config or on the command line).
 TRAINER_DEFAULTS: dict[str, Any] = {
@@ -60,6 +90,23 @@ TRAINER_DEFAULTS: dict[str, Any] = {
     ],
 }
 
+def anchor_loggers_at_root_dir(trainer_config: Namespace) -> None:
+    """Put every relative logger ``save_dir`` in ``trainer_config`` under ``trainer_config.default_root_dir``.
+
+    ``save_dir: runs`` (our default) with ``default_root_dir: /scratch/exp`` becomes ``/scratch/exp/runs``;
+    an absolute ``save_dir``, or no ``default_root_dir``, is left as it is (relative to the working directory).
+    """
+    root = trainer_config.get("default_root_dir")
+    loggers = trainer_config.get("logger")
+    if not root or loggers in (None, True, False):
+        return
+    for logger in loggers if isinstance(loggers, list) else [loggers]:
+        init_args = logger.get("init_args") if isinstance(logger, (Namespace, dict)) else None
+        save_dir = init_args.get("save_dir") if init_args is not None else None
+        if isinstance(save_dir, str) and not os.path.isabs(save_dir) and "://" not in save_dir:
+            init_args["save_dir"] = os.path.join(str(root), save_dir)
+
+
 class NormLightningCLI(LightningCLI):
     """LightningCLI for normlightning tasks and data modules.
 
@@ -68,7 +115,8 @@ class NormLightningCLI(LightningCLI):
     :attr:`forced_callback_defaults`): ``checkpoint:``, ``norm:``
     (:class:`~normlightning.callbacks.norm_injection.NormInjection`, which rewrites the model's
     normalization layers at setup; ``method: null``, the default, leaves the model unchanged),
-    ``hparams:`` (after ``norm:``, whose applied layers it logs) and ``predictions:``.
+    ``hparams:`` (after ``norm:``, whose applied layers it logs), ``predictions:`` and
+    ``divergence:``.
     """
 
     forced_callbacks: dict[str, type] = {
@@ -76,6 +124,7 @@ class NormLightningCLI(LightningCLI):
         "norm": NormInjection,
         "hparams": RunHyperparameters,
         "predictions": PredictionWriter,
+        "divergence": DivergenceCheck,
     }
     forced_callback_defaults: dict[str, dict[str, Any]] = {"checkpoint": CHECKPOINT_DEFAULTS}
 
@@ -86,6 +135,11 @@ class NormLightningCLI(LightningCLI):
             if defaults:
                 parser.set_defaults({f"{section}.{key}": value for key, value in defaults.items()})
         parser.set_defaults({f"trainer.{key}": value for key, value in TRAINER_DEFAULTS.items()})
+        parser.add_argument(
+            "--overwrite_run", type=bool, default=False,
+            help="write into a run folder (<save_dir>/<name>/<version>) that already holds another run's files "
+            "(default: refuse, unless fit resumes from a checkpoint in it)",
+        )
         for data_attr, model_arg in DATA_TO_MODEL_LINKS.items():
             parser.link_arguments(f"data.{data_attr}", f"model.init_args.{model_arg}", apply_on="instantiate")
 
@@ -107,19 +161,29 @@ class NormLightningCLI(LightningCLI):
         if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry") and "://" not in str(ckpt_path):
             check_checkpoint_file(ckpt_path, what="--ckpt_path")
 
+    def before_instantiate_classes(self) -> None:
+        """Resolve a relative logger ``save_dir`` (the default is ``runs``) under
+        ``trainer.default_root_dir`` when one is given, so that a run told where to write writes there."""
+        trainer_config = self._get(self.config, "trainer", default=None)
+        if trainer_config is not None:
+            anchor_loggers_at_root_dir(trainer_config)
+
     def instantiate_classes(self) -> None:
-        """Instantiate data, model and trainer; a task argument that the data module should have
-        provided (``num_classes``, ``input_shape``) is reported as its own clear error, not wrapped
-        in the parser's "Does not validate against any of the Union subtypes"."""
+        """Instantiate data, model and trainer; one of the package's own errors raised while building a
+        class (e.g. a task argument that the data module should have provided, or a backbone argument the
+        backbone rejects) is reported as itself, not wrapped in the parser's "Does not validate against any
+        of the Union subtypes"."""
         try:
             super().instantiate_classes()
         except ValueError as err:
             cause = err
-            while cause is not None and not isinstance(cause, MissingDataAttributeError):
+            while cause is not None and not (isinstance(cause, MissingDataAttributeError)
+                                             or (cause is not err and raised_by_normlightning(cause))):
                 cause = cause.__cause__ or cause.__context__
             if cause is None:
                 raise
-            raise cause from None
+            cause.__suppress_context__ = True  # its own cause (``raise ... from``) is still shown
+            raise cause
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """The Trainer; with ``trainer.logger: false`` the default LearningRateMonitor is dropped (it needs a logger);
@@ -139,17 +203,50 @@ class NormLightningCLI(LightningCLI):
             if isinstance(callback, NormInjection):
                 callback.checkpoint_path = ckpt_path
 
+    def _check_run_folder(self, subcommand: str) -> None:
+        """Refuse to write into another run's folder (:func:`~normlightning.run_folder.check_run_folder`)."""
+        config = self.config_init[subcommand]
+        check_run_folder(self.trainer, subcommand, config.get("ckpt_path"), bool(config.get("overwrite_run")))
+
     def before_fit(self) -> None:
+        self._check_run_folder("fit")
         self._point_injection_at_checkpoint("fit")
 
     def before_validate(self) -> None:
+        self._check_run_folder("validate")
         self._point_injection_at_checkpoint("validate")
 
     def before_test(self) -> None:
+        self._check_run_folder("test")
         self._point_injection_at_checkpoint("test")
 
     def before_predict(self) -> None:
+        self._check_run_folder("predict")
         self._point_injection_at_checkpoint("predict")
+
+    def _run_subcommand(self, subcommand: str) -> None:
+        """Run the subcommand; an interrupted run exits non-zero: ``EXIT_SIGTERM`` (143) after SIGTERM,
+        naming the ``last.ckpt`` to resume from, ``EXIT_KEYBOARD_INTERRUPT`` (130) after Ctrl+C
+        (Lightning itself exits 0 after SIGTERM and 1 after Ctrl+C)."""
+        try:
+            super()._run_subcommand(subcommand)
+        except SIGTERMException:
+            if self.trainer.is_global_zero:
+                hint = self._resume_hint() if subcommand == "fit" else "rerun it"
+                print(f"normlightning: {subcommand} stopped by SIGTERM at step {self.trainer.global_step} "
+                      f"(epoch {self.trainer.current_epoch}); {hint}", file=sys.stderr, flush=True)
+            raise SystemExit(EXIT_SIGTERM) from None
+        except SystemExit as exit_:
+            if isinstance(exit_.__context__, KeyboardInterrupt):
+                raise SystemExit(EXIT_KEYBOARD_INTERRUPT) from None
+            raise
+
+    def _resume_hint(self) -> str:
+        """Where the interrupted fit can resume from (``last.ckpt`` of this run, if written)."""
+        last = getattr(self.trainer.checkpoint_callback, "last_model_path", "")
+        if not last:
+            return "no checkpoint was written yet: rerun it from the start"
+        return f"resume with: fit --config <the same config> --ckpt_path {last}"
 
 
 def build_cli(args: ArgsType = None, run: bool = True) -> NormLightningCLI:
@@ -164,7 +261,8 @@ def build_cli(args: ArgsType = None, run: bool = True) -> NormLightningCLI:
     Returns:
         The CLI object (``.trainer``, ``.model``, ``.datamodule``, ``.config``).
         ``--help`` and ``--print_config`` raise ``SystemExit(0)``; a bad argument
-        ``SystemExit(2)`` after printing the parser's message.
+        ``SystemExit(2)`` after printing the parser's message; a run stopped by SIGTERM
+        ``SystemExit(EXIT_SIGTERM)`` (143), by Ctrl+C ``SystemExit(EXIT_KEYBOARD_INTERRUPT)`` (130).
 
     Installs the filters of :mod:`normlightning.known_warnings` first.
     """
@@ -182,9 +280,29 @@ def build_cli(args: ArgsType = None, run: bool = True) -> NormLightningCLI:
     )
 
 
+def raised_by_normlightning(err: BaseException) -> bool:
+    """Whether ``err`` is one of the package's own errors: an ``Exception`` raised by a line of normlightning
+    (the innermost frame of its traceback), whose message names the setting and the fix. Errors raised inside
+    torch, Lightning or a user's class are not."""
+    frames = traceback.extract_tb(err.__traceback__)
+    return isinstance(err, Exception) and bool(frames) and os.path.abspath(frames[-1].filename).startswith(PACKAGE_DIR)
+
+
 def main(args: ArgsType = None) -> None:
-    """Entry point of ``normlightning`` and ``python -m normlightning`` (see :func:`build_cli`)."""
-    build_cli(args)
+    """Entry point of ``normlightning`` and ``python -m normlightning`` (see :func:`build_cli`).
+
+    One of the package's own errors (:func:`raised_by_normlightning`) is printed as one message, without the
+    traceback, and exits with ``EXIT_ERROR`` (1); ``NORMLIGHTNING_DEBUG=1`` in the environment raises it
+    with its traceback instead. Any other error keeps its traceback (exit code 1 as well).
+    """
+    try:
+        build_cli(args)
+    except Exception as err:
+        if os.environ.get(DEBUG_ENV, "") not in ("", "0") or not raised_by_normlightning(err):
+            raise
+        print(f"normlightning: error: {type(err).__name__}: {err}\n"
+              f"(the traceback: run again with {DEBUG_ENV}=1)", file=sys.stderr)
+        raise SystemExit(EXIT_ERROR) from None
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ any order (``-p randomly``)."""
 from __future__ import annotations
 
 import contextlib
+import copy
+import io
 import logging
 import os
 import pickle
@@ -19,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -138,6 +141,53 @@ def write_image_folders() -> Callable[..., list[str]]:
     return write
 
 
+#: Checkout folders the guard below does not look into: tools' caches and a virtual environment or data of the user's.
+NOT_WATCHED = {".git", "__pycache__", ".pytest_cache", ".ruff_cache", ".mypy_cache", "data"}
+
+
+def files_under(root: Path) -> set[str]:
+    """Relative paths of the files under ``root``, skipping :data:`NOT_WATCHED`, ``*.egg-info`` and virtual
+    environments (a folder with a ``pyvenv.cfg``)."""
+    found: set[str] = set()
+    pending = [root]
+    while pending:
+        folder = pending.pop()
+        for entry in os.scandir(folder):
+            if entry.is_dir(follow_symlinks=False):
+                path = Path(entry.path)
+                if entry.name not in NOT_WATCHED and not entry.name.endswith(".egg-info") \
+                        and not (path / "pyvenv.cfg").exists():
+                    pending.append(path)
+            else:
+                found.add(os.path.relpath(entry.path, root))
+    return found
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    session.config.stash[CHECKOUT_FILES] = files_under(REPO_ROOT)
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fail the session if a test wrote into the checkout (runs must go under ``tmp_path``)."""
+    before = session.config.stash.get(CHECKOUT_FILES, None)
+    if before is None:
+        return
+    written = sorted(files_under(REPO_ROOT) - before)
+    if written:
+        listing = "\n  ".join(written[:20])
+        print(f"\nERROR: the tests wrote {len(written)} file(s) into the checkout {REPO_ROOT}:\n  {listing}")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+CHECKOUT_FILES = pytest.StashKey[set]()
+
+
+@pytest.fixture
+def checkout_guard_files() -> Callable[[Path], set[str]]:
+    """:func:`files_under`, the guard's listing, for its own test."""
+    return files_under
+
+
 @pytest.fixture(autouse=True)
 def _plain_argv(monkeypatch: pytest.MonkeyPatch) -> None:
     """Tests call the CLI with explicit args; hide pytest's own argv from LightningCLI."""
@@ -208,3 +258,26 @@ def lightning_info():
     logger.addHandler(handler)
     yield records
     logger.removeHandler(handler)
+
+
+_RESOLVED_CONFIGS: dict[str, dict] = {}
+
+
+@pytest.fixture(scope="session")
+def resolve_config() -> Callable[[Path], dict]:
+    """``resolve(path)``: the config as ``normlightning fit --config <path> --print_config`` resolves it (every
+    default filled in; nothing instantiated), parsed from YAML. Each file is resolved once per session (about
+    1 s each), so the tests that read resolved configs share the work; every call gets its own copy."""
+    from normlightning.cli import main
+
+    def resolve(path: Path) -> dict:
+        key = str(path)
+        if key not in _RESOLVED_CONFIGS:
+            out = io.StringIO()
+            with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as info:
+                main(["fit", "--config", key, "--print_config"])
+            assert info.value.code == 0, f"{path.name}: --print_config exited with {info.value.code}"
+            _RESOLVED_CONFIGS[key] = yaml.safe_load(out.getvalue())
+        return copy.deepcopy(_RESOLVED_CONFIGS[key])
+
+    return resolve

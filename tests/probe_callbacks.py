@@ -12,13 +12,19 @@ batch layer whose running mean starts at 0 with momentum ``m``) and writes ``ran
   after that step: ``running_mean = (1 - m) * 0 + m * used``, so ``used = running_mean / m``;
 * ``second``: the running mean the layer holds when its second training forward starts (after
   DDP's buffer broadcast from rank 0, when ``broadcast_buffers`` is on), if there is one.
+
+``FinitenessProbe``, ``PoisonWeights(epoch)`` and ``SignalAt(step, name)`` serve the tests of runs
+that diverge or are stopped (tests/test_run_failures.py).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 from pathlib import Path
 
+import torch
 from lightning.pytorch import Callback
 
 
@@ -72,3 +78,48 @@ class BatchMeanProbe(Callback):
         record = {"rank": trainer.global_rank, "world_size": trainer.world_size, "local": self.local,
                   "used": self.used, "second": self.second, "sync": self.sync, "type": self.type}
         (self.out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
+
+
+class FinitenessProbe(Callback):
+    """Records, per training step, whether the loss (before backward) and every tensor of the
+    model's ``state_dict`` (after the step) are finite: ``loss_finite`` and ``weights_finite``,
+    lists of ``(global_step, bool)``."""
+
+    def __init__(self) -> None:
+        self.loss_finite: list[tuple[int, bool]] = []
+        self.weights_finite: list[tuple[int, bool]] = []
+
+    def on_before_backward(self, trainer, pl_module, loss):
+        self.loss_finite.append((trainer.global_step, bool(torch.isfinite(loss).all())))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        finite = all(bool(torch.isfinite(t).all()) for t in pl_module.state_dict().values() if t.is_floating_point())
+        self.weights_finite.append((trainer.global_step, finite))
+
+
+class PoisonWeights(Callback):
+    """Sets the model's first parameter to NaN at the start of training epoch ``epoch``."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == self.epoch:
+            with torch.no_grad():
+                next(pl_module.parameters()).fill_(float("nan"))
+
+
+class SignalAt(Callback):
+    """Sends the signal ``name`` (``SIGTERM``, as a batch scheduler would, or ``SIGINT``, as Ctrl+C
+    would) to this process after training step ``step``; refuses when no handler would catch it
+    (the default action would kill the test process)."""
+
+    def __init__(self, step: int, name: str = "SIGTERM") -> None:
+        self.step = step
+        self.signal = getattr(signal, name)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            if signal.getsignal(self.signal) in (signal.SIG_DFL, signal.SIG_IGN, None):
+                raise RuntimeError(f"SignalAt: no handler of {self.signal!r} is installed")
+            os.kill(os.getpid(), self.signal)

@@ -233,6 +233,22 @@ def test_failed_cell_is_reported_and_retried(tmp_path) -> None:
     assert "no_such_backbone_xyz" in (tmp_path / "s" / "cells" / "bn_b4_s0" / "error.txt").read_text()
 
 
+def test_sweep_with_a_failed_cell_exits_1_printing_the_error_and_its_file(tmp_path, capsys) -> None:
+    bad = json.loads(json.dumps(BASE))
+    bad["model"]["init_args"]["backbone"] = "no_such_backbone_xyz"
+    config = tmp_path / "bad.yaml"
+    config.write_text(yaml.safe_dump(bad))
+    out = tmp_path / "s"
+    with pytest.raises(SystemExit) as info:
+        sweep.main(["--config", str(config), "--out", str(out), "--methods", "bn", "gn", "--batch-sizes", "4",
+                    "--executor", "inline", "--no-plot"])
+    assert info.value.code == 1
+    err = capsys.readouterr().err
+    assert "2 of the cells failed; the first, bn_b4_s0" in err and "no_such_backbone_xyz" in err
+    for name in ("bn_b4_s0", "gn_b4_s0"):
+        assert str(out / "cells" / name / "error.txt") in err
+
+
 def test_subprocess_executor_and_cli(tmp_path) -> None:
     config = tmp_path / "base.yaml"
     config.write_text(yaml.safe_dump(BASE))

@@ -1,5 +1,6 @@
 """The checkpoint callback of the ``normlightning`` command (its ``checkpoint:`` section):
-a ``ModelCheckpoint`` whose ``last.ckpt`` always holds the latest state, and its defaults."""
+a ``ModelCheckpoint`` whose ``last.ckpt`` always holds the latest state, that never saves
+non-finite weights, and its defaults."""
 
 from __future__ import annotations
 
@@ -7,6 +8,10 @@ from typing import Any
 
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
+
+from normlightning.callbacks.divergence import first_nonfinite_tensor
 
 __all__ = ["CHECKPOINT_DEFAULTS", "Checkpoint"]
 
@@ -33,9 +38,14 @@ class Checkpoint(ModelCheckpoint):
     ``version_N`` folder, so the restored checkpoint's folder differs from this run's by design:
     only ``best_model_path`` is restored (what ``--ckpt_path best`` needs), without
     ``ModelCheckpoint``'s "dirpath has changed" warning. A resumed ``fit`` in a new folder still warns.
+
+    Weights holding a NaN or an infinity (a diverged run trained on with
+    ``divergence.on_nonfinite: warn`` or ``ignore``) are never saved, neither as a best checkpoint
+    nor as ``last.ckpt``: both keep the last finite state, and a warning says so once.
     """
 
     _stage: str | None = None
+    _warned_nonfinite: bool = False
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
@@ -56,6 +66,28 @@ class Checkpoint(ModelCheckpoint):
         super().on_validation_end(trainer, pl_module)
         if not self._should_save_on_train_epoch_end(trainer):
             self._refresh_last(trainer)
+
+    def _save_topk_checkpoint(self, trainer: Trainer, monitor_candidates: dict[str, Tensor]) -> None:
+        if self._weights_are_finite(trainer):
+            super()._save_topk_checkpoint(trainer, monitor_candidates)
+
+    def _save_last_checkpoint(self, trainer: Trainer, monitor_candidates: dict[str, Tensor]) -> None:
+        if self._weights_are_finite(trainer):
+            super()._save_last_checkpoint(trainer, monitor_candidates)
+
+    def _weights_are_finite(self, trainer: Trainer) -> bool:
+        """Whether every process's weights are finite; warns (once) when they are not."""
+        name = first_nonfinite_tensor(trainer.lightning_module)
+        if not trainer.strategy.reduce_boolean_decision(name is not None, all=False):
+            return True
+        if not self._warned_nonfinite:
+            self._warned_nonfinite = True
+            rank_zero_warn(
+                f"checkpoint: the weights are not finite at step {trainer.global_step} "
+                f"({name or 'on another process'}); "
+                f"no checkpoint is saved from now on while they are not (best and last.ckpt keep the last finite state)"
+            )
+        return False
 
     def _refresh_last(self, trainer: Trainer) -> None:
         # skipped in sanity checks, fast_dev_run, outside fit, and when this step is already saved

@@ -356,7 +356,7 @@ class NormStatistics(Callback):
                     {r["layer"]: {LEGEND[k]: r[f"{k}_fluct"] for k in STATISTICS} for r in self.summary},
                     os.path.join(directory, "norm_stats_fluctuation.png"),
                     title=f"{prefix}fluctuation of the batch statistics at normalization-layer inputs",
-                    ylabel=f"std over the last {self.window} recorded steps\n"
+                    ylabel=f"std over the last {max(r['window_samples'] for r in self.summary)} recorded steps\n"
                     + ("(every step)" if self.every_n_steps == 1 else f"(one every {self.every_n_steps} steps)"),
                     note=VIEWS_NOTE,
                 )

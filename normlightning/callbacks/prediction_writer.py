@@ -20,12 +20,19 @@ The task's ``predict_step`` must return one row of class probabilities per input
 (:class:`~normlightning.tasks.ClassificationTask` returns ``softmax(logits)``). Under DDP each
 process writes its own share (``predictions_rank<r>.csv``; Lightning's distributed sampler may
 repeat a few examples to even out the shares).
+
+Before the prediction pass (``on_predict_start``) the writer creates the folder, checks that it
+can write there, and refuses to replace an existing file of the same name (an earlier
+prediction into the same ``output_dir``): it raises, naming ``predictions.output_dir`` and
+``predictions.filename``, unless ``overwrite: true``. It refuses rather than picking a new name,
+so that the path a script reads always holds the predictions of the command that names it.
 """
 
 from __future__ import annotations
 
 import csv
 import os
+import tempfile
 from typing import Any, Literal
 
 import torch
@@ -62,6 +69,7 @@ class PredictionWriter(BasePredictionWriter):
         top_k: classes listed per row of the CSV (at most the number of classes).
         output_dir: folder of the files; default the run's log folder (``trainer.log_dir``).
         filename: file name without extension.
+        overwrite: replace files of the same name in the folder (default: refuse before predicting).
 
     After a prediction run, :attr:`files` holds the paths written.
     """
@@ -72,6 +80,7 @@ class PredictionWriter(BasePredictionWriter):
         top_k: int = 5,
         output_dir: str | None = None,
         filename: str = "predictions",
+        overwrite: bool = False,
     ) -> None:
         super().__init__(write_interval="batch")
         if format not in ("csv", "pt", "both", "none"):
@@ -84,6 +93,7 @@ class PredictionWriter(BasePredictionWriter):
         self.top_k = top_k
         self.output_dir = output_dir
         self.filename = filename
+        self.overwrite = overwrite
         self.files: list[str] = []
         self._reset()
 
@@ -92,6 +102,37 @@ class PredictionWriter(BasePredictionWriter):
         self._probabilities: list[Tensor] = []
         self._targets: list[Tensor] = []
         self._seen = 0
+
+    def _folder(self, trainer: Trainer) -> str:
+        return self.output_dir or trainer.log_dir or trainer.default_root_dir
+
+    def _paths(self, trainer: Trainer) -> list[str]:
+        """The files this process writes."""
+        stem = self.filename if trainer.world_size == 1 else f"{self.filename}_rank{trainer.global_rank}"
+        extensions = {"csv": ["csv"], "pt": ["pt"], "both": ["csv", "pt"], "none": []}[self.format]
+        return [os.path.join(self._folder(trainer), f"{stem}.{extension}") for extension in extensions]
+
+    def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Before the pass: create the folder, check that it is writable and that no earlier
+        predictions would be replaced (see the module docstring)."""
+        if self.format == "none":
+            return
+        folder = self._folder(trainer)
+        try:
+            os.makedirs(folder, exist_ok=True)
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+        except OSError as err:
+            raise OSError(
+                f"PredictionWriter: cannot write predictions into {folder} ({err.strerror or err}); set "
+                f"predictions.output_dir to a writable folder"
+            ) from err
+        existing = [path for path in self._paths(trainer) if os.path.exists(path)]
+        if existing and not self.overwrite:
+            raise FileExistsError(
+                f"PredictionWriter: {', '.join(existing)} already exists (earlier predictions); set another "
+                f"predictions.output_dir or predictions.filename, or predictions.overwrite=true to replace it"
+            )
 
     def on_predict_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._reset()
@@ -137,21 +178,19 @@ class PredictionWriter(BasePredictionWriter):
         if not self._probabilities:
             rank_zero_info("PredictionWriter: the prediction loader yielded no batch; nothing written")
             return
-        folder = self.output_dir or trainer.log_dir or trainer.default_root_dir
-        os.makedirs(folder, exist_ok=True)
-        stem = self.filename if trainer.world_size == 1 else f"{self.filename}_rank{trainer.global_rank}"
+        folder = self._folder(trainer)
         index = torch.cat(self._indices)
         probabilities = torch.cat(self._probabilities)
         target = torch.cat(self._targets) if self._targets else None
-        if self.format in ("csv", "both"):
-            self.files.append(self._write_csv(os.path.join(folder, f"{stem}.csv"), index, probabilities, target))
-        if self.format in ("pt", "both"):
-            tensors = {"index": index, "probabilities": probabilities}
-            if target is not None:
-                tensors["target"] = target
-            path = os.path.join(folder, f"{stem}.pt")
-            torch.save(tensors, path)
-            self.files.append(path)
+        for path in self._paths(trainer):
+            if path.endswith(".csv"):
+                self.files.append(self._write_csv(path, index, probabilities, target))
+            else:
+                tensors = {"index": index, "probabilities": probabilities}
+                if target is not None:
+                    tensors["target"] = target
+                torch.save(tensors, path)
+                self.files.append(path)
         shares = "" if trainer.world_size == 1 else f" (this process's share; one file per process in {folder})"
         rank_zero_info(f"PredictionWriter: {len(index)} predictions written to {', '.join(self.files)}{shares}")
         self._reset()

@@ -200,12 +200,18 @@ def _is_final_training_batch(trainer: Trainer, batch_idx: int) -> bool:
 # ------------------------------------------------------------------------ the callback
 _WHEN = ("train_end", "validation_start", "test_start")
 
+#: How many training batches :class:`Recalibration` uses when ``num_batches`` is not given (fewer if the loader
+#: is shorter).
+DEFAULT_RECALIBRATION_BATCHES = 100
+
 
 class Recalibration(Callback):
     """Recalibrate running statistics on the training data at chosen moments.
 
     Args:
-        num_batches: K training batches for the cumulative average.
+        num_batches: K training batches for the cumulative average. ``None`` (default): up to
+            :data:`DEFAULT_RECALIBRATION_BATCHES` (100), all of a shorter loader without a warning; an int
+            asks for exactly K and warns when the loader has fewer.
         when: one or several of ``"train_end"`` (once, right after the last training step, so
             the final validation and every checkpoint written after it hold the recalibrated
             statistics; a run stopped early is recalibrated at its end and its ``last.ckpt``
@@ -234,14 +240,14 @@ class Recalibration(Callback):
 
     def __init__(
         self,
-        num_batches: int = 100,
+        num_batches: int | None = None,
         when: Literal["train_end", "validation_start", "test_start"] | list[str] = "train_end",
         report_accuracy: bool = False,
         forward_fn: ForwardFn | None = None,
         sync: bool = True,
     ) -> None:
-        if not isinstance(num_batches, int) or num_batches < 1:
-            raise ValueError(f"Recalibration: num_batches must be a positive int, got {num_batches!r}")
+        if num_batches is not None and (not isinstance(num_batches, int) or num_batches < 1):
+            raise ValueError(f"Recalibration: num_batches must be a positive int or null, got {num_batches!r}")
         when_list = [when] if isinstance(when, str) else list(when)
         bad = [w for w in when_list if w not in _WHEN]
         if bad or not when_list:
@@ -309,9 +315,13 @@ class Recalibration(Callback):
 
         if val_loader is not None:
             result["recalibration/acc_before"] = val_accuracy("Recalibration: val acc before")
+        num_batches = self.num_batches
+        if num_batches is None:
+            available = loader_length(train_loader)
+            num_batches = DEFAULT_RECALIBRATION_BATCHES if available is None else min(available, DEFAULT_RECALIBRATION_BATCHES)
         result["recalibration/num_batches"] = float(
             recalibrate_statistics(
-                pl_module, train_loader, self.num_batches, self.forward_fn, progress=show, below_main_bar=below
+                pl_module, train_loader, num_batches, self.forward_fn, progress=show, below_main_bar=below
             )
         )
         if self.sync and trainer.world_size > 1:

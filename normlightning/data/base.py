@@ -13,6 +13,7 @@ seeded fraction of the training set instead (see :func:`split_indices`).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Literal
 
@@ -84,7 +85,8 @@ class BaseDataModule(LightningDataModule):
             dataset's own validation/test split).
         seed: seed of the train/val split (independent of the global seed).
         drop_last: drop the last incomplete training batch (keeps batch statistics of
-            batch-dependent normalizations on full batches).
+            batch-dependent normalizations on full batches); a training set (per process)
+            smaller than ``batch_size`` is then an error at ``setup("fit")``.
         shuffle_seed: seed of the training order: epoch ``e`` visits a permutation drawn from
             ``(shuffle_seed, e)`` (so a resumed run sees the same order); ``None``: the seed of
             ``seed_everything``.
@@ -167,6 +169,27 @@ class BaseDataModule(LightningDataModule):
         }
         for split in splits[stage]:
             self._dataset(split)
+        if stage == "fit":
+            self._check_training_batches()
+
+    def _check_training_batches(self) -> None:
+        """With ``drop_last``, a training set (per process) smaller than ``batch_size`` yields no
+        batch at all: Lightning would stop at once and the run would end without training."""
+        if not self.drop_last:
+            return
+        try:
+            num_examples = len(self.datasets["train"])  # type: ignore[arg-type]
+        except TypeError:  # an iterable dataset of unknown length
+            return
+        world_size = self.trainer.world_size if self.trainer is not None else 1
+        per_process = math.ceil(num_examples / world_size)
+        if per_process < self.batch_size:
+            share = f" ({per_process} per process on {world_size} processes)" if world_size > 1 else ""
+            raise ValueError(
+                f"data.batch_size={self.batch_size} is larger than the training set ({num_examples} examples{share}) "
+                f"and data.drop_last is true, so there is no training batch. Set data.batch_size <= {per_process}, "
+                f"or data.drop_last=false."
+            )
 
     # ----------------------------------------------------------------- loaders
     def loader_pin_memory(self) -> bool:

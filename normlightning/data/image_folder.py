@@ -9,7 +9,7 @@ Layout (one sub-folder per class, any image files torchvision can read)::
 
 Class indices follow the sorted folder names of ``train/`` (as ``torchvision.datasets.ImageFolder``).
 Training: RandomResizedCrop ``image_size`` + horizontal flip; evaluation: resize the short
-side to ``round(image_size * 256 / 224)`` and center crop ``image_size``.
+side (``eval_resize_mode: square``: both sides) to ``round(image_size * 256 / 224)`` and center crop ``image_size``.
 """
 
 from __future__ import annotations
@@ -33,14 +33,17 @@ class ImageFolderDataModule(BaseDataModule):
     """Train on a folder of images sorted into one sub-folder per class.
 
     ``num_classes`` is the number of class folders in ``root/<train_dir>`` (read in
-    ``__init__``, so a missing folder fails early with the expected layout).
+    ``__init__``, so a missing folder fails early with the expected layout; fewer than 2 class
+    folders is an error naming the folder).
 
     Args:
         train_dir: training split folder, relative to ``root``.
         val_dir: validation split folder, or ``None`` to hold out ``val_fraction`` of the training images.
         test_dir: test split folder (``None``: use the validation split).
         image_size: side of the square crops fed to the model.
-        resize: short side before the evaluation center crop (default ``round(image_size * 256 / 224)``).
+        resize: side before the evaluation center crop (default ``round(image_size * 256 / 224)``).
+        eval_resize_mode: ``short_side`` (resize the short side to ``resize``, aspect ratio kept) or
+            ``square`` (resize to ``resize x resize``, as the HN paper's ImageNet evaluation).
         mean, std: per-channel statistics for the task's input normalization (default: ImageNet's).
         expected_num_classes: raise if ``train_dir`` has another number of class folders.
         batch_size: examples per batch **per process** (per GPU under DDP).
@@ -63,6 +66,7 @@ class ImageFolderDataModule(BaseDataModule):
         test_dir: str | None = None,
         image_size: int = 224,
         resize: int | None = None,
+        eval_resize_mode: str = "short_side",
         mean: tuple[float, float, float] = IMAGENET_MEAN,
         std: tuple[float, float, float] = IMAGENET_STD,
         expected_num_classes: int | None = None,
@@ -81,7 +85,16 @@ class ImageFolderDataModule(BaseDataModule):
         self.train_dir, self.val_dir, self.test_dir = train_dir, val_dir, test_dir
         self.image_size = image_size
         self.resize = resize
+        imagenet_eval(image_size, resize, eval_resize_mode)  # a bad mode fails here, naming the setting
+        self.eval_resize_mode = eval_resize_mode
         self.classes = self._find_classes(train_dir)
+        if len(self.classes) < 2:
+            raise ValueError(
+                f"{type(self).__name__}: {os.path.join(self.root, train_dir)} has {len(self.classes)} class folder "
+                f"({', '.join(self.classes)}); classification needs at least 2 (one sub-folder per class: "
+                f"{train_dir}/<class_a>/, {train_dir}/<class_b>/, ...). A single class trains a model that is always "
+                f"right."
+            )
         if expected_num_classes is not None and len(self.classes) != expected_num_classes:
             self._missing(f"{train_dir}/ has {len(self.classes)} class folders, expected {expected_num_classes}")
         self.num_classes = len(self.classes)
@@ -119,7 +132,10 @@ class ImageFolderDataModule(BaseDataModule):
                 f"missing {lacking[:5]}{'...' if len(lacking) > 5 else ''}, "
                 f"extra {extra[:5]}{'...' if len(extra) > 5 else ''}"
             )
-        transform = imagenet_train(self.image_size) if train else imagenet_eval(self.image_size, self.resize)
+        if train:
+            transform = imagenet_train(self.image_size)
+        else:
+            transform = imagenet_eval(self.image_size, self.resize, self.eval_resize_mode)
         try:
             return ImageFolder(os.path.join(self.root, folder), transform=transform)
         except FileNotFoundError as error:

@@ -2,8 +2,10 @@
 
 At inference a layer whose statistics are constants per channel is ``y = s_c x + t_c`` with
 ``s_c = gamma_c / sqrt(var_c + eps)`` and ``t_c = beta_c - mean_c s_c``. When its input is the
-output of a convolution and nothing else reads that output, the convolution can compute ``y``
-itself: ``W'[o] = s_o W[o]``, ``b'[o] = s_o b[o] + t_o``; the norm layer becomes ``nn.Identity``.
+output of a convolution, nothing else reads that output and nothing else uses the convolution's
+weight and bias, the convolution can compute ``y`` itself: ``W'[o] = s_o W[o]``,
+``b'[o] = s_o b[o] + t_o``; the norm layer becomes ``nn.Identity``. What proves those conditions:
+:mod:`normlightning.injection.fold_proof`.
 That holds for native ``BatchNorm*d`` and for the layers with ``inference_channel_statistics()``
 (bn, brn, ghost, gbgn without example weighing; bgn with whole-channel groups; hn with batch sets
 only, as the HN paper notes). Model surgery, like the injection: plain PyTorch, in place.
@@ -23,12 +25,12 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils import parametrize
 
 from normlightning.injection.apply import _replace_submodule
+from normlightning.injection.fold_proof import CONVOLUTIONS, example_forward, exclusivity_problems
 from normlightning.injection.spec import MODULE_ATTR
 from normlightning.norms.model_layers import is_norm_layer
 
 __all__ = ["fold_norms", "inference_affine"]
 
-CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 #: native batch norms whose forward is only the normalization (a subclass may add to it, e.g.
 #: timm's ``BatchNormAct2d`` applies an activation: inject our layers first, they carry it).
 NATIVE_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
@@ -137,16 +139,11 @@ def _trace(model: nn.Module, example_input: Any, norms: dict[str, nn.Module]) ->
 
     handles = [m.register_forward_hook(conv_hook) for m in convs]
     handles += [m.register_forward_pre_hook(norm_hook(name)) for name, m in norms.items()]
-    buffers = [(b, b.detach().clone()) for b in model.buffers()]  # layers left in training mode update theirs
     try:
-        with torch.inference_mode(False), torch.enable_grad():
-            outputs = model(_as_traced_leaves(example_input))
+        outputs = example_forward(model, _as_traced_leaves(example_input), grad=True)
     finally:
         for handle in handles:
             handle.remove()
-        with torch.no_grad():
-            for buffer, value in buffers:
-                buffer.copy_(value)
     readers = _readers(outputs)
     found, problems = {}, {}
     for name, seen in inputs.items():
@@ -188,7 +185,12 @@ def _fold_into(conv: nn.Module, scale: Tensor, shift: Tensor) -> None:
 
 
 def fold_norms(
-    model: nn.Module, example_input: Any = None, *, exclude: Iterable[str] = (), skip_unfoldable: bool = False
+    model: nn.Module,
+    example_input: Any = None,
+    *,
+    exclude: Iterable[str] = (),
+    skip_unfoldable: bool = False,
+    assume_exclusive: bool = False,
 ) -> dict[str, str]:
     """Fold every inference-mode normalization layer of ``model`` into the convolution before it.
 
@@ -201,6 +203,11 @@ def fold_norms(
         exclude: regexes (``re.fullmatch`` on module names) of norm layers to leave as they are.
         skip_unfoldable: leave the layers that cannot be folded (with a warning) instead of
             raising ``ValueError``.
+        assume_exclusive: your promise, for a model that ``torch.fx`` cannot trace, that on every
+            input the output of each convolution before a norm layer is read by that layer alone
+            and the convolution's weight and bias by nothing else. Then the module tree and the
+            ops of the example forward are still checked (the input's path only: a reader on a
+            branch it does not take is not seen); the promise never overrides a reader they show.
 
     Returns:
         ``{norm layer name: convolution name}`` of the folded layers (each now ``nn.Identity``).
@@ -208,7 +215,15 @@ def fold_norms(
     Raises:
         ValueError: naming every norm layer that cannot be folded and why (training mode,
             statistics not constant per channel, not directly after a convolution, the
-            convolution's output also read elsewhere), before anything is changed.
+            convolution's output or parameters also read elsewhere, a model that ``torch.fx``
+            cannot trace without ``assume_exclusive``), before anything is changed.
+
+    What is checked before folding (:mod:`normlightning.injection.fold_proof`): the example forward
+    finds the convolution whose output each norm layer receives; the module tree shows no other
+    parameter or buffer sharing the convolution's storage and no hook that would read or drop
+    anything; a ``torch.fx`` trace of ``model.forward`` (one graph for every input) shows the
+    output read by the norm layer alone and the parameters by the convolution alone; and no op of
+    the example forward reads them elsewhere.
 
     The model's injection spec is dropped (its layers are gone): save a folded model's
     ``state_dict`` for inference, not as a checkpoint to resume or re-inject.
@@ -236,6 +251,8 @@ def fold_norms(
             raise ValueError("fold_norms needs example_input (one input of the model) to find the convolution before each norm layer")
         convs, not_after_conv = _trace(model, example_input, {n: norms[n] for n in affines})
         problems.update(not_after_conv)
+        problems.update(exclusivity_problems(model, example_input, convs, assume_exclusive=assume_exclusive))
+        convs = {name: conv for name, conv in convs.items() if name not in problems}
     for name, conv_name in list(convs.items()):
         if model.get_submodule(conv_name).out_channels != affines[name][0].numel():
             problems[name] = f"the convolution {conv_name!r} before it has a different number of channels"

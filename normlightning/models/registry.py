@@ -28,6 +28,7 @@ Every factory has the signature ``fn(num_classes: int, input_shape: tuple[int, i
 from __future__ import annotations
 
 import importlib
+import re
 from collections.abc import Callable
 
 from torch import nn
@@ -139,13 +140,24 @@ def build_backbone(
     if not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
     input_shape = _check_input_shape(input_shape)
-    if name in _PLUGINS:
-        return _PLUGINS[name](num_classes=num_classes, input_shape=input_shape, **kwargs)
-    if name in BUILTIN_BACKBONES:
-        return _resolve_builtin(name)(num_classes=num_classes, input_shape=input_shape, **kwargs)
-    if name.startswith(TIMM_PREFIX):
-        return _build_timm(name[len(TIMM_PREFIX):], num_classes, input_shape, **kwargs)
-    return _build_torchvision(name, num_classes, input_shape, **kwargs)
+    try:
+        if name in _PLUGINS:
+            return _PLUGINS[name](num_classes=num_classes, input_shape=input_shape, **kwargs)
+        if name in BUILTIN_BACKBONES:
+            return _resolve_builtin(name)(num_classes=num_classes, input_shape=input_shape, **kwargs)
+        if name.startswith(TIMM_PREFIX):
+            return _build_timm(name[len(TIMM_PREFIX):], num_classes, input_shape, **kwargs)
+        return _build_torchvision(name, num_classes, input_shape, **kwargs)
+    except TypeError as err:
+        rejected = re.search(r"unexpected keyword argument '(\w+)'", str(err))
+        if rejected is None or rejected.group(1) not in kwargs:
+            raise
+        key = rejected.group(1)
+        raise ValueError(
+            f"backbone {name!r} does not accept backbone_kwargs.{key}={kwargs[key]!r} ({err}). Remove it: a "
+            f"config's backbone_kwargs stay when --model.backbone is changed on the command line, so pass "
+            f"--model.backbone_kwargs='{{}}' (or the new backbone's own arguments) with it"
+        ) from err
 
 
 def _build_torchvision(name: str, num_classes: int, input_shape: tuple[int, int, int], **kwargs: object) -> nn.Module:

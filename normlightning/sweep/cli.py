@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from normlightning.sweep.cell import run_cell
 from normlightning.sweep.executors import EXECUTORS, ClusterSettings
 from normlightning.sweep.runner import SweepResult, run_sweep
 
-__all__ = ["build_parser", "console_main", "main", "parse_epochs"]
+__all__ = ["build_parser", "console_main", "main", "parse_epochs", "report_failures"]
 
 
 def parse_epochs(values: Sequence[str]) -> int | dict[int, int]:
@@ -61,7 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> SweepResult | None:
-    """Command-line entry point (``python -m normlightning.sweep``)."""
+    """Command-line entry point (``python -m normlightning.sweep``).
+
+    Raises:
+        SystemExit: ``1`` when a cell failed (after writing the report of the others and printing the
+            first failure and where every failed cell's ``error.txt`` is).
+    """
     args = build_parser().parse_args(argv)
     threads = args.threads or None
     if args.run_cell:
@@ -82,9 +88,24 @@ def main(argv: Sequence[str] | None = None) -> SweepResult | None:
     counts = {s: sum(1 for v in result.status.values() if v == s) for s in ("ran", "skipped", "failed")}
     print(f"[sweep] {counts} in {result.wall_s:.1f} s; table: {result.files.get('table')}")
     print(Path(result.files["table"]).read_text())
+    failed = [name for name, status in result.status.items() if status == "failed"]
+    if failed:
+        report_failures(Path(args.out), failed)
+        raise SystemExit(1)
     return result
 
 
+def report_failures(out: Path, failed: Sequence[str], tail_lines: int = 20) -> None:
+    """Print, to stderr, the end of the first failed cell's ``error.txt`` and the path of every
+    failed cell's ``error.txt`` (the cells run again when the sweep is resumed)."""
+    errors = [out / "cells" / name / "error.txt" for name in failed]
+    first = errors[0].read_text().rstrip().splitlines()[-tail_lines:] if errors[0].is_file() else ["(no error.txt)"]
+    print(f"[sweep] {len(failed)} of the cells failed; the first, {failed[0]}, with:", file=sys.stderr)
+    print("\n".join(f"    {line}" for line in first), file=sys.stderr)
+    print("[sweep] the errors of the failed cells (rerun the same command to retry them):", file=sys.stderr)
+    print("\n".join(f"    {path}" for path in errors), file=sys.stderr)
+
+
 def console_main() -> None:
-    """Console-script entry (returns nothing, so the exit status is 0 on success)."""
+    """Console-script entry (returns nothing, so the exit status is 0 on success; 1 when a cell failed)."""
     main()

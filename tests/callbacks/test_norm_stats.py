@@ -144,6 +144,17 @@ def test_trainer_records_every_k_steps_and_writes_outputs(tmp_path):
     assert not cb._handles  # hooks removed after training
 
 
+def test_fluctuation_label_names_the_steps_really_recorded(tmp_path, monkeypatch):
+    """A window of 100 over a run that recorded 4 samples: the figure's label says 4, not 100."""
+    labels = []
+    real = plotting.plot_fluctuation
+    monkeypatch.setattr(plotting, "plot_fluctuation", lambda *a, **k: labels.append(k["ylabel"]) or real(*a, **k))
+    cb = NormStatistics(every_n_steps=3, window=100, output_dir=str(tmp_path / "out"))
+    _fit(tmp_path, cb)
+    assert len(cb.history["net.0"]) == 4
+    assert labels == ["std over the last 4 recorded steps\n(one every 3 steps)"]
+
+
 def test_layer_regex_and_bad_settings():
     model = TinyNet()
     assert list(NormStatistics(layers=r"net\.3$", plot=False).select_layers(model)) == ["net.3"]

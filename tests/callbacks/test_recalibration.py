@@ -152,6 +152,29 @@ def test_callback_at_train_end_with_accuracy(tmp_path):
     assert 0.0 <= logger.metrics["recalibration/acc_before"] <= 1.0
 
 
+def test_default_uses_a_short_loader_whole_without_warning_and_an_explicit_count_warns(tmp_path, recwarn):
+    """``num_batches`` unset: up to 100 batches, all 4 of this loader and no warning (the statistics are the
+    cumulative average over the 4); an explicit 6 warns that the loader had 4."""
+    batches = _batches(4)
+    loader = DataLoader(TensorDataset(torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])),
+                        batch_size=4, shuffle=False)
+    for num_batches, warns in ((None, False), (6, True)):
+        logger = _Logger()
+        trainer = Trainer(accelerator="cpu", max_epochs=1, logger=logger, enable_checkpointing=False,
+                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                          callbacks=[Recalibration(num_batches=num_batches)])
+        task = _Task()
+        recwarn.clear()
+        trainer.fit(task, loader)
+        with torch.no_grad():
+            mean, var = _expected([task.net[1](task.net[0](b[0])) for b in batches], (0,))
+        torch.testing.assert_close(task.net[2].running_mean, mean)
+        torch.testing.assert_close(task.net[2].running_var, var)
+        assert logger.metrics["recalibration/num_batches"] == 4.0
+        asked = [str(w.message) for w in recwarn if "asked for" in str(w.message)]
+        assert asked == (["recalibrate_statistics: asked for 6 batches, the loader had 4."] if warns else [])
+
+
 def test_callback_rejects_bad_settings():
     with pytest.raises(ValueError, match="when="):
         Recalibration(when="sometime")

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
 from torch import nn
 
 from normlightning.injection import fold_norms, get_spec, inject
+from normlightning.models import build_backbone
 from normlightning.models.small_cnn import SmallCNN
+from normlightning.tasks.classification import ClassificationTask
 
 D64 = torch.float64
 
@@ -197,3 +200,159 @@ def test_structured_input_with_frozen_parameters_folds():
     before = model(x)
     assert fold_norms(model, x) == {"norm": "conv"}
     torch.testing.assert_close(model(x), before, rtol=1e-10, atol=1e-10)
+
+
+class ConvNormAndReader(nn.Module):
+    """``combine(self, x, h, norm(h))`` with ``h = conv(x)``: ``combine`` adds a reader of ``h`` or of
+    the convolution's parameters that the autograd graph does not show."""
+
+    def __init__(self, combine):
+        super().__init__()
+        self.conv, self.norm, self.combine = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), combine
+        self.conv2 = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x):
+        h = self.conv(x)
+        return self.combine(self, x, h, self.norm(h))
+
+
+def _read_under_no_grad(m, x, h, y):
+    with torch.no_grad():
+        peak = h.abs().amax()
+    return y + peak
+
+
+def _share(parameter):
+    def make():
+        model = ConvNormAndReader(lambda m, x, h, y: y + m.conv2(x))
+        setattr(model.conv2, parameter, getattr(model.conv, parameter))
+        return model
+    return make
+
+
+OUTPUT_READ = r"the output of the convolution 'conv' before it is also read elsewhere \(by "
+PARAMETER_READ = r"a parameter of the convolution 'conv' before it is also read elsewhere \(by "
+PARAMETER_SHARED = r"a parameter of the convolution 'conv' before it is shared \("
+
+
+@pytest.mark.parametrize(
+    "make,match",
+    [
+        (lambda: ConvNormAndReader(lambda m, x, h, y: y * (h > 0)), OUTPUT_READ + "gt in the traced graph"),
+        (lambda: ConvNormAndReader(lambda m, x, h, y: y + h.detach().mean()), OUTPUT_READ + r"\.detach\(\)"),
+        (_share("weight"), PARAMETER_SHARED + "'conv.weight' is also 'conv2.weight'"),
+        (lambda: ConvNormAndReader(lambda m, x, h, y: y + F.conv2d(x, m.conv.weight, dilation=2, padding=2)),
+         PARAMETER_READ + "attribute 'conv.weight' in the traced graph"),
+        (lambda: ConvNormAndReader(_read_under_no_grad), OUTPUT_READ + r"\.abs\(\) in the traced graph"),
+        (_share("bias"), PARAMETER_SHARED + "'conv.bias' is also 'conv2.bias'"),
+    ],
+    ids=["mask-by-output", "detached-output", "shared-weight", "functional-weight", "no-grad-reader", "shared-bias"],
+)
+def test_refuses_readers_the_autograd_graph_does_not_show(make, match):
+    """Each of these folded without an error before fold_norms checked the module tree and a torch.fx trace."""
+    model = make().double().eval()
+    with torch.no_grad():
+        model.norm.running_mean.copy_(torch.randn(4, dtype=D64))
+        model.norm.running_var.copy_(torch.rand(4, dtype=D64) + 0.5)
+    state, attributes = {k: v.clone() for k, v in model.state_dict().items()}, set(vars(model))
+    with pytest.raises(ValueError, match=r"cannot fold 1 norm layer\(s\) \(nothing was changed\):\n  norm: " + match):
+        fold_norms(model, torch.randn(2, 3, 8, 8, dtype=D64))
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert set(vars(model)) == attributes  # the trace's tensor constants are not left on the model
+
+
+def test_refuses_a_parameter_read_that_only_the_example_forward_shows():
+    """The weight's storage reached through a plain list: tracing computes its sum once, as a
+    constant; the ops of the example forward show the read."""
+    model = ConvNormAndReader(lambda m, x, h, y: y + x.mean() * m.hidden[0].sum()).eval()
+    model.hidden = [model.conv.weight.detach()]
+    attributes = set(vars(model))
+    with pytest.raises(ValueError, match=r"norm: " + PARAMETER_READ + r"sum in the example forward\)"):
+        fold_norms(model, torch.randn(2, 3, 8, 8))
+    assert set(vars(model)) == attributes  # the trace's tensor constant (the sum) is not left on the model
+
+
+class KeepsConvOutput(ConvNormAndReader):
+    """Keeps the convolution's output on the module (feature extraction for a later loss)."""
+
+    def forward(self, x):
+        self.features = self.conv(x)
+        return self.norm(self.features)
+
+
+def test_refuses_an_output_kept_on_a_module():
+    model = KeepsConvOutput(None).eval()
+    with pytest.raises(ValueError, match="norm: " + OUTPUT_READ + "the attribute 'features' that keeps it"):
+        fold_norms(model, torch.randn(2, 3, 8, 8))
+    assert isinstance(model.features, torch.Tensor)  # what tracing stored there (a proxy) is undone
+
+
+@pytest.mark.parametrize(
+    "hook,match",
+    [
+        (lambda m: m.conv.register_forward_hook(lambda module, args, out: None),
+         "norm: the convolution 'conv' before it has forward hooks, which read its output"),
+        (lambda m: m.norm.register_forward_pre_hook(lambda module, args: None),
+         "norm: it has forward hooks, which folding would drop"),
+    ],
+    ids=["conv-hook", "norm-hook"],
+)
+def test_refuses_hooks(hook, match):
+    model = ConvNormAndReader(lambda m, x, h, y: y).eval()
+    hook(model)
+    with pytest.raises(ValueError, match=match):
+        fold_norms(model, torch.randn(2, 3, 8, 8))
+
+
+class ValueDependentBranch(nn.Module):
+    """Control flow on tensor values: torch.fx cannot trace it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.norm = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.norm(self.conv(x))
+        return y.relu() if x.mean() > 0 else y
+
+
+def test_untraceable_model_folds_only_on_the_users_promise():
+    model = ValueDependentBranch().double().eval()
+    with torch.no_grad():
+        model.norm.running_mean.copy_(torch.randn(4, dtype=D64))
+        model.norm.running_var.copy_(torch.rand(4, dtype=D64) + 0.5)
+    x = torch.randn(3, 3, 8, 8, dtype=D64)
+    with pytest.raises(ValueError, match="norm: torch.fx cannot trace the model .*pass assume_exclusive=True"):
+        fold_norms(model, x)
+    with torch.no_grad():
+        before = model(x), model(-x.abs())
+    assert fold_norms(model, x, assume_exclusive=True) == {"norm": "conv"}
+    with torch.no_grad():
+        torch.testing.assert_close((model(x), model(-x.abs())), before, rtol=1e-10, atol=1e-10)
+
+
+class ValueDependentBranchReadingDetached(ValueDependentBranch):
+    def forward(self, x):
+        h = self.conv(x)
+        y = self.norm(h) + h.detach().mean()
+        return y.relu() if x.mean() > 0 else y
+
+
+def test_assume_exclusive_never_overrides_what_the_module_tree_or_example_forward_shows():
+    model = ValueDependentBranch().eval()
+    model.conv2 = nn.Conv2d(3, 4, 3)
+    model.conv2.weight = model.conv.weight
+    with pytest.raises(ValueError, match="norm: a parameter of the convolution 'conv' before it is shared"):
+        fold_norms(model, torch.randn(2, 3, 8, 8), assume_exclusive=True)
+    model = ValueDependentBranchReadingDetached().eval()
+    with pytest.raises(ValueError, match="norm: " + OUTPUT_READ + "detach, mean in the example forward"):
+        fold_norms(model, torch.randn(2, 3, 8, 8), assume_exclusive=True)
+
+
+def test_shape_checks_outside_the_convolutions_do_not_stop_the_trace():
+    """A task (its input normalization checks shapes in Python) and ResNet-12 (its cosine classifier
+    does) trace: modules with no convolution or norm layer inside are single calls in the graph."""
+    task = ClassificationTask(backbone="small_cnn", num_classes=10, input_shape=(3, 8, 8)).double()
+    _check_folds(_warmed(task, (4, 3, 8, 8)), (3, 3, 8, 8), expected=4)
+    resnet12 = build_backbone("resnet12", 10, (3, 16, 16), widths=(4, 4, 4, 4)).double()
+    _check_folds(_warmed(resnet12, (4, 3, 16, 16)), (3, 3, 16, 16), expected=16)

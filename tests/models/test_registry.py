@@ -66,3 +66,11 @@ def test_register_backbone_plugin() -> None:
 def test_bad_input_shape(bad) -> None:
     with pytest.raises(ValueError, match="input_shape"):
         build_backbone("small_cnn", num_classes=10, input_shape=bad)
+
+
+@pytest.mark.parametrize("name", ["timm/resnet18", "resnet18", "small_cnn"])
+def test_a_rejected_backbone_kwarg_is_named_with_the_backbone(name) -> None:
+    """The quickstart's ``backbone_kwargs: {width: 32}`` carried over to another backbone: the error names the
+    key, its value and the backbone (not a bare TypeError deep in the model's constructor)."""
+    with pytest.raises(ValueError, match=rf"backbone '{name}' does not accept backbone_kwargs.bogus_width=32"):
+        build_backbone(name, num_classes=3, input_shape=(3, 32, 32), bogus_width=32)

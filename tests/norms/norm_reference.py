@@ -160,6 +160,7 @@ def group_counts(name: str) -> dict[str, int]:
 #: Settings that make the generic tests exercise a method's harder code path (on top of its
 #: declared group counts).
 SPECIAL_SPECS = {
+    "gnflat": {"num_groups": 6},  # groups of D/G = 10 values: parts of a channel
     "bgn": {"num_groups": 6},  # groups straddle channels (unfused affine path)
     "gbgn": {"examples_per_group": 2},
     "hn": {"mean": "bn", "std": "bn+en:1"},

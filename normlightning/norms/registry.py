@@ -108,7 +108,9 @@ def _load_plugin(name: str) -> Callable[..., nn.Module]:
             "package, or uninstall it"
         ) from err
     if not callable(factory):
-        raise NormPluginError(f"{_describe(entry_point)} gives a {type(factory).__name__}, not a layer class or factory")
+        raise NormPluginError(
+            f"{_describe(entry_point)} gives a {type(factory).__name__}, not a layer class or factory"
+        )
     _REGISTRY[name] = factory
     return factory
 

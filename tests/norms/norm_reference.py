@@ -172,7 +172,9 @@ SPECIAL_SPECS = {
 ALL_SPECS = {name: {**group_counts(name), **SPECIAL_SPECS.get(name, {})} for name in available_norms()}
 
 #: The methods whose layers declare inference example weighing (``supports_example_weighing``).
-WEIGHING = [name for name in sorted(ALL_SPECS) if getattr(norm_factory(name), "supports_example_weighing", False) is True]
+WEIGHING = [
+    name for name in sorted(ALL_SPECS) if getattr(norm_factory(name), "supports_example_weighing", False) is True
+]
 
 
 def sync_bn_worker(rank, world, init_file, x, out_dir):

@@ -164,7 +164,8 @@ class MeanWithoutGradient(NormLayer):
     ids=lambda value: value.__name__ if isinstance(value, type) else "",
 )
 def test_rejects_a_broken_layer_naming_the_rule(factory, rule, detail):
-    with pytest.raises(NormContractError, match=f"check_norm_layer\\({factory.__name__}\\): rule '{rule}' broken: .*{detail}"):
+    message = f"check_norm_layer\\({factory.__name__}\\): rule '{rule}' broken: .*{detail}"
+    with pytest.raises(NormContractError, match=message):
         check_norm_layer(factory)
 
 

@@ -106,7 +106,8 @@ def test_a_plugin_that_fails_to_import_is_named_with_its_package(site):
 
 def test_a_plugin_that_is_not_callable_is_refused(site):
     install(site, "odd-norm", {"oddnorm": "nl_plugin_odd:LAYER"}, {"nl_plugin_odd": "LAYER = 3\n"})
-    with pytest.raises(registry.NormPluginError, match="'oddnorm' .* of package odd-norm 0.1 gives a int, not a layer class"):
+    with pytest.raises(registry.NormPluginError,
+                       match="'oddnorm' .* of package odd-norm 0.1 gives a int, not a layer class"):
         build_norm("oddnorm", 4)
 
 

@@ -9,8 +9,9 @@ Installed packages add methods through the entry-point group ``normlightning.nor
 method of ``build_norm``, the injection and the CLI (``--norm.method mynorm``) with no wrapper
 script. Discovery is lazy: the entry points are listed at the first lookup (``norm_factory``,
 ``build_norm``, ``available_norms``, ``register_norm``), and a plugin's module is imported the first
-time its name is looked up, so a broken plugin only fails the runs that use it, with
-:class:`NormPluginError` naming the entry point and its package. An entry point whose name is a
+time its name is looked up; one that fails to import raises :class:`NormPluginError` naming the
+entry point and its package (in Python, only code that looks its name up; in the CLI, every run,
+whose logged hyperparameters list every registered method's arguments). An entry point whose name is a
 built-in method, or that two packages both define, is refused (:class:`NormPluginError` at
 discovery): a name never silently means another layer than the docs say. See docs/methods.md,
 "Adding a method".

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from normlightning.callbacks.run_hparams import norm_argument_names
 from normlightning.cli import build_cli
 from normlightning.norms import available_norms, build_norm, register_norm, registry
 from normlightning.norms.model_layers import is_norm_layer
@@ -102,6 +103,8 @@ def test_a_plugin_that_fails_to_import_is_named_with_its_package(site):
         r"broken-norm 0.1 failed to import: ModuleNotFoundError: No module named 'nl_plugin_missing_dependency'"
     )):
         build_norm("brokennorm", 4)
+    with pytest.raises(registry.NormPluginError, match="'brokennorm' .* of package broken-norm 0.1 failed to import"):
+        norm_argument_names()  # a CLI run's hyperparameters read every registered method: it stops there too
 
 
 def test_a_plugin_that_is_not_callable_is_refused(site):

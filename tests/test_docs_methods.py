@@ -23,7 +23,7 @@ SECTION = re.compile(r"^## (\S+): \S", re.MULTILINE)
 def _registered_methods() -> list[str]:
     """The built-in methods (``normlightning.norms.registry.BUILTIN_NORMS``) of a freshly imported package."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
-    code = "import json; from normlightning.norms.registry import BUILTIN_NORMS; print(json.dumps(sorted(BUILTIN_NORMS)))"
+    code = "import json; from normlightning.norms import registry; print(json.dumps(sorted(registry.BUILTIN_NORMS)))"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 

@@ -105,8 +105,11 @@ class InstanceNorm(NormLayer):
     Per ``(n, c)`` over ``S``, per-channel affine; statistics from the input in eval too
     (like ``nn.InstanceNorm2d(track_running_stats=False)``). Needs ``S > 1`` in training.
 
-    Shape: input ``(N, C, *)``, output the same.
+    Shape: input ``(N, C, *)`` with 1 to 3 spatial dims (``input_dims``: an ``(N, C)`` input has one
+    element per set), output the same.
     """
+
+    input_dims = (3, 4, 5)
 
     def __init__(self, num_features: int, eps: float = 1e-5, affine: bool = True, device=None, dtype=None) -> None:
         super().__init__(num_features, eps, affine, device, dtype)

@@ -86,7 +86,8 @@ class BaseTask(LightningModule):
             the optimizer's ``weight_decay``; ``0``: none.
         beta_weight_decay: the same for the norm layers' ``bias`` (beta).
         gamma_decay_target: decay gamma toward ``0`` (the optimizer's decay) or ``1`` (the
-            "Four Things" authors' choice: ``grad += wd * (gamma - 1)`` before each step).
+            "Four Things" authors' choice: ``grad += wd * (gamma - 1)`` before each step, after gradient
+            clipping: never clipped).
         lr_base_batch_size: when set, linear LR scaling
             ``lr = base_lr * batch_size * world_size / lr_base_batch_size`` (``batch_size`` per
             process, from the data module), applied before the scheduler is built.

@@ -7,7 +7,9 @@ import os
 import torch
 
 
-def synced_training_worker(rank: int, world: int, init_file: str, cases: list, xs: list, ws: list, out_dir: str) -> None:
+def synced_training_worker(
+    rank: int, world: int, init_file: str, cases: list, xs: list, ws: list, out_dir: str
+) -> None:
     """For every case ``(label, name, spec, state)``: a layer ``build_norm(name, C, **spec)`` in float64 with
     ``state`` loaded and ``sync_statistics=True`` trains on this rank's rows of every step's batch:
     forward, ``sum(y * w).backward()``. Saves, per label, the outputs and input gradients of every step,

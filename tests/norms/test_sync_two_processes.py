@@ -15,6 +15,7 @@ pooled with group ``j`` of every other process".
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 from sync_workers import synced_training_worker
@@ -52,7 +53,11 @@ def initial_state(name: str, spec: dict) -> dict[str, torch.Tensor]:
     return layer.state_dict()
 
 
-def test_synced_statistics_over_two_processes_equal_one_process_on_the_whole_batch(tmp_path):
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory):
+    """One spawn of 2 gloo processes that train every case of :data:`CASES` (2 steps each); returns the
+    inputs, output weights, initial states and each rank's results."""
+    out = tmp_path_factory.mktemp("sync")
     torch.manual_seed(0)
     order = torch.cat([rank_rows(r) for r in range(WORLD)])  # rank 0's rows, then rank 1's
     xs = [torch.randn(N, C, *SHAPE, dtype=torch.float64) * (1.5 + s) + torch.arange(C).view(1, C, 1, 1) - s
@@ -60,25 +65,29 @@ def test_synced_statistics_over_two_processes_equal_one_process_on_the_whole_bat
     ws = [torch.randn(N, C, *SHAPE, dtype=torch.float64) for _ in range(2)]
     states = {label: initial_state(name, spec) for label, (name, spec, _) in CASES.items()}
     cases = [(label, name, spec, states[label]) for label, (name, spec, _) in CASES.items()]
-    mp.spawn(synced_training_worker, args=(WORLD, str(tmp_path / "init"), cases, [x[order] for x in xs],
-                                                 [w[order] for w in ws], str(tmp_path)), nprocs=WORLD, join=True)
-    ranks = [torch.load(tmp_path / f"{r}.pt") for r in range(WORLD)]
-    for label, (name, _, whole_spec) in CASES.items():
-        ref = build_norm(name, C, **whole_spec).double()
-        ref.load_state_dict(states[label])
-        ref.train()
-        for step, (x, w) in enumerate(zip(xs, ws)):
-            xr = x.clone().requires_grad_()
-            y = ref(xr)
-            (y * w).sum().backward()
-            for r, got in enumerate(ranks):
-                rows = rank_rows(r)
-                torch.testing.assert_close(got[label]["y"][step], y.detach()[rows], msg=f"{label} step {step} output")
-                torch.testing.assert_close(got[label]["gx"][step], xr.grad[rows], msg=f"{label} step {step} input grad")
-        for k, p in ref.named_parameters():
-            summed = sum(got[label]["grads"][k] for got in ranks)
-            torch.testing.assert_close(summed, p.grad, msg=f"{label} grad of {k}")
-        for r, got in enumerate(ranks):
-            for k, v in ref.state_dict().items():
-                torch.testing.assert_close(got[label]["state"][k], v, msg=f"{label} rank {r} {k}")
+    mp.spawn(synced_training_worker, args=(WORLD, str(out / "init"), cases, [x[order] for x in xs],
+                                           [w[order] for w in ws], str(out)), nprocs=WORLD, join=True)
+    return xs, ws, states, [torch.load(out / f"{r}.pt") for r in range(WORLD)]
 
+
+@pytest.mark.parametrize("label", list(CASES))
+def test_synced_statistics_over_two_processes_equal_one_process_on_the_whole_batch(label, two_process_run):
+    xs, ws, states, ranks = two_process_run
+    name, _, whole_spec = CASES[label]
+    ref = build_norm(name, C, **whole_spec).double()
+    ref.load_state_dict(states[label])
+    ref.train()
+    for step, (x, w) in enumerate(zip(xs, ws)):
+        xr = x.clone().requires_grad_()
+        y = ref(xr)
+        (y * w).sum().backward()
+        for r, got in enumerate(ranks):
+            rows = rank_rows(r)
+            torch.testing.assert_close(got[label]["y"][step], y.detach()[rows], msg=f"step {step} rank {r} output")
+            torch.testing.assert_close(got[label]["gx"][step], xr.grad[rows], msg=f"step {step} rank {r} input grad")
+    for k, p in ref.named_parameters():
+        torch.testing.assert_close(sum(got[label]["grads"][k] for got in ranks), p.grad, msg=f"grad of {k}")
+    for r, got in enumerate(ranks):
+        assert got[label]["state"].keys() == ref.state_dict().keys()
+        for k, v in ref.state_dict().items():
+            torch.testing.assert_close(got[label]["state"][k], v, msg=f"rank {r} {k}")

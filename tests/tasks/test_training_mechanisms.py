@@ -65,8 +65,8 @@ class TinyData(LightningDataModule):
         return DataLoader(TensorDataset(self.x, self.t), batch_size=self.batch_size, shuffle=False)
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        k = step % (len(self.x) // self.batch_size)
-        return self.x[k * self.batch_size:(k + 1) * self.batch_size], self.t[k * self.batch_size:(k + 1) * self.batch_size]
+        rows = slice((step % (len(self.x) // self.batch_size)) * self.batch_size, None)
+        return self.x[rows][:self.batch_size], self.t[rows][:self.batch_size]
 
 
 def fit(task, data, steps: int, tmp_path, **trainer_kwargs) -> Trainer:
@@ -209,8 +209,8 @@ def test_linear_lr_scaling_sets_the_step_size(tmp_path):
 
 def test_piecewise_lr_per_step_after_three_trainer_steps(tmp_path):
     """Milestones (1, 2), factors (0.5, 0.1), interval step: the steps use lr 0.2, 0.1, 0.02."""
-    task = TinyTask(optimizer=sgd(0.2), lr_scheduler=partial(PiecewiseConstantLR, milestones=[1, 2], factors=[0.5, 0.1]),
-                    lr_scheduler_interval="step")
+    schedule = partial(PiecewiseConstantLR, milestones=[1, 2], factors=[0.5, 0.1])
+    task = TinyTask(optimizer=sgd(0.2), lr_scheduler=schedule, lr_scheduler_interval="step")
     data = TinyData()
     lrs = [0.2, 0.2 * 0.5, 0.2 * 0.1]
     expected = reference_fit(copy.deepcopy(task), data, 3, lambda name, p, g, step: p - lrs[step] * g)

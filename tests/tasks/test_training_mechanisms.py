@@ -107,8 +107,8 @@ def sgd(lr: float, **kwargs):
 
 # ------------------------------------------------------------------ norm weight decay
 def test_decay_toward_one_after_one_trainer_step(tmp_path):
-    """gamma <- gamma - lr (g + wd_gamma (gamma - 1)); gamma 3 moves by -lr * wd * 2 = -0.1 more than
-    the data gradient alone would move it."""
+    """gamma <- gamma - lr (g + wd_gamma (gamma - 1)): gamma_0 = 3 moves by -lr * wd_gamma * (3 - 1) = -0.1
+    more than the data gradient alone would move it."""
     lr, wd, wd_gamma = 0.1, 0.01, 0.5
     task = TinyTask(optimizer=sgd(lr, weight_decay=wd), gamma_weight_decay=wd_gamma, gamma_decay_target=1)
     data = TinyData()

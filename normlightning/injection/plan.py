@@ -131,11 +131,15 @@ def _keep_untracked(record: dict[str, Any], probe: nn.Module) -> None:
     )
 
 
-def _add_virtual_devices(record: dict[str, Any], probe: nn.Module, virtual_devices: int) -> None:
+def _add_virtual_devices(
+    record: dict[str, Any], probe: nn.Module, virtual_devices: int, batch_size: int | None
+) -> None:
     """Put ``virtual_devices`` into ``record`` for a layer with batch statistics (a per-example layer
-    has none to split: nothing to do); ``ValueError`` naming the layer when its method cannot take it."""
+    has none to split: nothing to do); ``ValueError`` naming the layer when its method cannot take it,
+    or naming the settings when the known per-process ``batch_size`` does not split."""
     if virtual_devices == 1 or not _uses_batch_statistics(probe):
         return
+    per_device_batch_size(batch_size, virtual_devices)  # refused now rather than at the first training step
     method = record["method"]
     if not norm_accepts(method, "virtual_devices"):
         raise ValueError(
@@ -154,7 +158,9 @@ def _layer_record(
     num_features = _num_features(old, name)
     kwargs: dict[str, Any] = {"eps": float(getattr(old, "eps", 1e-5)), "affine": _old_affine(old)}
     kwargs.update(copy.deepcopy(rule.kwargs))
-    notes = resolve_groups(name, rule.method, kwargs, num_features, input_shape, batch_size, group_fit)
+    asks_auto = any(isinstance(value, str) and value.startswith("auto") for value in kwargs.values())
+    auto_batch = per_device_batch_size(batch_size, virtual_devices) if asks_auto else batch_size
+    notes = resolve_groups(name, rule.method, kwargs, num_features, input_shape, auto_batch, group_fit)
     if rule.reason != "global":
         notes.insert(0, rule.reason)
     record = {"name": name, "old_type": type(old).__name__, "method": rule.method,
@@ -166,7 +172,7 @@ def _layer_record(
     if _uses_batch_statistics(probe) and "momentum" not in kwargs and momentum != TORCH_DEFAULT_MOMENTUM:
         record["kwargs"]["momentum"] = momentum  # the model chose it; keep it
         _build_checked(record)
-    _add_virtual_devices(record, probe, virtual_devices)
+    _add_virtual_devices(record, probe, virtual_devices, batch_size)
     carried = list(carried_modules(old, name, num_features, input_shape))
     if carried:
         record["carried"] = carried
@@ -196,7 +202,6 @@ def plan_injection(
         apply, and summary rows of target layers that stay as they are.
     """
     candidates = [(n, m) for n, m in model.named_modules() if n and rules.is_target(m)]
-    batch_size = per_device_batch_size(batch_size, rules.virtual_devices)
     kept: list[dict[str, str]] = []
     for name, module in model.named_modules():
         base = rules.untargeted_subclass(module) if name else None

@@ -230,7 +230,7 @@ class BatchStatNorm(NormLayer):
             raise ValueError(
                 f"{name}: a training batch of N={N} examples does not split into norm.virtual_devices={k} equal "
                 f"chunks. Set data.batch_size to a multiple of {k} (with data.drop_last: true when an epoch's last "
-                "batch is smaller), or a norm.virtual_devices that divides it"
+                "batch is smaller), or a norm.virtual_devices that divides it."
             )
         return True
 

@@ -135,8 +135,9 @@ def test_a_batch_that_does_not_split_is_refused_naming_both_settings():
     assert int(layer.num_batches_tracked) == 0
     layer.eval()(torch.randn(8, C, 3, 3, dtype=torch.float64))  # inference: the whole batch, no split
     model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
-    with pytest.raises(ValueError, match=r"data\.batch_size=10.*norm\.virtual_devices=4"):
-        inject(model, method="ghost", num_groups="auto", batch_size=10, virtual_devices=4)
+    for settings in ({"method": "ghost", "num_groups": "auto"}, {"method": "bn"}):  # auto B/k; or refused at setup
+        with pytest.raises(ValueError, match=r"data\.batch_size=10.*norm\.virtual_devices=4"):
+            inject(copy.deepcopy(model), batch_size=10, virtual_devices=4, **settings)
     for bad in (0, 1.5, True):
         with pytest.raises(ValueError, match="virtual_devices"):
             _layer("bn", virtual_devices=bad)
@@ -154,7 +155,7 @@ def test_per_example_methods_are_unchanged(method):
     settings = {"method": "hn", "kwargs": {"mean": "in", "std": "ln"}} if method == "hn-per-example" else {
         "method": method, **({"num_groups": ARGS[method]["num_groups"]} if method in ARGS else {})}
     plain = copy.deepcopy(model)
-    spec, _ = inject(model, virtual_devices=2, **settings)
+    spec, _ = inject(model, virtual_devices=2, batch_size=3, **settings)
     inject(plain, **settings)
     assert "virtual_devices" not in spec["layers"][0]["kwargs"]
     x = torch.randn(3, 3, 4, 4)  # N = 3 does not split into 2: no error, no split

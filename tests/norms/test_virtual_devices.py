@@ -222,17 +222,19 @@ def test_synchronized_statistics_are_refused_with_virtual_devices():
 
 def test_two_gloo_processes_equal_two_virtual_devices(tmp_path):
     """2 DDP processes (per-process statistics, gradients averaged, running statistics averaged after every
-    step) and one process with virtual_devices=2 on the same global batches end with the same parameters
-    and buffers."""
+    step) end 3 SGD steps with the parameters and buffers of one process with virtual_devices=2 on the same
+    global batches; with 2 virtual devices in each of the 2 processes, with those of virtual_devices=4."""
     import torch.multiprocessing as mp
 
     from virtual_device_workers import batches, ddp_worker, small_model, train
 
     mp.spawn(ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path), 8), nprocs=2, join=True)
-    ddp_state = torch.load(tmp_path / "rank0.pt")
-    single = train(small_model(virtual_devices=2), batches(8))
-    plain = train(small_model(virtual_devices=1), batches(8))
-    for name, value in single.state_dict().items():
-        torch.testing.assert_close(value, ddp_state[name], rtol=1e-9, atol=1e-10, msg=name)
-    weight = "0.weight"  # per-process statistics change the training: the whole-batch run differs
-    assert not torch.allclose(plain.state_dict()[weight], ddp_state[weight], atol=1e-6)
+    for per_process, in_one_process in ((1, 2), (2, 4)):
+        ddp_state = torch.load(tmp_path / f"virtual{per_process}.pt")
+        single = train(small_model(virtual_devices=in_one_process), batches(8))
+        for name, value in single.state_dict().items():
+            torch.testing.assert_close(value, ddp_state[name], rtol=1e-9, atol=1e-10, msg=name)
+    # the statistics' batch changes the training: whole batch of 8, 4 per process, 2 per virtual device
+    weights = [train(small_model(virtual_devices=1), batches(8)).state_dict()["0.weight"]]
+    weights += [torch.load(tmp_path / f"virtual{k}.pt")["0.weight"] for k in (1, 2)]
+    assert not torch.allclose(weights[0], weights[1], atol=1e-6) and not torch.allclose(weights[1], weights[2], atol=1e-6)

@@ -51,28 +51,31 @@ def train(model: nn.Module, data, step_end=lambda: None) -> nn.Module:
 
 
 def ddp_worker(rank: int, world: int, init_file: str, out_dir: str, global_batch: int) -> None:
-    """Rank ``r`` trains on examples ``[r N/world, (r+1) N/world)`` of every global batch under DDP (gradients
-    averaged, per-process batch statistics, no buffer broadcast before a forward), and averages the running statistics
-    over the ranks after every step; rank 0 saves the final ``state_dict``."""
+    """Rank ``r`` trains on examples ``[r N/world, (r+1) N/world)`` of every global batch under DDP
+    (gradients averaged, per-process batch statistics, no buffer broadcast before a forward) and averages
+    the running statistics over the ranks after every step. It trains twice: with ``virtual_devices`` 1
+    and 2 in each process; rank 0 saves the final ``state_dict`` of each as ``virtual<k>.pt``."""
     from torch.nn.parallel import DistributedDataParallel
 
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        model = small_model(virtual_devices=1)
-        ddp = DistributedDataParallel(model, forward_sync_buffers=False)  # no buffer broadcast before a forward
         local = global_batch // world
         mine = slice(rank * local, (rank + 1) * local)
         data = [(x[mine], y[mine]) for x, y in batches(global_batch)]
+        for virtual_devices in (1, 2):
+            model = small_model(virtual_devices)
+            ddp = DistributedDataParallel(model, forward_sync_buffers=False)  # no buffer broadcast before a forward
 
-        def average_running_statistics() -> None:
-            with torch.no_grad():
-                for layer in model.modules():
-                    for name in getattr(layer, "running_stat_names", ()):
-                        torch.distributed.all_reduce(getattr(layer, name))
-                        getattr(layer, name).div_(world)
+            def average_running_statistics(model: nn.Module = model) -> None:
+                with torch.no_grad():
+                    for layer in model.modules():
+                        for name in getattr(layer, "running_stat_names", ()):
+                            torch.distributed.all_reduce(getattr(layer, name))
+                            getattr(layer, name).div_(world)
 
-        train(ddp, data, step_end=average_running_statistics)
-        torch.save(model.state_dict(), os.path.join(out_dir, f"rank{rank}.pt"))
+            train(ddp, data, step_end=average_running_statistics)
+            if rank == 0:
+                torch.save(model.state_dict(), os.path.join(out_dir, f"virtual{virtual_devices}.pt"))
         torch.distributed.barrier()
     finally:
         torch.distributed.destroy_process_group()

@@ -93,7 +93,9 @@ def test_hparams_yaml_is_safe_loadable_and_names_the_method(injected_run) -> Non
     # every effective argument of the built layers, per method (defaults the settings did not name included)
     args = hparams["norm"]["args"]
     assert args["gn"] == {"num_groups": 2, "eps": 1e-5, "affine": True}
-    assert set(args["bgn"]) == {"num_groups", "eps", "momentum", "affine"} and args["bgn"]["momentum"] == 0.1
+    assert set(args["bgn"]) == {"num_groups", "eps", "momentum", "affine", "virtual_devices"}
+    assert args["bgn"]["momentum"] == 0.1 and args["bgn"]["virtual_devices"] == 1
+    assert hparams["norm"]["virtual_devices"] == 1  # whole-batch statistics (norm.virtual_devices)
     assert all(1 <= int(g) <= 16 for g in str(args["bgn"]["num_groups"]).split(","))  # auto at B=8 asks 16
     assert hparams["norm"]["overrides"] == [{"pattern": "backbone\\.features\\.4\\.1", "method": "gn", "num_groups": 2}]
     assert hparams["data"] == {"class": "Synthetic", "batch_size": 8, "world_size": 1, "global_batch_size": 8}

@@ -11,6 +11,7 @@ In a config::
       exclude: ['backbone\\.fc_norm']
       group_fit: error        # or nearest
       sync: null              # null: follow trainer.sync_batchnorm
+      virtual_devices: 1      # k: batch statistics per k equal chunks of the batch, as k DDP processes
 
 ``setup`` runs before a checkpoint is restored, before the strategy wraps the model (DDP,
 ``sync_batchnorm``) and before ``configure_optimizers``; it is idempotent across stages. When the
@@ -62,6 +63,12 @@ class NormInjection(Callback):
             training (``True``), keep them per process (``False``), or follow
             ``trainer.sync_batchnorm`` (``None``, default). Per-process is the papers' setting.
         log_summary: print the summary table (rank 0) and log it to TensorBoard as text.
+        virtual_devices: ``k``: in training, every replaced layer with batch statistics computes them
+            separately on ``k`` equal consecutive chunks of each batch, as ``k`` DDP processes with
+            per-process statistics whose local batches are those chunks (in each real process under
+            DDP); ``auto`` group counts use the per-device batch ``batch_size / k``; the running
+            statistics move by the mean of the chunks' updates (docs/methods.md, "Virtual devices").
+            Not combined with synchronized statistics (``sync``).
 
     Attributes:
         checkpoint_path: the checkpoint this run restores (set by the CLI from ``--ckpt_path``;
@@ -86,6 +93,7 @@ class NormInjection(Callback):
         param_norm_exclude: list[str] | None = None,
         sync: bool | None = None,
         log_summary: bool = True,
+        virtual_devices: int = 1,
     ) -> None:
         super().__init__()
         if weight_standardization and weight_norm:
@@ -95,6 +103,7 @@ class NormInjection(Callback):
             exclude=exclude, group_fit=group_fit, copy_state=copy_state,
             param_norm="weight_standardization" if weight_standardization else "weight_norm" if weight_norm else None,
             param_norm_targets=param_norm_targets, param_norm_exclude=param_norm_exclude,
+            virtual_devices=virtual_devices,
         )
         self.batch_size = batch_size
         self.sync = sync

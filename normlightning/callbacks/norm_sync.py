@@ -32,7 +32,19 @@ def set_statistics_sync(model: nn.Module, enabled: bool, process_group: Any = No
 
     Returns the number of layers changed.  A synced layer all-reduces its batch statistics across
     ``process_group`` (``None`` = the default group) when ``torch.distributed`` is initialized.
+
+    Raises:
+        ValueError: ``enabled`` while a layer has ``virtual_devices > 1`` (``norm.virtual_devices``):
+            virtual devices split each process's batch, sync pools it; the two are not combined.
     """
+    if enabled:
+        split = sorted({getattr(m, "virtual_devices", 1) for m in model.modules() if has_batch_sets(m)} - {1})
+        if split:
+            raise ValueError(
+                f"synchronized statistics (norm.sync, trainer.sync_batchnorm or NormSync) with norm.virtual_devices="
+                f"{','.join(map(str, split))} is not supported: virtual devices split each process's batch, sync pools "
+                "it across processes. Set norm.sync: false (per-process statistics) or norm.virtual_devices: 1"
+            )
     count = 0
     for module in model.modules():
         if has_batch_sets(module) and hasattr(module, "sync_statistics"):

@@ -8,7 +8,8 @@ groups to the task's own hyperparameters, in plain YAML types (``yaml.safe_load`
 
       norm: {method: bgn, layers: 4, groups: {num_groups: 256},
              args: {bgn: {num_groups: 256, eps: 1.0e-05, momentum: 0.1, affine: true}},
-             num_groups_setting: auto, kwargs: {}, overrides: [], exclude: [], param_norm: null}
+             virtual_devices: 1, num_groups_setting: auto, kwargs: {}, overrides: [], exclude: [],
+             param_norm: null}
 
   ``method`` joins the methods of the replaced layers (``bgn+gn`` with an override); without an
   injection it names the model's own layer classes (``native:BatchNorm2d``). ``args`` holds, per
@@ -20,7 +21,8 @@ groups to the task's own hyperparameters, in plain YAML types (``yaml.safe_load`
   and ``kwargs`` are what the settings asked;
   ``effective`` holds the same values under fixed keys: every constructor argument of every registered
   method (:func:`norm_argument_names`), ``null`` where no replaced layer has it, so that every run
-  logs the same keys;
+  logs the same keys; ``virtual_devices`` the ``k`` of the model's batch-statistic layers
+  (``norm.virtual_devices``: statistics per ``B/k`` examples; 1 when no layer splits its batch);
 - ``data``: ``{class: Digits, batch_size: 64, world_size: 1, global_batch_size: 64}``
   (``batch_size`` per process);
 - ``run``: ``{seed: 0, max_epochs: 10, max_steps: -1, lr: 0.1, lr_scaled: 0.1}`` (``lr``: the optimizer's
@@ -57,7 +59,7 @@ from torch import nn
 from normlightning.callbacks.norm_injection import NormInjection
 from normlightning.injection import get_spec, layer_args
 from normlightning.injection.rules import InjectionRules
-from normlightning.norms import available_norms, norm_group_args
+from normlightning.norms import BatchStatNorm, available_norms, norm_group_args
 from normlightning.norms.registry import norm_factory
 from normlightning.norms.model_layers import is_norm_layer
 from normlightning.tasks.base import yaml_safe
@@ -129,6 +131,17 @@ def norm_argument_names() -> list[str]:
     return sorted(names)
 
 
+def _virtual_devices(model: nn.Module) -> int | str:
+    """``virtual_devices`` of ``model``'s layers with batch statistics, read from the layers: one value,
+    ``"1,4"`` when they differ, 1 when there are none."""
+    values = _ordered_unique(
+        [m.virtual_devices for m in model.modules() if isinstance(m, BatchStatNorm) and m.uses_batch_statistics]
+    )
+    if not values:
+        return 1
+    return values[0] if len(values) == 1 else ",".join(str(v) for v in values)
+
+
 def norm_hparams(model: nn.Module, spec: dict[str, Any] | None, rules: InjectionRules | None) -> dict[str, Any]:
     """The ``norm`` hyperparameters of a run: the applied ``spec`` on ``model`` and the ``rules`` it came from."""
     layers = list((spec or {}).get("layers", []))
@@ -144,6 +157,7 @@ def norm_hparams(model: nn.Module, spec: dict[str, Any] | None, rules: Injection
     effective = {name: _compact(merged[name]) if name in merged else None for name in names}
     out: dict[str, Any] = {"method": method, "layers": len(layers), "groups": _group_counts(values), "args": args,
                            "effective": effective}
+    out["virtual_devices"] = _virtual_devices(model)
     if rules is not None:
         out.update(
             num_groups_setting=rules.num_groups,

@@ -217,10 +217,11 @@ def inject(
 
     Args:
         model: the model to change.
-        rules: the settings, or give them as keywords (``method="gn", num_groups=32``, ...: the
-            arguments of :class:`~normlightning.injection.rules.InjectionRules`).
+        rules: the settings, or give them as keywords (``method="gn", num_groups=32``,
+            ``virtual_devices=4``, ...: the arguments of :class:`~normlightning.injection.rules.InjectionRules`).
         example_input: one input for an eval forward (to probe layer sizes; needed by ``bgn``).
-        batch_size: per-process batch for ``auto`` group counts.
+        batch_size: per-process batch; ``auto`` group counts use the per-device batch
+            ``batch_size / virtual_devices``.
 
     Returns:
         ``(spec, rows)``: the applied spec (also kept on the model, see

@@ -13,7 +13,10 @@ from typing import Any, Literal
 from normlightning.norms import AutoContext, GroupArg, norm_group_args
 from normlightning.norms.group_args import largest_divisor_at_most
 
-__all__ = ["FIT_POLICIES", "FitPolicy", "check_required", "fit_groups", "resolve_groups", "route_num_groups"]
+__all__ = [
+    "FIT_POLICIES", "FitPolicy", "check_required", "fit_groups", "per_device_batch_size", "resolve_groups",
+    "route_num_groups",
+]
 
 FitPolicy = Literal["error", "nearest"]
 FIT_POLICIES = ("error", "nearest")
@@ -60,6 +63,25 @@ def check_required(where: str, method: str, declared: Sequence[GroupArg], kwargs
         f"{where}: {method} has no default for {', '.join(arg.name for arg in missing)} (no single value is "
         f"right for every model and batch size); set {', or '.join(ways)} (per layer: the same keys in an override)"
     )
+
+
+def per_device_batch_size(batch_size: int | None, virtual_devices: int) -> int | None:
+    """The batch ``B / k`` that each of ``k = virtual_devices`` virtual devices computes its statistics
+    on, which ``auto`` group counts use (``None`` stays ``None``: the batch size is unknown).
+
+    Raises:
+        ValueError: ``B`` does not split into ``k`` equal chunks (names ``data.batch_size`` and
+            ``norm.virtual_devices``).
+    """
+    if batch_size is None or virtual_devices == 1:
+        return batch_size
+    if batch_size % virtual_devices:
+        raise ValueError(
+            f"norm: the per-process batch data.batch_size={batch_size} (or norm.batch_size) does not split into "
+            f"norm.virtual_devices={virtual_devices} equal chunks; set data.batch_size to a multiple of "
+            f"{virtual_devices}, or a norm.virtual_devices that divides it"
+        )
+    return batch_size // virtual_devices
 
 
 def fit_groups(

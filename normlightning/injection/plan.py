@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from normlightning.injection.carry import NormWithCarried, carried_modules
-from normlightning.injection.groups import resolve_groups
+from normlightning.injection.groups import per_device_batch_size, resolve_groups
 from normlightning.injection.rules import InjectionRules, LayerRule
 from normlightning.injection.spec import SPEC_VERSION, build_layer
 from normlightning.norms import norm_group_args
@@ -131,13 +131,36 @@ def _keep_untracked(record: dict[str, Any], probe: nn.Module) -> None:
     )
 
 
+def _add_virtual_devices(
+    record: dict[str, Any], probe: nn.Module, virtual_devices: int, batch_size: int | None
+) -> None:
+    """Put ``virtual_devices`` into ``record`` for a layer with batch statistics (a per-example layer
+    has none to split: nothing to do); ``ValueError`` naming the layer when its method cannot take it,
+    or naming the settings when the known per-process ``batch_size`` does not split."""
+    if virtual_devices == 1 or not _uses_batch_statistics(probe):
+        return
+    per_device_batch_size(batch_size, virtual_devices)  # refused now rather than at the first training step
+    method = record["method"]
+    if not norm_accepts(method, "virtual_devices"):
+        raise ValueError(
+            f"norm: layer {record['name']!r}: {norm_class_name(method)} ({method!r}) has batch statistics but takes "
+            f"no virtual_devices argument, so norm.virtual_devices={virtual_devices} cannot apply to it; derive it "
+            "from normlightning.norms.BatchStatNorm, exclude the layer (norm.exclude) or set norm.virtual_devices: 1"
+        )
+    record["kwargs"]["virtual_devices"] = virtual_devices
+    _build_checked(record)
+
+
 def _layer_record(
-    rule: LayerRule, group_fit: str, name: str, old: nn.Module, input_shape: tuple[int, ...] | None, batch_size: int | None
+    rule: LayerRule, group_fit: str, name: str, old: nn.Module, input_shape: tuple[int, ...] | None,
+    batch_size: int | None, virtual_devices: int = 1,
 ) -> dict[str, Any]:
     num_features = _num_features(old, name)
     kwargs: dict[str, Any] = {"eps": float(getattr(old, "eps", 1e-5)), "affine": _old_affine(old)}
     kwargs.update(copy.deepcopy(rule.kwargs))
-    notes = resolve_groups(name, rule.method, kwargs, num_features, input_shape, batch_size, group_fit)
+    asks_auto = any(isinstance(value, str) and value.startswith("auto") for value in kwargs.values())
+    auto_batch = per_device_batch_size(batch_size, virtual_devices) if asks_auto else batch_size
+    notes = resolve_groups(name, rule.method, kwargs, num_features, input_shape, auto_batch, group_fit)
     if rule.reason != "global":
         notes.insert(0, rule.reason)
     record = {"name": name, "old_type": type(old).__name__, "method": rule.method,
@@ -149,6 +172,7 @@ def _layer_record(
     if _uses_batch_statistics(probe) and "momentum" not in kwargs and momentum != TORCH_DEFAULT_MOMENTUM:
         record["kwargs"]["momentum"] = momentum  # the model chose it; keep it
         _build_checked(record)
+    _add_virtual_devices(record, probe, virtual_devices, batch_size)
     carried = list(carried_modules(old, name, num_features, input_shape))
     if carried:
         record["carried"] = carried
@@ -170,7 +194,8 @@ def plan_injection(
         rules: the settings.
         example_input: an input for one eval forward, to probe layer input sizes (needed when a
             group count must divide ``D = C*S``, and to check carried modules on real shapes).
-        batch_size: per-process batch size for ``auto`` group counts.
+        batch_size: per-process batch size; ``auto`` group counts use the per-device batch
+            ``batch_size / rules.virtual_devices``.
 
     Returns:
         ``(spec, kept_rows)``: the spec of the layers to replace and parameter normalizations to
@@ -199,7 +224,9 @@ def plan_injection(
         if rule.method is None:
             kept.append({"layer": name, "old": type(old).__name__, "new": "(kept)", "args": rule.reason})
         else:
-            layers.append(_layer_record(rule, rules.group_fit, name, old, shapes.get(name), batch_size))
+            layers.append(
+                _layer_record(rule, rules.group_fit, name, old, shapes.get(name), batch_size, rules.virtual_devices)
+            )
     param_norms = [
         {"name": name, "kind": rules.param_norm}
         for name, module in model.named_modules()

@@ -99,6 +99,9 @@ class InjectionRules:
         copy_state: copy affine parameters and same-named buffers from the replaced layers.
         param_norm: ``weight_standardization``, ``weight_norm`` or ``None``.
         param_norm_targets, param_norm_exclude: which layers get ``param_norm``.
+        virtual_devices: ``k``: the replaced layers with batch statistics compute them per ``k``
+            equal chunks of each training batch, as ``k`` DDP processes (``virtual_devices`` of
+            :class:`~normlightning.norms.BatchStatNorm`); ``auto`` group counts see the batch ``B/k``.
     """
 
     def __init__(
@@ -114,6 +117,7 @@ class InjectionRules:
         param_norm: str | None = None,
         param_norm_targets: Sequence[str] | None = None,
         param_norm_exclude: Sequence[str] | None = None,
+        virtual_devices: int = 1,
     ) -> None:
         if group_fit not in FIT_POLICIES:
             raise ValueError(f"norm.group_fit must be one of {FIT_POLICIES}, got {group_fit!r}")
@@ -123,6 +127,13 @@ class InjectionRules:
             raise ValueError(f"norm.num_groups must be a positive int, 'auto', 'auto:<policy>' or null, got {num_groups!r}")
         if param_norm is not None and param_norm not in PARAM_NORM_KINDS:
             raise ValueError(f"unknown parameter normalization {param_norm!r}; valid: {', '.join(PARAM_NORM_KINDS)}")
+        if isinstance(virtual_devices, bool) or not isinstance(virtual_devices, int) or virtual_devices < 1:
+            raise ValueError(
+                f"norm.virtual_devices must be a positive int (1: the whole batch), got {virtual_devices!r}"
+            )
+        in_overrides = any(isinstance(o, Mapping) and "virtual_devices" in o for o in overrides or [])
+        if "virtual_devices" in (kwargs or {}) or in_overrides:
+            raise ValueError("set norm.virtual_devices, not virtual_devices in norm.kwargs or norm.overrides")
         _check_method(method, "norm.method")
         self.method = method
         self.num_groups = num_groups
@@ -134,6 +145,7 @@ class InjectionRules:
         self.exclude = [_compile(p, "norm.exclude") for p in (exclude or [])]
         self.group_fit = group_fit
         self.copy_state = copy_state
+        self.virtual_devices = virtual_devices
         self.param_norm = param_norm
         names = param_norm_targets if param_norm_targets is not None else DEFAULT_PARAM_NORM_TARGETS
         self.param_norm_types = tuple(resolve_type(t) for t in names)

@@ -7,7 +7,7 @@ survives ``torch.load(weights_only=True)``)::
       "version": 1,
       "layers": [                       # one record per replaced module, in model order
         {"name": "backbone.layer1.0.bn1", "old_type": "BatchNorm2d", "method": "bgn",
-         "kwargs": {"num_features": 64, "num_groups": 16, "eps": 1e-05, ...},
+         "kwargs": {"num_features": 64, "num_groups": 16, "eps": 1e-05, ...},  # "virtual_devices": k when k > 1
          "carried": ["drop", "act"],    # modules of the old layer that run after the new one
          "notes": ["num_groups auto->16 (B=8)"]},
         ...

@@ -8,7 +8,8 @@ per-channel affine parameters ``weight``/``bias`` of shape ``(C,)`` (``None`` wh
 (float, or ``None`` for a cumulative average), ``num_batches_tracked``, running buffers
 registered with ``_register_running`` (listed by ``running_stat_names``),
 ``reset_running_stats()``, ``track_running_stats`` (``False``: no running buffers, batch
-statistics at inference too; only layers that take the argument, e.g. ``bn``), and the
+statistics at inference too; only layers that take the argument, e.g. ``bn``), ``virtual_devices``
+(batch statistics per chunk of the batch in training, as DDP processes compute them), and the
 ``sync_statistics``/``process_group`` attributes read by the functional core.
 
 ``ExampleWeighingMixin`` gives a layer the inference example weighing ``alpha``.
@@ -136,6 +137,7 @@ class BatchStatNorm(NormLayer):
         device=None,
         dtype=None,
         track_running_stats: bool = True,
+        virtual_devices: int = 1,
     ) -> None:
         super().__init__(num_features, eps, affine, device, dtype)
         if momentum is not None and not (isinstance(momentum, (int, float)) and 0.0 <= momentum <= 1.0):
@@ -144,8 +146,15 @@ class BatchStatNorm(NormLayer):
             raise ValueError(
                 f"{type(self).__name__}: track_running_stats must be True or False, got {track_running_stats!r}."
             )
+        if isinstance(virtual_devices, bool) or not isinstance(virtual_devices, int) or virtual_devices < 1:
+            raise ValueError(
+                f"{type(self).__name__}: virtual_devices (norm.virtual_devices) must be a positive int, "
+                f"got {virtual_devices!r}."
+            )
         self.momentum = None if momentum is None else float(momentum)
         self.track_running_stats = track_running_stats
+        self.virtual_devices = virtual_devices
+        self._on_one_device = False  # True while the forward of one virtual device runs
         self.sync_statistics = False
         self.process_group = None
         self._running_inits: dict[str, float] = {}
@@ -196,6 +205,65 @@ class BatchStatNorm(NormLayer):
             return 1.0 / float(self.num_batches_tracked)
         return self.momentum
 
+    def _splits_batch(self, x: Tensor) -> bool:
+        """Whether this forward runs per virtual device (:meth:`_forward_per_virtual_device`): in
+        training, with ``virtual_devices > 1``, in a layer with batch statistics, and not already
+        inside one device's forward.
+
+        Raises:
+            ValueError: the batch ``N`` does not split into ``virtual_devices`` equal chunks, or
+                ``sync_statistics`` is on (not defined together, see docs/methods.md, "Virtual devices").
+        """
+        k = self.virtual_devices
+        if k == 1 or not self.training or self._on_one_device or not self.uses_batch_statistics:
+            return False
+        self._check_input(x)
+        name = type(self).__name__
+        if self.sync_statistics:
+            raise ValueError(
+                f"{name}: norm.virtual_devices={k} together with synchronized statistics (norm.sync, "
+                "trainer.sync_batchnorm or NormSync) is not supported: virtual devices split each process's "
+                "batch, sync pools it across processes. Set norm.sync: false or norm.virtual_devices: 1"
+            )
+        N = x.shape[0]
+        if N % k:
+            raise ValueError(
+                f"{name}: a training batch of N={N} examples does not split into norm.virtual_devices={k} equal "
+                f"chunks. Set data.batch_size to a multiple of {k} (with data.drop_last: true when an epoch's last "
+                "batch is smaller), or a norm.virtual_devices that divides it."
+            )
+        return True
+
+    def _forward_per_virtual_device(self, x: Tensor) -> Tensor:
+        """The training forward of ``k = virtual_devices`` DDP processes with per-process statistics.
+
+        ``x`` ``(N, C, *)`` is cut into ``k`` consecutive chunks ``(N/k, C, *)``; each runs this
+        layer's own forward from the same starting buffers (copies of them), and the outputs are
+        concatenated in order, so outputs and gradients are those of the ``k`` processes. Afterwards
+        each running statistic (``running_stat_names``) is the mean over the chunks of its updated
+        copies, ``(1 - m) r + m mean_j(b_j)`` (the buffers the processes would hold if they averaged
+        theirs); the other buffers (``num_batches_tracked``, ``brn``'s ``renorm_step``, ...) end
+        as after one forward (every chunk advances them alike from the same start).
+        """
+        start = {name: buf for name, buf in self._buffers.items() if buf is not None}
+        outputs, ends = [], []
+        self._on_one_device = True
+        try:
+            for chunk in x.chunk(self.virtual_devices):
+                for name, buf in start.items():
+                    self._buffers[name] = buf.clone()
+                outputs.append(self.forward(chunk))
+                ends.append({name: self._buffers[name] for name in start})
+        finally:
+            self._on_one_device = False
+            self._buffers.update(start)
+        statistics = set(self.running_stat_names)
+        with torch.no_grad():
+            for name, buf in start.items():
+                updated = [end[name] for end in ends]
+                buf.copy_(torch.stack(updated).mean(0) if name in statistics else updated[-1])
+        return torch.cat(outputs)
+
     def _channel_statistics_sources(self) -> tuple[Tensor, ...]:
         """The tensors ``inference_channel_statistics()`` reads (subclasses with that method)."""
         raise NotImplementedError
@@ -234,7 +302,8 @@ class BatchStatNorm(NormLayer):
 
     def extra_repr(self) -> str:
         untracked = "" if self.track_running_stats else ", track_running_stats=False"
-        return super().extra_repr() + f", momentum={self.momentum}" + untracked
+        virtual = "" if self.virtual_devices == 1 else f", virtual_devices={self.virtual_devices}"
+        return super().extra_repr() + f", momentum={self.momentum}" + untracked + virtual
 
 
 #: Name of the 0-d float32 buffer that stores ``alpha`` in the module's ``state_dict``.

@@ -63,8 +63,11 @@ class BatchGroupNorm(BatchStatNorm):
         ),
     )
 
-    def __init__(self, num_features: int, num_groups: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True, device=None, dtype=None) -> None:
-        super().__init__(num_features, eps, momentum, affine, device, dtype)
+    def __init__(
+        self, num_features: int, num_groups: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
+        device=None, dtype=None, virtual_devices: int = 1,
+    ) -> None:
+        super().__init__(num_features, eps, momentum, affine, device, dtype, virtual_devices=virtual_devices)
         if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1:
             raise ValueError(f"BatchGroupNorm num_groups must be a positive int dividing C·H·W, got {num_groups!r}.")
         self.num_groups = num_groups
@@ -118,6 +121,8 @@ class BatchGroupNorm(BatchStatNorm):
         return self.running_mean, self.running_var
 
     def forward(self, x: Tensor) -> Tensor:
+        if self._splits_batch(x):
+            return self._forward_per_virtual_device(x)
         self._check_input(x)
         self._check_spatial(x)
         if not self.training and self.num_features % self.num_groups == 0:
@@ -176,8 +181,9 @@ class GeneralBatchGroupNorm(ExampleWeighingMixin, BatchStatNorm):
         alpha: float = 0.0,
         device=None,
         dtype=None,
+        virtual_devices: int = 1,
     ) -> None:
-        super().__init__(num_features, eps, momentum, affine, device, dtype)
+        super().__init__(num_features, eps, momentum, affine, device, dtype, virtual_devices=virtual_devices)
         if channel_groups is None:
             channel_groups = num_features
         if isinstance(channel_groups, bool) or not isinstance(channel_groups, int) or channel_groups < 1 or num_features % channel_groups:
@@ -204,6 +210,8 @@ class GeneralBatchGroupNorm(ExampleWeighingMixin, BatchStatNorm):
         return self.moving_x, self.moving_x2
 
     def forward(self, x: Tensor) -> Tensor:
+        if self._splits_batch(x):
+            return self._forward_per_virtual_device(x)
         self._check_input(x)
         if not self.training and self._alpha == 0.0:
             return self._inference_by_channel(x)

@@ -36,8 +36,9 @@ class BatchNorm(ExampleWeighingMixin, BatchStatNorm):
         device=None,
         dtype=None,
         track_running_stats: bool = True,
+        virtual_devices: int = 1,
     ) -> None:
-        super().__init__(num_features, eps, momentum, affine, device, dtype, track_running_stats)
+        super().__init__(num_features, eps, momentum, affine, device, dtype, track_running_stats, virtual_devices)
         self._init_alpha(alpha, device)
         self._check_population_for_alpha()
         self._register_running("running_mean", (num_features,), 0.0)
@@ -65,6 +66,8 @@ class BatchNorm(ExampleWeighingMixin, BatchStatNorm):
             )
 
     def forward(self, x: Tensor) -> Tensor:
+        if self._splits_batch(x):
+            return self._forward_per_virtual_device(x)
         self._check_input(x)
         self._check_population_for_alpha()
         factor = self._momentum_factor()
@@ -120,8 +123,9 @@ class BatchRenorm(BatchStatNorm):
         d_max_end_step: int = 25000,
         device=None,
         dtype=None,
+        virtual_devices: int = 1,
     ) -> None:
-        super().__init__(num_features, eps, momentum, affine, device, dtype)
+        super().__init__(num_features, eps, momentum, affine, device, dtype, virtual_devices=virtual_devices)
         if r_max < 1.0 or d_max < 0.0:
             raise ValueError(f"BatchRenorm: need r_max >= 1 and d_max >= 0, got r_max={r_max}, d_max={d_max}.")
         for a, b, n in ((r_max_start_step, r_max_end_step, "r_max"), (d_max_start_step, d_max_end_step, "d_max")):
@@ -157,6 +161,8 @@ class BatchRenorm(BatchStatNorm):
         return self.running_mean, self.running_var
 
     def forward(self, x: Tensor) -> Tensor:
+        if self._splits_batch(x):
+            return self._forward_per_virtual_device(x)
         self._check_input(x)
         if not self.training:  # BN with the running statistics: r_max, d_max and factor are unused
             return NF.batch_renorm(

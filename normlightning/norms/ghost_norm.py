@@ -91,8 +91,9 @@ class GhostNorm(ExampleWeighingMixin, _GhostMixin, BatchStatNorm):
         alpha: float = 0.0,
         device=None,
         dtype=None,
+        virtual_devices: int = 1,
     ) -> None:
-        super().__init__(num_features, eps, momentum, affine, device, dtype)
+        super().__init__(num_features, eps, momentum, affine, device, dtype, virtual_devices=virtual_devices)
         if num_groups is None and ghost_batch_size is None:
             ghost_batch_size = 32
         self._init_ghost(num_groups, ghost_batch_size, "GhostNorm")
@@ -108,6 +109,8 @@ class GhostNorm(ExampleWeighingMixin, _GhostMixin, BatchStatNorm):
         return self.running_mean, self.running_var
 
     def forward(self, x: Tensor) -> Tensor:
+        if self._splits_batch(x):
+            return self._forward_per_virtual_device(x)
         self._check_input(x)
         factor = self._momentum_factor()
         return NF.ghost_norm(
@@ -165,8 +168,9 @@ class SequentialNorm(_GhostMixin, BatchStatNorm):
         affine: bool = True,
         device=None,
         dtype=None,
+        virtual_devices: int = 1,
     ) -> None:
-        super().__init__(num_features, eps, momentum, affine, device, dtype)
+        super().__init__(num_features, eps, momentum, affine, device, dtype, virtual_devices=virtual_devices)
         if not isinstance(channel_groups, int) or channel_groups < 1 or num_features % channel_groups != 0:
             raise ValueError(
                 f"SequentialNorm channel_groups={channel_groups!r} must divide the number of channels "
@@ -188,6 +192,8 @@ class SequentialNorm(_GhostMixin, BatchStatNorm):
         return self.num_groups
 
     def forward(self, x: Tensor) -> Tensor:
+        if self._splits_batch(x):
+            return self._forward_per_virtual_device(x)
         self._check_input(x)
         factor = self._momentum_factor()
         return NF.sequential_norm(

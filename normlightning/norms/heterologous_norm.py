@@ -44,8 +44,9 @@ class HeterologousNorm(BatchStatNorm):
         affine: bool = True,
         device=None,
         dtype=None,
+        virtual_devices: int = 1,
     ) -> None:
-        super().__init__(num_features, eps, momentum, affine, device, dtype)
+        super().__init__(num_features, eps, momentum, affine, device, dtype, virtual_devices=virtual_devices)
         self.mean_spec = mean
         self.std_spec = std
         self.mean_set = NF.parse_set_spec(mean, num_features, allow_mixture=False, role="mean")[0]
@@ -95,6 +96,8 @@ class HeterologousNorm(BatchStatNorm):
         return (self.running_mean, *(getattr(self, name) for name in self._var_names))
 
     def forward(self, x: Tensor) -> Tensor:
+        if self._splits_batch(x):
+            return self._forward_per_virtual_device(x)
         self._check_input(x)
         if self.training:
             self._check_sets(x)

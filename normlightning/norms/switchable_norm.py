@@ -24,8 +24,11 @@ class SwitchableNorm(BatchStatNorm):
     Shape: input ``(N, C, *)``, output the same.
     """
 
-    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True, device=None, dtype=None) -> None:
-        super().__init__(num_features, eps, momentum, affine, device, dtype)
+    def __init__(
+        self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True, device=None,
+        dtype=None, virtual_devices: int = 1,
+    ) -> None:
+        super().__init__(num_features, eps, momentum, affine, device, dtype, virtual_devices=virtual_devices)
         self.mean_weight = nn.Parameter(torch.ones(3, device=device, dtype=dtype))
         self.var_weight = nn.Parameter(torch.ones(3, device=device, dtype=dtype))
         self._register_running("running_mean", (num_features,), 0.0)
@@ -38,6 +41,8 @@ class SwitchableNorm(BatchStatNorm):
         nn.init.ones_(self.var_weight)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self._splits_batch(x):
+            return self._forward_per_virtual_device(x)
         self._check_input(x)
         factor = self._momentum_factor()
         return NF.switchable_norm(

@@ -29,10 +29,11 @@ X = torch.rand(2, 3, 8, 8)
     ("method", "expected"),
     [
         ("gn", "num_features=32, num_groups=32, eps=1e-05, affine=True"),  # GN's default G = 32 is IN here
-        ("hn", "num_features=32, mean=bn, std=en:1, eps=1e-05, momentum=0.1, affine=True"),
-        ("ghost", "num_features=32, num_groups=None, ghost_batch_size=32, eps=1e-05, momentum=0.1, affine=True, alpha=0.0"),
+        ("hn", "num_features=32, mean=bn, std=en:1, eps=1e-05, momentum=0.1, affine=True, virtual_devices=1"),
+        ("ghost", "num_features=32, num_groups=None, ghost_batch_size=32, eps=1e-05, momentum=0.1, affine=True, alpha=0.0, "
+                  "virtual_devices=1"),
         ("gbgn", "num_features=32, channel_groups=32, examples_per_group=None, eps=1e-05, momentum=0.01, affine=True, "
-                 "alpha=0.0"),
+                 "alpha=0.0, virtual_devices=1"),
     ],
 )
 def test_summary_shows_every_effective_argument_of_the_built_layer(method, expected):
@@ -70,8 +71,8 @@ def test_logged_hyperparameters_hold_the_effective_values_compact_when_layers_di
     params = norm_hparams(model, spec, rules)
     # B = 32 -> the paper's G = 128, which divides D = 32*64 of layer 1; layer 4 is hn with its default sets
     assert params["args"] == {
-        "bgn": {"num_groups": 128, "eps": 1e-5, "momentum": 0.1, "affine": True},
-        "hn": {"mean": "bn", "std": "en:1", "eps": 1e-5, "momentum": 0.1, "affine": True},
+        "bgn": {"num_groups": 128, "eps": 1e-5, "momentum": 0.1, "affine": True, "virtual_devices": 1},
+        "hn": {"mean": "bn", "std": "en:1", "eps": 1e-5, "momentum": 0.1, "affine": True, "virtual_devices": 1},
     }
     model = wide_net()
     rules = InjectionRules(method="gn", overrides=[{"pattern": "4", "num_groups": 8}])

@@ -28,7 +28,7 @@ from torchvision.datasets.folder import default_loader
 from normlightning.data.base import BaseDataModule, Split
 from normlightning.data.errors import DatasetNotFoundError
 from normlightning.data.image_folder import IMAGENET_MEAN, IMAGENET_STD
-from normlightning.data.rgb_images import rgb_image_transform
+from normlightning.data.rgb_images import CroppedImageFiles, rgb_image_transform
 
 METADATA = ("images.txt", "image_class_labels.txt", "train_test_split.txt")
 
@@ -74,7 +74,7 @@ class CUB200Dataset(Dataset):
         return (self.transform(image) if self.transform is not None else image), label
 
 
-class CUB200(BaseDataModule):
+class CUB200(CroppedImageFiles, BaseDataModule):
     """CUB-200-2011 birds at ``image_size``, 200 classes, official train/test split.
 
     Args:

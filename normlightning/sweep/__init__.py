@@ -39,6 +39,7 @@ from normlightning.sweep.grid import (
     FIXED_GROUP_COUNTS,
     LOGS_DIR,
     METRICS_FILE,
+    TENSORBOARD_DIR,
     RESULT_FILE,
     RESULT_METRICS,
     SPEC_FILE,
@@ -49,7 +50,9 @@ from normlightning.sweep.grid import (
     make_grid,
     method_preset,
 )
-from normlightning.sweep.report import aggregate, collect_rows, markdown_table, plot_sweep, sweep_title, write_report
+from normlightning.sweep.report import (
+    aggregate, collect_rows, markdown_table, plot_sweep, sweep_figure, sweep_title, write_report,
+)
 from normlightning.sweep.runner import SweepResult, run_sweep
 
 __all__ = [
@@ -58,6 +61,7 @@ __all__ = [
     "FIXED_GROUP_COUNTS",
     "LOGS_DIR",
     "METRICS_FILE",
+    "TENSORBOARD_DIR",
     "RESULT_FILE",
     "RESULT_METRICS",
     "SPEC_FILE",
@@ -78,6 +82,7 @@ __all__ = [
     "method_preset",
     "parse_epochs",
     "plot_sweep",
+    "sweep_figure",
     "read_last_metrics",
     "run_cell",
     "run_cells",

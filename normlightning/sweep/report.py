@@ -23,6 +23,9 @@ __all__ = [
     "write_report",
 ]
 
+#: Colours of the methods' lines: matplotlib's default cycle without its grey (C7), the reference line's colour.
+COLOURS = tuple(f"C{i}" for i in range(10) if i != 7)
+
 #: Statistics of one metric: ``{method: {batch_size: (mean, std, n)}}``.
 Stats = Mapping[str, Mapping[int, tuple[float, float, int]]]
 
@@ -129,7 +132,7 @@ def sweep_figure(
             if not any(name.startswith(f"{reference} mean") for name in names):
                 handles.append(line)
                 names.append(f"{reference} mean (dashed, for comparison)")
-        handles.append(ax.errorbar(xs, means, yerr=stds, fmt="o-", color=f"C{k % 10}", capsize=4, markersize=5,
+        handles.append(ax.errorbar(xs, means, yerr=stds, fmt="o-", color=COLOURS[k % len(COLOURS)], capsize=4, markersize=5,
                                    linewidth=1.2))
         names.append(labels[method])
         ax.set_xscale("log", base=2)

@@ -27,18 +27,25 @@ A run never writes into a run folder that holds another run's files
 (:mod:`normlightning.run_folder`; ``--overwrite_run=true`` to do it anyway, or resume that run
 with ``fit --ckpt_path``).
 
-Exit codes of the command (README, "Exit codes"): 0 the subcommand finished; 1 an error (a Python
-traceback ends with the message); 2 a bad argument (the parser's message); 130 interrupted with
+Exit codes of the command (README, "Exit codes"): 0 the subcommand finished; 1 an error (the
+package's own errors as one message, ``NORMLIGHTNING_DEBUG=1`` for their traceback; others with theirs); 2 a bad argument (the parser's message); 130 interrupted with
 Ctrl+C; 143 (``EXIT_SIGTERM``, 128 + SIGTERM as shells report it) stopped by SIGTERM, e.g. a
 batch scheduler's preemption, with the path of ``last.ckpt`` to resume from.
 Known harmless warnings are filtered in one place, :mod:`normlightning.known_warnings`.
+
+``--ckpt_path`` is checked before anything is built (:mod:`normlightning.ckpt_path`): ``last`` is the
+newest ``last.ckpt`` of the run name, ``best``, a directory, a file not written by a normlightning task and
+a ``num_classes`` other than the data's are errors that say what to pass; ``predict`` without a checkpoint
+needs ``--allow_untrained=true``. A ``model:`` or ``data:`` section without ``class_path`` is an error that
+says so (:class:`NormLightningArgumentParser`).
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from typing import Any
+import traceback
+from typing import Any, NoReturn
 
 from jsonargparse import Namespace
 from lightning.pytorch import LightningDataModule, Trainer
@@ -47,6 +54,16 @@ from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCL
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from normlightning import known_warnings
+from normlightning.ckpt_path import (
+    BASE_TASK,
+    LIGHTNING_CKPT_NAMES,
+    CheckpointPathError,
+    best_error,
+    check_num_classes,
+    check_task_checkpoint,
+    directory_error,
+    resolve_last,
+)
 from normlightning.callbacks.checkpoint import CHECKPOINT_DEFAULTS, Checkpoint
 from normlightning.callbacks.divergence import DivergenceCheck
 from normlightning.callbacks.norm_injection import NormInjection
@@ -54,7 +71,7 @@ from normlightning.callbacks.prediction_writer import PredictionWriter
 from normlightning.callbacks.run_hparams import RunHyperparameters
 from normlightning.callbacks.throttled_progress_bar import with_progress_bar
 from normlightning.data.base import MissingDataAttributeError
-from normlightning.injection import check_checkpoint_file
+from normlightning.injection import read_checkpoint
 from normlightning.run_folder import check_run_folder
 from normlightning.run_summary import evaluation_summary, fit_summary
 from normlightning.tasks.base import BaseTask
@@ -66,6 +83,13 @@ DATA_TO_MODEL_LINKS: dict[str, str] = {
     "mean": "input_mean",
     "std": "input_std",
 }
+
+#: Exit code of a run that failed with an error.
+EXIT_ERROR = 1
+#: Environment variable that makes :func:`main` show the traceback of the package's own errors.
+DEBUG_ENV = "NORMLIGHTNING_DEBUG"
+#: The package's folder: an error raised by a file under it is one of ours.
+PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
 #: Exit code of a run stopped by SIGTERM (128 + 15, as a shell reports a process killed by it).
 EXIT_SIGTERM = 143
@@ -101,6 +125,31 @@ def anchor_loggers_at_root_dir(trainer_config: Namespace) -> None:
         save_dir = init_args.get("save_dir") if init_args is not None else None
         if isinstance(save_dir, str) and not os.path.isabs(save_dir) and "://" not in save_dir:
             init_args["save_dir"] = os.path.join(str(root), save_dir)
+
+
+#: The base classes that jsonargparse uses for a ``model:`` / ``data:`` section without ``class_path``.
+SECTION_BASE_CLASSES: dict[str, str] = {
+    "model": BASE_TASK,
+    "data": "lightning.LightningDataModule",
+}
+
+
+class NormLightningArgumentParser(LightningArgumentParser):
+    """The command's parser: a ``model:`` or ``data:`` section without ``class_path`` fails with an
+    error that says so (jsonargparse alone reports its arguments as "not accepted" by the base class)."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        for section, base in SECTION_BASE_CLASSES.items():
+            if f"Problem with given class_path '{base}'" in message:
+                message = (
+                    f"the {section}: section has no class_path (or names the base class {base}): name the class "
+                    f"and put its arguments under init_args, e.g.\n  {section}:\n    class_path: "
+                    f"{'normlightning.tasks.ClassificationTask' if section == 'model' else 'normlightning.data.Digits'}"
+                    f"\n    init_args:\n      ...\n(or --{section}=<class_path> on the command line).\n"
+                    f"The parser's message: {message}"
+                )
+                break
+        super().error(message, ex)
 
 
 class NormLightningCLI(LightningCLI):
@@ -153,9 +202,45 @@ class NormLightningCLI(LightningCLI):
         else:
             self.config = parser.parse_args(args)
         subcommand = self.config.get("subcommand")
-        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if ckpt_path and ckpt_path not in ("last", "best", "hpc", "registry") and "://" not in str(ckpt_path):
-            check_checkpoint_file(ckpt_path, what="--ckpt_path")
+        self._checkpoint_hparams: dict[str, Any] = {}
+        if subcommand:
+            self._check_ckpt_path(subcommand)
+
+    def _check_ckpt_path(self, subcommand: str) -> None:
+        """Resolve ``--ckpt_path last``, and fail early, saying what to pass, on ``best``, a directory, a file
+        that is not a normlightning task checkpoint (:mod:`normlightning.ckpt_path`), and on ``predict``
+        without a checkpoint unless ``--allow_untrained=true``."""
+        config = self.config[subcommand]
+        ckpt_path = config.get("ckpt_path")
+        if not ckpt_path:
+            if subcommand == "predict" and not config.get("allow_untrained"):
+                raise CheckpointPathError(
+                    "predict without --ckpt_path would predict with the model's initial weights (nothing trained). "
+                    "Give the checkpoint, e.g. --ckpt_path last or --ckpt_path runs/<name>/version_<n>/checkpoints/"
+                    "best-<epoch>-<step>.ckpt, or --allow_untrained=true to predict with the initial weights"
+                )
+            return
+        if ckpt_path == "last":
+            config["ckpt_path"] = ckpt_path = resolve_last(config, subcommand)
+        elif ckpt_path == "best":
+            raise best_error(config)
+        if ckpt_path in LIGHTNING_CKPT_NAMES or "://" in str(ckpt_path):
+            return
+        if os.path.isdir(ckpt_path):
+            raise directory_error(ckpt_path)
+        checkpoint = read_checkpoint(ckpt_path, what="--ckpt_path")
+        check_task_checkpoint(checkpoint, ckpt_path)
+        self._checkpoint_hparams = dict(checkpoint.get("hyper_parameters") or {})
+
+    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
+        """The subcommand's parser; ``predict`` gets ``--allow_untrained``."""
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        if subcommand == "predict":
+            parser.add_argument(
+                "--allow_untrained", type=bool, default=False,
+                help="predict without --ckpt_path, with the model's initial (untrained) weights",
+            )
+        return parser
 
     def before_instantiate_classes(self) -> None:
         """Resolve a relative logger ``save_dir`` (the default is ``runs``) under
@@ -165,18 +250,29 @@ class NormLightningCLI(LightningCLI):
             anchor_loggers_at_root_dir(trainer_config)
 
     def instantiate_classes(self) -> None:
-        """Instantiate data, model and trainer; a task argument that the data module should have
-        provided (``num_classes``, ``input_shape``) is reported as its own clear error, not wrapped
-        in the parser's "Does not validate against any of the Union subtypes"."""
+        """Instantiate data, model and trainer; one of the package's own errors raised while building a
+        class (e.g. a task argument that the data module should have provided, or a backbone argument the
+        backbone rejects) is reported as itself, not wrapped in the parser's "Does not validate against any
+        of the Union subtypes". With ``--ckpt_path``, a task ``num_classes`` other than the checkpoint's is an
+        error naming both (not a ``size mismatch``)."""
         try:
             super().instantiate_classes()
         except ValueError as err:
             cause = err
-            while cause is not None and not isinstance(cause, MissingDataAttributeError):
+            while cause is not None and not (isinstance(cause, MissingDataAttributeError)
+                                             or (cause is not err and raised_by_normlightning(cause))):
                 cause = cause.__cause__ or cause.__context__
             if cause is None:
                 raise
-            raise cause from None
+            cause.__suppress_context__ = True  # its own cause (``raise ... from``) is still shown
+            raise cause
+        if self._checkpoint_hparams:
+            check_num_classes(
+                self._checkpoint_hparams,
+                self.config[self.subcommand]["ckpt_path"],
+                getattr(self.datamodule, "num_classes", None),
+                self.model.hparams.get("num_classes"),
+            )
 
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """The Trainer; with ``trainer.logger: false`` the default LearningRateMonitor is dropped (it needs a logger);
@@ -280,6 +376,7 @@ def build_cli(args: ArgsType = None, run: bool = True) -> NormLightningCLI:
         subclass_mode_model=True,
         subclass_mode_data=True,
         auto_configure_optimizers=False,
+        parser_class=NormLightningArgumentParser,
         seed_everything_default=0,
         save_config_kwargs={"overwrite": True},
         args=args,
@@ -287,9 +384,29 @@ def build_cli(args: ArgsType = None, run: bool = True) -> NormLightningCLI:
     )
 
 
+def raised_by_normlightning(err: BaseException) -> bool:
+    """Whether ``err`` is one of the package's own errors: an ``Exception`` raised by a line of normlightning
+    (the innermost frame of its traceback), whose message names the setting and the fix. Errors raised inside
+    torch, Lightning or a user's class are not."""
+    frames = traceback.extract_tb(err.__traceback__)
+    return isinstance(err, Exception) and bool(frames) and os.path.abspath(frames[-1].filename).startswith(PACKAGE_DIR)
+
+
 def main(args: ArgsType = None) -> None:
-    """Entry point of ``normlightning`` and ``python -m normlightning`` (see :func:`build_cli`)."""
-    build_cli(args)
+    """Entry point of ``normlightning`` and ``python -m normlightning`` (see :func:`build_cli`).
+
+    One of the package's own errors (:func:`raised_by_normlightning`) is printed as one message, without the
+    traceback, and exits with ``EXIT_ERROR`` (1); ``NORMLIGHTNING_DEBUG=1`` in the environment raises it
+    with its traceback instead. Any other error keeps its traceback (exit code 1 as well).
+    """
+    try:
+        build_cli(args)
+    except Exception as err:
+        if os.environ.get(DEBUG_ENV, "") not in ("", "0") or not raised_by_normlightning(err):
+            raise
+        print(f"normlightning: error: {type(err).__name__}: {err}\n"
+              f"(the traceback: run again with {DEBUG_ENV}=1)", file=sys.stderr)
+        raise SystemExit(EXIT_ERROR) from None
 
 
 if __name__ == "__main__":

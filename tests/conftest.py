@@ -6,6 +6,8 @@ any order (``-p randomly``)."""
 from __future__ import annotations
 
 import contextlib
+import copy
+import io
 import logging
 import os
 import pickle
@@ -19,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -252,3 +255,26 @@ def lightning_info():
     logger.addHandler(handler)
     yield records
     logger.removeHandler(handler)
+
+
+_RESOLVED_CONFIGS: dict[str, dict] = {}
+
+
+@pytest.fixture(scope="session")
+def resolve_config() -> Callable[[Path], dict]:
+    """``resolve(path)``: the config as ``normlightning fit --config <path> --print_config`` resolves it (every
+    default filled in; nothing instantiated), parsed from YAML. Each file is resolved once per session (about
+    1 s each), so the tests that read resolved configs share the work; every call gets its own copy."""
+    from normlightning.cli import main
+
+    def resolve(path: Path) -> dict:
+        key = str(path)
+        if key not in _RESOLVED_CONFIGS:
+            out = io.StringIO()
+            with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as info:
+                main(["fit", "--config", key, "--print_config"])
+            assert info.value.code == 0, f"{path.name}: --print_config exited with {info.value.code}"
+            _RESOLVED_CONFIGS[key] = yaml.safe_load(out.getvalue())
+        return copy.deepcopy(_RESOLVED_CONFIGS[key])
+
+    return resolve

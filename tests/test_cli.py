@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import textwrap
@@ -13,6 +14,7 @@ import yaml
 from normlightning.cli import build_cli, main
 from normlightning.data import Digits
 from normlightning.data.base import MissingDataAttributeError
+from normlightning.models import build_backbone
 from normlightning.tasks import ClassificationTask
 
 QUICKSTART = "configs/quickstart.yaml"
@@ -38,7 +40,8 @@ def quickstart(run_dir, request) -> str:
 
 @pytest.mark.parametrize("subcommand", ["fit", "validate", "test", "predict"])
 def test_main_runs_every_subcommand(quickstart, subcommand) -> None:
-    main([subcommand, "--config", quickstart, "--trainer.fast_dev_run=true", *QUIET])
+    untrained = ["--allow_untrained=true"] if subcommand == "predict" else []  # no checkpoint: initial weights
+    main([subcommand, "--config", quickstart, "--trainer.fast_dev_run=true", *QUIET, *untrained])
 
 
 def test_fit_without_logger(quickstart) -> None:
@@ -195,3 +198,40 @@ def test_default_root_dir_holds_the_default_logger_runs(run_dir, tmp_path_factor
     elsewhere = tmp_path_factory.mktemp("elsewhere")
     build_cli([*short, f"--trainer.logger.init_args.save_dir={elsewhere}"])
     assert (elsewhere / "default" / "version_0" / "config.yaml").is_file()
+
+
+def test_our_errors_print_one_message_and_exit_1_with_the_traceback_behind_a_switch(
+        quickstart, capsys, monkeypatch) -> None:
+    """A typo in ``norm.method`` and a group count that does not divide: the message alone on stderr, exit 1;
+    ``NORMLIGHTNING_DEBUG=1`` raises the error itself (its traceback)."""
+    cases = {"--norm.method=bgm": r"(norm.method: )?Unknown normalization .bgm.; valid names: .*bgn",
+             "--norm.num_groups=5": r"layer 'backbone.features.0.1': num_groups=5 does not divide C=32"}
+    for setting, message in cases.items():
+        extra = [setting] if "method" in setting else ["--norm.method=gn", setting]
+        with pytest.raises(SystemExit) as exit_info:
+            main(["fit", "--config", quickstart, *QUIET, *extra])
+        assert exit_info.value.code == 1
+        err = capsys.readouterr().err
+        assert re.search(rf"^normlightning: error: ValueError: {message}", err, re.M), err
+        assert "Traceback" not in err and "NORMLIGHTNING_DEBUG=1" in err
+    monkeypatch.setenv("NORMLIGHTNING_DEBUG", "1")
+    with pytest.raises(ValueError, match="Unknown normalization 'bgm'"):
+        main(["fit", "--config", quickstart, *QUIET, "--norm.method=bgm"])
+
+
+def test_errors_raised_outside_the_package_keep_their_traceback() -> None:
+    from normlightning.cli import raised_by_normlightning
+
+    try:
+        torch.zeros(2) + torch.zeros(3)
+    except RuntimeError as err:
+        assert not raised_by_normlightning(err)
+    try:
+        build_backbone("small_cnn", num_classes=0)
+    except ValueError as err:
+        assert raised_by_normlightning(err)
+
+
+def test_a_backbone_argument_error_is_reported_as_itself_not_as_the_parsers_union_error(quickstart) -> None:
+    with pytest.raises(ValueError, match=r"backbone 'resnet18' does not accept backbone_kwargs.width=32"):
+        build_cli(["--config", quickstart, "--model.init_args.backbone=resnet18"], run=False)

@@ -55,7 +55,8 @@ DATASETS: dict[str, tuple[int, int, Any]] = {
 #: image side used in the test, by the real side: 32 px data runs at 16, 224 px (ImageNet-style
 #: torchvision backbones, five stride-2 stages: 2x2 at the last stage, so per-example sets such as
 #: IN still have more than one element) at 64; 84 px few-shot data (ResNet-12: four 2x2 max-pools,
-#: DropBlock in blocks 3-4, whose norm layers then see 8x8 and 4x4 maps) at 32; tiny images as they are.
+#: DropBlock in blocks 3-4 in its MetaOptNet variant, whose norm layers then see 8x8 and 4x4 maps) at 32; tiny images
+#: as they are.
 TEST_SIDE = {32: 16, 84: 32, 224: 64}
 EPISODIC_TASKS = ("normlightning.tasks.few_shot.FewShotTask",)
 CLASS_SPLIT = "normlightning.data.few_shot.ClassSplitFewShotDataModule"
@@ -233,10 +234,15 @@ def _check_episodes(config: dict[str, Any], smoke: dict[str, Any], cli: Any) -> 
 
 def _layer_kwargs(norm: dict[str, Any]) -> dict[str, Any]:
     """Keyword arguments valid for a 64-channel probe layer of the configured method (type check only)."""
+    from normlightning.norms import norm_group_args
+
     kwargs = dict(norm.get("kwargs") or {})
     for key in ("channel_groups", "batch_groups"):
         if kwargs.get(key) == "auto":
             kwargs.pop(key)
+    for arg in norm_group_args(norm["method"]):  # counts without a default (bgn, seqnorm): any valid one will do
+        if arg.required and not any(isinstance(kwargs.get(name), int) for name in (arg.name, *arg.alternatives)):
+            kwargs[arg.name] = 1
     return kwargs
 
 

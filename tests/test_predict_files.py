@@ -71,7 +71,7 @@ def test_predict_root_rows_name_each_file_and_its_classes(run_dir, fitted, light
 
 def test_test_split_predictions_carry_class_names(run_dir, write_image_folders) -> None:
     classes = write_image_folders(run_dir / "data")
-    build_cli(["predict", *IMAGE_FOLDER, *QUIET, "--data.root=data", "--predictions.top_k=1"])
+    build_cli(["predict", *IMAGE_FOLDER, *QUIET, "--data.root=data", "--predictions.top_k=1", "--allow_untrained=true"])
     rows = _rows(run_dir / "runs" / "run" / "version_0" / "predictions.csv")
     assert list(rows[0]) == ["index", "target", "target_name", "predicted_class", "predicted_name", "top1_class",
                              "top1_name", "top1_prob"]
@@ -87,7 +87,8 @@ def test_unreadable_file_is_an_error_naming_the_folder(run_dir, write_image_fold
     Image.new("RGB", (8, 8)).save(broken / "fine.png")
     (broken / "cut.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     with pytest.raises(ValueError, match=rf"data.predict_root='{broken}': cannot read cut.jpg as an image"):
-        build_cli(["predict", *IMAGE_FOLDER, *QUIET, "--data.root=data", f"--data.predict_root={broken}"])
+        build_cli(["predict", *IMAGE_FOLDER, *QUIET, "--data.root=data", f"--data.predict_root={broken}",
+                   "--allow_untrained=true"])
     assert not list(run_dir.glob("runs/run/version_*/predictions.csv"))  # nothing written
 
 

@@ -35,7 +35,8 @@ def _test_split(cli) -> tuple[torch.Tensor, torch.Tensor]:
 
 # ------------------------------------------------------------------ predictions
 def test_predict_writes_one_csv_row_per_input_and_prints_the_path(run_dir, lightning_info) -> None:
-    cli = build_cli(["predict", *SYNTHETIC, *QUIET, "--predictions.top_k=3", "--predictions.format=both"])
+    cli = build_cli(["predict", *SYNTHETIC, *QUIET, "--predictions.top_k=3", "--predictions.format=both",
+                     "--allow_untrained=true"])
     folder = run_dir / "runs" / "out" / "version_0"
     path = folder / "predictions.csv"
     assert any(str(path.relative_to(run_dir)) in m and "13 predictions" in m for m in lightning_info), lightning_info
@@ -89,8 +90,15 @@ def test_hparams_yaml_is_safe_loadable_and_names_the_method(injected_run) -> Non
     assert hparams["norm"]["layers"] == 4 and hparams["norm"]["num_groups_setting"] == "auto"
     # BGN's auto rule at B=8 asks for G=16, fitted per layer (D = C*H*W); GN's override keeps 2
     assert set(str(hparams["norm"]["groups"]["num_groups"]).split(",")) >= {"2"}
+    # every effective argument of the built layers, per method (defaults the settings did not name included)
+    args = hparams["norm"]["args"]
+    assert args["gn"] == {"num_groups": 2, "eps": 1e-5, "affine": True}
+    assert set(args["bgn"]) == {"num_groups", "eps", "momentum", "affine"} and args["bgn"]["momentum"] == 0.1
+    assert all(1 <= int(g) <= 16 for g in str(args["bgn"]["num_groups"]).split(","))  # auto at B=8 asks 16
     assert hparams["norm"]["overrides"] == [{"pattern": "backbone\\.features\\.4\\.1", "method": "gn", "num_groups": 2}]
     assert hparams["data"] == {"class": "Synthetic", "batch_size": 8, "world_size": 1, "global_batch_size": 8}
+    assert hparams["run"] == {"seed": 0, "max_epochs": 2, "max_steps": -1, "lr": 0.1, "lr_scaled": 0.1}
+    assert hparams["norm"]["effective"]["eps"] == 1e-5 and hparams["norm"]["effective"]["alpha"] is None
     assert hparams["input_shape"] == [1, 6, 6] and hparams["num_classes"] == 7  # tuples written as lists
     assert hparams["backbone"] == "small_cnn"
 
@@ -108,6 +116,13 @@ def test_hparams_tab_has_the_best_validation_accuracy(injected_run) -> None:
     session = plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
     values = session.session_start_info.hparams
     assert values["norm/method"].string_value == "bgn+gn"
+    # the same keys in every run: the effective values merged over the layers (bgn's fitted counts and gn's 2)
+    assert "2" in values["norm/effective/num_groups"].string_value.split(",")
+    assert values["norm/effective/momentum"].number_value == 0.1
+    assert values["norm/effective/mean"].string_value == "None"  # hn's argument: not in this run, still a column
+    assert not [key for key in values if key.startswith(("norm/args/", "norm/groups/"))]
+    assert values["run/seed"].number_value == 0 and values["run/max_epochs"].number_value == 2
+    assert values["run/lr"].number_value == pytest.approx(0.1) and values["data/global_batch_size"].number_value == 8
     assert values["data/batch_size"].number_value == 8 and values["backbone"].string_value == "small_cnn"
     assert "lr-SGD/default" in accumulator.Tags()["scalars"]  # the tag the README names
     validation = [e.value for e in accumulator.Scalars("val/acc1")]
@@ -176,3 +191,35 @@ def test_pin_memory_only_when_batches_go_to_a_gpu() -> None:
     data.trainer = Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False)
     assert data.train_dataloader().pin_memory is False
     assert Synthetic(input_shape=(1, 4, 4), pin_memory=False).loader_pin_memory() is False
+
+
+def _hparams_tab(run: Path) -> dict:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    (events,) = run.glob("events.out.tfevents.*")
+    accumulator = EventAccumulator(str(events))
+    accumulator.Reload()
+    content = accumulator.PluginTagToContent("hparams")
+    return dict(plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
+                .session_start_info.hparams)
+
+
+def test_every_run_logs_the_same_hparams_keys(run_dir) -> None:
+    """TensorBoard takes the HParams columns from the first run it reads: native BN, GN and SeqNorm runs log
+    one key set (values null where a setting does not apply), without the optimizer's implementation switches."""
+    short = ["fit", *SYNTHETIC, *QUIET, "--trainer.max_epochs=1", "--trainer.limit_train_batches=1",
+             "--trainer.limit_val_batches=1"]
+    settings = {"native": [], "gn": ["--norm.method=gn", "--norm.num_groups=2"],
+                "seqnorm": ["--norm.method=seqnorm", "--norm.kwargs={channel_groups: 2, batch_groups: 2}"]}
+    keys = {}
+    for name, extra in settings.items():
+        build_cli([*short, *extra, f"--trainer.logger.init_args.name={name}"])
+        values = _hparams_tab(run_dir / "runs" / name / "version_0")
+        keys[name] = set(values)
+    assert keys["native"] == keys["gn"] == keys["seqnorm"]
+    assert {"norm/effective/num_groups", "norm/effective/channel_groups", "run/seed", "run/lr"} <= keys["gn"]
+    assert not [k for k in keys["gn"] if k.rsplit("/", 1)[-1] in ("foreach", "fused", "differentiable", "maximize",
+                                                                    "capturable")]
+    gn = _hparams_tab(run_dir / "runs" / "gn" / "version_0")
+    assert gn["norm/effective/num_groups"].number_value == 2 and gn["norm/effective/channel_groups"].string_value == "None"

@@ -16,7 +16,9 @@ In a config::
 ``sync_batchnorm``) and before ``configure_optimizers``; it is idempotent across stages. When the
 run restores a checkpoint that holds an injection spec, the checkpoint's layers are installed
 instead of the config's (a mismatch is warned about), so ``test --ckpt_path`` works even when the
-``norm:`` section could not be built for this model.
+``norm:`` section could not be built for this model. A model that already carries injected layers
+(from :func:`~normlightning.injection.inject` before the run) is left as it is when the ``norm:``
+settings ask for the same layers; settings that ask for others raise ``ValueError`` at ``setup``.
 """
 
 from __future__ import annotations
@@ -106,6 +108,9 @@ class NormInjection(Callback):
         """Inject (once per process; idempotent across stages), print and log the summary."""
         if get_spec(pl_module) is not None:
             if self.spec is None:
+                if not self.rules.changes_nothing:  # raises when the norm: settings ask for other layers
+                    inject(pl_module, self.rules, example_input=pl_module.example_input_array,
+                           batch_size=self._batch_size(trainer))
                 self.spec = get_spec(pl_module)
                 rank_zero_info("NormInjection: the model already carries injected layers; left as is")
         else:

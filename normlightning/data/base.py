@@ -24,12 +24,13 @@ from typing import Literal
 
 import torch
 from lightning.pytorch import LightningDataModule
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.transforms import v2
 
 from normlightning.data.image_files import ImageFiles, convert_mode
 from normlightning.data.samplers import EpochSeededRandomSampler, seeded_loader_generator
+from normlightning.data.unreadable import UNREADABLE_IMAGE_POLICIES, SkipUnreadableImages
 
 Split = Literal["train", "val", "test"]
 
@@ -96,6 +97,11 @@ class BaseDataModule(LightningDataModule):
         drop_last: drop the last incomplete training batch (keeps batch statistics of
             batch-dependent normalizations on full batches); a training set (per process)
             smaller than ``batch_size`` is then an error at ``setup("fit")``.
+        unreadable_images: an image file that cannot be read (truncated, not an image, a mode
+            without a known scaling; data modules that read image files): ``error`` stops with an
+            error naming the file; ``skip`` uses the next readable image of the split instead
+            (batches keep their size), names each skipped file in a warning and reports their
+            number at the end of the stage (:mod:`normlightning.data.unreadable`).
         shuffle_seed: seed of the training order: epoch ``e`` visits a permutation drawn from
             ``(shuffle_seed, e)`` (so a resumed run sees the same order); ``None``: the seed of
             ``seed_everything``.
@@ -129,6 +135,7 @@ class BaseDataModule(LightningDataModule):
         drop_last: bool = False,
         shuffle_seed: int | None = None,
         predict_root: str | None = None,
+        unreadable_images: Literal["error", "skip"] = "error",
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -139,6 +146,8 @@ class BaseDataModule(LightningDataModule):
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         if not 0.0 <= val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+        if unreadable_images not in UNREADABLE_IMAGE_POLICIES:
+            raise ValueError(f"unreadable_images must be one of {UNREADABLE_IMAGE_POLICIES}, got {unreadable_images!r}")
         self.root = root
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
@@ -150,6 +159,7 @@ class BaseDataModule(LightningDataModule):
         self.drop_last = drop_last
         self.shuffle_seed = shuffle_seed
         self.predict_root = predict_root
+        self.unreadable_images = unreadable_images
         self.datasets: dict[str, Dataset] = {}
 
     # ----------------------------------------------------------------- datasets
@@ -201,6 +211,9 @@ class BaseDataModule(LightningDataModule):
                 self.datasets[split] = Subset(full, train_idx if split == "train" else val_idx)
             else:
                 self.datasets[split] = self.build_dataset(split)
+            # (a split built from another split's dataset, e.g. test = val, is wrapped once)
+            if self.unreadable_images == "skip" and not isinstance(self.datasets[split], SkipUnreadableImages):
+                self.datasets[split] = SkipUnreadableImages(self.datasets[split], split)
         return self.datasets[split]
 
     def setup(self, stage: str) -> None:
@@ -234,6 +247,12 @@ class BaseDataModule(LightningDataModule):
                 f"and data.drop_last is true, so there is no training batch. Set data.batch_size <= {per_process}, "
                 f"or data.drop_last=false."
             )
+
+    def teardown(self, stage: str) -> None:
+        """With ``unreadable_images=skip``: warn how many images of each split were skipped."""
+        for dataset in self.datasets.values():
+            if isinstance(dataset, SkipUnreadableImages) and dataset.num_skipped:
+                rank_zero_warn(f"data.unreadable_images=skip: {dataset.report()}")
 
     # ----------------------------------------------------------------- loaders
     def loader_pin_memory(self) -> bool:

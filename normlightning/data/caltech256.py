@@ -36,9 +36,20 @@ from torchvision import datasets
 from normlightning.data.base import BaseDataModule, Split, split_indices
 from normlightning.data.errors import DatasetNotFoundError
 from normlightning.data.image_folder import IMAGENET_MEAN, IMAGENET_STD
-from normlightning.data.rgb_images import CroppedImageFiles, rgb_image_transform
+from normlightning.data.rgb_images import CroppedImageFiles, load_rgb_image, rgb_image_transform
 
 CLUTTER = "257.clutter"
+
+
+class _Caltech256(datasets.Caltech256):
+    """torchvision's ``Caltech256`` whose files are read by :func:`~normlightning.data.rgb_images.load_rgb_image`
+    (torchvision opens them itself, and a truncated file then fails without its name)."""
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        label = self.y[index]
+        name = f"{label + 1:03d}_{self.index[index]:04d}.jpg"  # torchvision's file naming
+        image = load_rgb_image(os.path.join(self.root, "256_ObjectCategories", self.categories[label], name))
+        return (self.transform(image) if self.transform is not None else image), label
 
 
 class Caltech256(CroppedImageFiles, BaseDataModule):
@@ -130,7 +141,7 @@ class Caltech256(CroppedImageFiles, BaseDataModule):
 
     def _torchvision(self, train: bool) -> datasets.Caltech256:
         transform = rgb_image_transform(train, self.image_size, self.resize, self.augment)
-        return datasets.Caltech256(self.root, transform=transform, download=False)
+        return _Caltech256(self.root, transform=transform, download=False)
 
     def split_index(self) -> dict[str, list[int]]:
         """Indices into torchvision's ``Caltech256`` for ``train``, ``val`` and ``test`` (seeded, cached)."""

@@ -1,6 +1,7 @@
 """CIFAR-10 and CIFAR-100 through torchvision's dataset classes (the python pickle version).
 
-Training augmentation: zero-pad 4, random crop 32, horizontal flip. Evaluation: none.
+Training augmentation: zero-pad ``crop_padding`` (default 4; the HN paper uses 2: "padded with 0 to
+36x36"), random crop 32, horizontal flip. Evaluation: none.
 Validation uses the test set unless ``val_fraction > 0``.
 
 Files are checked for presence, not md5: torchvision hashes all ~170 MB on every
@@ -88,6 +89,7 @@ class CIFAR10(BaseDataModule):
     Args:
         download: download into ``root`` in ``prepare_data`` (needs internet; default False).
         augment: pad-crop-flip augmentation of the training split.
+        crop_padding: zero padding per side before the random 32 crop (default 4, i.e. 40x40; 2 gives 36x36).
         Other arguments: see :class:`~normlightning.data.base.BaseDataModule` (``root``: the folder
             containing ``cifar-10-batches-py/``, torchvision's layout).
     """
@@ -98,10 +100,12 @@ class CIFAR10(BaseDataModule):
     channel_mean = (0.4914, 0.4822, 0.4465)
     channel_std = (0.2470, 0.2435, 0.2616)
 
-    def __init__(self, *, download: bool = False, augment: bool = True, **kwargs: Any) -> None:
+    def __init__(self, *, download: bool = False, augment: bool = True, crop_padding: int = 4, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        cifar_train(padding=crop_padding)  # a bad padding fails here, naming the setting
         self.download = download
         self.augment = augment
+        self.crop_padding = crop_padding
         self.num_classes = self.num_classes_of_dataset
         self.input_shape = (3, 32, 32)
         self.mean = self.channel_mean
@@ -137,7 +141,7 @@ class CIFAR10(BaseDataModule):
 
     def _cifar(self, train: bool, augment: bool) -> Dataset:
         self._check_files()
-        transform = cifar_train() if augment else to_tensor()
+        transform = cifar_train(padding=self.crop_padding) if augment else to_tensor()
         return self.dataset_class(self.root, train=train, transform=transform, download=False)
 
     def build_dataset(self, split: Split) -> Dataset:

@@ -23,12 +23,11 @@ from collections.abc import Callable
 from typing import Any
 
 from torch.utils.data import Dataset
-from torchvision.datasets.folder import default_loader
 
 from normlightning.data.base import BaseDataModule, Split
 from normlightning.data.errors import DatasetNotFoundError
 from normlightning.data.image_folder import IMAGENET_MEAN, IMAGENET_STD
-from normlightning.data.rgb_images import CroppedImageFiles, rgb_image_transform
+from normlightning.data.rgb_images import CroppedImageFiles, load_rgb_image, rgb_image_transform
 
 METADATA = ("images.txt", "image_class_labels.txt", "train_test_split.txt")
 
@@ -70,7 +69,7 @@ class CUB200Dataset(Dataset):
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
         path, label = self.samples[index]
-        image = default_loader(path)
+        image = load_rgb_image(path)
         return (self.transform(image) if self.transform is not None else image), label
 
 

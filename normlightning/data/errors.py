@@ -1,4 +1,4 @@
-"""The error raised when a dataset is not where a DataModule looks for it."""
+"""The errors raised when a dataset is not where a DataModule looks for it, or one of its image files cannot be read."""
 
 from __future__ import annotations
 
@@ -17,3 +17,23 @@ class DatasetNotFoundError(FileNotFoundError):
             + f".\nExpected layout:\n{layout}\nHow to get it: {how_to_get}"
         )
         super().__init__(message)
+
+
+class UnreadableImageError(OSError):
+    """An image file that cannot be read as an RGB image (truncated, not an image, an unsupported mode).
+
+    Built by :func:`unreadable_image_error` (one message argument, so a loader worker can re-raise it);
+    ``path`` is the file.
+    """
+
+    path: str = ""
+
+
+def unreadable_image_error(path: str, cause: str) -> UnreadableImageError:
+    """The error for the image file ``path``: names the file, the cause, and ``data.unreadable_images=skip``."""
+    error = UnreadableImageError(
+        f"cannot read the image file {path}: {cause}. Replace or delete the file, or set "
+        "data.unreadable_images=skip to skip unreadable images (each is named in a warning and counted)"
+    )
+    error.path = path
+    return error

@@ -155,6 +155,11 @@ class FewShotDataModule(BaseDataModule):
     ) -> None:
         # eval_batch_size and val_fraction are fixed (and so left out of the CLI's arguments).
         super().__init__(batch_size=batch_size, eval_batch_size=None, val_fraction=0.0, **kwargs)
+        if self.unreadable_images == "skip":
+            raise ValueError(
+                f"{type(self).__name__}: data.unreadable_images=skip is not available for episodes (a skipped image "
+                "would be replaced by one of another class); set data.unreadable_images=error and replace the file"
+            )
         shots = [int(k) for k in test_shots]
         if n_way < 2:
             raise ValueError(f"n_way must be >= 2 (an episode needs at least two classes), got {n_way}")

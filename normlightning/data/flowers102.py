@@ -24,7 +24,7 @@ from torchvision import datasets
 from normlightning.data.base import BaseDataModule, Split
 from normlightning.data.errors import DatasetNotFoundError
 from normlightning.data.image_folder import IMAGENET_MEAN, IMAGENET_STD
-from normlightning.data.rgb_images import CroppedImageFiles, rgb_image_transform
+from normlightning.data.rgb_images import CroppedImageFiles, load_rgb_image, rgb_image_transform
 
 
 class _Flowers102(datasets.Flowers102):
@@ -86,4 +86,4 @@ class Flowers102(CroppedImageFiles, BaseDataModule):
     def build_dataset(self, split: Split) -> Dataset:
         self._check_files()
         transform = rgb_image_transform(split == "train", self.image_size, self.resize, self.augment)
-        return _Flowers102(self.root, split=split, transform=transform, download=False)
+        return _Flowers102(self.root, split=split, transform=transform, download=False, loader=load_rgb_image)

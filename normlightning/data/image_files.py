@@ -6,7 +6,10 @@ order of their paths relative to the folder. :class:`ImageFiles` reads them with
 evaluation transform (:meth:`~normlightning.data.base.BaseDataModule.image_file_transform`): item
 ``i`` is the 1-tuple ``(transform(PIL image),)``, a float ``(C, H, W)`` tensor, without a label, and
 ``relative_paths[i]`` names its file (``/``-separated, relative to the folder), which the prediction
-CSV writes in its ``path`` column.
+CSV writes in its ``path`` column. A file that cannot be read (truncated, not an image, an unsupported
+mode: :func:`~normlightning.data.rgb_images.pil_to_rgb`) stops the prediction with an error naming
+the folder and the file; ``data.unreadable_images=skip`` does not apply here, since a skipped file's
+row would be written under another file's name.
 """
 
 from __future__ import annotations
@@ -20,14 +23,18 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from normlightning.data.rgb_images import pil_to_rgb
+
 __all__ = ["ImageFiles", "convert_mode", "list_image_files"]
 
 SETTING = "data.predict_root"
 
 
 def convert_mode(image: Image.Image, mode: str) -> Image.Image:
-    """``image`` in PIL mode ``mode`` (``"L"``: grayscale, ``"RGB"``), converted only when it is in another."""
-    return image if image.mode == mode else image.convert(mode)
+    """``image`` as 8-bit ``"RGB"`` (:func:`~normlightning.data.rgb_images.pil_to_rgb`, each PIL mode scaled
+    by its range) or, ``mode="L"``, its grayscale ``L = (299 R + 587 G + 114 B) / 1000`` (PIL's conversion)."""
+    rgb = pil_to_rgb(image)
+    return rgb.convert("L") if mode == "L" else rgb
 
 
 def list_image_files(root: str) -> tuple[list[str], int]:
@@ -76,7 +83,7 @@ class ImageFiles(Dataset):
             with Image.open(os.path.join(self.root, relative)) as image:
                 image.load()
                 return (self.transform(image),)
-        except OSError as err:  # PIL's UnidentifiedImageError and truncated files are OSErrors
+        except OSError as err:  # UnreadableImageError, PIL's UnidentifiedImageError, truncated files
             raise ValueError(
                 f"{SETTING}={self.root!r}: cannot read {relative} as an image ({err}); remove or replace that file"
             ) from err

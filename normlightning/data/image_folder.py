@@ -8,8 +8,10 @@ Layout (one sub-folder per class, any image files torchvision can read)::
       test/<class_a>/...                         (optional; default: the val split)
 
 Class indices follow the sorted folder names of ``train/`` (as ``torchvision.datasets.ImageFolder``).
+Files are read as 8-bit RGB by :func:`~normlightning.data.rgb_images.load_rgb_image` (16-bit and
+float images scaled to their range; an unreadable file named, or skipped with ``unreadable_images=skip``).
 Training: RandomResizedCrop ``image_size`` + horizontal flip; evaluation: resize the short
-side to ``round(image_size * 256 / 224)`` and center crop ``image_size``.
+side (``eval_resize_mode: square``: both sides) to ``round(image_size * 256 / 224)`` and center crop ``image_size``.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from torchvision.datasets.folder import find_classes
 
 from normlightning.data.base import BaseDataModule, Split
 from normlightning.data.errors import DatasetNotFoundError
-from normlightning.data.rgb_images import CroppedImageFiles
+from normlightning.data.rgb_images import CroppedImageFiles, load_rgb_image
 from normlightning.data.transforms import imagenet_eval, imagenet_train
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -42,7 +44,9 @@ class ImageFolderDataModule(CroppedImageFiles, BaseDataModule):
         val_dir: validation split folder, or ``None`` to hold out ``val_fraction`` of the training images.
         test_dir: test split folder (``None``: use the validation split).
         image_size: side of the square crops fed to the model.
-        resize: short side before the evaluation center crop (default ``round(image_size * 256 / 224)``).
+        resize: side before the evaluation center crop (default ``round(image_size * 256 / 224)``).
+        eval_resize_mode: ``short_side`` (resize the short side to ``resize``, aspect ratio kept) or
+            ``square`` (resize to ``resize x resize``, as the HN paper's ImageNet evaluation).
         mean, std: per-channel statistics for the task's input normalization (default: ImageNet's).
         expected_num_classes: raise if ``train_dir`` has another number of class folders.
         batch_size: examples per batch **per process** (per GPU under DDP).
@@ -65,6 +69,7 @@ class ImageFolderDataModule(CroppedImageFiles, BaseDataModule):
         test_dir: str | None = None,
         image_size: int = 224,
         resize: int | None = None,
+        eval_resize_mode: str = "short_side",
         mean: tuple[float, float, float] = IMAGENET_MEAN,
         std: tuple[float, float, float] = IMAGENET_STD,
         expected_num_classes: int | None = None,
@@ -83,6 +88,8 @@ class ImageFolderDataModule(CroppedImageFiles, BaseDataModule):
         self.train_dir, self.val_dir, self.test_dir = train_dir, val_dir, test_dir
         self.image_size = image_size
         self.resize = resize
+        imagenet_eval(image_size, resize, eval_resize_mode)  # a bad mode fails here, naming the setting
+        self.eval_resize_mode = eval_resize_mode
         self.classes = self._find_classes(train_dir)
         if len(self.classes) < 2:
             raise ValueError(
@@ -129,9 +136,12 @@ class ImageFolderDataModule(CroppedImageFiles, BaseDataModule):
                 f"missing {lacking[:5]}{'...' if len(lacking) > 5 else ''}, "
                 f"extra {extra[:5]}{'...' if len(extra) > 5 else ''}"
             )
-        transform = imagenet_train(self.image_size) if train else imagenet_eval(self.image_size, self.resize)
+        if train:
+            transform = imagenet_train(self.image_size)
+        else:
+            transform = imagenet_eval(self.image_size, self.resize, self.eval_resize_mode)
         try:
-            return ImageFolder(os.path.join(self.root, folder), transform=transform)
+            return ImageFolder(os.path.join(self.root, folder), transform=transform, loader=load_rgb_image)
         except FileNotFoundError as error:
             self._missing(f"{folder}/: {error}")
             raise  # unreachable, for type checkers

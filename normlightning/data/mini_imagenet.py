@@ -45,6 +45,7 @@ from torch.utils.data import Dataset
 from normlightning.data.base import Split
 from normlightning.data.errors import DatasetNotFoundError
 from normlightning.data.few_shot import FewShotDataModule
+from normlightning.data.rgb_images import load_rgb_image
 from normlightning.safe_loading import UnsafeFileError, load_data_pickle
 
 __all__ = ["MINI_IMAGENET_MEAN", "MINI_IMAGENET_STD", "PICKLE_FILES", "MiniImageNet"]
@@ -86,8 +87,7 @@ class _FileImages(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[Any, Tensor]:
-        with Image.open(self.paths[i]) as img:
-            image = img.convert("RGB")
+        image = load_rgb_image(self.paths[i])
         if image.size != (self.size, self.size):
             image = image.resize((self.size, self.size), Image.BILINEAR)
         return (self.transform(image) if self.transform else image), self.labels[i]

@@ -19,7 +19,7 @@ from normlightning.injection.apply import (
 )
 from normlightning.injection.carry import NormWithCarried
 from normlightning.injection.fold import fold_norms, inference_affine
-from normlightning.injection.plan import format_summary, plan_injection, probe_input_shapes, summary_rows
+from normlightning.injection.plan import format_summary, layer_args, plan_injection, probe_input_shapes, summary_rows
 from normlightning.injection.rules import DEFAULT_TARGETS, InjectionRules
 from normlightning.injection.spec import (
     CHECKPOINT_KEY,
@@ -47,6 +47,7 @@ __all__ = [
     "inference_affine",
     "inject",
     "install_layer",
+    "layer_args",
     "mark_pretrained",
     "plan_injection",
     "pretrained_names",

@@ -22,7 +22,8 @@ from normlightning.injection.carry import NormWithCarried
 from normlightning.injection.plan import plan_injection
 from normlightning.injection.rules import InjectionRules
 from normlightning.injection.spec import CHECKPOINT_KEY, build_layer, get_spec, same_layers, set_spec, validate_spec
-from normlightning.norms import param_norms
+from normlightning.norms import norm_group_args, param_norms
+from normlightning.norms.model_layers import is_norm_layer
 
 __all__ = [
     "apply_param_norm",
@@ -58,9 +59,10 @@ def pretrained_names(module: nn.Module) -> frozenset[str]:
 
 
 def _has_seen_data(layer: nn.Module) -> bool:
-    """Whether ``layer`` has tracked batches (its state is not its initialisation)."""
+    """Whether ``layer`` has tracked batches (its state is not its initialisation). A layer on the
+    meta device holds no values: it has seen nothing."""
     tracked = getattr(layer, "num_batches_tracked", None)
-    return isinstance(tracked, torch.Tensor) and int(tracked) > 0
+    return isinstance(tracked, torch.Tensor) and not tracked.is_meta and int(tracked) > 0
 
 
 def _state_notes(copied: list[str], pretrained: frozenset[str], trained: bool) -> list[str]:
@@ -148,6 +150,61 @@ def apply_param_norm(module: nn.Module, kind: str) -> None:
         raise ValueError(f"unknown parameter normalization {kind!r}; valid: weight_standardization, weight_norm")
 
 
+def _check_eager(model: nn.Module) -> None:
+    """``TypeError`` when ``model`` is, or holds, a TorchScript module (``torch.jit.script`` /
+    ``torch.jit.trace``): its layers cannot be replaced, and its code would not call new ones."""
+    scripted: list[str] = []  # outermost TorchScript modules only
+    for name, module in model.named_modules():
+        inside = any(not outer or name.startswith(outer + ".") for outer in scripted)
+        if isinstance(module, torch.jit.ScriptModule) and not inside:
+            scripted.append(name)
+    scripted = [name or "the model itself" for name in scripted]
+    if scripted:
+        raise TypeError(
+            f"inject: {', '.join(scripted[:3])} {'is a' if len(scripted) == 1 else 'are'} TorchScript module(s) "
+            "(torch.jit.script / torch.jit.trace), whose layers cannot be replaced; inject into the eager "
+            "nn.Module first, then script or trace the result"
+        )
+
+
+def _conflicts(model: nn.Module, spec: Mapping[str, Any], rules: InjectionRules) -> list[str]:
+    """Where ``rules`` ask for other layers than the ``spec`` already applied to ``model`` (a method,
+    or a requested argument the installed layer does not have), one line per layer, or other
+    parameter normalizations. Counts given as ``auto``, and any count under ``group_fit: nearest``,
+    are fitted per layer, so only the method is compared for them."""
+    from normlightning.injection.plan import layer_args
+
+    out = []
+    for rec in spec["layers"]:
+        rule = rules.rule_for(rec["name"])
+        if rule.method != rec["method"]:
+            out.append(f"{rec['name']}: has {rec['method']}, asked {rule.method or 'to keep the original layer'}")
+            continue
+        fitted = {arg.name for arg in norm_group_args(rec["method"]) if arg.divides != "batch"}
+        have = layer_args(model, rec)
+        for key, value in rule.kwargs.items():
+            if (isinstance(value, str) and value.startswith("auto")) or (key in fitted and rules.group_fit == "nearest"):
+                continue
+            if key in have and have[key] != value:
+                out.append(f"{rec['name']}: has {rec['method']} with {key}={have[key]!r}, asked {key}={value!r}")
+    applied = sorted({rec["kind"] for rec in spec["param_norms"]})
+    wanted = any(rules.wants_param_norm(name, module) for name, module in model.named_modules() if name)
+    if applied != ([rules.param_norm] if wanted else []):
+        out.append(f"parameter normalization: has {applied or 'none'}, asked {rules.param_norm or 'none'}")
+    return out
+
+
+def _nothing_replaced(model: nn.Module, rules: InjectionRules, kept: list[dict[str, str]]) -> str:
+    """The warning for an injection that replaced nothing, naming the fix."""
+    what = f"inject: nothing in {type(model).__name__} was replaced"
+    if kept:
+        return f"{what}: all {len(kept)} of its target layers were kept (excluded, or subclasses: see the summary)"
+    own = list(dict.fromkeys(type(m).__name__ for m in model.modules() if is_norm_layer(m)))
+    fix = (f"its normalization layers are {', '.join(own)}: name them in targets (norm.targets: {own})" if own else
+           "name its normalization layer classes in targets (norm.targets), a torch.nn name or 'package.module.Class'")
+    return f"{what}: it has no layer of the target types ({', '.join(rules.targets)}); {fix}"
+
+
 def inject(
     model: nn.Module,
     rules: InjectionRules | None = None,
@@ -169,8 +226,14 @@ def inject(
         ``(spec, rows)``: the applied spec (also kept on the model, see
         :func:`~normlightning.injection.spec.get_spec`) and the summary rows (each replaced layer
         notes which parameters and statistics it started from, and ``pretrained statistics`` when
-        its running statistics came from pretrained weights, see :func:`mark_pretrained`). A
-        model that already carries a spec is left as it is (its spec is returned).
+        its running statistics came from pretrained weights, see :func:`mark_pretrained`).
+
+    A model that already carries a spec is left as it is when the settings ask for the same layers
+    (its spec is returned); settings that ask for others (another method, another argument) raise
+    ``ValueError``: inject once, into the model with its original layers. TorchScript modules raise
+    ``TypeError`` (inject before ``torch.jit.script`` / ``trace``). A model on the meta device gets
+    new layers on the meta device (materialize with ``to_empty`` and ``reset_parameters`` or a
+    ``state_dict``). A model in which nothing is replaced gets a warning naming ``targets``.
     """
     from normlightning.injection.plan import summary_rows
 
@@ -178,10 +241,21 @@ def inject(
         rules = InjectionRules(**settings)
     elif settings:
         raise TypeError("inject: give either `rules` or keyword settings, not both")
+    _check_eager(model)
     existing = get_spec(model)
     if existing is not None:
+        conflicts = _conflicts(model, existing, rules)
+        if conflicts:
+            raise ValueError(
+                "inject: the model already carries injected layers, and these settings ask for others ("
+                + "; ".join(conflicts[:3]) + ("; ..." if len(conflicts) > 3 else "")
+                + "). Inject once, into the model with its original layers: build the model again (and load its "
+                "weights) before injecting other settings"
+            )
         return existing, summary_rows(model, existing)
     spec, kept = plan_injection(model, rules, example_input=example_input, batch_size=batch_size)
+    if not spec["layers"] and not spec["param_norms"] and not rules.changes_nothing:
+        warnings.warn(_nothing_replaced(model, rules, kept), stacklevel=2)
     for rec in spec["layers"]:
         old = model.get_submodule(rec["name"])
         pretrained, trained = pretrained_names(old), _has_seen_data(old)

@@ -13,7 +13,7 @@ from typing import Any, Literal
 from normlightning.norms import AutoContext, GroupArg, norm_group_args
 from normlightning.norms.group_args import largest_divisor_at_most
 
-__all__ = ["FIT_POLICIES", "FitPolicy", "fit_groups", "resolve_groups", "route_num_groups"]
+__all__ = ["FIT_POLICIES", "FitPolicy", "check_required", "fit_groups", "resolve_groups", "route_num_groups"]
 
 FitPolicy = Literal["error", "nearest"]
 FIT_POLICIES = ("error", "nearest")
@@ -34,6 +34,32 @@ def route_num_groups(method: str, declared: Sequence[GroupArg], kwargs: dict[str
     for target in targets:
         kwargs.setdefault(target, value)
     return kwargs
+
+
+def check_required(where: str, method: str, declared: Sequence[GroupArg], kwargs: dict[str, Any]) -> None:
+    """``ValueError`` naming the settings to give when ``kwargs`` lacks a count ``method`` declares
+    ``required`` (one without a default, see ``docs/methods.md``, "Group counts without a default");
+    ``where`` starts the message (``"layer 'x'"``, ``"norm.method"``)."""
+    missing = [
+        arg for arg in declared
+        if arg.required and all(kwargs.get(name) is None for name in (arg.name, *arg.alternatives))
+    ]
+    if not missing:
+        return
+    fills = [arg for arg in declared if arg.takes_num_groups]
+    ways = []
+    if all(arg.takes_num_groups for arg in missing):
+        if len(fills) == 1:
+            ways.append("norm.num_groups (an int or auto)" if fills[0].auto else "norm.num_groups")
+        elif all(arg.auto for arg in fills):
+            ways.append(f"norm.num_groups: auto (sets {' and '.join(arg.name for arg in fills)})")
+    ways.append(" and ".join(
+        "norm.kwargs." + " or norm.kwargs.".join((arg.name, *arg.alternatives)) for arg in missing
+    ))
+    raise ValueError(
+        f"{where}: {method} has no default for {', '.join(arg.name for arg in missing)} (no single value is "
+        f"right for every model and batch size); set {', or '.join(ways)} (per layer: the same keys in an override)"
+    )
 
 
 def fit_groups(
@@ -97,6 +123,7 @@ def resolve_groups(
     Returns:
         Notes for the summary table (``auto`` results and fitted changes).
     """
+    check_required(f"layer {layer!r}", method, norm_group_args(method), kwargs)
     notes: list[str] = []
     spatial = None
     if input_shape is not None:

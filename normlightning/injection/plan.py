@@ -18,14 +18,14 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from normlightning.injection.carry import carried_modules
+from normlightning.injection.carry import NormWithCarried, carried_modules
 from normlightning.injection.groups import resolve_groups
 from normlightning.injection.rules import InjectionRules, LayerRule
 from normlightning.injection.spec import SPEC_VERSION, build_layer
 from normlightning.norms import norm_group_args
 from normlightning.norms.registry import norm_accepts, norm_class_name
 
-__all__ = ["format_summary", "plan_injection", "probe_input_shapes", "summary_rows"]
+__all__ = ["format_summary", "layer_args", "plan_injection", "probe_input_shapes", "summary_rows"]
 
 TORCH_DEFAULT_MOMENTUM = 0.1
 
@@ -210,12 +210,27 @@ def plan_injection(
     return {"version": SPEC_VERSION, "layers": layers, "param_norms": param_norms}, kept
 
 
+def layer_args(model: nn.Module, record: Mapping[str, Any]) -> dict[str, Any]:
+    """Every effective argument of the layer installed in ``model`` for the spec ``record``.
+
+    Read from the built layer (``NormLayer.effective_args``: defaults and derived values included,
+    e.g. ``gn``'s ``num_groups=32`` when none was given), not from the record, which holds what was
+    asked. A plugin layer without ``effective_args`` shows the record's arguments.
+    """
+    layer = model.get_submodule(record["name"])
+    if isinstance(layer, NormWithCarried):
+        layer = layer.norm
+    effective = getattr(layer, "effective_args", None)
+    return effective() if callable(effective) else dict(record["kwargs"])
+
+
 def summary_rows(model: nn.Module, spec: Mapping[str, Any], kept: Sequence[Mapping[str, str]] = ()) -> list[dict[str, str]]:
     """Rows ``{layer, old, new, args}`` of ``spec`` as applied to ``model`` (replaced layers, then
-    WS/WN layers), then ``kept``."""
+    WS/WN layers), then ``kept``; ``args`` lists every effective argument of the built layer
+    (:func:`layer_args`) and the record's notes."""
     rows = []
     for rec in spec["layers"]:
-        args = ", ".join(f"{k}={v}" for k, v in rec["kwargs"].items())
+        args = ", ".join(f"{k}={v}" for k, v in layer_args(model, rec).items())
         notes = list(rec.get("notes", []))
         new = f"{norm_class_name(rec['method'])} ({rec['method']})"
         if rec.get("carried"):

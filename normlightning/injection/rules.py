@@ -15,7 +15,7 @@ from typing import Any
 
 from torch import nn
 
-from normlightning.injection.groups import FIT_POLICIES, route_num_groups
+from normlightning.injection.groups import FIT_POLICIES, check_required, route_num_groups
 from normlightning.norms import norm_group_args
 
 __all__ = ["DEFAULT_PARAM_NORM_TARGETS", "DEFAULT_TARGETS", "InjectionRules", "LayerRule", "resolve_type"]
@@ -138,6 +138,12 @@ class InjectionRules:
         names = param_norm_targets if param_norm_targets is not None else DEFAULT_PARAM_NORM_TARGETS
         self.param_norm_types = tuple(resolve_type(t) for t in names)
         self.param_norm_exclude = [_compile(p, "norm.param_norm_exclude") for p in (param_norm_exclude or [])]
+        if method is not None and not self.overrides:  # every layer gets these settings: check them now
+            declared = norm_group_args(method)
+            base = dict(self.kwargs)
+            if num_groups is not None:
+                base = route_num_groups(method, declared, {**base, "num_groups": num_groups})
+            check_required("norm.method", method, declared, base)
 
     @property
     def changes_nothing(self) -> bool:

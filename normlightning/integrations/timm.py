@@ -1,4 +1,4 @@
-"""Our normalization methods in timm's norm-layer registry, so ``norm_layer="bgn"`` works in timm.
+"""Our normalization methods in timm's norm-layer registry, so ``norm_layer="gn"`` works in timm.
 
 ::
 
@@ -7,7 +7,8 @@
 
     nl_timm.register()                                   # every name of available_norms()
     nl_timm.register_as("gn8", "gn", num_groups=8)       # a name with bound arguments
-    timm.create_model("resnet18", norm_layer="bgn")
+    nl_timm.register_as("bgn64", "bgn", num_groups=64)   # bgn and seqnorm have no default group count
+    timm.create_model("resnet18", norm_layer="bgn64")
     timm.create_model("efficientnet_b0", norm_layer="gn8")  # keeps the model's activation
 
 timm resolves a string ``norm_layer`` in one of two tables: plain norm layers

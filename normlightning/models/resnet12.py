@@ -1,6 +1,15 @@
-"""ResNet-12 for few-shot learning, the MetaOptNet version (Lee et al., CVPR 2019).
+"""ResNet-12 for few-shot learning in two variants (``resnet12(..., variant=...)``):
 
-Layout for an 84x84 input::
+* ``metaoptnet`` (Lee et al., CVPR 2019; the default): widths 64-160-320-640, LeakyReLU(0.1),
+  dropout in blocks 1-2 and DropBlock in blocks 3-4 (layout below).
+* ``tadam`` (Oreshkin, Rodríguez López & Lacoste, NeurIPS 2018, the backbone the BGN paper cites for
+  its few-shot experiment): widths 64-128-256-512, swish-1 (``x * sigmoid(x)``), no dropout and no
+  DropBlock; the same block otherwise (three conv3x3-BN, a conv1x1-BN projection shortcut, 2x2 max-pool)
+  and a global average pool to 512-d. The order "sum, activation, max-pool" is the one of this module's
+  block (the TADAM descriptions available to us do not fix it; with swish, which is not monotonic, pooling
+  first would differ).
+
+MetaOptNet layout for an 84x84 input::
 
     block 1: C_in -> 64,  84 -> 42      dropout(drop_rate)
     block 2: 64   -> 160, 42 -> 21      dropout(drop_rate)
@@ -8,8 +17,8 @@ Layout for an 84x84 input::
     block 4: 320  -> 640, 10 -> 5       DropBlock(drop_rate, block_size=5)
     global average pool -> (N, 640)
 
-Each block: ``(conv3x3-BN-LeakyReLU(0.1)) x 2 -> conv3x3-BN``, plus a ``conv1x1-BN``
-shortcut, sum, LeakyReLU(0.1), 2x2 max-pool (stride 2), then the drop layer.
+Each block: ``(conv3x3-BN-act) x 2 -> conv3x3-BN``, plus a ``conv1x1-BN``
+shortcut, sum, act, 2x2 max-pool (stride 2), then the drop layer (act: LeakyReLU(0.1) or swish-1).
 Convolutions have no bias; norm layers are ``nn.BatchNorm2d`` so the injection callback can
 swap them. Differences from MetaOptNet's code: the features are average pooled to 640-d
 (MetaOptNet's miniImageNet model flattens 640x5x5), and the DropBlock schedule counter is a
@@ -32,7 +41,16 @@ from torch import nn
 
 from normlightning.models.cosine_classifier import CosineClassifier
 
-__all__ = ["DropBlock", "ResNet12", "ResNet12Block", "ResNet12Classifier", "resnet12"]
+__all__ = ["RESNET12_VARIANTS", "DropBlock", "ResNet12", "ResNet12Block", "ResNet12Classifier", "resnet12"]
+
+#: activation name -> module factory (``swish`` is swish-1, ``x * sigmoid(x)`` = ``nn.SiLU``)
+ACTIVATIONS = {"leaky_relu": lambda: nn.LeakyReLU(0.1), "swish": nn.SiLU}
+
+#: variant name -> the ResNet12 arguments it sets (see the module docstring)
+RESNET12_VARIANTS: dict[str, dict] = {
+    "metaoptnet": {"widths": (64, 160, 320, 640), "drop_rate": 0.1, "activation": "leaky_relu"},
+    "tadam": {"widths": (64, 128, 256, 512), "drop_rate": 0.0, "activation": "swish"},
+}
 
 
 class DropBlock(nn.Module):
@@ -109,6 +127,7 @@ class ResNet12Block(nn.Module):
         drop_block: bool = False,
         block_size: int = 5,
         schedule_steps: int = 40000,
+        activation: str = "leaky_relu",
     ) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(in_planes, planes, 3, padding=1, bias=False)
@@ -118,7 +137,7 @@ class ResNet12Block(nn.Module):
         self.conv3 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
         self.bn3 = nn.BatchNorm2d(planes)
         self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, bias=False), nn.BatchNorm2d(planes))
-        self.act = nn.LeakyReLU(0.1)
+        self.act = ACTIVATIONS[activation]()
         self.pool = nn.MaxPool2d(2)
         if drop_block and drop_rate > 0:
             self.drop: nn.Module = DropBlock(drop_rate, block_size, schedule_steps)
@@ -146,6 +165,7 @@ class ResNet12(nn.Module):
         dropblock_size: DropBlock block size (MetaOptNet: 5).
         dropblock_schedule_steps: training forwards over which the DropBlock rate ramps up
             (MetaOptNet: 20 * 2000 = 40000).
+        activation: ``leaky_relu`` (LeakyReLU(0.1), MetaOptNet) or ``swish`` (swish-1, TADAM).
     """
 
     def __init__(
@@ -155,8 +175,11 @@ class ResNet12(nn.Module):
         drop_rate: float = 0.1,
         dropblock_size: int = 5,
         dropblock_schedule_steps: int = 40000,
+        activation: str = "leaky_relu",
     ) -> None:
         super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"ResNet12 activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}.")
         if len(widths) != 4:
             raise ValueError(f"ResNet12 needs exactly 4 widths, got {tuple(widths)!r}.")
         if not 0.0 <= drop_rate < 1.0:
@@ -171,6 +194,7 @@ class ResNet12(nn.Module):
                     drop_block=i >= 2,
                     block_size=dropblock_size,
                     schedule_steps=dropblock_schedule_steps,
+                    activation=activation,
                 )
                 for i in range(4)
             ]
@@ -178,7 +202,9 @@ class ResNet12(nn.Module):
         self.num_features = int(widths[-1])
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="leaky_relu", a=0.1)
+                # He init for the activation (swish: ReLU's gain, as TADAM states no init)
+                slope = 0.1 if activation == "leaky_relu" else 0.0
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="leaky_relu", a=slope)
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
@@ -211,6 +237,7 @@ def resnet12(
     input_shape: Sequence[int] = (3, 84, 84),
     scale: float = 10.0,
     learn_scale: bool = True,
+    variant: str = "metaoptnet",
     **kwargs,
 ) -> ResNet12Classifier:
     """Backbone factory: ResNet-12 encoder + cosine classifier over ``num_classes`` base classes.
@@ -219,10 +246,14 @@ def resnet12(
         num_classes: number of base classes.
         input_shape: ``(C, H, W)``; only ``C`` matters.
         scale, learn_scale: the cosine classifier's temperature and whether it is learned.
+        variant: ``metaoptnet`` or ``tadam`` (:data:`RESNET12_VARIANTS`): sets ``widths``, ``drop_rate`` and
+            ``activation``; any of them given in ``kwargs`` overrides the variant's value.
         **kwargs: forwarded to :class:`ResNet12` (``widths``, ``drop_rate``, ``dropblock_size``,
-            ``dropblock_schedule_steps``).
+            ``dropblock_schedule_steps``, ``activation``).
     """
     if len(input_shape) != 3:
         raise ValueError(f"input_shape must be (C, H, W), got {tuple(input_shape)!r}.")
-    encoder = ResNet12(in_channels=int(input_shape[0]), **kwargs)
+    if variant not in RESNET12_VARIANTS:
+        raise ValueError(f"resnet12 variant must be one of {sorted(RESNET12_VARIANTS)}, got {variant!r}.")
+    encoder = ResNet12(in_channels=int(input_shape[0]), **{**RESNET12_VARIANTS[variant], **kwargs})
     return ResNet12Classifier(encoder, CosineClassifier(encoder.num_features, num_classes, scale, learn_scale))

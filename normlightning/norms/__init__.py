@@ -1,7 +1,7 @@
 """normlightning.norms: every normalization method behind one registry.
 
 ``build_norm(name, num_features, **kwargs)``; ``norm_layer(name, **kwargs)`` for torchvision/timm
-``norm_layer=`` arguments; names: bn gn ln in pn ghost seqnorm bgn gbgn hn sn brn.
+``norm_layer=`` arguments; names: bn gn gnflat ln in pn ghost seqnorm bgn gbgn hn sn brn.
 The math lives once in :mod:`normlightning.norms.functional`; the layer classes are thin shells.
 """
 
@@ -12,7 +12,7 @@ from .batch_norm import BatchNorm, BatchRenorm
 from .ghost_norm import GhostNorm, SequentialNorm
 from .heterologous_norm import HeterologousNorm
 from .param_norms import WeightStandardization, WSConv2d, apply_weight_norm, apply_weight_standardization
-from .per_example import GroupNorm, InstanceNorm, LayerNorm, PositionalNorm
+from .per_example import FlatGroupNorm, GroupNorm, InstanceNorm, LayerNorm, PositionalNorm
 from .group_args import AutoContext, GroupArg
 from .registry import available_norms, build_norm, norm_group_args, register_norm
 from .norm_layer import norm_layer
@@ -26,6 +26,7 @@ __all__ = [
     "BatchNorm",
     "BatchRenorm",
     "GroupNorm",
+    "FlatGroupNorm",
     "LayerNorm",
     "InstanceNorm",
     "PositionalNorm",

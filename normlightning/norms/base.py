@@ -16,6 +16,9 @@ statistics at inference too; only layers that take the argument, e.g. ``bn``), a
 
 from __future__ import annotations
 
+import inspect
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
@@ -37,6 +40,8 @@ class NormLayer(nn.Module):
 
     uses_batch_statistics: bool = False
     supports_example_weighing: bool = False
+    #: Constructor arguments a layer keeps under another attribute name (``{argument: attribute}``).
+    argument_attributes: dict[str, str] = {}
 
     def __init__(self, num_features: int, eps: float = 1e-5, affine: bool = True, device=None, dtype=None) -> None:
         super().__init__()
@@ -55,6 +60,30 @@ class NormLayer(nn.Module):
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
         self._factory = factory
+
+    def effective_args(self) -> dict[str, Any]:
+        """Every constructor argument (``device``/``dtype`` aside) as this layer uses it, in signature order.
+
+        Read from the layer, not from what built it: defaults and values the constructor derives
+        are resolved (``gbgn``'s ``channel_groups=None`` reads ``C``, ``ghost``'s default reads
+        ``ghost_batch_size=32``). The value of argument ``a`` is the attribute ``a`` (or
+        ``argument_attributes[a]``), so a new constructor argument shows here once the layer
+        keeps it. The injection summary and the logged hyperparameters show these values.
+        """
+        skip = {"self", "device", "dtype"}
+        variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+        args = {}
+        for name, parameter in inspect.signature(type(self).__init__).parameters.items():
+            if name in skip or parameter.kind in variadic:
+                continue
+            attribute = self.argument_attributes.get(name, name)
+            if not hasattr(self, attribute):
+                raise AttributeError(
+                    f"{type(self).__name__} keeps no attribute {attribute!r} for its constructor argument {name!r}; "
+                    "store it, or map it in the class's argument_attributes"
+                )
+            args[name] = getattr(self, attribute)
+        return args
 
     def reset_parameters(self) -> None:
         """Affine to identity (``weight = 1``, ``bias = 0``); subclasses extend."""

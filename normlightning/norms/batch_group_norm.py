@@ -43,6 +43,9 @@ class BatchGroupNorm(BatchStatNorm):
     statistics ``running_mean``/``running_var`` per group, shape ``(G,)``, BN's policy.
     ``G`` may exceed ``C`` (groups then split a channel's positions); ``G = 1`` is the whole
     ``(N, C, S)`` block. The paper's ``G`` by per-GPU batch size: ``BGN_PAPER_GROUPS``.
+    ``num_groups`` has no default: the best ``G`` depends on the batch size, and ``G = 1`` (the
+    old default) was the worst setting of our MNIST study (docs/methods.md, "Group counts without
+    a default").
 
     Spatial size: the running statistics are tied to positions of the flattened ``D``. The
     spatial size seen in training is recorded in the buffer ``trained_spatial_numel``
@@ -56,11 +59,11 @@ class BatchGroupNorm(BatchStatNorm):
     group_args = (
         GroupArg(
             "num_groups", "flat", auto={"paper": _bgn_auto_paper}, takes_num_groups=True,
-            doc="groups of the flattened D = C*S; auto: the paper's mapping from the per-GPU batch",
+            doc="groups of the flattened D = C*S; auto: the paper's mapping from the per-GPU batch", required=True,
         ),
     )
 
-    def __init__(self, num_features: int, num_groups: int = 1, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True, device=None, dtype=None) -> None:
+    def __init__(self, num_features: int, num_groups: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True, device=None, dtype=None) -> None:
         super().__init__(num_features, eps, momentum, affine, device, dtype)
         if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1:
             raise ValueError(f"BatchGroupNorm num_groups must be a positive int dividing C·H·W, got {num_groups!r}.")

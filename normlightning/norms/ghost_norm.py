@@ -135,8 +135,10 @@ class SequentialNorm(_GhostMixin, BatchStatNorm):
     ``y = Ghost_{G_M}(GroupNorm_{G_C}(x))``: GN with ``channel_groups`` groups and no affine,
     then GhostNorm with ``batch_groups`` ghost batches (or ghost batches of ``ghost_batch_size``), which holds the per-channel affine and
     the running statistics (per channel). Eval: GN stage per example, ghost stage from the
-    running statistics. Defaults ``G_C = 4, G_M = 4`` (the paper's ImageNet setting;
-    CIFAR-100 ``4, 8``; CIFAR-10 ``16, 8``). Batch-size policy as in :class:`GhostNorm`.
+    running statistics. Both counts have no default: the paper's best differs by data set
+    (ImageNet ``G_C, G_M = 4, 4``; CIFAR-100 ``4, 8``; CIFAR-10 ``16, 8``), so give
+    ``channel_groups`` and ``batch_groups`` or ``ghost_batch_size`` (docs/methods.md, "Group
+    counts without a default"). Batch-size policy as in :class:`GhostNorm`.
 
     Shape: input ``(N, C, *)``, output the same.
     """
@@ -144,15 +146,18 @@ class SequentialNorm(_GhostMixin, BatchStatNorm):
     group_args = (
         GroupArg(
             "channel_groups", "channels", auto={"paper": _seqnorm_auto_channels}, takes_num_groups=True,
-            doc="GN-stage channel groups G_C; auto: 4 (the paper's best), fitted to C",
+            doc="GN-stage channel groups G_C; auto: 4 (the paper's best), fitted to C", required=True,
         ),
-        GroupArg("batch_groups", "batch", auto={"ghost16": _ghost_auto}, takes_num_groups=True, doc=_GHOST_DOC),
+        GroupArg(
+            "batch_groups", "batch", auto={"ghost16": _ghost_auto}, takes_num_groups=True, doc=_GHOST_DOC,
+            required=True, alternatives=("ghost_batch_size",),
+        ),
     )
 
     def __init__(
         self,
         num_features: int,
-        channel_groups: int = 4,
+        channel_groups: int,
         batch_groups: int | None = None,
         ghost_batch_size: int | None = None,
         eps: float = 1e-5,
@@ -168,7 +173,10 @@ class SequentialNorm(_GhostMixin, BatchStatNorm):
                 f"C={num_features}; valid choices: {divisors(num_features)}."
             )
         if batch_groups is None and ghost_batch_size is None:
-            batch_groups = 4
+            raise ValueError(
+                "SequentialNorm needs batch_groups (G_M ghost batches) or ghost_batch_size; it has no default "
+                "(the paper's best G_M differs by data set: 4 on ImageNet, 8 on CIFAR)."
+            )
         self._init_ghost(batch_groups, ghost_batch_size, "SequentialNorm")
         self.channel_groups = channel_groups
         self._register_running("running_mean", (num_features,), 0.0)

@@ -60,6 +60,11 @@ class GroupArg:
             ``flat`` argument is then fitted to the layer (largest divisor at or below it).
         takes_num_groups: the injection's ``norm.num_groups`` setting fills this argument.
         doc: one line for the docs and the injection summary.
+        required: the layer has no default for this count (no single value is right for every
+            model and batch size, ``docs/methods.md``, "Group counts without a default"); the
+            injection refuses a layer without it, naming the setting that gives it.
+        alternatives: other constructor arguments that set the same thing instead (``seqnorm``'s
+            ``ghost_batch_size`` for ``batch_groups``); a required count given by one is present.
     """
 
     name: str
@@ -67,6 +72,8 @@ class GroupArg:
     auto: Mapping[str, AutoRule] = field(default_factory=dict)
     takes_num_groups: bool = False
     doc: str = ""
+    required: bool = False
+    alternatives: tuple[str, ...] = ()
 
     def auto_rule(self, policy: str | None = None) -> tuple[str, AutoRule]:
         """``(policy name, rule)`` for ``auto`` (``policy=None``) or ``auto:<policy>``."""

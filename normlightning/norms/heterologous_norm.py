@@ -32,6 +32,8 @@ class HeterologousNorm(BatchStatNorm):
     Shape: input ``(N, C, *)``, output the same.
     """
 
+    argument_attributes = {"mean": "mean_spec", "std": "std_spec"}
+
     def __init__(
         self,
         num_features: int,

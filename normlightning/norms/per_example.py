@@ -43,6 +43,40 @@ class GroupNorm(NormLayer):
         return super().extra_repr() + f", num_groups={self.num_groups}"
 
 
+class FlatGroupNorm(NormLayer):
+    """Group Norm over each example's flattened ``D = C*S`` (docs/methods.md, section gnflat), registry
+    name ``gnflat``: the reading of the BGN paper's "G = 128 is used in GN" on WideResNet-10-2 (16-128
+    channels), where G "will divide images into patches".
+
+    ``D`` (channel-major) is cut into ``G`` contiguous groups of ``D/G``; per ``(n, g)``:
+    ``y = gamma_c (x - mu_ng) / sqrt(var_ng + eps) + beta_c``. ``G`` dividing ``C`` is :class:`GroupNorm`;
+    ``G > C`` cuts each channel into ``G/C`` bands of rows (patches); ``G = C`` is IN. BGN's sets without
+    the batch axis. ``G`` must divide ``D`` (checked in ``forward``: ``D`` depends on the input size).
+
+    Shape: input ``(N, C, *)``, output the same.
+    """
+
+    group_args = (GroupArg("num_groups", "flat", takes_num_groups=True, doc="groups of the flattened D = C*S"),)
+
+    def __init__(
+        self, num_features: int, num_groups: int = 32, eps: float = 1e-5, affine: bool = True, device=None, dtype=None
+    ) -> None:
+        super().__init__(num_features, eps, affine, device, dtype)
+        if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1:
+            raise ValueError(f"FlatGroupNorm num_groups={num_groups!r} must be a positive int (a divisor of D = C*S).")
+        self.num_groups = num_groups
+        self.reset_parameters()
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input(x)
+        return NF.flat_group_norm(
+            x, num_groups=self.num_groups, weight=self.weight, bias=self.bias, eps=self.eps, training=self.training
+        )
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", num_groups={self.num_groups}"
+
+
 class LayerNorm(NormLayer):
     """Layer Normalization for feature maps (Ba et al. 2016), registry name ``ln``.
 

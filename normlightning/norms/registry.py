@@ -17,7 +17,7 @@ from .batch_norm import BatchNorm, BatchRenorm
 from .ghost_norm import GhostNorm, SequentialNorm
 from .group_args import GroupArg, group_args_of
 from .heterologous_norm import HeterologousNorm
-from .per_example import GroupNorm, InstanceNorm, LayerNorm, PositionalNorm
+from .per_example import FlatGroupNorm, GroupNorm, InstanceNorm, LayerNorm, PositionalNorm
 from .switchable_norm import SwitchableNorm
 
 __all__ = ["build_norm", "register_norm", "available_norms", "norm_factory", "norm_group_args"]
@@ -25,6 +25,7 @@ __all__ = ["build_norm", "register_norm", "available_norms", "norm_factory", "no
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {
     "bn": BatchNorm,
     "gn": GroupNorm,
+    "gnflat": FlatGroupNorm,
     "ln": LayerNorm,
     "in": InstanceNorm,
     "pn": PositionalNorm,
@@ -93,6 +94,6 @@ def build_norm(name: str, num_features: int, **kwargs) -> nn.Module:
     try:
         return factory(num_features, **kwargs)
     except TypeError as err:
-        if "unexpected keyword argument" in str(err):
+        if "unexpected keyword argument" in str(err) or "missing 1 required" in str(err):
             raise TypeError(f"build_norm({name!r}): {err}. See the docstring of {getattr(factory, '__name__', factory)} for its arguments.") from err
         raise

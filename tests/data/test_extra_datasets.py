@@ -14,6 +14,7 @@ from PIL import Image
 from normlightning.data import CIFAR10, DatasetNotFoundError, Synthetic
 from normlightning.data.caltech256 import Caltech256
 from normlightning.data.cub200 import CUB200
+from normlightning.data.errors import UnreadableImageError
 from normlightning.data.flowers102 import Flowers102
 from normlightning.data.randaugment import RandAugmented, RandAugmentDataset
 from normlightning.data.svhn import SVHN
@@ -203,6 +204,28 @@ def test_cub200_missing_and_malformed(tmp_path) -> None:
     (tmp_path / "CUB_200_2011" / "image_class_labels.txt").write_text("1 1\n2\n")
     with pytest.raises(ValueError, match="line 2"):
         CUB200(root=str(tmp_path)).setup("fit")
+
+
+# ----------------------------------------------------------------------------- unreadable files
+@pytest.mark.parametrize(("write", "build", "image"), [
+    (lambda root: _write_caltech(root, per_class=5),
+     lambda root: Caltech256(root=root, expected_num_classes=3, image_size=8),
+     "caltech256/256_ObjectCategories/001.thing0/001_0001.jpg"),
+    (_write_flowers, lambda root: Flowers102(root=root, image_size=8), "flowers-102/jpg/image_00001.jpg"),
+    (_write_cub, lambda root: CUB200(root=root, image_size=8),
+     "CUB_200_2011/images/001.Bird_1/Bird_1_0001.jpg"),
+], ids=["caltech256", "flowers102", "cub200"])
+def test_truncated_image_file_is_named(tmp_path, write, build, image) -> None:
+    """Every data module that reads image files names a truncated one (and the setting that skips it)."""
+    write(tmp_path)
+    path = tmp_path / image
+    path.write_bytes(path.read_bytes()[:100])
+    dm = build(str(tmp_path))
+    dm.setup("fit")
+    dataset = dm.datasets["train"]
+    with pytest.raises(UnreadableImageError, match=f"cannot read the image file {path}: .*data.unreadable_images=skip"):
+        for i in range(len(dataset)):
+            dataset[i]
 
 
 # ----------------------------------------------------------------------------- RandAugment switch

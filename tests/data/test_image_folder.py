@@ -60,3 +60,37 @@ def test_imagenet_transforms_sizes(tmp_path, write_image_folders) -> None:
     dm.setup("fit")
     assert dm.datasets["train"][0][0].shape == (3, 24, 24)
     assert dm.datasets["val"][0][0].shape == (3, 24, 24)
+
+
+def _write_ramp_folders(root, width: int, height: int) -> None:
+    """``root/{train,val}/a/0.png``: a grey image whose value is ``8 * column`` (a horizontal ramp)."""
+    import numpy as np
+    from PIL import Image
+
+    ramp = np.repeat((8 * np.arange(width, dtype=np.uint8))[None, :, None], 3, axis=2)
+    for split in ("train", "val"):
+        (root / split / "a").mkdir(parents=True)
+        Image.fromarray(np.repeat(ramp, height, axis=0)).save(root / split / "a" / "0.png")
+
+
+def test_imagenet_eval_resize_mode_square(tmp_path, write_image_folders) -> None:
+    """HN §4.4 evaluation: "resized to 256x256, and then cropped by 224x224 at the center" (eval_resize_mode:
+    square), against the short-side resize (aspect ratio kept), on a 32x16 horizontal ramp, resize 16, crop 8.
+
+    Square: 32 -> 16 columns (scale 2): resized column j samples source column 2j + 0.5, value 8 (2j + 0.5);
+    the center crop keeps j = 4..11. Short side: 16 is already the short side, the crop keeps columns 12..19.
+    """
+    _write_ramp_folders(tmp_path, width=32, height=16)
+    columns = torch.arange(8, dtype=torch.float32)
+    square = ImageNet(root=str(tmp_path), expected_num_classes=1, image_size=8, resize=16,
+                      eval_resize_mode="square", num_workers=0)
+    square.setup("fit")
+    x = square.datasets["val"][0][0] * 255
+    assert x.shape == (3, 8, 8)
+    assert torch.allclose(x[0, 3], 8 * (2 * (columns + 4) + 0.5), atol=1.0)
+    short = ImageNet(root=str(tmp_path), expected_num_classes=1, image_size=8, resize=16, num_workers=0)
+    assert short.eval_resize_mode == "short_side"
+    short.setup("fit")
+    assert torch.allclose(short.datasets["val"][0][0][0, 3] * 255, 8 * (columns + 12), atol=1.0)
+    with pytest.raises(ValueError, match="eval_resize_mode"):
+        ImageNet(root=str(tmp_path), expected_num_classes=1, eval_resize_mode="stretch")

@@ -68,6 +68,31 @@ def test_cifar10_reads_pickles_and_augments(tmp_path, write_cifar) -> None:
     assert batch_x.shape == (5, 3, 32, 32) and batch_y.shape == (5,)
 
 
+def _pad_crop_windows(image: torch.Tensor, padding: int) -> list[torch.Tensor]:
+    """Every 32x32 window of ``image`` zero-padded by ``padding`` per side, and its horizontal mirror."""
+    padded = torch.nn.functional.pad(image, (padding,) * 4)
+    offsets = range(2 * padding + 1)
+    windows = [padded[:, dy : dy + 32, dx : dx + 32] for dy in offsets for dx in offsets]
+    return windows + [window.flip(-1) for window in windows]
+
+
+def test_cifar_crop_padding_sets_the_padded_square(tmp_path, write_cifar) -> None:
+    """crop_padding=2 (HN §4.1: "padded with 0 to 36x36"): every crop is a window of the 36x36 square,
+    and over 40 draws the crops cover more than the unpadded image (the padding is used)."""
+    write_cifar(tmp_path, num_classes=10, per_file=4)
+    dm = CIFAR10(root=str(tmp_path), batch_size=5, crop_padding=2)
+    assert dm.crop_padding == 2
+    dm.setup("fit")
+    stored = torch.from_numpy(dm.datasets["train"].data[0]).permute(2, 0, 1).float()  # HWC -> CHW
+    allowed, unpadded = _pad_crop_windows(stored, 2), _pad_crop_windows(stored, 0)
+    torch.manual_seed(0)
+    crops = [(dm.datasets["train"][0][0] * 255).round() for _ in range(40)]
+    assert all(any(torch.equal(crop, window) for window in allowed) for crop in crops)
+    assert not all(any(torch.equal(crop, window) for window in unpadded) for crop in crops)
+    with pytest.raises(ValueError, match="crop_padding"):
+        CIFAR10(root=str(tmp_path), crop_padding=-1)
+
+
 def test_cifar100_reads_pickles(tmp_path, write_cifar) -> None:
     test_images, test_labels = write_cifar(tmp_path, num_classes=100, per_file=6)
     dm = CIFAR100(root=str(tmp_path))

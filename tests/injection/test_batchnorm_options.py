@@ -139,7 +139,8 @@ def test_other_methods_keep_the_options_or_refuse(key, method, settings, options
         layer = model.get_submodule(name)
         assert layer.eps == eps and layer.affine is affine and (layer.weight is None) is (not affine)
         if key in RUNNING_STATISTICS:
-            default = build_norm(method, C, **settings.get("kwargs", {})).momentum
+            required = {"num_groups": settings["num_groups"]} if method == "bgn" else {}  # bgn has no default G
+            default = build_norm(method, C, **required, **settings.get("kwargs", {})).momentum
             assert layer.momentum == (default if momentum == 0.1 else momentum), name
             assert is_batch_statistic_layer(layer)
         else:

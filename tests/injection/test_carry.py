@@ -94,7 +94,8 @@ def _net(norm: nn.Module) -> nn.Sequential:
 
 def test_targets_match_exact_types_and_subclasses_are_reported_kept():
     model = _net(PlainSubclassBN(4))
-    spec, rows = inject(model, method="bn")
+    with pytest.warns(UserWarning, match=r"nothing in Sequential was replaced: all 1 of its target layers were kept"):
+        spec, rows = inject(model, method="bn")
     assert spec["layers"] == [] and type(model[1]) is PlainSubclassBN
     (row,) = rows
     assert row["new"] == "(kept)" and f"{__name__}.PlainSubclassBN" in row["args"]

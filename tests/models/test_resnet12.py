@@ -62,3 +62,35 @@ def test_dropblock_schedule_and_mask():
     assert 0.05 < zero_frac < 0.4
     # rescaling keeps the mean of a constant input
     assert abs(float(out.mean()) - 1.0) < 1e-5
+
+
+def test_resnet12_tadam_variant():
+    """TADAM's ResNet-12 (Oreshkin et al. 2018): widths 64-128-256-512, swish-1, no dropout and no DropBlock; a block
+    is maxpool2(swish(bn3(conv3(swish(bn2(conv2(swish(bn1(conv1 x)))))))) + bn(conv1x1 x))), written out here."""
+    import pytest
+    import torch.nn.functional as F
+
+    model = resnet12(5, (3, 84, 84), variant="tadam")
+    enc = model.encoder
+    assert [blk.conv1.out_channels for blk in enc.layers] == [64, 128, 256, 512]
+    assert not any(isinstance(m, (DropBlock, torch.nn.Dropout, torch.nn.LeakyReLU)) for m in enc.modules())
+    assert model.features(torch.randn(2, 3, 84, 84)).shape == (2, 512)
+    small = resnet12(4, (3, 16, 16), variant="tadam", widths=(4, 4, 4, 8)).encoder.eval()  # kwargs override
+    assert small.num_features == 8
+    block, x = small.layers[0], torch.randn(2, 3, 16, 16)
+
+    def bn(layer, t):
+        return F.batch_norm(t, layer.running_mean, layer.running_var, layer.weight, layer.bias, False, 0.0, layer.eps)
+
+    def swish(t):
+        return t * torch.sigmoid(t)
+
+    out = swish(bn(block.bn1, F.conv2d(x, block.conv1.weight, padding=1)))
+    out = swish(bn(block.bn2, F.conv2d(out, block.conv2.weight, padding=1)))
+    out = bn(block.bn3, F.conv2d(out, block.conv3.weight, padding=1))
+    out = out + bn(block.shortcut[1], F.conv2d(x, block.shortcut[0].weight))
+    torch.testing.assert_close(block(x), F.max_pool2d(swish(out), 2))
+    with pytest.raises(ValueError, match="variant"):
+        resnet12(5, variant="wide")
+    with pytest.raises(ValueError, match="activation"):
+        ResNet12(activation="relu6")

@@ -151,6 +151,7 @@ def sn_train(x, wm, wv, eps=EPS):
 ALL_SPECS = {
     "bn": {},
     "gn": {"num_groups": 2},
+    "gnflat": {"num_groups": 6},  # groups of D/G = 10 values: parts of a channel
     "ln": {},
     "in": {},
     "pn": {},

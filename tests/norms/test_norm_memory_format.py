@@ -128,7 +128,7 @@ def test_one_position_input_keeps_its_exact_strides(name):
     """(N, C, 1, 1) is dense in both formats; the output and the input gradient must still carry
     the input's strides: convolutions pick their layout from them (channel stride 1 reads as
     channels_last), and the convolution next to the layer would convert its weight on every call."""
-    spec = {"num_groups": 2} if name == "bgn" else ALL_SPECS[name]  # G must divide D = C here
+    spec = {"num_groups": 2} if name in ("bgn", "gnflat") else ALL_SPECS[name]  # G must divide D = C here
     layer = build_norm(name, C, **spec)
     x = torch.randn(6, C, 1, 1) + 1
     for mode in (False,) if name == "in" else (True, False):  # IN has one value per set: eval only

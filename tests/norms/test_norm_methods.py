@@ -10,6 +10,7 @@ from normlightning.norms import (
     BatchGroupNorm,
     BatchNorm,
     BatchRenorm,
+    FlatGroupNorm,
     GeneralBatchGroupNorm,
     GhostNorm,
     GroupNorm,
@@ -143,6 +144,35 @@ def test_gn(G):
     for mode in (True, False):
         layer.train(mode)
         _compare(layer, lambda t: R.affine(R.gn_ref(t, G), layer.weight, layer.bias), torch.randn(3, 4, 2, 3, dtype=D64))
+
+
+@pytest.mark.parametrize("G", [2, 4, 8, 24])
+def test_gnflat(G):
+    """gnflat: per (n, g) over the g-th of G contiguous slices of the flattened C*H*W (4*2*6 = 48 values): G = 2
+    is GN's channel pairs, G = 4 one channel (IN's set), G = 8 and 24 bands of one channel's rows (patches)."""
+    torch.manual_seed(5)
+    layer = _randomize_affine(FlatGroupNorm(4, num_groups=G, dtype=D64))
+    x = torch.randn(3, 4, 2, 6, dtype=D64)
+
+    def formula(t):
+        flat = t.reshape(3, G, -1)
+        mu = flat.mean(-1, keepdim=True)
+        var = ((flat - mu) ** 2).mean(-1, keepdim=True)
+        y = ((flat - mu) / torch.sqrt(var + R.EPS)).reshape(t.shape)
+        return y * layer.weight.view(1, 4, 1, 1) + layer.bias.view(1, 4, 1, 1)
+
+    for mode in (True, False):
+        layer.train(mode)
+        _compare(layer, formula, x)
+    if G == 8:  # set of (n, c=1, row 0): the values x[n, 1, 0, :] only
+        y = (layer(x) - layer.bias.view(1, 4, 1, 1)) / layer.weight.view(1, 4, 1, 1)
+        row = x[:, 1, 0, :]
+        expected = (row - row.mean(-1, keepdim=True)) / torch.sqrt(row.var(-1, unbiased=False, keepdim=True) + R.EPS)
+        torch.testing.assert_close(y[:, 1, 0, :], expected)
+    with pytest.raises(ValueError, match="num_groups=5 must divide D"):
+        FlatGroupNorm(4, num_groups=5)(x)
+    with pytest.raises(ValueError, match="num_groups"):
+        FlatGroupNorm(4, num_groups=0)
 
 
 def test_ln_in_pn():

@@ -1,6 +1,6 @@
 """Methods whose sets lie within one example: GN, LN (one group), IN (one channel per group),
-PN (the channels at one position), and SeqNorm, GN followed by GhostNorm
-(docs/methods.md, sections gn, ln, in, pn, seqnorm). Fast paths: ``F.group_norm``,
+PN (the channels at one position), GN over the flattened ``C*S`` (gnflat), and SeqNorm, GN followed by
+GhostNorm (docs/methods.md, sections gn, gnflat, ln, in, pn, seqnorm). Fast paths: ``F.group_norm``,
 ``F.layer_norm``."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..group_args import divisors
+from ..group_args import divisors, nearby_divisors
 from .batch_sets import check_ghost_batches, ghost_norm
 from .layout import NormInput, spatial_size
 from .moments import check_set_size
@@ -33,6 +33,34 @@ def group_norm(
         _check_group_sets(C, num_groups, spatial_size(x))
     io = NormInput(x, weight, bias)
     return io.output(F.group_norm(io.x, num_groups, io.weight, io.bias, eps))
+
+
+def flat_group_norm(
+    x: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None, eps: float = 1e-5, training: bool = False
+) -> Tensor:
+    """Group Norm over the flattened ``D = C*S`` of each example (docs/methods.md, section gnflat).
+
+    ``D`` (channel-major, ``d = c*S + s``) is cut into ``G`` contiguous groups of ``D/G``; per ``(n, g)``
+    over its ``D/G`` values: ``y = gamma_c (x - mu_ng) / sqrt(var_ng + eps) + beta_c`` (biased variance).
+    ``G`` dividing ``C`` is :func:`group_norm`; ``G > C`` cuts each channel into ``G/C`` bands of positions.
+    Native ``F.group_norm`` on the view ``(N, G, D/G)``, then the per-channel affine.
+    """
+    N, C = x.shape[0], x.shape[1]
+    D = C * spatial_size(x)
+    if D % num_groups != 0:
+        raise ValueError(
+            f"FlatGroupNorm num_groups={num_groups} must divide D = C*S = {C}*{D // C} = {D}; "
+            f"valid choices (divisors of {D}) near {num_groups}: {nearby_divisors(D, num_groups)}."
+        )
+    if training:
+        check_set_size(D // num_groups, f"FlatGroupNorm with num_groups={num_groups} on D={D}", "Use fewer groups.")
+    io = NormInput(x, weight, bias)
+    y = F.group_norm(io.x.reshape(N, num_groups, D // num_groups), num_groups, eps=eps).reshape(N, C, -1)
+    if io.weight is not None:
+        y = y * io.weight[:, None]
+    if io.bias is not None:
+        y = y + io.bias[:, None]
+    return io.output(y)
 
 
 def _check_group_sets(C: int, G: int, S: int) -> None:

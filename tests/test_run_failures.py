@@ -120,14 +120,14 @@ def test_a_rerun_into_a_used_run_folder_is_refused_unless_it_resumes_or_overwrit
 def test_predicting_twice_into_one_folder_refuses_before_the_pass(run_dir) -> None:
     out = run_dir / "predictions"
     args = [*SYNTHETIC, f"--predictions.output_dir={out}"]
-    build_cli(["predict", *args])
+    build_cli(["predict", *args, "--allow_untrained=true"])
     first = (out / "predictions.csv").read_bytes()
     cli = build_cli(args, run=False)
     with pytest.raises(FileExistsError, match=r"predictions\.csv already exists.*predictions\.output_dir"):
         cli.trainer.predict(cli.model, datamodule=cli.datamodule)
     assert cli.trainer.predict_loop.batch_progress.total.ready == 0  # refused before predicting
     assert (out / "predictions.csv").read_bytes() == first
-    build_cli(["predict", *args, "--predictions.overwrite=true"])
+    build_cli(["predict", *args, "--allow_untrained=true", "--predictions.overwrite=true"])
     assert (out / "predictions.csv").read_bytes() == first  # same model, same predictions, replaced on request
 
 

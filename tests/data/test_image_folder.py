@@ -63,14 +63,16 @@ def test_imagenet_transforms_sizes(tmp_path, write_image_folders) -> None:
 
 
 def _write_ramp_folders(root, width: int, height: int) -> None:
-    """``root/{train,val}/a/0.png``: a grey image whose value is ``8 * column`` (a horizontal ramp)."""
+    """``root/{train,val}/{a,b}/0.png``: a grey image whose value is ``8 * column`` (a horizontal ramp); class
+    ``a`` is item 0 of each split (a second class because one class is refused)."""
     import numpy as np
     from PIL import Image
 
     ramp = np.repeat((8 * np.arange(width, dtype=np.uint8))[None, :, None], 3, axis=2)
     for split in ("train", "val"):
-        (root / split / "a").mkdir(parents=True)
-        Image.fromarray(np.repeat(ramp, height, axis=0)).save(root / split / "a" / "0.png")
+        for label in ("a", "b"):
+            (root / split / label).mkdir(parents=True)
+            Image.fromarray(np.repeat(ramp, height, axis=0)).save(root / split / label / "0.png")
 
 
 def test_imagenet_eval_resize_mode_square(tmp_path, write_image_folders) -> None:
@@ -82,15 +84,15 @@ def test_imagenet_eval_resize_mode_square(tmp_path, write_image_folders) -> None
     """
     _write_ramp_folders(tmp_path, width=32, height=16)
     columns = torch.arange(8, dtype=torch.float32)
-    square = ImageNet(root=str(tmp_path), expected_num_classes=1, image_size=8, resize=16,
+    square = ImageNet(root=str(tmp_path), expected_num_classes=2, image_size=8, resize=16,
                       eval_resize_mode="square", num_workers=0)
     square.setup("fit")
     x = square.datasets["val"][0][0] * 255
     assert x.shape == (3, 8, 8)
     assert torch.allclose(x[0, 3], 8 * (2 * (columns + 4) + 0.5), atol=1.0)
-    short = ImageNet(root=str(tmp_path), expected_num_classes=1, image_size=8, resize=16, num_workers=0)
+    short = ImageNet(root=str(tmp_path), expected_num_classes=2, image_size=8, resize=16, num_workers=0)
     assert short.eval_resize_mode == "short_side"
     short.setup("fit")
     assert torch.allclose(short.datasets["val"][0][0][0, 3] * 255, 8 * (columns + 12), atol=1.0)
     with pytest.raises(ValueError, match="eval_resize_mode"):
-        ImageNet(root=str(tmp_path), expected_num_classes=1, eval_resize_mode="stretch")
+        ImageNet(root=str(tmp_path), expected_num_classes=2, eval_resize_mode="stretch")

@@ -8,7 +8,8 @@ docs/methods.md, section "Shared conventions".
 
 Every method of an activation ``x`` returns a tensor in ``x``'s shape, dtype and memory format
 (:class:`~.layout.NormInput`). Modules: :mod:`.layout` (compute dtype, ``(N, C, S)`` view,
-output layout), :mod:`.moments` (statistics of sets, all-reduce, running statistics),
+output layout), :mod:`.native` (the native batch norm, its backward fed the input's layout),
+:mod:`.moments` (statistics of sets, all-reduce, running statistics),
 :mod:`.fused_ops` (one-pass normalize + affine), :mod:`.batch_sets` (bn, ghost, brn, example
 weighing), :mod:`.batch_group` (bgn), :mod:`.group_sets` (gn, ln, in, pn, seqnorm),
 :mod:`.general_batch_group` (gbgn), :mod:`.mixed_statistics` (hn, sn),

@@ -6,13 +6,13 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..group_args import nearby_divisors
 from .batch_sets import normalize_batch_sets
 from .fused_ops import blocks, scale_shift
 from .layout import NormInput, spatial_size
+from .native import native_batch_norm
 from .moments import check_set_size, synced_mean_var, update_running_stats
 from .pooled_sets import pooled_set_norm
 
@@ -46,7 +46,7 @@ def batch_group_norm(
     """Batch Group Norm (Zhou et al., AAAI 2021), eqs. (8)-(9).
 
     Flatten ``(C, S)`` to ``D = C*S``, cut ``D`` into ``G`` contiguous groups of ``D/G``;
-    per group over ``(N, D/G)`` (native ``F.batch_norm`` on the view ``(N, G, D/G)``).
+    per group over ``(N, D/G)`` (native batch norm on the view ``(N, G, D/G)``).
     Running statistics per group (shape ``(G,)``); per-channel affine. When ``G`` is a multiple
     of ``C`` every group lies in one channel and the affine is fused into the native call.
     Otherwise the units are blocks of contiguous values each inside one group and one channel
@@ -102,4 +102,4 @@ def batch_group_norm(
     mean, var = blocks(running_mean.to(io.dtype), per_group), blocks(running_var.to(io.dtype), per_group)
     wk = None if w is None else blocks(w, per_channel)
     bk = None if b is None else blocks(b, per_channel)
-    return io.output(F.batch_norm(xv, mean, var, wk, bk, False, 0.0, eps))
+    return io.output(native_batch_norm(xv, mean, var, wk, bk, False, 0.0, eps))

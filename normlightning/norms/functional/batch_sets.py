@@ -1,17 +1,18 @@
 """Methods whose sets are per channel over the batch: BN (with inference example weighing),
 GhostNorm / Ghost BN and Batch Renormalization (docs/methods.md, sections bn, ghost, brn).
 
-Fast paths onto ``F.batch_norm``: BN directly, Ghost on the view ``(N/G_M, G_M*C, S)``.
+Fast paths onto the native batch norm (:func:`~.native.native_batch_norm`): BN directly, Ghost
+on the view ``(N/G_M, G_M*C, S)``.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .fused_ops import channel_affine
 from .layout import NormInput, spatial_size
+from .native import native_batch_norm
 from .moments import channel_moments, check_set_size, synced_mean_var, update_running_stats
 
 
@@ -31,10 +32,10 @@ def normalize_batch_sets(
     """Normalize a ``(N, K, L)`` view per ``k`` over ``(N, L)``; weight/bias of shape ``(K,)``.
 
     Training: batch statistics, running buffers (shape ``(K,)``) updated. Eval: running stats.
-    Native ``F.batch_norm`` unless ``sync`` (the moments path of :func:`synced_mean_var`).
+    Native batch norm unless ``sync`` (the moments path of :func:`synced_mean_var`).
     """
     if not training or not sync:
-        return F.batch_norm(x3, running_mean, running_var, weight, bias, training, factor, eps)
+        return native_batch_norm(x3, running_mean, running_var, weight, bias, training, factor, eps)
     mean, var, count = synced_mean_var(x3, (0, 2), process_group=process_group)
     update_running_stats(running_mean, running_var, mean, var, count, factor)
     y = (x3 - mean) * torch.rsqrt(var + eps)
@@ -101,7 +102,7 @@ def batch_norm(
             io.x3, running_mean, running_var, w, b, training=True, factor=factor, eps=eps, sync=True, process_group=process_group
         )
     else:
-        y = F.batch_norm(io.x, running_mean, running_var, w, b, training, factor, eps)
+        y = native_batch_norm(io.x, running_mean, running_var, w, b, training, factor, eps)
     return io.output(y)
 
 
@@ -154,7 +155,7 @@ def ghost_norm(
     io = NormInput(x, weight, bias)
     x3, w, b = io.x3, io.weight, io.bias
     if G == 1 and not sync:  # one ghost batch: BN, whose native update is the ghost rule for G_M = 1
-        return io.output(F.batch_norm(io.x, running_mean, running_var, w, b, True, factor, eps))
+        return io.output(native_batch_norm(io.x, running_mean, running_var, w, b, True, factor, eps))
     if N % G == 0:
         xv = x3.reshape(N // G, G * C, S)
         y, means, uvars = _ghost_pass(xv, G, w, b, eps, sync, process_group)
@@ -187,7 +188,7 @@ def _ghost_pass(xv: Tensor, G: int, w, b, eps, sync, process_group):
         # buffers when momentum = 1, so the ghost statistics come for free.
         tmp_mean = torch.zeros(K, dtype=xv.dtype, device=xv.device)
         tmp_var = torch.ones(K, dtype=xv.dtype, device=xv.device)
-        y = F.batch_norm(xv, tmp_mean, tmp_var, wk, bk, True, 1.0, eps)
+        y = native_batch_norm(xv, tmp_mean, tmp_var, wk, bk, True, 1.0, eps)
         return y, tmp_mean.view(G, C), tmp_var.view(G, C)
     mean, var, count = synced_mean_var(xv, (0, 2), process_group=process_group)
     y = (xv - mean) * torch.rsqrt(var + eps)

@@ -30,8 +30,9 @@ def blocks(t: Tensor, r: int) -> Tensor:
 
 
 class RowMoments(torch.autograd.Function):
-    """``x -> (mean, biased var)`` over the last dim, with a one-pass fused backward
-    ``dx = a * x + b`` (``a = 2 g_var / L``, ``b = g_mean / L - a * mean``, per row)."""
+    """``x -> (mean, biased var)`` over the last dim, with a fused backward
+    ``dx = a * (x - mean) + g_mean / L`` (``a = 2 g_var / L``, per row). Centred: ``a * x - a * mean``
+    would cancel in float32 where ``x`` is near its row's mean (rows offset by many stds)."""
 
     @staticmethod
     def forward(x: Tensor) -> tuple[Tensor, Tensor]:
@@ -50,9 +51,8 @@ class RowMoments(torch.autograd.Function):
         L = x.shape[-1]
         if g_var is None:
             return (g_mean / L).expand_as(x)
-        a = g_var * (2.0 / L)
-        b = -a * mean if g_mean is None else g_mean / L - a * mean
-        return fma(x, a, b)
+        dx = (x - mean).mul_(g_var * (2.0 / L))
+        return dx if g_mean is None else dx.add_(g_mean / L)
 
 
 class _ScaleShift(torch.autograd.Function):

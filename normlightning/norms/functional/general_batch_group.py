@@ -4,13 +4,13 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from .batch_sets import example_weighted_norm
 from .fused_ops import blocks, channel_affine, normalize_affine
 from .layout import NormInput, spatial_size
-from .moments import check_set_size, chunk_sizes, reduce_mean, row_moments
+from .native import native_batch_norm
+from .moments import check_set_size, chunk_sizes, pooled_moments, reduce_mean, row_moments
 from .pooled_sets import pooled_set_norm
 
 
@@ -40,8 +40,9 @@ def general_batch_group_norm(
     mixed with the example's own moments over ``(C/G_C, S)`` when ``alpha > 0``.
 
     Local training with equal example groups is one autograd node
-    (:func:`~.pooled_sets.pooled_set_norm`, ``raw`` variances); eval without ``alpha`` one native
-    eval-mode ``F.batch_norm``.
+    (:func:`~.pooled_sets.pooled_set_norm`, whose set variance is this one computed without
+    cancellation, as ``mean v + mean (m1 - mu)^2``); eval without ``alpha`` one native
+    eval-mode batch norm (:func:`~.native.native_batch_norm`).
     """
     N, C = x.shape[0], x.shape[1]
     S = spatial_size(x)
@@ -56,7 +57,7 @@ def general_batch_group_norm(
             yg = example_weighted_norm(x3.reshape(N, Gc, Cg * S), m1, m2, alpha, eps)
             return io.output(channel_affine(yg.reshape(N, C, S), w, b))
         mean, var = general_batch_group_channel_statistics(moving_x, moving_x2, Gc, io.dtype)
-        return io.output(F.batch_norm(io.x, mean, var, w, b, False, 0.0, eps))  # one native pass
+        return io.output(native_batch_norm(io.x, mean, var, w, b, False, 0.0, eps))  # one native pass
     E = N if examples_per_group is None else examples_per_group
     k = -(-N // E)
     sizes = chunk_sizes(N, k)
@@ -69,7 +70,7 @@ def general_batch_group_norm(
         return io.output(_gbgn_moments(io, Gc, sizes, moving_x, moving_x2, factor, eps, sync, process_group))
     # local, equal groups: one autograd node; units are channels (E = N) or (example, channel) rows
     shape, dims = ((Gc, Cg), (1,)) if E == N else ((N // E, E, Gc, Cg), (1, 3))
-    stage = ((("pool", shape, dims),), (("raw", shape, dims),))
+    stage = ((("pool", shape, dims),), (("tv", shape, dims),))
     if E == N:
         y, m_c, v_c, _ = pooled_set_norm(io.x, w, b, (1, 1), (stage,), eps)
         bm1, bm2 = m_c, v_c + m_c * m_c
@@ -92,8 +93,9 @@ def general_batch_group_channel_statistics(moving_x: Tensor, moving_x2: Tensor, 
 
 
 def _gbgn_moments(io: NormInput, Gc: int, sizes: list[int], moving_x, moving_x2, factor, eps, sync, process_group) -> Tensor:
-    """Training from the per-``(n, c)`` moments, chunk by chunk (example groups of unequal sizes),
-    block moments (all-)reduced with ``sync``; normalization + affine in one pass."""
+    """Training from the per-``(n, c)`` moments, chunk by chunk (example groups of unequal sizes);
+    normalization + affine in one pass. Each block's variance is pooled without cancellation
+    (:func:`pooled_moments`, across processes with ``sync``)."""
     x3 = io.x3
     N, C, _ = x3.shape
     Cg = C // Gc
@@ -102,13 +104,12 @@ def _gbgn_moments(io: NormInput, Gc: int, sizes: list[int], moving_x, moving_x2,
     m_nc, v_nc = m_nc.squeeze(2), v_nc.squeeze(2)
     ex2_nc = v_nc + m_nc * m_nc
     mus, variances = [], []
-    for m_c, e_c in zip(torch.split(m_nc, sizes, 0), torch.split(ex2_nc, sizes, 0)):
+    for m_c, v_c in zip(torch.split(m_nc, sizes, 0), torch.split(v_nc, sizes, 0)):
         n_c = m_c.shape[0]
-        (mu, ex2), _ = reduce_mean(
-            [m_c.reshape(1, n_c, Gc, Cg), e_c.reshape(1, n_c, Gc, Cg)], (1, 3), sync=sync, process_group=process_group
-        )
+        m_b, v_b = m_c.reshape(1, n_c, Gc, Cg), v_c.reshape(1, n_c, Gc, Cg)
+        mu, var, _ = pooled_moments(m_b, v_b, (1, 3), sync=sync, process_group=process_group)
         mus.append(mu.expand(1, n_c, Gc, Cg).reshape(n_c, C))
-        variances.append((ex2 - mu * mu).clamp_min(0.0).expand(1, n_c, Gc, Cg).reshape(n_c, C))
+        variances.append(var.expand(1, n_c, Gc, Cg).reshape(n_c, C))
     mu = torch.cat(mus, 0) if len(mus) > 1 else mus[0]
     var = torch.cat(variances, 0) if len(variances) > 1 else variances[0]
     with torch.no_grad():

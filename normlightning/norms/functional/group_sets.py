@@ -22,6 +22,8 @@ def group_norm(
     """Group Norm (Wu & He 2018): per ``(n, g)`` over ``(C/G, S)``, per-channel affine.
 
     ``training``: a set of one element (``C/G * S == 1``) is then an error (its output would be 0).
+    Native ``F.group_norm``; in float32 on small sets, of the input shifted per set
+    (:func:`_shifted_per_set`, :data:`SHIFT_BELOW_SET_SIZE`).
     """
     C = x.shape[1]
     if C % num_groups != 0:
@@ -32,7 +34,30 @@ def group_norm(
     if training:
         _check_group_sets(C, num_groups, spatial_size(x))
     io = NormInput(x, weight, bias)
-    return io.output(F.group_norm(io.x, num_groups, io.weight, io.bias, eps))
+    xs = _shifted_per_set(io.x, num_groups) if _needs_shift(io.dtype, (C // num_groups) * spatial_size(x)) else io.x
+    return io.output(F.group_norm(xs, num_groups, io.weight, io.bias, eps))
+
+
+#: float32 sets of fewer values than this are shifted before the native GN / LN kernel: measured on
+#: CPU (torch 2.14.1) at mean/std = 100, the kernel's output is off by 1e-4 to 1e-3 on sets of 2 or 3
+#: values and by about 1.5e-5 on sets of 4 to 4096 (docs/methods.md, "Precision").
+SHIFT_BELOW_SET_SIZE = 16
+
+
+def _needs_shift(dtype: torch.dtype, set_size: int) -> bool:
+    """Whether a native per-example kernel gets the input shifted per set (:func:`_shifted_per_set`)."""
+    return dtype != torch.float64 and set_size < SHIFT_BELOW_SET_SIZE
+
+
+def _shifted_per_set(x: Tensor, G: int) -> Tensor:
+    """``x`` minus, per ``(n, g)`` set, the set's first value (detached): GN's output and gradients
+    are those of ``x`` (a constant per set cancels in ``x - mu``), but the native float32 kernel,
+    whose variance cancels on small sets far from 0 against their spread, sees values near 0, and
+    a set of equal values exactly 0. One elementwise pass."""
+    N, C = x.shape[0], x.shape[1]
+    first = x.detach().reshape(N, C, -1)[:, :: C // G, :1]  # (N, G, 1)
+    shift = first.unsqueeze(2).expand(N, G, C // G, 1).reshape((N, C) + (1,) * (x.dim() - 2))
+    return x - shift
 
 
 def flat_group_norm(
@@ -92,12 +117,15 @@ def positional_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: 
     ``(C,)`` affine is ours (a view of a channels-last input; copied for a contiguous one). At one
     position ``(N, C)`` itself: a transposed ``(N, C, 1, 1)`` output or gradient would have channel
     stride 1, which convolutions read as channels-last and answer by converting their weight.
+    In float32 with fewer than :data:`SHIFT_BELOW_SET_SIZE` channels the input is first shifted by
+    its channel-0 value at each position (detached; the reason of :func:`_shifted_per_set`).
     """
     io = NormInput(x, weight, bias)
     N, C = x.shape[0], x.shape[1]
+    xs = io.x - io.x.detach()[:, :1] if _needs_shift(io.dtype, C) else io.x
     if spatial_size(x) == 1:
-        return io.output(F.layer_norm(io.x.reshape(N, C), (C,), io.weight, io.bias, eps))
-    return io.output(F.layer_norm(io.x3.transpose(1, 2), (C,), io.weight, io.bias, eps).transpose(1, 2))
+        return io.output(F.layer_norm(xs.reshape(N, C), (C,), io.weight, io.bias, eps))
+    return io.output(F.layer_norm(xs.reshape(N, C, -1).transpose(1, 2), (C,), io.weight, io.bias, eps).transpose(1, 2))
 
 
 #: Inputs smaller than this train SeqNorm with the two native kernels (GN, then ghost BN): the

@@ -45,6 +45,30 @@ def memory_format_of(x: Tensor) -> torch.memory_format | None:
     return None
 
 
+def _dense(shape, stride) -> bool:
+    """Whether ``stride`` lays out a tensor of ``shape`` densely without overlap (size-1 dims free)."""
+    expected = 1
+    for step, size in sorted((step, size) for size, step in zip(shape, stride) if size != 1):
+        if step != expected:
+            return False
+        expected *= size
+    return True
+
+
+def laid_out_as(g: Tensor | None, stride: tuple[int, ...]) -> Tensor | None:
+    """``g`` with exactly the strides ``stride`` (those of the tensor whose gradient it is): ``g``
+    itself when they already match, else one copy (contiguous when ``stride`` is not a dense
+    layout, e.g. a strided view).
+
+    Fed to a native batch-norm backward (see :func:`~.native.native_batch_norm`), whose CPU
+    kernel misreads an upstream gradient dense in another memory format when a dim has size 1."""
+    if g is None or g.stride() == stride:  # (a hook may be handed no gradient)
+        return g
+    if not _dense(g.shape, stride):
+        return g.contiguous()
+    return torch.empty_strided(g.shape, stride, dtype=g.dtype, device=g.device).copy_(g)
+
+
 class NormInput:
     """An input ``x (N, C, *spatial)`` as a method computes on it, and the way back.
 

@@ -9,13 +9,12 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-import torch.nn.functional as F
-
 from ..group_args import divisors
 from .fused_ops import blocks, normalize_affine
 from .layout import NormInput, spatial_size
+from .native import native_batch_norm
 from .pooled_sets import channel_group_part, pooled_set_norm, row_part
-from .moments import check_set_size, combine_moments, reduce_mean, row_moments, synced_mean_var, update_running_stats
+from .moments import check_set_size, combine_moments, pooled_moments, row_moments, synced_mean_var, update_running_stats
 
 
 _SET_KINDS = ("bn", "in", "ln", "gn", "en")
@@ -141,7 +140,7 @@ def _heterologous_local(io: NormInput, mean_set, std_sets, std_mix_logits, runni
 
     if not training and channel_units and std_mix_logits is None:  # constants per channel: one native pass
         mean, var = heterologous_channel_statistics(mean_set, std_sets, None, running_mean, running_vars, C, dt)
-        return F.batch_norm(x, mean, var, io.weight, io.bias, False, 0.0, eps)
+        return native_batch_norm(x, mean, var, io.weight, io.bias, False, 0.0, eps)
     mean_parts = (part("pool", mean_set[0], mean_set[1], running_mean),)
     var_parts = tuple(part("tv", k, g, rv) for (k, g), rv in zip(std_sets, running_vars))
     xv = x if channel_units else x.reshape(1, N * C, S)
@@ -244,7 +243,8 @@ def switchable_norm(
     BN term only (eval uses them for that term).
 
     Locally (no ``sync``) one autograd node over ``(example, channel)`` row units
-    (:func:`~.pooled_sets.pooled_set_norm`); the BN term's running statistics are constants at
+    (:func:`~.pooled_sets.pooled_set_norm`, which forms ``var_ln``, ``var_bn`` without cancellation
+    as ``mean var_in + mean (mu_in - mu)^2``); the BN term's running statistics are constants at
     inference.
     """
     if training:
@@ -259,11 +259,11 @@ def switchable_norm(
     consts: tuple[Tensor, ...] = ()
     if training:
         mean_parts = (("own",), layer, batch)
-        var_parts = (("own",), ("raw",) + layer[1:], ("raw",) + batch[1:])
+        var_parts = (("own",), ("tv",) + layer[1:], ("tv",) + batch[1:])
     else:
         consts = (running_mean.to(dt).repeat(N), running_var.to(dt).repeat(N))
         mean_parts = (("own",), layer, ("const", 0))
-        var_parts = (("own",), ("raw",) + layer[1:], ("const", 1))
+        var_parts = (("own",), ("tv",) + layer[1:], ("const", 1))
     y, _, _, stats = pooled_set_norm(
         x.reshape(1, N * C, S), io.weight, io.bias, (N, 1), ((mean_parts, var_parts),), eps, consts,
         mean_logits=mean_logits, var_logits=var_logits,
@@ -274,15 +274,13 @@ def switchable_norm(
 
 
 def _switchable_synced(io: NormInput, mean_logits, var_logits, running_mean, running_var, factor, eps, process_group) -> Tensor:
-    """SN in training with ``sync``: the BN term's moments all-reduced (differentiably)."""
+    """SN in training with ``sync``: the BN term pooled across processes (differentiably,
+    :func:`pooled_moments`), the LN term from the local rows (:func:`combine_moments`)."""
     x3, dt = io.x3, io.dtype
     S = x3.shape[2]
     mu_in, var_in = row_moments(x3)
-    temp = var_in + mu_in * mu_in
-    mu_ln = mu_in.mean(1, keepdim=True)
-    var_ln = (temp.mean(1, keepdim=True) - mu_ln * mu_ln).clamp_min(0.0)
-    (mu_bn, t_bn), n_ex = reduce_mean([mu_in, temp], (0,), sync=True, process_group=process_group)
-    var_bn = (t_bn - mu_bn * mu_bn).clamp_min(0.0)
+    mu_ln, var_ln = combine_moments(mu_in, var_in, (1,))
+    mu_bn, var_bn, n_ex = pooled_moments(mu_in, var_in, (0,), sync=True, process_group=process_group)
     update_running_stats(running_mean, running_var, mu_bn, var_bn, n_ex * S, factor)
     wm = torch.softmax(mean_logits.to(dt), 0)
     wv = torch.softmax(var_logits.to(dt), 0)

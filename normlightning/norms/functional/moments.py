@@ -1,9 +1,10 @@
 """Statistics of normalization sets: mean and biased variance of a set, pooling of equal sets,
 the optional all-reduce across processes, and PyTorch's running-statistics update.
 
-Synchronized statistics (``sync=True``): moments (sum, sum of squares, count) are all-reduced
-across ``process_group`` with the differentiable ``torch.distributed.nn.functional.all_reduce``;
-without an initialized process group the same moments path runs locally (a world of one).
+Synchronized statistics (``sync=True``): sums and counts are all-reduced across ``process_group``
+with the differentiable ``torch.distributed.nn.functional.all_reduce``, twice per variance (the mean,
+then the centred squares: :func:`synced_mean_var`, :func:`pooled_moments`); without an initialized
+process group the same path runs locally (a world of one).
 """
 
 from __future__ import annotations
@@ -108,12 +109,24 @@ def combine_moments(mean: Tensor, var: Tensor, dims: Sequence[int]) -> tuple[Ten
 
 def synced_mean_var(x: Tensor, dims: Sequence[int], *, process_group=None) -> tuple[Tensor, Tensor, Tensor | int]:
     """Mean and biased variance of ``x`` over ``dims`` (keepdim) across the processes of
-    ``process_group``, and the set size: the moments ``E[x]`` and ``E[x^2]`` are all-reduced
-    (:func:`reduce_mean`) and ``var = max(E[x^2] - E[x]^2, 0)``. The synchronized training path
-    of the batch-set methods; local training uses native kernels or the pooled-set node."""
-    (mean, ex2), count = reduce_mean([x, x * x], dims, sync=True, process_group=process_group)
-    var = (ex2 - mean * mean).clamp_min(0.0)
+    ``process_group``, and the set size, in two passes of :func:`reduce_mean` (two all-reduces):
+    the mean, then the mean of the centred squares (no ``E[x^2] - E[x]^2`` cancellation). The
+    synchronized training path of the batch-set methods; local training uses native kernels or the
+    pooled-set node."""
+    (mean,), count = reduce_mean([x], dims, sync=True, process_group=process_group)
+    (var,), _ = reduce_mean([(x - mean).square()], dims, sync=True, process_group=process_group)
     return mean, var, count
+
+
+def pooled_moments(
+    mean: Tensor, var: Tensor, dims: Sequence[int], *, sync: bool, process_group=None
+) -> tuple[Tensor, Tensor, Tensor | int]:
+    """:func:`combine_moments` of equal-size sets, across the processes of ``process_group`` with
+    ``sync`` (two all-reduces: ``M = avg m``, then ``avg (v + (m - M)^2)``); also the number of
+    sets pooled. No cancellation, unlike ``avg (v + m^2) - M^2``."""
+    (mu,), count = reduce_mean([mean], dims, sync=sync, process_group=process_group)
+    (pooled,), _ = reduce_mean([var + (mean - mu).square()], dims, sync=sync, process_group=process_group)
+    return mu, pooled, count
 
 
 @torch.no_grad()

@@ -11,18 +11,23 @@ their moments are over all its other dims. A method's statistics per unit are
 
 where a set is a union of equal units (an average over ``dims`` of the units reshaped to
 ``shape``), ``a``/``b`` are ``softmax``es of learned logits (a single part: weight 1) and the set
-variance is either the law-of-total-variance pool (``tv``: ``avg v + avg (m - M)^2``) or the
-clamped raw moment ``max(avg(v + m^2) - M^2, 0)`` (``raw``, the SN and "Four Things" formulas).
+variance is the law-of-total-variance pool ``avg v + avg (m - M)^2`` (``tv``). The raw-moment
+formula ``max(avg(v + m^2) - M^2, 0)`` of SN and "Four Things" is the same number in exact
+arithmetic (never negative, so the clamp never acts), without its float32 cancellation on data
+whose mean is large against its spread (docs/methods.md, "Precision").
 Output: ``y = w (x - mu) / sqrt(var + eps) + b`` (native eval-mode ``F.batch_norm`` on ``xv``).
 
 Backward (analytic, no graph of small ops): one native reduction pass gives per unit
 ``sum g`` and ``sum g (x - m)``; the statistics' adjoints follow from the pooling (an average
-broadcast back is its own adjoint); then ``dx = A g + B x + C`` per unit, computed in three
-elementwise passes that write one output tensor (``g * A``, ``+= B x``, ``+= C``).
+broadcast back is its own adjoint); then ``dx = A g + B (x - m) + C`` per unit, in elementwise
+passes that write one output tensor (``x - m``, ``*= B``, ``+= C``, ``+= A g``). The
+centred term keeps float32 gradients exact where ``x`` is near its unit's mean (a unit of one
+value, data offset by many standard deviations), where ``B x - B m`` would cancel. The upstream
+gradient is first laid out like ``xv`` (:func:`~.layout.laid_out_as`: the native reduction
+misreads another layout).
 
 A *part* is a tuple: ``("own",)``, ``("const", i)`` (the ``i``-th constant, shape ``(K,)``),
-``("pool", shape, dims)`` for means, ``("tv", shape, dims)`` / ``("raw", shape, dims)`` for
-variances.
+``("pool", shape, dims)`` for means, ``("tv", shape, dims)`` for variances.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from .layout import laid_out_as
 from .moments import channel_moments
 
 Part = tuple
@@ -86,8 +92,8 @@ def _mixed(parts: list[Tensor], weights: Tensor | None) -> tuple[Tensor, Tensor 
 def _stage_forward(m: Tensor, v: Tensor, mean_parts, var_parts, consts, alpha, beta, eps, saved: list, reported: list):
     """One stage's statistics from its units' moments ``m``, ``v`` ``(K,)``: returns ``(mu, var, r)``
     per unit with ``r = 1 / sqrt(var + eps)``; appends the set statistics reported to the caller to
-    ``reported`` and what the backward needs to ``saved`` (per pooled variance part ``m - M`` and
-    the clamp mask, then the stacked parts of the mixtures)."""
+    ``reported`` and what the backward needs to ``saved`` (per pooled variance part ``m - M``,
+    then the stacked parts of the mixtures)."""
     pooled: dict = {}  # (shape, dims) -> set mean: a mean part and a variance part may share it
     means = []
     for part in mean_parts:
@@ -113,16 +119,9 @@ def _stage_forward(m: Tensor, v: Tensor, mean_parts, var_parts, consts, alpha, b
             if M is None:
                 M = pooled[part[1:]] = m.view(shape).mean(dims, keepdim=True)
             dm = m.view(shape) - M
-            if kind == "tv":  # law of total variance: avg v + avg (m - M)^2
-                V, mask = (v.view(shape) + dm * dm).mean(dims, keepdim=True), None
-            else:  # max(avg E[x^2] - M^2, 0), E[x^2] per unit shared by the raw parts
-                q = pooled.get("q")
-                if q is None:
-                    q = pooled["q"] = v + m * m
-                raw = q.view(shape).mean(dims, keepdim=True) - M * M
-                V, mask = raw.clamp_min(0.0), raw > 0
+            V = (v.view(shape) + dm * dm).mean(dims, keepdim=True)  # law of total variance
             reported.append(V)
-            saved += (dm, mask)
+            saved.append(dm)
             variances.append(_spread(V, shape))
     mu, mean_stack = _mixed(means, alpha)
     var, var_stack = _mixed(variances, beta)
@@ -144,18 +143,16 @@ def _stage_backward(g_mu, g_var, mean_parts, var_parts, alpha, beta, saved: list
             g_m = _add(g_m, gj)
         elif part[0] == "pool":
             g_m = _add(g_m, gj.view(part[1]).mean(part[2], keepdim=True), part[1])
-    pooled = [(saved.pop(-2), saved.pop()) for part in var_parts if part[0] in ("tv", "raw")][::-1]
+    pooled = [saved.pop() for part in var_parts if part[0] == "tv"][::-1]
     k = 0
     for j, part in enumerate(var_parts):
         gj = g_var if beta is None else g_vars[j]
         if part[0] == "own":
             g_v = _add(g_v, gj)
         elif part[0] != "const":
-            dm, mask = pooled[k]
+            dm = pooled[k]
             k += 1
             P = gj.view(part[1]).mean(part[2], keepdim=True)
-            if mask is not None:
-                P = P * mask
             g_v = _add(g_v, P, part[1])
             g_m = _add(g_m, (2.0 * dm * P).view(-1))
     g_alpha = None if alpha is None else (mean_stack * g_mu).sum(1)
@@ -221,6 +218,7 @@ class _PooledSetNorm(torch.autograd.Function):
         xv, weight, m, v, mean_logits, var_logits, P, m_out, alpha, beta, *saved = ctx.saved_tensors
         layout, stages = ctx.plan
         K = xv.shape[1]
+        g = laid_out_as(g, xv.stride())
         # per unit: sum g (x - m) and sum g, one fused native pass
         _, s_gc, s_g = _BN_BACKWARD(g, xv, None, m, torch.ones_like(m), None, None, False, 0.0, [False, True, True])
         # y = w ((x - m) P + m_out) + b: the gradients of w, b and the cotangents of P, m_out
@@ -264,13 +262,16 @@ class _PooledSetNorm(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             n = xv.numel() // K
             shape = [1, K] + [1] * (xv.dim() - 2)
-            gx = g * scale.view(shape)
-            if g_v is not None:
-                coef_x = g_v * (2.0 / n)
-                gx.addcmul_(xv, coef_x.view(shape))
-                g_m = _add(g_m, -n * coef_x * m)
-            if g_m is not None:
-                gx.add_((g_m / n).view(shape))
+            if g_v is None:
+                gx = g * scale.view(shape)
+                if g_m is not None:
+                    gx.add_((g_m / n).view(shape))
+            else:  # B (x - m) + C + A g: centred (no cancellation of B x against B m)
+                gx = xv - m.view(shape)
+                gx.mul_((g_v * (2.0 / n)).view(shape))
+                if g_m is not None:
+                    gx.add_((g_m / n).view(shape))
+                gx.addcmul_(g, scale.view(shape))
         g_mean_logits = _softmax_grad(alpha, g_alpha, mean_logits.dtype) if g_alpha is not None and ctx.needs_input_grad[3] else None
         g_var_logits = _softmax_grad(beta, g_beta, var_logits.dtype) if g_beta is not None and ctx.needs_input_grad[4] else None
         return (gx, gw, gb, g_mean_logits, g_var_logits, None, None) + (None,) * (len(ctx.needs_input_grad) - 7)

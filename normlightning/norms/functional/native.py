@@ -1,0 +1,39 @@
+"""``F.batch_norm`` whose backward always receives the upstream gradient in its input's layout.
+
+PyTorch's CPU batch-norm backward (``native_batch_norm_backward``; seen in torch 2.14.1, training
+and eval mode alike, and so in ``torch.nn.BatchNorm2d``) returns wrong input, weight and bias
+gradients when the upstream gradient is dense in a different memory format than the input and a
+dimension has size 1, e.g. an ``(N, C, H, 1)`` input followed by ``.squeeze(-1).transpose(1, 2)``
+(docs/methods.md, "Upstream gradients in another memory layout", which keeps a minimal repro).
+Laying the gradient out with the input's strides first (:func:`~.layout.laid_out_as`, a copy only
+when they differ) makes it exact. Under ``torch.compile`` no hook is added: the compiled backward
+does not run this kernel on the eager gradient (checked on the issue's repro: exact).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .layout import laid_out_as
+
+
+def native_batch_norm(
+    x: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    training: bool,
+    momentum: float,
+    eps: float,
+) -> Tensor:
+    """``F.batch_norm`` (same arguments and result) with a gradient hook on its output that gives
+    the native backward the upstream gradient in ``x``'s strides. The hook stays on the kernel's
+    backward node when a later op works in place on the output (``ReLU(inplace=True)``)."""
+    y = F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
+    if y.requires_grad and not torch.compiler.is_compiling():
+        stride = x.stride()  # the strides only: the hook keeps no reference to x
+        y.register_hook(lambda g: laid_out_as(g, stride))
+    return y

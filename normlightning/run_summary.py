@@ -47,6 +47,8 @@ def fit_summary(trainer: Trainer) -> list[str]:
     callback = trainer.checkpoint_callback
     if callback is None:
         return [*lines, "  checkpoints:     none (trainer.enable_checkpointing=false)"]
+    if trainer.fast_dev_run:
+        return [*lines, "  checkpoints:     none (trainer.fast_dev_run saves no checkpoint)"]
     return [
         *lines,
         f"  best checkpoint: {_best_checkpoint(callback)}",

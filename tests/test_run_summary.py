@@ -58,3 +58,15 @@ def test_fit_then_test_print_where_things_went(run_dir, capsys) -> None:
     assert set(metrics) == {key for key, value in row.items() if key.startswith("test/") and value}
     for key, value in metrics.items():
         assert float(value) == pytest.approx(float(row[key]), rel=5e-4)
+
+
+def test_fit_summary_says_why_there_is_no_checkpoint(tmp_path) -> None:
+    from lightning.pytorch import Trainer
+
+    from normlightning.run_summary import fit_summary
+
+    quick = Trainer(fast_dev_run=True, logger=False, default_root_dir=tmp_path, enable_progress_bar=False)
+    assert fit_summary(quick)[1:] == [f"  run folder:      none (no logger; default_root_dir {tmp_path})",
+                                      "  checkpoints:     none (trainer.fast_dev_run saves no checkpoint)"]
+    unchecked = Trainer(enable_checkpointing=False, logger=False, default_root_dir=tmp_path)
+    assert fit_summary(unchecked)[-1] == "  checkpoints:     none (trainer.enable_checkpointing=false)"

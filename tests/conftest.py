@@ -211,13 +211,15 @@ def _restore_environ():
 @contextlib.contextmanager
 def restored_global_state() -> Iterator[None]:
     """Undo, on exit, what the block changed in process-wide state: the norm and backbone registries
-    (``register_norm`` / ``register_backbone`` plugins, an example imported for its registration), the
+    (``register_norm`` / ``register_backbone`` plugins, an example imported for its registration, the
+    norm entry points discovered), the
     warnings filters, and the global random generators of torch (CPU), numpy and Python
     (``seed_everything``, ``torch.manual_seed``)."""
     from normlightning.models import registry as backbone_registry
     from normlightning.norms import registry as norm_registry
 
     norms, backbones = dict(norm_registry._REGISTRY), dict(backbone_registry._PLUGINS)
+    norm_entry_points = norm_registry._ENTRY_POINTS
     torch_rng, numpy_rng, python_rng = torch.get_rng_state(), np.random.get_state(), random.getstate()
     try:
         with warnings.catch_warnings():
@@ -225,6 +227,7 @@ def restored_global_state() -> Iterator[None]:
     finally:
         norm_registry._REGISTRY.clear()
         norm_registry._REGISTRY.update(norms)
+        norm_registry._ENTRY_POINTS = norm_entry_points
         backbone_registry._PLUGINS.clear()
         backbone_registry._PLUGINS.update(backbones)
         torch.set_rng_state(torch_rng)

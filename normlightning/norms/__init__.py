@@ -1,7 +1,9 @@
 """normlightning.norms: every normalization method behind one registry.
 
 ``build_norm(name, num_features, **kwargs)``; ``norm_layer(name, **kwargs)`` for torchvision/timm
-``norm_layer=`` arguments; names: bn gn gnflat ln in pn ghost seqnorm bgn gbgn hn sn brn.
+``norm_layer=`` arguments; names: bn gn gnflat ln in pn ghost seqnorm bgn gbgn hn sn brn, and those
+of installed packages (entry-point group ``normlightning.norms``, :mod:`.registry`).
+:func:`normlightning.norms.testing.check_norm_layer` checks a layer against the contract of every method.
 The math lives once in :mod:`normlightning.norms.functional`; the layer classes are thin shells.
 """
 

@@ -56,10 +56,12 @@ class FlatGroupNorm(NormLayer):
     Shape: input ``(N, C, *)``, output the same.
     """
 
-    group_args = (GroupArg("num_groups", "flat", takes_num_groups=True, doc="groups of the flattened D = C*S"),)
+    group_args = (
+        GroupArg("num_groups", "flat", takes_num_groups=True, required=True, doc="groups of the flattened D = C*S"),
+    )
 
     def __init__(
-        self, num_features: int, num_groups: int = 32, eps: float = 1e-5, affine: bool = True, device=None, dtype=None
+        self, num_features: int, num_groups: int, eps: float = 1e-5, affine: bool = True, device=None, dtype=None
     ) -> None:
         super().__init__(num_features, eps, affine, device, dtype)
         if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1:
@@ -103,8 +105,11 @@ class InstanceNorm(NormLayer):
     Per ``(n, c)`` over ``S``, per-channel affine; statistics from the input in eval too
     (like ``nn.InstanceNorm2d(track_running_stats=False)``). Needs ``S > 1`` in training.
 
-    Shape: input ``(N, C, *)``, output the same.
+    Shape: input ``(N, C, *)`` with 1 to 3 spatial dims (``input_dims``: an ``(N, C)`` input has one
+    element per set), output the same.
     """
+
+    input_dims = (3, 4, 5)
 
     def __init__(self, num_features: int, eps: float = 1e-5, affine: bool = True, device=None, dtype=None) -> None:
         super().__init__(num_features, eps, affine, device, dtype)

@@ -86,7 +86,8 @@ class BaseTask(LightningModule):
             the optimizer's ``weight_decay``; ``0``: none.
         beta_weight_decay: the same for the norm layers' ``bias`` (beta).
         gamma_decay_target: decay gamma toward ``0`` (the optimizer's decay) or ``1`` (the
-            "Four Things" authors' choice: ``grad += wd * (gamma - 1)`` before each step).
+            "Four Things" authors' choice: ``grad += wd * (gamma - 1)`` before each step, after gradient
+            clipping: never clipped).
         lr_base_batch_size: when set, linear LR scaling
             ``lr = base_lr * batch_size * world_size / lr_base_batch_size`` (``batch_size`` per
             process, from the data module), applied before the scheduler is built.
@@ -194,9 +195,25 @@ class BaseTask(LightningModule):
         """
         return norm_parameter_groups(self, **self.norm_decay)
 
-    def on_before_optimizer_step(self, optimizer: Optimizer) -> None:
-        """Decay gamma toward 1 when ``gamma_decay_target=1`` (``grad += wd * (gamma - 1)``)."""
+    def configure_gradient_clipping(
+        self, optimizer: Optimizer, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None
+    ) -> None:
+        """Clip the data gradient (Lightning's ``gradient_clip_val`` / ``gradient_clip_algorithm``), then
+        decay gamma toward 1 when ``gamma_decay_target=1`` (``grad += wd * (gamma - 1)``).
+
+        The decay is added after clipping, so it is never clipped, as the optimizer's own
+        ``weight_decay`` (applied inside ``optimizer.step``) is not. Lightning calls this hook in
+        automatic optimization before every optimizer step, also without clipping; an override
+        must call ``super()``. With manual optimization see :meth:`on_before_optimizer_step`.
+        """
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
         add_decay_toward_one(optimizer)
+
+    def on_before_optimizer_step(self, optimizer: Optimizer) -> None:
+        """With manual optimization (where Lightning does not call :meth:`configure_gradient_clipping`
+        and the task clips before ``optimizer.step()``), decay gamma toward 1 here, right before the step."""
+        if not self.automatic_optimization:
+            add_decay_toward_one(optimizer)
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]

@@ -5,7 +5,9 @@ separate from the rest of the model's weights and possibly 0.  Gamma can decay t
 (the authors' code: ``wd * l2_loss(gamma - 1)``, ``l2_loss(v) = sum(v**2) / 2``) instead of 0.
 
 Decay toward 0 is the optimizer's own ``weight_decay`` in a parameter group.  Decay toward 1 is
-the same coupled term shifted by 1: after gradients are reduced and before the optimizer step,
+the same coupled term shifted by 1: after gradients are reduced and clipped (``BaseTask``'s
+``configure_gradient_clipping``: the term is never clipped, as the optimizer's own decay is not) and
+before the optimizer step,
 
     grad_gamma <- grad_gamma + wd_gamma * (gamma - 1)
 

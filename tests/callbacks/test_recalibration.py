@@ -245,6 +245,37 @@ def test_train_end_recalibration_is_in_the_last_checkpoint(tmp_path):
     torch.testing.assert_close(saved["net.2.running_var"], var)
 
 
+def test_final_validation_of_the_fit_sees_the_recalibrated_statistics(tmp_path):
+    """``train_end`` runs right after the last training step, before the last epoch's validation: the
+    statistics that validation uses are the hand-computed cumulative average, not the moving average."""
+    batches = _batches(4)
+    loader = DataLoader(TensorDataset(torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])),
+                        batch_size=4, shuffle=False)
+
+    class RecordingTask(_Task):
+        def __init__(self):
+            super().__init__()
+            self.seen: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+
+        def validation_step(self, batch, batch_idx):
+            bn = self.net[2]
+            self.seen.append((self.current_epoch, bn.running_mean.clone(), bn.running_var.clone()))
+
+    task = RecordingTask()
+    trainer = Trainer(accelerator="cpu", max_epochs=2, logger=False, enable_progress_bar=False,
+                      enable_checkpointing=False, enable_model_summary=False, default_root_dir=tmp_path,
+                      num_sanity_val_steps=0, limit_val_batches=1, callbacks=[Recalibration(num_batches=3)])
+    trainer.fit(task, loader, loader)
+    with torch.no_grad():
+        fc_out = [task.net[1](task.net[0](b[0])) for b in batches[:3]]
+    mean, var = _expected(fc_out, (0,))
+    assert [epoch for epoch, _, _ in task.seen] == [0, 1]
+    _, seen_mean, seen_var = task.seen[-1]
+    torch.testing.assert_close(seen_mean, mean)
+    torch.testing.assert_close(seen_var, var)
+    assert not torch.allclose(task.seen[0][1], mean)  # the first epoch's validation: moving averages
+
+
 def test_early_stopped_run_is_recalibrated_and_last_checkpoint_rewritten(tmp_path):
     batches = _batches(4)
     loader = DataLoader(TensorDataset(torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])),

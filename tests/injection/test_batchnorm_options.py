@@ -20,7 +20,7 @@ from normlightning.callbacks.norm_sync import set_statistics_sync
 from normlightning.injection import apply_spec, inject
 from normlightning.injection.fold import fold_norms
 from normlightning.injection.spec import CHECKPOINT_KEY
-from normlightning.norms import build_norm
+from normlightning.norms import available_norms, build_norm
 from normlightning.norms.model_layers import is_batch_statistic_layer
 from normlightning.norms.norm_layer import norm_layer
 from normlightning.tasks import BaseTask
@@ -104,6 +104,7 @@ def test_bn_keeps_every_batchnorm_option(options):
 #: (id, method, injection keyword arguments) of every other method; ``hn_per_example`` has no batch set.
 OTHER_METHODS = [
     ("gn", "gn", {"num_groups": 2}),
+    ("gnflat", "gnflat", {"num_groups": 2}),
     ("ln", "ln", {}),
     ("in", "in", {}),
     ("pn", "pn", {}),
@@ -118,6 +119,11 @@ OTHER_METHODS = [
 ]
 #: The methods whose layers keep running statistics: they refuse ``track_running_stats=False``.
 RUNNING_STATISTICS = {"ghost", "seqnorm", "bgn", "gbgn", "hn", "sn", "brn"}
+
+
+def test_other_methods_cover_every_registered_method():
+    """A new method cannot be left out of the option checks below quietly."""
+    assert {method for _, method, _ in OTHER_METHODS} | {"bn"} == set(available_norms())
 
 
 @pytest.mark.parametrize("options", BN_OPTIONS, ids=_options_id)

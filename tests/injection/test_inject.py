@@ -11,6 +11,7 @@ from normlightning.injection import apply_spec, get_spec, inject, probe_input_sh
 from normlightning.injection import groups as group_rules
 from normlightning.norms.batch_group_norm import bgn_paper_groups
 from normlightning.norms.ghost_norm import ghost_auto_batches
+from normlightning.norms import available_norms
 from normlightning.norms.base import NormLayer
 
 
@@ -254,7 +255,7 @@ def test_named_auto_policy_and_unknown_policy():
 
 def test_a_method_name_typo_fails_when_the_settings_are_built_and_lists_the_valid_names():
     """Before any data or model is touched: the `norm:` section itself is rejected."""
-    valid = "valid names: bgn, bn, brn, gbgn, ghost, gn, gnflat, hn, in, ln, pn, seqnorm, sn"
+    valid = "valid names: " + ", ".join(available_norms())  # every registered method, plugins too
     with pytest.raises(ValueError, match=f"norm.method: Unknown normalization 'bgnn'; {valid}"):
         NormInjection(method="bgnn")
     with pytest.raises(ValueError, match=f"norm.overrides\\[1\\].method: Unknown normalization 'gnn'; {valid}"):

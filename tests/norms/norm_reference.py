@@ -1,12 +1,16 @@
 """Independent reference implementations written from the formulas of docs/methods.md.
 
 Plain torch means/variances over explicit dims and explicit loops over sets; nothing here
-calls ``normlightning.norms.functional``.
+calls ``normlightning.norms.functional``. :data:`ALL_SPECS` (the generic tests' configuration of
+every method) comes from the registry.
 """
 
 from __future__ import annotations
 
 import torch
+
+from normlightning.norms import available_norms, norm_group_args
+from normlightning.norms.registry import norm_factory
 
 EPS = 1e-5
 
@@ -147,22 +151,30 @@ def sn_train(x, wm, wv, eps=EPS):
     return ((x3 - mu) / torch.sqrt(var + eps)).reshape(x.shape), mu_bn.flatten(), var_bn.flatten()
 
 
-#: One small configuration per registry name (C = 4), used by the generic tests.
-ALL_SPECS = {
-    "bn": {},
-    "gn": {"num_groups": 2},
+def group_counts(name: str) -> dict[str, int]:
+    """Every group count that the method ``name`` declares (``group_args``) set to 2: it divides
+    ``C = 4`` (``channels``), ``D = C * S`` (``flat``) and the test batches (``batch``)."""
+    return {arg.name: 2 for arg in norm_group_args(name)}
+
+
+#: Settings that make the generic tests exercise a method's harder code path (on top of its
+#: declared group counts).
+SPECIAL_SPECS = {
     "gnflat": {"num_groups": 6},  # groups of D/G = 10 values: parts of a channel
-    "ln": {},
-    "in": {},
-    "pn": {},
-    "ghost": {"num_groups": 2},
-    "seqnorm": {"channel_groups": 2, "batch_groups": 2},
     "bgn": {"num_groups": 6},  # groups straddle channels (unfused affine path)
-    "gbgn": {"channel_groups": 2, "examples_per_group": 2},
+    "gbgn": {"examples_per_group": 2},
     "hn": {"mean": "bn", "std": "bn+en:1"},
-    "sn": {},
     "brn": {"r_max_start_step": 0, "r_max_end_step": 0, "d_max_start_step": 0, "d_max_end_step": 0},
 }
+
+#: One small configuration per registered method (C = 4), used by the generic tests: derived from
+#: the registry, so a new method (in-tree or an installed plugin) is never skipped.
+ALL_SPECS = {name: {**group_counts(name), **SPECIAL_SPECS.get(name, {})} for name in available_norms()}
+
+#: The methods whose layers declare inference example weighing (``supports_example_weighing``).
+WEIGHING = [
+    name for name in sorted(ALL_SPECS) if getattr(norm_factory(name), "supports_example_weighing", False) is True
+]
 
 
 def sync_bn_worker(rank, world, init_file, x, out_dir):

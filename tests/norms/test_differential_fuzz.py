@@ -101,6 +101,14 @@ def ref_pn(x3, p, cfg, training):
     return (x3 - m) / torch.sqrt(v + EPS)
 
 
+def ref_gnflat(x3, p, cfg, training):
+    """Per example, ``D = C*S`` (channel-major) cut into ``G`` contiguous groups."""
+    N, G = x3.shape[0], cfg["num_groups"]
+    f = x3.reshape(N, G, -1)
+    m, v = _moments(f, (2,))
+    return ((f - m) / torch.sqrt(v + EPS)).reshape(x3.shape)
+
+
 def ref_ghost(x3, p, cfg, training):
     return _ghost(x3, cfg["num_groups"], p, training, cfg.get("alpha", 0.0))
 
@@ -200,6 +208,7 @@ def ref_brn(x3, p, cfg, training):
 REFERENCES = {
     "bn": ref_bn, "gn": ref_gn, "ln": ref_ln, "in": ref_in, "pn": ref_pn, "ghost": ref_ghost,
     "seqnorm": ref_seqnorm, "bgn": ref_bgn, "gbgn": ref_gbgn, "hn": ref_hn, "sn": ref_sn, "brn": ref_brn,
+    "gnflat": ref_gnflat,
 }
 
 
@@ -235,6 +244,9 @@ def _draw_config(name: str, rng: random.Random, N: int, C: int, S: int, training
     if name == "bgn":
         G = rng.choice(divisors(C * S))
         return None if training and N * (C * S // G) < 2 else {"num_groups": G}
+    if name == "gnflat":
+        G = rng.choice(divisors(C * S))
+        return None if training and C * S // G < 2 else {"num_groups": G}
     if name == "gbgn":
         Gc, E = rng.choice(divisors(C)), rng.choice([None] + list(range(1, N + 1)))
         smallest = N // -(-N // (E or N))

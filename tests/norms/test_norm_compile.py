@@ -14,7 +14,7 @@ import shutil
 import pytest
 import torch
 
-from norm_reference import ALL_SPECS
+from norm_reference import ALL_SPECS, WEIGHING
 from normlightning.norms import build_norm
 
 NAMES = sorted(ALL_SPECS)
@@ -56,7 +56,7 @@ def test_compile_inductor(name):
         pytest.fail(f"inductor could not compile on this machine: {err}")
 
 
-@pytest.mark.parametrize("name", ["bn", "ghost", "gbgn"])
+@pytest.mark.parametrize("name", WEIGHING)
 def test_compile_example_weighing_alpha(name):
     """Eval with ``alpha > 0`` (a buffer in the state_dict, a float to the forward) compiles, and
     changing ``alpha`` after compiling is honoured (the compiled code is guarded on it)."""

@@ -20,7 +20,9 @@ from normlightning.norms import (
     SequentialNorm,
     available_norms,
     build_norm,
+    norm_group_args,
     register_norm,
+    registry,
 )
 
 D64 = torch.float64
@@ -77,20 +79,23 @@ def test_registry_unknown_name_lists_valid_names():
     valid = "valid names: bgn, bn, brn, gbgn, ghost, gn, gnflat, hn, in, ln, pn, seqnorm, sn"
     with pytest.raises(ValueError, match=valid):
         build_norm("batchnorm", 4)
+    with pytest.raises(ValueError, match="valid names: " + ", ".join(available_norms()) + r"\. A plugin package"):
+        build_norm("batchnorm", 4)
     with pytest.raises(TypeError, match="unexpected keyword"):
         build_norm("bn", 4, num_groups=2)
 
 
-#: Group counts for 8 channels: gn's default (32) does not divide 8; bgn and seqnorm have no default.
-GROUP_COUNTS = {"gn": {"num_groups": 4}, "bgn": {"num_groups": 4}, "seqnorm": {"channel_groups": 4, "batch_groups": 4}}
+def declared_group_counts(name: str, count: int) -> dict[str, int]:
+    """Every group count the method declares (``group_args``) set to ``count`` (gn's default, 32, does
+    not divide 8 channels; bgn and seqnorm have no default)."""
+    return {arg.name: count for arg in norm_group_args(name)}
 
 
 def test_registry_plugin_and_all_names_build():
-    assert available_norms() == sorted(
-        ["bn", "gn", "gnflat", "ln", "in", "pn", "ghost", "seqnorm", "bgn", "gbgn", "hn", "sn", "brn"]
-    )
+    shipped = {"bn", "gn", "gnflat", "ln", "in", "pn", "ghost", "seqnorm", "bgn", "gbgn", "hn", "sn", "brn"}
+    assert set(registry.BUILTIN_NORMS) == shipped and set(available_norms()) >= shipped
     for name in available_norms():
-        layer = build_norm(name, 8, **GROUP_COUNTS.get(name, {}))
+        layer = build_norm(name, 8, **declared_group_counts(name, 4))
         assert isinstance(layer, NormLayer) and not isinstance(layer, nn.modules.batchnorm._BatchNorm)
         assert layer.weight.shape == (8,) and layer.bias.shape == (8,)
         layer(torch.randn(8, 8, 4, 4))
@@ -98,8 +103,9 @@ def test_registry_plugin_and_all_names_build():
             assert hasattr(layer, "num_batches_tracked") and hasattr(layer, "momentum")
             layer.reset_running_stats()
             assert int(layer.num_batches_tracked) == 0
-        assert layer.supports_example_weighing == (name in ("bn", "ghost", "gbgn"))
-        assert layer.uses_batch_statistics == (name not in ("gn", "gnflat", "ln", "in", "pn"))
+        if name in shipped:  # what docs/methods.md says of each shipped method
+            assert layer.supports_example_weighing == (name in ("bn", "ghost", "gbgn"))
+            assert layer.uses_batch_statistics == (name not in ("gn", "gnflat", "ln", "in", "pn"))
 
     class Scale(nn.Module):
         def __init__(self, num_features, factor=2.0):
@@ -116,8 +122,6 @@ def test_registry_plugin_and_all_names_build():
         with pytest.raises(ValueError, match="already registered"):
             register_norm("scale_test", lambda c: nn.Identity())
     finally:
-        from normlightning.norms import registry
-
         registry._REGISTRY.pop("scale_test", None)
 
 
@@ -215,8 +219,7 @@ def test_input_checks():
 
 def test_affine_false_and_reset_parameters():
     for name in available_norms():
-        kw = {"gn": {"num_groups": 2}, "bgn": {"num_groups": 2}, "seqnorm": {"channel_groups": 2, "batch_groups": 2}}
-        kw = kw.get(name, {})
+        kw = declared_group_counts(name, 2)
         layer = build_norm(name, 4, affine=False, **kw)
         assert layer.weight is None and layer.bias is None
         layer = build_norm(name, 4, **kw)

@@ -22,8 +22,7 @@ def group_norm(
     """Group Norm (Wu & He 2018): per ``(n, g)`` over ``(C/G, S)``, per-channel affine.
 
     ``training``: a set of one element (``C/G * S == 1``) is then an error (its output would be 0).
-    Native ``F.group_norm``; in float32 on small sets, of the input shifted per set
-    (:func:`_shifted_per_set`, :data:`SHIFT_BELOW_SET_SIZE`).
+    Native ``F.group_norm``; below float64, of the input shifted per set (:func:`_shifted_per_set`).
     """
     C = x.shape[1]
     if C % num_groups != 0:
@@ -34,19 +33,15 @@ def group_norm(
     if training:
         _check_group_sets(C, num_groups, spatial_size(x))
     io = NormInput(x, weight, bias)
-    xs = _shifted_per_set(io.x, num_groups) if _needs_shift(io.dtype, (C // num_groups) * spatial_size(x)) else io.x
+    xs = _shifted_per_set(io.x, num_groups) if _needs_shift(io.dtype) else io.x
     return io.output(F.group_norm(xs, num_groups, io.weight, io.bias, eps))
 
 
-#: float32 sets of fewer values than this are shifted before the native GN / LN kernel: measured on
-#: CPU (torch 2.14.1) at mean/std = 100, the kernel's output is off by 1e-4 to 1e-3 on sets of 2 or 3
-#: values and by about 1.5e-5 on sets of 4 to 4096 (docs/methods.md, "Precision").
-SHIFT_BELOW_SET_SIZE = 16
-
-
-def _needs_shift(dtype: torch.dtype, set_size: int) -> bool:
-    """Whether a native per-example kernel gets the input shifted per set (:func:`_shifted_per_set`)."""
-    return dtype != torch.float64 and set_size < SHIFT_BELOW_SET_SIZE
+def _needs_shift(dtype: torch.dtype) -> bool:
+    """Whether a native per-example kernel gets the input shifted per set (:func:`_shifted_per_set`): below
+    float64. On CPU (torch 2.14.1) the float32 GN / LN kernel's output is off by up to 1e-3 of its size on
+    sets of 2 to 36 values at mean/std = 100 (docs/methods.md, "Precision")."""
+    return dtype != torch.float64
 
 
 def _shifted_per_set(x: Tensor, G: int) -> Tensor:
@@ -80,7 +75,10 @@ def flat_group_norm(
     if training:
         check_set_size(D // num_groups, f"FlatGroupNorm with num_groups={num_groups} on D={D}", "Use fewer groups.")
     io = NormInput(x, weight, bias)
-    y = F.group_norm(io.x.reshape(N, num_groups, D // num_groups), num_groups, eps=eps).reshape(N, C, -1)
+    flat = io.x.reshape(N, num_groups, D // num_groups)
+    if _needs_shift(io.dtype):
+        flat = flat - flat.detach()[:, :, :1]  # the reason of _shifted_per_set
+    y = F.group_norm(flat, num_groups, eps=eps).reshape(N, C, -1)
     if io.weight is not None:
         y = y * io.weight[:, None]
     if io.bias is not None:
@@ -117,12 +115,12 @@ def positional_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: 
     ``(C,)`` affine is ours (a view of a channels-last input; copied for a contiguous one). At one
     position ``(N, C)`` itself: a transposed ``(N, C, 1, 1)`` output or gradient would have channel
     stride 1, which convolutions read as channels-last and answer by converting their weight.
-    In float32 with fewer than :data:`SHIFT_BELOW_SET_SIZE` channels the input is first shifted by
-    its channel-0 value at each position (detached; the reason of :func:`_shifted_per_set`).
+    Below float64 the input is first shifted by its channel-0 value at each position (detached; the
+    reason of :func:`_shifted_per_set`).
     """
     io = NormInput(x, weight, bias)
     N, C = x.shape[0], x.shape[1]
-    xs = io.x - io.x.detach()[:, :1] if _needs_shift(io.dtype, C) else io.x
+    xs = io.x - io.x.detach()[:, :1] if _needs_shift(io.dtype) else io.x
     if spatial_size(x) == 1:
         return io.output(F.layer_norm(xs.reshape(N, C), (C,), io.weight, io.bias, eps))
     return io.output(F.layer_norm(xs.reshape(N, C, -1).transpose(1, 2), (C,), io.weight, io.bias, eps).transpose(1, 2))

@@ -114,3 +114,13 @@ def test_default_file_transform_converts_mode_and_size_to_the_input_shape(tmp_pa
     luma = round((299 * 200 + 587 * 100 + 114 * 50) / 1000)
     torch.testing.assert_close(x[0], torch.full((1, 8, 8), luma / 255))
     torch.testing.assert_close(x[1], torch.full((1, 8, 8), 40 / 255))
+
+
+def test_cifar_class_names_come_from_its_meta_file(tmp_path, write_cifar) -> None:
+    from normlightning.data import CIFAR10, CIFAR100
+
+    assert CIFAR10(root=str(tmp_path / "none")).class_names is None  # no files yet: no names
+    write_cifar(tmp_path / "ten")
+    assert CIFAR10(root=str(tmp_path / "ten")).class_names == [f"class{i}" for i in range(10)]
+    write_cifar(tmp_path / "hundred", num_classes=100)
+    assert CIFAR100(root=str(tmp_path / "hundred")).class_names == [f"c{i}" for i in range(100)]  # the fine labels

@@ -19,6 +19,9 @@ bar (redrawn at most 10 times a second,
 config saved next to the logs (``config.yaml``), a ``divergence:`` section
 (:class:`~normlightning.callbacks.divergence.DivergenceCheck`: a NaN or infinite loss or weights
 stop the run, naming the step and the learning rate).
+At the end, ``fit`` prints the run folder, the best checkpoint (metric value and epoch) and
+``last.ckpt``; ``validate``/``test`` print their metrics and where they were logged
+(:mod:`normlightning.run_summary`).
 
 A run never writes into a run folder that holds another run's files
 (:mod:`normlightning.run_folder`; ``--overwrite_run=true`` to do it anyway, or resume that run
@@ -70,6 +73,7 @@ from normlightning.callbacks.throttled_progress_bar import with_progress_bar
 from normlightning.data.base import MissingDataAttributeError
 from normlightning.injection import read_checkpoint
 from normlightning.run_folder import check_run_folder
+from normlightning.run_summary import evaluation_summary, fit_summary
 from normlightning.tasks.base import BaseTask
 
 #: Task arguments filled from the data module after it is instantiated: data attr -> task arg.
@@ -308,6 +312,20 @@ class NormLightningCLI(LightningCLI):
     def before_predict(self) -> None:
         self._check_run_folder("predict")
         self._point_injection_at_checkpoint("predict")
+
+    def _print_summary(self, lines: list[str]) -> None:
+        """Print where a finished command's files went (:mod:`normlightning.run_summary`), on global rank 0."""
+        if self.trainer.is_global_zero:
+            print("\n".join(lines), flush=True)
+
+    def after_fit(self) -> None:
+        self._print_summary(fit_summary(self.trainer))
+
+    def after_validate(self) -> None:
+        self._print_summary(evaluation_summary(self.trainer, "val"))
+
+    def after_test(self) -> None:
+        self._print_summary(evaluation_summary(self.trainer, "test"))
 
     def _run_subcommand(self, subcommand: str) -> None:
         """Run the subcommand; an interrupted run exits non-zero: ``EXIT_SIGTERM`` (143) after SIGTERM,

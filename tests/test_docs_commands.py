@@ -19,12 +19,12 @@ DOCS = [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "docs").glob("*.md"))]
 def fenced_fit_commands() -> list[tuple[str, list[str]]]:
     """``(file, args)`` of every ``normlightning fit ...`` line of a fenced block (continuations joined); lines with
     a ``<placeholder>``, a ``PYTHONPATH=`` (modules of the reader's) or a ``--config`` the reader writes (not in the
-    checkout) are left out."""
+    checkout) are left out, and so are the command's own output lines (``normlightning fit: done ...``)."""
     commands = []
     for path in DOCS:
         for block in re.findall(r"^```[a-z]*\n(.*?)^```", path.read_text(), re.S | re.M):
             for line in block.replace("\\\n", " ").splitlines():
-                found = re.search(r"\bnormlightning (fit\b.*)", line)
+                found = re.search(r"\bnormlightning (fit(?=\s|$).*)", line)
                 if found is None or "<" in line or "PYTHONPATH=" in line:
                     continue
                 args = shlex.split(found.group(1), comments=True)

@@ -14,6 +14,7 @@ import torch
 import yaml
 
 from normlightning import sweep
+from normlightning.sweep import executors
 from normlightning.norms import GroupArg, register_norm
 from normlightning.norms import registry as norm_registry
 
@@ -77,7 +78,9 @@ def test_cell_config_overrides(tmp_path) -> None:
     assert config["data"]["init_args"]["batch_size"] == 8 and config["data"]["init_args"]["drop_last"] is True
     assert config["seed_everything"] == 3 and config["trainer"]["max_epochs"] == 5
     assert config["norm"] == {"method": "bgn", "num_groups": "auto"}
-    assert config["trainer"]["logger"]["init_args"]["save_dir"] == str(tmp_path / "c")
+    csv_logger, tensorboard = config["trainer"]["logger"]
+    assert csv_logger["init_args"]["save_dir"] == str(tmp_path / "c")
+    assert tensorboard["init_args"]["save_dir"] == str(tmp_path / "c" / "logs" / "tensorboard")
     # the base config is not modified
     assert BASE["model"]["init_args"]["optimizer"]["init_args"]["lr"] == 0.2 and "norm" not in BASE
     # the CLI reads the cell config as written: its norm: section becomes the injection callback
@@ -181,6 +184,28 @@ def _mtimes(out: Path) -> dict[str, float]:
     return {p.parent.name: p.stat().st_mtime_ns for p in (out / "cells").glob(f"*/{sweep.RESULT_FILE}")}
 
 
+def _assert_tensorboard_hparams(folder: Path, method: str, batch_size: int) -> None:
+    """The cell's TensorBoard events hold its hparams (method, batch size) and its validation accuracy."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    sessions, scalars = [], set()
+    for events in sorted(folder.glob("events.out.tfevents.*")):
+        accumulator = EventAccumulator(str(events))
+        accumulator.Reload()
+        try:
+            content = accumulator.PluginTagToContent("hparams")
+        except KeyError:  # the events file of the test pass: scalars only
+            content = {}
+        if "_hparams_/session_start_info" in content:
+            sessions.append(plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"]))
+        scalars.update(accumulator.Tags()["scalars"])
+    assert sessions, f"no hparams in the TensorBoard events of {folder}"
+    values = sessions[0].session_start_info.hparams
+    assert values["norm/method"].string_value == method and values["data/batch_size"].number_value == batch_size
+    assert "val/acc1" in scalars and "test/acc1" in scalars
+
+
 def test_sweep_runs_collects_and_resumes(tmp_path) -> None:
     out = tmp_path / "sweep"
     kwargs = dict(methods=["bn", "gn"], batch_sizes=[4, 8], seeds=[0], epochs=1, base_batch_size=16,
@@ -200,6 +225,12 @@ def test_sweep_runs_collects_and_resumes(tmp_path) -> None:
         assert float(row["test/acc1"]) == pytest.approx(float(logged[-1]))
         config = yaml.safe_load((cell_dir / "cell.yaml").read_text())
         assert config["data"]["init_args"]["batch_size"] == int(row["batch_size"])
+        # every result column is filled, train/loss with the last training loss the cell logged
+        assert all(row[metric] != "" for metric in sweep.RESULT_METRICS), row
+        train_loss = [r["train/loss"] for r in csv.DictReader(open(cell_dir / "logs" / "metrics.csv"))
+                      if r.get("train/loss")]
+        assert float(row["train/loss"]) == pytest.approx(float(train_loss[-1]))
+    _assert_tensorboard_hparams(out / "cells" / "gn_b8_s0" / sweep.TENSORBOARD_DIR, "gn", 8)
     table = (out / "table.md").read_text()
     assert "| bn |" in table and "| gn |" in table and "B=4" in table and "B=8" in table
     assert (out / "accuracy_vs_batch.png").stat().st_size > 1000
@@ -334,3 +365,46 @@ def test_submitit_missing_names_the_extra(monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "submitit", None)  # `import submitit` raises ImportError
     with pytest.raises(ImportError, match=r'pip install "normlightning\[cluster\]"'):
         executors.import_submitit()
+
+
+def test_sweep_figure_fits_with_one_batch_size_and_shares_the_y_axis(tmp_path) -> None:
+    """One batch size, long legend entries (group counts) and a long title: every text of the figure lies inside
+    it, and the saved PNG's border is blank (nothing cut off at an edge)."""
+    plt = pytest.importorskip("matplotlib.pyplot")
+    stats = {"bn": {8: (0.9, 0.01, 3)}, "gn": {8: (0.85, 0.02, 3)}, "gbgn": {8: (0.8, 0.05, 3)}}
+    title = sweep.sweep_title(BASE, {8: 2}, "test/acc1")
+    fig = sweep.sweep_figure(stats, title=title)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    (legend,) = fig.legends
+    texts = [fig._suptitle, legend, *(ax.title for ax in fig.axes), *(ax.yaxis.label for ax in fig.axes)]
+    inside = fig.bbox.padded(0.5)
+    for artist in texts:
+        box = artist.get_window_extent(renderer)
+        assert inside.containsx(box.x0) and inside.containsx(box.x1), (artist, box, fig.bbox)
+        assert inside.containsy(box.y0) and inside.containsy(box.y1), (artist, box, fig.bbox)
+    names = [text.get_text() for text in legend.get_texts()]
+    assert "gn (num_groups=8)" in names and "gbgn (channel_groups=8, examples_per_group=16)" in names
+    assert len({ax.get_ylim() for ax in fig.axes}) == 1  # one y range: the panels compare
+    plt.close(fig)
+    path = sweep.plot_sweep(stats, tmp_path / "one.png", title=title)
+    pixels = plt.imread(path)[..., :3]
+    border = [pixels[:2], pixels[-2:], pixels[:, :2], pixels[:, -2:]]
+    assert all((edge > 0.99).all() for edge in border)  # white: no text or line reaches an edge
+
+
+def test_waiting_for_jobs_prints_progress_until_each_finishes() -> None:
+    class Job:
+        def __init__(self, polls: int) -> None:
+            self.polls, self.state = polls, "RUNNING"
+
+        def done(self) -> bool:
+            self.polls -= 1
+            return self.polls < 0
+
+    jobs = {Path("a"): Job(6), Path("b"): Job(12)}
+    lines: list[str] = []
+    finished = list(executors.wait_for_jobs(jobs, 0.01, 0.03, lambda line, flush: lines.append(line)))
+    assert [(done, str(cell)) for done, cell, _ in finished] == [(1, "a"), (2, "b")]
+    assert any(line.startswith("[sweep] 0/2 cells done; 2 running (") for line in lines), lines
+    assert any(line.startswith("[sweep] 1/2 cells done; 1 running (") for line in lines), lines

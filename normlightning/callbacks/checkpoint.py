@@ -42,10 +42,18 @@ class Checkpoint(ModelCheckpoint):
     Weights holding a NaN or an infinity (a diverged run trained on with
     ``divergence.on_nonfinite: warn`` or ``ignore``) are never saved, neither as a best checkpoint
     nor as ``last.ckpt``: both keep the last finite state, and a warning says so once.
+
+    :attr:`best_model_epoch` is the epoch of ``best_model_path`` (kept in the callback's state, so a
+    resumed run still knows it); the CLI prints it at the end of ``fit``.
     """
 
     _stage: str | None = None
     _warned_nonfinite: bool = False
+    #: Epoch (``trainer.current_epoch``) at which ``best_model_path`` was saved; ``None``: no best yet.
+    best_model_epoch: int | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "best_model_epoch": self.best_model_epoch}
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
@@ -54,8 +62,10 @@ class Checkpoint(ModelCheckpoint):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if self._stage not in (None, "fit") and state_dict.get("dirpath", self.dirpath) != self.dirpath:
             self.best_model_path = state_dict["best_model_path"]
+            self.best_model_epoch = state_dict.get("best_model_epoch")
             return
         super().load_state_dict(state_dict)
+        self.best_model_epoch = state_dict.get("best_model_epoch")
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         super().on_train_epoch_end(trainer, pl_module)
@@ -69,7 +79,10 @@ class Checkpoint(ModelCheckpoint):
 
     def _save_topk_checkpoint(self, trainer: Trainer, monitor_candidates: dict[str, Tensor]) -> None:
         if self._weights_are_finite(trainer):
+            best_before = self.best_model_path
             super()._save_topk_checkpoint(trainer, monitor_candidates)
+            if self.best_model_path and self.best_model_path != best_before:
+                self.best_model_epoch = trainer.current_epoch
 
     def _save_last_checkpoint(self, trainer: Trainer, monitor_candidates: dict[str, Tensor]) -> None:
         if self._weights_are_finite(trainer):

@@ -6,14 +6,18 @@ prediction epoch, writes into the run's log folder (``trainer.log_dir``, e.g.
 
 - ``predictions.csv`` (``format: csv``, the default), one row per input::
 
-      index,target,predicted_class,top1_class,top1_prob,top2_class,top2_prob,...
+      index,target,target_name,predicted_class,predicted_name,top1_class,top1_name,top1_prob,...
 
   ``index`` is the example's index in the prediction dataset (the test split for normlightning's
-  DataModules), ``target`` its label when the batches carry one (``(x, y)`` batches),
-  ``predicted_class`` the argmax, then the ``top_k`` most probable classes with their
-  probabilities, most probable first;
-- ``predictions.pt`` (``format: pt``): ``{"index": (N,), "probabilities": (N, C), "target": (N,)}``
-  (``target`` only with labelled batches), the full tensors for ``torch.load``;
+  DataModules), or ``path`` instead: the image file relative to ``data.predict_root`` when the
+  prediction dataset names its files (its ``relative_paths``,
+  :class:`~normlightning.data.image_files.ImageFiles`); ``target`` its label when the batches
+  carry one (``(x, y)`` batches), ``predicted_class`` the argmax, then the ``top_k`` most probable
+  classes with their probabilities, most probable first. The ``*_name`` columns appear when the
+  data module has ``class_names`` (one per class);
+- ``predictions.pt`` (``format: pt``): ``{"index": (N,), "probabilities": (N, C), "target": (N,),
+  "paths": [N], "class_names": [C]}`` (``target`` only with labelled batches, ``paths`` and
+  ``class_names`` only where the CSV has them), the full tensors for ``torch.load``;
 - both with ``format: both``; nothing with ``format: none``.
 
 The task's ``predict_step`` must return one row of class probabilities per input, ``(N, C)``
@@ -44,10 +48,36 @@ from torch import Tensor
 __all__ = ["PredictionWriter", "csv_columns"]
 
 
-def csv_columns(top_k: int, with_target: bool) -> list[str]:
-    """Header of ``predictions.csv`` for ``top_k`` classes (``with_target``: a ``target`` column)."""
-    ranked = [name for i in range(1, top_k + 1) for name in (f"top{i}_class", f"top{i}_prob")]
-    return ["index", *(["target"] if with_target else []), "predicted_class", *ranked]
+def csv_columns(top_k: int, with_target: bool, with_names: bool = False, with_paths: bool = False) -> list[str]:
+    """Header of ``predictions.csv`` for ``top_k`` classes (``with_target``: a ``target`` column;
+    ``with_names``: a ``*_name`` column after each class column; ``with_paths``: ``path`` instead of ``index``)."""
+
+    def name(prefix: str) -> list[str]:
+        return [f"{prefix}_name"] if with_names else []
+
+    ranked = [column for i in range(1, top_k + 1) for column in (f"top{i}_class", *name(f"top{i}"), f"top{i}_prob")]
+    target = ["target", *name("target")] if with_target else []
+    return ["path" if with_paths else "index", *target, "predicted_class", *name("predicted"), *ranked]
+
+
+def _prediction_paths(trainer: Trainer) -> list[str] | None:
+    """The file of each example of the prediction dataset (its ``relative_paths``), ``None`` if it names none."""
+    loaders = trainer.predict_dataloaders
+    loader = loaders[0] if isinstance(loaders, (list, tuple)) and loaders else loaders
+    return getattr(getattr(loader, "dataset", None), "relative_paths", None)
+
+
+def _class_names(trainer: Trainer, num_classes: int) -> list[str] | None:
+    """The data module's ``class_names`` (``None`` if it has none); their number must be ``num_classes``."""
+    names = getattr(trainer.datamodule, "class_names", None)
+    if names is None:
+        return None
+    if len(names) != num_classes:
+        raise ValueError(
+            f"PredictionWriter: the data module's class_names has {len(names)} names but the model predicts "
+            f"{num_classes} classes; give the data module one name per class (or none)"
+        )
+    return [str(name) for name in names]
 
 
 def _batch_target(batch: Any, size: int) -> Tensor | None:
@@ -182,27 +212,49 @@ class PredictionWriter(BasePredictionWriter):
         index = torch.cat(self._indices)
         probabilities = torch.cat(self._probabilities)
         target = torch.cat(self._targets) if self._targets else None
+        all_paths = _prediction_paths(trainer)
+        paths = [all_paths[i] for i in index.tolist()] if all_paths is not None else None
+        names = _class_names(trainer, probabilities.shape[1])
         for path in self._paths(trainer):
             if path.endswith(".csv"):
-                self.files.append(self._write_csv(path, index, probabilities, target))
+                self.files.append(self._write_csv(path, index, probabilities, target, paths, names))
             else:
-                tensors = {"index": index, "probabilities": probabilities}
+                tensors: dict[str, Any] = {"index": index, "probabilities": probabilities}
                 if target is not None:
                     tensors["target"] = target
+                if paths is not None:
+                    tensors["paths"] = paths
+                if names is not None:
+                    tensors["class_names"] = names
                 torch.save(tensors, path)
                 self.files.append(path)
         shares = "" if trainer.world_size == 1 else f" (this process's share; one file per process in {folder})"
         rank_zero_info(f"PredictionWriter: {len(index)} predictions written to {', '.join(self.files)}{shares}")
         self._reset()
 
-    def _write_csv(self, path: str, index: Tensor, probabilities: Tensor, target: Tensor | None) -> str:
+    def _write_csv(
+        self,
+        path: str,
+        index: Tensor,
+        probabilities: Tensor,
+        target: Tensor | None,
+        paths: list[str] | None,
+        names: list[str] | None,
+    ) -> str:
+        """One row per input (see the module docstring); ``paths`` replace ``index``, ``names`` add the name columns."""
         k = min(self.top_k, probabilities.shape[1])
         top_prob, top_class = probabilities.topk(k, dim=1)
+
+        def named(label: int) -> list[Any]:
+            return [label, names[label]] if names is not None else [label]
+
         with open(path, "w", newline="") as handle:
             writer = csv.writer(handle)
-            writer.writerow(csv_columns(k, target is not None))
+            writer.writerow(csv_columns(k, target is not None, names is not None, paths is not None))
             for row in range(len(index)):
-                ranked = [v for c, p in zip(top_class[row].tolist(), top_prob[row].tolist()) for v in (c, f"{p:.6g}")]
-                labels = [int(target[row])] if target is not None else []
-                writer.writerow([int(index[row]), *labels, int(top_class[row, 0]), *ranked])
+                pairs = zip(top_class[row].tolist(), top_prob[row].tolist())
+                ranked = [v for c, p in pairs for v in (*named(c), f"{p:.6g}")]
+                labels = named(int(target[row])) if target is not None else []
+                first = paths[row] if paths is not None else int(index[row])
+                writer.writerow([first, *labels, *named(int(top_class[row, 0])), *ranked])
         return path

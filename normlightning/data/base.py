@@ -6,6 +6,10 @@ instantiation) and implements :meth:`BaseDataModule.build_dataset` for the split
 ``"train"``, ``"val"``, ``"test"``. Images come out as float tensors in ``[0, 1]``: no
 ``Normalize`` in the data, the task normalizes with ``mean``/``std`` as its first module.
 
+Predictions (``normlightning predict``) run over the test split, or, with ``predict_root``, over
+every image file under that folder (:class:`~normlightning.data.image_files.ImageFiles`, read
+with :meth:`BaseDataModule.image_file_transform`, the DataModule's evaluation transform).
+
 Splits: datasets with only a train and a test set (MNIST, CIFAR) validate on the test set
 by default (``val_fraction=0``, as the papers report); ``val_fraction > 0`` holds out a
 seeded fraction of the training set instead (see :func:`split_indices`).
@@ -13,15 +17,18 @@ seeded fraction of the training set instead (see :func:`split_indices`).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import Literal
 
 import torch
 from lightning.pytorch import LightningDataModule
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset, Subset
+from torchvision.transforms import v2
 
+from normlightning.data.image_files import ImageFiles, convert_mode
 from normlightning.data.samplers import EpochSeededRandomSampler, seeded_loader_generator
 from normlightning.data.unreadable import UNREADABLE_IMAGE_POLICIES, SkipUnreadableImages
 
@@ -36,6 +43,7 @@ DATAMODULE_ATTRIBUTES: dict[str, str] = {
     "batch_size": "int, examples per batch per process (norm `auto` group counts, linear LR scaling)",
     "mean": "optional per-channel tuple (the task's input_mean; default 0)",
     "std": "optional per-channel tuple (the task's input_std; default 1)",
+    "class_names": "optional sequence of num_classes names (the name columns of the prediction CSV; default none)",
 }
 
 
@@ -97,6 +105,8 @@ class BaseDataModule(LightningDataModule):
         shuffle_seed: seed of the training order: epoch ``e`` visits a permutation drawn from
             ``(shuffle_seed, e)`` (so a resumed run sees the same order); ``None``: the seed of
             ``seed_everything``.
+        predict_root: a folder of images to predict (read recursively, every image file; see
+            :mod:`normlightning.data.image_files`) instead of the test split.
     """
 
     #: ``val_fraction > 0`` carves the val split out of ``build_train_dataset`` (False: the
@@ -108,6 +118,8 @@ class BaseDataModule(LightningDataModule):
     input_shape: tuple[int, int, int]
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    #: Name of each class (index -> name), where the dataset has them; ``None``: none.
+    class_names: Sequence[str] | None = None
 
     def __init__(
         self,
@@ -122,6 +134,7 @@ class BaseDataModule(LightningDataModule):
         seed: int = 0,
         drop_last: bool = False,
         shuffle_seed: int | None = None,
+        predict_root: str | None = None,
         unreadable_images: Literal["error", "skip"] = "error",
     ) -> None:
         super().__init__()
@@ -145,6 +158,7 @@ class BaseDataModule(LightningDataModule):
         self.seed = seed
         self.drop_last = drop_last
         self.shuffle_seed = shuffle_seed
+        self.predict_root = predict_root
         self.unreadable_images = unreadable_images
         self.datasets: dict[str, Dataset] = {}
 
@@ -160,7 +174,36 @@ class BaseDataModule(LightningDataModule):
         """
         raise NotImplementedError(f"{type(self).__name__} does not support val_fraction > 0")
 
+    def image_file_transform(self) -> v2.Compose:
+        """Evaluation transform of one image file (a PIL image, any mode) -> float ``(C, H, W)`` in ``[0, 1]``
+        of ``input_shape``: converted to grayscale (``C = 1``) or RGB (``C = 3``) and resized to ``(H, W)``.
+
+        Datasets whose evaluation pipeline resizes and crops (ImageNet-style) override it with that pipeline.
+        """
+        channels, height, width = self.input_shape
+        if channels not in (1, 3):
+            raise ValueError(
+                f"{type(self).__name__}: {channels}-channel inputs cannot be read from image files "
+                f"(data.predict_root needs 1 or 3 channels)"
+            )
+        return v2.Compose([
+            v2.Lambda(functools.partial(convert_mode, mode="L" if channels == 1 else "RGB")),
+            v2.ToImage(),
+            v2.Resize((height, width), antialias=True),
+            v2.ToDtype(torch.float32, scale=True),
+        ])
+
+    @property
+    def predict_split(self) -> str:
+        """The split ``predict`` runs over: ``"predict"`` (the files under ``predict_root``) or ``"test"``."""
+        return "test" if self.predict_root is None else "predict"
+
     def _dataset(self, split: Split) -> Dataset:
+        if split == "predict" and split not in self.datasets:
+            files = ImageFiles(str(self.predict_root), self.image_file_transform())
+            skipped = f" ({files.skipped} other files skipped)" if files.skipped else ""
+            rank_zero_info(f"data.predict_root: predicting {len(files)} image files under {self.predict_root}{skipped}")
+            self.datasets[split] = files
         if split not in self.datasets:
             if self.holdout_val_from_train and self.val_fraction > 0 and split in ("train", "val"):
                 full = self.build_train_dataset(train=split == "train")
@@ -179,7 +222,7 @@ class BaseDataModule(LightningDataModule):
             "fit": ("train", "val"),
             "validate": ("val",),
             "test": ("test",),
-            "predict": ("test",),
+            "predict": (self.predict_split,),
         }
         for split in splits[stage]:
             self._dataset(split)
@@ -251,5 +294,5 @@ class BaseDataModule(LightningDataModule):
         return self._loader("test", train=False)
 
     def predict_dataloader(self) -> DataLoader:
-        """Predictions run over the test split."""
-        return self._loader("test", train=False)
+        """Predictions run over the test split, or the image files under ``predict_root``."""
+        return self._loader(self.predict_split, train=False)  # type: ignore[arg-type]

@@ -36,7 +36,7 @@ from torchvision import datasets
 from normlightning.data.base import BaseDataModule, Split, split_indices
 from normlightning.data.errors import DatasetNotFoundError
 from normlightning.data.image_folder import IMAGENET_MEAN, IMAGENET_STD
-from normlightning.data.rgb_images import load_rgb_image, rgb_image_transform
+from normlightning.data.rgb_images import CroppedImageFiles, load_rgb_image, rgb_image_transform
 
 CLUTTER = "257.clutter"
 
@@ -52,7 +52,7 @@ class _Caltech256(datasets.Caltech256):
         return (self.transform(image) if self.transform is not None else image), label
 
 
-class Caltech256(BaseDataModule):
+class Caltech256(CroppedImageFiles, BaseDataModule):
     """Caltech-256 images at ``image_size``, 256 classes (257 with ``include_clutter``).
 
     Args:
@@ -109,6 +109,7 @@ class Caltech256(BaseDataModule):
         if expected_num_classes is not None and len(self.classes) != expected_num_classes:
             self._missing(f"found {len(self.classes)} classes, expected {expected_num_classes}")
         self.num_classes = len(self.classes)
+        self.class_names = self.classes  # the folder names, e.g. 001.ak47
         self.input_shape = (3, image_size, image_size)
         self.mean = IMAGENET_MEAN
         self.std = IMAGENET_STD

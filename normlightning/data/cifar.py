@@ -111,6 +111,15 @@ class CIFAR10(BaseDataModule):
         self.mean = self.channel_mean
         self.std = self.channel_std
 
+    @property
+    def class_names(self) -> list[str] | None:  # type: ignore[override]
+        """The class names of the dataset's meta file (``None`` while the files are not there)."""
+        cls = self.dataset_class
+        path = os.path.join(self.root, cls.base_folder, cls.meta["filename"])
+        if not os.path.isfile(path):
+            return None
+        return list(load_data_pickle(path, what="CIFAR file")[cls.meta["key"]])
+
     def prepare_data(self) -> None:
         if self.download:
             self.dataset_class(self.root, train=True, download=True)

@@ -27,7 +27,7 @@ from torch.utils.data import Dataset
 from normlightning.data.base import BaseDataModule, Split
 from normlightning.data.errors import DatasetNotFoundError
 from normlightning.data.image_folder import IMAGENET_MEAN, IMAGENET_STD
-from normlightning.data.rgb_images import load_rgb_image, rgb_image_transform
+from normlightning.data.rgb_images import CroppedImageFiles, load_rgb_image, rgb_image_transform
 
 METADATA = ("images.txt", "image_class_labels.txt", "train_test_split.txt")
 
@@ -73,7 +73,7 @@ class CUB200Dataset(Dataset):
         return (self.transform(image) if self.transform is not None else image), label
 
 
-class CUB200(BaseDataModule):
+class CUB200(CroppedImageFiles, BaseDataModule):
     """CUB-200-2011 birds at ``image_size``, 200 classes, official train/test split.
 
     Args:

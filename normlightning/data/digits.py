@@ -13,6 +13,9 @@ from torch.utils.data import Dataset, TensorDataset
 
 from normlightning.data.base import BaseDataModule, Split, split_indices
 
+#: Class names of the digit datasets (Digits, MNIST, SVHN): label ``d`` is the digit ``d``.
+DIGIT_CLASS_NAMES = tuple(str(digit) for digit in range(10))
+
 
 class Digits(BaseDataModule):
     """The quickstart dataset: ``sklearn.datasets.load_digits``, no download needed.
@@ -41,6 +44,7 @@ class Digits(BaseDataModule):
             )
         self.test_fraction = test_fraction
         self.num_classes = 10
+        self.class_names = DIGIT_CLASS_NAMES
         self.input_shape = (1, 8, 8)
         self.mean = self.MEAN
         self.std = self.STD

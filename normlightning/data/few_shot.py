@@ -231,9 +231,9 @@ class FewShotDataModule(BaseDataModule):
         return dataset
 
     def setup(self, stage: str) -> None:
-        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}[stage]
-        for split in wanted:
-            if self.has_split(split):
+        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": (self.predict_split,)}
+        for split in wanted[stage]:
+            if split == "predict" or self.has_split(split):
                 self._dataset(split)
 
     # ------------------------------------------------------------- loaders

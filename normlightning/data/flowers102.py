@@ -24,7 +24,7 @@ from torchvision import datasets
 from normlightning.data.base import BaseDataModule, Split
 from normlightning.data.errors import DatasetNotFoundError
 from normlightning.data.image_folder import IMAGENET_MEAN, IMAGENET_STD
-from normlightning.data.rgb_images import load_rgb_image, rgb_image_transform
+from normlightning.data.rgb_images import CroppedImageFiles, load_rgb_image, rgb_image_transform
 
 
 class _Flowers102(datasets.Flowers102):
@@ -33,7 +33,7 @@ class _Flowers102(datasets.Flowers102):
     _file_dict = {key: (name, None) for key, (name, _) in datasets.Flowers102._file_dict.items()}
 
 
-class Flowers102(BaseDataModule):
+class Flowers102(CroppedImageFiles, BaseDataModule):
     """Oxford Flowers-102 at ``image_size``, 102 classes, official train/val/test split.
 
     Args:

@@ -25,17 +25,17 @@ from torchvision.datasets.folder import find_classes
 
 from normlightning.data.base import BaseDataModule, Split
 from normlightning.data.errors import DatasetNotFoundError
-from normlightning.data.rgb_images import load_rgb_image
+from normlightning.data.rgb_images import CroppedImageFiles, load_rgb_image
 from normlightning.data.transforms import imagenet_eval, imagenet_train
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class ImageFolderDataModule(BaseDataModule):
+class ImageFolderDataModule(CroppedImageFiles, BaseDataModule):
     """Train on a folder of images sorted into one sub-folder per class.
 
-    ``num_classes`` is the number of class folders in ``root/<train_dir>`` (read in
+    ``num_classes`` is the number of class folders in ``root/<train_dir>``, ``class_names`` their names (read in
     ``__init__``, so a missing folder fails early with the expected layout; fewer than 2 class
     folders is an error naming the folder).
 
@@ -101,6 +101,7 @@ class ImageFolderDataModule(BaseDataModule):
         if expected_num_classes is not None and len(self.classes) != expected_num_classes:
             self._missing(f"{train_dir}/ has {len(self.classes)} class folders, expected {expected_num_classes}")
         self.num_classes = len(self.classes)
+        self.class_names = self.classes
         self.input_shape = (3, image_size, image_size)
         self.mean = tuple(mean)
         self.std = tuple(std)

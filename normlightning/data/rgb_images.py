@@ -118,4 +118,15 @@ def rgb_image_transform(train: bool, image_size: int, resize: int | None = None,
     return v2.Compose([v2.Lambda(pil_to_rgb), pipeline])
 
 
-__all__ = ["load_rgb_image", "pil_to_rgb", "rgb_image_transform"]
+class CroppedImageFiles:
+    """Mixin of a DataModule with ``image_size`` and ``resize``: image files to predict
+    (``data.predict_root``) go through its evaluation pipeline, ``rgb_image_transform(train=False)``."""
+
+    image_size: int
+    resize: int | None
+
+    def image_file_transform(self) -> v2.Compose:
+        return rgb_image_transform(False, self.image_size, self.resize)
+
+
+__all__ = ["CroppedImageFiles", "load_rgb_image", "pil_to_rgb", "rgb_image_transform"]

@@ -28,6 +28,7 @@ from torchvision import datasets
 from torchvision.transforms import v2
 
 from normlightning.data.base import BaseDataModule, Split
+from normlightning.data.digits import DIGIT_CLASS_NAMES
 from normlightning.data.errors import DatasetNotFoundError
 from normlightning.data.transforms import to_tensor
 
@@ -65,6 +66,7 @@ class SVHN(BaseDataModule):
         self.use_extra = use_extra
         self.augment = augment
         self.num_classes = 10
+        self.class_names = DIGIT_CLASS_NAMES
         self.input_shape = (3, 32, 32)
         self.mean = SVHN_MEAN
         self.std = SVHN_STD

@@ -3,7 +3,7 @@
 Every cell is one ordinary normlightning run of a base config with a few keys overridden
 (:func:`~normlightning.sweep.grid.cell_config`: the ``norm:`` preset of the method, the batch
 size, the task's linear LR scaling from ``--base-batch-size``, the seed, the epochs, a CSV
-logger, GPUs and nodes). Modules: :mod:`~normlightning.sweep.grid` (cells, presets, per-cell
+logger and a TensorBoard logger, GPUs and nodes). Modules: :mod:`~normlightning.sweep.grid` (cells, presets, per-cell
 config), :mod:`~normlightning.sweep.cell` (running one cell, reading its logs),
 :mod:`~normlightning.sweep.executors` (inline, subprocess, submitit),
 :mod:`~normlightning.sweep.runner` (preparing, resuming, running the grid),
@@ -13,6 +13,7 @@ Layout of ``out_dir``::
 
     cells/<method>_b<B>_s<seed>/cell.yaml           the full config the cell ran with
     cells/<method>_b<B>_s<seed>/logs/metrics.csv    the logger's metrics (source of the results)
+    cells/<method>_b<B>_s<seed>/logs/tensorboard/   TensorBoard events with the cell's hparams (HParams tab)
     cells/<method>_b<B>_s<seed>/result.json         written last: spec, final metrics, LR, wall time
     jobs/<job id>_*                                 submitit's files of each job: log, call, result
     results.csv, table.md, accuracy_vs_batch.png, summary.json
@@ -39,6 +40,7 @@ from normlightning.sweep.grid import (
     FIXED_GROUP_COUNTS,
     LOGS_DIR,
     METRICS_FILE,
+    TENSORBOARD_DIR,
     RESULT_FILE,
     RESULT_METRICS,
     SPEC_FILE,
@@ -49,7 +51,9 @@ from normlightning.sweep.grid import (
     make_grid,
     method_preset,
 )
-from normlightning.sweep.report import aggregate, collect_rows, markdown_table, plot_sweep, sweep_title, write_report
+from normlightning.sweep.report import (
+    aggregate, collect_rows, markdown_table, plot_sweep, sweep_figure, sweep_title, write_report,
+)
 from normlightning.sweep.runner import SweepResult, run_sweep
 
 __all__ = [
@@ -58,6 +62,7 @@ __all__ = [
     "FIXED_GROUP_COUNTS",
     "LOGS_DIR",
     "METRICS_FILE",
+    "TENSORBOARD_DIR",
     "RESULT_FILE",
     "RESULT_METRICS",
     "SPEC_FILE",
@@ -78,6 +83,7 @@ __all__ = [
     "method_preset",
     "parse_epochs",
     "plot_sweep",
+    "sweep_figure",
     "read_last_metrics",
     "run_cell",
     "run_cells",

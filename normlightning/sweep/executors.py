@@ -12,6 +12,8 @@ executor ran its cells.
   (the optional extra ``cluster``), on SLURM (``cluster="slurm"``: a job array) or on this
   machine (``cluster="local"``). A cell that asks for several GPUs or nodes runs as one
   multi-task SLURM job (one task per GPU), which Lightning's SLURM support turns into DDP.
+  While no job finishes, a progress line every :data:`PROGRESS_EVERY_S` seconds says how many cells
+  are done and in which state the others are (:func:`wait_for_jobs`).
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,9 +32,11 @@ from typing import Any
 from normlightning.sweep.cell import run_cell
 from normlightning.sweep.grid import RESULT_FILE
 
-__all__ = ["EXECUTORS", "ClusterSettings", "run_cells"]
+__all__ = ["EXECUTORS", "PROGRESS_EVERY_S", "ClusterSettings", "run_cells", "wait_for_jobs"]
 
 EXECUTORS = ("inline", "subprocess", "submitit")
+#: Seconds between progress lines while submitted jobs run and none finishes.
+PROGRESS_EVERY_S = 10.0
 
 #: Log printer: ``log(message, flush=True)``.
 Log = Callable[..., None]
@@ -207,12 +212,10 @@ def _run_submitit(
             jobs[cell_dir] = executor.submit(run_cell, str(cell_dir), threads)
     for cell_dir, job in jobs.items():
         log(f"[sweep] {cell_dir.name}: submitted as {cluster.cluster} job {job.job_id}", flush=True)
-    names = {id(job): cell_dir for cell_dir, job in jobs.items()}
     status: dict[str, str] = {}
     poll = cluster.poll_s if cluster.poll_s is not None else (1.0 if cluster.cluster == "local" else 15.0)
     start = time.perf_counter()
-    for done, job in enumerate(submitit.helpers.as_completed(list(jobs.values()), poll_frequency=poll), 1):
-        cell_dir = names[id(job)]
+    for done, cell_dir, job in wait_for_jobs(jobs, poll, max(PROGRESS_EVERY_S, poll), log):
         try:
             job.results()  # raises the job's exception (with its log's tail)
             if not (cell_dir / RESULT_FILE).is_file():
@@ -224,3 +227,29 @@ def _run_submitit(
         log(f"[sweep] {done}/{len(jobs)} {cell_dir.name} {status[cell_dir.name]} "
             f"({time.perf_counter() - start:.0f} s since submission)", flush=True)
     return status
+
+
+def wait_for_jobs(
+    jobs: Mapping[Path, Any], poll_s: float, progress_every_s: float, log: Log
+) -> Iterator[tuple[int, Path, Any]]:
+    """Yield ``(number done so far, cell folder, job)`` as each submitit job finishes (``job.done()``),
+    checking every ``poll_s`` seconds. While none finishes, log a progress line every
+    ``progress_every_s`` seconds: the cells done, the states of the others (``job.state``, e.g. ``2 running,
+    1 pending``) and the time since the wait began."""
+    waiting = dict(jobs)
+    start = last_line = time.perf_counter()
+    done = 0
+    while waiting:
+        for cell_dir in [cell_dir for cell_dir, job in waiting.items() if job.done()]:
+            done += 1
+            last_line = time.perf_counter()
+            yield done, cell_dir, waiting.pop(cell_dir)
+        if not waiting:
+            return
+        now = time.perf_counter()
+        if now - last_line >= progress_every_s:
+            states = Counter(str(job.state).lower() for job in waiting.values())
+            listed = ", ".join(f"{count} {state}" for state, count in sorted(states.items()))
+            log(f"[sweep] {done}/{len(jobs)} cells done; {listed} ({now - start:.0f} s since submission)", flush=True)
+            last_line = now
+        time.sleep(poll_s)

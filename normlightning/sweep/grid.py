@@ -27,6 +27,7 @@ __all__ = [
     "RESULT_FILE",
     "RESULT_METRICS",
     "SPEC_FILE",
+    "TENSORBOARD_DIR",
     "Cell",
     "cell_config",
     "cell_spec",
@@ -41,8 +42,11 @@ SPEC_FILE = "spec.json"
 #: The cell's log folder (a fresh one for every attempt: the CSV logger never finds old files).
 LOGS_DIR = "logs"
 METRICS_FILE = f"{LOGS_DIR}/metrics.csv"
-#: Metrics copied from each cell's logs into ``results.csv``.
-RESULT_METRICS = ("test/acc1", "test/loss", "val/acc1", "val/loss", "train/loss_epoch")
+#: The cell's TensorBoard events and hparams (HParams view beside single runs), inside :data:`LOGS_DIR`.
+TENSORBOARD_DIR = f"{LOGS_DIR}/tensorboard"
+#: Metrics copied from each cell's logs into ``results.csv`` (the last logged value of each): ``train/loss`` is
+#: the loss of the last training batch (the task logs it at each epoch's last batch; it logs no epoch mean).
+RESULT_METRICS = ("test/acc1", "test/loss", "val/acc1", "val/loss", "train/loss")
 
 #: The sweep's own choice for group counts that have no ``auto`` rule, chosen for narrow conv
 #: nets (16-64 channels): ``gn`` 8 groups; ``gbgn`` 8 channel groups and contiguous groups of
@@ -152,7 +156,9 @@ def cell_config(
       ``lr = base_lr * B * world_size / base_batch_size``;
     - ``seed_everything = seed`` (weights, data order; the data split keeps its own seed);
     - ``trainer.max_epochs = epochs`` and ``T_max`` of a ``CosineAnnealingLR`` scheduler;
-    - a ``CSVLogger`` writing into ``cell_dir/logs``, no progress bar, no checkpoint files;
+    - a ``CSVLogger`` writing into ``cell_dir/logs`` (read back for ``results.csv``) and a ``TensorBoardLogger``
+      into ``cell_dir/logs/tensorboard`` (events and hparams, so that the cells sit in TensorBoard's HParams
+      view beside single runs), no progress bar, no checkpoint files;
     - with ``gpus > 0``: ``trainer.accelerator = gpu``, ``devices = gpus / nodes``,
       ``num_nodes = nodes`` and, with more than one GPU, ``strategy = ddp``.
 
@@ -199,10 +205,17 @@ def cell_config(
             "max_epochs": epochs,
             "enable_progress_bar": False,
             "enable_model_summary": False,
-            "logger": {
-                "class_path": "lightning.pytorch.loggers.CSVLogger",
-                "init_args": {"save_dir": str(cell_dir), "name": LOGS_DIR, "version": ""},
-            },
+            "logger": [
+                {
+                    "class_path": "lightning.pytorch.loggers.CSVLogger",
+                    "init_args": {"save_dir": str(cell_dir), "name": LOGS_DIR, "version": ""},
+                },
+                {
+                    "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                    "init_args": {"save_dir": str(Path(cell_dir) / TENSORBOARD_DIR), "name": "", "version": "",
+                                  "default_hp_metric": False},
+                },
+            ],
         }
     )
     if gpus:

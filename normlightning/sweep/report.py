@@ -1,6 +1,7 @@
 """The report of a batch-size sweep, from the cells' ``result.json`` files: ``results.csv``
 (one row per finished cell), the mean and sample std over seeds (:func:`aggregate`), a
-markdown table (``table.md``) and accuracy by method, one panel per batch size (``accuracy_vs_batch.png``).
+markdown table (``table.md``) and accuracy against batch size, one panel per method on a shared y-axis
+(``accuracy_vs_batch.png``, :func:`sweep_figure`).
 """
 
 from __future__ import annotations
@@ -15,9 +16,15 @@ from pathlib import Path
 from typing import Any
 
 from normlightning import plotting
-from normlightning.sweep.grid import RESULT_FILE, RESULT_METRICS, Cell
+from normlightning.sweep.grid import RESULT_FILE, RESULT_METRICS, Cell, method_preset
 
-__all__ = ["aggregate", "collect_rows", "markdown_table", "plot_sweep", "sweep_title", "write_report"]
+__all__ = [
+    "aggregate", "collect_rows", "markdown_table", "method_label", "plot_sweep", "sweep_figure", "sweep_title",
+    "write_report",
+]
+
+#: Colours of the methods' lines: matplotlib's default cycle without its grey (C7), the reference line's colour.
+COLOURS = tuple(f"C{i}" for i in range(10) if i != 7)
 
 #: Statistics of one metric: ``{method: {batch_size: (mean, std, n)}}``.
 Stats = Mapping[str, Mapping[int, tuple[float, float, int]]]
@@ -77,56 +84,83 @@ def markdown_table(stats: Stats, *, scale: float = 100.0, digits: int = 1) -> st
     return "\n".join(lines) + "\n"
 
 
-def plot_sweep(
+def method_label(method: str) -> str:
+    """Legend entry of ``method``: its name and the group counts every cell of the sweep gave it
+    (:func:`~normlightning.sweep.grid.method_preset`), e.g. ``"gn (num_groups=8)"``,
+    ``"bgn (num_groups=auto)"`` (``auto``: chosen per batch size by the layer's rule)."""
+    preset = method_preset(method)
+    counts = {key: value for key, value in preset.items() if key != "method" and key != "kwargs"}
+    counts.update(preset.get("kwargs", {}))
+    return f"{method} ({', '.join(f'{k}={v}' for k, v in counts.items())})" if counts else method
+
+
+def sweep_figure(
     stats: Stats,
-    path: str | os.PathLike,
     *,
     ylabel: str = "test top-1 accuracy (%)",
     scale: float = 100.0,
     title: str | None = None,
     reference: str | None = "bn",
-) -> str:
-    """One panel per per-process batch size, the methods side by side in each (BGN paper,
-    Figure 1 bottom, read per batch size): mean over seeds with error bars of ± one sample std,
-    and a dashed line at the ``reference`` method's mean (``None`` or absent: no line). Each panel
-    has its own y range, so methods that nearly tie at one batch size stay apart. Returns ``str(path)``.
-    """
+    labels: Mapping[str, str] | None = None,
+) -> Any:
+    """Accuracy against the per-process batch size (log2 axis), one panel per method, every panel on the
+    same y-axis so that they compare at a glance (BGN paper, Figure 1 bottom): the mean over seeds with
+    error bars of ± one sample std, and the ``reference`` method's means as a dashed line in the other
+    panels (``None`` or absent: no line). ``labels``: legend entry per method (default
+    :func:`method_label`, with its group counts). Returns the matplotlib ``Figure`` (constrained layout:
+    the title and the legend lie inside it, whatever the number of batch sizes)."""
     plt = plotting.require_matplotlib()
     if not stats:
         raise ValueError("plot_sweep: no finished cells to plot")
     methods = list(stats)
+    labels = {m: (labels or {}).get(m) or method_label(m) for m in methods}
     batches = sorted({b for by_batch in stats.values() for b in by_batch})
     seeds = sorted({by_batch[b][2] for by_batch in stats.values() for b in by_batch})
-    fig, axes = plt.subplots(1, len(batches), figsize=(max(4.0, 0.45 * len(methods) + 1.6) * len(batches), 4.6),
-                             squeeze=False)
-    handles: dict[str, Any] = {}
-    for ax, batch in zip(axes[0], batches):
-        xs = [i for i, m in enumerate(methods) if batch in stats[m]]
-        means = [stats[methods[i]][batch][0] * scale for i in xs]
-        stds = [0.0 if math.isnan(stats[methods[i]][batch][1]) else stats[methods[i]][batch][1] * scale for i in xs]
-        handles["cells"] = ax.errorbar(xs, means, yerr=stds, fmt="o", color="tab:blue", ecolor="tab:blue",
-                                       capsize=4, markersize=5, linewidth=1.2)
-        if reference in stats and batch in stats[reference]:
-            handles["reference"] = ax.axhline(stats[reference][batch][0] * scale, color="tab:gray", linestyle="--",
-                                              linewidth=1.0)
-        ax.set_xticks(range(len(methods)))
-        ax.set_xticklabels(methods, rotation=45, ha="right")
-        ax.set_xlim(-0.6, len(methods) - 0.4)
-        ax.set_title(f"per-process batch size {batch}", fontsize=10)
-        ax.set_xlabel("normalization method")
-        ax.grid(True, axis="y", alpha=0.3)
-    axes[0][0].set_ylabel(ylabel)
-    seed_text = f"n = {seeds[0]} seed{'s' if seeds[0] != 1 else ''}" if len(seeds) == 1 else \
-        f"n = {seeds[0]}-{seeds[-1]} seeds per cell"
-    if seeds[0] == 1:
-        seed_text += "; no bar with 1 seed"
-    labels = {"cells": f"mean over seeds; bar: ± 1 sample std ({seed_text})",
-              "reference": f"{reference} mean at that batch size"}
-    fig.legend([handles[k] for k in handles], [labels[k] for k in handles], loc="lower center",
-               ncol=len(handles), fontsize=9, frameon=False)
+    columns = min(len(methods), 4)
+    rows = math.ceil(len(methods) / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns + 0.6, 2.9 * rows + 1.2), sharey=True,
+                             squeeze=False, layout="constrained")
+    handles, names = [], []
+    for k, (ax, method) in enumerate(zip(axes.flat, methods)):
+        xs = sorted(stats[method])
+        means = [stats[method][b][0] * scale for b in xs]
+        stds = [0.0 if math.isnan(stats[method][b][1]) else stats[method][b][1] * scale for b in xs]
+        if reference in stats and method != reference:
+            ref_xs = sorted(stats[reference])
+            line = ax.plot(ref_xs, [stats[reference][b][0] * scale for b in ref_xs], color="tab:gray",
+                           linestyle="--", linewidth=1.0, marker="x", markersize=4)[0]
+            if not any(name.startswith(f"{reference} mean") for name in names):
+                handles.append(line)
+                names.append(f"{reference} mean (dashed, for comparison)")
+        handles.append(ax.errorbar(xs, means, yerr=stds, fmt="o-", color=COLOURS[k % len(COLOURS)], capsize=4, markersize=5,
+                                   linewidth=1.2))
+        names.append(labels[method])
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(batches, [str(b) for b in batches])
+        ax.minorticks_off()
+        if len(batches) == 1:
+            ax.set_xlim(batches[0] / 1.5, batches[0] * 1.5)
+        ax.set_title(method, fontsize=10)
+        ax.set_xlabel("per-process batch size (log2 axis)", fontsize=9)
+        ax.grid(True, alpha=0.3)
+    for ax in axes.flat[len(methods):]:
+        ax.set_visible(False)
+    fig.supylabel(ylabel, fontsize=10)
+    seed_text = (f"n = {seeds[0]} seed{'s' if seeds[0] != 1 else ''} per point" if len(seeds) == 1
+                 else f"n = {seeds[0]}-{seeds[-1]} seeds per point")
+    bars = "no bar with 1 seed" if seeds[0] == 1 else "bar: ± 1 sample std"
+    fig.legend(handles, names, loc="outside lower center", ncol=min(len(names), 3), fontsize=8, frameon=False,
+               title=f"mean over seeds ({seed_text}; {bars}); group counts as every cell set them",
+               title_fontsize=8)
     if title:
         fig.suptitle(title, fontsize=11)
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    return fig
+
+
+def plot_sweep(stats: Stats, path: str | os.PathLike, **kwargs: Any) -> str:
+    """Save :func:`sweep_figure` (same keyword arguments) as a PNG at ``path``; returns ``str(path)``."""
+    plt = plotting.require_matplotlib()
+    fig = sweep_figure(stats, **kwargs)
     out = os.fspath(path)
     if os.path.dirname(out):
         os.makedirs(os.path.dirname(out), exist_ok=True)

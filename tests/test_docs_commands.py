@@ -19,7 +19,8 @@ DOCS = [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "docs").glob("*.md"))]
 def fenced_fit_commands() -> list[tuple[str, list[str]]]:
     """``(file, args)`` of every ``normlightning fit ...`` line of a fenced block (continuations joined); lines with
     a ``<placeholder>``, a ``PYTHONPATH=`` (modules of the reader's) or a ``--config`` the reader writes (not in the
-    checkout) are left out, and so are the command's own output lines (``normlightning fit: done ...``)."""
+    checkout) are left out, and so are the command's own output lines (``normlightning fit: done ...``). A shell
+    variable (``$seed`` in a loop over seeds) is read as 0."""
     commands = []
     for path in DOCS:
         for block in re.findall(r"^```[a-z]*\n(.*?)^```", path.read_text(), re.S | re.M):
@@ -27,7 +28,8 @@ def fenced_fit_commands() -> list[tuple[str, list[str]]]:
                 found = re.search(r"\bnormlightning (fit(?=\s|$).*)", line)
                 if found is None or "<" in line or "PYTHONPATH=" in line:
                     continue
-                args = shlex.split(found.group(1), comments=True)
+                command = re.sub(r"\$\{?\w+\}?", "0", found.group(1))  # a loop's shell variable: its first value
+                args = shlex.split(command, comments=True)
                 configs = [a.split("=", 1)[1] if "=" in a else args[i + 1]
                            for i, a in enumerate(args) if a.split("=", 1)[0] == "--config"]
                 if all((REPO_ROOT / c).is_file() for c in configs):

@@ -292,8 +292,9 @@ def test_subprocess_executor_and_cli(tmp_path) -> None:
     assert stored["status"] == "ok" and stored["lr"] == pytest.approx(0.2 * 4 / 8)
     assert stored["spec"]["method"] == "hn" and stored["spec"]["seed"] == 1
     assert sweep.main(args).status == {"hn_b4_s1": "skipped"}
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as info:
         sweep.main(["--out", str(out)])  # no --config
+    assert info.value.code == 2  # argparse's usage error
 
 
 def test_parallel_workers_run_every_cell_once(tmp_path) -> None:
@@ -355,8 +356,9 @@ def test_cluster_settings_and_gpu_cells(tmp_path) -> None:
     with pytest.raises(ValueError, match="cannot run inline"):
         sweep.run_cells([tmp_path], "inline", threads=1, workers=1, cluster=sweep.ClusterSettings(gpus_per_cell=2),
                         jobs_dir=tmp_path, log=print)
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as info:
         sweep.main(["--config", "x.yaml", "--gpus-per-cell", "3", "--nodes-per-cell", "2"])
+    assert info.value.code == 2
 
 
 def test_submitit_missing_names_the_extra(monkeypatch) -> None:

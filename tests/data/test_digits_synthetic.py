@@ -64,7 +64,7 @@ def test_synthetic_shapes_determinism_and_signal() -> None:
     correct = sum(int(((centroids - val[i][0]) ** 2).flatten(1).sum(1).argmin() == val[i][1]) for i in range(8))
     assert correct >= 7
     assert len(dm.datasets["val"]) == 8
-    with pytest.raises(IndexError):
+    with pytest.raises(IndexError, match="out of range"):
         train[40]
 
 

@@ -237,5 +237,5 @@ def test_bgn_fused_training_path_refuses_a_second_derivative():
     layer = build_norm("bgn", 4, num_groups=2)  # G < C: the fused path
     x = torch.randn(3, 4, 2, 2, requires_grad=True)
     (gx,) = torch.autograd.grad(layer(x).pow(2).sum(), x, create_graph=True)
-    with pytest.raises(RuntimeError):
+    with pytest.raises(RuntimeError, match="not have been used in the graph"):  # no second-order path to x
         torch.autograd.grad(gx.sum(), x)

@@ -26,6 +26,7 @@ ARGS = {
     "ghost": {"num_groups": 2},
     "seqnorm": {"channel_groups": 2, "batch_groups": 2},
     "bgn": {"num_groups": 6},  # groups of D = 36 that split channels
+    "gnflat": {"num_groups": 4},  # divides D = 36 here and 64 in the per-example test
     "gbgn": {"channel_groups": 2},
     "brn": {"r_max_start_step": 0, "r_max_end_step": 1, "d_max_start_step": 0, "d_max_end_step": 1},
 }
@@ -155,10 +156,10 @@ def test_per_example_methods_are_unchanged(method):
     settings = {"method": "hn", "kwargs": {"mean": "in", "std": "ln"}} if method == "hn-per-example" else {
         "method": method, **({"num_groups": ARGS[method]["num_groups"]} if method in ARGS else {})}
     plain = copy.deepcopy(model)
-    spec, _ = inject(model, virtual_devices=2, batch_size=3, **settings)
-    inject(plain, **settings)
-    assert "virtual_devices" not in spec["layers"][0]["kwargs"]
     x = torch.randn(3, 3, 4, 4)  # N = 3 does not split into 2: no error, no split
+    spec, _ = inject(model, virtual_devices=2, batch_size=3, example_input=x, **settings)
+    inject(plain, example_input=x, **settings)
+    assert "virtual_devices" not in spec["layers"][0]["kwargs"]
     torch.testing.assert_close(model.train()(x), plain.train()(x), rtol=0, atol=0)
 
 

@@ -184,12 +184,14 @@ def test_training_loss_is_the_weighted_mix():
 
 
 @pytest.mark.parametrize(
-    "kwargs",
-    [{"adversarial_weight": 1.5}, {"train_attack_norm_mode": "frozen"}, {"eval_attack_norm_mode": "batch"},
-     {"train_attack": {"eps": -1.0}}],
+    ("kwargs", "message"),
+    [({"adversarial_weight": 1.5}, r"adversarial_weight must be in \[0, 1\]"),
+     ({"train_attack_norm_mode": "frozen"}, "train_attack_norm_mode must be one of"),
+     ({"eval_attack_norm_mode": "batch"}, "eval_attack_norm_mode must be one of"),
+     ({"train_attack": {"eps": -1.0}}, "PGD eps must be >= 0")],
 )
-def test_bad_settings_raise(kwargs):
-    with pytest.raises(ValueError):
+def test_bad_settings_raise(kwargs, message):
+    with pytest.raises(ValueError, match=message):
         make_task(**kwargs)
 
 

@@ -152,7 +152,8 @@ def _layer_record(
     carried = list(carried_modules(old, name, num_features, input_shape))
     if carried:
         record["carried"] = carried
-    record["notes"] = notes
+    note = getattr(probe, "injection_note", None)  # what the summary must say about the layer (frn's TLU)
+    record["notes"] = notes + ([note] if note else [])
     return record
 
 

@@ -1,7 +1,8 @@
 """normlightning.norms: every normalization method behind one registry.
 
 ``build_norm(name, num_features, **kwargs)``; ``norm_layer(name, **kwargs)`` for torchvision/timm
-``norm_layer=`` arguments; names: bn gn ln in pn ghost seqnorm bgn gbgn hn sn brn.
+``norm_layer=`` arguments; names: bn gn ln in pn ghost seqnorm bgn gbgn hn sn brn frn evonorm_b0 evonorm_s0, and
+``timm/<name>`` for timm's norm layers.
 The math lives once in :mod:`normlightning.norms.functional`; the layer classes are thin shells.
 """
 
@@ -9,6 +10,8 @@ from . import functional
 from .base import BatchStatNorm, NormLayer
 from .batch_group_norm import BGN_PAPER_GROUPS, BatchGroupNorm, GeneralBatchGroupNorm
 from .batch_norm import BatchNorm, BatchRenorm
+from .evonorm import EvoNormB0, EvoNormS0
+from .filter_response_norm import FilterResponseNorm
 from .ghost_norm import GhostNorm, SequentialNorm
 from .heterologous_norm import HeterologousNorm
 from .param_norms import WeightStandardization, WSConv2d, apply_weight_norm, apply_weight_standardization
@@ -36,6 +39,9 @@ __all__ = [
     "BGN_PAPER_GROUPS",
     "HeterologousNorm",
     "SwitchableNorm",
+    "FilterResponseNorm",
+    "EvoNormB0",
+    "EvoNormS0",
     "WeightStandardization",
     "WSConv2d",
     "apply_weight_norm",

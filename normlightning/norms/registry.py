@@ -14,11 +14,14 @@ from torch import nn
 
 from .batch_group_norm import BatchGroupNorm, GeneralBatchGroupNorm
 from .batch_norm import BatchNorm, BatchRenorm
+from .evonorm import EvoNormB0, EvoNormS0
+from .filter_response_norm import FilterResponseNorm
 from .ghost_norm import GhostNorm, SequentialNorm
 from .group_args import GroupArg, group_args_of
 from .heterologous_norm import HeterologousNorm
 from .per_example import GroupNorm, InstanceNorm, LayerNorm, PositionalNorm
 from .switchable_norm import SwitchableNorm
+from .timm_layers import PREFIX as TIMM_PREFIX, timm_norm_factory
 
 __all__ = ["build_norm", "register_norm", "available_norms", "norm_factory", "norm_group_args"]
 
@@ -35,6 +38,9 @@ _REGISTRY: dict[str, Callable[..., nn.Module]] = {
     "hn": HeterologousNorm,
     "sn": SwitchableNorm,
     "brn": BatchRenorm,
+    "frn": FilterResponseNorm,
+    "evonorm_b0": EvoNormB0,
+    "evonorm_s0": EvoNormS0,
 }
 
 
@@ -59,11 +65,17 @@ def register_norm(name: str, factory: Callable[..., nn.Module], *, overwrite: bo
 
 
 def norm_factory(name: str) -> Callable[..., nn.Module]:
-    """The class or factory registered as ``name`` (``ValueError`` listing the names when unknown)."""
+    """The class or factory registered as ``name`` (``ValueError`` listing the names when unknown);
+    ``timm/<name>`` is timm's norm layer ``<name>`` (:mod:`normlightning.norms.timm_layers`)."""
+    if isinstance(name, str) and name.startswith(TIMM_PREFIX) and name not in _REGISTRY:
+        return timm_norm_factory(name)
     try:
         return _REGISTRY[name]
     except (KeyError, TypeError):
-        raise ValueError(f"Unknown normalization {name!r}; valid names: {', '.join(available_norms())}.") from None
+        raise ValueError(
+            f"Unknown normalization {name!r}; valid names: {', '.join(available_norms())}, or timm/<name> for a "
+            "layer of timm's norm registry."
+        ) from None
 
 
 def norm_group_args(name: str) -> tuple[GroupArg, ...]:

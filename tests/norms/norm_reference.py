@@ -161,6 +161,9 @@ ALL_SPECS = {
     "hn": {"mean": "bn", "std": "bn+en:1"},
     "sn": {},
     "brn": {"r_max_start_step": 0, "r_max_end_step": 0, "d_max_start_step": 0, "d_max_end_step": 0},
+    "frn": {"learnable_eps": True},
+    "evonorm_b0": {},
+    "evonorm_s0": {"num_groups": 2},
 }
 
 

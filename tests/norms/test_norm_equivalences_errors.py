@@ -74,18 +74,21 @@ def test_seqnorm_matches_gn_then_ghost_composition():
 
 # ------------------------------------------------------------------ errors and edge cases
 def test_registry_unknown_name_lists_valid_names():
-    with pytest.raises(ValueError, match="valid names: bgn, bn, brn, gbgn, ghost, gn, hn, in, ln, pn, seqnorm, sn"):
+    valid = "valid names: bgn, bn, brn, evonorm_b0, evonorm_s0, frn, gbgn, ghost, gn, hn, in, ln, pn, seqnorm, sn"
+    with pytest.raises(ValueError, match=valid):
         build_norm("batchnorm", 4)
     with pytest.raises(TypeError, match="unexpected keyword"):
         build_norm("bn", 4, num_groups=2)
 
 
 #: Group counts for 8 channels: gn's default (32) does not divide 8; bgn and seqnorm have no default.
-GROUP_COUNTS = {"gn": {"num_groups": 4}, "bgn": {"num_groups": 4}, "seqnorm": {"channel_groups": 4, "batch_groups": 4}}
+GROUP_COUNTS = {"gn": {"num_groups": 4}, "bgn": {"num_groups": 4}, "seqnorm": {"channel_groups": 4, "batch_groups": 4},
+                "evonorm_s0": {"num_groups": 4}}
 
 
 def test_registry_plugin_and_all_names_build():
-    assert available_norms() == sorted(["bn", "gn", "ln", "in", "pn", "ghost", "seqnorm", "bgn", "gbgn", "hn", "sn", "brn"])
+    assert available_norms() == sorted(["bn", "gn", "ln", "in", "pn", "ghost", "seqnorm", "bgn", "gbgn", "hn", "sn", "brn",
+                                        "frn", "evonorm_b0", "evonorm_s0"])
     for name in available_norms():
         layer = build_norm(name, 8, **GROUP_COUNTS.get(name, {}))
         assert isinstance(layer, NormLayer) and not isinstance(layer, nn.modules.batchnorm._BatchNorm)
@@ -96,7 +99,7 @@ def test_registry_plugin_and_all_names_build():
             layer.reset_running_stats()
             assert int(layer.num_batches_tracked) == 0
         assert layer.supports_example_weighing == (name in ("bn", "ghost", "gbgn"))
-        assert layer.uses_batch_statistics == (name not in ("gn", "ln", "in", "pn"))
+        assert layer.uses_batch_statistics == (name not in ("gn", "ln", "in", "pn", "frn", "evonorm_s0"))
 
     class Scale(nn.Module):
         def __init__(self, num_features, factor=2.0):
@@ -212,7 +215,8 @@ def test_input_checks():
 
 def test_affine_false_and_reset_parameters():
     for name in available_norms():
-        kw = {"gn": {"num_groups": 2}, "bgn": {"num_groups": 2}, "seqnorm": {"channel_groups": 2, "batch_groups": 2}}
+        kw = {"gn": {"num_groups": 2}, "bgn": {"num_groups": 2}, "seqnorm": {"channel_groups": 2, "batch_groups": 2},
+              "evonorm_s0": {"num_groups": 2}}
         kw = kw.get(name, {})
         layer = build_norm(name, 4, affine=False, **kw)
         assert layer.weight is None and layer.bias is None

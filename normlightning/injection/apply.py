@@ -141,13 +141,17 @@ def install_layer(root: nn.Module, record: Mapping[str, Any], *, copy_state: boo
 
 
 def apply_param_norm(module: nn.Module, kind: str) -> None:
-    """Weight standardization or weight normalization on ``module``'s weight, in place."""
+    """Weight standardization, weight normalization or weight centering on ``module``'s weight, in place."""
     if kind == "weight_standardization":
         param_norms.apply_weight_standardization(module)
     elif kind == "weight_norm":
         param_norms.apply_weight_norm(module)
+    elif kind == "weight_centering":
+        param_norms.apply_weight_centering(module)
     else:
-        raise ValueError(f"unknown parameter normalization {kind!r}; valid: weight_standardization, weight_norm")
+        raise ValueError(
+            f"unknown parameter normalization {kind!r}; valid: weight_standardization, weight_norm, weight_centering"
+        )
 
 
 def _check_eager(model: nn.Module) -> None:

@@ -25,7 +25,7 @@ __all__ = ["DEFAULT_PARAM_NORM_TARGETS", "DEFAULT_TARGETS", "InjectionRules", "L
 #: dropout and activation, see :mod:`normlightning.injection.carry`).
 DEFAULT_TARGETS = ("BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "timm.layers.BatchNormAct2d")
 DEFAULT_PARAM_NORM_TARGETS = ("Conv1d", "Conv2d", "Conv3d")
-PARAM_NORM_KINDS = ("weight_standardization", "weight_norm")
+PARAM_NORM_KINDS = ("weight_standardization", "weight_norm", "weight_centering")
 
 
 def resolve_type(name: str, *, optional: bool = False) -> type[nn.Module] | None:

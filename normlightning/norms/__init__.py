@@ -1,7 +1,7 @@
 """normlightning.norms: every normalization method behind one registry.
 
 ``build_norm(name, num_features, **kwargs)``; ``norm_layer(name, **kwargs)`` for torchvision/timm
-``norm_layer=`` arguments; names: bn gn ln in pn ghost seqnorm bgn gbgn hn sn brn frn evonorm_b0 evonorm_s0, and
+``norm_layer=`` arguments; names: bn gn ln in pn ghost seqnorm bgn gbgn hn sn brn frn evonorm_b0 evonorm_s0 mabn, and
 ``timm/<name>`` for timm's norm layers.
 The math lives once in :mod:`normlightning.norms.functional`; the layer classes are thin shells.
 """
@@ -12,9 +12,17 @@ from .batch_group_norm import BGN_PAPER_GROUPS, BatchGroupNorm, GeneralBatchGrou
 from .batch_norm import BatchNorm, BatchRenorm
 from .evonorm import EvoNormB0, EvoNormS0
 from .filter_response_norm import FilterResponseNorm
+from .mabn import MovingAverageBatchNorm
 from .ghost_norm import GhostNorm, SequentialNorm
 from .heterologous_norm import HeterologousNorm
-from .param_norms import WeightStandardization, WSConv2d, apply_weight_norm, apply_weight_standardization
+from .param_norms import (
+    WeightCentering,
+    WeightStandardization,
+    WSConv2d,
+    apply_weight_centering,
+    apply_weight_norm,
+    apply_weight_standardization,
+)
 from .per_example import GroupNorm, InstanceNorm, LayerNorm, PositionalNorm
 from .group_args import AutoContext, GroupArg
 from .registry import available_norms, build_norm, norm_group_args, register_norm
@@ -42,6 +50,9 @@ __all__ = [
     "FilterResponseNorm",
     "EvoNormB0",
     "EvoNormS0",
+    "MovingAverageBatchNorm",
+    "WeightCentering",
+    "apply_weight_centering",
     "WeightStandardization",
     "WSConv2d",
     "apply_weight_norm",

@@ -16,6 +16,7 @@ from .batch_group_norm import BatchGroupNorm, GeneralBatchGroupNorm
 from .batch_norm import BatchNorm, BatchRenorm
 from .evonorm import EvoNormB0, EvoNormS0
 from .filter_response_norm import FilterResponseNorm
+from .mabn import MovingAverageBatchNorm
 from .ghost_norm import GhostNorm, SequentialNorm
 from .group_args import GroupArg, group_args_of
 from .heterologous_norm import HeterologousNorm
@@ -41,6 +42,7 @@ _REGISTRY: dict[str, Callable[..., nn.Module]] = {
     "frn": FilterResponseNorm,
     "evonorm_b0": EvoNormB0,
     "evonorm_s0": EvoNormS0,
+    "mabn": MovingAverageBatchNorm,
 }
 
 

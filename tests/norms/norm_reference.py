@@ -164,6 +164,7 @@ ALL_SPECS = {
     "frn": {"learnable_eps": True},
     "evonorm_b0": {},
     "evonorm_s0": {"num_groups": 2},
+    "mabn": {"buffer_size": 2, "warmup_iters": 0, "renorm_start_step": 0},
 }
 
 

@@ -74,7 +74,7 @@ def test_seqnorm_matches_gn_then_ghost_composition():
 
 # ------------------------------------------------------------------ errors and edge cases
 def test_registry_unknown_name_lists_valid_names():
-    valid = "valid names: bgn, bn, brn, evonorm_b0, evonorm_s0, frn, gbgn, ghost, gn, hn, in, ln, pn, seqnorm, sn"
+    valid = "valid names: bgn, bn, brn, evonorm_b0, evonorm_s0, frn, gbgn, ghost, gn, hn, in, ln, mabn, pn, seqnorm, sn"
     with pytest.raises(ValueError, match=valid):
         build_norm("batchnorm", 4)
     with pytest.raises(TypeError, match="unexpected keyword"):
@@ -83,12 +83,13 @@ def test_registry_unknown_name_lists_valid_names():
 
 #: Group counts for 8 channels: gn's default (32) does not divide 8; bgn and seqnorm have no default.
 GROUP_COUNTS = {"gn": {"num_groups": 4}, "bgn": {"num_groups": 4}, "seqnorm": {"channel_groups": 4, "batch_groups": 4},
-                "evonorm_s0": {"num_groups": 4}}
+                "evonorm_s0": {"num_groups": 4}, "mabn": {"buffer_size": 2}}
 
 
 def test_registry_plugin_and_all_names_build():
-    assert available_norms() == sorted(["bn", "gn", "ln", "in", "pn", "ghost", "seqnorm", "bgn", "gbgn", "hn", "sn", "brn",
-                                        "frn", "evonorm_b0", "evonorm_s0"])
+    assert available_norms() == sorted(["bn", "gn", "ln", "in", "pn", "ghost", "seqnorm", "bgn", "gbgn", "hn", "sn",
+                                        "brn",
+                                        "frn", "evonorm_b0", "evonorm_s0", "mabn"])
     for name in available_norms():
         layer = build_norm(name, 8, **GROUP_COUNTS.get(name, {}))
         assert isinstance(layer, NormLayer) and not isinstance(layer, nn.modules.batchnorm._BatchNorm)
@@ -216,7 +217,7 @@ def test_input_checks():
 def test_affine_false_and_reset_parameters():
     for name in available_norms():
         kw = {"gn": {"num_groups": 2}, "bgn": {"num_groups": 2}, "seqnorm": {"channel_groups": 2, "batch_groups": 2},
-              "evonorm_s0": {"num_groups": 2}}
+              "evonorm_s0": {"num_groups": 2}, "mabn": {"buffer_size": 2}}
         kw = kw.get(name, {})
         layer = build_norm(name, 4, affine=False, **kw)
         assert layer.weight is None and layer.bias is None

@@ -125,6 +125,8 @@ def install_layer(root: nn.Module, record: Mapping[str, Any], *, copy_state: boo
     if ref is not None:
         new.to(device=ref.device, dtype=ref.dtype if ref.is_floating_point() else None)
     copied = copy_matching_state(old, new) if copy_state else []
+    if record.get("convolution"):  # cbn: the convolution whose weights compensate its statistics
+        new.attach_convolution(root.get_submodule(record["convolution"]))
     carried = record.get("carried") or []
     if carried:
         available = dict(old.named_children())

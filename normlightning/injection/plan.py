@@ -23,7 +23,7 @@ from normlightning.injection.groups import resolve_groups
 from normlightning.injection.rules import InjectionRules, LayerRule
 from normlightning.injection.spec import SPEC_VERSION, build_layer
 from normlightning.norms import norm_group_args
-from normlightning.norms.registry import norm_accepts, norm_class_name
+from normlightning.norms.registry import norm_accepts, norm_class_name, norm_factory
 
 __all__ = ["format_summary", "layer_args", "plan_injection", "probe_input_shapes", "summary_rows"]
 
@@ -157,6 +157,37 @@ def _layer_record(
     return record
 
 
+def _needs_convolution(method: str) -> bool:
+    """Whether the method's layer needs the convolution before it (``cbn``'s compensation)."""
+    return bool(getattr(norm_factory(method), "needs_preceding_convolution", False))
+
+
+def _find_convolutions(model: nn.Module, records: list[dict[str, Any]], example_input: Any) -> None:
+    """Record under ``"convolution"`` the convolution whose output each layer of ``records`` reads
+    (one traced forward of ``example_input``, the pairing rules of ``fold_norms``); ``ValueError``
+    naming every layer without one, and why."""
+    if not records:
+        return
+    names = [rec["name"] for rec in records]
+    if example_input is None:
+        raise ValueError(
+            f"norm: {records[0]['method']!r} needs the convolution before each layer, found from an example forward; "
+            f"give an example input (the task's example_input_array, or inject(..., example_input=...)) for {names}"
+        )
+    from normlightning.injection.fold import _trace
+
+    found, problems = _trace(model, example_input, {name: model.get_submodule(name) for name in names})
+    if problems:
+        raise ValueError(
+            f"norm: {records[0]['method']!r} needs the convolution whose output each layer normalizes; these layers "
+            "have none: " + "; ".join(f"{name!r}: {why}" for name, why in problems.items())
+            + ". Exclude them (norm.exclude) or give them another method (norm.overrides)"
+        )
+    for rec in records:
+        rec["convolution"] = found[rec["name"]]
+        rec["notes"].append(f"convolution {found[rec['name']]}")
+
+
 def plan_injection(
     model: nn.Module,
     rules: InjectionRules,
@@ -201,6 +232,7 @@ def plan_injection(
             kept.append({"layer": name, "old": type(old).__name__, "new": "(kept)", "args": rule.reason})
         else:
             layers.append(_layer_record(rule, rules.group_fit, name, old, shapes.get(name), batch_size))
+    _find_convolutions(model, [rec for rec in layers if _needs_convolution(rec["method"])], example_input)
     param_norms = [
         {"name": name, "kind": rules.param_norm}
         for name, module in model.named_modules()

@@ -1,8 +1,8 @@
 """normlightning.norms: every normalization method behind one registry.
 
 ``build_norm(name, num_features, **kwargs)``; ``norm_layer(name, **kwargs)`` for torchvision/timm
-``norm_layer=`` arguments; names: bn gn ln in pn ghost seqnorm bgn gbgn hn sn brn frn evonorm_b0 evonorm_s0 mabn, and
-``timm/<name>`` for timm's norm layers.
+``norm_layer=`` arguments; names: bn gn ln in pn ghost seqnorm bgn gbgn hn sn brn frn evonorm_b0
+evonorm_s0 mabn cbn, and ``timm/<name>`` for timm's norm layers.
 The math lives once in :mod:`normlightning.norms.functional`; the layer classes are thin shells.
 """
 
@@ -10,6 +10,7 @@ from . import functional
 from .base import BatchStatNorm, NormLayer
 from .batch_group_norm import BGN_PAPER_GROUPS, BatchGroupNorm, GeneralBatchGroupNorm
 from .batch_norm import BatchNorm, BatchRenorm
+from .cross_iteration_bn import CrossIterationBatchNorm
 from .evonorm import EvoNormB0, EvoNormS0
 from .filter_response_norm import FilterResponseNorm
 from .mabn import MovingAverageBatchNorm
@@ -51,6 +52,7 @@ __all__ = [
     "EvoNormB0",
     "EvoNormS0",
     "MovingAverageBatchNorm",
+    "CrossIterationBatchNorm",
     "WeightCentering",
     "apply_weight_centering",
     "WeightStandardization",

@@ -14,6 +14,7 @@ from torch import nn
 
 from .batch_group_norm import BatchGroupNorm, GeneralBatchGroupNorm
 from .batch_norm import BatchNorm, BatchRenorm
+from .cross_iteration_bn import CrossIterationBatchNorm
 from .evonorm import EvoNormB0, EvoNormS0
 from .filter_response_norm import FilterResponseNorm
 from .mabn import MovingAverageBatchNorm
@@ -43,6 +44,7 @@ _REGISTRY: dict[str, Callable[..., nn.Module]] = {
     "evonorm_b0": EvoNormB0,
     "evonorm_s0": EvoNormS0,
     "mabn": MovingAverageBatchNorm,
+    "cbn": CrossIterationBatchNorm,
 }
 
 

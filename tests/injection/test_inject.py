@@ -254,7 +254,8 @@ def test_named_auto_policy_and_unknown_policy():
 
 def test_a_method_name_typo_fails_when_the_settings_are_built_and_lists_the_valid_names():
     """Before any data or model is touched: the `norm:` section itself is rejected."""
-    valid = "valid names: bgn, bn, brn, evonorm_b0, evonorm_s0, frn, gbgn, ghost, gn, hn, in, ln, mabn, pn, seqnorm, sn"
+    valid = "valid names: bgn, bn, brn, cbn, evonorm_b0, evonorm_s0, frn, gbgn, ghost, gn, hn, in, ln, mabn, pn, "
+    valid += "seqnorm, sn"
     with pytest.raises(ValueError, match=f"norm.method: Unknown normalization 'bgnn'; {valid}"):
         NormInjection(method="bgnn")
     with pytest.raises(ValueError, match=f"norm.overrides\\[1\\].method: Unknown normalization 'gnn'; {valid}"):

@@ -165,6 +165,7 @@ ALL_SPECS = {
     "evonorm_b0": {},
     "evonorm_s0": {"num_groups": 2},
     "mabn": {"buffer_size": 2, "warmup_iters": 0, "renorm_start_step": 0},
+    "cbn": {"window": 2},  # without a convolution attached: BN's statistics
 }
 
 

@@ -74,7 +74,8 @@ def test_seqnorm_matches_gn_then_ghost_composition():
 
 # ------------------------------------------------------------------ errors and edge cases
 def test_registry_unknown_name_lists_valid_names():
-    valid = "valid names: bgn, bn, brn, evonorm_b0, evonorm_s0, frn, gbgn, ghost, gn, hn, in, ln, mabn, pn, seqnorm, sn"
+    valid = "valid names: bgn, bn, brn, cbn, evonorm_b0, evonorm_s0, frn, gbgn, ghost, gn, hn, in, ln, mabn, pn, "
+    valid += "seqnorm, sn"
     with pytest.raises(ValueError, match=valid):
         build_norm("batchnorm", 4)
     with pytest.raises(TypeError, match="unexpected keyword"):
@@ -89,7 +90,7 @@ GROUP_COUNTS = {"gn": {"num_groups": 4}, "bgn": {"num_groups": 4}, "seqnorm": {"
 def test_registry_plugin_and_all_names_build():
     assert available_norms() == sorted(["bn", "gn", "ln", "in", "pn", "ghost", "seqnorm", "bgn", "gbgn", "hn", "sn",
                                         "brn",
-                                        "frn", "evonorm_b0", "evonorm_s0", "mabn"])
+                                        "frn", "evonorm_b0", "evonorm_s0", "mabn", "cbn"])
     for name in available_norms():
         layer = build_norm(name, 8, **GROUP_COUNTS.get(name, {}))
         assert isinstance(layer, NormLayer) and not isinstance(layer, nn.modules.batchnorm._BatchNorm)

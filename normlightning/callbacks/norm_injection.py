@@ -60,6 +60,9 @@ class NormInjection(Callback):
             layer (MABN's centred convolutions; docs/methods.md, section "mabn").
         param_norm_targets: layer classes that get WS / WN (default Conv1d/2d/3d).
         param_norm_exclude: regexes of those layers to leave alone (e.g. the classifier).
+        remove_following_activation: replace the activation module after each layer that applies its
+            own (``frn`` with its TLU, which replaces the ReLU in the paper) by ``nn.Identity``; the
+            summary names each removed activation. Default: keep them (the summary says so).
         sync: all-reduce the batch statistics of the injected layers across processes while
             training (``True``), keep them per process (``False``), or follow
             ``trainer.sync_batchnorm`` (``None``, default). Per-process is the papers' setting.
@@ -87,6 +90,7 @@ class NormInjection(Callback):
         weight_centering: bool = False,
         param_norm_targets: list[str] | None = None,
         param_norm_exclude: list[str] | None = None,
+        remove_following_activation: bool = False,
         sync: bool | None = None,
         log_summary: bool = True,
     ) -> None:
@@ -100,6 +104,7 @@ class NormInjection(Callback):
             exclude=exclude, group_fit=group_fit, copy_state=copy_state,
             param_norm=chosen[0] if chosen else None,
             param_norm_targets=param_norm_targets, param_norm_exclude=param_norm_exclude,
+            remove_following_activation=remove_following_activation,
         )
         self.batch_size = batch_size
         self.sync = sync

@@ -139,6 +139,8 @@ def install_layer(root: nn.Module, record: Mapping[str, Any], *, copy_state: boo
         new = NormWithCarried(new, {c: available[c] for c in carried})
     new.train(old.training)
     _replace_submodule(root, name, new)
+    if record.get("activation"):  # norm.remove_following_activation: the layer's own activation replaces it
+        _replace_submodule(root, record["activation"], nn.Identity())
     return copied
 
 

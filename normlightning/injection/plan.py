@@ -188,6 +188,41 @@ def _find_convolutions(model: nn.Module, records: list[dict[str, Any]], example_
         rec["notes"].append(f"convolution {found[rec['name']]}")
 
 
+def _find_activations(model: nn.Module, layers: list[dict[str, Any]], example_input: Any) -> None:
+    """``norm.remove_following_activation``: record under ``"activation"`` the activation module after
+    each layer that applies an activation of its own (``frn`` with its TLU), to be replaced by
+    ``nn.Identity``; ``ValueError`` naming the layers where it is not unambiguous."""
+    records = [rec for rec in layers if getattr(_build_checked(rec), "replaces_following_activation", False)]
+    if not records:
+        warnings.warn(
+            "norm.remove_following_activation: no replaced layer applies an activation of its own (frn with "
+            "tlu=True does); every activation is kept", stacklevel=3,
+        )
+        return
+    names = [rec["name"] for rec in records]
+    if example_input is None:
+        raise ValueError(
+            "norm.remove_following_activation finds the activation after each layer in an example forward; give an "
+            f"example input (the task's example_input_array, or inject(..., example_input=...)) for {names}"
+        )
+    from normlightning.injection.activations import find_following_activations
+
+    found, problems = find_following_activations(model, example_input, names)
+    if problems:
+        raise ValueError(
+            "norm.remove_following_activation: these layers have no activation module that can be removed: "
+            + "; ".join(f"{name!r}: {why}" for name, why in problems.items())
+            + ". Exclude them (norm.exclude) or keep the activations (norm.remove_following_activation: false)"
+        )
+    for rec in records:
+        act = found[rec["name"]]
+        kept_note = getattr(_build_checked(rec), "injection_note", None)
+        rec["notes"] = [n for n in rec["notes"] if n != kept_note]
+        kind = type(model.get_submodule(act)).__name__
+        rec["notes"].append(f"activation {act} ({kind}) removed: the layer's own replaces it")
+        rec["activation"] = act
+
+
 def plan_injection(
     model: nn.Module,
     rules: InjectionRules,
@@ -233,6 +268,8 @@ def plan_injection(
         else:
             layers.append(_layer_record(rule, rules.group_fit, name, old, shapes.get(name), batch_size))
     _find_convolutions(model, [rec for rec in layers if _needs_convolution(rec["method"])], example_input)
+    if rules.remove_following_activation:
+        _find_activations(model, layers, example_input)
     param_norms = [
         {"name": name, "kind": rules.param_norm}
         for name, module in model.named_modules()

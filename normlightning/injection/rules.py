@@ -99,6 +99,8 @@ class InjectionRules:
         copy_state: copy affine parameters and same-named buffers from the replaced layers.
         param_norm: ``weight_standardization``, ``weight_norm`` or ``None``.
         param_norm_targets, param_norm_exclude: which layers get ``param_norm``.
+        remove_following_activation: replace the activation module after each layer that applies
+            its own (``frn``'s TLU) by ``nn.Identity`` (:mod:`normlightning.injection.activations`).
     """
 
     def __init__(
@@ -114,6 +116,7 @@ class InjectionRules:
         param_norm: str | None = None,
         param_norm_targets: Sequence[str] | None = None,
         param_norm_exclude: Sequence[str] | None = None,
+        remove_following_activation: bool = False,
     ) -> None:
         if group_fit not in FIT_POLICIES:
             raise ValueError(f"norm.group_fit must be one of {FIT_POLICIES}, got {group_fit!r}")
@@ -132,6 +135,11 @@ class InjectionRules:
         self.target_types = tuple(t for t in (resolve_type(n, optional=optional) for n in self.targets) if t is not None)
         self.overrides = [self._check_override(i, o) for i, o in enumerate(overrides or [])]
         self.exclude = [_compile(p, "norm.exclude") for p in (exclude or [])]
+        if not isinstance(remove_following_activation, bool):
+            raise ValueError(
+                f"norm.remove_following_activation must be true or false, got {remove_following_activation!r}"
+            )
+        self.remove_following_activation = remove_following_activation
         self.group_fit = group_fit
         self.copy_state = copy_state
         self.param_norm = param_norm

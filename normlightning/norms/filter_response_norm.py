@@ -24,7 +24,8 @@ class FilterResponseNorm(NormLayer):
         affine: learn ``gamma``/``beta`` (``weight``/``bias``).
         tlu: apply the TLU with a learned per-channel ``tau`` (init 0). The TLU replaces the
             activation that follows FRN in the paper; the ``norm:`` injection keeps the model's own
-            activation after the layer (docs/methods.md, section "frn", "The activation after it").
+            activation after the layer unless ``norm.remove_following_activation`` is set
+            (docs/methods.md, section "frn", "The activation after it").
         learnable_eps: learn the scalar ``eps_learned`` (init ``learnable_eps_init``), the paper's
             remedy for maps of one position (``S = 1``, e.g. ``(N, C)`` inputs).
         learnable_eps_init: the initial ``eps_learned``.
@@ -69,6 +70,11 @@ class FilterResponseNorm(NormLayer):
     def effective_eps(self) -> float | Tensor:
         """``eps``, or ``eps + |eps_learned|`` (a 0-d tensor) with ``learnable_eps``."""
         return self.eps if self.eps_learned is None else self.eps + self.eps_learned.abs()
+
+    @property
+    def replaces_following_activation(self) -> bool:
+        """With the TLU the layer applies its own activation (``norm.remove_following_activation``)."""
+        return self.tlu
 
     @property
     def injection_note(self) -> str | None:

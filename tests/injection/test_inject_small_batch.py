@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from normlightning.cli import build_cli
-from normlightning.injection import inject
+from normlightning.injection import apply_spec, get_spec, inject
 from normlightning.norms import build_norm
 
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--trainer.fast_dev_run=true"]
@@ -63,15 +63,62 @@ def test_frn_summary_says_the_models_activation_is_kept() -> None:
     assert "activation" not in rows[0]["args"]
 
 
-@pytest.mark.parametrize(("method", "layer_type"), [("frn", "FilterResponseNorm"), ("timm/evonorms0", "EvoNorm2dS0")])
-def test_quickstart_fits_with_the_method(run_dir, request, method, layer_type) -> None:
+def test_remove_following_activation_lets_the_tlu_replace_the_relu() -> None:
+    """With the option the ReLU after each frn is an Identity: ``max(y, tau)`` with ``tau < 0`` reaches
+    the next layer, which the kept ReLU (``max(y, tau, 0)``) would floor at 0."""
+    removed, kept = _conv_bn_relu(), _conv_bn_relu()
+    _, rows = inject(removed, method="frn", remove_following_activation=True, example_input=torch.zeros(1, 3, 5, 5))
+    inject(kept, method="frn")
+    assert isinstance(removed[2], nn.Identity) and isinstance(kept[2], nn.ReLU)
+    assert "activation 2 (ReLU) removed" in rows[0]["args"] and "is kept" not in rows[0]["args"]
+    x = torch.randn(2, 3, 5, 5)
+    with torch.no_grad():
+        for model in (removed, kept):
+            model[1].tau.fill_(-0.5)
+        frn_out = removed[1](removed[0](x))
+    torch.testing.assert_close(removed(x), removed[3](frn_out))
+    torch.testing.assert_close(kept(x), kept[3](frn_out.clamp_min(0)))
+    assert (frn_out < 0).any()  # the two differ
+    replayed = _conv_bn_relu()
+    apply_spec(replayed, get_spec(removed))  # a checkpoint's spec removes it again
+    assert isinstance(replayed[2], nn.Identity)
+
+
+def test_remove_following_activation_refuses_a_shared_or_missing_activation() -> None:
+    class SharedRelu(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.bn, self.relu = nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3), nn.ReLU()
+
+        def forward(self, x):
+            return self.relu(self.bn(self.conv(x))) + self.relu(x)
+
+    example = torch.zeros(1, 3, 4, 4)
+    with pytest.raises(ValueError, match=r"'bn': the activation 'relu' after it runs 2 times \(it is shared\)"):
+        inject(SharedRelu(), method="frn", remove_following_activation=True, example_input=example)
+    without = nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3), nn.Conv2d(3, 3, 1))
+    with pytest.raises(ValueError, match=r"'1': no activation module .* reads its output directly"):
+        inject(without, method="frn", remove_following_activation=True, example_input=example)
+    with pytest.raises(ValueError, match=r"remove_following_activation finds .* give an example input"):
+        inject(_conv_bn_relu(), method="frn", remove_following_activation=True)
+    with pytest.warns(UserWarning, match="no replaced layer applies an activation of its own"):
+        inject(_conv_bn_relu(), method="gn", num_groups=2, remove_following_activation=True,
+               example_input=torch.zeros(1, 3, 4, 4))
+
+
+@pytest.mark.parametrize(("args", "layer_type", "relus"), [
+    (["--norm.method=frn"], "FilterResponseNorm", 4),
+    (["--norm.method=frn", "--norm.remove_following_activation=true"], "FilterResponseNorm", 0),
+    (["--norm.method=timm/evonorms0"], "EvoNorm2dS0", 4),
+], ids=["frn", "frn-tlu-replaces-relu", "timm-evonorms0"])
+def test_quickstart_fits_with_the_method(run_dir, request, args, layer_type, relus) -> None:
     """`normlightning fit --config configs/quickstart.yaml --norm.method <method>` (fast_dev_run,
     run inside the test's folder)."""
-    if method.startswith("timm/"):
+    if layer_type.startswith("EvoNorm"):
         pytest.importorskip("timm")
     config = str(request.config.rootpath / "configs/quickstart.yaml")
     root = f"--trainer.default_root_dir={run_dir}"
-    cli = build_cli(["fit", "--config", config, f"--norm.method={method}", root, *QUIET])
+    cli = build_cli(["fit", "--config", config, *args, root, *QUIET])
     assert cli.trainer.state.finished
     types = [type(m).__name__ for m in cli.model.modules()]
-    assert types.count(layer_type) == 4 and "BatchNorm2d" not in types
+    assert types.count(layer_type) == 4 and "BatchNorm2d" not in types and types.count("ReLU") == relus

@@ -88,6 +88,11 @@ class CrossIterationBatchNorm(BatchStatNorm):
         super().reset_running_stats()
         self.__dict__.get("history", []).clear()
 
+    def inference_channel_statistics(self) -> tuple[Tensor, Tensor]:
+        """The mean and variance per channel ``(C,)`` this layer normalizes with at inference: the
+        running statistics (eval is BN; ``fold_norms`` folds it)."""
+        return self.running_mean, self.running_var
+
     def compensated_history(self) -> list[tuple[Tensor, Tensor]]:
         """``(mu_j(W), meanx2_j(W))`` of every stored past iteration at the current weights."""
         weight = _conv_parameter(self._convolution)

@@ -72,6 +72,11 @@ class MovingAverageBatchNorm(BatchStatNorm):
         self._register_running("moving_gz", (buffer_size, num_features), 0.0)
         self.reset_parameters()
 
+    def inference_channel_statistics(self) -> tuple[Tensor, Tensor]:
+        """The mean and variance per channel ``(C,)`` this layer normalizes with at inference: ``0``
+        (no centering) and ``running_var`` (``fold_norms`` folds it)."""
+        return torch.zeros_like(self.running_var), self.running_var
+
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
         if self.sync_statistics and torch.distributed.is_available() and torch.distributed.is_initialized():

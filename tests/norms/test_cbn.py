@@ -120,3 +120,30 @@ def test_injection_finds_the_convolution_and_refuses_layers_without_one() -> Non
     assert isinstance(restored[1], CrossIterationBatchNorm) and restored[1]._convolution is restored[0]
     with pytest.raises(ValueError, match=r"window must be an int >= 1"):
         build_norm("cbn", 4, window=0)
+
+
+@pytest.mark.parametrize("method", ["cbn", "mabn"])
+def test_eval_is_batch_norm_with_constant_statistics_and_folds(method) -> None:
+    """Inference is ``gamma (x - mean) / sqrt(var + eps) + beta`` with constants per channel
+    (``mabn``: mean 0): ``fold_norms`` folds the layer into the convolution without changing outputs."""
+    from normlightning.injection import fold_norms
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4))
+    kwargs = {"buffer_size": 2} if method == "mabn" else {}
+    inject(model, method=method, kwargs=kwargs, example_input=torch.zeros(1, 3, 5, 5))
+    for _ in range(3):
+        model(torch.randn(4, 3, 5, 5) * 2 + 1).sum().backward()
+    with torch.no_grad():
+        model[1].weight.uniform_(0.5, 1.5)
+        model[1].bias.normal_()
+    x = torch.randn(2, 3, 5, 5)
+    layer = model[1].eval()
+    mean, var = layer.inference_channel_statistics()
+    view = (1, -1, 1, 1)
+    h = model[0](x)
+    expected = layer.weight.view(view) * (h - mean.view(view)) / torch.sqrt(var.view(view) + layer.eps)
+    torch.testing.assert_close(layer(h), expected + layer.bias.view(view))
+    before = model.eval()(x)
+    assert fold_norms(model, x) == {"1": "0"}
+    torch.testing.assert_close(model(x), before, atol=1e-5, rtol=1e-5)

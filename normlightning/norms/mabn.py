@@ -25,16 +25,19 @@ class MovingAverageBatchNorm(BatchStatNorm):
         buffer_size: ``m``, the iterations averaged (the official code's ``real_B / B``: the batch
             to simulate over the per-device batch). Required: no value fits every batch size.
         eps: added to the second moment inside the root.
-        momentum: running-average factor of ``running_var`` (PyTorch convention; the official
+        momentum: running-average factor of ``running_x2`` (PyTorch convention; the official
             code's decay 0.98 is ``momentum=0.02``, the default); ``None``: cumulative average.
         affine: learn ``gamma``/``beta``.
         warmup_iters: iterations that normalize with the current batch's ``x2`` (and its ``gz``).
         renorm_start_step: ``r = 1`` (the window statistics) up to ``max(renorm_start_step,
-            warmup_iters)``; afterwards ``r`` scales toward ``running_var``, clipped to ``r_max``.
+            warmup_iters)``; afterwards ``r`` scales toward ``running_x2``, clipped to ``r_max``.
         r_max: the clip of ``r`` (``[1/r_max, r_max]``).
 
-    Buffers: ``running_var`` ``(C,)`` (init 1), ``moving_x2`` and ``moving_gz`` ``(m, C)`` (init 0),
-    ``num_batches_tracked`` (the step ``t``). Shape: input ``(N, C, *)``, output the same.
+    Buffers: ``running_x2`` ``(C,)`` (init 1; the official ``running_var``, a second moment: named
+    apart from BN's variance so that the injection does not copy one into the other),
+    ``moving_x2`` and ``moving_gz`` ``(m, C)`` (init 0), ``mabn_step`` (the step ``t`` of the
+    windows, its own counter: ``num_batches_tracked`` may be copied from a trained BatchNorm) and
+    ``num_batches_tracked``. Shape: input ``(N, C, *)``, output the same.
     """
 
     def __init__(
@@ -67,15 +70,23 @@ class MovingAverageBatchNorm(BatchStatNorm):
         self.warmup_iters = warmup_iters
         self.renorm_start_step = renorm_start_step
         self.r_max = float(r_max)
-        self._register_running("running_var", (num_features,), 1.0)
+        self._register_running("running_x2", (num_features,), 1.0)
         self._register_running("moving_x2", (buffer_size, num_features), 0.0)
         self._register_running("moving_gz", (buffer_size, num_features), 0.0)
+        self.register_buffer("mabn_step", torch.tensor(0, dtype=torch.long, device=device))
         self.reset_parameters()
+
+    def reset_running_stats(self) -> None:
+        """The running buffers back to their initial values, ``num_batches_tracked`` and
+        ``mabn_step`` to 0 (the windows refill)."""
+        super().reset_running_stats()
+        if "mabn_step" in self._buffers:
+            self.mabn_step.zero_()
 
     def inference_channel_statistics(self) -> tuple[Tensor, Tensor]:
         """The mean and variance per channel ``(C,)`` this layer normalizes with at inference: ``0``
-        (no centering) and ``running_var`` (``fold_norms`` folds it)."""
-        return torch.zeros_like(self.running_var), self.running_var
+        (no centering) and the second moment ``running_x2`` (``fold_norms`` folds it)."""
+        return torch.zeros_like(self.running_x2), self.running_x2
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
@@ -85,15 +96,17 @@ class MovingAverageBatchNorm(BatchStatNorm):
                 "turn off the sync plugin (norm.sync: false) for this method"
             )
         factor = self._momentum_factor()
+        if self.training:
+            self.mabn_step.add_(1)
         return moving_average_batch_norm(
             x,
             self.weight,
             self.bias,
-            self.running_var,
+            self.running_x2,
             self.moving_x2,
             self.moving_gz,
             training=self.training,
-            step=int(self.num_batches_tracked),
+            step=int(self.mabn_step),
             warmup_iters=self.warmup_iters,
             renorm_start_step=self.renorm_start_step,
             r_max=self.r_max,

@@ -61,8 +61,8 @@ def test_mabn_follows_its_moving_averages_forward_and_backward() -> None:
         torch.testing.assert_close(x.grad, gx_ref, msg=f"input gradient at step {t}")
         torch.testing.assert_close(layer.weight.grad, gw_ref, msg=f"gamma gradient at step {t}")
         torch.testing.assert_close(layer.bias.grad, gb_ref, msg=f"beta gradient at step {t}")
-        torch.testing.assert_close(layer.running_var, running_ref, msg=f"running_var at step {t}")
-    running = layer.running_var.clone()
+        torch.testing.assert_close(layer.running_x2, running_ref, msg=f"running_var at step {t}")
+    running = layer.running_x2.clone()
     x = xs[0]
     torch.testing.assert_close(layer.eval()(x), layer.weight.view(1, -1, 1, 1) * x / torch.sqrt(
         running.view(1, -1, 1, 1) + 1e-3) + layer.bias.view(1, -1, 1, 1))
@@ -95,12 +95,12 @@ def test_mabn_warm_up_gradient_is_the_exact_gradient_of_the_uncentred_formula() 
 
 def test_mabn_protocol_and_refusals() -> None:
     layer = MovingAverageBatchNorm(2, buffer_size=3, momentum=None, dtype=D64)
-    assert layer.running_stat_names == ("running_var", "moving_x2", "moving_gz")
+    assert layer.running_stat_names == ("running_x2", "moving_x2", "moving_gz")
     xs = [torch.randn(2, 2, 3, dtype=D64) * (k + 1) for k in range(3)]
     for x in xs:
         layer(x)
     expected = torch.stack([x.square().mean(dim=(0, 2)) for x in xs]).mean(0)  # momentum=None: cumulative
-    torch.testing.assert_close(layer.running_var, expected)
+    torch.testing.assert_close(layer.running_x2, expected)
     clone = MovingAverageBatchNorm(2, buffer_size=3, momentum=None, dtype=D64)
     clone.load_state_dict(layer.state_dict())
     torch.testing.assert_close(clone.eval()(xs[0]), layer.eval()(xs[0]))
@@ -121,8 +121,15 @@ def test_mabn_protocol_and_refusals() -> None:
 def test_mabn_injection_centres_the_convolutions() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 1))
+    for _ in range(3):  # a trained BatchNorm: its variance and counter must not become MABN's state
+        model(torch.randn(2, 3, 5, 5) + 1)
     _, rows = inject(model, method="mabn", kwargs={"buffer_size": 2}, param_norm="weight_centering")
-    assert isinstance(model[1], MovingAverageBatchNorm)
+    layer = model[1]
+    assert isinstance(layer, MovingAverageBatchNorm) and int(layer.num_batches_tracked) == 3
+    assert int(layer.mabn_step) == 0 and torch.equal(layer.running_x2, torch.ones(4))
+    h = model[0](torch.randn(2, 3, 5, 5))
+    x2 = h.square().mean(dim=(0, 2, 3), keepdim=True)  # the first step normalizes with its own batch
+    torch.testing.assert_close(layer(h), h / torch.sqrt(x2 + layer.eps))
     assert [row["new"] for row in rows] == ["MovingAverageBatchNorm (mabn)", "ParametrizedConv2d + weight_centering",
                                             "ParametrizedConv2d + weight_centering"]
     raw = model[0].parametrizations.weight.original

@@ -179,7 +179,7 @@ RUNNING_STATS = {
     "sn": ("running_mean", "running_var"),
     "brn": ("running_mean", "running_var"),
     "evonorm_b0": ("running_var",),
-    "mabn": ("running_var", "moving_x2", "moving_gz"),
+    "mabn": ("running_x2", "moving_x2", "moving_gz"),
     "cbn": ("running_mean", "running_var"),
 }
 

@@ -26,15 +26,15 @@ class _MovingAverageBatchNorm(torch.autograd.Function):
     """Training step of MABN on ``x3 (N, C, S)``; see :func:`moving_average_batch_norm`."""
 
     @staticmethod
-    def forward(ctx, x3, weight, bias, running_var, moving_x2, moving_gz, slot, use_current, r_bounds, factor, eps):
+    def forward(ctx, x3, weight, bias, running_x2, moving_x2, moving_gz, slot, use_current, r_bounds, factor, eps):
         x2 = x3.square().mean(dim=(0, 2))  # (C,)
         moving_x2[slot] = x2.to(moving_x2.dtype)
         var = _window_mean(moving_x2, x2, use_current)
         std = torch.sqrt(var + eps)
-        r = std / torch.sqrt(running_var.to(var.dtype) + eps)
+        r = std / torch.sqrt(running_x2.to(var.dtype) + eps)
         r = r.clamp(1.0 / r_bounds, r_bounds) if r_bounds is not None else torch.ones_like(r)
         if factor:
-            running_var.lerp_(var.to(running_var.dtype), factor)
+            running_x2.lerp_(var.to(running_x2.dtype), factor)
         z = x3 / std.view(1, -1, 1)
         gamma = weight if weight is not None else torch.ones_like(var)
         y = z * (gamma * r).view(1, -1, 1)
@@ -63,7 +63,7 @@ def moving_average_batch_norm(
     x: Tensor,
     weight: Tensor | None,
     bias: Tensor | None,
-    running_var: Tensor,
+    running_x2: Tensor,
     moving_x2: Tensor,
     moving_gz: Tensor,
     *,
@@ -81,10 +81,10 @@ def moving_average_batch_norm(
 
         x2_t[c]  = 1/(N·S) · Σ_{n,s} x[n,c,s]²           (stored in slot (t−1) mod m of moving_x2)
         var[c]   = x2_t while t ≤ m or t < warmup_iters, else the mean of the m stored x2
-        r[c]     = clip(sqrt(var + eps) / sqrt(running_var + eps), 1/r_max, r_max)
-                   (r = 1 while t ≤ max(renorm_start_step, warmup_iters)); running_var before its update
+        r[c]     = clip(sqrt(var + eps) / sqrt(running_x2 + eps), 1/r_max, r_max)
+                   (r = 1 while t ≤ max(renorm_start_step, warmup_iters)); running_x2 before its update
         z        = x / sqrt(var + eps);   y = gamma · r · z + beta
-        running_var ← (1 − f) · running_var + f · var
+        running_x2 ← (1 − f) · running_x2 + f · var
 
     Backward, with ``g = dL/dy · gamma · r``::
 
@@ -93,12 +93,12 @@ def moving_average_batch_norm(
         dL/dx    = (g − z · mean_gz) / sqrt(var + eps)
 
     (during warm-up, the exact gradient of ``y`` with ``var = x2_t``). ``r`` is a constant.
-    Inference: ``y = gamma · x / sqrt(running_var + eps) + beta``.
+    Inference: ``y = gamma · x / sqrt(running_x2 + eps) + beta``.
     """
     inp = NormInput(x, weight, bias)
     x3 = inp.x3
     if not training:
-        y = x3 / torch.sqrt(running_var.to(inp.dtype) + eps).view(1, -1, 1)
+        y = x3 / torch.sqrt(running_x2.to(inp.dtype) + eps).view(1, -1, 1)
         if inp.weight is not None:
             y = y * inp.weight.view(1, -1, 1) + inp.bias.view(1, -1, 1)
         return inp.output(y)
@@ -106,7 +106,7 @@ def moving_average_batch_norm(
     use_current = step <= window or step < warmup_iters
     r_bounds = None if step <= max(renorm_start_step, warmup_iters) else float(r_max)
     y = _training_step(
-        x3, inp.weight, inp.bias, running_var, moving_x2, moving_gz, (step - 1) % window, use_current, r_bounds,
+        x3, inp.weight, inp.bias, running_x2, moving_x2, moving_gz, (step - 1) % window, use_current, r_bounds,
         factor, eps,
     )
     return inp.output(y)

@@ -35,7 +35,7 @@ def find_following_activations(
     (gradients on, buffers restored)."""
     activations = {m: name for name, m in model.named_modules() if name and is_activation(m)}
     outputs: dict[str, list[tuple[Tensor, Any, int]]] = {name: [] for name in norm_names}
-    inputs: dict[str, list[tuple[str, Tensor, int]]] = {name: [] for name in norm_names}
+    inputs: dict[str, list[tuple[str, int]]] = {name: [] for name in norm_names}  # (activation, version read)
     calls: Counter = Counter()
 
     def norm_hook(name):
@@ -48,7 +48,7 @@ def find_following_activations(
         if args and isinstance(args[0], Tensor):
             for name, seen in outputs.items():
                 if seen and seen[-1][0] is args[0]:
-                    inputs[name].append((activations[module], args[0], args[0]._version))
+                    inputs[name].append((activations[module], args[0]._version))
 
     handles = [model.get_submodule(name).register_forward_hook(norm_hook(name)) for name in norm_names]
     handles += [m.register_forward_pre_hook(activation_hook) for m in activations]
@@ -63,11 +63,11 @@ def find_following_activations(
         if len(outputs[name]) != 1:
             problems[name] = f"the example forward called it {len(outputs[name])} times"
             continue
-        output, node, version = outputs[name][0]
+        _, node, version = outputs[name][0]
         if len(inputs[name]) != 1:
             problems[name] = "no activation module (torch.nn ReLU, SiLU, ...) reads its output directly"
             continue
-        act, tensor, seen_version = inputs[name][0]
+        act, seen_version = inputs[name][0]
         if seen_version != version:
             problems[name] = f"its output is changed in place before the activation {act!r} reads it"
         elif calls[act] != 1:

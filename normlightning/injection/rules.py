@@ -97,7 +97,7 @@ class InjectionRules:
         exclude: regexes of target layers to keep.
         group_fit: ``error`` or ``nearest`` for a configured count that does not divide.
         copy_state: copy affine parameters and same-named buffers from the replaced layers.
-        param_norm: ``weight_standardization``, ``weight_norm`` or ``None``.
+        param_norm: ``weight_standardization``, ``weight_norm``, ``weight_centering`` or ``None``.
         param_norm_targets, param_norm_exclude: which layers get ``param_norm``.
         remove_following_activation: replace the activation module after each layer that applies
             its own (``frn``'s TLU) by ``nn.Identity`` (:mod:`normlightning.injection.activations`).

@@ -53,8 +53,10 @@ CPU_SHAPES = ((16, 64, 28, 28), (8, 256, 14, 14), (2, 64, 8, 8))
 def method_configs(name: str, shape) -> list[dict]:
     """Paper-like configurations of each method for an input of ``shape`` (several for bgn, gbgn)."""
     N, C = shape[:2]
-    if name == "gn":
+    if name in ("gn", "evonorm_s0"):
         return [{"num_groups": 32 if C % 32 == 0 else 1}]
+    if name == "mabn":  # after warm-up: the moving windows and the clipped r in use
+        return [{"buffer_size": 16, "warmup_iters": 0, "renorm_start_step": 0}]
     if name == "bgn":
         # the paper's G for this batch size (nearest listed, fitted to divide C*H*W), then groups of
         # several channels (G < C), one channel (G = C) and channel quarters (G = 4C)

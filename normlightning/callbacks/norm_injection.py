@@ -57,8 +57,13 @@ class NormInjection(Callback):
         batch_size: per-process batch size for ``auto``; default ``trainer.datamodule.batch_size``.
         weight_standardization: apply WS to every ``param_norm_targets`` layer (not with weight_norm).
         weight_norm: apply weight normalization to every ``param_norm_targets`` layer.
+        weight_centering: subtract each output unit's weight mean in every ``param_norm_targets``
+            layer (MABN's centred convolutions; docs/methods.md, section "mabn").
         param_norm_targets: layer classes that get WS / WN (default Conv1d/2d/3d).
         param_norm_exclude: regexes of those layers to leave alone (e.g. the classifier).
+        remove_following_activation: replace the activation module after each layer that applies its
+            own (``frn`` with its TLU, which replaces the ReLU in the paper) by ``nn.Identity``; the
+            summary names each removed activation. Default: keep them (the summary says so).
         sync: all-reduce the batch statistics of the injected layers across processes while
             training (``True``), keep them per process (``False``), or follow
             ``trainer.sync_batchnorm`` (``None``, default). Per-process is the papers' setting.
@@ -89,21 +94,26 @@ class NormInjection(Callback):
         copy_state: bool = True,
         weight_standardization: bool = False,
         weight_norm: bool = False,
+        weight_centering: bool = False,
         param_norm_targets: list[str] | None = None,
         param_norm_exclude: list[str] | None = None,
+        remove_following_activation: bool = False,
         sync: bool | None = None,
         log_summary: bool = True,
         virtual_devices: int = 1,
     ) -> None:
         super().__init__()
-        if weight_standardization and weight_norm:
-            raise ValueError("norm.weight_standardization and norm.weight_norm are exclusive; set at most one")
+        chosen = [k for k, on in (("weight_standardization", weight_standardization), ("weight_norm", weight_norm),
+                                  ("weight_centering", weight_centering)) if on]
+        if len(chosen) > 1:
+            raise ValueError(f"norm.{' and norm.'.join(chosen)} are exclusive; set at most one")
         self.rules = InjectionRules(
             method=method, num_groups=num_groups, kwargs=kwargs, targets=targets, overrides=overrides,
             exclude=exclude, group_fit=group_fit, copy_state=copy_state,
-            param_norm="weight_standardization" if weight_standardization else "weight_norm" if weight_norm else None,
+            param_norm=chosen[0] if chosen else None,
             param_norm_targets=param_norm_targets, param_norm_exclude=param_norm_exclude,
             virtual_devices=virtual_devices,
+            remove_following_activation=remove_following_activation,
         )
         self.batch_size = batch_size
         self.sync = sync

@@ -125,6 +125,8 @@ def install_layer(root: nn.Module, record: Mapping[str, Any], *, copy_state: boo
     if ref is not None:
         new.to(device=ref.device, dtype=ref.dtype if ref.is_floating_point() else None)
     copied = copy_matching_state(old, new) if copy_state else []
+    if record.get("convolution"):  # cbn: the convolution whose weights compensate its statistics
+        new.attach_convolution(root.get_submodule(record["convolution"]))
     carried = record.get("carried") or []
     if carried:
         available = dict(old.named_children())
@@ -137,17 +139,23 @@ def install_layer(root: nn.Module, record: Mapping[str, Any], *, copy_state: boo
         new = NormWithCarried(new, {c: available[c] for c in carried})
     new.train(old.training)
     _replace_submodule(root, name, new)
+    if record.get("activation"):  # norm.remove_following_activation: the layer's own activation replaces it
+        _replace_submodule(root, record["activation"], nn.Identity())
     return copied
 
 
 def apply_param_norm(module: nn.Module, kind: str) -> None:
-    """Weight standardization or weight normalization on ``module``'s weight, in place."""
+    """Weight standardization, weight normalization or weight centering on ``module``'s weight, in place."""
     if kind == "weight_standardization":
         param_norms.apply_weight_standardization(module)
     elif kind == "weight_norm":
         param_norms.apply_weight_norm(module)
+    elif kind == "weight_centering":
+        param_norms.apply_weight_centering(module)
     else:
-        raise ValueError(f"unknown parameter normalization {kind!r}; valid: weight_standardization, weight_norm")
+        raise ValueError(
+            f"unknown parameter normalization {kind!r}; valid: weight_standardization, weight_norm, weight_centering"
+        )
 
 
 def _check_eager(model: nn.Module) -> None:

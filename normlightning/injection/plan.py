@@ -23,7 +23,7 @@ from normlightning.injection.groups import per_device_batch_size, resolve_groups
 from normlightning.injection.rules import InjectionRules, LayerRule
 from normlightning.injection.spec import SPEC_VERSION, build_layer
 from normlightning.norms import norm_group_args
-from normlightning.norms.registry import norm_accepts, norm_class_name
+from normlightning.norms.registry import norm_accepts, norm_class_name, norm_factory
 
 __all__ = ["format_summary", "layer_args", "plan_injection", "probe_input_shapes", "summary_rows"]
 
@@ -176,8 +176,75 @@ def _layer_record(
     carried = list(carried_modules(old, name, num_features, input_shape))
     if carried:
         record["carried"] = carried
-    record["notes"] = notes
+    note = getattr(probe, "injection_note", None)  # what the summary must say about the layer (frn's TLU)
+    record["notes"] = notes + ([note] if note else [])
     return record
+
+
+def _needs_convolution(method: str) -> bool:
+    """Whether the method's layer needs the convolution before it (``cbn``'s compensation)."""
+    return bool(getattr(norm_factory(method), "needs_preceding_convolution", False))
+
+
+def _find_convolutions(model: nn.Module, records: list[dict[str, Any]], example_input: Any) -> None:
+    """Record under ``"convolution"`` the convolution whose output each layer of ``records`` reads
+    (one traced forward of ``example_input``, the pairing rules of ``fold_norms``); ``ValueError``
+    naming every layer without one, and why."""
+    if not records:
+        return
+    names = [rec["name"] for rec in records]
+    if example_input is None:
+        raise ValueError(
+            f"norm: {records[0]['method']!r} needs the convolution before each layer, found from an example forward; "
+            f"give an example input (the task's example_input_array, or inject(..., example_input=...)) for {names}"
+        )
+    from normlightning.injection.fold import _trace
+
+    found, problems = _trace(model, example_input, {name: model.get_submodule(name) for name in names})
+    if problems:
+        raise ValueError(
+            f"norm: {records[0]['method']!r} needs the convolution whose output each layer normalizes; these layers "
+            "have none: " + "; ".join(f"{name!r}: {why}" for name, why in problems.items())
+            + ". Exclude them (norm.exclude) or give them another method (norm.overrides)"
+        )
+    for rec in records:
+        rec["convolution"] = found[rec["name"]]
+        rec["notes"].append(f"convolution {found[rec['name']]}")
+
+
+def _find_activations(model: nn.Module, layers: list[dict[str, Any]], example_input: Any) -> None:
+    """``norm.remove_following_activation``: record under ``"activation"`` the activation module after
+    each layer that applies an activation of its own (``frn`` with its TLU), to be replaced by
+    ``nn.Identity``; ``ValueError`` naming the layers where it is not unambiguous."""
+    records = [rec for rec in layers if getattr(_build_checked(rec), "replaces_following_activation", False)]
+    if not records:
+        warnings.warn(
+            "norm.remove_following_activation: no replaced layer applies an activation of its own (frn with "
+            "tlu=True does); every activation is kept", stacklevel=3,
+        )
+        return
+    names = [rec["name"] for rec in records]
+    if example_input is None:
+        raise ValueError(
+            "norm.remove_following_activation finds the activation after each layer in an example forward; give an "
+            f"example input (the task's example_input_array, or inject(..., example_input=...)) for {names}"
+        )
+    from normlightning.injection.activations import find_following_activations
+
+    found, problems = find_following_activations(model, example_input, names)
+    if problems:
+        raise ValueError(
+            "norm.remove_following_activation: these layers have no activation module that can be removed: "
+            + "; ".join(f"{name!r}: {why}" for name, why in problems.items())
+            + ". Exclude them (norm.exclude) or keep the activations (norm.remove_following_activation: false)"
+        )
+    for rec in records:
+        act = found[rec["name"]]
+        kept_note = getattr(_build_checked(rec), "injection_note", None)
+        rec["notes"] = [n for n in rec["notes"] if n != kept_note]
+        kind = type(model.get_submodule(act)).__name__
+        rec["notes"].append(f"activation {act} ({kind}) removed: the layer's own replaces it")
+        rec["activation"] = act
 
 
 def plan_injection(
@@ -227,6 +294,9 @@ def plan_injection(
             layers.append(
                 _layer_record(rule, rules.group_fit, name, old, shapes.get(name), batch_size, rules.virtual_devices)
             )
+    _find_convolutions(model, [rec for rec in layers if _needs_convolution(rec["method"])], example_input)
+    if rules.remove_following_activation:
+        _find_activations(model, layers, example_input)
     param_norms = [
         {"name": name, "kind": rules.param_norm}
         for name, module in model.named_modules()

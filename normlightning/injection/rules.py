@@ -25,7 +25,7 @@ __all__ = ["DEFAULT_PARAM_NORM_TARGETS", "DEFAULT_TARGETS", "InjectionRules", "L
 #: dropout and activation, see :mod:`normlightning.injection.carry`).
 DEFAULT_TARGETS = ("BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "timm.layers.BatchNormAct2d")
 DEFAULT_PARAM_NORM_TARGETS = ("Conv1d", "Conv2d", "Conv3d")
-PARAM_NORM_KINDS = ("weight_standardization", "weight_norm")
+PARAM_NORM_KINDS = ("weight_standardization", "weight_norm", "weight_centering")
 
 
 def resolve_type(name: str, *, optional: bool = False) -> type[nn.Module] | None:
@@ -97,11 +97,13 @@ class InjectionRules:
         exclude: regexes of target layers to keep.
         group_fit: ``error`` or ``nearest`` for a configured count that does not divide.
         copy_state: copy affine parameters and same-named buffers from the replaced layers.
-        param_norm: ``weight_standardization``, ``weight_norm`` or ``None``.
+        param_norm: ``weight_standardization``, ``weight_norm``, ``weight_centering`` or ``None``.
         param_norm_targets, param_norm_exclude: which layers get ``param_norm``.
         virtual_devices: ``k``: the replaced layers with batch statistics compute them per ``k``
             equal chunks of each training batch, as ``k`` DDP processes (``virtual_devices`` of
             :class:`~normlightning.norms.BatchStatNorm`); ``auto`` group counts see the batch ``B/k``.
+        remove_following_activation: replace the activation module after each layer that applies
+            its own (``frn``'s TLU) by ``nn.Identity`` (:mod:`normlightning.injection.activations`).
     """
 
     def __init__(
@@ -118,6 +120,7 @@ class InjectionRules:
         param_norm_targets: Sequence[str] | None = None,
         param_norm_exclude: Sequence[str] | None = None,
         virtual_devices: int = 1,
+        remove_following_activation: bool = False,
     ) -> None:
         if group_fit not in FIT_POLICIES:
             raise ValueError(f"norm.group_fit must be one of {FIT_POLICIES}, got {group_fit!r}")
@@ -143,6 +146,11 @@ class InjectionRules:
         self.target_types = tuple(t for t in (resolve_type(n, optional=optional) for n in self.targets) if t is not None)
         self.overrides = [self._check_override(i, o) for i, o in enumerate(overrides or [])]
         self.exclude = [_compile(p, "norm.exclude") for p in (exclude or [])]
+        if not isinstance(remove_following_activation, bool):
+            raise ValueError(
+                f"norm.remove_following_activation must be true or false, got {remove_following_activation!r}"
+            )
+        self.remove_following_activation = remove_following_activation
         self.group_fit = group_fit
         self.copy_state = copy_state
         self.virtual_devices = virtual_devices

@@ -5,7 +5,7 @@
     import timm
     from normlightning.integrations import timm as nl_timm
 
-    nl_timm.register()                                   # every name of available_norms()
+    nl_timm.register()                                   # every name of available_norms() (timm_name_for)
     nl_timm.register_as("gn8", "gn", num_groups=8)       # a name with bound arguments
     nl_timm.register_as("bgn64", "bgn", num_groups=64)   # bgn and seqnorm have no default group count
     timm.create_model("resnet18", norm_layer="bgn64")
@@ -28,7 +28,7 @@ from typing import Any
 
 from normlightning.norms import available_norms, norm_layer
 
-__all__ = ["register", "register_as"]
+__all__ = ["register", "register_as", "timm_name_for"]
 
 
 def _timm_tables() -> tuple[dict, dict, set]:
@@ -74,11 +74,28 @@ def register_as(timm_name: str, method: str, *, overwrite: bool = False, **kwarg
     takes_act.add(factory)
 
 
+def timm_name_for(method: str) -> str:
+    """The name :func:`register` gives ``method`` in timm: ``method`` without ``_`` (timm drops it
+    before the lookup), prefixed ``nl`` when timm has a layer of its own under that name
+    (``frn`` -> ``nlfrn``, ``evonorm_b0`` -> ``evonormb0`` is timm's -> ``nlevonormb0``)."""
+    name = method.replace("_", "").lower()
+    norm_map, norm_act_map, _ = _timm_tables()
+    taken = [table[name] for table in (norm_map, norm_act_map) if name in table]
+    return "nl" + name if any(not _is_ours(entry) for entry in taken) else name
+
+
 def register(methods: Iterable[str] | None = None, *, overwrite: bool = False) -> list[str]:
     """Register each of ``methods`` (default: every name of
-    :func:`~normlightning.norms.available_norms`, plugins included) in timm under its own name;
-    returns the names."""
+    :func:`~normlightning.norms.available_norms`, plugins included) in timm; returns the timm names.
+
+    With ``overwrite=False`` a method is registered under :func:`timm_name_for` (its own name
+    unless timm has a layer of that name); with ``overwrite=True`` under its own name without
+    ``_``, replacing timm's entry.
+    """
     names = list(methods) if methods is not None else available_norms()
+    registered = []
     for name in names:
-        register_as(name, name, overwrite=overwrite)
-    return names
+        timm_name = name.replace("_", "").lower() if overwrite else timm_name_for(name)
+        register_as(timm_name, name, overwrite=overwrite)
+        registered.append(timm_name)
+    return registered

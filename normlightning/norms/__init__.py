@@ -1,8 +1,9 @@
 """normlightning.norms: every normalization method behind one registry.
 
 ``build_norm(name, num_features, **kwargs)``; ``norm_layer(name, **kwargs)`` for torchvision/timm
-``norm_layer=`` arguments; names: bn gn gnflat ln in pn ghost seqnorm bgn gbgn hn sn brn, and those
-of installed packages (entry-point group ``normlightning.norms``, :mod:`.registry`).
+``norm_layer=`` arguments; names: bn gn gnflat ln in pn ghost seqnorm bgn gbgn hn sn brn frn evonorm_b0
+evonorm_s0 mabn cbn, ``timm/<name>`` for timm's norm layers, and those of installed packages (entry-point
+group ``normlightning.norms``, :mod:`.registry`).
 :func:`normlightning.norms.testing.check_norm_layer` checks a layer against the contract of every method.
 The math lives once in :mod:`normlightning.norms.functional`; the layer classes are thin shells.
 """
@@ -11,9 +12,20 @@ from . import functional
 from .base import BatchStatNorm, NormLayer
 from .batch_group_norm import BGN_PAPER_GROUPS, BatchGroupNorm, GeneralBatchGroupNorm
 from .batch_norm import BatchNorm, BatchRenorm
+from .cross_iteration_bn import CrossIterationBatchNorm
+from .evonorm import EvoNormB0, EvoNormS0
+from .filter_response_norm import FilterResponseNorm
+from .mabn import MovingAverageBatchNorm
 from .ghost_norm import GhostNorm, SequentialNorm
 from .heterologous_norm import HeterologousNorm
-from .param_norms import WeightStandardization, WSConv2d, apply_weight_norm, apply_weight_standardization
+from .param_norms import (
+    WeightCentering,
+    WeightStandardization,
+    WSConv2d,
+    apply_weight_centering,
+    apply_weight_norm,
+    apply_weight_standardization,
+)
 from .per_example import FlatGroupNorm, GroupNorm, InstanceNorm, LayerNorm, PositionalNorm
 from .group_args import AutoContext, GroupArg
 from .registry import available_norms, build_norm, norm_group_args, register_norm
@@ -39,6 +51,13 @@ __all__ = [
     "BGN_PAPER_GROUPS",
     "HeterologousNorm",
     "SwitchableNorm",
+    "FilterResponseNorm",
+    "EvoNormB0",
+    "EvoNormS0",
+    "MovingAverageBatchNorm",
+    "CrossIterationBatchNorm",
+    "WeightCentering",
+    "apply_weight_centering",
     "WeightStandardization",
     "WSConv2d",
     "apply_weight_norm",

@@ -1,4 +1,5 @@
-"""Parameter normalizations for conv and linear layers: weight standardization and weight norm.
+"""Parameter normalizations for conv and linear layers: weight standardization, weight norm and
+weight centering.
 
 Both are applied in place to existing ``nn.Conv1d/2d/3d`` / ``nn.Linear`` modules through
 ``torch.nn.utils.parametrize``, so ``module.weight`` stays the name other code reads (the
@@ -12,8 +13,16 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import weight_norm
 
 from . import functional as NF
+from .functional.mabn import weight_center
 
-__all__ = ["WeightStandardization", "WSConv2d", "apply_weight_standardization", "apply_weight_norm"]
+__all__ = [
+    "WeightCentering",
+    "WeightStandardization",
+    "WSConv2d",
+    "apply_weight_centering",
+    "apply_weight_norm",
+    "apply_weight_standardization",
+]
 
 _SUPPORTED = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
@@ -30,6 +39,14 @@ class WeightStandardization(nn.Module):
 
     def forward(self, weight: Tensor) -> Tensor:
         return NF.weight_standardize(weight, eps=self.eps)
+
+
+class WeightCentering(nn.Module):
+    """Parametrization ``w -> w - mean(w[o])`` per output unit ``o`` over ``(in, *kernel)``: the
+    centred convolutions of MABN (Yan et al., ICLR 2020; the official ``CenConv2d``)."""
+
+    def forward(self, weight: Tensor) -> Tensor:
+        return weight_center(weight)
 
 
 class WSConv2d(nn.Conv2d):
@@ -62,6 +79,14 @@ def apply_weight_standardization(module: nn.Module, eps: float = 1e-5) -> nn.Mod
     _check_module(module, "apply_weight_standardization")
     if not _has_parametrization(module, WeightStandardization):
         parametrize.register_parametrization(module, "weight", WeightStandardization(eps))
+    return module
+
+
+def apply_weight_centering(module: nn.Module) -> nn.Module:
+    """Centre ``module.weight`` per output unit, in place (idempotent); returns ``module``."""
+    _check_module(module, "apply_weight_centering")
+    if not _has_parametrization(module, WeightCentering):
+        parametrize.register_parametrization(module, "weight", WeightCentering())
     return module
 
 

@@ -27,11 +27,16 @@ from torch import nn
 
 from .batch_group_norm import BatchGroupNorm, GeneralBatchGroupNorm
 from .batch_norm import BatchNorm, BatchRenorm
+from .cross_iteration_bn import CrossIterationBatchNorm
+from .evonorm import EvoNormB0, EvoNormS0
+from .filter_response_norm import FilterResponseNorm
+from .mabn import MovingAverageBatchNorm
 from .ghost_norm import GhostNorm, SequentialNorm
 from .group_args import GroupArg, group_args_of
 from .heterologous_norm import HeterologousNorm
 from .per_example import FlatGroupNorm, GroupNorm, InstanceNorm, LayerNorm, PositionalNorm
 from .switchable_norm import SwitchableNorm
+from .timm_layers import PREFIX as TIMM_PREFIX, timm_norm_factory
 
 __all__ = [
     "ENTRY_POINT_GROUP", "NormPluginError", "build_norm", "register_norm", "available_norms", "norm_factory",
@@ -55,6 +60,11 @@ _REGISTRY: dict[str, Callable[..., nn.Module]] = {
     "hn": HeterologousNorm,
     "sn": SwitchableNorm,
     "brn": BatchRenorm,
+    "frn": FilterResponseNorm,
+    "evonorm_b0": EvoNormB0,
+    "evonorm_s0": EvoNormS0,
+    "mabn": MovingAverageBatchNorm,
+    "cbn": CrossIterationBatchNorm,
 }
 #: The methods that ship with normlightning (an entry point may not reuse these names).
 BUILTIN_NORMS = frozenset(_REGISTRY)
@@ -142,7 +152,10 @@ def register_norm(name: str, factory: Callable[..., nn.Module], *, overwrite: bo
 
 def norm_factory(name: str) -> Callable[..., nn.Module]:
     """The class or factory registered as ``name`` (``ValueError`` listing the names when unknown);
-    an installed entry point is imported at its first lookup (:class:`NormPluginError` when that fails)."""
+    an installed entry point is imported at its first lookup (:class:`NormPluginError` when that fails);
+    ``timm/<name>`` is timm's norm layer ``<name>`` (:mod:`normlightning.norms.timm_layers`)."""
+    if isinstance(name, str) and name.startswith(TIMM_PREFIX) and name not in _REGISTRY:
+        return timm_norm_factory(name)
     try:
         return _REGISTRY[name]
     except (KeyError, TypeError):
@@ -150,8 +163,9 @@ def norm_factory(name: str) -> Callable[..., nn.Module]:
     if isinstance(name, str) and name in _discovered():
         return _load_plugin(name)
     raise ValueError(
-        f"Unknown normalization {name!r}; valid names: {', '.join(available_norms())}. A plugin package declares "
-        f"its methods in the entry-point group {ENTRY_POINT_GROUP!r} (docs/methods.md, 'Adding a method')."
+        f"Unknown normalization {name!r}; valid names: {', '.join(available_norms())}, or timm/<name> for a layer "
+        f"of timm's norm registry. A plugin package declares its methods in the entry-point group "
+        f"{ENTRY_POINT_GROUP!r} (docs/methods.md, 'Adding a method')."
     )
 
 

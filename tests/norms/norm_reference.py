@@ -165,6 +165,11 @@ SPECIAL_SPECS = {
     "gbgn": {"examples_per_group": 2},
     "hn": {"mean": "bn", "std": "bn+en:1"},
     "brn": {"r_max_start_step": 0, "r_max_end_step": 0, "d_max_start_step": 0, "d_max_end_step": 0},
+    "frn": {"learnable_eps": True},
+    "evonorm_b0": {},
+    "evonorm_s0": {"num_groups": 2},
+    "mabn": {"buffer_size": 2, "warmup_iters": 0, "renorm_start_step": 0},
+    "cbn": {"window": 2},  # without a convolution attached: BN's statistics
 }
 
 #: One small configuration per registered method (C = 4), used by the generic tests: derived from

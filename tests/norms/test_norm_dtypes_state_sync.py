@@ -179,6 +179,9 @@ RUNNING_STATS = {
     "hn": ("running_mean", "running_var_0", "running_var_1"),
     "sn": ("running_mean", "running_var"),
     "brn": ("running_mean", "running_var"),
+    "evonorm_b0": ("running_var",),
+    "mabn": ("running_x2", "moving_x2", "moving_gz"),
+    "cbn": ("running_mean", "running_var"),
 }
 
 

@@ -131,7 +131,7 @@ def test_one_position_input_keeps_its_exact_strides(name):
     spec = {"num_groups": 2} if name in ("bgn", "gnflat") else ALL_SPECS[name]  # G must divide D = C here
     layer = build_norm(name, C, **spec)
     x = torch.randn(6, C, 1, 1) + 1
-    for mode in (False,) if name == "in" else (True, False):  # IN has one value per set: eval only
+    for mode in (False,) if name in ("in", "evonorm_b0") else (True, False):  # one value per (instance) set: eval only
         layer.train(mode)
         inp = x.clone().requires_grad_() * 1.0  # not a leaf: its gradient keeps the strides it arrives with
         grads = []

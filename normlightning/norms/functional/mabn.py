@@ -1,0 +1,119 @@
+"""Moving Average Batch Normalization (Yan et al., ICLR 2020; docs/methods.md, section "mabn") and
+the weight centering of the convolution before it."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from .layout import NormInput, upcast
+
+
+def weight_center(weight: Tensor) -> Tensor:
+    """``w[o] - mean(w[o])`` per output unit ``o`` over all other axes (``(I, *kernel)`` of a conv
+    weight ``(O, I, *kernel)``, ``I`` of a linear one): MABN's weight centralization."""
+    wc = upcast(weight)
+    return (wc - wc.mean(dim=tuple(range(1, weight.dim())), keepdim=True)).to(weight.dtype)
+
+
+def _window_mean(ring: Tensor, current: Tensor, use_current: bool) -> Tensor:
+    """``current`` during warm-up, else the mean of the ring buffer (which holds ``current``)."""
+    return current if use_current else ring.mean(dim=0).to(current.dtype)
+
+
+class _MovingAverageBatchNorm(torch.autograd.Function):
+    """Training step of MABN on ``x3 (N, C, S)``; see :func:`moving_average_batch_norm`."""
+
+    @staticmethod
+    def forward(ctx, x3, weight, bias, running_x2, moving_x2, moving_gz, slot, use_current, r_bounds, factor, eps):
+        x2 = x3.square().mean(dim=(0, 2))  # (C,)
+        moving_x2[slot] = x2.to(moving_x2.dtype)
+        var = _window_mean(moving_x2, x2, use_current)
+        std = torch.sqrt(var + eps)
+        r = std / torch.sqrt(running_x2.to(var.dtype) + eps)
+        r = r.clamp(1.0 / r_bounds, r_bounds) if r_bounds is not None else torch.ones_like(r)
+        if factor:
+            running_x2.lerp_(var.to(running_x2.dtype), factor)
+        z = x3 / std.view(1, -1, 1)
+        gamma = weight if weight is not None else torch.ones_like(var)
+        y = z * (gamma * r).view(1, -1, 1)
+        if bias is not None:
+            y = y + bias.view(1, -1, 1)
+        ctx.save_for_backward(z, std, gamma, r)
+        ctx.moving_gz, ctx.slot, ctx.use_current = moving_gz, slot, use_current
+        ctx.affine = weight is not None
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y):
+        z, std, gamma, r = ctx.saved_tensors
+        g = grad_y * (gamma * r).view(1, -1, 1)
+        gz = (g * z).mean(dim=(0, 2))
+        ctx.moving_gz[ctx.slot] = gz.to(ctx.moving_gz.dtype)
+        mean_gz = _window_mean(ctx.moving_gz, gz, ctx.use_current)
+        grad_x = (g - z * mean_gz.view(1, -1, 1)) / std.view(1, -1, 1)
+        grad_weight = (grad_y * z).sum(dim=(0, 2)) * r if ctx.affine else None
+        grad_bias = grad_y.sum(dim=(0, 2)) if ctx.affine else None
+        return grad_x, grad_weight, grad_bias, None, None, None, None, None, None, None, None
+
+
+def moving_average_batch_norm(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    running_x2: Tensor,
+    moving_x2: Tensor,
+    moving_gz: Tensor,
+    *,
+    training: bool,
+    step: int,
+    warmup_iters: int,
+    renorm_start_step: int,
+    r_max: float,
+    factor: float,
+    eps: float,
+) -> Tensor:
+    """MABN of ``x (N, C, *spatial)`` (no mean is subtracted; the convolution before it is centred).
+
+    Training step ``t = step`` (1 for the first), window ``m = moving_x2.shape[0]``::
+
+        x2_t[c]  = 1/(N·S) · Σ_{n,s} x[n,c,s]²           (stored in slot (t−1) mod m of moving_x2)
+        var[c]   = x2_t while t ≤ m or t < warmup_iters, else the mean of the m stored x2
+        r[c]     = clip(sqrt(var + eps) / sqrt(running_x2 + eps), 1/r_max, r_max)
+                   (r = 1 while t ≤ max(renorm_start_step, warmup_iters)); running_x2 before its update
+        z        = x / sqrt(var + eps);   y = gamma · r · z + beta
+        running_x2 ← (1 − f) · running_x2 + f · var
+
+    Backward, with ``g = dL/dy · gamma · r``::
+
+        gz_t[c]  = 1/(N·S) · Σ g · z                       (stored in slot (t−1) mod m of moving_gz)
+        mean_gz  = gz_t during the same warm-up, else the mean of the m stored gz
+        dL/dx    = (g − z · mean_gz) / sqrt(var + eps)
+
+    (during warm-up, the exact gradient of ``y`` with ``var = x2_t``). ``r`` is a constant.
+    Inference: ``y = gamma · x / sqrt(running_x2 + eps) + beta``.
+    """
+    inp = NormInput(x, weight, bias)
+    x3 = inp.x3
+    if not training:
+        y = x3 / torch.sqrt(running_x2.to(inp.dtype) + eps).view(1, -1, 1)
+        if inp.weight is not None:
+            y = y * inp.weight.view(1, -1, 1) + inp.bias.view(1, -1, 1)
+        return inp.output(y)
+    window = moving_x2.shape[0]
+    use_current = step <= window or step < warmup_iters
+    r_bounds = None if step <= max(renorm_start_step, warmup_iters) else float(r_max)
+    y = _training_step(
+        x3, inp.weight, inp.bias, running_x2, moving_x2, moving_gz, (step - 1) % window, use_current, r_bounds,
+        factor, eps,
+    )
+    return inp.output(y)
+
+
+@torch.compiler.disable
+def _training_step(*args):
+    """The training step, run eagerly under ``torch.compile`` (a graph break): its backward writes
+    the ``moving_gz`` buffer, which a compiled backward graph would not."""
+    return _MovingAverageBatchNorm.apply(*args)

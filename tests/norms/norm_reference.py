@@ -151,10 +151,15 @@ def sn_train(x, wm, wv, eps=EPS):
     return ((x3 - mu) / torch.sqrt(var + eps)).reshape(x.shape), mu_bn.flatten(), var_bn.flatten()
 
 
-def group_counts(name: str) -> dict[str, int]:
-    """Every group count that the method ``name`` declares (``group_args``) set to 2: it divides
-    ``C = 4`` (``channels``), ``D = C * S`` (``flat``) and the test batches (``batch``)."""
-    return {arg.name: 2 for arg in norm_group_args(name)}
+#: Settings without a default that are not group counts: a method refuses to build without them.
+REQUIRED_SETTINGS = {"mabn": {"buffer_size": 2}}
+
+
+def group_counts(name: str, count: int = 2) -> dict[str, int]:
+    """Every group count that the method ``name`` declares (``group_args``) set to ``count`` (2 divides
+    ``C = 4`` (``channels``), ``D = C * S`` (``flat``) and the test batches (``batch``)), plus the
+    method's :data:`REQUIRED_SETTINGS`."""
+    return {**{arg.name: count for arg in norm_group_args(name)}, **REQUIRED_SETTINGS.get(name, {})}
 
 
 #: Settings that make the generic tests exercise a method's harder code path (on top of its

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import norm_reference as R
 import pytest
 import torch
 from torch import nn
 
-import norm_reference as R
 from normlightning.norms import (
     BatchGroupNorm,
     BatchNorm,
@@ -83,18 +83,12 @@ def test_registry_unknown_name_lists_valid_names():
         build_norm("bn", 4, num_groups=2)
 
 
-def declared_group_counts(name: str, count: int) -> dict[str, int]:
-    """Every group count the method declares (``group_args``) set to ``count`` (gn's default, 32, does
-    not divide 8 channels; bgn and seqnorm have no default)."""
-    return {arg.name: count for arg in norm_group_args(name)}
-
-
 def test_registry_plugin_and_all_names_build():
     shipped = {"bn", "gn", "gnflat", "ln", "in", "pn", "ghost", "seqnorm", "bgn", "gbgn", "hn", "sn", "brn",
                "frn", "evonorm_b0", "evonorm_s0", "mabn", "cbn"}
     assert set(registry.BUILTIN_NORMS) == shipped and set(available_norms()) >= shipped
     for name in available_norms():
-        layer = build_norm(name, 8, **declared_group_counts(name, 4))
+        layer = build_norm(name, 8, **R.group_counts(name, 4))
         assert isinstance(layer, NormLayer) and not isinstance(layer, nn.modules.batchnorm._BatchNorm)
         assert layer.weight.shape == (8,) and layer.bias.shape == (8,)
         layer(torch.randn(8, 8, 4, 4))
@@ -218,7 +212,7 @@ def test_input_checks():
 
 def test_affine_false_and_reset_parameters():
     for name in available_norms():
-        kw = declared_group_counts(name, 2)
+        kw = R.group_counts(name, 2)
         layer = build_norm(name, 4, affine=False, **kw)
         assert layer.weight is None and layer.bias is None
         layer = build_norm(name, 4, **kw)

@@ -11,11 +11,17 @@ import copy
 
 import pytest
 import torch
+from norm_reference import group_counts
 from torch import nn
 
 from normlightning.callbacks.norm_sync import set_statistics_sync
 from normlightning.callbacks.run_hparams import norm_hparams
-from normlightning.injection import format_summary, inject, restore_injection, store_injection
+from normlightning.injection import (
+    format_summary,
+    inject,
+    restore_injection,
+    store_injection,
+)
 from normlightning.injection.rules import InjectionRules
 from normlightning.norms import available_norms, build_norm
 
@@ -43,7 +49,7 @@ def _batch_methods() -> list[str]:
     """Every registered method whose layer (built with :data:`ARGS`) keeps batch statistics."""
     methods = []
     for method in available_norms():
-        layer = build_norm(method, C, **ARGS.get(method, {}))
+        layer = build_norm(method, C, **ARGS.get(method, group_counts(method)))
         if getattr(layer, "uses_batch_statistics", False):
             methods.append(method)
     return methods
@@ -226,7 +232,6 @@ def test_two_gloo_processes_equal_two_virtual_devices(tmp_path):
     step) end 3 SGD steps with the parameters and buffers of one process with virtual_devices=2 on the same
     global batches; with 2 virtual devices in each of the 2 processes, with those of virtual_devices=4."""
     import torch.multiprocessing as mp
-
     from virtual_device_workers import batches, ddp_worker, small_model, train
 
     mp.spawn(ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path), 8), nprocs=2, join=True)

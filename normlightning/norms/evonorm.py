@@ -38,6 +38,9 @@ class EvoNormB0(BatchStatNorm):
     cumulative average). Shape: input ``(N, C, *)`` with 1 to 3 spatial dims, output the same.
     """
 
+    #: Input ranks (``check_norm_layer``): the instance variance is over positions, so no ``(N, C)``.
+    input_dims = (3, 4, 5)
+
     def __init__(
         self,
         num_features: int,
@@ -79,6 +82,8 @@ class EvoNormS0(NormLayer):
     Shape: input ``(N, C, *)`` with 1 to 3 spatial dims, output the same.
     """
 
+    #: Input ranks (``check_norm_layer``): the group variance is over positions, so no ``(N, C)``.
+    input_dims = (3, 4, 5)
     group_args = (GroupArg("num_groups", "channels", takes_num_groups=True, doc="channel groups G of the variance"),)
 
     def __init__(

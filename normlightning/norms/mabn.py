@@ -71,17 +71,21 @@ class MovingAverageBatchNorm(BatchStatNorm):
         self.renorm_start_step = renorm_start_step
         self.r_max = float(r_max)
         self._register_running("running_x2", (num_features,), 1.0)
-        self._register_running("moving_x2", (buffer_size, num_features), 0.0)
-        self._register_running("moving_gz", (buffer_size, num_features), 0.0)
+        # the windows are training state, not running statistics: recalibration and virtual devices do not
+        # average them (running_stat_names is ("running_x2",)); reset_running_stats empties them
+        window_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        for name in ("moving_x2", "moving_gz"):
+            self.register_buffer(name, torch.zeros(buffer_size, num_features, dtype=window_dtype, device=device))
         self.register_buffer("mabn_step", torch.tensor(0, dtype=torch.long, device=device))
         self.reset_parameters()
 
     def reset_running_stats(self) -> None:
-        """The running buffers back to their initial values, ``num_batches_tracked`` and
-        ``mabn_step`` to 0 (the windows refill)."""
+        """The running buffers back to their initial values, ``num_batches_tracked``, ``mabn_step`` and the
+        windows ``moving_x2``/``moving_gz`` to 0 (the windows refill)."""
         super().reset_running_stats()
-        if "mabn_step" in self._buffers:
-            self.mabn_step.zero_()
+        for name in ("moving_x2", "moving_gz", "mabn_step"):
+            if name in self._buffers:
+                self._buffers[name].zero_()
 
     def inference_channel_statistics(self) -> tuple[Tensor, Tensor]:
         """The mean and variance per channel ``(C,)`` this layer normalizes with at inference: ``0``

@@ -331,7 +331,9 @@ class _Checker:
             parameters = [p.detach().clone().requires_grad_(True) for p in layer.parameters()]
 
             def function(x: Tensor, *values: Tensor) -> Tensor:
-                return torch.func.functional_call(layer, dict(zip(names, values)), (x,))
+                # every evaluation starts from the same state: a layer whose training forward advances its
+                # own buffers (brn's ramp step, mabn's windows) defines one function per state
+                return torch.func.functional_call(copy.deepcopy(layer), dict(zip(names, values)), (x,))
 
             torch.autograd.gradcheck(function, (x, *parameters), eps=1e-6, atol=1e-5, rtol=1e-4)
 

@@ -49,8 +49,9 @@ class EvoNormB0(BatchStatNorm):
         affine: bool = True,
         device=None,
         dtype=None,
+        virtual_devices: int = 1,
     ) -> None:
-        super().__init__(num_features, eps, momentum, affine, device, dtype)
+        super().__init__(num_features, eps, momentum, affine, device, dtype, virtual_devices=virtual_devices)
         _init_v(self, num_features, device, dtype)
         self._register_running("running_var", (num_features,), 1.0)
         self.reset_parameters()
@@ -60,6 +61,8 @@ class EvoNormB0(BatchStatNorm):
         nn.init.ones_(self.v)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self._splits_batch(x):
+            return self._forward_per_virtual_device(x)
         self._check_input(x)
         _check_spatial(self, x)
         if self.training:

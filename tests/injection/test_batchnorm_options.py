@@ -116,14 +116,19 @@ OTHER_METHODS = [
     ("hn_per_example", "hn", {"kwargs": {"mean": "in", "std": "ln"}}),
     ("sn", "sn", {}),
     ("brn", "brn", {}),
+    ("frn", "frn", {}),
+    ("evonorm_b0", "evonorm_b0", {}),
+    ("evonorm_s0", "evonorm_s0", {"num_groups": 2}),
+    ("mabn", "mabn", {"kwargs": {"buffer_size": 2}}),
 ]
 #: The methods whose layers keep running statistics: they refuse ``track_running_stats=False``.
-RUNNING_STATISTICS = {"ghost", "seqnorm", "bgn", "gbgn", "hn", "sn", "brn"}
+RUNNING_STATISTICS = {"ghost", "seqnorm", "bgn", "gbgn", "hn", "sn", "brn", "evonorm_b0", "mabn"}
 
 
 def test_other_methods_cover_every_registered_method():
     """A new method cannot be left out of the option checks below quietly."""
-    assert {method for _, method, _ in OTHER_METHODS} | {"bn"} == set(available_norms())
+    # cbn needs a convolution before each layer: its own test below
+    assert {method for _, method, _ in OTHER_METHODS} | {"bn", "cbn"} == set(available_norms())
 
 
 @pytest.mark.parametrize("options", BN_OPTIONS, ids=_options_id)
@@ -247,3 +252,10 @@ def test_load_from_checkpoint_rebuilds_the_untracked_bn(tmp_path):
     assert loaded.net[1].track_running_stats is False and loaded.net[1].running_mean is None
     x = torch.rand(5, 2)
     torch.testing.assert_close(loaded.eval().net(x), task.eval().net(x))
+
+
+def test_cbn_refuses_an_untracked_batchnorm_naming_the_option():
+    """cbn normalizes with running statistics at inference, so it refuses ``track_running_stats=False``."""
+    model = nn.Sequential(nn.Conv3d(C, C, 1), nn.BatchNorm3d(C, track_running_stats=False)).double()
+    with pytest.raises(ValueError, match=r"layer '1' \(BatchNorm3d\) has track_running_stats=False"):
+        inject(model, method="cbn", example_input=_batch(1))

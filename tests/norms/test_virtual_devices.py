@@ -24,6 +24,7 @@ from normlightning.injection import (
 )
 from normlightning.injection.rules import InjectionRules
 from normlightning.norms import available_norms, build_norm
+from normlightning.norms.registry import norm_accepts
 
 C = 4
 #: Arguments that make each registered method valid (and non-trivial) on ``(N, 4, 3, 3)`` inputs.
@@ -32,7 +33,8 @@ ARGS = {
     "ghost": {"num_groups": 2},
     "seqnorm": {"channel_groups": 2, "batch_groups": 2},
     "bgn": {"num_groups": 6},  # groups of D = 36 that split channels
-    "gnflat": {"num_groups": 4},  # divides D = 36 here and 64 in the per-example test
+    "gnflat": {"num_groups": 4},
+    "evonorm_s0": {"num_groups": 2},  # divides D = 36 here and 64 in the per-example test
     "gbgn": {"channel_groups": 2},
     "brn": {"r_max_start_step": 0, "r_max_end_step": 1, "d_max_start_step": 0, "d_max_end_step": 1},
 }
@@ -59,12 +61,27 @@ def _per_example_methods() -> list[str]:
     return [m for m in available_norms() if m not in _batch_methods()]
 
 
-BATCH_CASES = [(m, {}) for m in _batch_methods()] + VARIANTS
+def _splitting_methods() -> list[str]:
+    """The batch-statistic methods that take ``virtual_devices`` (the others are refused by the injection)."""
+    return [m for m in _batch_methods() if norm_accepts(m, "virtual_devices")]
+
+
+BATCH_CASES = [(m, {}) for m in _splitting_methods()] + VARIANTS
 
 
 def test_the_batch_methods_are_the_expected_ones():
-    assert set(_batch_methods()) == {"bn", "brn", "ghost", "seqnorm", "bgn", "gbgn", "hn", "sn"}
-    assert {"gn", "ln", "in", "pn"} <= set(_per_example_methods())
+    assert set(_splitting_methods()) == {"bn", "brn", "ghost", "seqnorm", "bgn", "gbgn", "hn", "sn", "evonorm_b0"}
+    # statistics that span iterations (mabn's windows, cbn's past iterations): no per-device meaning defined
+    assert set(_batch_methods()) - set(_splitting_methods()) == {"mabn", "cbn"}
+    assert {"gn", "ln", "in", "pn", "evonorm_s0", "frn"} <= set(_per_example_methods())
+
+
+@pytest.mark.parametrize("method", ["mabn", "cbn"])
+def test_methods_with_statistics_across_iterations_are_refused(method):
+    model = nn.Sequential(nn.Conv2d(3, C, 1), nn.BatchNorm2d(C))
+    with pytest.raises(ValueError, match=rf"no virtual_devices argument, so norm.virtual_devices=2 cannot apply"):
+        inject(model, method=method, virtual_devices=2, batch_size=4, example_input=torch.randn(4, 3, 3, 3),
+               kwargs=group_counts(method))  # neither has group counts; mabn's buffer_size
 
 
 def _reference_step(reference: nn.Module, x: torch.Tensor, upstream: torch.Tensor, k: int):

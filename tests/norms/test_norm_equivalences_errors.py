@@ -232,3 +232,14 @@ def test_bgn_fused_training_path_refuses_a_second_derivative():
     (gx,) = torch.autograd.grad(layer(x).pow(2).sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="not have been used in the graph"):  # no second-order path to x
         torch.autograd.grad(gx.sum(), x)
+
+
+@pytest.mark.parametrize(("method", "kwargs"), [("gn", {"num_groups": 4}), ("gnflat", {"num_groups": 4}), ("ln", {}),
+                                                ("seqnorm", {"channel_groups": 4, "batch_groups": 1})])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_a_per_example_set_of_one_value_is_refused_at_inference_too(method, kwargs, batch):
+    """One value per set (``C/G * S = 1``): the same error in eval as in training, for any batch (torch's GN
+    kernel refuses it only when ``N = 1``; otherwise the output would be the bias alone)."""
+    layer = build_norm(method, 4 if method != "ln" else 1, **kwargs).eval()
+    with pytest.raises(ValueError, match=r"1 element\(s\) per normalization set; a set needs more than 1 value"):
+        layer(torch.randn(batch, 4 if method != "ln" else 1))

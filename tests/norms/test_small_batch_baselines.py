@@ -209,4 +209,5 @@ def test_registry_names_build_the_layers() -> None:
     assert isinstance(build_norm("evonorm_b0", 4), EvoNormB0)
     assert build_norm("evonorm_s0", 64).num_groups == 32  # the paper's G
     layer = build_norm("evonorm_b0", 4, momentum=0.3)
-    assert copy.deepcopy(layer).effective_args() == {"num_features": 4, "eps": 1e-5, "momentum": 0.3, "affine": True}
+    assert copy.deepcopy(layer).effective_args() == {"num_features": 4, "eps": 1e-5, "momentum": 0.3, "affine": True,
+                                                     "virtual_devices": 1}

@@ -74,7 +74,10 @@ def evonorm_s0(
     inp = NormInput(x, weight, bias)
     x3 = inp.x3
     n, c, s = x3.shape
-    _, var_g = row_moments(x3.reshape(n, num_groups, (c // num_groups) * s))
+    groups = x3.reshape(n, num_groups, (c // num_groups) * s)
+    # the variance of each set minus its first value (detached; a variance is shift-invariant): a float32 set of
+    # equal values then has exactly 0 variance and gradient, as in exact arithmetic (docs/methods.md, "Precision")
+    _, var_g = row_moments(groups - groups.detach()[:, :, :1])
     std = torch.sqrt(var_g + eps).repeat_interleave(c // num_groups, dim=1)  # (N, C, 1)
     gate = torch.sigmoid(x3 * v.to(inp.dtype).view(1, -1, 1))
     return inp.output(_affine(x3 * gate / std, inp))

@@ -16,12 +16,11 @@ from .moments import check_set_size
 from .pooled_sets import pooled_set_norm
 
 
-def group_norm(
-    x: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None, eps: float = 1e-5, training: bool = False
-) -> Tensor:
+def group_norm(x: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None, eps: float = 1e-5) -> Tensor:
     """Group Norm (Wu & He 2018): per ``(n, g)`` over ``(C/G, S)``, per-channel affine.
 
-    ``training``: a set of one element (``C/G * S == 1``) is then an error (its output would be 0).
+    A set of one element (``C/G * S == 1``) is an error, in training and at inference (its output would be
+    the bias alone, and torch's kernel refuses it for ``N = 1``).
     Native ``F.group_norm``; below float64, of the input shifted per set (:func:`_shifted_per_set`).
     """
     C = x.shape[1]
@@ -30,8 +29,7 @@ def group_norm(
             f"GroupNorm num_groups={num_groups} must divide the number of channels C={C}; "
             f"valid choices: {divisors(C)}."
         )
-    if training:
-        _check_group_sets(C, num_groups, spatial_size(x))
+    _check_group_sets(C, num_groups, spatial_size(x))  # in eval too: torch's kernel refuses it when N = 1
     io = NormInput(x, weight, bias)
     xs = _shifted_per_set(io.x, num_groups) if _needs_shift(io.dtype) else io.x
     return io.output(F.group_norm(xs, num_groups, io.weight, io.bias, eps))
@@ -56,7 +54,7 @@ def _shifted_per_set(x: Tensor, G: int) -> Tensor:
 
 
 def flat_group_norm(
-    x: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None, eps: float = 1e-5, training: bool = False
+    x: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None, eps: float = 1e-5
 ) -> Tensor:
     """Group Norm over the flattened ``D = C*S`` of each example (docs/methods.md, section gnflat).
 
@@ -72,8 +70,7 @@ def flat_group_norm(
             f"FlatGroupNorm num_groups={num_groups} must divide D = C*S = {C}*{D // C} = {D}; "
             f"valid choices (divisors of {D}) near {num_groups}: {nearby_divisors(D, num_groups)}."
         )
-    if training:
-        check_set_size(D // num_groups, f"FlatGroupNorm with num_groups={num_groups} on D={D}", "Use fewer groups.")
+    check_set_size(D // num_groups, f"FlatGroupNorm with num_groups={num_groups} on D={D}", "Use fewer groups.")
     io = NormInput(x, weight, bias)
     flat = io.x.reshape(N, num_groups, D // num_groups)
     if _needs_shift(io.dtype):
@@ -158,7 +155,7 @@ def sequential_norm(
     S, G = spatial_size(x), num_ghosts
     if not training or sync or N % G != 0 or x.numel() < SEQNORM_FUSED_MIN_NUMEL:
         io = NormInput(x)
-        h = group_norm(io.x, channel_groups, None, None, eps=eps, training=training)
+        h = group_norm(io.x, channel_groups, None, None, eps=eps)
         y = ghost_norm(
             h, G, running_mean, running_var, weight, bias, training=training, factor=factor, eps=eps, sync=sync,
             process_group=process_group,

@@ -28,7 +28,7 @@ def check_set_size(size: int, what: str, fix: str) -> None:
     """Raise ``ValueError`` (naming ``what`` and the ``fix``) for a set of fewer than 2 elements."""
     if size < 2:
         raise ValueError(
-            f"{what} has {size} element(s) per normalization set in training; a set needs more "
+            f"{what} has {size} element(s) per normalization set; a set needs more "
             f"than 1 value (its variance is undefined). {fix}"
         )
 

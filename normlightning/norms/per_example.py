@@ -37,7 +37,8 @@ class GroupNorm(NormLayer):
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
-        return NF.group_norm(x, num_groups=self.num_groups, weight=self.weight, bias=self.bias, eps=self.eps)
+        return NF.group_norm(x, num_groups=self.num_groups, weight=self.weight, bias=self.bias, eps=self.eps,
+                             training=self.training)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", num_groups={self.num_groups}"
@@ -71,7 +72,8 @@ class FlatGroupNorm(NormLayer):
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
-        return NF.flat_group_norm(x, num_groups=self.num_groups, weight=self.weight, bias=self.bias, eps=self.eps)
+        return NF.flat_group_norm(x, num_groups=self.num_groups, weight=self.weight, bias=self.bias, eps=self.eps,
+                                  training=self.training)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", num_groups={self.num_groups}"

@@ -234,12 +234,20 @@ def test_bgn_fused_training_path_refuses_a_second_derivative():
         torch.autograd.grad(gx.sum(), x)
 
 
-@pytest.mark.parametrize(("method", "kwargs"), [("gn", {"num_groups": 4}), ("gnflat", {"num_groups": 4}), ("ln", {}),
+@pytest.mark.parametrize(("method", "kwargs"), [("gn", {"num_groups": 4}), ("gnflat", {"num_groups": 4}), ("in", {}),
                                                 ("seqnorm", {"channel_groups": 4, "batch_groups": 1})])
 @pytest.mark.parametrize("batch", [1, 3])
-def test_a_per_example_set_of_one_value_is_refused_at_inference_too(method, kwargs, batch):
-    """One value per set (``C/G * S = 1``): the same error in eval as in training, for any batch (torch's GN
-    kernel refuses it only when ``N = 1``; otherwise the output would be the bias alone)."""
-    layer = build_norm(method, 4 if method != "ln" else 1, **kwargs).eval()
+def test_a_per_example_set_of_one_value(method, kwargs, batch):
+    """One value per set (``C/G * S = 1``): refused in training; at inference ``x - mu = 0``, so the output is
+    the bias and the input gradient 0, for any batch (torch's GN kernel refuses ``N = 1``)."""
+    layer = build_norm(method, 4, **kwargs)
+    x = torch.randn(batch, 4, 1, 1) if method == "in" else torch.randn(batch, 4)
     with pytest.raises(ValueError, match=r"1 element\(s\) per normalization set; a set needs more than 1 value"):
-        layer(torch.randn(batch, 4 if method != "ln" else 1))
+        layer.train()(x)
+    with torch.no_grad():
+        layer.bias.copy_(torch.arange(4.0))
+    x.requires_grad_(True)
+    y = layer.eval()(x)
+    torch.testing.assert_close(y, torch.arange(4.0).view((1, 4) + (1,) * (x.dim() - 2)).expand_as(x))
+    (grad,) = torch.autograd.grad(y.sum(), x)
+    assert torch.equal(grad, torch.zeros_like(x))

@@ -16,11 +16,14 @@ from .moments import check_set_size
 from .pooled_sets import pooled_set_norm
 
 
-def group_norm(x: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None, eps: float = 1e-5) -> Tensor:
+def group_norm(
+    x: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None, eps: float = 1e-5, training: bool = False
+) -> Tensor:
     """Group Norm (Wu & He 2018): per ``(n, g)`` over ``(C/G, S)``, per-channel affine.
 
-    A set of one element (``C/G * S == 1``) is an error, in training and at inference (its output would be
-    the bias alone, and torch's kernel refuses it for ``N = 1``).
+    A set of one element (``C/G * S == 1``) is an error in training (its output would be the bias alone);
+    at inference it is computed as written, ``x - mu = 0``: the bias, with zero input gradient, for any ``N``
+    (torch's kernel refuses it when ``N = 1``).
     Native ``F.group_norm``; below float64, of the input shifted per set (:func:`_shifted_per_set`).
     """
     C = x.shape[1]
@@ -29,10 +32,20 @@ def group_norm(x: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor |
             f"GroupNorm num_groups={num_groups} must divide the number of channels C={C}; "
             f"valid choices: {divisors(C)}."
         )
-    _check_group_sets(C, num_groups, spatial_size(x))  # in eval too: torch's kernel refuses it when N = 1
+    if training:
+        _check_group_sets(C, num_groups, spatial_size(x))
     io = NormInput(x, weight, bias)
+    if (C // num_groups) * spatial_size(x) == 1:  # inference on sets of one value: x - mu = x - x
+        return io.output(_channel_affine(io.x - io.x, io.weight, io.bias))
     xs = _shifted_per_set(io.x, num_groups) if _needs_shift(io.dtype) else io.x
     return io.output(F.group_norm(xs, num_groups, io.weight, io.bias, eps))
+
+
+def _channel_affine(y: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+    """``weight_c y + bias_c`` for ``y (N, C, *)`` and ``(C,)`` parameters (either ``None``)."""
+    view = (1, -1) + (1,) * (y.dim() - 2)
+    y = y if weight is None else y * weight.view(view)
+    return y if bias is None else y + bias.view(view)
 
 
 def _needs_shift(dtype: torch.dtype) -> bool:
@@ -54,14 +67,15 @@ def _shifted_per_set(x: Tensor, G: int) -> Tensor:
 
 
 def flat_group_norm(
-    x: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None, eps: float = 1e-5
+    x: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | None, eps: float = 1e-5, training: bool = False
 ) -> Tensor:
     """Group Norm over the flattened ``D = C*S`` of each example (docs/methods.md, section gnflat).
 
     ``D`` (channel-major, ``d = c*S + s``) is cut into ``G`` contiguous groups of ``D/G``; per ``(n, g)``
     over its ``D/G`` values: ``y = gamma_c (x - mu_ng) / sqrt(var_ng + eps) + beta_c`` (biased variance).
     ``G`` dividing ``C`` is :func:`group_norm`; ``G > C`` cuts each channel into ``G/C`` bands of positions.
-    Native ``F.group_norm`` on the view ``(N, G, D/G)``, then the per-channel affine.
+    Native ``F.group_norm`` on the view ``(N, G, D/G)``, then the per-channel affine. Sets of one value: an
+    error in training, the bias at inference (as :func:`group_norm`).
     """
     N, C = x.shape[0], x.shape[1]
     D = C * spatial_size(x)
@@ -70,8 +84,11 @@ def flat_group_norm(
             f"FlatGroupNorm num_groups={num_groups} must divide D = C*S = {C}*{D // C} = {D}; "
             f"valid choices (divisors of {D}) near {num_groups}: {nearby_divisors(D, num_groups)}."
         )
-    check_set_size(D // num_groups, f"FlatGroupNorm with num_groups={num_groups} on D={D}", "Use fewer groups.")
+    if training:
+        check_set_size(D // num_groups, f"FlatGroupNorm with num_groups={num_groups} on D={D}", "Use fewer groups.")
     io = NormInput(x, weight, bias)
+    if D == num_groups:  # inference on sets of one value: x - mu = x - x
+        return io.output(_channel_affine(io.x - io.x, io.weight, io.bias))
     flat = io.x.reshape(N, num_groups, D // num_groups)
     if _needs_shift(io.dtype):
         flat = flat - flat.detach()[:, :, :1]  # the reason of _shifted_per_set
@@ -155,7 +172,7 @@ def sequential_norm(
     S, G = spatial_size(x), num_ghosts
     if not training or sync or N % G != 0 or x.numel() < SEQNORM_FUSED_MIN_NUMEL:
         io = NormInput(x)
-        h = group_norm(io.x, channel_groups, None, None, eps=eps)
+        h = group_norm(io.x, channel_groups, None, None, eps=eps, training=training)
         y = ghost_norm(
             h, G, running_mean, running_var, weight, bias, training=training, factor=factor, eps=eps, sync=sync,
             process_group=process_group,

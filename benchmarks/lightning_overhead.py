@@ -69,7 +69,8 @@ class StepTimer(Callback):
 
 def _cli(config: str, batch: int, epochs: int, workdir: str, extra: list[str]):
     args = [
-        "--config", config,
+        "--config",
+        config,
         f"--data.init_args.batch_size={batch}",
         f"--trainer.max_epochs={epochs}",
         "--trainer.limit_val_batches=0",
@@ -144,10 +145,14 @@ def measure(config: str, batch: int, epochs: int, rounds: int, extra: list[str],
     med = statistics.median
     return {
         "batch": batch,
-        "fit_step": med(fit["steps"]), "loop_step": med(loop["steps"]),
-        "fit_tail": med(fit["tails"]) - med(fit["steps"]), "loop_tail": med(loop["tails"]) - med(loop["steps"]),
-        "fit_epoch": med(fit["epochs"]), "loop_epoch": med(loop["epochs"]),
-        "steps_per_epoch": round(len(fit["steps"]) / max(1, len(fit["epochs"]))) + 1, "epochs": len(fit["epochs"]),
+        "fit_step": med(fit["steps"]),
+        "loop_step": med(loop["steps"]),
+        "fit_tail": med(fit["tails"]) - med(fit["steps"]),
+        "loop_tail": med(loop["tails"]) - med(loop["steps"]),
+        "fit_epoch": med(fit["epochs"]),
+        "loop_epoch": med(loop["epochs"]),
+        "steps_per_epoch": round(len(fit["steps"]) / max(1, len(fit["epochs"]))) + 1,
+        "epochs": len(fit["epochs"]),
     }
 
 
@@ -178,14 +183,18 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--clock", choices=sorted(CLOCKS), default="process", help="CPU time of this process, or wall time")
     p.add_argument("--project", type=int, default=782, help="steps per epoch of the projected column")
-    p.add_argument("--fit-arg", action="append", default=[], help="extra normlightning argument (both sides), repeatable")
+    p.add_argument(
+        "--fit-arg", action="append", default=[], help="extra normlightning argument (both sides), repeatable"
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore")
     rows = [measure(args.config, b, args.epochs, args.rounds, args.fit_arg, CLOCKS[args.clock]) for b in args.batches]
     extra = " ".join(args.fit_arg) or "none"
-    print(f"config {Path(args.config).name}, {torch.get_num_threads()} thread(s), {args.clock} clock, training epochs "
-          f"without validation; extra arguments: {extra}\n")
+    print(
+        f"config {Path(args.config).name}, {torch.get_num_threads()} thread(s), {args.clock} clock, training epochs "
+        f"without validation; extra arguments: {extra}\n"
+    )
     print(table(rows, args.project))
 
 

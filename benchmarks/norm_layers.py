@@ -151,10 +151,20 @@ def run(shape, device, repeats: int, warmup: int, methods, clock) -> list[dict]:
             target = 1.25 if name in TARGET_125 else 1.5
             eval_target = 1.1 if is_batch_statistic_layer(layer) else None  # eval with running statistics
             met = ratio <= target and mm / mb <= 1.25 and (eval_target is None or eval_ratio <= eval_target)
-            rows.append({
-                "name": name, "kwargs": kw, "ms": t_m * 1e3, "base_ms": t_base * 1e3, "time_ratio": ratio,
-                "mem_ratio": mm / mb, "eval_ratio": eval_ratio, "target": target, "eval_target": eval_target, "met": met,
-            })
+            rows.append(
+                {
+                    "name": name,
+                    "kwargs": kw,
+                    "ms": t_m * 1e3,
+                    "base_ms": t_base * 1e3,
+                    "time_ratio": ratio,
+                    "mem_ratio": mm / mb,
+                    "eval_ratio": eval_ratio,
+                    "target": target,
+                    "eval_target": eval_target,
+                    "met": met,
+                }
+            )
     return rows
 
 
@@ -163,35 +173,54 @@ def table(rows, shape, device, clock_name) -> str:
         f"shape {tuple(shape)}, device {device}, {torch.get_num_threads()} threads, float32, {clock_name} clock; "
         "ratios to nn.BatchNorm2d in the same run",
         "",
-        "| method | config | train fwd+bwd (ms) | BatchNorm2d (ms) | train ratio | target | memory ratio | eval fwd ratio | eval target | met |",
+        "| method | config | train fwd+bwd (ms) | BatchNorm2d (ms) | train ratio | target "
+        "| memory ratio | eval fwd ratio | eval target | met |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|:---:|",
     ]
     for r in rows:
         cfg = ", ".join(f"{k}={v}" for k, v in r["kwargs"].items()) or "-"
         eval_target = "-" if r["eval_target"] is None else f"{r['eval_target']:.2f}x"
         lines.append(
-            f"| {r['name']} | {cfg} | {r['ms']:.2f} | {r['base_ms']:.2f} | {r['time_ratio']:.2f}x | {r['target']:.2f}x | "
+            f"| {r['name']} | {cfg} | {r['ms']:.2f} | {r['base_ms']:.2f} | {r['time_ratio']:.2f}x | "
+            f"{r['target']:.2f}x | "
             f"{r['mem_ratio']:.2f}x | {r['eval_ratio']:.2f}x | {eval_target} | {'yes' if r['met'] else 'no'} |"
         )
-    missed = [f"{r['name']} ({', '.join(f'{k}={v}' for k, v in r['kwargs'].items()) or '-'})" for r in rows if not r["met"]]
+    missed = [
+        f"{r['name']} ({', '.join(f'{k}={v}' for k, v in r['kwargs'].items()) or '-'})" for r in rows if not r["met"]
+    ]
     lines += ["", f"targets missed: {'; '.join(missed) or 'none'}"]
     return "\n".join(lines)
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--shape", type=int, nargs=4, action="append", default=None, metavar=("N", "C", "H", "W"),
-                   help="input shape, repeatable (default: three CPU shapes; (32, 64, 56, 56) on CUDA)")
+    p.add_argument(
+        "--shape",
+        type=int,
+        nargs=4,
+        action="append",
+        default=None,
+        metavar=("N", "C", "H", "W"),
+        help="input shape, repeatable (default: three CPU shapes; (32, 64, 56, 56) on CUDA)",
+    )
     p.add_argument("--full", action="store_true", help="use the ResNet-50 stem-like shape 32 64 56 56")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when available)")
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--runs", type=int, default=1, help="repeat the whole measurement; report each row's median-ratio run")
+    p.add_argument(
+        "--runs", type=int, default=1, help="repeat the whole measurement; report each row's median-ratio run"
+    )
     p.add_argument("--methods", nargs="*", default=None, help=f"subset of {available_norms()}")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads on CPU")
-    p.add_argument("--clock", choices=("process", "wall"), default="process", help="CPU clock: process CPU time or wall time")
+    p.add_argument(
+        "--clock", choices=("process", "wall"), default="process", help="CPU clock: process CPU time or wall time"
+    )
     args = p.parse_args(argv)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else ("cpu" if args.device == "auto" else args.device))
+    device = torch.device(
+        "cuda"
+        if args.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if args.device == "auto" else args.device)
+    )
     if args.threads:
         torch.set_num_threads(args.threads)
     clock_name = "wall" if device.type == "cuda" else args.clock

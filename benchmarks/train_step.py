@@ -134,8 +134,12 @@ def paired(base: Runner, other: Runner, what: str, repeats: int, warmup: int) ->
         tb.append(fn_b())
         to.append(fn_o())
     ratios = [o / b for o, b in zip(to, tb)]
-    return {"ms": statistics.median(to) * 1e3, "base_ms": statistics.median(tb) * 1e3,
-            "median": statistics.median(ratios), "min": min(to) / min(tb)}
+    return {
+        "ms": statistics.median(to) * 1e3,
+        "base_ms": statistics.median(tb) * 1e3,
+        "median": statistics.median(ratios),
+        "min": min(to) / min(tb),
+    }
 
 
 def measure(backbone: str, batch: int, methods, args) -> list[dict]:
@@ -170,12 +174,18 @@ def measure(backbone: str, batch: int, methods, args) -> list[dict]:
         except (ValueError, RuntimeError) as err:
             row["error"] = str(err).splitlines()[0][:90]
         rows.append(row)
-        print(f"  {backbone} batch {batch} {name}: " + (row.get("error") or f"{row['step']['median']:.2f}x"), file=sys.stderr, flush=True)
+        print(
+            f"  {backbone} batch {batch} {name}: " + (row.get("error") or f"{row['step']['median']:.2f}x"),
+            file=sys.stderr,
+            flush=True,
+        )
     return rows
 
 
 def table(rows, args) -> str:
-    head = "| model | batch | method | config | step (ms) | BN step (ms) | images/s | ratio (median) | ratio (min) | met |"
+    head = (
+        "| model | batch | method | config | step (ms) | BN step (ms) | images/s | ratio (median) | ratio (min) | met |"
+    )
     sep = "|---|---:|---|---|---:|---:|---:|---:|---:|:---:|"
     if args.eval:
         head += " eval fwd ratio (median) | eval fwd ratio (min) |"
@@ -189,8 +199,11 @@ def table(rows, args) -> str:
             lines.append(f"| {r['backbone']} | {r['batch']} | {r['method']} | {r['config']} | error: {r['error']} |")
             continue
         s = r["step"]
-        line = (f"| {r['backbone']} | {r['batch']} | {r['method']} | {r['config']} | {s['ms']:.1f} | {s['base_ms']:.1f} | "
-                f"{1e3 * r['batch'] / s['ms']:.0f} | {s['median']:.2f}x | {s['min']:.2f}x | {'yes' if s['median'] <= TARGET else 'no'} |")
+        line = (
+            f"| {r['backbone']} | {r['batch']} | {r['method']} | {r['config']} | {s['ms']:.1f} | {s['base_ms']:.1f} | "
+            f"{1e3 * r['batch'] / s['ms']:.0f} | {s['median']:.2f}x | {s['min']:.2f}x | "
+            f"{'yes' if s['median'] <= TARGET else 'no'} |"
+        )
         if args.eval:
             line += f" {r['eval']['median']:.2f}x | {r['eval']['min']:.2f}x |"
         if args.compile:
@@ -202,7 +215,9 @@ def table(rows, args) -> str:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", nargs="*", default=["resnet18", "small_cnn"], help="backbone names (torchvision or ours)")
+    p.add_argument(
+        "--models", nargs="*", default=["resnet18", "small_cnn"], help="backbone names (torchvision or ours)"
+    )
     p.add_argument("--batches", type=int, nargs="*", default=[2, 16, 64])
     p.add_argument("--image", type=int, default=32, help="input height = width (3 channels)")
     p.add_argument("--methods", nargs="*", default=None, help=f"subset of {available_norms()} (bn is the baseline)")
@@ -212,7 +227,9 @@ def main(argv=None) -> None:
     p.add_argument("--eval", action="store_true", help="also time the eval-mode forward")
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd steps (slow to compile)")
     p.add_argument("--backend", default="inductor", help="torch.compile backend for --compile")
-    p.add_argument("--clock", choices=("process", "wall"), default="process", help="process CPU time or wall time (CPU)")
+    p.add_argument(
+        "--clock", choices=("process", "wall"), default="process", help="process CPU time or wall time (CPU)"
+    )
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none", help="torch.autocast dtype")
     p.add_argument("--channels-last", action="store_true", help="model and input in channels_last")
@@ -229,10 +246,15 @@ def main(argv=None) -> None:
             rows += measure(backbone, batch, methods, args)
     precision = "float32" if args.amp == "none" else f"autocast {args.amp}"
     layout = ", channels_last" if args.channels_last else ""
-    print(f"device {args.device}, input 3x{args.image}x{args.image}{layout}, {torch.get_num_threads()} thread(s), {precision}, SGD, {args.clock} clock; "
-          f"ratios to the native-BatchNorm model interleaved in the same run, {args.repeats} rounds; target {TARGET}x\n")
+    print(
+        f"device {args.device}, input 3x{args.image}x{args.image}{layout}, {torch.get_num_threads()} thread(s), "
+        f"{precision}, SGD, {args.clock} clock; "
+        f"ratios to the native-BatchNorm model interleaved in the same run, {args.repeats} rounds; target {TARGET}x\n"
+    )
     print(table(rows, args))
-    missed = sorted({f"{r['method']} ({r['backbone']}, {r['batch']})" for r in rows if "step" in r and r["step"]["median"] > TARGET})
+    missed = sorted(
+        {f"{r['method']} ({r['backbone']}, {r['batch']})" for r in rows if "step" in r and r["step"]["median"] > TARGET}
+    )
     print(f"\nabove target: {', '.join(missed) or 'none'}")
 
 

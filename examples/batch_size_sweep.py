@@ -26,14 +26,28 @@ from normlightning import sweep
 CONFIG = str(Path(__file__).resolve().parent / "configs" / "sweep_digits.yaml")
 REPORT_METHODS = ["bn", "gn", "ln", "in", "pn", "ghost", "seqnorm", "bgn", "gbgn", "hn"]
 REPORT_DEFAULTS = [
-    "--config", CONFIG,
-    "--out", "runs/reproduction/sweep",
-    "--methods", *REPORT_METHODS,
-    "--batch-sizes", "2", "8", "64",
-    "--seeds", "0", "1", "2",
-    "--epochs", "2=2", "8=4", "64=16",
-    "--base-batch-size", "64",
-    "--executor", "inline",
+    "--config",
+    CONFIG,
+    "--out",
+    "runs/reproduction/sweep",
+    "--methods",
+    *REPORT_METHODS,
+    "--batch-sizes",
+    "2",
+    "8",
+    "64",
+    "--seeds",
+    "0",
+    "1",
+    "2",
+    "--epochs",
+    "2=2",
+    "8=4",
+    "64=16",
+    "--base-batch-size",
+    "64",
+    "--executor",
+    "inline",
 ]
 
 

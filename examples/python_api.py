@@ -89,8 +89,10 @@ def main(argv: list[str] | None = None) -> nn.Module:
     inject_into_any_module()
     checkpoint = train(build_task(data), data, args.root, args.max_epochs, args.limit_batches)
     model = plain_module(checkpoint)
-    print(f"plain module: {type(model).__name__} of {[type(m).__name__ for m in model]}, "
-          f"norm layers {sorted({type(m).__name__ for m in model.modules() if is_norm_layer(m)})}")
+    print(
+        f"plain module: {type(model).__name__} of {[type(m).__name__ for m in model]}, "
+        f"norm layers {sorted({type(m).__name__ for m in model.modules() if is_norm_layer(m)})}"
+    )
     with torch.no_grad():
         print(f"logits for one image: {tuple(model(torch.rand(1, *data.input_shape)).shape)}")
     return model

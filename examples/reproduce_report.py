@@ -60,9 +60,13 @@ def fluctuation_table(path: Path) -> str:
         rows = list(csv.DictReader(handle))
     lines = ["| batch | layer | BN_mean | BN_std | EN_mean | EN_std |", "|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['batch_size']} | {statistics_study.layer_label(r['layer'])} | "
-                     + " | ".join(f"{float(r[k]):.4f}" for k in ("bn_mean_fluct", "bn_std_fluct", "en_mean_fluct", "en_std_fluct"))
-                     + " |")
+        lines.append(
+            f"| {r['batch_size']} | {statistics_study.layer_label(r['layer'])} | "
+            + " | ".join(
+                f"{float(r[k]):.4f}" for k in ("bn_mean_fluct", "bn_std_fluct", "en_mean_fluct", "en_std_fluct")
+            )
+            + " |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -111,10 +115,17 @@ def main(argv: Sequence[str] | None = None) -> dict:
     for name, table in study_tables.items():
         text = replace_block(text, name, table)
     text = replace_block(text, "sweep-table", (sweep_dir / "table.md").read_text())
-    text = replace_block(text, "stats-table", fluctuation_table(stats_dir / "hn_fluctuation.csv")
-                         + "\nTest accuracy: " + ", ".join(f"batch {b}: {100 * a:.1f}%" for b, a in stats["test_acc1"].items()) + "\n")
     text = replace_block(
-        text, "timing",
+        text,
+        "stats-table",
+        fluctuation_table(stats_dir / "hn_fluctuation.csv")
+        + "\nTest accuracy: "
+        + ", ".join(f"batch {b}: {100 * a:.1f}%" for b, a in stats["test_acc1"].items())
+        + "\n",
+    )
+    text = replace_block(
+        text,
+        "timing",
         f"Small-batch study: {study_tables['study-cost'].strip()} "
         f"Digits sweep: sum of the per-cell wall times {timing['sweep_cell_wall_s_total'] / 60:.1f} min; "
         f"statistics study: {timing['statistics_study_wall_s'] / 60:.1f} min "

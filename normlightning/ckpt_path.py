@@ -21,7 +21,6 @@ scratch. Here:
 from __future__ import annotations
 
 import importlib
-import os
 from pathlib import Path
 from typing import Any
 

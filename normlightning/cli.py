@@ -8,7 +8,8 @@ task's ``num_classes``, ``input_shape``, ``input_mean`` and ``input_std`` after 
 Defaults: seed 0, a TensorBoard logger writing to ``runs/<name>/version_<n>`` (under
 ``trainer.default_root_dir`` when given: a relative logger ``save_dir`` is taken there), a
 ``checkpoint:`` section (:class:`~normlightning.callbacks.checkpoint.Checkpoint`, a
-``ModelCheckpoint`` on ``val/acc1``, mode max, plus an always up-to-date ``last.ckpt``), a ``norm:`` section (the norm-layer injection),
+``ModelCheckpoint`` on ``val/acc1``, mode max, plus an always up-to-date ``last.ckpt``), a ``norm:`` section
+(the norm-layer injection),
 an ``hparams:`` section (:class:`~normlightning.callbacks.run_hparams.RunHyperparameters`: the
 applied normalization and the batch size as hyperparameters, the best ``val/acc1`` as the
 HParams metric), a ``predictions:`` section
@@ -28,7 +29,8 @@ A run never writes into a run folder that holds another run's files
 with ``fit --ckpt_path``).
 
 Exit codes of the command (README, "Exit codes"): 0 the subcommand finished; 1 an error (the
-package's own errors as one message, ``NORMLIGHTNING_DEBUG=1`` for their traceback; others with theirs); 2 a bad argument (the parser's message); 130 interrupted with
+package's own errors as one message, ``NORMLIGHTNING_DEBUG=1`` for their traceback; others with theirs);
+2 a bad argument (the parser's message); 130 interrupted with
 Ctrl+C; 143 (``EXIT_SIGTERM``, 128 + SIGTERM as shells report it) stopped by SIGTERM, e.g. a
 batch scheduler's preemption, with the path of ``last.ckpt`` to resume from.
 Known harmless warnings are filtered in one place, :mod:`normlightning.known_warnings`.
@@ -54,6 +56,12 @@ from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCL
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from normlightning import known_warnings
+from normlightning.callbacks.checkpoint import CHECKPOINT_DEFAULTS, Checkpoint
+from normlightning.callbacks.divergence import DivergenceCheck
+from normlightning.callbacks.norm_injection import NormInjection
+from normlightning.callbacks.prediction_writer import PredictionWriter
+from normlightning.callbacks.run_hparams import RunHyperparameters
+from normlightning.callbacks.throttled_progress_bar import with_progress_bar
 from normlightning.ckpt_path import (
     BASE_TASK,
     LIGHTNING_CKPT_NAMES,
@@ -64,12 +72,6 @@ from normlightning.ckpt_path import (
     directory_error,
     resolve_last,
 )
-from normlightning.callbacks.checkpoint import CHECKPOINT_DEFAULTS, Checkpoint
-from normlightning.callbacks.divergence import DivergenceCheck
-from normlightning.callbacks.norm_injection import NormInjection
-from normlightning.callbacks.prediction_writer import PredictionWriter
-from normlightning.callbacks.run_hparams import RunHyperparameters
-from normlightning.callbacks.throttled_progress_bar import with_progress_bar
 from normlightning.data.base import MissingDataAttributeError
 from normlightning.injection import read_checkpoint
 from normlightning.run_folder import check_run_folder
@@ -109,6 +111,7 @@ TRAINER_DEFAULTS: dict[str, Any] = {
         }
     ],
 }
+
 
 def anchor_loggers_at_root_dir(trainer_config: Namespace) -> None:
     """Put every relative logger ``save_dir`` in ``trainer_config`` under ``trainer_config.default_root_dir``.
@@ -181,7 +184,9 @@ class NormLightningCLI(LightningCLI):
                 parser.set_defaults({f"{section}.{key}": value for key, value in defaults.items()})
         parser.set_defaults({f"trainer.{key}": value for key, value in TRAINER_DEFAULTS.items()})
         parser.add_argument(
-            "--overwrite_run", type=bool, default=False,
+            "--overwrite_run",
+            type=bool,
+            default=False,
             help="write into a run folder (<save_dir>/<name>/<version>) that already holds another run's files "
             "(default: refuse, unless fit resumes from a checkpoint in it)",
         )
@@ -237,7 +242,9 @@ class NormLightningCLI(LightningCLI):
         parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
         if subcommand == "predict":
             parser.add_argument(
-                "--allow_untrained", type=bool, default=False,
+                "--allow_untrained",
+                type=bool,
+                default=False,
                 help="predict without --ckpt_path, with the model's initial (untrained) weights",
             )
         return parser
@@ -259,8 +266,9 @@ class NormLightningCLI(LightningCLI):
             super().instantiate_classes()
         except ValueError as err:
             cause = err
-            while cause is not None and not (isinstance(cause, MissingDataAttributeError)
-                                             or (cause is not err and raised_by_normlightning(cause))):
+            while cause is not None and not (
+                isinstance(cause, MissingDataAttributeError) or (cause is not err and raised_by_normlightning(cause))
+            ):
                 cause = cause.__cause__ or cause.__context__
             if cause is None:
                 raise
@@ -282,7 +290,9 @@ class NormLightningCLI(LightningCLI):
             trainer_config["callbacks"] = [
                 callback for callback in trainer_config["callbacks"] if not isinstance(callback, LearningRateMonitor)
             ]
-        trainer_config["callbacks"] = with_progress_bar(trainer_config.get("callbacks"), trainer_config.get("enable_progress_bar") is not False)
+        trainer_config["callbacks"] = with_progress_bar(
+            trainer_config.get("callbacks"), trainer_config.get("enable_progress_bar") is not False
+        )
         return super().instantiate_trainer(**kwargs)
 
     def _point_injection_at_checkpoint(self, subcommand: str) -> None:
@@ -336,8 +346,12 @@ class NormLightningCLI(LightningCLI):
         except SIGTERMException:
             if self.trainer.is_global_zero:
                 hint = self._resume_hint() if subcommand == "fit" else "rerun it"
-                print(f"normlightning: {subcommand} stopped by SIGTERM at step {self.trainer.global_step} "
-                      f"(epoch {self.trainer.current_epoch}); {hint}", file=sys.stderr, flush=True)
+                print(
+                    f"normlightning: {subcommand} stopped by SIGTERM at step {self.trainer.global_step} "
+                    f"(epoch {self.trainer.current_epoch}); {hint}",
+                    file=sys.stderr,
+                    flush=True,
+                )
             raise SystemExit(EXIT_SIGTERM) from None
         except SystemExit as exit_:
             if isinstance(exit_.__context__, KeyboardInterrupt):
@@ -404,8 +418,10 @@ def main(args: ArgsType = None) -> None:
     except Exception as err:
         if os.environ.get(DEBUG_ENV, "") not in ("", "0") or not raised_by_normlightning(err):
             raise
-        print(f"normlightning: error: {type(err).__name__}: {err}\n"
-              f"(the traceback: run again with {DEBUG_ENV}=1)", file=sys.stderr)
+        print(
+            f"normlightning: error: {type(err).__name__}: {err}\n(the traceback: run again with {DEBUG_ENV}=1)",
+            file=sys.stderr,
+        )
         raise SystemExit(EXIT_ERROR) from None
 
 

@@ -59,8 +59,11 @@ def fit_summary(trainer: Trainer) -> list[str]:
 def evaluation_summary(trainer: Trainer, stage: str) -> list[str]:
     """The lines printed at the end of ``validate`` (``stage="val"``) or ``test``: every ``<stage>/`` metric
     and the folder it was logged to."""
-    metrics = {key: float(value) for key, value in sorted(trainer.callback_metrics.items())
-               if key.startswith(f"{stage}/") and value.numel() == 1}
+    metrics = {
+        key: float(value)
+        for key, value in sorted(trainer.callback_metrics.items())
+        if key.startswith(f"{stage}/") and value.numel() == 1
+    }
     command = "validate" if stage == "val" else stage
     checkpoint = f" (weights: {trainer.ckpt_path})" if trainer.ckpt_path else " (weights: as built, no --ckpt_path)"
     listed = ", ".join(f"{key}={value:.4g}" for key, value in metrics.items()) or "no metric logged"

@@ -126,7 +126,9 @@ def write_image_folders() -> Callable[..., list[str]]:
     """Write ``root/<split>/<class>/<i>.jpg`` JPEGs (40x30, one colour per class); returns the class names."""
 
     def write(
-        root: Path, classes: tuple[str, ...] = ("cat", "dog", "eel"), splits: tuple[str, ...] = ("train", "val"),
+        root: Path,
+        classes: tuple[str, ...] = ("cat", "dog", "eel"),
+        splits: tuple[str, ...] = ("train", "val"),
         per_class: int = 2,
     ) -> list[str]:
         colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0)]
@@ -155,8 +157,11 @@ def files_under(root: Path) -> set[str]:
         for entry in os.scandir(folder):
             if entry.is_dir(follow_symlinks=False):
                 path = Path(entry.path)
-                if entry.name not in NOT_WATCHED and not entry.name.endswith(".egg-info") \
-                        and not (path / "pyvenv.cfg").exists():
+                if (
+                    entry.name not in NOT_WATCHED
+                    and not entry.name.endswith(".egg-info")
+                    and not (path / "pyvenv.cfg").exists()
+                ):
                     pending.append(path)
             else:
                 found.add(os.path.relpath(entry.path, root))

@@ -75,8 +75,15 @@ class BatchMeanProbe(Callback):
     def on_train_end(self, trainer, pl_module):
         self.handle.remove()
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        record = {"rank": trainer.global_rank, "world_size": trainer.world_size, "local": self.local,
-                  "used": self.used, "second": self.second, "sync": self.sync, "type": self.type}
+        record = {
+            "rank": trainer.global_rank,
+            "world_size": trainer.world_size,
+            "local": self.local,
+            "used": self.used,
+            "second": self.second,
+            "sync": self.sync,
+            "type": self.type,
+        }
         (self.out_dir / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+
 def test_files_under_lists_new_files_and_skips_caches_and_virtual_environments(tmp_path, checkout_guard_files) -> None:
     (tmp_path / "runs" / "default").mkdir(parents=True)
     (tmp_path / "runs" / "default" / "hparams.yaml").write_text("a: 1\n")

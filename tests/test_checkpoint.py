@@ -25,10 +25,17 @@ class ConstantMetricTask(BaseTask):
 
 def test_last_checkpoint_follows_the_run(tmp_path) -> None:
     loader = DataLoader(TensorDataset(torch.rand(8, 2)), batch_size=4)
-    checkpoint = Checkpoint(dirpath=tmp_path, monitor="val/metric", mode="max", save_last=True, save_top_k=1,
-                            filename="best-{epoch}")
-    trainer = Trainer(max_epochs=3, callbacks=[checkpoint], logger=False, enable_progress_bar=False,
-                      enable_model_summary=False, num_sanity_val_steps=0)
+    checkpoint = Checkpoint(
+        dirpath=tmp_path, monitor="val/metric", mode="max", save_last=True, save_top_k=1, filename="best-{epoch}"
+    )
+    trainer = Trainer(
+        max_epochs=3,
+        callbacks=[checkpoint],
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
     trainer.fit(ConstantMetricTask(), train_dataloaders=loader, val_dataloaders=loader)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best-epoch=0.ckpt", "last.ckpt"]
     last = torch.load(tmp_path / "last.ckpt", weights_only=True)

@@ -82,9 +82,17 @@ def test_data_attributes_are_linked_into_the_task(quickstart) -> None:
 
 
 def test_fit_writes_events_config_checkpoints_and_reloads(run_dir) -> None:
-    args = ["fit", *SYNTHETIC, *QUIET, "--trainer.max_epochs=2", "--trainer.limit_train_batches=2",
-            "--trainer.logger.init_args.name=tiny", "--trainer.accelerator=cpu",
-            "--model.optimizer=torch.optim.Adam", "--model.optimizer.lr=0.01"]
+    args = [
+        "fit",
+        *SYNTHETIC,
+        *QUIET,
+        "--trainer.max_epochs=2",
+        "--trainer.limit_train_batches=2",
+        "--trainer.logger.init_args.name=tiny",
+        "--trainer.accelerator=cpu",
+        "--model.optimizer=torch.optim.Adam",
+        "--model.optimizer.lr=0.01",
+    ]
     cli = build_cli(args)
     version = run_dir / "runs" / "tiny" / "version_0"
     assert list(version.glob("events.out.tfevents.*"))
@@ -108,12 +116,12 @@ def test_fit_writes_events_config_checkpoints_and_reloads(run_dir) -> None:
         assert torch.equal(reloaded(x), cli.model.eval()(x))
 
     # the checkpoint also feeds the CLI again
-    main(["validate", *SYNTHETIC, *QUIET, f"--ckpt_path={last}", "--trainer.logger=false",
-          "--trainer.callbacks=[]"])
+    main(["validate", *SYNTHETIC, *QUIET, f"--ckpt_path={last}", "--trainer.logger=false", "--trainer.callbacks=[]"])
 
 
 def test_user_task_subclass_by_class_path(run_dir, monkeypatch) -> None:
-    (run_dir / "my_tasks.py").write_text(textwrap.dedent('''
+    (run_dir / "my_tasks.py").write_text(
+        textwrap.dedent('''
         from normlightning.tasks import ClassificationTask
 
         class SmoothedTask(ClassificationTask):
@@ -125,24 +133,34 @@ def test_user_task_subclass_by_class_path(run_dir, monkeypatch) -> None:
 
             def training_step(self, batch, batch_idx):
                 return super().training_step(batch, batch_idx) + self.extra
-    '''))
+    ''')
+    )
     monkeypatch.syspath_prepend(str(run_dir))
-    args = ["fit", *SYNTHETIC, "--model=my_tasks.SmoothedTask", "--model.extra=0.5",
-            "--model.backbone=mlp", "--trainer.fast_dev_run=true", *QUIET]
+    args = [
+        "fit",
+        *SYNTHETIC,
+        "--model=my_tasks.SmoothedTask",
+        "--model.extra=0.5",
+        "--model.backbone=mlp",
+        "--trainer.fast_dev_run=true",
+        *QUIET,
+    ]
     cli = build_cli(args)
     assert type(cli.model).__name__ == "SmoothedTask" and cli.model.extra == 0.5
     assert cli.model.num_classes == 5
 
 
 def test_python_dash_m_entry_point(run_dir) -> None:
-    result = subprocess.run([sys.executable, "-m", "normlightning", "fit", "--help"], capture_output=True,
-                            text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "normlightning", "fit", "--help"], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     assert "--trainer.max_epochs" in result.stdout
 
 
 def test_plain_lightning_datamodule_by_class_path(run_dir, monkeypatch) -> None:
-    (run_dir / "my_data.py").write_text(textwrap.dedent('''
+    (run_dir / "my_data.py").write_text(
+        textwrap.dedent('''
         import torch
         from lightning.pytorch import LightningDataModule
         from torch.utils.data import DataLoader, TensorDataset
@@ -157,18 +175,29 @@ def test_plain_lightning_datamodule_by_class_path(run_dir, monkeypatch) -> None:
             def train_dataloader(self):
                 x, y = torch.rand(8, 3, 8, 8), torch.randint(self.num_classes, (8,))
                 return DataLoader(TensorDataset(x, y), batch_size=4)
-    '''))
+    ''')
+    )
     monkeypatch.syspath_prepend(str(run_dir))
-    cli = build_cli(["fit", "--data=my_data.PlainData", "--data.num_classes=4",
-                     "--model=normlightning.tasks.ClassificationTask", "--model.backbone=small_cnn",
-                     "--model.input_shape=[3, 8, 8]", "--trainer.fast_dev_run=true", *QUIET])
+    cli = build_cli(
+        [
+            "fit",
+            "--data=my_data.PlainData",
+            "--data.num_classes=4",
+            "--model=normlightning.tasks.ClassificationTask",
+            "--model.backbone=small_cnn",
+            "--model.input_shape=[3, 8, 8]",
+            "--trainer.fast_dev_run=true",
+            *QUIET,
+        ]
+    )
     assert cli.model.num_classes == 4 and cli.model.backbone.classifier.out_features == 4
     assert torch.equal(cli.model.normalize.mean, torch.zeros(3)) and torch.equal(cli.model.normalize.std, torch.ones(3))
 
 
 def test_data_module_without_num_classes_or_input_shape_is_a_clear_error(run_dir, monkeypatch) -> None:
     """No silent 1000-way head on an assumed (3, 224, 224) input: the error lists what a DataModule provides."""
-    (run_dir / "bare_data.py").write_text(textwrap.dedent('''
+    (run_dir / "bare_data.py").write_text(
+        textwrap.dedent("""
         import torch
         from lightning.pytorch import LightningDataModule
         from torch.utils.data import DataLoader, TensorDataset
@@ -176,22 +205,50 @@ def test_data_module_without_num_classes_or_input_shape_is_a_clear_error(run_dir
         class BareData(LightningDataModule):
             def train_dataloader(self):
                 return DataLoader(TensorDataset(torch.rand(8, 3, 8, 8), torch.randint(3, (8,))), batch_size=4)
-    '''))
+    """)
+    )
     monkeypatch.syspath_prepend(str(run_dir))
-    with pytest.raises(MissingDataAttributeError, match=r"num_classes is not set.*input_shape.*batch_size.*--model\.num_classes"):
-        build_cli(["fit", "--data=bare_data.BareData", "--model=normlightning.tasks.ClassificationTask",
-                   "--model.backbone=small_cnn", "--trainer.fast_dev_run=true", *QUIET])
+    with pytest.raises(
+        MissingDataAttributeError, match=r"num_classes is not set.*input_shape.*batch_size.*--model\.num_classes"
+    ):
+        build_cli(
+            [
+                "fit",
+                "--data=bare_data.BareData",
+                "--model=normlightning.tasks.ClassificationTask",
+                "--model.backbone=small_cnn",
+                "--trainer.fast_dev_run=true",
+                *QUIET,
+            ]
+        )
     with pytest.raises(MissingDataAttributeError, match="input_shape is not set"):
-        build_cli(["fit", "--data=bare_data.BareData", "--model=normlightning.tasks.ClassificationTask",
-                   "--model.backbone=small_cnn", "--model.num_classes=3", "--trainer.fast_dev_run=true", *QUIET])
+        build_cli(
+            [
+                "fit",
+                "--data=bare_data.BareData",
+                "--model=normlightning.tasks.ClassificationTask",
+                "--model.backbone=small_cnn",
+                "--model.num_classes=3",
+                "--trainer.fast_dev_run=true",
+                *QUIET,
+            ]
+        )
 
 
 def test_default_root_dir_holds_the_default_logger_runs(run_dir, tmp_path_factory) -> None:
     """``--trainer.default_root_dir`` moves the default ``runs/`` logger folder under it; nothing is written
     into the working directory (a relative ``save_dir`` is taken under the root, an absolute one is kept)."""
     root = tmp_path_factory.mktemp("root")
-    short = ["fit", *SYNTHETIC, *QUIET, "--trainer.max_epochs=1", "--trainer.limit_train_batches=1",
-             "--trainer.limit_val_batches=1", "--trainer.accelerator=cpu", f"--trainer.default_root_dir={root}"]
+    short = [
+        "fit",
+        *SYNTHETIC,
+        *QUIET,
+        "--trainer.max_epochs=1",
+        "--trainer.limit_train_batches=1",
+        "--trainer.limit_val_batches=1",
+        "--trainer.accelerator=cpu",
+        f"--trainer.default_root_dir={root}",
+    ]
     build_cli(short)
     assert (root / "runs" / "default" / "version_0" / "config.yaml").is_file()
     assert not (run_dir / "runs").exists()
@@ -201,11 +258,14 @@ def test_default_root_dir_holds_the_default_logger_runs(run_dir, tmp_path_factor
 
 
 def test_our_errors_print_one_message_and_exit_1_with_the_traceback_behind_a_switch(
-        quickstart, capsys, monkeypatch) -> None:
+    quickstart, capsys, monkeypatch
+) -> None:
     """A typo in ``norm.method`` and a group count that does not divide: the message alone on stderr, exit 1;
     ``NORMLIGHTNING_DEBUG=1`` raises the error itself (its traceback)."""
-    cases = {"--norm.method=bgm": r"(norm.method: )?Unknown normalization .bgm.; valid names: .*bgn",
-             "--norm.num_groups=5": r"layer 'backbone.features.0.1': num_groups=5 does not divide C=32"}
+    cases = {
+        "--norm.method=bgm": r"(norm.method: )?Unknown normalization .bgm.; valid names: .*bgn",
+        "--norm.num_groups=5": r"layer 'backbone.features.0.1': num_groups=5 does not divide C=32",
+    }
     for setting, message in cases.items():
         extra = [setting] if "method" in setting else ["--norm.method=gn", setting]
         with pytest.raises(SystemExit) as exit_info:

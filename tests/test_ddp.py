@@ -12,8 +12,16 @@ import torch
 
 TESTS = Path(__file__).resolve().parent
 LAYER = "backbone.features.0.1"  # the first norm layer of small_cnn
-LAUNCH_VARIABLES = ("LOCAL_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "NODE_RANK", "GROUP_RANK",
-                    "MASTER_ADDR", "MASTER_PORT")
+LAUNCH_VARIABLES = (
+    "LOCAL_RANK",
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_WORLD_SIZE",
+    "NODE_RANK",
+    "GROUP_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+)
 
 CONFIG = f"""
 seed_everything: 0
@@ -51,17 +59,32 @@ checkpoint:
 
 def run_ddp(tmp_path: Path, *extra: str) -> list[dict]:
     (tmp_path / "tiny.yaml").write_text(CONFIG)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
-               OMP_NUM_THREADS="1", PL_DISABLE_FORK="1")
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+        OMP_NUM_THREADS="1",
+        PL_DISABLE_FORK="1",
+    )
     for launched_by_someone_else in LAUNCH_VARIABLES:  # else Lightning waits for ranks nobody starts
         env.pop(launched_by_someone_else, None)
-    cmd = [sys.executable, "-m", "normlightning", "fit", "--config", "tiny.yaml",
-           "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "normlightning",
+        "fit",
+        "--config",
+        "tiny.yaml",
+        "--trainer.accelerator=cpu",
+        "--trainer.devices=2",
+        "--trainer.strategy=ddp",
+        *extra,
+    ]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)  # ~25 s idle
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     assert "NormInjection: replaced 4 layer(s)" in proc.stdout + proc.stderr
-    records = sorted((json.loads(p.read_text()) for p in (tmp_path / "probe").glob("rank*.json")),
-                     key=lambda r: r["rank"])
+    records = sorted(
+        (json.loads(p.read_text()) for p in (tmp_path / "probe").glob("rank*.json")), key=lambda r: r["rank"]
+    )
     assert [r["rank"] for r in records] == [0, 1] and all(r["world_size"] == 2 for r in records)
     assert all(r["type"] == "BatchGroupNorm" and len(r["used"]) == 16 for r in records)
     return records
@@ -90,8 +113,11 @@ def test_ddp_sync_all_reduces_the_statistics(tmp_path):
 
 
 def test_ddp_without_buffer_broadcast_keeps_each_rank_running_statistics(tmp_path):
-    r0, r1 = run_ddp(tmp_path, "--trainer.strategy=lightning.pytorch.strategies.DDPStrategy",
-                     "--trainer.strategy.broadcast_buffers=false")
+    r0, r1 = run_ddp(
+        tmp_path,
+        "--trainer.strategy=lightning.pytorch.strategies.DDPStrategy",
+        "--trainer.strategy.broadcast_buffers=false",
+    )
     assert not torch.allclose(torch.tensor(r0["used"]), torch.tensor(r1["used"]), atol=1e-3)
     # broadcast_buffers=false: before the 2nd forward every rank still holds its own moving average
     for r in (r0, r1):

@@ -30,8 +30,11 @@ def fenced_fit_commands() -> list[tuple[str, list[str]]]:
                     continue
                 command = re.sub(r"\$\{?\w+\}?", "0", found.group(1))  # a loop's shell variable: its first value
                 args = shlex.split(command, comments=True)
-                configs = [a.split("=", 1)[1] if "=" in a else args[i + 1]
-                           for i, a in enumerate(args) if a.split("=", 1)[0] == "--config"]
+                configs = [
+                    a.split("=", 1)[1] if "=" in a else args[i + 1]
+                    for i, a in enumerate(args)
+                    if a.split("=", 1)[0] == "--config"
+                ]
                 if all((REPO_ROOT / c).is_file() for c in configs):
                     commands.append((path.name, args))
     return commands

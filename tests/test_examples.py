@@ -12,14 +12,26 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-TINY = ["--trainer.max_epochs=1", "--trainer.limit_train_batches=2", "--trainer.limit_val_batches=1",
-        "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
-SYNTHETIC = ["--data=normlightning.data.Synthetic", "--data.input_shape=[1, 6, 6]", "--data.num_classes=4",
-             "--data.num_train=32", "--data.num_val=8", "--data.num_test=8", "--data.batch_size=8",
-             "--model=normlightning.tasks.ClassificationTask", "--model.backbone=small_cnn",
-             "--model.backbone_kwargs={width: 8}"]
+TINY = [
+    "--trainer.max_epochs=1",
+    "--trainer.limit_train_batches=2",
+    "--trainer.limit_val_batches=1",
+    "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false",
+]
+SYNTHETIC = [
+    "--data=normlightning.data.Synthetic",
+    "--data.input_shape=[1, 6, 6]",
+    "--data.num_classes=4",
+    "--data.num_train=32",
+    "--data.num_val=8",
+    "--data.num_test=8",
+    "--data.batch_size=8",
+    "--model=normlightning.tasks.ClassificationTask",
+    "--model.backbone=small_cnn",
+    "--model.backbone_kwargs={width: 8}",
+]
 
 
 EXAMPLE_MODULES = ("custom_norm", "custom_task", "statistics_study", "batch_size_sweep")
@@ -103,7 +115,8 @@ def test_mixup_math(examples) -> None:
 
 def test_mixup_task_without_mixing_is_plain_cross_entropy(examples) -> None:
     task = examples["custom_task"].MixupClassificationTask(
-        mixup_alpha=0.0, backbone="small_cnn", backbone_kwargs={"width": 4}, num_classes=3, input_shape=(1, 6, 6))
+        mixup_alpha=0.0, backbone="small_cnn", backbone_kwargs={"width": 4}, num_classes=3, input_shape=(1, 6, 6)
+    )
     x, y = torch.rand(4, 1, 6, 6), torch.tensor([0, 1, 2, 0])
     task.eval()  # deterministic BN for the comparison
     torch.testing.assert_close(task.training_step((x, y), 0), F.cross_entropy(task(x), y))
@@ -114,7 +127,8 @@ def test_mixup_task_without_mixing_is_plain_cross_entropy(examples) -> None:
 def test_mixup_task_trains_on_the_mixed_batch_through_the_hooks(examples) -> None:
     module = examples["custom_task"]
     task = module.MixupClassificationTask(
-        mixup_alpha=0.4, backbone="small_cnn", backbone_kwargs={"width": 4}, num_classes=3, input_shape=(1, 6, 6))
+        mixup_alpha=0.4, backbone="small_cnn", backbone_kwargs={"width": 4}, num_classes=3, input_shape=(1, 6, 6)
+    )
     x, y = torch.rand(4, 1, 6, 6), torch.tensor([0, 1, 2, 0])
     task.eval()  # deterministic BN for the comparison
     torch.manual_seed(5)
@@ -135,7 +149,9 @@ def test_custom_task_from_config_by_class_path(examples, run_dir) -> None:
     module = examples["custom_task"]
     config = EXAMPLES / "configs" / "custom_task.yaml"
     assert "class_path: custom_task.MixupClassificationTask" in config.read_text()
-    module.main(["fit", "--config", str(config), *TINY, "--data.batch_size=16", "--trainer.logger.init_args.save_dir=runs"])
+    module.main(
+        ["fit", "--config", str(config), *TINY, "--data.batch_size=16", "--trainer.logger.init_args.save_dir=runs"]
+    )
     model = module.MixupClassificationTask.load_from_checkpoint(_checkpoint(run_dir))
     assert type(model).__name__ == "MixupClassificationTask"
     assert model.mixup_alpha == 0.4 and model.hparams.mixup_alpha == 0.4
@@ -147,8 +163,9 @@ def test_custom_task_from_config_by_class_path(examples, run_dir) -> None:
 def test_statistics_study_tiny(examples, tmp_path, capsys) -> None:
     study = examples["statistics_study"]
     window = 4
-    summary = study.run_study(tmp_path / "st", epochs={128: 1, 4: 1}, window=window, data="synthetic",
-                              limit_train_batches=6)
+    summary = study.run_study(
+        tmp_path / "st", epochs={128: 1, 4: 1}, window=window, data="synthetic", limit_train_batches=6
+    )
     assert set(summary["test_acc1"]) == {128, 4}
     # progress: a line before and after each run, Lightning's bar in between, one closing line
     out = capsys.readouterr().out
@@ -170,8 +187,9 @@ def test_statistics_study_tiny(examples, tmp_path, capsys) -> None:
         expected = statistics.pstdev(float(r["en_mean"]) for r in rows)
         assert summary["fluctuation"][b][layers[0]]["en_mean"] == pytest.approx(expected, rel=1e-4, abs=1e-6)
     with pytest.raises(ValueError, match="data must be"):
-        study.study_args(4, 1, tmp_path, base_lr=0.1, base_batch_size=128, window=4, data="cifar",
-                         limit_train_batches=None, seed=0)
+        study.study_args(
+            4, 1, tmp_path, base_lr=0.1, base_batch_size=128, window=4, data="cifar", limit_train_batches=None, seed=0
+        )
 
 
 # ---------------------------------------------------------------- batch_size_sweep
@@ -179,8 +197,9 @@ def test_batch_size_sweep_wrapper(examples, tmp_path) -> None:
     wrapper = examples["batch_size_sweep"]
     assert wrapper.REPORT_METHODS == ["bn", "gn", "ln", "in", "pn", "ghost", "seqnorm", "bgn", "gbgn", "hn"]
     out = tmp_path / "s"
-    result = wrapper.main(["--out", str(out), "--methods", "ghost", "--batch-sizes", "32", "--seeds", "0",
-                           "--epochs", "1", "--no-plot"])
+    result = wrapper.main(
+        ["--out", str(out), "--methods", "ghost", "--batch-sizes", "32", "--seeds", "0", "--epochs", "1", "--no-plot"]
+    )
     assert result.status == {"ghost_b32_s0": "ran"}
     (row,) = result.rows
     assert row["lr"] == pytest.approx(0.1 * 32 / 64)  # lr of sweep_digits.yaml at batch 64, scaled
@@ -197,8 +216,10 @@ def test_report_generated_blocks(examples, tmp_path) -> None:
     with pytest.raises(ValueError, match="no generated block named 'missing'"):
         report.replace_block(text, "missing", "x")
     path = tmp_path / "f.csv"
-    path.write_text("batch_size,layer,bn_mean_fluct,bn_std_fluct,en_mean_fluct,en_std_fluct\n"
-                    "4,backbone.layers.0.bn,1.5,0.25,0.125,0.0625\n")
+    path.write_text(
+        "batch_size,layer,bn_mean_fluct,bn_std_fluct,en_mean_fluct,en_std_fluct\n"
+        "4,backbone.layers.0.bn,1.5,0.25,0.125,0.0625\n"
+    )
     assert report.fluctuation_table(path).splitlines()[-1] == "| 4 | layer 1 | 1.5000 | 0.2500 | 0.1250 | 0.0625 |"
     # the report page has every block the script fills in
     doc = (EXAMPLES.parent / "docs" / "reproduction.md").read_text()

@@ -24,8 +24,15 @@ from normlightning.tasks import ClassificationTask
 ROOT = Path(__file__).resolve().parents[1]
 FINETUNE = ROOT / "examples" / "configs" / "finetune_resnet18_bgn.yaml"
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
-SYNTHETIC = ["--data=normlightning.data.Synthetic", "--data.input_shape=[3, 32, 32]", "--data.num_classes=4",
-             "--data.num_train=8", "--data.num_val=8", "--data.num_test=8", "--data.batch_size=8"]
+SYNTHETIC = [
+    "--data=normlightning.data.Synthetic",
+    "--data.input_shape=[3, 32, 32]",
+    "--data.num_classes=4",
+    "--data.num_train=8",
+    "--data.num_val=8",
+    "--data.num_test=8",
+    "--data.batch_size=8",
+]
 NATIVE_NORMS = (nn.BatchNorm2d, timm.layers.BatchNormAct2d)
 NEW_TYPE = {"bn": BatchNorm, "bgn": BatchGroupNorm, "gn": GroupNorm}
 
@@ -35,15 +42,32 @@ def _injection(cli) -> NormInjection:
 
 
 @pytest.mark.parametrize("architecture", ["resnet18", "efficientnet_b0"])
-@pytest.mark.parametrize("norm", [["--norm.method=bn"], ["--norm.method=bgn", "--norm.num_groups=auto"],
-                                  ["--norm.method=gn", "--norm.num_groups=8"]], ids=["bn", "bgn", "gn"])
+@pytest.mark.parametrize(
+    "norm",
+    [
+        ["--norm.method=bn"],
+        ["--norm.method=bgn", "--norm.num_groups=auto"],
+        ["--norm.method=gn", "--norm.num_groups=8"],
+    ],
+    ids=["bn", "bgn", "gn"],
+)
 def test_timm_backbone_through_the_cli_with_the_norm_injection(run_dir, architecture, norm) -> None:
     """BN, BGN (``auto``: G = 16 for the batch of 8) and GN replace every norm layer of a timm ResNet
     and EfficientNet, keeping each BatchNormAct2d's activation; one training step runs."""
     method = norm[0].split("=")[1]
-    cli = build_cli(["fit", *SYNTHETIC, "--model=normlightning.tasks.ClassificationTask",
-                     f"--model.backbone=timm/{architecture}", *norm, "--trainer.max_steps=1",
-                     "--trainer.limit_val_batches=1", "--trainer.logger=false", *QUIET])
+    cli = build_cli(
+        [
+            "fit",
+            *SYNTHETIC,
+            "--model=normlightning.tasks.ClassificationTask",
+            f"--model.backbone=timm/{architecture}",
+            *norm,
+            "--trainer.max_steps=1",
+            "--trainer.limit_val_batches=1",
+            "--trainer.logger=false",
+            *QUIET,
+        ]
+    )
     assert cli.trainer.global_step == 1
     reference = build_backbone(f"timm/{architecture}", num_classes=4, input_shape=(3, 32, 32))
     native = {n: m for n, m in reference.named_modules() if isinstance(m, NATIVE_NORMS)}
@@ -79,9 +103,20 @@ def test_finetune_config_swaps_the_norm_of_the_pretrained_model_and_recalibrates
     """The config for a few steps: ResNet-18 from the hub-cache file, BN -> BGN with the pretrained
     gamma/beta, two fine-tuning steps, the recalibration pass; the checkpoint then loads without the file."""
     write_image_folders(run_dir / "my_data", per_class=4)
-    cli = build_cli(["--config", str(FINETUNE), "--data.image_size=32", "--data.batch_size=4",
-                     "--data.num_workers=0", "--trainer.max_epochs=1", "--trainer.limit_train_batches=2",
-                     "--trainer.limit_val_batches=1", *QUIET], run=False)
+    cli = build_cli(
+        [
+            "--config",
+            str(FINETUNE),
+            "--data.image_size=32",
+            "--data.batch_size=4",
+            "--data.num_workers=0",
+            "--trainer.max_epochs=1",
+            "--trainer.limit_train_batches=2",
+            "--trainer.limit_val_batches=1",
+            *QUIET,
+        ],
+        run=False,
+    )
     model = cli.model
     report = model.backbone_weights_report
     assert report.source == "ResNet18_Weights.IMAGENET1K_V1" and set(report.skipped) == {"fc.weight", "fc.bias"}

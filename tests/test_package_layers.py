@@ -61,7 +61,9 @@ def test_relative_imports_are_resolved() -> None:
 
 @pytest.mark.parametrize("module", ["normlightning.norms", "normlightning.injection"])
 def test_model_surgery_imports_no_lightning(module: str) -> None:
-    code = (f"import sys, {module}; "
-            "print(sorted(m for m in sys.modules if m == 'lightning' or m.startswith(('lightning.', 'pytorch_lightning'))))")
+    code = (
+        f"import sys, {module}; "
+        "print(sorted(m for m in sys.modules if m == 'lightning' or m.startswith(('lightning.', 'pytorch_lightning'))))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

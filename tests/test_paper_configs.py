@@ -149,7 +149,9 @@ def episodic_data(data: dict[str, Any]) -> dict[str, Any]:
     shots = [*protocol.get("test_shots", _default(class_path, "test_shots"))]
     shots.append(protocol.get("val_shot", _default(class_path, "val_shot")))
     need = (max(int(k) for k in shots) + EPISODES["q_query"]) * num_classes
-    source["init_args"].update(num_classes=num_classes, num_train=2 * need, num_val=need, num_test=need, batch_size=BATCH)
+    source["init_args"].update(
+        num_classes=num_classes, num_train=2 * need, num_val=need, num_test=need, batch_size=BATCH
+    )
     episodes = dict(EPISODES, val_episodes=EPISODES["val_episodes"] if validates else 0)
     return {
         "class_path": CLASS_SPLIT,
@@ -162,8 +164,15 @@ def smoke_config(config: dict[str, Any]) -> dict[str, Any]:
     out = copy.deepcopy(config)
     out["data"] = episodic_data(config["data"]) if _is_episodic(config) else synthetic_data(config["data"])
     trainer = out.setdefault("trainer", {})
-    trainer.update(accelerator="cpu", devices=1, strategy="auto", logger=False, fast_dev_run=True,
-                   enable_progress_bar=False, enable_model_summary=False)
+    trainer.update(
+        accelerator="cpu",
+        devices=1,
+        strategy="auto",
+        logger=False,
+        fast_dev_run=True,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.pop("num_nodes", None)
     if _is_episodic(config):  # two test episodes per K (see the module doc)
         trainer["fast_dev_run"] = EPISODES["test_episodes"]
@@ -210,7 +219,8 @@ def test_config_fast_dev_run(path: Path, run_dir: Path) -> None:
 
 
 def _check_episodes(config: dict[str, Any], smoke: dict[str, Any], cli: Any) -> None:
-    """Validation episodes ran during fit; the episodic test of the fitted model logs every K's accuracy and interval."""
+    """Validation episodes ran during fit; the episodic test of the fitted model logs every K's accuracy and
+    interval."""
     import math
 
     from normlightning.tasks.few_shot import FewShotTask

@@ -18,9 +18,14 @@ from normlightning.data.transforms import imagenet_eval
 
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--trainer.accelerator=cpu"]
 IMAGE_FOLDER = [
-    "--data=normlightning.data.ImageFolderDataModule", "--data.image_size=16", "--data.batch_size=2",
-    "--data.num_workers=0", "--model=normlightning.tasks.ClassificationTask", "--model.backbone=small_cnn",
-    "--model.backbone_kwargs={width: 4}", "--trainer.logger.init_args.name=run",
+    "--data=normlightning.data.ImageFolderDataModule",
+    "--data.image_size=16",
+    "--data.batch_size=2",
+    "--data.num_workers=0",
+    "--model=normlightning.tasks.ClassificationTask",
+    "--model.backbone=small_cnn",
+    "--model.backbone_kwargs={width: 4}",
+    "--trainer.logger.init_args.name=run",
 ]
 
 
@@ -28,8 +33,9 @@ IMAGE_FOLDER = [
 def fitted(run_dir: Path, write_image_folders) -> tuple[list[str], Path]:
     """Class names and the last.ckpt of a 1-step fit on a 3-class image folder (root ``data/``)."""
     classes = write_image_folders(run_dir / "data")
-    build_cli(["fit", *IMAGE_FOLDER, *QUIET, "--data.root=data", "--trainer.max_steps=1",
-               "--trainer.limit_val_batches=1"])
+    build_cli(
+        ["fit", *IMAGE_FOLDER, *QUIET, "--data.root=data", "--trainer.max_steps=1", "--trainer.limit_val_batches=1"]
+    )
     return classes, run_dir / "runs" / "run" / "version_0" / "checkpoints" / "last.ckpt"
 
 
@@ -45,12 +51,31 @@ def test_predict_root_rows_name_each_file_and_its_classes(run_dir, fitted, light
     Image.new("RGB", (50, 24), (250, 10, 10)).save(new / "red.png")
     Image.new("L", (20, 33), 128).save(new / "deeper" / "grey.JPG")  # grayscale, upper-case extension
     (new / "notes.txt").write_text("not an image")
-    cli = build_cli(["predict", *IMAGE_FOLDER, *QUIET, "--data.root=data", f"--data.predict_root={new}",
-                     f"--ckpt_path={ckpt}", "--predictions.top_k=2", "--predictions.format=both"])
+    cli = build_cli(
+        [
+            "predict",
+            *IMAGE_FOLDER,
+            *QUIET,
+            "--data.root=data",
+            f"--data.predict_root={new}",
+            f"--ckpt_path={ckpt}",
+            "--predictions.top_k=2",
+            "--predictions.format=both",
+        ]
+    )
     folder = run_dir / "runs" / "run" / "version_1"
     rows = _rows(folder / "predictions.csv")
-    assert list(rows[0]) == ["path", "predicted_class", "predicted_name", "top1_class", "top1_name", "top1_prob",
-                             "top2_class", "top2_name", "top2_prob"]
+    assert list(rows[0]) == [
+        "path",
+        "predicted_class",
+        "predicted_name",
+        "top1_class",
+        "top1_name",
+        "top1_prob",
+        "top2_class",
+        "top2_name",
+        "top2_prob",
+    ]
     assert [row["path"] for row in rows] == ["deeper/grey.JPG", "red.png"]  # recursive, sorted, .txt skipped
     assert any("2 image files" in m and "1 other files skipped" in m for m in lightning_info), lightning_info
     # independent recomputation: each file through PIL -> RGB -> the ImageNet evaluation pipeline at 16 px
@@ -73,8 +98,16 @@ def test_test_split_predictions_carry_class_names(run_dir, write_image_folders) 
     classes = write_image_folders(run_dir / "data")
     build_cli(["predict", *IMAGE_FOLDER, *QUIET, "--data.root=data", "--predictions.top_k=1", "--allow_untrained=true"])
     rows = _rows(run_dir / "runs" / "run" / "version_0" / "predictions.csv")
-    assert list(rows[0]) == ["index", "target", "target_name", "predicted_class", "predicted_name", "top1_class",
-                             "top1_name", "top1_prob"]
+    assert list(rows[0]) == [
+        "index",
+        "target",
+        "target_name",
+        "predicted_class",
+        "predicted_name",
+        "top1_class",
+        "top1_name",
+        "top1_prob",
+    ]
     # the val split (no test_dir): sorted class folders, 2 images each
     assert [row["target_name"] for row in rows] == [name for name in classes for _ in range(2)]
     assert all(row["predicted_name"] == classes[int(row["predicted_class"])] for row in rows)
@@ -87,8 +120,16 @@ def test_unreadable_file_is_an_error_naming_the_folder(run_dir, write_image_fold
     Image.new("RGB", (8, 8)).save(broken / "fine.png")
     (broken / "cut.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     with pytest.raises(ValueError, match=rf"data.predict_root='{broken}': cannot read cut.jpg as an image"):
-        build_cli(["predict", *IMAGE_FOLDER, *QUIET, "--data.root=data", f"--data.predict_root={broken}",
-                   "--allow_untrained=true"])
+        build_cli(
+            [
+                "predict",
+                *IMAGE_FOLDER,
+                *QUIET,
+                "--data.root=data",
+                f"--data.predict_root={broken}",
+                "--allow_untrained=true",
+            ]
+        )
     assert not list(run_dir.glob("runs/run/version_*/predictions.csv"))  # nothing written
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from normlightning.injection import CHECKPOINT_KEY
 from normlightning.cli import build_cli
+from normlightning.injection import CHECKPOINT_KEY
 from normlightning.norms import BatchGroupNorm, GroupNorm
 from normlightning.tasks import ClassificationTask
 
@@ -101,8 +101,17 @@ def test_test_with_ckpt_path_installs_the_checkpoints_layers_before_the_config(r
     fit(run_dir, "--trainer.max_epochs=1")
     last = run_dir / "ckpts" / "last.ckpt"
     with pytest.warns(UserWarning, match="cannot be built for this model.*using the layers stored in the checkpoint"):
-        cli = build_cli(["test", "--config", "tiny.yaml", "--norm.method=gn", "--norm.num_groups=3",
-                         "--norm.overrides=[]", f"--ckpt_path={last}"])
+        cli = build_cli(
+            [
+                "test",
+                "--config",
+                "tiny.yaml",
+                "--norm.method=gn",
+                "--norm.num_groups=3",
+                "--norm.overrides=[]",
+                f"--ckpt_path={last}",
+            ]
+        )
     (injection,) = [c for c in cli.trainer.callbacks if type(c).__name__ == "NormInjection"]
     assert [r["new"].split(" ")[0] for r in injection.summary_rows] == ["BatchGroupNorm"] * 3 + ["GroupNorm"]
     assert type(cli.model.backbone.features[0][1]) is BatchGroupNorm
@@ -180,8 +189,15 @@ def test_resume_at_an_epoch_boundary_is_bit_exact(run_dir):
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     saved = torch.load(run_dir / "killed" / "last.ckpt", weights_only=True)
     assert saved["epoch"] == 1 and saved["global_step"] == 10
-    resumed = build_cli(["fit", "--config", "exact.yaml", "--checkpoint.dirpath=resumed",
-                         f"--ckpt_path={run_dir / 'killed' / 'last.ckpt'}"])
+    resumed = build_cli(
+        [
+            "fit",
+            "--config",
+            "exact.yaml",
+            "--checkpoint.dirpath=resumed",
+            f"--ckpt_path={run_dir / 'killed' / 'last.ckpt'}",
+        ]
+    )
     assert resumed.trainer.global_step == whole.trainer.global_step == 15
     final_whole, final_resumed = whole.model.state_dict(), resumed.model.state_dict()
     assert final_whole.keys() == final_resumed.keys()

@@ -18,11 +18,19 @@ TESTS = Path(__file__).resolve().parent
 QUICKSTART = str(TESTS.parent / "configs" / "quickstart.yaml")
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
 SYNTHETIC = [
-    "--data=normlightning.data.Synthetic", "--data.input_shape=[1, 6, 6]", "--data.num_classes=3",
-    "--data.num_train=16", "--data.num_val=8", "--data.num_test=8", "--data.batch_size=8",
-    "--model=normlightning.tasks.ClassificationTask", "--model.backbone=small_cnn",
+    "--data=normlightning.data.Synthetic",
+    "--data.input_shape=[1, 6, 6]",
+    "--data.num_classes=3",
+    "--data.num_train=16",
+    "--data.num_val=8",
+    "--data.num_test=8",
+    "--data.batch_size=8",
+    "--model=normlightning.tasks.ClassificationTask",
+    "--model.backbone=small_cnn",
     "--model.backbone_kwargs={width: 4}",
-    "--trainer.accelerator=cpu", "--trainer.logger.init_args.name=run", *QUIET,
+    "--trainer.accelerator=cpu",
+    "--trainer.logger.init_args.name=run",
+    *QUIET,
 ]
 
 
@@ -38,9 +46,18 @@ def test_diverging_run_stops_at_the_first_nonfinite_step_naming_it_and_the_lr(ru
     sys.path.insert(0, str(TESTS))
     from probe_callbacks import FinitenessProbe
 
-    cli = build_cli(["--config", QUICKSTART, "--model.init_args.optimizer.init_args.lr=1e6", *QUIET,
-                     "--trainer.max_epochs=1", "--trainer.limit_train_batches=8", "--trainer.limit_val_batches=1"],
-                    run=False)
+    cli = build_cli(
+        [
+            "--config",
+            QUICKSTART,
+            "--model.init_args.optimizer.init_args.lr=1e6",
+            *QUIET,
+            "--trainer.max_epochs=1",
+            "--trainer.limit_train_batches=8",
+            "--trainer.limit_val_batches=1",
+        ],
+        run=False,
+    )
     probe = FinitenessProbe()
     cli.trainer.callbacks.insert(0, probe)  # sees each step before the check does
     with pytest.raises(NonFiniteError, match=r"diverged at step \d+ .*lr 1e\+06.*divergence\.on_nonfinite") as info:
@@ -56,8 +73,15 @@ def test_diverged_weights_are_never_checkpointed_and_warn_trains_on(run_dir, mon
     monkeypatch.syspath_prepend(str(TESTS))
     poison = '{"class_path": "probe_callbacks.PoisonWeights", "init_args": {"epoch": 1}}'
     with pytest.warns(UserWarning, match=r"diverged at step 2 .*divergence\.on_nonfinite=warn"):
-        cli = build_cli(["fit", *SYNTHETIC, "--divergence.on_nonfinite=warn", "--trainer.max_epochs=3",
-                         f"--trainer.callbacks+={poison}"])
+        cli = build_cli(
+            [
+                "fit",
+                *SYNTHETIC,
+                "--divergence.on_nonfinite=warn",
+                "--trainer.max_epochs=3",
+                f"--trainer.callbacks+={poison}",
+            ]
+        )
     assert cli.trainer.global_step == 6  # trained on to the end
     folder = run_dir / "runs" / "run" / "version_0" / "checkpoints"
     last, (best,) = folder / "last.ckpt", list(folder.glob("best-*.ckpt"))

@@ -20,10 +20,18 @@ from normlightning.cli import build_cli
 REPO = Path(__file__).resolve().parents[1]
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false"]
 SYNTHETIC = [
-    "--data=normlightning.data.Synthetic", "--data.input_shape=[1, 6, 6]", "--data.num_classes=7",
-    "--data.num_train=32", "--data.num_val=16", "--data.num_test=13", "--data.batch_size=8",
-    "--model=normlightning.tasks.ClassificationTask", "--model.backbone=small_cnn", "--model.backbone_kwargs={width: 8}",
-    "--trainer.accelerator=cpu", "--trainer.logger.init_args.name=out",
+    "--data=normlightning.data.Synthetic",
+    "--data.input_shape=[1, 6, 6]",
+    "--data.num_classes=7",
+    "--data.num_train=32",
+    "--data.num_val=16",
+    "--data.num_test=13",
+    "--data.batch_size=8",
+    "--model=normlightning.tasks.ClassificationTask",
+    "--model.backbone=small_cnn",
+    "--model.backbone_kwargs={width: 8}",
+    "--trainer.accelerator=cpu",
+    "--trainer.logger.init_args.name=out",
 ]
 
 
@@ -35,15 +43,25 @@ def _test_split(cli) -> tuple[torch.Tensor, torch.Tensor]:
 
 # ------------------------------------------------------------------ predictions
 def test_predict_writes_one_csv_row_per_input_and_prints_the_path(run_dir, lightning_info) -> None:
-    cli = build_cli(["predict", *SYNTHETIC, *QUIET, "--predictions.top_k=3", "--predictions.format=both",
-                     "--allow_untrained=true"])
+    cli = build_cli(
+        ["predict", *SYNTHETIC, *QUIET, "--predictions.top_k=3", "--predictions.format=both", "--allow_untrained=true"]
+    )
     folder = run_dir / "runs" / "out" / "version_0"
     path = folder / "predictions.csv"
     assert any(str(path.relative_to(run_dir)) in m and "13 predictions" in m for m in lightning_info), lightning_info
     with open(path, newline="") as handle:
         rows = list(csv.DictReader(handle))
-    assert list(rows[0]) == ["index", "target", "predicted_class", "top1_class", "top1_prob", "top2_class",
-                             "top2_prob", "top3_class", "top3_prob"]
+    assert list(rows[0]) == [
+        "index",
+        "target",
+        "predicted_class",
+        "top1_class",
+        "top1_prob",
+        "top2_class",
+        "top2_prob",
+        "top3_class",
+        "top3_prob",
+    ]
     assert len(rows) == 13 and sorted(int(r["index"]) for r in rows) == list(range(13))  # the whole test split
     # independent recomputation: the trained-as-is model on the test split, in dataset order
     x, y = _test_split(cli)
@@ -76,11 +94,20 @@ def test_prediction_writer_settings_are_checked() -> None:
 @pytest.fixture
 def injected_run(run_dir) -> Path:
     """Two epochs of BGN (auto groups) with a GN(2) override on the last norm layer; its log folder."""
-    build_cli([
-        "fit", *SYNTHETIC, *QUIET, "--trainer.max_epochs=2", "--trainer.limit_train_batches=2",
-        "--trainer.log_every_n_steps=1", "--norm.method=bgn", "--norm.num_groups=auto", "--norm.group_fit=nearest",
-        "--norm.overrides=[{pattern: backbone\\.features\\.4\\.1, method: gn, num_groups: 2}]",
-    ])
+    build_cli(
+        [
+            "fit",
+            *SYNTHETIC,
+            *QUIET,
+            "--trainer.max_epochs=2",
+            "--trainer.limit_train_batches=2",
+            "--trainer.log_every_n_steps=1",
+            "--norm.method=bgn",
+            "--norm.num_groups=auto",
+            "--norm.group_fit=nearest",
+            "--norm.overrides=[{pattern: backbone\\.features\\.4\\.1, method: gn, num_groups: 2}]",
+        ]
+    )
     return run_dir / "runs" / "out" / "version_0"
 
 
@@ -135,10 +162,14 @@ def test_hparams_tab_has_the_best_validation_accuracy(injected_run) -> None:
 
 # ------------------------------------------------------------------ warnings and loaders
 def _console(*args: str, cwd: Path) -> str:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
-               OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "normlightning", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=300)
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+        OMP_NUM_THREADS="1",
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "normlightning", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout + proc.stderr
 
@@ -203,17 +234,27 @@ def _hparams_tab(run: Path) -> dict:
     accumulator = EventAccumulator(str(events))
     accumulator.Reload()
     content = accumulator.PluginTagToContent("hparams")
-    return dict(plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"])
-                .session_start_info.hparams)
+    return dict(
+        plugin_data_pb2.HParamsPluginData.FromString(content["_hparams_/session_start_info"]).session_start_info.hparams
+    )
 
 
 def test_every_run_logs_the_same_hparams_keys(run_dir) -> None:
     """TensorBoard takes the HParams columns from the first run it reads: native BN, GN and SeqNorm runs log
     one key set (values null where a setting does not apply), without the optimizer's implementation switches."""
-    short = ["fit", *SYNTHETIC, *QUIET, "--trainer.max_epochs=1", "--trainer.limit_train_batches=1",
-             "--trainer.limit_val_batches=1"]
-    settings = {"native": [], "gn": ["--norm.method=gn", "--norm.num_groups=2"],
-                "seqnorm": ["--norm.method=seqnorm", "--norm.kwargs={channel_groups: 2, batch_groups: 2}"]}
+    short = [
+        "fit",
+        *SYNTHETIC,
+        *QUIET,
+        "--trainer.max_epochs=1",
+        "--trainer.limit_train_batches=1",
+        "--trainer.limit_val_batches=1",
+    ]
+    settings = {
+        "native": [],
+        "gn": ["--norm.method=gn", "--norm.num_groups=2"],
+        "seqnorm": ["--norm.method=seqnorm", "--norm.kwargs={channel_groups: 2, batch_groups: 2}"],
+    }
     keys = {}
     for name, extra in settings.items():
         build_cli([*short, *extra, f"--trainer.logger.init_args.name={name}"])
@@ -221,7 +262,12 @@ def test_every_run_logs_the_same_hparams_keys(run_dir) -> None:
         keys[name] = set(values)
     assert keys["native"] == keys["gn"] == keys["seqnorm"]
     assert {"norm/effective/num_groups", "norm/effective/channel_groups", "run/seed", "run/lr"} <= keys["gn"]
-    assert not [k for k in keys["gn"] if k.rsplit("/", 1)[-1] in ("foreach", "fused", "differentiable", "maximize",
-                                                                    "capturable")]
+    assert not [
+        k
+        for k in keys["gn"]
+        if k.rsplit("/", 1)[-1] in ("foreach", "fused", "differentiable", "maximize", "capturable")
+    ]
     gn = _hparams_tab(run_dir / "runs" / "gn" / "version_0")
-    assert gn["norm/effective/num_groups"].number_value == 2 and gn["norm/effective/channel_groups"].string_value == "None"
+    assert (
+        gn["norm/effective/num_groups"].number_value == 2 and gn["norm/effective/channel_groups"].string_value == "None"
+    )

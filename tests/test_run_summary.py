@@ -14,11 +14,22 @@ import torch
 from normlightning.cli import build_cli
 
 RUN = [
-    "--data=normlightning.data.Synthetic", "--data.input_shape=[1, 6, 6]", "--data.num_classes=3",
-    "--data.num_train=24", "--data.num_val=24", "--data.num_test=10", "--data.batch_size=8", "--data.noise_std=0.5",
-    "--model=normlightning.tasks.ClassificationTask", "--model.backbone=small_cnn", "--model.backbone_kwargs={width: 4}",
-    "--trainer.accelerator=cpu", "--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false",
-    "--trainer.logger=lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir=logs",
+    "--data=normlightning.data.Synthetic",
+    "--data.input_shape=[1, 6, 6]",
+    "--data.num_classes=3",
+    "--data.num_train=24",
+    "--data.num_val=24",
+    "--data.num_test=10",
+    "--data.batch_size=8",
+    "--data.noise_std=0.5",
+    "--model=normlightning.tasks.ClassificationTask",
+    "--model.backbone=small_cnn",
+    "--model.backbone_kwargs={width: 4}",
+    "--trainer.accelerator=cpu",
+    "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false",
+    "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
+    "--trainer.logger.save_dir=logs",
 ]
 
 
@@ -31,8 +42,11 @@ def test_fit_then_test_print_where_things_went(run_dir, capsys) -> None:
     build_cli(["fit", *RUN, "--trainer.max_epochs=3"])
     out = capsys.readouterr().out
     folder = run_dir / "logs" / "default" / "version_0"
-    fit = re.search(r"normlightning fit: done \((\d+) optimizer steps.*\n  run folder: +(.+)\n"
-                    r"  best checkpoint: (.+) \(val/acc1=([\d.]+) at epoch (\d+)\)\n  last checkpoint: (.+)\n", out)
+    fit = re.search(
+        r"normlightning fit: done \((\d+) optimizer steps.*\n  run folder: +(.+)\n"
+        r"  best checkpoint: (.+) \(val/acc1=([\d.]+) at epoch (\d+)\)\n  last checkpoint: (.+)\n",
+        out,
+    )
     assert fit, out
     steps, printed_folder, best, value, epoch, last = fit.groups()
     assert Path(printed_folder).resolve() == folder.resolve() and int(steps) == 3 * 3
@@ -66,7 +80,9 @@ def test_fit_summary_says_why_there_is_no_checkpoint(tmp_path) -> None:
     from normlightning.run_summary import fit_summary
 
     quick = Trainer(fast_dev_run=True, logger=False, default_root_dir=tmp_path, enable_progress_bar=False)
-    assert fit_summary(quick)[1:] == [f"  run folder:      none (no logger; default_root_dir {tmp_path})",
-                                      "  checkpoints:     none (trainer.fast_dev_run saves no checkpoint)"]
+    assert fit_summary(quick)[1:] == [
+        f"  run folder:      none (no logger; default_root_dir {tmp_path})",
+        "  checkpoints:     none (trainer.fast_dev_run saves no checkpoint)",
+    ]
     unchecked = Trainer(enable_checkpointing=False, logger=False, default_root_dir=tmp_path)
     assert fit_summary(unchecked)[-1] == "  checkpoints:     none (trainer.enable_checkpointing=false)"

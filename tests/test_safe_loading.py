@@ -36,8 +36,14 @@ class HarmlessRecord:
 
 def save_checkpoint(path: Path, extra: object) -> Path:
     """A checkpoint shaped like ours (weights, injection spec, hyperparameters), ``extra`` in its hyperparameters."""
-    torch.save({"state_dict": {"w": torch.ones(2)}, CHECKPOINT_KEY: {"layers": [], "param_norms": []},
-                "hyper_parameters": {"lr": 0.1, "note": extra}}, path)
+    torch.save(
+        {
+            "state_dict": {"w": torch.ones(2)},
+            CHECKPOINT_KEY: {"layers": [], "param_norms": []},
+            "hyper_parameters": {"lr": 0.1, "note": extra},
+        },
+        path,
+    )
     return path
 
 
@@ -88,8 +94,15 @@ def test_load_from_checkpoint_opt_in_for_a_trusted_file(tmp_path) -> None:
         for parameter in task.parameters():
             parameter.copy_(torch.linspace(-1, 1, parameter.numel()).view_as(parameter))
     path = tmp_path / "trusted.ckpt"
-    torch.save({"state_dict": task.state_dict(), "hyper_parameters": dict(task.hparams),
-                "pytorch-lightning_version": "2.6.0", "note": HarmlessRecord(3)}, path)
+    torch.save(
+        {
+            "state_dict": task.state_dict(),
+            "hyper_parameters": dict(task.hparams),
+            "pytorch-lightning_version": "2.6.0",
+            "note": HarmlessRecord(3),
+        },
+        path,
+    )
     with pytest.raises(UnsafeFileError, match=r"'.*trusted\.ckpt' needs the types .*HarmlessRecord"):
         ClassificationTask.load_from_checkpoint(path)
     loaded = ClassificationTask.load_from_checkpoint(path, weights_only=False)

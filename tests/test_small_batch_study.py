@@ -15,8 +15,14 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 TINY = {
     "seed_everything": 0,
-    "trainer": {"accelerator": "cpu", "devices": 1, "log_every_n_steps": 1, "limit_train_batches": 3,
-                "limit_val_batches": 0, "callbacks": []},
+    "trainer": {
+        "accelerator": "cpu",
+        "devices": 1,
+        "log_every_n_steps": 1,
+        "limit_train_batches": 3,
+        "limit_val_batches": 0,
+        "callbacks": [],
+    },
     "model": {
         "class_path": "normlightning.tasks.ClassificationTask",
         "init_args": {
@@ -27,8 +33,14 @@ TINY = {
     },
     "data": {
         "class_path": "normlightning.data.Synthetic",
-        "init_args": {"input_shape": [1, 8, 8], "num_classes": 3, "num_train": 16, "num_val": 6, "num_test": 6,
-                      "eval_batch_size": 6},
+        "init_args": {
+            "input_shape": [1, 8, 8],
+            "num_classes": 3,
+            "num_train": 16,
+            "num_val": 6,
+            "num_test": 6,
+            "eval_batch_size": 6,
+        },
     },
 }
 
@@ -45,12 +57,25 @@ def study():
 
 
 def test_cells_order_and_names(study):
-    cells = study.study_cells(["grid", "groups", "long"], methods=["bn", "bgn"], batch_sizes=[2, 64], seeds=[0, 1],
-                              epochs=3, long_epochs=9, groups={2: [1, 8]})
+    cells = study.study_cells(
+        ["grid", "groups", "long"],
+        methods=["bn", "bgn"],
+        batch_sizes=[2, 64],
+        seeds=[0, 1],
+        epochs=3,
+        long_epochs=9,
+        groups={2: [1, 8]},
+    )
     names = [c.name for c in cells]
     # seed by seed: grid then G sweep of seed 0, then of seed 1; the long part last, first seed only
-    assert names[:6] == ["grid/bn_b2_s0", "grid/bgn_b2_s0", "grid/bn_b64_s0", "grid/bgn_b64_s0",
-                         "groups/bgn-g1_b2_s0", "groups/bgn-g8_b2_s0"]
+    assert names[:6] == [
+        "grid/bn_b2_s0",
+        "grid/bgn_b2_s0",
+        "grid/bn_b64_s0",
+        "grid/bgn_b64_s0",
+        "groups/bgn-g1_b2_s0",
+        "groups/bgn-g8_b2_s0",
+    ]
     assert names[6] == "grid/bn_b2_s1" and names[-2:] == ["long/bn_b64_s0", "long/bgn_b64_s0"]
     assert {c.epochs for c in cells if c.part == "long"} == {9}
     with pytest.raises(ValueError, match="unknown parts"):
@@ -66,8 +91,10 @@ def test_group_cell_config(study, tmp_path):
     assert config["data"]["init_args"]["batch_size"] == 64 and config["trainer"]["max_epochs"] == 2
     # brn-scaled: the paper's r/d ramps compressed into a run of T = 4 epochs x 2000 // 16 = 500 steps
     brn = study.cell_config(TINY, study.StudyCell("grid", "brn-scaled", 16, 0, 4), tmp_path)["norm"]
-    assert brn == {"method": "brn", "kwargs": {"r_max_start_step": 31, "r_max_end_step": 250,
-                                               "d_max_start_step": 31, "d_max_end_step": 156}}
+    assert brn == {
+        "method": "brn",
+        "kwargs": {"r_max_start_step": 31, "r_max_end_step": 250, "d_max_start_step": 31, "d_max_end_step": 156},
+    }
 
 
 def test_one_cell_runs_measures_and_resumes(study, tmp_path):
@@ -115,8 +142,10 @@ def test_batch_statistics_accuracy_matches_a_train_mode_forward(study, tmp_path)
 def test_report_statistics(study):
     import small_batch_study_report as report
 
-    rows = [{"method": m, "batch_size": 2, "seed": s, "acc_running": a}
-            for m, s, a in (("bn", 0, 0.90), ("bn", 1, 0.80), ("bgn", 0, 0.85), ("bgn", 1, 0.60))]
+    rows = [
+        {"method": m, "batch_size": 2, "seed": s, "acc_running": a}
+        for m, s, a in (("bn", 0, 0.90), ("bn", 1, 0.80), ("bgn", 0, 0.85), ("bgn", 1, 0.60))
+    ]
     # seed-paired differences to BN in points: (85 - 90, 60 - 80)
     diff = report.paired_difference(rows)[("bgn", 2)]
     assert diff == pytest.approx([-5.0, -20.0])

@@ -14,14 +14,21 @@ import torch
 import yaml
 
 from normlightning import sweep
-from normlightning.sweep import executors
 from normlightning.norms import GroupArg, register_norm
 from normlightning.norms import registry as norm_registry
+from normlightning.sweep import executors
 
 BASE = {
     "seed_everything": 0,
-    "trainer": {"accelerator": "cpu", "devices": 1, "log_every_n_steps": 1, "limit_train_batches": 2,
-                "limit_val_batches": 1, "limit_test_batches": 1, "callbacks": []},
+    "trainer": {
+        "accelerator": "cpu",
+        "devices": 1,
+        "log_every_n_steps": 1,
+        "limit_train_batches": 2,
+        "limit_val_batches": 1,
+        "limit_test_batches": 1,
+        "callbacks": [],
+    },
     "model": {
         "class_path": "normlightning.tasks.ClassificationTask",
         "init_args": {
@@ -33,8 +40,14 @@ BASE = {
     },
     "data": {
         "class_path": "normlightning.data.Synthetic",
-        "init_args": {"input_shape": [1, 6, 6], "num_classes": 4, "num_train": 64, "num_val": 16, "num_test": 16,
-                      "eval_batch_size": 16},
+        "init_args": {
+            "input_shape": [1, 6, 6],
+            "num_classes": 4,
+            "num_train": 64,
+            "num_val": 16,
+            "num_test": 16,
+            "eval_batch_size": 16,
+        },
     },
 }
 
@@ -55,7 +68,14 @@ def test_cell_lr_is_scaled_by_the_task(tmp_path) -> None:
 def test_make_grid_order_and_errors() -> None:
     grid = sweep.make_grid(["bn", "gn"], [2, 8], [0, 1])
     assert [c.name for c in grid] == [
-        "bn_b2_s0", "bn_b2_s1", "bn_b8_s0", "bn_b8_s1", "gn_b2_s0", "gn_b2_s1", "gn_b8_s0", "gn_b8_s1",
+        "bn_b2_s0",
+        "bn_b2_s1",
+        "bn_b8_s0",
+        "bn_b8_s1",
+        "gn_b2_s0",
+        "gn_b2_s1",
+        "gn_b8_s0",
+        "gn_b8_s1",
     ]
     with pytest.raises(ValueError, match="unknown method 'nope'"):
         sweep.make_grid(["nope"], [2], [0])
@@ -93,8 +113,13 @@ def test_cell_config_overrides(tmp_path) -> None:
     assert (injection.rules.method, injection.rules.num_groups) == ("bgn", "auto")
     assert cli.model.lr_base_batch_size == 32 and cli.datamodule.batch_size == 8
     with pytest.raises(ValueError, match="optimizer.init_args.lr"):
-        sweep.cell_config({"model": {"init_args": {}}, "data": {"init_args": {}}}, cell, epochs=1,
-                          base_batch_size=32, cell_dir=tmp_path)
+        sweep.cell_config(
+            {"model": {"init_args": {}}, "data": {"init_args": {}}},
+            cell,
+            epochs=1,
+            base_batch_size=32,
+            cell_dir=tmp_path,
+        )
 
 
 def test_method_presets_follow_the_layers_declarations() -> None:
@@ -134,8 +159,18 @@ def test_registered_plugin_gets_its_auto_group_count(tmp_path) -> None:
     try:
         assert sweep.method_preset("half_gn_test") == {"method": "half_gn_test", "kwargs": {"chunks": "auto"}}
         HalfGroupNorm.built.clear()
-        result = sweep.run_sweep(BASE, tmp_path / "s", methods=["half_gn_test"], batch_sizes=[4], seeds=[0],
-                                 epochs=1, base_batch_size=16, executor="inline", plot=False, log=None)
+        result = sweep.run_sweep(
+            BASE,
+            tmp_path / "s",
+            methods=["half_gn_test"],
+            batch_sizes=[4],
+            seeds=[0],
+            epochs=1,
+            base_batch_size=16,
+            executor="inline",
+            plot=False,
+            log=None,
+        )
         assert result.status == {"half_gn_test_b4_s0": "ran"}
         widths = {c for c, _ in HalfGroupNorm.built}
         assert len(widths) >= 2  # small_cnn with width 8 has layers of different widths
@@ -147,12 +182,7 @@ def test_registered_plugin_gets_its_auto_group_count(tmp_path) -> None:
 def test_read_last_metrics_takes_last_non_empty_value(tmp_path) -> None:
     path = tmp_path / "metrics.csv"
     path.write_text(
-        "epoch,step,train/loss,val/acc1,test/acc1\n"
-        "0,9,2.5,,\n"
-        "0,9,,0.25,\n"
-        "1,19,1.5,,\n"
-        "1,19,,0.75,\n"
-        "1,20,,,0.5\n"
+        "epoch,step,train/loss,val/acc1,test/acc1\n0,9,2.5,,\n0,9,,0.25,\n1,19,1.5,,\n1,19,,0.75,\n1,20,,,0.5\n"
     )
     assert sweep.read_last_metrics(path) == {"train/loss": 1.5, "val/acc1": 0.75, "test/acc1": 0.5}
 
@@ -176,7 +206,8 @@ def test_aggregate_and_table() -> None:
     assert lines[3] == "| gn | - | 80.0 (n=1) |"
     # the figure's title names the data, the model and the epochs
     assert sweep.sweep_title(BASE, {2: 2, 8: 4}, "test/acc1") == (
-        "Synthetic, small_cnn: test/acc1 by normalization method (epochs 2 / 4 at batch 2 / 8)")
+        "Synthetic, small_cnn: test/acc1 by normalization method (epochs 2 / 4 at batch 2 / 8)"
+    )
     assert sweep.sweep_title(BASE, {2: 3, 8: 3}, "val/acc1").endswith("(3 epochs)")
 
 
@@ -208,8 +239,9 @@ def _assert_tensorboard_hparams(folder: Path, method: str, batch_size: int) -> N
 
 def test_sweep_runs_collects_and_resumes(tmp_path) -> None:
     out = tmp_path / "sweep"
-    kwargs = dict(methods=["bn", "gn"], batch_sizes=[4, 8], seeds=[0], epochs=1, base_batch_size=16,
-                  executor="inline", log=None)
+    kwargs = dict(
+        methods=["bn", "gn"], batch_sizes=[4, 8], seeds=[0], epochs=1, base_batch_size=16, executor="inline", log=None
+    )
     first = sweep.run_sweep(BASE, out, **kwargs)
     assert set(first.status.values()) == {"ran"} and len(first.status) == 4
     with open(out / "results.csv", newline="") as handle:
@@ -227,8 +259,9 @@ def test_sweep_runs_collects_and_resumes(tmp_path) -> None:
         assert config["data"]["init_args"]["batch_size"] == int(row["batch_size"])
         # every result column is filled, train/loss with the last training loss the cell logged
         assert all(row[metric] != "" for metric in sweep.RESULT_METRICS), row
-        train_loss = [r["train/loss"] for r in csv.DictReader(open(cell_dir / "logs" / "metrics.csv"))
-                      if r.get("train/loss")]
+        train_loss = [
+            r["train/loss"] for r in csv.DictReader(open(cell_dir / "logs" / "metrics.csv")) if r.get("train/loss")
+        ]
         assert float(row["train/loss"]) == pytest.approx(float(train_loss[-1]))
     _assert_tensorboard_hparams(out / "cells" / "gn_b8_s0" / sweep.TENSORBOARD_DIR, "gn", 8)
     table = (out / "table.md").read_text()
@@ -258,8 +291,18 @@ def test_sweep_runs_collects_and_resumes(tmp_path) -> None:
 def test_failed_cell_is_reported_and_retried(tmp_path) -> None:
     bad = json.loads(json.dumps(BASE))
     bad["model"]["init_args"]["backbone"] = "no_such_backbone_xyz"
-    result = sweep.run_sweep(bad, tmp_path / "s", methods=["bn"], batch_sizes=[4], seeds=[0], epochs=1,
-                             base_batch_size=16, executor="inline", plot=False, log=None)
+    result = sweep.run_sweep(
+        bad,
+        tmp_path / "s",
+        methods=["bn"],
+        batch_sizes=[4],
+        seeds=[0],
+        epochs=1,
+        base_batch_size=16,
+        executor="inline",
+        plot=False,
+        log=None,
+    )
     assert result.status == {"bn_b4_s0": "failed"} and result.rows == []
     assert "no_such_backbone_xyz" in (tmp_path / "s" / "cells" / "bn_b4_s0" / "error.txt").read_text()
 
@@ -271,8 +314,22 @@ def test_sweep_with_a_failed_cell_exits_1_printing_the_error_and_its_file(tmp_pa
     config.write_text(yaml.safe_dump(bad))
     out = tmp_path / "s"
     with pytest.raises(SystemExit) as info:
-        sweep.main(["--config", str(config), "--out", str(out), "--methods", "bn", "gn", "--batch-sizes", "4",
-                    "--executor", "inline", "--no-plot"])
+        sweep.main(
+            [
+                "--config",
+                str(config),
+                "--out",
+                str(out),
+                "--methods",
+                "bn",
+                "gn",
+                "--batch-sizes",
+                "4",
+                "--executor",
+                "inline",
+                "--no-plot",
+            ]
+        )
     assert info.value.code == 1
     err = capsys.readouterr().err
     assert "2 of the cells failed; the first, bn_b4_s0" in err and "no_such_backbone_xyz" in err
@@ -284,8 +341,23 @@ def test_subprocess_executor_and_cli(tmp_path) -> None:
     config = tmp_path / "base.yaml"
     config.write_text(yaml.safe_dump(BASE))
     out = tmp_path / "s"
-    args = ["--config", str(config), "--out", str(out), "--methods", "hn", "--batch-sizes", "4", "--seeds", "1",
-            "--epochs", "1", "--base-batch-size", "8", "--no-plot"]
+    args = [
+        "--config",
+        str(config),
+        "--out",
+        str(out),
+        "--methods",
+        "hn",
+        "--batch-sizes",
+        "4",
+        "--seeds",
+        "1",
+        "--epochs",
+        "1",
+        "--base-batch-size",
+        "8",
+        "--no-plot",
+    ]
     result = sweep.main(args)  # default executor: one subprocess per cell
     assert result.status == {"hn_b4_s1": "ran"}
     stored = json.loads((out / "cells" / "hn_b4_s1" / sweep.RESULT_FILE).read_text())
@@ -299,8 +371,19 @@ def test_subprocess_executor_and_cli(tmp_path) -> None:
 
 def test_parallel_workers_run_every_cell_once(tmp_path) -> None:
     out = tmp_path / "p"
-    result = sweep.run_sweep(BASE, out, methods=["bn", "ln"], batch_sizes=[4], seeds=[0], epochs=1,
-                             base_batch_size=16, executor="inline", workers=2, plot=False, log=None)
+    result = sweep.run_sweep(
+        BASE,
+        out,
+        methods=["bn", "ln"],
+        batch_sizes=[4],
+        seeds=[0],
+        epochs=1,
+        base_batch_size=16,
+        executor="inline",
+        workers=2,
+        plot=False,
+        log=None,
+    )
     assert result.status == {"bn_b4_s0": "ran", "ln_b4_s0": "ran"}
     assert sorted(r["method"] for r in result.rows) == ["bn", "ln"]
     with pytest.raises(ValueError, match="workers must be a positive int"):
@@ -314,8 +397,17 @@ def test_submitit_local_cluster_runs_and_resumes(tmp_path, monkeypatch) -> None:
     # the jobs are fresh interpreters: they import this checkout's normlightning
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")])))
     out = tmp_path / "s"
-    kwargs = dict(methods=["bn", "gn"], batch_sizes=[4], seeds=[0], epochs=1, base_batch_size=16, executor="submitit",
-                  cluster=sweep.ClusterSettings(cluster="local", time_limit_min=10), plot=False, log=None)
+    kwargs = dict(
+        methods=["bn", "gn"],
+        batch_sizes=[4],
+        seeds=[0],
+        epochs=1,
+        base_batch_size=16,
+        executor="submitit",
+        cluster=sweep.ClusterSettings(cluster="local", time_limit_min=10),
+        plot=False,
+        log=None,
+    )
     first = sweep.run_sweep(BASE, out, **kwargs)
     assert first.status == {"bn_b4_s0": "ran", "gn_b4_s0": "ran"}
     assert sorted(r["method"] for r in first.rows) == ["bn", "gn"]
@@ -337,16 +429,29 @@ def test_submitit_local_cluster_runs_and_resumes(tmp_path, monkeypatch) -> None:
 def test_cluster_settings_and_gpu_cells(tmp_path) -> None:
     settings = sweep.ClusterSettings(cluster="slurm", partition="gpu", gpus_per_cell=16, nodes_per_cell=2)
     assert (settings.devices, settings.processes) == (8, 16)
-    config = sweep.cell_config(BASE, sweep.Cell("bn", 8, 0), epochs=1, base_batch_size=32, cell_dir=tmp_path,
-                               gpus=settings.gpus_per_cell, nodes=settings.nodes_per_cell)
+    config = sweep.cell_config(
+        BASE,
+        sweep.Cell("bn", 8, 0),
+        epochs=1,
+        base_batch_size=32,
+        cell_dir=tmp_path,
+        gpus=settings.gpus_per_cell,
+        nodes=settings.nodes_per_cell,
+    )
     trainer = config["trainer"]
-    assert (trainer["accelerator"], trainer["devices"], trainer["num_nodes"], trainer["strategy"]) == ("gpu", 8, 2, "ddp")
+    assert (trainer["accelerator"], trainer["devices"], trainer["num_nodes"], trainer["strategy"]) == (
+        "gpu",
+        8,
+        2,
+        "ddp",
+    )
     cpu = sweep.cell_config(BASE, sweep.Cell("bn", 8, 0), epochs=1, base_batch_size=32, cell_dir=tmp_path)
     assert cpu["trainer"]["accelerator"] == "cpu" and "strategy" not in cpu["trainer"]
     # a CPU cell's spec does not depend on the executor's settings: resume works across executors
     assert sweep.cell_spec(sweep.Cell("bn", 8, 0), cpu) == sweep.cell_spec(
-        sweep.Cell("bn", 8, 0), sweep.cell_config(BASE, sweep.Cell("bn", 8, 0), epochs=1, base_batch_size=32,
-                                                   cell_dir=tmp_path / "elsewhere"))
+        sweep.Cell("bn", 8, 0),
+        sweep.cell_config(BASE, sweep.Cell("bn", 8, 0), epochs=1, base_batch_size=32, cell_dir=tmp_path / "elsewhere"),
+    )
     with pytest.raises(ValueError, match="multiple of nodes_per_cell"):
         sweep.ClusterSettings(gpus_per_cell=3, nodes_per_cell=2)
     with pytest.raises(ValueError, match="nodes_per_cell > 1 needs GPUs"):
@@ -354,8 +459,15 @@ def test_cluster_settings_and_gpu_cells(tmp_path) -> None:
     with pytest.raises(ValueError, match="cluster must be"):
         sweep.ClusterSettings(cluster="pbs")
     with pytest.raises(ValueError, match="cannot run inline"):
-        sweep.run_cells([tmp_path], "inline", threads=1, workers=1, cluster=sweep.ClusterSettings(gpus_per_cell=2),
-                        jobs_dir=tmp_path, log=print)
+        sweep.run_cells(
+            [tmp_path],
+            "inline",
+            threads=1,
+            workers=1,
+            cluster=sweep.ClusterSettings(gpus_per_cell=2),
+            jobs_dir=tmp_path,
+            log=print,
+        )
     with pytest.raises(SystemExit) as info:
         sweep.main(["--config", "x.yaml", "--gpus-per-cell", "3", "--nodes-per-cell", "2"])
     assert info.value.code == 2

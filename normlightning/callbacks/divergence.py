@@ -98,5 +98,6 @@ class DivergenceCheck(Callback):
             )
         if not self._warned:
             self._warned = True
-            rank_zero_warn(f"{message} Training goes on (divergence.on_nonfinite=warn); checkpoints keep the last "
-                           f"finite weights.")
+            rank_zero_warn(
+                f"{message} Training goes on (divergence.on_nonfinite=warn); checkpoints keep the last finite weights."
+            )

@@ -96,7 +96,9 @@ def set_example_weighing_alpha(model: nn.Module, alpha: float | dict[str, float]
     if isinstance(alpha, dict):
         unknown = sorted(set(alpha) - set(layers))
         if unknown:
-            raise ValueError(f"set_example_weighing_alpha: no example-weighing layer named {unknown}; have {sorted(layers)}")
+            raise ValueError(
+                f"set_example_weighing_alpha: no example-weighing layer named {unknown}; have {sorted(layers)}"
+            )
         for name, value in alpha.items():
             layers[name].alpha = _check_alphas([value])[0]
     else:
@@ -173,8 +175,12 @@ def search_example_weighing(
         )
     grid = _check_alphas(alphas) if alphas is not None else example_weighing_grid(batch_size)
     per_alpha = loader_length(dataloader)
-    bar = progress_bar("Example weighing", per_alpha * len(grid) if per_alpha is not None else None, progress,
-                       below_main_bar=below_main_bar)
+    bar = progress_bar(
+        "Example weighing",
+        per_alpha * len(grid) if per_alpha is not None else None,
+        progress,
+        below_main_bar=below_main_bar,
+    )
     accuracies = []
     try:
         for alpha in grid:
@@ -280,8 +286,12 @@ class ExampleWeighingSearch(Callback):
             return None
         start = time.perf_counter()
         result = search_example_weighing(
-            pl_module, loader, self.alphas, self.forward_fn,
-            progress=trainer_shows_progress(trainer), below_main_bar=trainer.state.fn == "fit",
+            pl_module,
+            loader,
+            self.alphas,
+            self.forward_fn,
+            progress=trainer_shows_progress(trainer),
+            below_main_bar=trainer.state.fn == "fit",
         )
         self.alpha, self.table = result.best_alpha, result.table()
         metrics = {f"example_weighing/acc@alpha={a:.6g}": acc for a, acc in zip(result.alphas, result.accuracies)}

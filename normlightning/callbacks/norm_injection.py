@@ -103,15 +103,29 @@ class NormInjection(Callback):
         virtual_devices: int = 1,
     ) -> None:
         super().__init__()
-        chosen = [k for k, on in (("weight_standardization", weight_standardization), ("weight_norm", weight_norm),
-                                  ("weight_centering", weight_centering)) if on]
+        chosen = [
+            k
+            for k, on in (
+                ("weight_standardization", weight_standardization),
+                ("weight_norm", weight_norm),
+                ("weight_centering", weight_centering),
+            )
+            if on
+        ]
         if len(chosen) > 1:
             raise ValueError(f"norm.{' and norm.'.join(chosen)} are exclusive; set at most one")
         self.rules = InjectionRules(
-            method=method, num_groups=num_groups, kwargs=kwargs, targets=targets, overrides=overrides,
-            exclude=exclude, group_fit=group_fit, copy_state=copy_state,
+            method=method,
+            num_groups=num_groups,
+            kwargs=kwargs,
+            targets=targets,
+            overrides=overrides,
+            exclude=exclude,
+            group_fit=group_fit,
+            copy_state=copy_state,
             param_norm=chosen[0] if chosen else None,
-            param_norm_targets=param_norm_targets, param_norm_exclude=param_norm_exclude,
+            param_norm_targets=param_norm_targets,
+            param_norm_exclude=param_norm_exclude,
             virtual_devices=virtual_devices,
             remove_following_activation=remove_following_activation,
         )
@@ -128,8 +142,12 @@ class NormInjection(Callback):
         if get_spec(pl_module) is not None:
             if self.spec is None:
                 if not self.rules.changes_nothing:  # raises when the norm: settings ask for other layers
-                    inject(pl_module, self.rules, example_input=pl_module.example_input_array,
-                           batch_size=self._batch_size(trainer))
+                    inject(
+                        pl_module,
+                        self.rules,
+                        example_input=pl_module.example_input_array,
+                        batch_size=self._batch_size(trainer),
+                    )
                 self.spec = get_spec(pl_module)
                 rank_zero_info("NormInjection: the model already carries injected layers; left as is")
         else:
@@ -138,7 +156,9 @@ class NormInjection(Callback):
                 self._restore(pl_module, stored, trainer)
             elif not self.rules.changes_nothing:
                 self.spec, self.summary_rows = inject(
-                    pl_module, self.rules, example_input=pl_module.example_input_array,
+                    pl_module,
+                    self.rules,
+                    example_input=pl_module.example_input_array,
                     batch_size=self._batch_size(trainer),
                 )
                 self._report(trainer, "replaced")
@@ -185,7 +205,9 @@ class NormInjection(Callback):
         if not self.rules.changes_nothing:
             try:
                 planned, _ = plan_injection(
-                    pl_module, self.rules, example_input=pl_module.example_input_array,
+                    pl_module,
+                    self.rules,
+                    example_input=pl_module.example_input_array,
                     batch_size=self._batch_size(trainer),
                 )
             except (ValueError, TypeError) as err:

@@ -56,8 +56,10 @@ STATISTICS = ("bn_mean", "bn_std", "en_mean", "en_std")
 #: Legend names of the statistics in the figures.
 LEGEND = {"bn_mean": "BN view mean", "bn_std": "BN view std", "en_mean": "EN view mean", "en_std": "EN view std"}
 #: What the two views are, printed under the figures.
-VIEWS_NOTE = ("BN view: statistic of one channel over the batch and positions (bars: averaged over channels); "
-              "EN view: statistic over the whole layer input (batch, channels and positions)")
+VIEWS_NOTE = (
+    "BN view: statistic of one channel over the batch and positions (bars: averaged over channels); "
+    "EN view: statistic over the whole layer input (batch, channels and positions)"
+)
 
 
 def input_statistics(x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -265,7 +267,9 @@ class NormStatistics(Callback):
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.detach()
         if trainer.is_global_zero:
-            self.write_outputs(self.output_dir or trainer.log_dir or trainer.default_root_dir, run_title(trainer, pl_module))
+            self.write_outputs(
+                self.output_dir or trainer.log_dir or trainer.default_root_dir, run_title(trainer, pl_module)
+            )
             self._log_figures(trainer)
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
@@ -275,8 +279,11 @@ class NormStatistics(Callback):
         self.detach()
 
     def state_dict(self) -> dict[str, Any]:
-        return {"batches_seen": self._batches_seen, "samples": self._samples,
-                "history": {name: h.state() for name, h in self.history.items()}}
+        return {
+            "batches_seen": self._batches_seen,
+            "samples": self._samples,
+            "history": {name: h.state() for name, h in self.history.items()},
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._batches_seen = int(state_dict.get("batches_seen", 0))
@@ -407,7 +414,10 @@ class NormStatistics(Callback):
                 layer_series[stat]["EN view (whole layer)"] = history.stacked(f"en_{stat}").tolist()
             series[name] = layer_series
         return plotting.plot_statistics_evolution(
-            steps, series, path, title=f"{prefix}batch statistics at normalization-layer inputs vs training step",
+            steps,
+            series,
+            path,
+            title=f"{prefix}batch statistics at normalization-layer inputs vs training step",
             note=VIEWS_NOTE,
         )
 

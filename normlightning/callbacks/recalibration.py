@@ -15,7 +15,8 @@ What is touched: only the running buffers of the batch-statistic layers. No weig
 changes (``torch.no_grad``, no optimizer); other buffers of those layers (e.g. ``brn``'s
 schedule counter ``renorm_step``) are restored, see :func:`running_buffer_names`.
 
-Modes during the pass: the batch-statistic layers are in ``train()`` (that is when they update their running statistics, with
+Modes during the pass: the batch-statistic layers are in ``train()`` (that is when they update their running
+statistics, with
 ``momentum=None``); **every other module is in** ``eval()`` (dropout off, stochastic
 depth off, other layers' inference behaviour), so the recomputed statistics are those of
 the activations the model sees at inference. ``brn`` computes its corrections ``r, d`` against
@@ -263,7 +264,9 @@ class Recalibration(Callback):
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._done_for_fit = False
 
-    def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         if "train_end" in self.when and not self._done_for_fit and _is_final_training_batch(trainer, batch_idx):
             self.recalibrate(trainer, pl_module)
             self._done_for_fit = True
@@ -318,7 +321,9 @@ class Recalibration(Callback):
         num_batches = self.num_batches
         if num_batches is None:
             available = loader_length(train_loader)
-            num_batches = DEFAULT_RECALIBRATION_BATCHES if available is None else min(available, DEFAULT_RECALIBRATION_BATCHES)
+            num_batches = (
+                DEFAULT_RECALIBRATION_BATCHES if available is None else min(available, DEFAULT_RECALIBRATION_BATCHES)
+            )
         result["recalibration/num_batches"] = float(
             recalibrate_statistics(
                 pl_module, train_loader, num_batches, self.forward_fn, progress=show, below_main_bar=below
@@ -330,7 +335,9 @@ class Recalibration(Callback):
             result["recalibration/acc_after"] = val_accuracy("Recalibration: val acc after")
         for logger in trainer.loggers:
             logger.log_metrics(result, step=trainer.global_step)
-        line = f"Recalibration: {int(result['recalibration/num_batches'])} batches in {time.perf_counter() - start:.1f} s"
+        line = (
+            f"Recalibration: {int(result['recalibration/num_batches'])} batches in {time.perf_counter() - start:.1f} s"
+        )
         if val_loader is not None:
             line += f", val acc {result['recalibration/acc_before']:.4f} -> {result['recalibration/acc_after']:.4f}"
         rank_zero_info(line)

@@ -51,7 +51,6 @@ from typing import Any, Literal
 
 import torch
 import yaml
-
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
@@ -60,8 +59,8 @@ from normlightning.callbacks.norm_injection import NormInjection
 from normlightning.injection import get_spec, layer_args
 from normlightning.injection.rules import InjectionRules
 from normlightning.norms import BatchStatNorm, available_norms, norm_group_args
-from normlightning.norms.registry import norm_factory
 from normlightning.norms.model_layers import is_norm_layer
+from normlightning.norms.registry import norm_factory
 from normlightning.tasks.base import yaml_safe
 from normlightning.tasks.lr_scaling import linear_lr_factor
 
@@ -126,8 +125,11 @@ def norm_argument_names() -> list[str]:
             parameters = inspect.signature(factory).parameters.values()
         except (TypeError, ValueError):  # a plugin factory without a signature
             continue
-        names.update(p.name for p in parameters
-                     if p.name not in _LAYER_PLACEMENT and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD))
+        names.update(
+            p.name
+            for p in parameters
+            if p.name not in _LAYER_PLACEMENT and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+        )
     return sorted(names)
 
 
@@ -155,8 +157,13 @@ def norm_hparams(model: nn.Module, spec: dict[str, Any] | None, rules: Injection
             merged.setdefault(name, []).extend(per_layer)
     names = sorted(set(norm_argument_names()) | set(merged))
     effective = {name: _compact(merged[name]) if name in merged else None for name in names}
-    out: dict[str, Any] = {"method": method, "layers": len(layers), "groups": _group_counts(values), "args": args,
-                           "effective": effective}
+    out: dict[str, Any] = {
+        "method": method,
+        "layers": len(layers),
+        "groups": _group_counts(values),
+        "args": args,
+        "effective": effective,
+    }
     out["virtual_devices"] = _virtual_devices(model)
     if rules is not None:
         out.update(

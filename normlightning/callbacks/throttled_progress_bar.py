@@ -25,7 +25,9 @@ class ThrottledProgressBar(TQDMProgressBar):
             between redraws at most).
     """
 
-    def __init__(self, min_interval: float = 0.1, refresh_rate: int = 1, process_position: int = 0, leave: bool = False) -> None:
+    def __init__(
+        self, min_interval: float = 0.1, refresh_rate: int = 1, process_position: int = 0, leave: bool = False
+    ) -> None:
         super().__init__(refresh_rate=refresh_rate, process_position=process_position, leave=leave)
         if min_interval < 0:
             raise ValueError(f"ThrottledProgressBar: min_interval must be >= 0 seconds, got {min_interval}")

@@ -186,12 +186,14 @@ class BaseDataModule(LightningDataModule):
                 f"{type(self).__name__}: {channels}-channel inputs cannot be read from image files "
                 f"(data.predict_root needs 1 or 3 channels)"
             )
-        return v2.Compose([
-            v2.Lambda(functools.partial(convert_mode, mode="L" if channels == 1 else "RGB")),
-            v2.ToImage(),
-            v2.Resize((height, width), antialias=True),
-            v2.ToDtype(torch.float32, scale=True),
-        ])
+        return v2.Compose(
+            [
+                v2.Lambda(functools.partial(convert_mode, mode="L" if channels == 1 else "RGB")),
+                v2.ToImage(),
+                v2.Resize((height, width), antialias=True),
+                v2.ToDtype(torch.float32, scale=True),
+            ]
+        )
 
     @property
     def predict_split(self) -> str:

@@ -92,12 +92,20 @@ class Caltech256(CroppedImageFiles, BaseDataModule):
             raise ValueError(f"Caltech256: test_fraction must be in (0, 1), got {test_fraction}")
         if per_class_split is not None:
             counts = tuple(per_class_split)
-            if len(counts) != 3 or any(not isinstance(c, int) or c < 0 for c in counts) or counts[0] < 1 or counts[2] < 1:
+            if (
+                len(counts) != 3
+                or any(not isinstance(c, int) or c < 0 for c in counts)
+                or counts[0] < 1
+                or counts[2] < 1
+            ):
                 raise ValueError(
-                    f"Caltech256: per_class_split must be [n_train >= 1, n_val >= 0, n_test >= 1], got {per_class_split}"
+                    "Caltech256: per_class_split must be [n_train >= 1, n_val >= 0, n_test >= 1], "
+                    f"got {per_class_split}"
                 )
             if self.val_fraction > 0:
-                raise ValueError("Caltech256: with per_class_split set the validation size is its n_val; set val_fraction=0")
+                raise ValueError(
+                    "Caltech256: with per_class_split set the validation size is its n_val; set val_fraction=0"
+                )
             per_class_split = counts  # type: ignore[assignment]
         self.include_clutter = include_clutter
         self.test_fraction = test_fraction
@@ -150,7 +158,11 @@ class Caltech256(CroppedImageFiles, BaseDataModule):
             kept = [i for i, y in enumerate(labels) if y < len(self.classes)]
             if self.per_class_split is None:
                 test, val, train = split_indices(len(kept), [self.test_fraction, self.val_fraction], self.seed)
-                index = {"train": [kept[i] for i in train], "val": [kept[i] for i in val], "test": [kept[i] for i in test]}
+                index = {
+                    "train": [kept[i] for i in train],
+                    "val": [kept[i] for i in val],
+                    "test": [kept[i] for i in test],
+                }
             else:
                 index = self._per_class(labels, kept)
             if not index["val"]:

@@ -48,11 +48,14 @@ class _SafelyReadCIFAR(datasets.CIFAR10):
         if not self._check_integrity():
             raise RuntimeError("Dataset not found or corrupted. You can use download=True to download it")
         folder = os.path.join(self.root, self.base_folder)
-        entries = [load_data_pickle(os.path.join(folder, name), what="CIFAR file")
-                   for name, _ in (self.train_list if train else self.test_list)]
+        entries = [
+            load_data_pickle(os.path.join(folder, name), what="CIFAR file")
+            for name, _ in (self.train_list if train else self.test_list)
+        ]
         self.data = np.vstack([entry["data"] for entry in entries]).reshape(-1, 3, 32, 32).transpose((0, 2, 3, 1))
-        self.targets = [label for entry in entries
-                        for label in (entry["labels"] if "labels" in entry else entry["fine_labels"])]
+        self.targets = [
+            label for entry in entries for label in (entry["labels"] if "labels" in entry else entry["fine_labels"])
+        ]
         self._load_meta()
 
     def _load_meta(self) -> None:

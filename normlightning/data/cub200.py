@@ -5,7 +5,8 @@ extracted under ``root``)::
 
     root/
       CUB_200_2011/
-        images.txt               "<image_id> <relative path>"   e.g. "1 001.Black_footed_Albatross/Black_Footed_Albatross_0046_18.jpg"
+        images.txt               "<image_id> <relative path>"
+                                 e.g. "1 001.Black_footed_Albatross/Black_Footed_Albatross_0046_18.jpg"
         image_class_labels.txt   "<image_id> <class_id 1..200>"
         train_test_split.txt     "<image_id> <1 = train, 0 = test>"
         images/<relative path>
@@ -58,7 +59,9 @@ class CUB200Dataset(Dataset):
     def __init__(self, folder: str, train: bool, transform: Callable[[Any], Any] | None = None) -> None:
         paths, labels, is_train = (_read_table(os.path.join(folder, name)) for name in METADATA)
         if set(paths) != set(labels) or set(paths) != set(is_train):
-            raise ValueError(f"{folder}: images.txt, image_class_labels.txt and train_test_split.txt list different image ids")
+            raise ValueError(
+                f"{folder}: images.txt, image_class_labels.txt and train_test_split.txt list different image ids"
+            )
         wanted = "1" if train else "0"
         ids = sorted(i for i in paths if is_train[i] == wanted)
         self.samples = [(os.path.join(folder, "images", paths[i]), int(labels[i]) - 1) for i in ids]

@@ -54,7 +54,9 @@ class EpisodeSampler(Sampler[list[int]]):
                 f"got n_way={n_way}, k_shot={k_shot}, q_query={q_query}, episodes={episodes}."
             )
         if num_replicas < 1 or not 0 <= rank < num_replicas:
-            raise ValueError(f"EpisodeSampler needs 0 <= rank < num_replicas, got rank={rank}, num_replicas={num_replicas}.")
+            raise ValueError(
+                f"EpisodeSampler needs 0 <= rank < num_replicas, got rank={rank}, num_replicas={num_replicas}."
+            )
         self.classes = torch.unique(labels_t)  # sorted
         if len(self.classes) < n_way:
             raise ValueError(
@@ -63,9 +65,7 @@ class EpisodeSampler(Sampler[list[int]]):
             )
         self.class_indices = [torch.nonzero(labels_t == c).flatten() for c in self.classes]
         need = k_shot + q_query
-        small = [
-            (int(c), len(idx)) for c, idx in zip(self.classes, self.class_indices, strict=True) if len(idx) < need
-        ]
+        small = [(int(c), len(idx)) for c, idx in zip(self.classes, self.class_indices, strict=True) if len(idx) < need]
         if small:
             raise ValueError(
                 f"EpisodeSampler: every class needs k_shot + q_query = {need} examples; "

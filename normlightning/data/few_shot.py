@@ -45,7 +45,9 @@ def few_shot_train_transform(
         steps.append(v2.RandomCrop(size, padding=padding))
     if color_jitter > 0:
         steps.append(
-            v2.ColorJitter(brightness=color_jitter, contrast=color_jitter, saturation=color_jitter if channels == 3 else 0)
+            v2.ColorJitter(
+                brightness=color_jitter, contrast=color_jitter, saturation=color_jitter if channels == 3 else 0
+            )
         )
     if flip:
         steps.append(v2.RandomHorizontalFlip())
@@ -272,7 +274,12 @@ class FewShotDataModule(BaseDataModule):
         if self.val_episodes == 0 or not self.has_split("val"):
             return []
         return self.episode_loader(
-            "val", self.val_shot, self.val_episodes, self.episode_seed + 1, n_way=self.val_n_way, q_query=self.val_q_query
+            "val",
+            self.val_shot,
+            self.val_episodes,
+            self.episode_seed + 1,
+            n_way=self.val_n_way,
+            q_query=self.val_q_query,
         )
 
     def test_dataloader(self) -> list[DataLoader]:
@@ -322,25 +329,41 @@ class ClassSplitFewShotDataModule(FewShotDataModule):
             raise TypeError(
                 f"source must be a normlightning data module with build_dataset(split), got {type(source).__name__}"
             )
-        sets = {"base_classes": list(base_classes), "novel_classes": list(novel_classes), "val_classes": list(val_classes or [])}
+        sets = {
+            "base_classes": list(base_classes),
+            "novel_classes": list(novel_classes),
+            "val_classes": list(val_classes or []),
+        }
         for name, values in sets.items():
             if len(set(values)) != len(values):
                 raise ValueError(f"{name} has repeated classes: {values}")
-        for a, b in (("base_classes", "novel_classes"), ("base_classes", "val_classes"), ("val_classes", "novel_classes")):
+        for a, b in (
+            ("base_classes", "novel_classes"),
+            ("base_classes", "val_classes"),
+            ("val_classes", "novel_classes"),
+        ):
             common = sorted(set(sets[a]) & set(sets[b]))
             if common:
                 raise ValueError(f"{a} and {b} must be disjoint, both contain {common}")
         if not sets["base_classes"]:
             raise ValueError("base_classes must list at least one class")
-        for name, setting, n_way in (("novel_classes", "n_way", self.n_way), ("val_classes", "val_n_way", self.val_n_way)):
+        for name, setting, n_way in (
+            ("novel_classes", "n_way", self.n_way),
+            ("val_classes", "val_n_way", self.val_n_way),
+        ):
             if sets[name] and len(sets[name]) < n_way:
                 raise ValueError(
-                    f"{name} has {len(sets[name])} classes, fewer than {setting}={n_way}; add classes or lower {setting}"
+                    f"{name} has {len(sets[name])} classes, fewer than {setting}={n_way}; "
+                    f"add classes or lower {setting}"
                 )
         if not set(source_splits) <= {"train", "val", "test"} or not source_splits:
             raise ValueError(f"source_splits must be a non-empty subset of train, val, test; got {list(source_splits)}")
         self.source = source
-        self.base_classes, self.novel_classes, self.val_classes = sets["base_classes"], sets["novel_classes"], sets["val_classes"]
+        self.base_classes, self.novel_classes, self.val_classes = (
+            sets["base_classes"],
+            sets["novel_classes"],
+            sets["val_classes"],
+        )
         self.source_splits = list(source_splits)
         self.num_classes = len(self.base_classes)
         self.input_shape = tuple(source.input_shape)  # type: ignore[attr-defined]

@@ -77,7 +77,8 @@ class Flowers102(CroppedImageFiles, BaseDataModule):
             raise DatasetNotFoundError(
                 type(self).__name__,
                 self.root,
-                f"  {self.root}/\n    flowers-102/\n      jpg/image_00001.jpg ...\n      imagelabels.mat\n      setid.mat",
+                f"  {self.root}/\n    flowers-102/\n      jpg/image_00001.jpg ...\n"
+                "      imagelabels.mat\n      setid.mat",
                 f"download 102flowers.tgz, imagelabels.mat and setid.mat from {self.url}; extract the tgz "
                 f"(it holds jpg/) into {base!r} and put the two .mat files next to jpg/",
                 problem="missing " + ", ".join(os.path.join(base, p) for p in missing),

@@ -200,7 +200,10 @@ class MiniImageNet(FewShotDataModule):
         with open(path, newline="") as f:
             rows = list(csv.reader(f))
         if not rows or [c.strip().lower() for c in rows[0][:2]] != ["filename", "label"]:
-            self._missing(f"{path}: the first line must be the header 'filename,label', got {rows[0] if rows else 'an empty file'}")
+            self._missing(
+                f"{path}: the first line must be the header 'filename,label', "
+                f"got {rows[0] if rows else 'an empty file'}"
+            )
         files, names = [], []
         for line, row in enumerate(rows[1:], start=2):
             if not row:
@@ -254,7 +257,10 @@ class MiniImageNet(FewShotDataModule):
         else:
             data, raw, classes = self._read_pickle(split)
             if data.shape[1:3] != (self.image_size, self.image_size):
-                self._missing(f"{PICKLE_FILES[split]} holds {data.shape[1]}x{data.shape[2]} images, image_size is {self.image_size}")
+                self._missing(
+                    f"{PICKLE_FILES[split]} holds {data.shape[1]}x{data.shape[2]} images, "
+                    f"image_size is {self.image_size}"
+                )
             index = {c: i for i, c in enumerate(classes)}
             labels = torch.as_tensor([index[v] for v in raw], dtype=torch.long)
             dataset = _ArrayImages(data, labels, transform)

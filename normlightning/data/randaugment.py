@@ -58,7 +58,9 @@ class RandAugmented(LightningDataModule):
         num_magnitude_bins: number of magnitude levels (torchvision default 31).
     """
 
-    def __init__(self, *, data: BaseDataModule, num_ops: int = 2, magnitude: int = 9, num_magnitude_bins: int = 31) -> None:
+    def __init__(
+        self, *, data: BaseDataModule, num_ops: int = 2, magnitude: int = 9, num_magnitude_bins: int = 31
+    ) -> None:
         super().__init__()
         if not isinstance(data, BaseDataModule):
             raise TypeError(

@@ -48,7 +48,9 @@ class EpochSeededRandomSampler(RandomSampler):
             do not depend on the epochs before it.
     """
 
-    def __init__(self, data_source: Sized, seed: int | None = None, loader_generator: torch.Generator | None = None) -> None:
+    def __init__(
+        self, data_source: Sized, seed: int | None = None, loader_generator: torch.Generator | None = None
+    ) -> None:
         super().__init__(data_source)
         self.seed = global_seed() if seed is None else int(seed)
         self.loader_generator = loader_generator

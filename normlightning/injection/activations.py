@@ -41,6 +41,7 @@ def find_following_activations(
     def norm_hook(name):
         def hook(module, args, output):
             outputs[name].append((output, output.grad_fn, output._version))
+
         return hook
 
     def activation_hook(module, args):

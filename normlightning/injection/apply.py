@@ -191,7 +191,9 @@ def _conflicts(model: nn.Module, spec: Mapping[str, Any], rules: InjectionRules)
         fitted = {arg.name for arg in norm_group_args(rec["method"]) if arg.divides != "batch"}
         have = layer_args(model, rec)
         for key, value in rule.kwargs.items():
-            if (isinstance(value, str) and value.startswith("auto")) or (key in fitted and rules.group_fit == "nearest"):
+            if (isinstance(value, str) and value.startswith("auto")) or (
+                key in fitted and rules.group_fit == "nearest"
+            ):
                 continue
             if key in have and have[key] != value:
                 out.append(f"{rec['name']}: has {rec['method']} with {key}={have[key]!r}, asked {key}={value!r}")
@@ -208,8 +210,11 @@ def _nothing_replaced(model: nn.Module, rules: InjectionRules, kept: list[dict[s
     if kept:
         return f"{what}: all {len(kept)} of its target layers were kept (excluded, or subclasses: see the summary)"
     own = list(dict.fromkeys(type(m).__name__ for m in model.modules() if is_norm_layer(m)))
-    fix = (f"its normalization layers are {', '.join(own)}: name them in targets (norm.targets: {own})" if own else
-           "name its normalization layer classes in targets (norm.targets), a torch.nn name or 'package.module.Class'")
+    fix = (
+        f"its normalization layers are {', '.join(own)}: name them in targets (norm.targets: {own})"
+        if own
+        else "name its normalization layer classes in targets (norm.targets), a torch.nn name or 'package.module.Class'"
+    )
     return f"{what}: it has no layer of the target types ({', '.join(rules.targets)}); {fix}"
 
 
@@ -257,7 +262,8 @@ def inject(
         if conflicts:
             raise ValueError(
                 "inject: the model already carries injected layers, and these settings ask for others ("
-                + "; ".join(conflicts[:3]) + ("; ..." if len(conflicts) > 3 else "")
+                + "; ".join(conflicts[:3])
+                + ("; ..." if len(conflicts) > 3 else "")
                 + "). Inject once, into the model with its original layers: build the model again (and load its "
                 "weights) before injecting other settings"
             )
@@ -324,4 +330,3 @@ def restore_injection(model: nn.Module, checkpoint: Mapping[str, Any]) -> int:
     """
     spec = checkpoint.get(CHECKPOINT_KEY)
     return 0 if spec is None else apply_spec(model, spec)
-

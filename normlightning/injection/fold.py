@@ -64,7 +64,9 @@ def inference_affine(layer: nn.Module) -> tuple[Tensor, Tensor]:
     elif hasattr(layer, "inference_channel_statistics"):
         mean, var = layer.inference_channel_statistics()
     else:
-        raise ValueError(f"{type(layer).__name__} computes its statistics from each input at inference (per-example sets)")
+        raise ValueError(
+            f"{type(layer).__name__} computes its statistics from each input at inference (per-example sets)"
+        )
     scale = torch.rsqrt(var.detach().double() + layer.eps)
     if getattr(layer, "weight", None) is not None:
         scale = scale * layer.weight.detach().double()
@@ -155,12 +157,18 @@ def _trace(model: nn.Module, example_input: Any, norms: dict[str, nn.Module]) ->
         if conv is None or conv[1] is not t:
             problems[name] = "it is not directly after a convolution (its input is not a Conv1d/2d/3d output)"
         elif conv[2] is not t.grad_fn or conv[3] != t._version:
-            problems[name] = f"the output of the convolution {conv[0]!r} before it is changed in place before the norm layer reads it"
+            problems[name] = (
+                f"the output of the convolution {conv[0]!r} before it is changed in place before the norm "
+                "layer reads it"
+            )
         elif t.grad_fn is None:
             problems[name] = "the example forward built no autograd graph to check what reads the convolution's output"
         elif not _plain_convolution(model.get_submodule(conv[0])):
             kind = type(model.get_submodule(conv[0])).__name__
-            problems[name] = f"the convolution {conv[0]!r} before it is a {kind}, whose forward may change its weight (folding needs a plain Conv1d/2d/3d)"
+            problems[name] = (
+                f"the convolution {conv[0]!r} before it is a {kind}, whose forward may change its weight "
+                "(folding needs a plain Conv1d/2d/3d)"
+            )
         elif calls[conv[0]] != 1:
             problems[name] = f"the convolution {conv[0]!r} before it runs {calls[conv[0]]} times"
         elif readers[(t.grad_fn, t.output_nr)] != 1:
@@ -230,14 +238,17 @@ def fold_norms(
     """
     patterns = [re.compile(p) for p in exclude]
     norms = {
-        name: m for name, m in model.named_modules()
+        name: m
+        for name, m in model.named_modules()
         if name and is_norm_layer(m) and not any(p.fullmatch(name) for p in patterns)
     }
     problems: dict[str, str] = {}
     affines: dict[str, tuple[Tensor, Tensor]] = {}
     for name, layer in norms.items():
         if layer.training:
-            problems[name] = f"{type(layer).__name__} is in training mode (call model.eval(): folding uses the running statistics)"
+            problems[name] = (
+                f"{type(layer).__name__} is in training mode (call model.eval(): folding uses the running statistics)"
+            )
             continue
         try:
             affines[name] = inference_affine(layer)
@@ -248,7 +259,9 @@ def fold_norms(
         if example_input is None:
             example_input = getattr(model, "example_input_array", None)
         if example_input is None:
-            raise ValueError("fold_norms needs example_input (one input of the model) to find the convolution before each norm layer")
+            raise ValueError(
+                "fold_norms needs example_input (one input of the model) to find the convolution before each norm layer"
+            )
         convs, not_after_conv = _trace(model, example_input, {n: norms[n] for n in affines})
         problems.update(not_after_conv)
         problems.update(exclusivity_problems(model, example_input, convs, assume_exclusive=assume_exclusive))

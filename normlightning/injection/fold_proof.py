@@ -63,8 +63,10 @@ def _module_tree_problems(model: nn.Module, pairs: dict[str, str]) -> dict[str, 
         own = {name: _storages([t]) for name, t in module.named_parameters(remove_duplicate=False)}
         shared = [
             f"{repr(f'{conv}.{local}')} is also {name!r}"
-            for name, t in tensors if not name.startswith(f"{conv}.")
-            for local, storage in own.items() if _aliases(t, storage)
+            for name, t in tensors
+            if not name.startswith(f"{conv}.")
+            for local, storage in own.items()
+            if _aliases(t, storage)
         ]
         if shared:
             problems[norm] = (
@@ -72,7 +74,9 @@ def _module_tree_problems(model: nn.Module, pairs: dict[str, str]) -> dict[str, 
                 "change that reader too"
             )
         elif module._forward_hooks:
-            problems[norm] = f"the convolution {conv!r} before it has forward hooks, which read its output (remove them)"
+            problems[norm] = (
+                f"the convolution {conv!r} before it has forward hooks, which read its output (remove them)"
+            )
         elif model.get_submodule(norm)._forward_hooks or model.get_submodule(norm)._forward_pre_hooks:
             problems[norm] = "it has forward hooks, which folding would drop (remove them)"
     return problems
@@ -129,6 +133,7 @@ def _example_reader_problems(model: nn.Module, example_input: Any, pairs: dict[s
             if norm is not None:  # the convolution's output: watched from now on
                 outputs.append(output)
                 mode.watched.update({s: (norm, "output", norm) for s in _storages([output])})
+
         return hook
 
     for norm, conv in pairs.items():
@@ -145,10 +150,14 @@ def _example_reader_problems(model: nn.Module, example_input: Any, pairs: dict[s
             handle.remove()
     problems = {}
     for (norm, what), ops in mode.reads.items():
-        problems.setdefault(norm, (
-            f"{'the output' if what == 'output' else 'a parameter'} of the convolution {pairs[norm]!r} before it is "
-            f"also read elsewhere (by {', '.join(dict.fromkeys(ops))} in the example forward)"
-        ))
+        problems.setdefault(
+            norm,
+            (
+                f"{'the output' if what == 'output' else 'a parameter'} of the convolution {pairs[norm]!r} "
+                "before it is "
+                f"also read elsewhere (by {', '.join(dict.fromkeys(ops))} in the example forward)"
+            ),
+        )
     return problems
 
 
@@ -158,8 +167,10 @@ class _Tracer(fx.Tracer):
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.opaque = {
-            m for m in model.modules()
-            if isinstance(m, CONVOLUTIONS) or is_norm_layer(m)
+            m
+            for m in model.modules()
+            if isinstance(m, CONVOLUTIONS)
+            or is_norm_layer(m)
             or not any(isinstance(s, CONVOLUTIONS) or is_norm_layer(s) for s in m.modules())
         }
 
@@ -238,7 +249,8 @@ def _graph_problems(traced: _Traced, model: nn.Module, pairs: dict[str, str]) ->
         output_readers = [_describe(n) for n in conv_node.users if n is not norm_node]
         output_readers += [f"the attribute {path!r} that keeps it" for path in traced.stored.get(conv_node, [])]
         parameter_readers = [
-            _describe(n) for n in traced.graph.nodes
+            _describe(n)
+            for n in traced.graph.nodes
             if (n.op == "get_attr" and _aliases(traced.values[n], storages))
             or (n.op == "call_module" and n.target.startswith(f"{conv}."))
         ]

@@ -14,7 +14,12 @@ from normlightning.norms import AutoContext, GroupArg, norm_group_args
 from normlightning.norms.group_args import largest_divisor_at_most
 
 __all__ = [
-    "FIT_POLICIES", "FitPolicy", "check_required", "fit_groups", "per_device_batch_size", "resolve_groups",
+    "FIT_POLICIES",
+    "FitPolicy",
+    "check_required",
+    "fit_groups",
+    "per_device_batch_size",
+    "resolve_groups",
     "route_num_groups",
 ]
 
@@ -44,7 +49,8 @@ def check_required(where: str, method: str, declared: Sequence[GroupArg], kwargs
     ``required`` (one without a default, see ``docs/methods.md``, "Group counts without a default");
     ``where`` starts the message (``"layer 'x'"``, ``"norm.method"``)."""
     missing = [
-        arg for arg in declared
+        arg
+        for arg in declared
         if arg.required and all(kwargs.get(name) is None for name in (arg.name, *arg.alternatives))
     ]
     if not missing:
@@ -56,9 +62,9 @@ def check_required(where: str, method: str, declared: Sequence[GroupArg], kwargs
             ways.append("norm.num_groups (an int or auto)" if fills[0].auto else "norm.num_groups")
         elif all(arg.auto for arg in fills):
             ways.append(f"norm.num_groups: auto (sets {' and '.join(arg.name for arg in fills)})")
-    ways.append(" and ".join(
-        "norm.kwargs." + " or norm.kwargs.".join((arg.name, *arg.alternatives)) for arg in missing
-    ))
+    ways.append(
+        " and ".join("norm.kwargs." + " or norm.kwargs.".join((arg.name, *arg.alternatives)) for arg in missing)
+    )
     raise ValueError(
         f"{where}: {method} has no default for {', '.join(arg.name for arg in missing)} (no single value is "
         f"right for every model and batch size); set {', or '.join(ways)} (per layer: the same keys in an override)"
@@ -158,7 +164,9 @@ def resolve_groups(
             continue
         if isinstance(value, str):
             if value != "auto" and not value.startswith("auto:"):
-                raise ValueError(f"layer {layer!r}: {method} {arg.name}={value!r}; give an int, 'auto' or 'auto:<policy>'")
+                raise ValueError(
+                    f"layer {layer!r}: {method} {arg.name}={value!r}; give an int, 'auto' or 'auto:<policy>'"
+                )
             if not arg.auto:
                 raise ValueError(f"layer {layer!r}: {method} {arg.name} has no 'auto' rule; give it an int")
             if batch_size is None:

@@ -152,8 +152,13 @@ def _add_virtual_devices(
 
 
 def _layer_record(
-    rule: LayerRule, group_fit: str, name: str, old: nn.Module, input_shape: tuple[int, ...] | None,
-    batch_size: int | None, virtual_devices: int = 1,
+    rule: LayerRule,
+    group_fit: str,
+    name: str,
+    old: nn.Module,
+    input_shape: tuple[int, ...] | None,
+    batch_size: int | None,
+    virtual_devices: int = 1,
 ) -> dict[str, Any]:
     num_features = _num_features(old, name)
     kwargs: dict[str, Any] = {"eps": float(getattr(old, "eps", 1e-5)), "affine": _old_affine(old)}
@@ -163,8 +168,12 @@ def _layer_record(
     notes = resolve_groups(name, rule.method, kwargs, num_features, input_shape, auto_batch, group_fit)
     if rule.reason != "global":
         notes.insert(0, rule.reason)
-    record = {"name": name, "old_type": type(old).__name__, "method": rule.method,
-              "kwargs": {"num_features": num_features, **kwargs}}
+    record = {
+        "name": name,
+        "old_type": type(old).__name__,
+        "method": rule.method,
+        "kwargs": {"num_features": num_features, **kwargs},
+    }
     probe = _build_checked(record)
     if _batch_statistics_at_inference(old) and "track_running_stats" not in kwargs:
         _keep_untracked(record, probe)
@@ -204,7 +213,8 @@ def _find_convolutions(model: nn.Module, records: list[dict[str, Any]], example_
     if problems:
         raise ValueError(
             f"norm: {records[0]['method']!r} needs the convolution whose output each layer normalizes; these layers "
-            "have none: " + "; ".join(f"{name!r}: {why}" for name, why in problems.items())
+            "have none: "
+            + "; ".join(f"{name!r}: {why}" for name, why in problems.items())
             + ". Exclude them (norm.exclude) or give them another method (norm.overrides)"
         )
     for rec in records:
@@ -220,7 +230,8 @@ def _find_activations(model: nn.Module, layers: list[dict[str, Any]], example_in
     if not records:
         warnings.warn(
             "norm.remove_following_activation: no replaced layer applies an activation of its own (frn with "
-            "tlu=True does); every activation is kept", stacklevel=3,
+            "tlu=True does); every activation is kept",
+            stacklevel=3,
         )
         return
     names = [rec["name"] for rec in records]
@@ -273,12 +284,20 @@ def plan_injection(
     for name, module in model.named_modules():
         base = rules.untargeted_subclass(module) if name else None
         if base is not None:
-            kept.append({"layer": name, "old": type(module).__name__, "new": "(kept)",
-                         "args": f"a subclass of {base.__name__} not in norm.targets; add "
-                                 f"'{type(module).__module__}.{type(module).__name__}' to replace it"})
+            kept.append(
+                {
+                    "layer": name,
+                    "old": type(module).__name__,
+                    "new": "(kept)",
+                    "args": f"a subclass of {base.__name__} not in norm.targets; add "
+                    f"'{type(module).__module__}.{type(module).__name__}' to replace it",
+                }
+            )
     layer_rules = {name: rules.rule_for(name) for name, _ in candidates}
     needs_probe = any(
-        arg.divides == "flat" for rule in layer_rules.values() if rule.method is not None
+        arg.divides == "flat"
+        for rule in layer_rules.values()
+        if rule.method is not None
         for arg in norm_group_args(rule.method)
     )
     has_subclass = any(not type(m).__module__.startswith("torch.") for _, m in candidates)
@@ -321,7 +340,9 @@ def layer_args(model: nn.Module, record: Mapping[str, Any]) -> dict[str, Any]:
     return effective() if callable(effective) else dict(record["kwargs"])
 
 
-def summary_rows(model: nn.Module, spec: Mapping[str, Any], kept: Sequence[Mapping[str, str]] = ()) -> list[dict[str, str]]:
+def summary_rows(
+    model: nn.Module, spec: Mapping[str, Any], kept: Sequence[Mapping[str, str]] = ()
+) -> list[dict[str, str]]:
     """Rows ``{layer, old, new, args}`` of ``spec`` as applied to ``model`` (replaced layers, then
     WS/WN layers), then ``kept``; ``args`` lists every effective argument of the built layer
     (:func:`layer_args`) and the record's notes."""
@@ -332,8 +353,14 @@ def summary_rows(model: nn.Module, spec: Mapping[str, Any], kept: Sequence[Mappi
         new = f"{norm_class_name(rec['method'])} ({rec['method']})"
         if rec.get("carried"):
             new += " + " + ", ".join(rec["carried"])
-        rows.append({"layer": rec["name"], "old": rec.get("old_type", "?"), "new": new,
-                     "args": args + (f"  [{'; '.join(notes)}]" if notes else "")})
+        rows.append(
+            {
+                "layer": rec["name"],
+                "old": rec.get("old_type", "?"),
+                "new": new,
+                "args": args + (f"  [{'; '.join(notes)}]" if notes else ""),
+            }
+        )
     for rec in spec["param_norms"]:
         old = type(model.get_submodule(rec["name"])).__name__
         rows.append({"layer": rec["name"], "old": old, "new": f"{old} + {rec['kind']}", "args": ""})

@@ -124,10 +124,14 @@ class InjectionRules:
     ) -> None:
         if group_fit not in FIT_POLICIES:
             raise ValueError(f"norm.group_fit must be one of {FIT_POLICIES}, got {group_fit!r}")
-        if num_groups is not None and not _is_auto(num_groups) and (
-            isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1
+        if (
+            num_groups is not None
+            and not _is_auto(num_groups)
+            and (isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1)
         ):
-            raise ValueError(f"norm.num_groups must be a positive int, 'auto', 'auto:<policy>' or null, got {num_groups!r}")
+            raise ValueError(
+                f"norm.num_groups must be a positive int, 'auto', 'auto:<policy>' or null, got {num_groups!r}"
+            )
         if param_norm is not None and param_norm not in PARAM_NORM_KINDS:
             raise ValueError(f"unknown parameter normalization {param_norm!r}; valid: {', '.join(PARAM_NORM_KINDS)}")
         if isinstance(virtual_devices, bool) or not isinstance(virtual_devices, int) or virtual_devices < 1:
@@ -143,7 +147,9 @@ class InjectionRules:
         self.kwargs = dict(kwargs or {})
         self.targets = tuple(targets) if targets is not None else DEFAULT_TARGETS
         optional = targets is None  # only the defaults may name a package that is not installed
-        self.target_types = tuple(t for t in (resolve_type(n, optional=optional) for n in self.targets) if t is not None)
+        self.target_types = tuple(
+            t for t in (resolve_type(n, optional=optional) for n in self.targets) if t is not None
+        )
         self.overrides = [self._check_override(i, o) for i, o in enumerate(overrides or [])]
         self.exclude = [_compile(p, "norm.exclude") for p in (exclude or [])]
         if not isinstance(remove_following_activation, bool):
@@ -223,7 +229,10 @@ class InjectionRules:
     def unmatched_patterns(self, names: Sequence[str]) -> list[str]:
         """``exclude`` / ``overrides`` patterns that match none of ``names`` (for a warning)."""
         out = []
-        for setting, patterns in (("norm.exclude", self.exclude), ("norm.overrides", [o["pattern"] for o in self.overrides])):
+        for setting, patterns in (
+            ("norm.exclude", self.exclude),
+            ("norm.overrides", [o["pattern"] for o in self.overrides]),
+        ):
             out += [f"{setting}: pattern {p.pattern!r}" for p in patterns if not any(p.fullmatch(n) for n in names)]
         return out
 

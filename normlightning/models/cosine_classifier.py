@@ -91,7 +91,9 @@ def imprint_weights(features: torch.Tensor, labels: torch.Tensor, num_classes: i
             f"labels must be (N,) matching features (N, D); got {tuple(labels.shape)} for {tuple(features.shape)}."
         )
     if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
-        raise ValueError(f"labels must lie in 0..{num_classes - 1}, got range {int(labels.min())}..{int(labels.max())}.")
+        raise ValueError(
+            f"labels must lie in 0..{num_classes - 1}, got range {int(labels.min())}..{int(labels.max())}."
+        )
     labels = labels.long()
     counts = torch.bincount(labels, minlength=num_classes)
     if (counts == 0).any():

@@ -146,7 +146,7 @@ def build_backbone(
         if name in BUILTIN_BACKBONES:
             return _resolve_builtin(name)(num_classes=num_classes, input_shape=input_shape, **kwargs)
         if name.startswith(TIMM_PREFIX):
-            return _build_timm(name[len(TIMM_PREFIX):], num_classes, input_shape, **kwargs)
+            return _build_timm(name[len(TIMM_PREFIX) :], num_classes, input_shape, **kwargs)
         return _build_torchvision(name, num_classes, input_shape, **kwargs)
     except TypeError as err:
         rejected = re.search(r"unexpected keyword argument '(\w+)'", str(err))

@@ -37,7 +37,13 @@ from torch import Tensor, nn
 
 from normlightning.injection import mark_pretrained
 
-__all__ = ["WEIGHT_FILE_SUFFIXES", "WeightsReport", "load_backbone_weights", "read_state_dict", "torchvision_weights_file"]
+__all__ = [
+    "WEIGHT_FILE_SUFFIXES",
+    "WeightsReport",
+    "load_backbone_weights",
+    "read_state_dict",
+    "torchvision_weights_file",
+]
 
 WEIGHT_FILE_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
 _TORCHVISION_NAME = re.compile(r"([A-Za-z][A-Za-z0-9_]*\.)?[A-Z][A-Z0-9_]*")
@@ -61,8 +67,10 @@ class WeightsReport:
 
     def summary(self) -> str:
         """One line per skipped key after a headline, e.g. for the log."""
-        lines = [f"backbone_weights: loaded {len(self.loaded)} tensors from {self.file}"
-                 + (f" ({self.source})" if self.source != self.file else "")]
+        lines = [
+            f"backbone_weights: loaded {len(self.loaded)} tensors from {self.file}"
+            + (f" ({self.source})" if self.source != self.file else "")
+        ]
         lines += [f"  skipped {key}: {reason}" for key, reason in self.skipped.items()]
         return "\n".join(lines)
 
@@ -139,13 +147,20 @@ def _resolve(weights: str, backbone: str) -> tuple[str, Path]:
     )
 
 
-def _skip_reason(key: str, file_shape: torch.Size, model_shape: torch.Size, num_classes: int, input_channels: int | None) -> str | None:
+def _skip_reason(
+    key: str, file_shape: torch.Size, model_shape: torch.Size, num_classes: int, input_channels: int | None
+) -> str | None:
     """Why a differently shaped key keeps its fresh initialisation, ``None`` when it may not."""
     shapes = f"file {tuple(file_shape)}, model {tuple(model_shape)}"
     if len(model_shape) == len(file_shape) >= 1 and model_shape[0] == num_classes and model_shape[1:] == file_shape[1:]:
         return f"{shapes}: classifier head for num_classes={num_classes}"
-    if (input_channels is not None and len(model_shape) == len(file_shape) == 4 and model_shape[1] == input_channels
-            and model_shape[0] == file_shape[0] and model_shape[2:] == file_shape[2:]):
+    if (
+        input_channels is not None
+        and len(model_shape) == len(file_shape) == 4
+        and model_shape[1] == input_channels
+        and model_shape[0] == file_shape[0]
+        and model_shape[2:] == file_shape[2:]
+    ):
         return f"{shapes}: input convolution for {input_channels} input channels"
     return None
 
@@ -181,7 +196,9 @@ def load_backbone_weights(
                 report.skipped[key] = reason
                 del keep[key]
     if mismatched:
-        raise ValueError(f"backbone_weights {str(file)!r} does not fit backbone {backbone!r}; shapes differ: {mismatched}")
+        raise ValueError(
+            f"backbone_weights {str(file)!r} does not fit backbone {backbone!r}; shapes differ: {mismatched}"
+        )
     result = model.load_state_dict(keep, strict=False)
     missing = [k for k in result.missing_keys if k not in report.skipped]
     if missing or result.unexpected_keys:

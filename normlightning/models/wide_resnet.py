@@ -49,9 +49,7 @@ class WideBasicBlock(nn.Module):
         self.dropout = float(dropout)
         self.equal_in_out = in_planes == out_planes and stride == 1
         self.shortcut = (
-            None
-            if self.equal_in_out
-            else nn.Conv2d(in_planes, out_planes, 1, stride=stride, padding=0, bias=False)
+            None if self.equal_in_out else nn.Conv2d(in_planes, out_planes, 1, stride=stride, padding=0, bias=False)
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -15,9 +15,11 @@ from .batch_norm import BatchNorm, BatchRenorm
 from .cross_iteration_bn import CrossIterationBatchNorm
 from .evonorm import EvoNormB0, EvoNormS0
 from .filter_response_norm import FilterResponseNorm
-from .mabn import MovingAverageBatchNorm
 from .ghost_norm import GhostNorm, SequentialNorm
+from .group_args import AutoContext, GroupArg
 from .heterologous_norm import HeterologousNorm
+from .mabn import MovingAverageBatchNorm
+from .norm_layer import norm_layer
 from .param_norms import (
     WeightCentering,
     WeightStandardization,
@@ -27,9 +29,7 @@ from .param_norms import (
     apply_weight_standardization,
 )
 from .per_example import FlatGroupNorm, GroupNorm, InstanceNorm, LayerNorm, PositionalNorm
-from .group_args import AutoContext, GroupArg
 from .registry import available_norms, build_norm, norm_group_args, register_norm
-from .norm_layer import norm_layer
 from .switchable_norm import SwitchableNorm
 from .with_carried import NormWithCarried
 

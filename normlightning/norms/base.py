@@ -141,7 +141,9 @@ class BatchStatNorm(NormLayer):
     ) -> None:
         super().__init__(num_features, eps, affine, device, dtype)
         if momentum is not None and not (isinstance(momentum, (int, float)) and 0.0 <= momentum <= 1.0):
-            raise ValueError(f"{type(self).__name__}: momentum must be in [0, 1] or None (cumulative average), got {momentum!r}.")
+            raise ValueError(
+                f"{type(self).__name__}: momentum must be in [0, 1] or None (cumulative average), got {momentum!r}."
+            )
         if not isinstance(track_running_stats, bool):
             raise ValueError(
                 f"{type(self).__name__}: track_running_stats must be True or False, got {track_running_stats!r}."
@@ -358,7 +360,9 @@ class ExampleWeighingMixin:
                 "statistics depend on each example; set alpha = 0"
             )
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         key = prefix + ALPHA_BUFFER
         if key not in state_dict:  # a checkpoint from before alpha was persisted: keep the current value
             state_dict[key] = self._buffers[ALPHA_BUFFER].detach().clone()
@@ -368,5 +372,7 @@ class ExampleWeighingMixin:
             except ValueError as err:
                 error_msgs.append(f"{key}: {err}")
                 return
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
         self._alpha = float(self._buffers[ALPHA_BUFFER])

@@ -6,9 +6,9 @@ import torch
 from torch import Tensor
 
 from . import functional as NF
+from .base import BatchStatNorm, ExampleWeighingMixin
 from .functional.fused_ops import blocks
 from .functional.layout import spatial_size
-from .base import BatchStatNorm, ExampleWeighingMixin
 from .group_args import AutoContext, GroupArg, divisors
 
 #: The BGN paper's group count per per-GPU batch size (its Table 2 / text, ResNet-50).
@@ -58,14 +58,25 @@ class BatchGroupNorm(BatchStatNorm):
 
     group_args = (
         GroupArg(
-            "num_groups", "flat", auto={"paper": _bgn_auto_paper}, takes_num_groups=True,
-            doc="groups of the flattened D = C*S; auto: the paper's mapping from the per-GPU batch", required=True,
+            "num_groups",
+            "flat",
+            auto={"paper": _bgn_auto_paper},
+            takes_num_groups=True,
+            doc="groups of the flattened D = C*S; auto: the paper's mapping from the per-GPU batch",
+            required=True,
         ),
     )
 
     def __init__(
-        self, num_features: int, num_groups: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
-        device=None, dtype=None, virtual_devices: int = 1,
+        self,
+        num_features: int,
+        num_groups: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        device=None,
+        dtype=None,
+        virtual_devices: int = 1,
     ) -> None:
         super().__init__(num_features, eps, momentum, affine, device, dtype, virtual_devices=virtual_devices)
         if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1:
@@ -113,7 +124,8 @@ class BatchGroupNorm(BatchStatNorm):
         if C % G != 0:
             raise ValueError(
                 f"BatchGroupNorm num_groups={G} on C={C} channels: its groups split channels, so its statistics "
-                f"differ between positions of one channel; only whole-channel groups ({divisors(C)}) have them per channel"
+                f"differ between positions of one channel; only whole-channel groups ({divisors(C)}) have them "
+                "per channel"
             )
         return blocks(self.running_mean, C // G), blocks(self.running_var, C // G)
 
@@ -186,13 +198,23 @@ class GeneralBatchGroupNorm(ExampleWeighingMixin, BatchStatNorm):
         super().__init__(num_features, eps, momentum, affine, device, dtype, virtual_devices=virtual_devices)
         if channel_groups is None:
             channel_groups = num_features
-        if isinstance(channel_groups, bool) or not isinstance(channel_groups, int) or channel_groups < 1 or num_features % channel_groups:
+        if (
+            isinstance(channel_groups, bool)
+            or not isinstance(channel_groups, int)
+            or channel_groups < 1
+            or num_features % channel_groups
+        ):
             raise ValueError(
                 f"GeneralBatchGroupNorm channel_groups={channel_groups!r} must divide the number of channels "
                 f"C={num_features}; valid choices: {divisors(num_features)}."
             )
-        if examples_per_group is not None and (isinstance(examples_per_group, bool) or not isinstance(examples_per_group, int) or examples_per_group < 1):
-            raise ValueError(f"GeneralBatchGroupNorm examples_per_group must be a positive int or None (whole batch), got {examples_per_group!r}.")
+        if examples_per_group is not None and (
+            isinstance(examples_per_group, bool) or not isinstance(examples_per_group, int) or examples_per_group < 1
+        ):
+            raise ValueError(
+                "GeneralBatchGroupNorm examples_per_group must be a positive int or None (whole batch), "
+                f"got {examples_per_group!r}."
+            )
         self.channel_groups = channel_groups
         self.examples_per_group = examples_per_group
         self._init_alpha(alpha, device)
@@ -204,7 +226,9 @@ class GeneralBatchGroupNorm(ExampleWeighingMixin, BatchStatNorm):
         """The mean and variance per channel ``(C,)`` this layer normalizes with at inference
         (``y = gamma (x - mean) / sqrt(var + eps) + beta``); ``ValueError`` when ``alpha > 0``."""
         self._check_no_example_weighing()
-        return NF.general_batch_group_channel_statistics(self.moving_x, self.moving_x2, self.channel_groups, self.moving_x.dtype)
+        return NF.general_batch_group_channel_statistics(
+            self.moving_x, self.moving_x2, self.channel_groups, self.moving_x.dtype
+        )
 
     def _channel_statistics_sources(self) -> tuple[Tensor, ...]:
         return self.moving_x, self.moving_x2
@@ -233,4 +257,7 @@ class GeneralBatchGroupNorm(ExampleWeighingMixin, BatchStatNorm):
         )
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", channel_groups={self.channel_groups}, examples_per_group={self.examples_per_group}"
+        return (
+            super().extra_repr()
+            + f", channel_groups={self.channel_groups}, examples_per_group={self.examples_per_group}"
+        )

@@ -100,8 +100,8 @@ class CrossIterationBatchNorm(BatchStatNorm):
 
     def _weight_derivatives(self, mu: Tensor, meanx2: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
         try:
-            dmu, = torch.autograd.grad(mu, weight, torch.ones_like(mu), retain_graph=True)
-            dmeanx2, = torch.autograd.grad(meanx2, weight, torch.ones_like(meanx2), retain_graph=True)
+            (dmu,) = torch.autograd.grad(mu, weight, torch.ones_like(mu), retain_graph=True)
+            (dmeanx2,) = torch.autograd.grad(meanx2, weight, torch.ones_like(meanx2), retain_graph=True)
         except RuntimeError as err:
             raise RuntimeError(
                 "CrossIterationBatchNorm: its input is not computed from the weight of the convolution it was "
@@ -113,8 +113,9 @@ class CrossIterationBatchNorm(BatchStatNorm):
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
         if not self.training:
-            return NF.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, training=False,
-                                 eps=self.eps)
+            return NF.batch_norm(
+                x, self.running_mean, self.running_var, self.weight, self.bias, training=False, eps=self.eps
+            )
         count = x.numel() // x.shape[1]
         check_set_size(count, "CrossIterationBatchNorm", "use a larger batch or input")
         factor = self._momentum_factor()
@@ -132,7 +133,7 @@ class CrossIterationBatchNorm(BatchStatNorm):
                 mean, var = cross_iteration_statistics(mu, meanx2, self.history, weight, self.rho)
             past: PastStatistics = (mu.detach(), meanx2.detach(), dmu, dmeanx2, weight.detach().clone())
             self.history.insert(0, past)
-            del self.history[self.window - 1:]
+            del self.history[self.window - 1 :]
         update_running_stats(self.running_mean, self.running_var, mu.detach(), batch_var.detach(), count, factor)
         y = (x3 - mean.view(1, -1, 1)) * torch.rsqrt(var + self.eps).view(1, -1, 1)
         if inp.weight is not None:

@@ -78,7 +78,9 @@ class GhostNorm(ExampleWeighingMixin, _GhostMixin, BatchStatNorm):
     Shape: input ``(N, C, *)``, output the same.
     """
 
-    group_args = (GroupArg("num_groups", "batch", auto={"ghost16": _ghost_auto}, takes_num_groups=True, doc=_GHOST_DOC),)
+    group_args = (
+        GroupArg("num_groups", "batch", auto={"ghost16": _ghost_auto}, takes_num_groups=True, doc=_GHOST_DOC),
+    )
 
     def __init__(
         self,
@@ -136,7 +138,8 @@ class SequentialNorm(_GhostMixin, BatchStatNorm):
     """Sequential Normalization (Dimitriou & Arandjelovic, Information 2022), name ``seqnorm``.
 
     ``y = Ghost_{G_M}(GroupNorm_{G_C}(x))``: GN with ``channel_groups`` groups and no affine,
-    then GhostNorm with ``batch_groups`` ghost batches (or ghost batches of ``ghost_batch_size``), which holds the per-channel affine and
+    then GhostNorm with ``batch_groups`` ghost batches (or ghost batches of ``ghost_batch_size``), which holds
+    the per-channel affine and
     the running statistics (per channel). Eval: GN stage per example, ghost stage from the
     running statistics. Both counts have no default: the paper's best differs by data set
     (ImageNet ``G_C, G_M = 4, 4``; CIFAR-100 ``4, 8``; CIFAR-10 ``16, 8``), so give
@@ -148,12 +151,21 @@ class SequentialNorm(_GhostMixin, BatchStatNorm):
 
     group_args = (
         GroupArg(
-            "channel_groups", "channels", auto={"paper": _seqnorm_auto_channels}, takes_num_groups=True,
-            doc="GN-stage channel groups G_C; auto: 4 (the paper's best), fitted to C", required=True,
+            "channel_groups",
+            "channels",
+            auto={"paper": _seqnorm_auto_channels},
+            takes_num_groups=True,
+            doc="GN-stage channel groups G_C; auto: 4 (the paper's best), fitted to C",
+            required=True,
         ),
         GroupArg(
-            "batch_groups", "batch", auto={"ghost16": _ghost_auto}, takes_num_groups=True, doc=_GHOST_DOC,
-            required=True, alternatives=("ghost_batch_size",),
+            "batch_groups",
+            "batch",
+            auto={"ghost16": _ghost_auto},
+            takes_num_groups=True,
+            doc=_GHOST_DOC,
+            required=True,
+            alternatives=("ghost_batch_size",),
         ),
     )
 
@@ -212,4 +224,7 @@ class SequentialNorm(_GhostMixin, BatchStatNorm):
         )
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", channel_groups={self.channel_groups}, batch_groups={self.num_groups}, ghost_batch_size={self.ghost_batch_size}"
+        return (
+            super().extra_repr() + f", channel_groups={self.channel_groups}, batch_groups={self.num_groups}, "
+            f"ghost_batch_size={self.ghost_batch_size}"
+        )

@@ -6,12 +6,13 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as NF
-from .functional.layout import spatial_size
 from .base import BatchStatNorm
+from .functional.layout import spatial_size
 
 
 class HeterologousNorm(BatchStatNorm):
-    """Heterologous Normalization (the HN paper; our copy is the anonymous double-blind submission), registry name ``hn``.
+    """Heterologous Normalization (the HN paper; our copy is the anonymous double-blind submission), registry
+    name ``hn``.
 
     ``x_hat = (x - mu_S) / sqrt(var_S' + eps)``, ``y = gamma_c x_hat + beta_c``: the mean
     comes from set ``S`` (``mean``) and the variance from a different set ``S'`` (``std``),
@@ -80,16 +81,26 @@ class HeterologousNorm(BatchStatNorm):
         (``y = gamma (x - mean) / sqrt(var + eps) + beta``); ``ValueError`` when a set is per
         example (``in``, ``ln``, ``gn:G``: computed from each input)."""
         if not self._batch_sets_only:
-            per_example = [spec for spec, (kind, _) in zip([self.mean_spec, *self.std_spec.split("+")], [self.mean_set, *self.std_sets])
-                           if not NF.is_batch_set(kind)]
+            per_example = [
+                spec
+                for spec, (kind, _) in zip([self.mean_spec, *self.std_spec.split("+")], [self.mean_set, *self.std_sets])
+                if not NF.is_batch_set(kind)
+            ]
             raise ValueError(
                 f"HeterologousNorm(mean={self.mean_spec!r}, std={self.std_spec!r}): the set(s) {per_example} are per "
-                "example, so their statistics come from each input at inference; only batch sets (bn, en:G) are constants"
+                "example, so their statistics come from each input at inference; only batch sets (bn, en:G) are "
+                "constants"
             )
         logits = None if self.std_weight is None else self.std_weight.detach()
         running_vars = [getattr(self, name) for name in self._var_names]
         return NF.heterologous_channel_statistics(
-            self.mean_set, self.std_sets, logits, self.running_mean, running_vars, self.num_features, self.running_mean.dtype
+            self.mean_set,
+            self.std_sets,
+            logits,
+            self.running_mean,
+            running_vars,
+            self.num_features,
+            self.running_mean.dtype,
         )
 
     def _channel_statistics_sources(self) -> tuple[Tensor, ...]:
@@ -129,7 +140,8 @@ class HeterologousNorm(BatchStatNorm):
             if size < 2:
                 raise ValueError(
                     f"HeterologousNorm set {kind}{':' + str(g) if kind in ('gn', 'en') else ''} has one element "
-                    f"for input of shape {tuple(x.shape)} in training; choose a larger set (e.g. 'en:1' or 'ln') or a larger input."
+                    f"for input of shape {tuple(x.shape)} in training; choose a larger set (e.g. 'en:1' or 'ln') "
+                    "or a larger input."
                 )
 
     def extra_repr(self) -> str:

@@ -92,7 +92,9 @@ def statistics_mode(model: nn.Module, mode: StatisticsMode, *, sync: bool | None
     check_statistics_mode(mode, "statistics_mode: mode")
     flags = [(module, module.training) for module in model.modules()]
     saved = [(b, b.detach().clone()) for b in model.buffers()] if mode == "train_frozen" else []
-    syncs = [(m, m.sync_statistics) for m in model.modules() if hasattr(m, "sync_statistics")] if sync is not None else []
+    syncs = (
+        [(m, m.sync_statistics) for m in model.modules() if hasattr(m, "sync_statistics")] if sync is not None else []
+    )
     try:
         layers = [module for module in model.modules() if is_norm_layer(module)]
         for layer in layers:

@@ -86,7 +86,8 @@ def _with_activation(name: str, layer: nn.Module, act_args: dict[str, Any]) -> n
     drop = drop_layer() if drop_layer is not None else nn.Identity()
     act = (
         _activation(name, act_args["act_layer"], act_args.get("act_kwargs"), bool(act_args.get("inplace", True)))
-        if apply_act else nn.Identity()
+        if apply_act
+        else nn.Identity()
     )
     return NormWithCarried(layer, {"drop": drop, "act": act})
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 from torch import Tensor
 
 from . import functional as NF
-from .functional.layout import spatial_size
 from .base import NormLayer
+from .functional.layout import spatial_size
 from .group_args import GroupArg, divisors
 
 
@@ -25,7 +25,9 @@ class GroupNorm(NormLayer):
 
     group_args = (GroupArg("num_groups", "channels", takes_num_groups=True, doc="channel groups G"),)
 
-    def __init__(self, num_features: int, num_groups: int = 32, eps: float = 1e-5, affine: bool = True, device=None, dtype=None) -> None:
+    def __init__(
+        self, num_features: int, num_groups: int = 32, eps: float = 1e-5, affine: bool = True, device=None, dtype=None
+    ) -> None:
         super().__init__(num_features, eps, affine, device, dtype)
         if not isinstance(num_groups, int) or num_groups < 1 or num_features % num_groups != 0:
             raise ValueError(
@@ -37,8 +39,9 @@ class GroupNorm(NormLayer):
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
-        return NF.group_norm(x, num_groups=self.num_groups, weight=self.weight, bias=self.bias, eps=self.eps,
-                             training=self.training)
+        return NF.group_norm(
+            x, num_groups=self.num_groups, weight=self.weight, bias=self.bias, eps=self.eps, training=self.training
+        )
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", num_groups={self.num_groups}"
@@ -72,8 +75,9 @@ class FlatGroupNorm(NormLayer):
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
-        return NF.flat_group_norm(x, num_groups=self.num_groups, weight=self.weight, bias=self.bias, eps=self.eps,
-                                  training=self.training)
+        return NF.flat_group_norm(
+            x, num_groups=self.num_groups, weight=self.weight, bias=self.bias, eps=self.eps, training=self.training
+        )
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", num_groups={self.num_groups}"
@@ -136,5 +140,7 @@ class PositionalNorm(NormLayer):
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
         if self.training and self.num_features < 2:
-            raise ValueError("PositionalNorm: a set of one element (C == 1) in training; PN normalizes over channels, use C > 1.")
+            raise ValueError(
+                "PositionalNorm: a set of one element (C == 1) in training; PN normalizes over channels, use C > 1."
+            )
         return NF.positional_norm(x, weight=self.weight, bias=self.bias, eps=self.eps)

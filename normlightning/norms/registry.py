@@ -30,16 +30,22 @@ from .batch_norm import BatchNorm, BatchRenorm
 from .cross_iteration_bn import CrossIterationBatchNorm
 from .evonorm import EvoNormB0, EvoNormS0
 from .filter_response_norm import FilterResponseNorm
-from .mabn import MovingAverageBatchNorm
 from .ghost_norm import GhostNorm, SequentialNorm
 from .group_args import GroupArg, group_args_of
 from .heterologous_norm import HeterologousNorm
+from .mabn import MovingAverageBatchNorm
 from .per_example import FlatGroupNorm, GroupNorm, InstanceNorm, LayerNorm, PositionalNorm
 from .switchable_norm import SwitchableNorm
-from .timm_layers import PREFIX as TIMM_PREFIX, timm_norm_factory
+from .timm_layers import PREFIX as TIMM_PREFIX
+from .timm_layers import timm_norm_factory
 
 __all__ = [
-    "ENTRY_POINT_GROUP", "NormPluginError", "build_norm", "register_norm", "available_norms", "norm_factory",
+    "ENTRY_POINT_GROUP",
+    "NormPluginError",
+    "build_norm",
+    "register_norm",
+    "available_norms",
+    "norm_factory",
     "norm_group_args",
 ]
 
@@ -202,5 +208,8 @@ def build_norm(name: str, num_features: int, **kwargs) -> nn.Module:
         return factory(num_features, **kwargs)
     except TypeError as err:
         if "unexpected keyword argument" in str(err) or "missing 1 required" in str(err):
-            raise TypeError(f"build_norm({name!r}): {err}. See the docstring of {getattr(factory, '__name__', factory)} for its arguments.") from err
+            raise TypeError(
+                f"build_norm({name!r}): {err}. See the docstring of {getattr(factory, '__name__', factory)} "
+                "for its arguments."
+            ) from err
         raise

@@ -25,8 +25,14 @@ class SwitchableNorm(BatchStatNorm):
     """
 
     def __init__(
-        self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True, device=None,
-        dtype=None, virtual_devices: int = 1,
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        device=None,
+        dtype=None,
+        virtual_devices: int = 1,
     ) -> None:
         super().__init__(num_features, eps, momentum, affine, device, dtype, virtual_devices=virtual_devices)
         self.mean_weight = nn.Parameter(torch.ones(3, device=device, dtype=dtype))

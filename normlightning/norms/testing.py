@@ -104,8 +104,9 @@ class _Checker:
 
     def close(self, actual: Tensor, expected: Tensor, what: str, atol: float = 1e-6, rtol: float = 1e-5) -> None:
         actual, expected = actual.detach().double(), expected.detach().double()
-        self.require(actual.shape == expected.shape,
-                     f"{what}: shape {tuple(actual.shape)}, expected {tuple(expected.shape)}")
+        self.require(
+            actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)}, expected {tuple(expected.shape)}"
+        )
         if not torch.allclose(actual, expected, atol=atol, rtol=rtol):
             worst = (actual - expected).abs().max().item()
             self.require(False, f"{what}: differs by up to {worst:.3g} (atol {atol}, rtol {rtol})")
@@ -148,27 +149,40 @@ class _Checker:
         with self.checking("declared properties"):
             C = self.num_features
             layer = self.build(eps=1e-3, affine=False)
-            self.require(isinstance(layer, nn.Module),
-                         f"the factory returned a {type(layer).__name__}, not an nn.Module")
-            self.require(is_norm_layer(layer), "not a normalization layer: subclass NormLayer or declare the class "
-                         "attribute uses_batch_statistics (bool)")
+            self.require(
+                isinstance(layer, nn.Module), f"the factory returned a {type(layer).__name__}, not an nn.Module"
+            )
+            self.require(
+                is_norm_layer(layer),
+                "not a normalization layer: subclass NormLayer or declare the class "
+                "attribute uses_batch_statistics (bool)",
+            )
             self.require(getattr(layer, "num_features", None) == C, f"num_features is not {C}")
             self.require(getattr(layer, "eps", None) == 1e-3, "eps=1e-3 given, layer.eps is not 1e-3")
-            self.require(getattr(layer, "weight", 0) is None and getattr(layer, "bias", 0) is None,
-                         "affine=False given: weight and bias must be None")
+            self.require(
+                getattr(layer, "weight", 0) is None and getattr(layer, "bias", 0) is None,
+                "affine=False given: weight and bias must be None",
+            )
             layer = self.build(affine=True)
             for name in ("weight", "bias"):
                 value = getattr(layer, name, None)
-                self.require(isinstance(value, nn.Parameter) and value.shape == (C,),
-                             f"affine=True: {name} must be a Parameter of shape ({C},)")
-            self.require(isinstance(getattr(layer, "uses_batch_statistics", None), bool),
-                         "uses_batch_statistics is not a bool")
+                self.require(
+                    isinstance(value, nn.Parameter) and value.shape == (C,),
+                    f"affine=True: {name} must be a Parameter of shape ({C},)",
+                )
+            self.require(
+                isinstance(getattr(layer, "uses_batch_statistics", None), bool), "uses_batch_statistics is not a bool"
+            )
             self.dims = tuple(sorted(getattr(layer, "input_dims", DEFAULT_INPUT_DIMS)))
-            self.require(len(self.dims) > 0 and set(self.dims) <= set(DEFAULT_INPUT_DIMS),
-                         f"input_dims={self.dims}: must be ranks among {DEFAULT_INPUT_DIMS}")
+            self.require(
+                len(self.dims) > 0 and set(self.dims) <= set(DEFAULT_INPUT_DIMS),
+                f"input_dims={self.dims}: must be ranks among {DEFAULT_INPUT_DIMS}",
+            )
             for arg in group_args_of(self.factory):
-                self.require(factory_accepts(self.factory, arg.name),
-                             f"group_args names {arg.name!r}, not a keyword of the factory")
+                self.require(
+                    factory_accepts(self.factory, arg.name),
+                    f"group_args names {arg.name!r}, not a keyword of the factory",
+                )
             if not layer.uses_batch_statistics or getattr(layer, "track_running_stats", True) is False:
                 return
             self.require(factory_accepts(self.factory, "momentum"), "a layer with running statistics takes momentum")
@@ -177,8 +191,10 @@ class _Checker:
                 self.require(hasattr(layer, name), f"a layer with running statistics has {name}")
             buffers = dict(layer.named_buffers())
             for name in layer.running_stat_names:
-                self.require(name in buffers and buffers[name].is_floating_point(),
-                             f"running_stat_names lists {name!r}, not a floating buffer")
+                self.require(
+                    name in buffers and buffers[name].is_floating_point(),
+                    f"running_stat_names lists {name!r}, not a floating buffer",
+                )
 
     def input_shapes(self) -> None:
         with self.checking("input shapes"):
@@ -209,8 +225,10 @@ class _Checker:
                     expected = copy.deepcopy(reference).train(training)(x)
                     strided = x.contiguous(memory_format=formats[dims])
                     y = self.forward(copy.deepcopy(reference).train(training), strided, f"{formats[dims]}")
-                    self.require(y.is_contiguous(memory_format=formats[dims]),
-                                 f"{dims}-D {formats[dims]} input, training={training}: output not in that format")
+                    self.require(
+                        y.is_contiguous(memory_format=formats[dims]),
+                        f"{dims}-D {formats[dims]} input, training={training}: output not in that format",
+                    )
                     self.close(y, expected, f"{formats[dims]} output against a contiguous input's, training={training}")
 
     def state_dict_round_trip(self) -> None:
@@ -249,15 +267,19 @@ class _Checker:
             counted = int(layer.num_batches_tracked)
             before = {name: getattr(layer, name).clone() for name in names}
             layer.train()(batches[0])
-            self.require(int(layer.num_batches_tracked) == counted + 1,
-                         "a training forward does not count num_batches_tracked")
-            self.require(any(not torch.equal(getattr(layer, n), before[n]) for n in names),
-                         "a training forward changes none of the running statistics")
+            self.require(
+                int(layer.num_batches_tracked) == counted + 1, "a training forward does not count num_batches_tracked"
+            )
+            self.require(
+                any(not torch.equal(getattr(layer, n), before[n]) for n in names),
+                "a training forward changes none of the running statistics",
+            )
             layer.reset_running_stats()
             self.require(int(layer.num_batches_tracked) == 0, "reset_running_stats() leaves num_batches_tracked != 0")
             for name in names:
-                self.close(getattr(layer, name), initial[name],
-                           f"{name} after reset_running_stats() against a new layer's")
+                self.close(
+                    getattr(layer, name), initial[name], f"{name} after reset_running_stats() against a new layer's"
+                )
             per_batch = []
             for x in batches:
                 probe = copy.deepcopy(layer)
@@ -269,9 +291,12 @@ class _Checker:
                 layer(x)
             for name in names:
                 average = torch.stack([stats[name] for stats in per_batch]).mean(0)
-                self.close(getattr(layer, name), average,
-                           f"{name} with momentum=None after {len(batches)} batches against the average of the "
-                           "per-batch statistics (cumulative average)")
+                self.close(
+                    getattr(layer, name),
+                    average,
+                    f"{name} with momentum=None after {len(batches)} batches against the average of the "
+                    "per-batch statistics (cumulative average)",
+                )
 
     def untracked(self) -> None:
         if not factory_accepts(self.factory, "track_running_stats"):
@@ -286,8 +311,9 @@ class _Checker:
             self.require(getattr(layer, "track_running_stats", None) is False, "layer.track_running_stats is not False")
             self.require(tuple(getattr(layer, "running_stat_names", ())) == (), "running_stat_names is not empty")
             self.require(getattr(layer, "num_batches_tracked", None) is None, "num_batches_tracked is not None")
-            self.require(not is_batch_statistic_layer(layer),
-                         "recalibration would treat it as keeping running statistics")
+            self.require(
+                not is_batch_statistic_layer(layer), "recalibration would treat it as keeping running statistics"
+            )
             before = {k: v.clone() for k, v in layer.state_dict().items()}
             x = self.input(self.dims[-1], seed=9)
             self.close(layer.eval()(x), layer.train()(x), "eval output against the training output (batch statistics)")

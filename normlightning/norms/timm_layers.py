@@ -35,7 +35,7 @@ def _timm_class(name: str) -> tuple[Any, dict[str, Any]]:
         from timm.layers import create_norm, create_norm_act
     except ImportError:
         raise ImportError(
-            f'norm method {PREFIX}{name!r} builds a layer of timm\'s norm registry and needs timm: '
+            f"norm method {PREFIX}{name!r} builds a layer of timm's norm registry and needs timm: "
             'pip install "normlightning[timm]"'
         ) from None
     key = name.replace("_", "").lower()
@@ -104,4 +104,4 @@ class TimmNormFactory:
 def timm_norm_factory(method: str) -> TimmNormFactory:
     """The factory of ``method`` = ``"timm/<name>"`` (``ImportError`` naming the extra without timm,
     ``ValueError`` listing timm's names for an unknown one)."""
-    return TimmNormFactory(method[len(PREFIX):])
+    return TimmNormFactory(method[len(PREFIX) :])

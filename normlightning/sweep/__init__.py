@@ -40,10 +40,10 @@ from normlightning.sweep.grid import (
     FIXED_GROUP_COUNTS,
     LOGS_DIR,
     METRICS_FILE,
-    TENSORBOARD_DIR,
     RESULT_FILE,
     RESULT_METRICS,
     SPEC_FILE,
+    TENSORBOARD_DIR,
     Cell,
     cell_config,
     cell_spec,
@@ -52,7 +52,13 @@ from normlightning.sweep.grid import (
     method_preset,
 )
 from normlightning.sweep.report import (
-    aggregate, collect_rows, markdown_table, plot_sweep, sweep_figure, sweep_title, write_report,
+    aggregate,
+    collect_rows,
+    markdown_table,
+    plot_sweep,
+    sweep_figure,
+    sweep_title,
+    write_report,
 )
 from normlightning.sweep.runner import SweepResult, run_sweep
 

@@ -31,28 +31,50 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run (or resume) a grid of normalization method x per-process batch size x seed, "
         "with the LR scaled linearly with the batch; writes results.csv, table.md and accuracy_vs_batch.png.",
     )
-    parser.add_argument("--config", help="base normlightning config (YAML); its optimizer lr holds at --base-batch-size")
+    parser.add_argument(
+        "--config", help="base normlightning config (YAML); its optimizer lr holds at --base-batch-size"
+    )
     parser.add_argument("--out", default="runs/sweep", help="sweep folder (reuse it to resume)")
     parser.add_argument("--methods", nargs="+", default=["bn", "gn", "bgn"])
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[2, 8, 64])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
-    parser.add_argument("--epochs", nargs="+", default=["1"],
-                        help="epochs of every cell (one int), or per batch size as B=E pairs, e.g. 2=2 8=4 64=30")
+    parser.add_argument(
+        "--epochs",
+        nargs="+",
+        default=["1"],
+        help="epochs of every cell (one int), or per batch size as B=E pairs, e.g. 2=2 8=4 64=30",
+    )
     parser.add_argument("--base-batch-size", type=int, default=64)
-    parser.add_argument("--executor", choices=EXECUTORS, default="subprocess",
-                        help="how cells run: one fresh process each (subprocess), in this process (inline), or "
-                        'one cluster job each (submitit; pip install "normlightning[cluster]")')
-    parser.add_argument("--workers", type=int, default=1,
-                        help="inline/subprocess: cells run in parallel (worker processes); submitit on SLURM: the "
-                        "job array's parallelism limit")
+    parser.add_argument(
+        "--executor",
+        choices=EXECUTORS,
+        default="subprocess",
+        help="how cells run: one fresh process each (subprocess), in this process (inline), or "
+        'one cluster job each (submitit; pip install "normlightning[cluster]")',
+    )
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="inline/subprocess: cells run in parallel (worker processes); submitit on SLURM: the "
+        "job array's parallelism limit",
+    )
     jobs = parser.add_argument_group("cluster jobs (--executor submitit)")
-    jobs.add_argument("--cluster", choices=["local", "slurm"], default="local",
-                      help="submit to SLURM, or run the jobs on this machine (local)")
+    jobs.add_argument(
+        "--cluster",
+        choices=["local", "slurm"],
+        default="local",
+        help="submit to SLURM, or run the jobs on this machine (local)",
+    )
     jobs.add_argument("--slurm-partition", default=None, help="SLURM partition (default: the cluster's)")
     jobs.add_argument("--time-limit", type=int, default=60, help="wall-time limit of one cell's job, in minutes")
-    jobs.add_argument("--gpus-per-cell", type=int, default=0,
-                      help="GPUs of one cell over all its nodes (0: the base config's accelerator); with more than "
-                      "one, the cell trains with DDP, one SLURM task per GPU")
+    jobs.add_argument(
+        "--gpus-per-cell",
+        type=int,
+        default=0,
+        help="GPUs of one cell over all its nodes (0: the base config's accelerator); with more than "
+        "one, the cell trains with DDP, one SLURM task per GPU",
+    )
     jobs.add_argument("--nodes-per-cell", type=int, default=1, help="nodes of one cell (trainer.num_nodes)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per cell (0: torch default)")
     parser.add_argument("--metric", default="test/acc1")
@@ -76,14 +98,29 @@ def main(argv: Sequence[str] | None = None) -> SweepResult | None:
     if not args.config:
         build_parser().error("--config is required (e.g. examples/configs/sweep_digits.yaml)")
     try:
-        cluster = ClusterSettings(cluster=args.cluster, partition=args.slurm_partition, time_limit_min=args.time_limit,
-                                  gpus_per_cell=args.gpus_per_cell, nodes_per_cell=args.nodes_per_cell)
+        cluster = ClusterSettings(
+            cluster=args.cluster,
+            partition=args.slurm_partition,
+            time_limit_min=args.time_limit,
+            gpus_per_cell=args.gpus_per_cell,
+            nodes_per_cell=args.nodes_per_cell,
+        )
     except ValueError as err:
         build_parser().error(str(err))
     result = run_sweep(
-        args.config, args.out, methods=args.methods, batch_sizes=args.batch_sizes, seeds=args.seeds,
-        epochs=parse_epochs(args.epochs), base_batch_size=args.base_batch_size, executor=args.executor,
-        cluster=cluster, threads=threads, workers=args.workers, metric=args.metric, plot=not args.no_plot,
+        args.config,
+        args.out,
+        methods=args.methods,
+        batch_sizes=args.batch_sizes,
+        seeds=args.seeds,
+        epochs=parse_epochs(args.epochs),
+        base_batch_size=args.base_batch_size,
+        executor=args.executor,
+        cluster=cluster,
+        threads=threads,
+        workers=args.workers,
+        metric=args.metric,
+        plot=not args.no_plot,
     )
     counts = {s: sum(1 for v in result.status.values() if v == s) for s in ("ran", "skipped", "failed")}
     print(f"[sweep] {counts} in {result.wall_s:.1f} s; table: {result.files.get('table')}")

@@ -200,7 +200,9 @@ def _run_submitit(
                 "submitit's local cluster does not set up DDP"
             )
         if workers > 1:
-            raise ValueError("sweep: --workers does not apply to submitit's local cluster, which runs all cells at once")
+            raise ValueError(
+                "sweep: --workers does not apply to submitit's local cluster, which runs all cells at once"
+            )
     if not pending:
         return {}
     submitit = import_submitit()
@@ -224,8 +226,11 @@ def _run_submitit(
         except Exception as err:  # noqa: BLE001 - one failed cell must not stop the grid
             (cell_dir / "error.txt").write_text(f"submitit job {job.job_id} (logs: {job.paths.folder}):\n{err}\n")
             status[cell_dir.name] = "failed"
-        log(f"[sweep] {done}/{len(jobs)} {cell_dir.name} {status[cell_dir.name]} "
-            f"({time.perf_counter() - start:.0f} s since submission)", flush=True)
+        log(
+            f"[sweep] {done}/{len(jobs)} {cell_dir.name} {status[cell_dir.name]} "
+            f"({time.perf_counter() - start:.0f} s since submission)",
+            flush=True,
+        )
     return status
 
 

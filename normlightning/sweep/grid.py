@@ -212,8 +212,12 @@ def cell_config(
                 },
                 {
                     "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                    "init_args": {"save_dir": str(Path(cell_dir) / TENSORBOARD_DIR), "name": "", "version": "",
-                                  "default_hp_metric": False},
+                    "init_args": {
+                        "save_dir": str(Path(cell_dir) / TENSORBOARD_DIR),
+                        "name": "",
+                        "version": "",
+                        "default_hp_metric": False,
+                    },
                 },
             ],
         }

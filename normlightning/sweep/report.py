@@ -19,7 +19,13 @@ from normlightning import plotting
 from normlightning.sweep.grid import RESULT_FILE, RESULT_METRICS, Cell, method_preset
 
 __all__ = [
-    "aggregate", "collect_rows", "markdown_table", "method_label", "plot_sweep", "sweep_figure", "sweep_title",
+    "aggregate",
+    "collect_rows",
+    "markdown_table",
+    "method_label",
+    "plot_sweep",
+    "sweep_figure",
+    "sweep_title",
     "write_report",
 ]
 
@@ -118,8 +124,9 @@ def sweep_figure(
     seeds = sorted({by_batch[b][2] for by_batch in stats.values() for b in by_batch})
     columns = min(len(methods), 4)
     rows = math.ceil(len(methods) / columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns + 0.6, 2.9 * rows + 1.2), sharey=True,
-                             squeeze=False, layout="constrained")
+    fig, axes = plt.subplots(
+        rows, columns, figsize=(3.2 * columns + 0.6, 2.9 * rows + 1.2), sharey=True, squeeze=False, layout="constrained"
+    )
     handles, names = [], []
     for k, (ax, method) in enumerate(zip(axes.flat, methods)):
         xs = sorted(stats[method])
@@ -127,13 +134,23 @@ def sweep_figure(
         stds = [0.0 if math.isnan(stats[method][b][1]) else stats[method][b][1] * scale for b in xs]
         if reference in stats and method != reference:
             ref_xs = sorted(stats[reference])
-            line = ax.plot(ref_xs, [stats[reference][b][0] * scale for b in ref_xs], color="tab:gray",
-                           linestyle="--", linewidth=1.0, marker="x", markersize=4)[0]
+            line = ax.plot(
+                ref_xs,
+                [stats[reference][b][0] * scale for b in ref_xs],
+                color="tab:gray",
+                linestyle="--",
+                linewidth=1.0,
+                marker="x",
+                markersize=4,
+            )[0]
             if not any(name.startswith(f"{reference} mean") for name in names):
                 handles.append(line)
                 names.append(f"{reference} mean (dashed, for comparison)")
-        handles.append(ax.errorbar(xs, means, yerr=stds, fmt="o-", color=COLOURS[k % len(COLOURS)], capsize=4, markersize=5,
-                                   linewidth=1.2))
+        handles.append(
+            ax.errorbar(
+                xs, means, yerr=stds, fmt="o-", color=COLOURS[k % len(COLOURS)], capsize=4, markersize=5, linewidth=1.2
+            )
+        )
         names.append(labels[method])
         ax.set_xscale("log", base=2)
         ax.set_xticks(batches, [str(b) for b in batches])
@@ -143,15 +160,25 @@ def sweep_figure(
         ax.set_title(method, fontsize=10)
         ax.set_xlabel("per-process batch size (log2 axis)", fontsize=9)
         ax.grid(True, alpha=0.3)
-    for ax in axes.flat[len(methods):]:
+    for ax in axes.flat[len(methods) :]:
         ax.set_visible(False)
     fig.supylabel(ylabel, fontsize=10)
-    seed_text = (f"n = {seeds[0]} seed{'s' if seeds[0] != 1 else ''} per point" if len(seeds) == 1
-                 else f"n = {seeds[0]}-{seeds[-1]} seeds per point")
+    seed_text = (
+        f"n = {seeds[0]} seed{'s' if seeds[0] != 1 else ''} per point"
+        if len(seeds) == 1
+        else f"n = {seeds[0]}-{seeds[-1]} seeds per point"
+    )
     bars = "no bar with 1 seed" if seeds[0] == 1 else "bar: ± 1 sample std"
-    fig.legend(handles, names, loc="outside lower center", ncol=min(len(names), 3), fontsize=8, frameon=False,
-               title=f"mean over seeds ({seed_text}; {bars}); group counts as every cell set them",
-               title_fontsize=8)
+    fig.legend(
+        handles,
+        names,
+        loc="outside lower center",
+        ncol=min(len(names), 3),
+        fontsize=8,
+        frameon=False,
+        title=f"mean over seeds ({seed_text}; {bars}); group counts as every cell set them",
+        title_fontsize=8,
+    )
     if title:
         fig.suptitle(title, fontsize=11)
     return fig
@@ -178,8 +205,7 @@ def sweep_title(base_config: Mapping[str, Any], epochs: Mapping[int, int], metri
     if len(set(epochs.values())) == 1:
         schedule = f"{next(iter(epochs.values()))} epochs"
     else:
-        schedule = (f"epochs {' / '.join(str(e) for e in epochs.values())} at batch "
-                    f"{' / '.join(str(b) for b in epochs)}")
+        schedule = f"epochs {' / '.join(str(e) for e in epochs.values())} at batch {' / '.join(str(b) for b in epochs)}"
     return f"{data}, {backbone}: {metric} by normalization method ({schedule})"
 
 

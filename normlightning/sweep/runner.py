@@ -21,7 +21,15 @@ import yaml
 from normlightning import plotting
 from normlightning.sweep.cell import is_finished
 from normlightning.sweep.executors import EXECUTORS, ClusterSettings, run_cells
-from normlightning.sweep.grid import CONFIG_FILE, RESULT_FILE, SPEC_FILE, cell_config, cell_spec, epochs_per_batch, make_grid
+from normlightning.sweep.grid import (
+    CONFIG_FILE,
+    RESULT_FILE,
+    SPEC_FILE,
+    cell_config,
+    cell_spec,
+    epochs_per_batch,
+    make_grid,
+)
 from normlightning.sweep.report import collect_rows, sweep_title, write_report
 
 __all__ = ["SweepResult", "run_sweep"]
@@ -102,8 +110,15 @@ def run_sweep(
     pending: list[Path] = []
     for cell in grid:
         cell_dir = out / "cells" / cell.name
-        config = cell_config(base_config, cell, epochs=epochs_of[cell.batch_size], base_batch_size=base_batch_size,
-                             cell_dir=cell_dir, gpus=cluster.gpus_per_cell, nodes=cluster.nodes_per_cell)
+        config = cell_config(
+            base_config,
+            cell,
+            epochs=epochs_of[cell.batch_size],
+            base_batch_size=base_batch_size,
+            cell_dir=cell_dir,
+            gpus=cluster.gpus_per_cell,
+            nodes=cluster.nodes_per_cell,
+        )
         spec = cell_spec(cell, config)
         if is_finished(cell_dir, spec):
             result.status[cell.name] = "skipped"
@@ -114,21 +129,34 @@ def run_sweep(
         (cell_dir / CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False))
         (cell_dir / SPEC_FILE).write_text(json.dumps(spec))
         pending.append(cell_dir)
-    log(f"[sweep] {len(pending)} of {len(grid)} cells to run ({len(grid) - len(pending)} finished before), "
-        f"executor {executor}", flush=True)
+    log(
+        f"[sweep] {len(pending)} of {len(grid)} cells to run ({len(grid) - len(pending)} finished before), "
+        f"executor {executor}",
+        flush=True,
+    )
     result.status.update(
-        run_cells(pending, executor, threads=threads, workers=workers, cluster=cluster, jobs_dir=out / JOBS_DIR, log=log)
+        run_cells(
+            pending, executor, threads=threads, workers=workers, cluster=cluster, jobs_dir=out / JOBS_DIR, log=log
+        )
     )
     result.wall_s = time.perf_counter() - start
     result.rows = collect_rows(out, grid)
-    result.files = write_report(out, result.rows, metric=metric, plot=plot,
-                                title=sweep_title(base_config, epochs_of, metric))
+    result.files = write_report(
+        out, result.rows, metric=metric, plot=plot, title=sweep_title(base_config, epochs_of, metric)
+    )
     summary = {
-        "methods": list(methods), "batch_sizes": list(batch_sizes), "seeds": list(seeds),
+        "methods": list(methods),
+        "batch_sizes": list(batch_sizes),
+        "seeds": list(seeds),
         "epochs": {str(b): e for b, e in epochs_of.items()},
-        "base_batch_size": base_batch_size, "executor": executor, "cluster": cluster.cluster, "workers": workers,
-        "gpus_per_cell": cluster.gpus_per_cell, "nodes_per_cell": cluster.nodes_per_cell,
-        "status": result.status, "wall_s_this_call": result.wall_s,
+        "base_batch_size": base_batch_size,
+        "executor": executor,
+        "cluster": cluster.cluster,
+        "workers": workers,
+        "gpus_per_cell": cluster.gpus_per_cell,
+        "nodes_per_cell": cluster.nodes_per_cell,
+        "status": result.status,
+        "wall_s_this_call": result.wall_s,
         "cell_wall_s_total": sum(r["wall_s"] for r in result.rows),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))

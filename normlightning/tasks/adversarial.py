@@ -31,7 +31,9 @@ def _as_pgd_config(value: PGDConfig | dict[str, Any], setting: str) -> PGDConfig
         return value
     if isinstance(value, dict):
         return PGDConfig(**value)
-    raise TypeError(f"{setting} must be a PGDConfig or a dict of its fields (eps, step_size, steps, random_start), got {value!r}")
+    raise TypeError(
+        f"{setting} must be a PGDConfig or a dict of its fields (eps, step_size, steps, random_start), got {value!r}"
+    )
 
 
 def _describe(attack: PGDConfig) -> str:
@@ -96,7 +98,8 @@ class AdversarialTask(ClassificationTask):
         eval_attack = _as_pgd_config(eval_attack, "eval_attack")
         if isinstance(adversarial_weight, bool) or not 0.0 <= float(adversarial_weight) <= 1.0:
             raise ValueError(
-                f"adversarial_weight must be in [0, 1] (1: PGD examples only, 0: clean training), got {adversarial_weight!r}"
+                "adversarial_weight must be in [0, 1] (1: PGD examples only, 0: clean training), "
+                f"got {adversarial_weight!r}"
             )
         check_statistics_mode(train_attack_norm_mode, "train_attack_norm_mode")
         check_statistics_mode(eval_attack_norm_mode, "eval_attack_norm_mode")
@@ -131,7 +134,14 @@ class AdversarialTask(ClassificationTask):
         )
 
     # ----------------------------------------------------------------- the attack
-    def attack(self, x: Tensor, y: Tensor, config: PGDConfig, norm_mode: StatisticsMode, generator: torch.Generator | None = None) -> Tensor:
+    def attack(
+        self,
+        x: Tensor,
+        y: Tensor,
+        config: PGDConfig,
+        norm_mode: StatisticsMode,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
         """PGD examples for ``(x, y)`` against ``self`` (pixel space), norm layers in ``norm_mode``.
 
         Runs outside inference mode with grad enabled, so it works inside Lightning's

@@ -126,13 +126,18 @@ class BaseTask(LightningModule):
             isinstance(lr_base_batch_size, bool) or not isinstance(lr_base_batch_size, int) or lr_base_batch_size < 1
         ):
             raise ValueError(f"lr_base_batch_size must be a positive int or None, got {lr_base_batch_size!r}")
-        self.norm_decay = {"gamma_weight_decay": gamma_weight_decay, "beta_weight_decay": beta_weight_decay,
-                           "gamma_decay_target": gamma_decay_target}
+        self.norm_decay = {
+            "gamma_weight_decay": gamma_weight_decay,
+            "beta_weight_decay": beta_weight_decay,
+            "gamma_decay_target": gamma_decay_target,
+        }
         check_norm_decay(**self.norm_decay)
         self.lr_base_batch_size = lr_base_batch_size
         if not isinstance(compile, (bool, dict)):
             raise TypeError(f"compile must be true, false or a dict of torch.compile arguments, got {compile!r}")
-        self.compile_options: dict[str, Any] | None = (dict(compile) if isinstance(compile, dict) else {}) if compile else None
+        self.compile_options: dict[str, Any] | None = (
+            (dict(compile) if isinstance(compile, dict) else {}) if compile else None
+        )
 
     #: Constructor arguments kept out of the saved hyperparameters (and so out of checkpoints):
     #: starting points that a checkpoint makes unnecessary, such as ``backbone_weights``.

@@ -5,7 +5,8 @@
 :class:`~normlightning.models.input_normalization.InputNormalization`, the model's first
 module. Loss: cross-entropy with optional label smoothing. Metrics (torchmetrics, one
 collection per stage, epoch-level, synchronized across processes; see
-:func:`~normlightning.tasks.metrics.accuracy_metrics` and :meth:`ClassificationTask.update_metrics`): ``{stage}/acc1`` and,
+:func:`~normlightning.tasks.metrics.accuracy_metrics` and :meth:`ClassificationTask.update_metrics`):
+``{stage}/acc1`` and,
 with at least 5 classes, ``{stage}/acc5``, for ``stage`` in ``train``, ``val``, ``test``;
 ``train/loss`` at the logging steps (see :meth:`ClassificationTask._logs_this_step`),
 ``val/loss`` and ``test/loss`` per epoch.
@@ -27,8 +28,8 @@ from torchmetrics import MetricCollection
 
 from normlightning.data.base import missing_link_error
 from normlightning.models import build_backbone
-from normlightning.models.weights import WeightsReport, load_backbone_weights
 from normlightning.models.input_normalization import InputNormalization
+from normlightning.models.weights import WeightsReport, load_backbone_weights
 from normlightning.tasks.base import BaseTask
 from normlightning.tasks.metrics import accuracy_metrics
 
@@ -98,7 +99,10 @@ class ClassificationTask(BaseTask):
         self.backbone_weights_report: WeightsReport | None = None
         if backbone_weights is not None:
             self.backbone_weights_report = load_backbone_weights(
-                self.backbone, backbone_weights, backbone=backbone, num_classes=num_classes,
+                self.backbone,
+                backbone_weights,
+                backbone=backbone,
+                num_classes=num_classes,
                 input_channels=input_shape[0],
             )
             rank_zero_info(self.backbone_weights_report.summary())
@@ -175,7 +179,11 @@ class ClassificationTask(BaseTask):
         trainer = self._trainer
         if trainer is None:
             return True
-        return (self.global_step + 1) % max(1, trainer.log_every_n_steps) == 0 or trainer.is_last_batch or trainer.should_stop
+        return (
+            (self.global_step + 1) % max(1, trainer.log_every_n_steps) == 0
+            or trainer.is_last_batch
+            or trainer.should_stop
+        )
 
     def on_train_epoch_start(self) -> None:
         self._metrics_logged.pop("train", None)

@@ -16,7 +16,11 @@ import torch
 
 def linear_lr_factor(batch_size: int, world_size: int, base_batch_size: int) -> float:
     """``batch_size * world_size / base_batch_size``."""
-    for name, value in (("batch_size", batch_size), ("world_size", world_size), ("lr_base_batch_size", base_batch_size)):
+    for name, value in (
+        ("batch_size", batch_size),
+        ("world_size", world_size),
+        ("lr_base_batch_size", base_batch_size),
+    ):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"linear LR scaling: {name} must be a positive int, got {value!r}")
     return batch_size * world_size / base_batch_size

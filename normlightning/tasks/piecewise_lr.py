@@ -43,7 +43,8 @@ class PiecewiseConstantLR(LRScheduler):
         milestones, factors = [int(m) for m in milestones], [float(f) for f in factors]
         if len(milestones) != len(factors):
             raise ValueError(
-                f"PiecewiseConstantLR: one factor per milestone, got {len(milestones)} milestones and {len(factors)} factors"
+                f"PiecewiseConstantLR: one factor per milestone, got {len(milestones)} milestones and "
+                f"{len(factors)} factors"
             )
         if any(b <= a for a, b in zip(milestones, milestones[1:])) or any(m < 0 for m in milestones):
             raise ValueError(f"PiecewiseConstantLR: milestones must be non-negative and increasing, got {milestones}")

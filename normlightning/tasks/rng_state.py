@@ -26,8 +26,13 @@ def capture_rng_states() -> dict[str, Any]:
     algorithm, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
     states: dict[str, Any] = {
         "torch": torch.get_rng_state(),
-        "numpy": {"algorithm": str(algorithm), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
+        "numpy": {
+            "algorithm": str(algorithm),
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        },
         "python": random.getstate(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -39,10 +44,15 @@ def restore_rng_states(states: dict[str, Any]) -> None:
     """Set the generators to ``states`` (from :func:`capture_rng_states`)."""
     torch.set_rng_state(states["torch"])
     numpy_state = states["numpy"]
-    np.random.set_state((
-        numpy_state["algorithm"], numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"],
-        numpy_state["has_gauss"], numpy_state["cached_gaussian"],
-    ))
+    np.random.set_state(
+        (
+            numpy_state["algorithm"],
+            numpy_state["keys"].numpy().astype(np.uint32),
+            numpy_state["pos"],
+            numpy_state["has_gauss"],
+            numpy_state["cached_gaussian"],
+        )
+    )
     random.setstate(states["python"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])

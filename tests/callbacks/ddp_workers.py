@@ -25,8 +25,10 @@ def average_worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
             return t / world
 
         assert average_running_statistics(model, mean_over_ranks) == 2
-        torch.save({"mean": bn.running_mean, "var": bn.running_var, "count": bn.num_batches_tracked},
-                   os.path.join(out_dir, f"{rank}.pt"))
+        torch.save(
+            {"mean": bn.running_mean, "var": bn.running_var, "count": bn.num_batches_tracked},
+            os.path.join(out_dir, f"{rank}.pt"),
+        )
         torch.distributed.barrier()
     finally:
         torch.distributed.destroy_process_group()

@@ -58,6 +58,7 @@ def test_default_grid():
 
 def test_search_picks_the_constructed_best_and_sets_it():
     x, y = _val_data()
+
     class Model(nn.Module):
         def __init__(self):
             super().__init__()
@@ -117,9 +118,16 @@ class _Task(LightningModule):
 
 
 def _trainer(tmp_path, callback) -> Trainer:
-    return Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_progress_bar=False,
-                   enable_model_summary=False, default_root_dir=tmp_path, num_sanity_val_steps=0,
-                   callbacks=[callback])
+    return Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        num_sanity_val_steps=0,
+        callbacks=[callback],
+    )
 
 
 def test_callback_searches_after_fit_and_restores_from_checkpoint(tmp_path, monkeypatch):
@@ -143,7 +151,6 @@ def test_callback_searches_after_fit_and_restores_from_checkpoint(tmp_path, monk
 
 def test_callback_searches_before_test_without_checkpoint(tmp_path):
     x, y = _val_data()
-
 
     class Data(LightningDataModule):
         def val_dataloader(self):

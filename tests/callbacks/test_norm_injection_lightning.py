@@ -10,9 +10,9 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from normlightning.injection import CHECKPOINT_KEY, restore_injection, store_injection
 from normlightning.callbacks.norm_injection import NormInjection
 from normlightning.callbacks.norm_sync import NormSync
+from normlightning.injection import CHECKPOINT_KEY, restore_injection, store_injection
 from normlightning.norms import BatchGroupNorm, GroupNorm
 from normlightning.norms.base import NormLayer
 
@@ -24,9 +24,15 @@ class TinyTask(LightningModule):
         super().__init__()
         torch.manual_seed(0)
         self.net = nn.Sequential(
-            nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-            nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3),
+            nn.Conv2d(3, 8, 3, padding=1),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.Conv2d(8, 8, 3, padding=1),
+            nn.BatchNorm2d(8),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(8, 3),
         )
         self.example_input_array = torch.zeros(2, 3, 4, 4)
 
@@ -59,8 +65,14 @@ def loader(n: int = 16, batch_size: int = 8) -> DataLoader:
 
 def trainer(tmp_path, callbacks, **kw) -> Trainer:
     defaults = dict(
-        default_root_dir=tmp_path, accelerator="cpu", devices=1, max_epochs=1, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+        devices=1,
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
     )
     defaults.update(kw)
     return Trainer(callbacks=callbacks, **defaults)

@@ -90,8 +90,13 @@ def _fit(tmp_path, callback, num_batches=12, batch=4):
     x, y = _data(num_batches, batch)
     logger = RecordingLogger()
     trainer = Trainer(
-        accelerator="cpu", max_epochs=1, logger=logger, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+        accelerator="cpu",
+        max_epochs=1,
+        logger=logger,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
         callbacks=[callback],
     )
     trainer.fit(TinyNet(), DataLoader(TensorDataset(x, y), batch_size=batch, shuffle=False))
@@ -198,8 +203,9 @@ class OurNormNet(TinyNet):
         super().__init__()
         from normlightning.norms import build_norm
 
-        self.net = nn.Sequential(build_norm("ghost", 3, num_groups=2), nn.Flatten(), nn.Linear(12, 2),
-                                 build_norm("ln", 2))
+        self.net = nn.Sequential(
+            build_norm("ghost", 3, num_groups=2), nn.Flatten(), nn.Linear(12, 2), build_norm("ln", 2)
+        )
 
 
 def test_normlightning_layers_and_tensorboard(tmp_path):
@@ -210,8 +216,15 @@ def test_normlightning_layers_and_tensorboard(tmp_path):
     model = OurNormNet()
     assert list(cb.select_layers(model)) == ["net.0", "net.3"]
     logger = TensorBoardLogger(str(tmp_path), name="tb")
-    trainer = Trainer(accelerator="cpu", max_epochs=1, logger=logger, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False, callbacks=[cb])
+    trainer = Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        logger=logger,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[cb],
+    )
     trainer.fit(model, DataLoader(TensorDataset(x, y), batch_size=4, shuffle=False))
     assert list(cb.history["net.0"].steps) == [0, 2]
     torch.testing.assert_close(cb.history["net.0"].values["bn_std"][1], _hand_stats(x[8:12])["bn_std"])

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import re
 
-import pytest
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from normlightning.callbacks import ExampleWeighingSearch, Recalibration, recalibrate_statistics, search_example_weighing
+from normlightning.callbacks import (
+    ExampleWeighingSearch,
+    Recalibration,
+    recalibrate_statistics,
+    search_example_weighing,
+)
 from normlightning.norms import build_norm
 
 
@@ -37,8 +41,9 @@ class _Task(LightningModule):
 
 def _loader(n: int = 40, batch_size: int = 8) -> DataLoader:
     g = torch.Generator().manual_seed(0)
-    return DataLoader(TensorDataset(torch.randn(n, 6, generator=g), torch.randint(0, 3, (n,), generator=g)),
-                      batch_size=batch_size)
+    return DataLoader(
+        TensorDataset(torch.randn(n, 6, generator=g), torch.randint(0, 3, (n,), generator=g)), batch_size=batch_size
+    )
 
 
 def _bar_states(text: str, desc: str) -> list[str]:
@@ -73,9 +78,16 @@ def test_example_weighing_bar_covers_every_alpha_and_batch(capsys) -> None:
 def test_callbacks_show_bars_in_a_run_and_end_with_one_line(tmp_path, capsys, lightning_info) -> None:
     recalibration = Recalibration(num_batches=2, report_accuracy=True)
     weighing = ExampleWeighingSearch(alphas=[0.0, 0.25], save_checkpoint=False)
-    trainer = Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
-                      enable_model_summary=False, default_root_dir=tmp_path, num_sanity_val_steps=0,
-                      callbacks=[recalibration, weighing])
+    trainer = Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        num_sanity_val_steps=0,
+        callbacks=[recalibration, weighing],
+    )
     trainer.fit(_Task(), _loader(), _loader())
     out = capsys.readouterr().out
     # below the training bar and removed when done (as Lightning's validation bar): every state has the total
@@ -83,17 +95,30 @@ def test_callbacks_show_bars_in_a_run_and_end_with_one_line(tmp_path, capsys, li
     assert all(re.search(r" \d+/5 \[", s) for s in _bar_states(out, "Recalibration: val acc before"))
     assert all(re.search(r" \d+/10 \[", s) for s in _bar_states(out, "Example weighing"))  # 2 alphas x 5 batches
     (line,) = [m for m in lightning_info if m.startswith("Recalibration:")]
-    before, after = recalibration.last_result["recalibration/acc_before"], recalibration.last_result["recalibration/acc_after"]
+    before, after = (
+        recalibration.last_result["recalibration/acc_before"],
+        recalibration.last_result["recalibration/acc_after"],
+    )
     assert re.fullmatch(rf"Recalibration: 2 batches in \d+\.\d s, val acc {before:.4f} -> {after:.4f}", line)
     (line,) = [m for m in lightning_info if m.startswith("ExampleWeighingSearch:")]
     best = max(row["accuracy"] for row in weighing.table)
-    assert re.fullmatch(rf"ExampleWeighingSearch: best alpha {weighing.alpha:.6g}, val acc {best:.4f} "
-                        r"\(alpha 0: \d\.\d{4}\), 2 alphas in \d+\.\d s", line)
+    assert re.fullmatch(
+        rf"ExampleWeighingSearch: best alpha {weighing.alpha:.6g}, val acc {best:.4f} "
+        r"\(alpha 0: \d\.\d{4}\), 2 alphas in \d+\.\d s",
+        line,
+    )
 
 
 def test_no_bars_when_the_run_hides_its_progress_bar(tmp_path, capsys) -> None:
-    trainer = Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
-                      callbacks=[Recalibration(num_batches=2)])
+    trainer = Trainer(
+        accelerator="cpu",
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        callbacks=[Recalibration(num_batches=2)],
+    )
     trainer.fit(_Task(), _loader())
     assert "Recalibration" not in capsys.readouterr().out

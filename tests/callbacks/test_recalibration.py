@@ -24,8 +24,15 @@ def _batches(k: int, n: int = 4, shift: float = 3.0) -> list[tuple[torch.Tensor,
 
 def _net() -> nn.Sequential:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 4, 1), nn.Dropout(0.5), nn.BatchNorm2d(4), nn.ReLU(),
-                         nn.Flatten(), nn.Linear(16, 2), nn.BatchNorm1d(2))
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 1),
+        nn.Dropout(0.5),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(16, 2),
+        nn.BatchNorm1d(2),
+    )
 
 
 def _expected(inputs: list[torch.Tensor], dims) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,8 +58,10 @@ def test_native_bn_cumulative_average_weights_and_modes_untouched():
     assert int(model[2].num_batches_tracked) == 3
     # the second BN sees the first BN's *batch*-normalized output (train mode) of each batch
     with torch.no_grad():
-        fc_in = [torch.relu(nn.functional.batch_norm(c, None, None, model[2].weight, model[2].bias, True))
-                 .flatten(1) for c in conv_out]
+        fc_in = [
+            torch.relu(nn.functional.batch_norm(c, None, None, model[2].weight, model[2].bias, True)).flatten(1)
+            for c in conv_out
+        ]
         fc_out = [model[5](f) for f in fc_in]
     mean1, var1 = _expected(fc_out, (0,))
     torch.testing.assert_close(model[6].running_mean, mean1)
@@ -131,9 +140,17 @@ def test_callback_at_train_end_with_accuracy(tmp_path):
     logger = _Logger()
     cb = Recalibration(num_batches=3, when="train_end", report_accuracy=True)
     task = _Task()
-    trainer = Trainer(accelerator="cpu", max_epochs=2, logger=logger, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
-                      num_sanity_val_steps=0, callbacks=[cb])
+    trainer = Trainer(
+        accelerator="cpu",
+        max_epochs=2,
+        logger=logger,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        num_sanity_val_steps=0,
+        callbacks=[cb],
+    )
     trainer.fit(task, loader, loader)
     bn = task.net[2]
     with torch.no_grad():
@@ -156,13 +173,23 @@ def test_default_uses_a_short_loader_whole_without_warning_and_an_explicit_count
     """``num_batches`` unset: up to 100 batches, all 4 of this loader and no warning (the statistics are the
     cumulative average over the 4); an explicit 6 warns that the loader had 4."""
     batches = _batches(4)
-    loader = DataLoader(TensorDataset(torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])),
-                        batch_size=4, shuffle=False)
+    loader = DataLoader(
+        TensorDataset(torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])),
+        batch_size=4,
+        shuffle=False,
+    )
     for num_batches, warns in ((None, False), (6, True)):
         logger = _Logger()
-        trainer = Trainer(accelerator="cpu", max_epochs=1, logger=logger, enable_checkpointing=False,
-                          enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
-                          callbacks=[Recalibration(num_batches=num_batches)])
+        trainer = Trainer(
+            accelerator="cpu",
+            max_epochs=1,
+            logger=logger,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            default_root_dir=tmp_path,
+            callbacks=[Recalibration(num_batches=num_batches)],
+        )
         task = _Task()
         recwarn.clear()
         trainer.fit(task, loader)
@@ -186,8 +213,10 @@ def test_callback_rejects_bad_settings():
 def _ghost_stats(x: torch.Tensor, ghosts: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Ghost batch j = samples n = j (mod G); mean of ghost means, mean of unbiased ghost vars."""
     parts = [x[j::ghosts] for j in range(ghosts)]
-    return (torch.stack([p.mean(dim=(0, 2, 3)) for p in parts]).mean(0),
-            torch.stack([p.var(dim=(0, 2, 3), unbiased=True) for p in parts]).mean(0))
+    return (
+        torch.stack([p.mean(dim=(0, 2, 3)) for p in parts]).mean(0),
+        torch.stack([p.var(dim=(0, 2, 3), unbiased=True) for p in parts]).mean(0),
+    )
 
 
 @pytest.mark.parametrize("name", ["bn", "ghost", "bgn", "gbgn", "brn"])
@@ -200,8 +229,11 @@ def test_normlightning_layers_cumulative_average(name):
     model.train()
     for _ in range(3):  # some history, and brn's schedule counter moves to 3
         model(torch.randn(4, 3, 2, 2) * 5 + 1)
-    others = {k: v.clone() for k, v in layer.state_dict().items() if k not in
-              {"running_mean", "running_var", "moving_x", "moving_x2", "num_batches_tracked"}}
+    others = {
+        k: v.clone()
+        for k, v in layer.state_dict().items()
+        if k not in {"running_mean", "running_var", "moving_x", "moving_x2", "num_batches_tracked"}
+    }
     momentum = layer.momentum
     xs = [b[0] for b in _batches(3)]
     assert recalibrate_statistics(model, xs) == 3
@@ -233,9 +265,16 @@ def test_train_end_recalibration_is_in_the_last_checkpoint(tmp_path):
     loader = DataLoader(TensorDataset(x, y), batch_size=4, shuffle=False)
     checkpoint = Checkpoint(dirpath=tmp_path, save_last=True, save_top_k=0)  # the CLI's: last.ckpt every epoch
     task = _Task()
-    trainer = Trainer(accelerator="cpu", max_epochs=2, logger=False, enable_progress_bar=False,
-                      enable_model_summary=False, default_root_dir=tmp_path, num_sanity_val_steps=0,
-                      callbacks=[Recalibration(num_batches=3, when="train_end"), checkpoint])
+    trainer = Trainer(
+        accelerator="cpu",
+        max_epochs=2,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        num_sanity_val_steps=0,
+        callbacks=[Recalibration(num_batches=3, when="train_end"), checkpoint],
+    )
     trainer.fit(task, loader, loader)
     with torch.no_grad():
         fc_out = [task.net[1](task.net[0](b[0])) for b in batches[:3]]
@@ -249,8 +288,11 @@ def test_final_validation_of_the_fit_sees_the_recalibrated_statistics(tmp_path):
     """``train_end`` runs right after the last training step, before the last epoch's validation: the
     statistics that validation uses are the hand-computed cumulative average, not the moving average."""
     batches = _batches(4)
-    loader = DataLoader(TensorDataset(torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])),
-                        batch_size=4, shuffle=False)
+    loader = DataLoader(
+        TensorDataset(torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])),
+        batch_size=4,
+        shuffle=False,
+    )
 
     class RecordingTask(_Task):
         def __init__(self):
@@ -262,9 +304,18 @@ def test_final_validation_of_the_fit_sees_the_recalibrated_statistics(tmp_path):
             self.seen.append((self.current_epoch, bn.running_mean.clone(), bn.running_var.clone()))
 
     task = RecordingTask()
-    trainer = Trainer(accelerator="cpu", max_epochs=2, logger=False, enable_progress_bar=False,
-                      enable_checkpointing=False, enable_model_summary=False, default_root_dir=tmp_path,
-                      num_sanity_val_steps=0, limit_val_batches=1, callbacks=[Recalibration(num_batches=3)])
+    trainer = Trainer(
+        accelerator="cpu",
+        max_epochs=2,
+        logger=False,
+        enable_progress_bar=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        num_sanity_val_steps=0,
+        limit_val_batches=1,
+        callbacks=[Recalibration(num_batches=3)],
+    )
     trainer.fit(task, loader, loader)
     with torch.no_grad():
         fc_out = [task.net[1](task.net[0](b[0])) for b in batches[:3]]
@@ -278,8 +329,11 @@ def test_final_validation_of_the_fit_sees_the_recalibrated_statistics(tmp_path):
 
 def test_early_stopped_run_is_recalibrated_and_last_checkpoint_rewritten(tmp_path):
     batches = _batches(4)
-    loader = DataLoader(TensorDataset(torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])),
-                        batch_size=4, shuffle=False)
+    loader = DataLoader(
+        TensorDataset(torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])),
+        batch_size=4,
+        shuffle=False,
+    )
 
     class StopAfterFirstEpoch(Callback):
         def on_train_epoch_end(self, trainer, pl_module):
@@ -287,9 +341,16 @@ def test_early_stopped_run_is_recalibrated_and_last_checkpoint_rewritten(tmp_pat
 
     checkpoint = Checkpoint(dirpath=tmp_path, save_last=True, save_top_k=0)  # the CLI's: last.ckpt every epoch
     task = _Task()
-    trainer = Trainer(accelerator="cpu", max_epochs=5, logger=False, enable_progress_bar=False,
-                      enable_model_summary=False, default_root_dir=tmp_path, num_sanity_val_steps=0,
-                      callbacks=[Recalibration(num_batches=2, when="train_end"), StopAfterFirstEpoch(), checkpoint])
+    trainer = Trainer(
+        accelerator="cpu",
+        max_epochs=5,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        num_sanity_val_steps=0,
+        callbacks=[Recalibration(num_batches=2, when="train_end"), StopAfterFirstEpoch(), checkpoint],
+    )
     trainer.fit(task, loader, loader)
     assert trainer.current_epoch == 1
     with torch.no_grad():
@@ -303,7 +364,6 @@ def test_early_stopped_run_is_recalibrated_and_last_checkpoint_rewritten(tmp_pat
 def test_average_running_statistics_over_two_gloo_processes(tmp_path):
     """Each process holds its own statistics; afterwards both hold the average, counters untouched."""
     import torch.multiprocessing as mp
-
     from ddp_workers import average_worker
 
     mp.spawn(average_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
@@ -342,7 +402,9 @@ def test_brn_corrections_use_the_trained_statistics_during_the_pass():
         var = x.var(dim=(0, 2, 3), unbiased=False)
         r = (torch.sqrt(var + eps) / torch.sqrt(v0 + eps)).clamp(1 / 3, 3)
         d = ((mu - m0) / torch.sqrt(v0 + eps)).clamp(-5, 5)
-        x_hat = (x - mu.view(1, 3, 1, 1)) / torch.sqrt(var + eps).view(1, 3, 1, 1) * r.view(1, 3, 1, 1) + d.view(1, 3, 1, 1)
+        x_hat = (x - mu.view(1, 3, 1, 1)) / torch.sqrt(var + eps).view(1, 3, 1, 1) * r.view(1, 3, 1, 1) + d.view(
+            1, 3, 1, 1
+        )
         outputs.append(first.weight.detach().view(1, 3, 1, 1) * x_hat + first.bias.detach().view(1, 3, 1, 1))
     expected_mean = torch.stack([y.mean(dim=(0, 2, 3)) for y in outputs]).mean(0)
     expected_var = torch.stack([y.var(dim=(0, 2, 3), unbiased=True) for y in outputs]).mean(0)

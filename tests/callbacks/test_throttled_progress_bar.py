@@ -28,7 +28,11 @@ def test_with_progress_bar_adds_one_only_when_enabled_and_missing() -> None:
 
 
 def test_cli_trainer_gets_the_throttled_bar_unless_turned_off(tmp_path) -> None:
-    base = ["--config", str(Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml"), f"--trainer.default_root_dir={tmp_path}",
-            f"--trainer.logger.init_args.save_dir={tmp_path}"]
+    base = [
+        "--config",
+        str(Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml"),
+        f"--trainer.default_root_dir={tmp_path}",
+        f"--trainer.logger.init_args.save_dir={tmp_path}",
+    ]
     assert isinstance(build_cli(base, run=False).trainer.progress_bar_callback, ThrottledProgressBar)
     assert build_cli([*base, "--trainer.enable_progress_bar=false"], run=False).trainer.progress_bar_callback is None

@@ -16,7 +16,7 @@ from normlightning.data.caltech256 import Caltech256
 from normlightning.data.cub200 import CUB200
 from normlightning.data.errors import UnreadableImageError
 from normlightning.data.flowers102 import Flowers102
-from normlightning.data.randaugment import RandAugmented, RandAugmentDataset
+from normlightning.data.randaugment import RandAugmentDataset, RandAugmented
 from normlightning.data.svhn import SVHN
 
 # one solid colour per class, so that a label can be checked from the pixels
@@ -168,7 +168,14 @@ def test_flowers102_missing(tmp_path) -> None:
 def _write_cub(root: Path) -> None:
     folder = root / "CUB_200_2011"
     rows = [  # id, class (1-based), is_train
-        (1, 1, 1), (2, 1, 0), (3, 2, 1), (4, 2, 1), (5, 3, 0), (6, 3, 1), (7, 1, 1), (8, 2, 0),
+        (1, 1, 1),
+        (2, 1, 0),
+        (3, 2, 1),
+        (4, 2, 1),
+        (5, 3, 0),
+        (6, 3, 1),
+        (7, 1, 1),
+        (8, 2, 0),
     ]
     paths = []
     for image_id, cls, _ in rows:
@@ -207,14 +214,19 @@ def test_cub200_missing_and_malformed(tmp_path) -> None:
 
 
 # ----------------------------------------------------------------------------- unreadable files
-@pytest.mark.parametrize(("write", "build", "image"), [
-    (lambda root: _write_caltech(root, per_class=5),
-     lambda root: Caltech256(root=root, expected_num_classes=3, image_size=8),
-     "caltech256/256_ObjectCategories/001.thing0/001_0001.jpg"),
-    (_write_flowers, lambda root: Flowers102(root=root, image_size=8), "flowers-102/jpg/image_00001.jpg"),
-    (_write_cub, lambda root: CUB200(root=root, image_size=8),
-     "CUB_200_2011/images/001.Bird_1/Bird_1_0001.jpg"),
-], ids=["caltech256", "flowers102", "cub200"])
+@pytest.mark.parametrize(
+    ("write", "build", "image"),
+    [
+        (
+            lambda root: _write_caltech(root, per_class=5),
+            lambda root: Caltech256(root=root, expected_num_classes=3, image_size=8),
+            "caltech256/256_ObjectCategories/001.thing0/001_0001.jpg",
+        ),
+        (_write_flowers, lambda root: Flowers102(root=root, image_size=8), "flowers-102/jpg/image_00001.jpg"),
+        (_write_cub, lambda root: CUB200(root=root, image_size=8), "CUB_200_2011/images/001.Bird_1/Bird_1_0001.jpg"),
+    ],
+    ids=["caltech256", "flowers102", "cub200"],
+)
 def test_truncated_image_file_is_named(tmp_path, write, build, image) -> None:
     """Every data module that reads image files names a truncated one (and the setting that skips it)."""
     write(tmp_path)

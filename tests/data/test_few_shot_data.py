@@ -60,8 +60,17 @@ def test_dataset_labels_without_loading_images() -> None:
 
 def test_class_split_over_digits() -> None:
     dm = ClassSplitFewShotDataModule(
-        source=Digits(), base_classes=[7, 3, 5], val_classes=[0, 1], novel_classes=[2, 4, 6],
-        n_way=2, test_shots=[1], q_query=3, test_episodes=4, val_shot=1, val_episodes=2, batch_size=8,
+        source=Digits(),
+        base_classes=[7, 3, 5],
+        val_classes=[0, 1],
+        novel_classes=[2, 4, 6],
+        n_way=2,
+        test_shots=[1],
+        q_query=3,
+        test_episodes=4,
+        val_shot=1,
+        val_episodes=2,
+        batch_size=8,
         augment=False,
     )
     assert dm.num_classes == 3 and dm.input_shape == (1, 8, 8) and dm.mean == Digits.MEAN
@@ -97,11 +106,21 @@ def test_class_split_checks_its_settings() -> None:
 def test_validation_has_its_own_episode_settings() -> None:
     """A validation split with fewer classes than the test's n_way runs with its own val_n_way/val_q_query."""
     with pytest.raises(ValueError, match="val_classes has 3 classes, fewer than val_n_way=5"):
-        ClassSplitFewShotDataModule(source=Digits(), base_classes=[0, 1], val_classes=[2, 3, 4],
-                                    novel_classes=[5, 6, 7, 8, 9])
+        ClassSplitFewShotDataModule(
+            source=Digits(), base_classes=[0, 1], val_classes=[2, 3, 4], novel_classes=[5, 6, 7, 8, 9]
+        )
     dm = ClassSplitFewShotDataModule(
-        source=Digits(), base_classes=[0, 1], val_classes=[2, 3, 4], novel_classes=[5, 6, 7, 8, 9],
-        val_n_way=3, val_q_query=2, val_shot=1, val_episodes=2, test_shots=[1], q_query=4, test_episodes=2,
+        source=Digits(),
+        base_classes=[0, 1],
+        val_classes=[2, 3, 4],
+        novel_classes=[5, 6, 7, 8, 9],
+        val_n_way=3,
+        val_q_query=2,
+        val_shot=1,
+        val_episodes=2,
+        test_shots=[1],
+        q_query=4,
+        test_episodes=2,
         augment=False,
     )
     dm.setup("fit")

@@ -43,19 +43,26 @@ CASES = [
     ("RGB", "png", Image.frombytes("RGB", (2, 1), bytes([1, 2, 3, 250, 128, 0])), [[1, 2, 3], [250, 128, 0]]),
     ("RGBA", "png", Image.frombytes("RGBA", (2, 1), bytes([1, 2, 3, 0, 250, 128, 0, 9])), [[1, 2, 3], [250, 128, 0]]),
     # CMYK -> RGB: R = (255 - C)(255 - K) / 255: (100, 50, 0, 51) -> (155 * 204, 205 * 204, 255 * 204) / 255
-    ("CMYK", "tiff", Image.frombytes("CMYK", (2, 1), bytes([100, 50, 0, 51, 0, 0, 0, 0])),
-     [[124, 164, 204], [255, 255, 255]]),
+    (
+        "CMYK",
+        "tiff",
+        Image.frombytes("CMYK", (2, 1), bytes([100, 50, 0, 51, 0, 0, 0, 0])),
+        [[124, 164, 204], [255, 255, 255]],
+    ),
     # JPEG's YCbCr: R = Y + 1.402 (Cr - 128), G = Y - 0.344136 (Cb - 128) - 0.714136 (Cr - 128),
     # B = Y + 1.772 (Cb - 128)
     # (76, 85, 255) -> (254.05, 0.10, -0.20) -> (254, 0, 0)
-    ("YCbCr", "tiff", Image.frombytes("YCbCr", (2, 1), bytes([76, 85, 255, 128, 128, 128])),
-     [[254, 0, 0], [128, 128, 128]]),
+    (
+        "YCbCr",
+        "tiff",
+        Image.frombytes("YCbCr", (2, 1), bytes([76, 85, 255, 128, 128, 128])),
+        [[254, 0, 0], [128, 128, 128]],
+    ),
     ("I;16", "png", image_16_bit("I;16"), gray(SIXTEEN_BIT_AS_8)),
     ("I;16B", "tiff", image_16_bit("I;16B"), gray(SIXTEEN_BIT_AS_8)),
     ("I", "tiff", Image.fromarray(np.array([SIXTEEN_BIT], dtype=np.int32)), gray(SIXTEEN_BIT_AS_8)),
     # F read as 0..1: round(v * 255): 0.25 -> 63.75 -> 64, 0.5019 -> 127.98 -> 128
-    ("F", "tiff", Image.fromarray(np.array([[0.0, 0.25, 0.5019, 1.0]], dtype=np.float32)),
-     gray([0, 64, 128, 255])),
+    ("F", "tiff", Image.fromarray(np.array([[0.0, 0.25, 0.5019, 1.0]], dtype=np.float32)), gray([0, 64, 128, 255])),
 ]
 
 
@@ -142,8 +149,9 @@ def test_unreadable_images_skip_uses_the_next_image_and_counts(tmp_path, write_i
 def test_unreadable_images_skip_wraps_a_shared_split_once(tmp_path, write_image_folders) -> None:
     """Without val/ and test/, the test split is the held-out val split: one skipping wrapper, one count."""
     write_image_folders(tmp_path, splits=("train",), per_class=4)
-    dm = ImageFolderDataModule(root=str(tmp_path), val_dir=None, val_fraction=0.25, image_size=8, num_workers=0,
-                               unreadable_images="skip")
+    dm = ImageFolderDataModule(
+        root=str(tmp_path), val_dir=None, val_fraction=0.25, image_size=8, num_workers=0, unreadable_images="skip"
+    )
     dm.setup("fit")
     dm.setup("test")
     assert dm.datasets["test"] is dm.datasets["val"] and isinstance(dm.datasets["val"].dataset, Subset)

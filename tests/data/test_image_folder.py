@@ -84,8 +84,9 @@ def test_imagenet_eval_resize_mode_square(tmp_path, write_image_folders) -> None
     """
     _write_ramp_folders(tmp_path, width=32, height=16)
     columns = torch.arange(8, dtype=torch.float32)
-    square = ImageNet(root=str(tmp_path), expected_num_classes=2, image_size=8, resize=16,
-                      eval_resize_mode="square", num_workers=0)
+    square = ImageNet(
+        root=str(tmp_path), expected_num_classes=2, image_size=8, resize=16, eval_resize_mode="square", num_workers=0
+    )
     square.setup("fit")
     x = square.datasets["val"][0][0] * 255
     assert x.shape == (3, 8, 8)

@@ -25,7 +25,9 @@ def _pixels(seed: int, size: int = SIZE) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, size=(size, size, 3), dtype=np.uint8)
 
 
-def write_csv_layout(root: Path, nested: bool = False, csv_in_split: bool = True, per_class: int = 4) -> dict[str, np.ndarray]:
+def write_csv_layout(
+    root: Path, nested: bool = False, csv_in_split: bool = True, per_class: int = 4
+) -> dict[str, np.ndarray]:
     """images/ (PNG, lossless) + {split/,}{train,val,test}.csv; returns pixels by filename."""
     images = root / "images"
     images.mkdir(parents=True)
@@ -65,8 +67,16 @@ def write_pickle_layout(root: Path, per_class: int = 4) -> dict[str, dict]:
 
 
 def _plain(root: Path, **kwargs) -> MiniImageNet:
-    return MiniImageNet(root=str(root), image_size=SIZE, num_base_classes=3, augment=False, num_workers=0,
-                        batch_size=5, pin_memory=False, **{**SMALL, **kwargs})
+    return MiniImageNet(
+        root=str(root),
+        image_size=SIZE,
+        num_base_classes=3,
+        augment=False,
+        num_workers=0,
+        batch_size=5,
+        pin_memory=False,
+        **{**SMALL, **kwargs},
+    )
 
 
 @pytest.mark.parametrize("nested,csv_in_split", [(False, True), (True, False)])
@@ -107,7 +117,9 @@ def test_pickle_layout_loads(tmp_path: Path) -> None:
     dm.setup("fit")
     train = dm.datasets["train"]
     assert len(train) == 12 and [int(train[i][1]) for i in (0, 4, 11)] == [0, 1, 2]
-    torch.testing.assert_close(train[5][0], torch.as_tensor(contents["train"]["data"][5]).permute(2, 0, 1).float() / 255)
+    torch.testing.assert_close(
+        train[5][0], torch.as_tensor(contents["train"]["data"][5]).permute(2, 0, 1).float() / 255
+    )
     val = next(iter(dm.val_dataloader()))
     assert set(val["label"].tolist()) <= {0, 1}  # val classes 64, 65 renumbered within the split
     dm.setup("test")
@@ -124,8 +136,16 @@ def test_auto_prefers_pickles_and_layout_can_be_forced(tmp_path: Path) -> None:
 
 def test_train_augmentation_is_a_padded_crop(tmp_path: Path) -> None:
     contents = write_pickle_layout(tmp_path)
-    dm = MiniImageNet(root=str(tmp_path), image_size=SIZE, num_base_classes=3, crop_padding=2, color_jitter=0.0,
-                      flip=False, num_workers=0, **SMALL)
+    dm = MiniImageNet(
+        root=str(tmp_path),
+        image_size=SIZE,
+        num_base_classes=3,
+        crop_padding=2,
+        color_jitter=0.0,
+        flip=False,
+        num_workers=0,
+        **SMALL,
+    )
     dm.setup("fit")
     original = torch.as_tensor(contents["train"]["data"][3]).permute(2, 0, 1).float() / 255
     padded = torch.nn.functional.pad(original, (2, 2, 2, 2))
@@ -183,8 +203,10 @@ def test_pickle_carrying_a_call_is_refused_before_it_runs(tmp_path: Path, load_t
     train = tmp_path / "data" / PICKLE_FILES["train"]
     with open(train, "wb") as f:  # a well-formed file that also carries a call
         pickle.dump({**contents["train"], "catname2label": payload}, f, protocol=2)
-    refused = (rf"MiniImageNet file '.*{PICKLE_FILES['train']}' needs the type {os.system.__module__}\.system to load"
-               r".*numpy arrays.*convert it once")
+    refused = (
+        rf"MiniImageNet file '.*{PICKLE_FILES['train']}' needs the type {os.system.__module__}\.system to load"
+        r".*numpy arrays.*convert it once"
+    )
     with pytest.raises(UnsafeFileError, match=refused):  # read at construction
         MiniImageNet(root=str(tmp_path / "data"), image_size=SIZE, num_base_classes=None, **SMALL)
     with pytest.raises(UnsafeFileError, match=refused):  # read in setup

@@ -244,8 +244,14 @@ def test_load_from_checkpoint_rebuilds_the_untracked_bn(tmp_path):
     """``load_from_checkpoint`` rebuilds ``bn`` with ``track_running_stats=False`` from the stored spec."""
     task = UntrackedTask()
     inject(task, method="bn")
-    trainer = Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                      enable_model_summary=False, default_root_dir=tmp_path)
+    trainer = Trainer(
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(task, train_dataloaders=DataLoader(TensorDataset(torch.rand(8, 2)), batch_size=4))
     trainer.save_checkpoint(tmp_path / "untracked.ckpt")
     loaded = UntrackedTask.load_from_checkpoint(tmp_path / "untracked.ckpt")

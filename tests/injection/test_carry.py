@@ -109,6 +109,8 @@ def test_a_listed_subclass_that_only_normalizes_is_replaced():
 
 def test_a_subclass_with_its_own_forward_is_a_clear_error():
     model = _net(ScaledBN(4))
-    with pytest.raises(ValueError, match=rf"layer '1' is a {__name__}\.ScaledBN.*cannot carry that over.*norm\.exclude"):
+    with pytest.raises(
+        ValueError, match=rf"layer '1' is a {__name__}\.ScaledBN.*cannot carry that over.*norm\.exclude"
+    ):
         inject(model, method="gn", num_groups=2, targets=[f"{__name__}.ScaledBN"])
     assert type(model[1]) is ScaledBN  # nothing changed

@@ -119,13 +119,24 @@ class StandardizingConv(nn.Conv2d):
 @pytest.mark.parametrize(
     "make,match",
     [
-        (lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.BatchNorm2d(4)), "2: it is not directly after a convolution"),
+        (
+            lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.BatchNorm2d(4)),
+            "2: it is not directly after a convolution",
+        ),
         (lambda: ConvReadTwice(), "norm: the output of the convolution 'conv' before it is also read elsewhere"),
-        (lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(inplace=True), nn.BatchNorm2d(4)),
-         "2: the output of the convolution '0' before it is changed in place"),
+        (
+            lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(inplace=True), nn.BatchNorm2d(4)),
+            "2: the output of the convolution '0' before it is changed in place",
+        ),
         (lambda: ConvPlusShortcutInPlace(), "norm: the output of the convolution 'conv' before it is changed in place"),
-        (lambda: nn.Sequential(nn.Conv2d(3, 4, 3), BatchNormWithActivation(4)), "1: BatchNormWithActivation subclasses BatchNorm2d"),
-        (lambda: nn.Sequential(StandardizingConv(3, 4, 3), nn.BatchNorm2d(4)), "1: the convolution '0' before it is a StandardizingConv"),
+        (
+            lambda: nn.Sequential(nn.Conv2d(3, 4, 3), BatchNormWithActivation(4)),
+            "1: BatchNormWithActivation subclasses BatchNorm2d",
+        ),
+        (
+            lambda: nn.Sequential(StandardizingConv(3, 4, 3), nn.BatchNorm2d(4)),
+            "1: the convolution '0' before it is a StandardizingConv",
+        ),
     ],
     ids=["after-relu", "conv-read-twice", "after-inplace-relu", "inplace-shortcut", "bn-subclass", "conv-subclass"],
 )
@@ -167,8 +178,13 @@ def test_refuses_training_mode_and_needs_an_input():
 
 def test_skip_unfoldable_and_exclude_leave_those_layers():
     model = SmallCNN(3, 10, width=8)
-    inject(model, method="bn", overrides=[{"pattern": r"features\.1\.1", "method": "gn", "num_groups": 2}],
-           example_input=torch.zeros(2, 3, 8, 8), batch_size=4)
+    inject(
+        model,
+        method="bn",
+        overrides=[{"pattern": r"features\.1\.1", "method": "gn", "num_groups": 2}],
+        example_input=torch.zeros(2, 3, 8, 8),
+        batch_size=4,
+    )
     model = _warmed(model.double(), (4, 3, 8, 8))
     x = torch.randn(3, 3, 8, 8, dtype=D64)
     with torch.no_grad():
@@ -227,6 +243,7 @@ def _share(parameter):
         model = ConvNormAndReader(lambda m, x, h, y: y + m.conv2(x))
         setattr(model.conv2, parameter, getattr(model.conv, parameter))
         return model
+
     return make
 
 
@@ -241,8 +258,10 @@ PARAMETER_SHARED = r"a parameter of the convolution 'conv' before it is shared \
         (lambda: ConvNormAndReader(lambda m, x, h, y: y * (h > 0)), OUTPUT_READ + "gt in the traced graph"),
         (lambda: ConvNormAndReader(lambda m, x, h, y: y + h.detach().mean()), OUTPUT_READ + r"\.detach\(\)"),
         (_share("weight"), PARAMETER_SHARED + "'conv.weight' is also 'conv2.weight'"),
-        (lambda: ConvNormAndReader(lambda m, x, h, y: y + F.conv2d(x, m.conv.weight, dilation=2, padding=2)),
-         PARAMETER_READ + "attribute 'conv.weight' in the traced graph"),
+        (
+            lambda: ConvNormAndReader(lambda m, x, h, y: y + F.conv2d(x, m.conv.weight, dilation=2, padding=2)),
+            PARAMETER_READ + "attribute 'conv.weight' in the traced graph",
+        ),
         (lambda: ConvNormAndReader(_read_under_no_grad), OUTPUT_READ + r"\.abs\(\) in the traced graph"),
         (_share("bias"), PARAMETER_SHARED + "'conv.bias' is also 'conv2.bias'"),
     ],
@@ -290,10 +309,14 @@ def test_refuses_an_output_kept_on_a_module():
 @pytest.mark.parametrize(
     "hook,match",
     [
-        (lambda m: m.conv.register_forward_hook(lambda module, args, out: None),
-         "norm: the convolution 'conv' before it has forward hooks, which read its output"),
-        (lambda m: m.norm.register_forward_pre_hook(lambda module, args: None),
-         "norm: it has forward hooks, which folding would drop"),
+        (
+            lambda m: m.conv.register_forward_hook(lambda module, args, out: None),
+            "norm: the convolution 'conv' before it has forward hooks, which read its output",
+        ),
+        (
+            lambda m: m.norm.register_forward_pre_hook(lambda module, args: None),
+            "norm: it has forward hooks, which folding would drop",
+        ),
     ],
     ids=["conv-hook", "norm-hook"],
 )

@@ -9,10 +9,10 @@ from torch import nn
 from normlightning.callbacks.norm_injection import NormInjection
 from normlightning.injection import apply_spec, get_spec, inject, probe_input_shapes
 from normlightning.injection import groups as group_rules
-from normlightning.norms.batch_group_norm import bgn_paper_groups
-from normlightning.norms.ghost_norm import ghost_auto_batches
 from normlightning.norms import available_norms
 from normlightning.norms.base import NormLayer
+from normlightning.norms.batch_group_norm import bgn_paper_groups
+from normlightning.norms.ghost_norm import ghost_auto_batches
 
 
 def tiny_cnn() -> nn.Sequential:
@@ -156,7 +156,9 @@ def test_bgn_explicit_groups_error_names_layer_and_nearest_fits():
     # layer 1: D = 8*64 = 512 takes 128; layer 4: D = 4*16 = 64 does not
     with pytest.raises(ValueError, match=r"layer '4'.*num_groups=128 does not divide D=C\*S=4\*16=64.*\(64\)"):
         inject(tiny_cnn(), method="bgn", num_groups=128, targets=["BatchNorm2d"], example_input=X)[0]
-    spec = inject(tiny_cnn(), method="bgn", num_groups=48, group_fit="nearest", targets=["BatchNorm2d"], example_input=X)[0]
+    spec = inject(
+        tiny_cnn(), method="bgn", num_groups=48, group_fit="nearest", targets=["BatchNorm2d"], example_input=X
+    )[0]
     assert [r["kwargs"]["num_groups"] for r in spec["layers"]] == [32, 32]  # largest divisors <= 48 of 512, 64
 
 
@@ -245,7 +247,14 @@ def test_num_groups_fills_the_group_count_each_method_declares():
 
 def test_named_auto_policy_and_unknown_policy():
     model = tiny_cnn()
-    spec = inject(model, method="bgn", num_groups="auto:paper", batch_size=8, targets=["BatchNorm2d"], example_input=torch.zeros(2, 3, 8, 8))[0]
+    spec = inject(
+        model,
+        method="bgn",
+        num_groups="auto:paper",
+        batch_size=8,
+        targets=["BatchNorm2d"],
+        example_input=torch.zeros(2, 3, 8, 8),
+    )[0]
     assert [r["kwargs"]["num_groups"] for r in spec["layers"]] == [16, 16]  # B=8 -> 16, divides 512 and 64
     with pytest.raises(ValueError, match=r"unknown auto policy 'nope'.*auto:paper"):
         inject(tiny_cnn(), method="bgn", num_groups="auto:nope", batch_size=8, example_input=torch.zeros(2, 3, 8, 8))[0]

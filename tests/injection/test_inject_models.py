@@ -36,7 +36,11 @@ def test_torchvision_models_have_no_batchnorm_left(name):
 def test_bgn_auto_on_resnet18_with_exclusions():
     model = torchvision.models.resnet18(num_classes=5)
     spec, _ = inject(
-        model, method="bgn", num_groups="auto", batch_size=8, exclude=[r"bn1", r"layer1\.0\..*"],
+        model,
+        method="bgn",
+        num_groups="auto",
+        batch_size=8,
+        exclude=[r"bn1", r"layer1\.0\..*"],
         example_input=torch.rand(2, 3, 32, 32),
     )
     kept = [n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
@@ -47,8 +51,16 @@ def test_bgn_auto_on_resnet18_with_exclusions():
     assert model(torch.rand(4, 3, 32, 32)).shape == (4, 5)
 
 
-OURS = ["small_cnn", "cifar_resnet18", "wide_resnet", "resnet12", "cifar_mobilenet_v2", "cifar_shufflenet_v2",
-        "cifar_densenet121", "mlp"]
+OURS = [
+    "small_cnn",
+    "cifar_resnet18",
+    "wide_resnet",
+    "resnet12",
+    "cifar_mobilenet_v2",
+    "cifar_shufflenet_v2",
+    "cifar_densenet121",
+    "mlp",
+]
 
 
 @pytest.mark.parametrize("name", OURS)

@@ -102,15 +102,24 @@ def test_remove_following_activation_refuses_a_shared_or_missing_activation() ->
     with pytest.raises(ValueError, match=r"remove_following_activation finds .* give an example input"):
         inject(_conv_bn_relu(), method="frn", remove_following_activation=True)
     with pytest.warns(UserWarning, match="no replaced layer applies an activation of its own"):
-        inject(_conv_bn_relu(), method="gn", num_groups=2, remove_following_activation=True,
-               example_input=torch.zeros(1, 3, 4, 4))
+        inject(
+            _conv_bn_relu(),
+            method="gn",
+            num_groups=2,
+            remove_following_activation=True,
+            example_input=torch.zeros(1, 3, 4, 4),
+        )
 
 
-@pytest.mark.parametrize(("args", "layer_type", "relus"), [
-    (["--norm.method=frn"], "FilterResponseNorm", 4),
-    (["--norm.method=frn", "--norm.remove_following_activation=true"], "FilterResponseNorm", 0),
-    (["--norm.method=timm/evonorms0"], "EvoNorm2dS0", 4),
-], ids=["frn", "frn-tlu-replaces-relu", "timm-evonorms0"])
+@pytest.mark.parametrize(
+    ("args", "layer_type", "relus"),
+    [
+        (["--norm.method=frn"], "FilterResponseNorm", 4),
+        (["--norm.method=frn", "--norm.remove_following_activation=true"], "FilterResponseNorm", 0),
+        (["--norm.method=timm/evonorms0"], "EvoNorm2dS0", 4),
+    ],
+    ids=["frn", "frn-tlu-replaces-relu", "timm-evonorms0"],
+)
 def test_quickstart_fits_with_the_method(run_dir, request, args, layer_type, relus) -> None:
     """`normlightning fit --config configs/quickstart.yaml --norm.method <method>` (fast_dev_run,
     run inside the test's folder)."""

@@ -17,7 +17,11 @@ def wide_net() -> nn.Sequential:
     """conv(3->32) bn -> relu -> conv(32->32) bn: two 32-channel BatchNorm2d layers at 4x4."""
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Conv2d(3, 32, 1), nn.BatchNorm2d(32), nn.ReLU(), nn.Conv2d(32, 32, 3, stride=2, padding=1), nn.BatchNorm2d(32)
+        nn.Conv2d(3, 32, 1),
+        nn.BatchNorm2d(32),
+        nn.ReLU(),
+        nn.Conv2d(32, 32, 3, stride=2, padding=1),
+        nn.BatchNorm2d(32),
     )
 
 
@@ -30,10 +34,16 @@ X = torch.rand(2, 3, 8, 8)
     [
         ("gn", "num_features=32, num_groups=32, eps=1e-05, affine=True"),  # GN's default G = 32 is IN here
         ("hn", "num_features=32, mean=bn, std=en:1, eps=1e-05, momentum=0.1, affine=True, virtual_devices=1"),
-        ("ghost", "num_features=32, num_groups=None, ghost_batch_size=32, eps=1e-05, momentum=0.1, affine=True, alpha=0.0, "
-                  "virtual_devices=1"),
-        ("gbgn", "num_features=32, channel_groups=32, examples_per_group=None, eps=1e-05, momentum=0.01, affine=True, "
-                 "alpha=0.0, virtual_devices=1"),
+        (
+            "ghost",
+            "num_features=32, num_groups=None, ghost_batch_size=32, eps=1e-05, momentum=0.1, affine=True, alpha=0.0, "
+            "virtual_devices=1",
+        ),
+        (
+            "gbgn",
+            "num_features=32, channel_groups=32, examples_per_group=None, eps=1e-05, momentum=0.01, affine=True, "
+            "alpha=0.0, virtual_devices=1",
+        ),
     ],
 )
 def test_summary_shows_every_effective_argument_of_the_built_layer(method, expected):
@@ -53,7 +63,9 @@ def test_summary_reads_fitted_counts_from_each_layer():
     _, rows = inject(model, method="bgn", num_groups=48, group_fit="nearest", example_input=X)
     # D = C*H*W = 32*8*8 = 2048 and 32*4*4 = 512: the largest divisor <= 48 of each is 32
     assert [model[1].num_groups, model[4].num_groups] == [32, 32]
-    assert all(r["args"].startswith("num_features=32, num_groups=32, eps=1e-05, momentum=0.1, affine=True") for r in rows)
+    assert all(
+        r["args"].startswith("num_features=32, num_groups=32, eps=1e-05, momentum=0.1, affine=True") for r in rows
+    )
 
 
 def test_logged_hyperparameters_hold_the_effective_values_compact_when_layers_differ():
@@ -86,8 +98,8 @@ def test_group_counts_without_a_default_are_refused_naming_the_setting():
     with pytest.raises(
         ValueError,
         match=r"seqnorm has no default for channel_groups, batch_groups.*norm\.num_groups: auto \(sets channel_groups "
-              r"and batch_groups\), or norm\.kwargs\.channel_groups and norm\.kwargs\.batch_groups or "
-              r"norm\.kwargs\.ghost_batch_size",
+        r"and batch_groups\), or norm\.kwargs\.channel_groups and norm\.kwargs\.batch_groups or "
+        r"norm\.kwargs\.ghost_batch_size",
     ):
         inject(wide_net(), method="seqnorm")
     with pytest.raises(ValueError, match=r"seqnorm has no default for batch_groups"):
@@ -104,12 +116,16 @@ def test_group_counts_without_a_default_are_refused_naming_the_setting():
 # ---------------------------------------------------------------- the surgery API on odd models
 def test_inject_on_a_model_without_target_layers_warns_naming_targets():
     model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.GroupNorm(2, 4))
-    with pytest.warns(UserWarning, match=r"nothing in Sequential was replaced.*its normalization layers are GroupNorm: "
-                                          r"name them in targets \(norm\.targets: \['GroupNorm'\]\)"):
+    with pytest.warns(
+        UserWarning,
+        match=r"nothing in Sequential was replaced.*its normalization layers are GroupNorm: "
+        r"name them in targets \(norm\.targets: \['GroupNorm'\]\)",
+    ):
         spec, _ = inject(model, method="gn", num_groups=2)
     assert spec["layers"] == [] and isinstance(model[1], nn.GroupNorm)
-    _, rows = inject(nn.Sequential(nn.Conv2d(3, 4, 1), nn.GroupNorm(2, 4)), method="gn", num_groups=2,
-                     targets=["GroupNorm"])  # the fix the warning names
+    _, rows = inject(
+        nn.Sequential(nn.Conv2d(3, 4, 1), nn.GroupNorm(2, 4)), method="gn", num_groups=2, targets=["GroupNorm"]
+    )  # the fix the warning names
     assert rows[0]["new"] == "GroupNorm (gn)"
 
 

@@ -42,8 +42,12 @@ def imagenet_resnet18() -> dict[str, torch.Tensor]:
 
 
 def task(weights: str | Path | None, *, backbone: str = "resnet18", num_classes: int = 10, channels: int = 3):
-    return ClassificationTask(backbone=backbone, num_classes=num_classes, input_shape=(channels, 32, 32),
-                              backbone_weights=None if weights is None else str(weights))
+    return ClassificationTask(
+        backbone=backbone,
+        num_classes=num_classes,
+        input_shape=(channels, 32, 32),
+        backbone_weights=None if weights is None else str(weights),
+    )
 
 
 def test_local_file_loads_every_tensor_and_reports_the_resized_head(tmp_path, imagenet_resnet18, caplog) -> None:

@@ -47,6 +47,10 @@ def test_cifar_backbones_grayscale_and_bad_width():
     assert cifar_mobilenet_v2(3, (1, 32, 32), 0.35).features[0][0].in_channels == 1
     with pytest.raises(ValueError, match="width_mult"):
         cifar_shufflenet_v2(10, (3, 32, 32), width_mult=0.7)
-    for m in (cifar_mobilenet_v2(3, (3, 32, 32), 0.35), cifar_shufflenet_v2(3, (3, 32, 32)), cifar_densenet121(3, (3, 32, 32))):
+    for m in (
+        cifar_mobilenet_v2(3, (3, 32, 32), 0.35),
+        cifar_shufflenet_v2(3, (3, 32, 32)),
+        cifar_densenet121(3, (3, 32, 32)),
+    ):
         assert not any(isinstance(x, (nn.GroupNorm, nn.LayerNorm)) for x in m.modules())
         assert any(isinstance(x, nn.BatchNorm2d) for x in m.modules())

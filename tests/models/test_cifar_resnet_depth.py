@@ -13,7 +13,9 @@ from normlightning.norms.batch_group_norm import BatchGroupNorm
 
 def _stage_outputs(model: nn.Module, x: torch.Tensor) -> tuple[list[torch.Size], torch.Tensor]:
     shapes = []
-    handles = [getattr(model, f"layer{i}").register_forward_hook(lambda m, i, o: shapes.append(o.shape)) for i in (1, 2, 3)]
+    handles = [
+        getattr(model, f"layer{i}").register_forward_hook(lambda m, i, o: shapes.append(o.shape)) for i in (1, 2, 3)
+    ]
     logits = model(x)
     for h in handles:
         h.remove()

@@ -35,8 +35,10 @@ def test_cifar_resnet18_is_the_standard_cifar_model() -> None:
     assert [len(stage) for stage in (model.layer1, model.layer2, model.layer3, model.layer4)] == [2, 2, 2, 2]
     assert _norm_types(model) == {nn.BatchNorm2d}
     shapes = []
-    hooks = [s.register_forward_hook(lambda m, i, o: shapes.append(tuple(o.shape))) for s in
-             (model.layer1, model.layer2, model.layer3, model.layer4)]
+    hooks = [
+        s.register_forward_hook(lambda m, i, o: shapes.append(tuple(o.shape)))
+        for s in (model.layer1, model.layer2, model.layer3, model.layer4)
+    ]
     assert model(torch.rand(2, 3, 32, 32)).shape == (2, 10)
     for h in hooks:
         h.remove()
@@ -46,7 +48,13 @@ def test_cifar_resnet18_is_the_standard_cifar_model() -> None:
 def test_mlp_is_four_layers_of_128_with_batchnorm1d() -> None:
     model = build_backbone("mlp", num_classes=10, input_shape=(1, 28, 28))
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    assert [(m.in_features, m.out_features) for m in linears] == [(784, 128), (128, 128), (128, 128), (128, 128), (128, 10)]
+    assert [(m.in_features, m.out_features) for m in linears] == [
+        (784, 128),
+        (128, 128),
+        (128, 128),
+        (128, 128),
+        (128, 10),
+    ]
     assert _norm_types(model) == {nn.BatchNorm1d}
     assert [layer.bn.num_features for layer in model.layers] == [128] * 4
     assert model(torch.rand(5, 1, 28, 28)).shape == (5, 10)

@@ -7,13 +7,25 @@ import torch
 import torchvision
 from torch import nn
 
-from normlightning.models import BUILTIN_BACKBONES, adapt_input_channels, available_backbones, build_backbone, register_backbone
+from normlightning.models import (
+    BUILTIN_BACKBONES,
+    adapt_input_channels,
+    available_backbones,
+    build_backbone,
+    register_backbone,
+)
 
 
 def test_builtin_names_listed_and_strings_point_to_same_named_functions() -> None:
     expected = {
-        "small_cnn", "cifar_resnet18", "mlp", "wide_resnet", "resnet12",
-        "cifar_mobilenet_v2", "cifar_shufflenet_v2", "cifar_densenet121",
+        "small_cnn",
+        "cifar_resnet18",
+        "mlp",
+        "wide_resnet",
+        "resnet12",
+        "cifar_mobilenet_v2",
+        "cifar_shufflenet_v2",
+        "cifar_densenet121",
     }
     assert expected <= set(available_backbones())
     for name, target in BUILTIN_BACKBONES.items():

@@ -40,7 +40,9 @@ def test_wrn_10_2_param_count():
         + (2 * 16 + 9 * 16 * 32 + 2 * 32 + 9 * 32 * 32 + 16 * 32)  # group 1
         + (2 * 32 + 9 * 32 * 64 + 2 * 64 + 9 * 64 * 64 + 32 * 64)  # group 2
         + (2 * 64 + 9 * 64 * 128 + 2 * 128 + 9 * 128 * 128 + 64 * 128)  # group 3
-        + 2 * 128 + 128 * 10 + 10  # head
+        + 2 * 128
+        + 128 * 10
+        + 10  # head
     )
     assert hand == wrn_param_count(10, 2, 10) == 303_706
     assert n_params(model) == hand

@@ -93,8 +93,8 @@ def bgn_train(x, G, eps=EPS):
     out = torch.empty_like(f)
     means, vars_ = [], []
     for g in range(G):
-        blk = f[:, g * L:(g + 1) * L]
-        out[:, g * L:(g + 1) * L] = normalize(blk, (0, 1), eps)
+        blk = f[:, g * L : (g + 1) * L]
+        out[:, g * L : (g + 1) * L] = normalize(blk, (0, 1), eps)
         means.append(blk.mean())
         vars_.append(bvar(blk, (0, 1)).squeeze())
     return out.reshape(x.shape), torch.stack(means), torch.stack(vars_), N * L
@@ -117,10 +117,10 @@ def gbgn_train(x, Gc, E, eps=EPS):
     start = 0
     for s in sizes:
         for g in range(Gc):
-            blk = x[start:start + s, g * Cg:(g + 1) * Cg]
+            blk = x[start : start + s, g * Cg : (g + 1) * Cg]
             mu = blk.mean()
             var = torch.clamp((blk * blk).mean() - mu * mu, min=0)
-            out[start:start + s, g * Cg:(g + 1) * Cg] = (blk - mu) / torch.sqrt(var + eps)
+            out[start : start + s, g * Cg : (g + 1) * Cg] = (blk - mu) / torch.sqrt(var + eps)
         start += s
     return out
 
@@ -128,10 +128,10 @@ def gbgn_train(x, Gc, E, eps=EPS):
 def example_weighted(x, pop_mean, pop_ex2, alpha, eps=EPS):
     """Inference example weighing (docs/methods.md) on (N, K, L) with pop stats (K,)."""
     mu_ex = x.mean(dim=2, keepdim=True)
-    ex2 = (x ** 2).mean(dim=2, keepdim=True)
+    ex2 = (x**2).mean(dim=2, keepdim=True)
     mu = (1 - alpha) * pop_mean.view(1, -1, 1).to(x.dtype) + alpha * mu_ex
     s = (1 - alpha) * pop_ex2.view(1, -1, 1).to(x.dtype) + alpha * ex2
-    var = torch.clamp(s - mu ** 2, min=0)
+    var = torch.clamp(s - mu**2, min=0)
     return (x - mu) / torch.sqrt(var + eps)
 
 
@@ -140,11 +140,11 @@ def sn_train(x, wm, wv, eps=EPS):
     x3 = x.reshape(N, C, -1)
     mu_in = x3.mean(2, keepdim=True)
     var_in = bvar(x3, (2,))
-    temp = var_in + mu_in ** 2
+    temp = var_in + mu_in**2
     mu_ln = mu_in.mean(1, keepdim=True)
-    var_ln = temp.mean(1, keepdim=True) - mu_ln ** 2
+    var_ln = temp.mean(1, keepdim=True) - mu_ln**2
     mu_bn = mu_in.mean(0, keepdim=True)
-    var_bn = temp.mean(0, keepdim=True) - mu_bn ** 2
+    var_bn = temp.mean(0, keepdim=True) - mu_bn**2
     a, b = torch.softmax(wm, 0), torch.softmax(wv, 0)
     mu = a[0] * mu_in + a[1] * mu_ln + a[2] * mu_bn
     var = b[0] * var_in + b[1] * var_ln + b[2] * var_bn
@@ -200,7 +200,10 @@ def sync_bn_worker(rank, world, init_file, x, out_dir):
         xs = x.chunk(world)[rank].clone().requires_grad_()
         y = layer(xs)
         (y * torch.arange(y.numel(), dtype=y.dtype).view_as(y)).sum().backward()
-        torch.save({"y": y.detach(), "g": xs.grad, "rm": layer.running_mean, "rv": layer.running_var}, os.path.join(out_dir, f"{rank}.pt"))
+        torch.save(
+            {"y": y.detach(), "g": xs.grad, "rm": layer.running_mean, "rv": layer.running_var},
+            os.path.join(out_dir, f"{rank}.pt"),
+        )
         torch.distributed.barrier()  # both ranks done with collectives before the group is torn down
     finally:
         torch.distributed.destroy_process_group()

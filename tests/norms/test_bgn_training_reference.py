@@ -54,8 +54,14 @@ class ReferenceBGN(nn.Module):
 def _study_model(num_groups: int | str, batch_size: int) -> tuple[nn.Module, dict]:
     torch.manual_seed(0)
     model = build_backbone("cifar_resnet", 10, (1, 28, 28), depth=8, base_width=8).double()
-    spec, _ = inject(model, method="bgn", num_groups=num_groups, batch_size=batch_size, group_fit="nearest",
-                     example_input=torch.zeros(2, 1, 28, 28, dtype=torch.float64))
+    spec, _ = inject(
+        model,
+        method="bgn",
+        num_groups=num_groups,
+        batch_size=batch_size,
+        group_fit="nearest",
+        example_input=torch.zeros(2, 1, 28, 28, dtype=torch.float64),
+    )
     return model, spec
 
 

@@ -39,7 +39,7 @@ def test_compensation_agrees_with_exact_recomputation_to_first_order() -> None:
         with torch.no_grad():
             conv.weight.copy_(w_old + step * direction)
             exact_mu, exact_x2 = _stats(conv(x_old))
-        (comp_mu, comp_x2), = layer.compensated_history()
+        ((comp_mu, comp_x2),) = layer.compensated_history()
         torch.testing.assert_close(comp_mu, exact_mu)  # mu is linear in W: exact
         errors.append((comp_x2 - exact_x2).abs().max())
         stale.append((layer.history[0][1] - exact_x2).abs().max())
@@ -106,8 +106,14 @@ def test_burn_in_and_without_a_convolution_it_is_batch_norm() -> None:
 
 def test_injection_finds_the_convolution_and_refuses_layers_without_one() -> None:
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
-                          nn.Linear(4 * 25, 3), nn.BatchNorm1d(3))
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(4 * 25, 3),
+        nn.BatchNorm1d(3),
+    )
     example = torch.randn(2, 3, 5, 5)
     with pytest.raises(ValueError, match=r"'cbn' needs the convolution .* '5': it is not directly after a convolution"):
         inject(model, method="cbn", example_input=example)

@@ -19,8 +19,8 @@ import random
 
 import pytest
 import torch
-
 from norm_reference import EPS, example_weighted
+
 from normlightning.norms import available_norms, build_norm
 from normlightning.norms.group_args import divisors
 
@@ -196,7 +196,7 @@ def _hn_parse(spec: str, C: int):
 
 def ref_hn(x3, p, cfg, training):
     C = x3.shape[1]
-    (mkind, mg), = _hn_parse(cfg["mean"], C)
+    ((mkind, mg),) = _hn_parse(cfg["mean"], C)
     stds = _hn_parse(cfg["std"], C)
     batch = ("bn", "en")
     if mkind in batch and not training:
@@ -243,10 +243,24 @@ def ref_brn(x3, p, cfg, training):
 
 
 REFERENCES = {
-    "bn": ref_bn, "gn": ref_gn, "ln": ref_ln, "in": ref_in, "pn": ref_pn, "ghost": ref_ghost,
-    "seqnorm": ref_seqnorm, "bgn": ref_bgn, "gbgn": ref_gbgn, "hn": ref_hn, "sn": ref_sn, "brn": ref_brn,
-    "gnflat": ref_gnflat, "frn": ref_frn, "evonorm_b0": ref_evonorm_b0, "evonorm_s0": ref_evonorm_s0,
-    "mabn": ref_mabn, "cbn": ref_cbn,
+    "bn": ref_bn,
+    "gn": ref_gn,
+    "ln": ref_ln,
+    "in": ref_in,
+    "pn": ref_pn,
+    "ghost": ref_ghost,
+    "seqnorm": ref_seqnorm,
+    "bgn": ref_bgn,
+    "gbgn": ref_gbgn,
+    "hn": ref_hn,
+    "sn": ref_sn,
+    "brn": ref_brn,
+    "gnflat": ref_gnflat,
+    "frn": ref_frn,
+    "evonorm_b0": ref_evonorm_b0,
+    "evonorm_s0": ref_evonorm_s0,
+    "mabn": ref_mabn,
+    "cbn": ref_cbn,
 }
 
 
@@ -258,8 +272,9 @@ def _hn_spec(rng: random.Random, C: int, count: int) -> str:
     return "+".join(rng.sample(menu, count))
 
 
-def _draw_config(name: str, rng: random.Random, N: int, C: int, S: int, training: bool, spatial_dims: int = 1
-                 ) -> dict | None:
+def _draw_config(
+    name: str, rng: random.Random, N: int, C: int, S: int, training: bool, spatial_dims: int = 1
+) -> dict | None:
     """The method's arguments for this input (``spatial_dims`` positions axes of size ``S`` in all), or ``None``
     when training would have a set of one value (an error by design, tested elsewhere) or the method does not
     take the input's rank."""
@@ -330,8 +345,13 @@ def _dense_in_order(t: torch.Tensor, order) -> torch.Tensor:
 #: channels_last with the size-1 dims (whose strides are free) moved outermost / innermost, which
 #: PyTorch's CPU batch-norm backward misreads against a contiguous partner (``PARTNER``).
 LAYOUTS = ("contiguous", "channels-last", "size-1-outer", "size-1-inner", "random")
-PARTNER = {"contiguous": ("size-1-outer", "size-1-inner"), "size-1-outer": ("contiguous",),
-           "size-1-inner": ("contiguous",), "channels-last": ("random",), "random": ("contiguous",)}
+PARTNER = {
+    "contiguous": ("size-1-outer", "size-1-inner"),
+    "size-1-outer": ("contiguous",),
+    "size-1-inner": ("contiguous",),
+    "channels-last": ("random",),
+    "random": ("contiguous",),
+}
 
 
 def _layout_kinds(rng: random.Random) -> tuple[str, str]:
@@ -369,8 +389,17 @@ def _draw_case(name: str, rng: random.Random):
             break
     dtype = rng.choice([torch.float32, torch.float64])
     data = rng.choice(["plain", "offset", "constant-rows"])
-    return dict(name=name, shape=(N, C, *spatial), cfg=cfg, training=training, dtype=dtype, data=data,
-                fused=rng.random() < 0.5, layouts=_layout_kinds(rng), sync=training and rng.random() < 0.3)
+    return dict(
+        name=name,
+        shape=(N, C, *spatial),
+        cfg=cfg,
+        training=training,
+        dtype=dtype,
+        data=data,
+        fused=rng.random() < 0.5,
+        layouts=_layout_kinds(rng),
+        sync=training and rng.random() < 0.3,
+    )
 
 
 #: The registry at collection, before any test registers (and removes) a plugin of its own.
@@ -478,12 +507,14 @@ def test_every_registered_method_has_a_reference():
 KNOWN_IMPRECISE = {
     # the native float32 batch-norm kernel on a ghost batch of one example whose 9 values are equal: the
     # mean's rounding (1 ulp) over sqrt(eps) gives 1.06e-4 of the output, against the 1e-4 bound
-    "ghost[num_groups=6]-(6, 1, 3, 3)-random/contiguous-train-float32-constant-rows":
-        "ghost: zero-variance ghost set in float32, output 1.06e-4 off (bound 1e-4)",
+    "ghost[num_groups=6]-(6, 1, 3, 3)-random/contiguous-train-float32-constant-rows": (
+        "ghost: zero-variance ghost set in float32, output 1.06e-4 off (bound 1e-4)"
+    ),
     # the fused pooled-set node in eval with two GN set families on data 100 stds from 0: input gradient
     # 2e-3 off, 134x the error of plain float32 autograd of the formula
-    "hn[mean=gn:2,std=gn:3]-(3, 6)-view/contiguous-eval-float32-offset":
-        "hn: float32 eval input gradient on offset data with gn:2/gn:3 sets, 2e-3 off",
+    "hn[mean=gn:2,std=gn:3]-(3, 6)-view/contiguous-eval-float32-offset": (
+        "hn: float32 eval input gradient on offset data with gn:2/gn:3 sets, 2e-3 off"
+    ),
 }
 
 

@@ -15,8 +15,8 @@ import copy
 
 import pytest
 import torch
-
 from norm_reference import ALL_SPECS, EPS, gbgn_train, sn_train
+
 from normlightning.norms import available_norms, build_norm
 
 D64 = torch.float64
@@ -68,7 +68,8 @@ def _grads(layer, x, upstream):
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("name", available_norms())
 @pytest.mark.parametrize(
-    "x_order,g_order", [((0, 1, 2, 3), (0, 2, 1, 3)), ((0, 1, 2, 3), (3, 0, 2, 1)), ((3, 0, 2, 1), (0, 1, 2, 3))],
+    "x_order,g_order",
+    [((0, 1, 2, 3), (0, 2, 1, 3)), ((0, 1, 2, 3), (3, 0, 2, 1)), ((3, 0, 2, 1), (0, 1, 2, 3))],
     ids=["contiguous-x/channels-inner-g", "contiguous-x/size-1-outer-g", "size-1-outer-x/contiguous-g"],
 )
 def test_gradients_do_not_depend_on_the_upstream_layout(name, training, x_order, g_order, monkeypatch):
@@ -175,12 +176,16 @@ def test_sn_float32_gradients_on_offset_data(offset):
 
 
 @pytest.mark.parametrize("offset,tol", [(100.0, 1e-4), (1000.0, 1e-3)])
-@pytest.mark.parametrize("name,kwargs", [
-    ("gbgn", {"channel_groups": 2}),
-    ("gbgn", {"channel_groups": 2, "examples_per_group": 2}),
-    ("gbgn", {"channel_groups": 2, "examples_per_group": 3}),  # uneven example groups: the moments path
-    ("sn", {}),
-], ids=["gbgn-channels", "gbgn-rows", "gbgn-uneven", "sn"])
+@pytest.mark.parametrize(
+    "name,kwargs",
+    [
+        ("gbgn", {"channel_groups": 2}),
+        ("gbgn", {"channel_groups": 2, "examples_per_group": 2}),
+        ("gbgn", {"channel_groups": 2, "examples_per_group": 3}),  # uneven example groups: the moments path
+        ("sn", {}),
+    ],
+    ids=["gbgn-channels", "gbgn-rows", "gbgn-uneven", "sn"],
+)
 def test_raw_moment_methods_float32_outputs_on_offset_data(name, kwargs, offset, tol):
     """The ``E[x^2] - E[x]^2`` methods at mean/std = 100 and 1000 (main: 3e-4 to 5e-4 at 100,
     0.03 to 0.08 at 1000)."""
@@ -194,12 +199,15 @@ def test_raw_moment_methods_float32_outputs_on_offset_data(name, kwargs, offset,
     assert _rel(y.detach(), ref) < tol
 
 
-@pytest.mark.parametrize("name,shape,training", [
-    ("in", (4, 4, 1, 2), False),  # sets of two values
-    ("ln", (6, 3), True),
-    ("gn", (4, 4, 3), True),
-    ("pn", (5, 2, 2, 2), True),
-])
+@pytest.mark.parametrize(
+    "name,shape,training",
+    [
+        ("in", (4, 4, 1, 2), False),  # sets of two values
+        ("ln", (6, 3), True),
+        ("gn", (4, 4, 3), True),
+        ("pn", (5, 2, 2, 2), True),
+    ],
+)
 def test_native_per_example_kernels_float32_on_offset_data(name, shape, training):
     """Small per-example sets 100 standard deviations from 0: the native float32 GN / LN kernels
     are fed data shifted by one value of each set (main: outputs off by 1e-3, pn gradients by 1e-2)."""
@@ -224,11 +232,15 @@ def test_native_per_example_kernels_float32_on_offset_data(name, shape, training
     assert _rel(x.grad, x64.grad) < 1e-4
 
 
-@pytest.mark.parametrize("name,kwargs", [
-    ("bn", {}),
-    ("sn", {}),
-    ("gbgn", {"channel_groups": 2, "examples_per_group": 4}),
-], ids=["bn", "sn", "gbgn"])
+@pytest.mark.parametrize(
+    "name,kwargs",
+    [
+        ("bn", {}),
+        ("sn", {}),
+        ("gbgn", {"channel_groups": 2, "examples_per_group": 4}),
+    ],
+    ids=["bn", "sn", "gbgn"],
+)
 def test_synchronized_statistics_float32_on_offset_data(name, kwargs):
     """``sync_statistics=True`` (no process group: the all-reduce path on the local batch) at
     mean/std = 100: statistics in two passes of all-reduces, not ``E[x^2] - E[x]^2`` (main: 1e-3 off)."""

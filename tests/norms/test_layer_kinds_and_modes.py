@@ -11,7 +11,10 @@ from normlightning.norms.model_layers import is_batch_statistic_layer, is_norm_l
 
 
 def test_layer_kinds() -> None:
-    assert all(is_norm_layer(m) for m in (nn.BatchNorm2d(4), nn.GroupNorm(2, 4), nn.LayerNorm(4), build_norm("gn", 4, num_groups=2)))
+    assert all(
+        is_norm_layer(m)
+        for m in (nn.BatchNorm2d(4), nn.GroupNorm(2, 4), nn.LayerNorm(4), build_norm("gn", 4, num_groups=2))
+    )
     assert not any(is_norm_layer(m) for m in (nn.Conv2d(4, 4, 1), nn.Dropout(), nn.ReLU()))
     assert is_batch_statistic_layer(nn.BatchNorm2d(4)) and is_batch_statistic_layer(build_norm("bgn", 4, num_groups=2))
     assert not is_batch_statistic_layer(nn.BatchNorm2d(4, track_running_stats=False))
@@ -32,7 +35,9 @@ def test_train_frozen_normalizes_with_the_batch_and_restores_buffers_and_sync() 
     x = torch.randn(5, 4, 3, 3) * 2
     with torch.no_grad(), statistics_mode(model, "train_frozen", sync=False) as switched:
         assert switched == 2 and not model[1].sync_statistics and not model[2].training
-        by_hand = (x - x.mean((0, 2, 3), keepdim=True)) / torch.sqrt(x.var((0, 2, 3), unbiased=False, keepdim=True) + 1e-5)
+        by_hand = (x - x.mean((0, 2, 3), keepdim=True)) / torch.sqrt(
+            x.var((0, 2, 3), unbiased=False, keepdim=True) + 1e-5
+        )
         torch.testing.assert_close(model[0](x), by_hand)
         torch.testing.assert_close(model[1](x), by_hand)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())

@@ -41,8 +41,9 @@ def _reference_steps(xs, upstreams, gamma, beta, *, m, warmup, renorm_start, r_m
 
 def test_mabn_follows_its_moving_averages_forward_and_backward() -> None:
     settings = {"m": 2, "warmup": 0, "renorm_start": 2, "r_max": 1.3, "momentum": 0.2, "eps": 1e-3}
-    layer = MovingAverageBatchNorm(3, buffer_size=2, eps=1e-3, momentum=0.2, warmup_iters=0, renorm_start_step=2,
-                                   r_max=1.3, dtype=D64)
+    layer = MovingAverageBatchNorm(
+        3, buffer_size=2, eps=1e-3, momentum=0.2, warmup_iters=0, renorm_start_step=2, r_max=1.3, dtype=D64
+    )
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         layer.weight.uniform_(0.5, 1.5, generator=generator)
@@ -64,8 +65,11 @@ def test_mabn_follows_its_moving_averages_forward_and_backward() -> None:
         torch.testing.assert_close(layer.running_x2, running_ref, msg=f"running_var at step {t}")
     running = layer.running_x2.clone()
     x = xs[0]
-    torch.testing.assert_close(layer.eval()(x), layer.weight.view(1, -1, 1, 1) * x / torch.sqrt(
-        running.view(1, -1, 1, 1) + 1e-3) + layer.bias.view(1, -1, 1, 1))
+    torch.testing.assert_close(
+        layer.eval()(x),
+        layer.weight.view(1, -1, 1, 1) * x / torch.sqrt(running.view(1, -1, 1, 1) + 1e-3)
+        + layer.bias.view(1, -1, 1, 1),
+    )
     assert int(layer.num_batches_tracked) == len(scales)
 
 
@@ -108,8 +112,16 @@ def test_mabn_protocol_and_refusals() -> None:
     layer.reset_running_stats()
     assert torch.equal(layer.moving_x2, torch.zeros(3, 2, dtype=D64)) and int(layer.num_batches_tracked) == 0
     assert torch.equal(layer.moving_gz, torch.zeros(3, 2, dtype=D64)) and int(layer.mabn_step) == 0
-    assert layer.effective_args() == {"num_features": 2, "buffer_size": 3, "eps": 1e-5, "momentum": None,
-                                      "affine": True, "warmup_iters": 100, "renorm_start_step": 1000, "r_max": 5.0}
+    assert layer.effective_args() == {
+        "num_features": 2,
+        "buffer_size": 3,
+        "eps": 1e-5,
+        "momentum": None,
+        "affine": True,
+        "warmup_iters": 100,
+        "renorm_start_step": 1000,
+        "r_max": 5.0,
+    }
     with pytest.raises(ValueError, match=r"needs buffer_size.*norm.kwargs: \{buffer_size: 16\}"):
         build_norm("mabn", 4)
     with pytest.raises(ValueError, match="r_max must be a float >= 1"):
@@ -132,8 +144,11 @@ def test_mabn_injection_centres_the_convolutions() -> None:
     h = model[0](torch.randn(2, 3, 5, 5))
     x2 = h.square().mean(dim=(0, 2, 3), keepdim=True)  # the first step normalizes with its own batch
     torch.testing.assert_close(layer(h), h / torch.sqrt(x2 + layer.eps))
-    assert [row["new"] for row in rows] == ["MovingAverageBatchNorm (mabn)", "ParametrizedConv2d + weight_centering",
-                                            "ParametrizedConv2d + weight_centering"]
+    assert [row["new"] for row in rows] == [
+        "MovingAverageBatchNorm (mabn)",
+        "ParametrizedConv2d + weight_centering",
+        "ParametrizedConv2d + weight_centering",
+    ]
     raw = model[0].parametrizations.weight.original
     torch.testing.assert_close(model[0].weight, raw - raw.mean(dim=(1, 2, 3), keepdim=True))
     torch.testing.assert_close(model[0].weight.sum(dim=(1, 2, 3)), torch.zeros(4), atol=1e-6, rtol=0)

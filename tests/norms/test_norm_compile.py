@@ -3,7 +3,8 @@
 To keep the time bounded on a 2-core machine, every layer is compiled with the
 ``aot_eager`` backend (Dynamo tracing + AOTAutograd, which is where graph capture of the
 layers' Python and in-place buffer updates can fail), and two representative ones (bgn,
-ghost: native kernels on views, in-place buffer updates) also with the default ``inductor`` backend, which needs a working C++ compiler.
+ghost: native kernels on views, in-place buffer updates) also with the default ``inductor`` backend, which
+needs a working C++ compiler.
 If the compiler cannot run the test fails with the reason; it is never skipped.
 """
 
@@ -13,8 +14,8 @@ import shutil
 
 import pytest
 import torch
-
 from norm_reference import ALL_SPECS, WEIGHING
+
 from normlightning.norms import build_norm
 
 NAMES = sorted(ALL_SPECS)
@@ -49,7 +50,9 @@ def test_compile_aot_eager(name):
 @pytest.mark.parametrize("name", INDUCTOR)
 def test_compile_inductor(name):
     if shutil.which("gcc") is None and shutil.which("cc") is None and shutil.which("clang") is None:
-        pytest.fail("torch.compile's inductor backend needs a C/C++ compiler on CPU (gcc, cc or clang); none was found on PATH.")
+        pytest.fail(
+            "torch.compile's inductor backend needs a C/C++ compiler on CPU (gcc, cc or clang); none was found on PATH."
+        )
     try:
         _check(name, "inductor")
     except torch._dynamo.exc.BackendCompilerFailed as err:  # compiler present but cannot build

@@ -10,10 +10,10 @@ import math
 
 import pytest
 import torch
+from norm_reference import group_counts
 from torch import Tensor
 from torch.nn import functional as F
 
-from norm_reference import group_counts
 from normlightning.norms import BatchNorm, GroupNorm, LayerNorm, NormLayer, available_norms
 from normlightning.norms.testing import NormContractError, check_norm_layer
 
@@ -108,8 +108,14 @@ class ResetsOnlyTheCounter(BatchNorm):
 class IgnoresUntracked(BatchNorm):
     """Takes ``track_running_stats`` and keeps running statistics anyway."""
 
-    def __init__(self, num_features: int, momentum: float | None = 0.1, eps: float = 1e-5, affine: bool = True,
-                 track_running_stats: bool = True) -> None:
+    def __init__(
+        self,
+        num_features: int,
+        momentum: float | None = 0.1,
+        eps: float = 1e-5,
+        affine: bool = True,
+        track_running_stats: bool = True,
+    ) -> None:
         super().__init__(num_features, eps=eps, momentum=momentum, affine=affine)
 
 

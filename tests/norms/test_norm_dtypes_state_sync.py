@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.multiprocessing as mp
-
 from norm_reference import ALL_SPECS, WEIGHING, sync_bn_worker
+
 from normlightning.norms import BatchNorm, GeneralBatchGroupNorm, SwitchableNorm, build_norm
 
 NAMES = sorted(ALL_SPECS)

@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import copy
 
+import norm_reference as R
 import pytest
 import torch
 
 from normlightning.norms import build_norm
-
-import norm_reference as R
 
 C = 4
 N = 6
@@ -33,7 +32,10 @@ def _hn_set(t, spec):
     dims = (0, 2, 3) if name in ("bn", "en") else (2, 3)
     m = tg.mean(dim=dims, keepdim=True)
     v = ((tg - m) ** 2).mean(dim=dims, keepdim=True)
-    expand = lambda s: s.expand(s.shape[0], groups, c // groups, tg.shape[3]).reshape(s.shape[0], *t.shape[1:])
+
+    def expand(s):
+        return s.expand(s.shape[0], groups, c // groups, tg.shape[3]).reshape(s.shape[0], *t.shape[1:])
+
     return expand(m), expand(v)
 
 
@@ -65,9 +67,21 @@ CASES = [
     ("gbgn", {"channel_groups": 1, "examples_per_group": None}, lambda t: R.gbgn_train(t, 1, N)),
     ("gbgn", {"channel_groups": C, "examples_per_group": 2}, lambda t: R.gbgn_train(t, C, 2)),
     ("gbgn", {"channel_groups": 2, "examples_per_group": 1}, lambda t: R.gbgn_train(t, 2, 1)),
-    ("hn", {"mean": "bn", "std": "en:1"}, lambda t: (t - _hn_set(t, "bn")[0]) / torch.sqrt(_hn_set(t, "en:1")[1] + R.EPS)),
-    ("hn", {"mean": "bn", "std": f"en:{C}"}, lambda t: (t - _hn_set(t, "bn")[0]) / torch.sqrt(_hn_set(t, f"en:{C}")[1] + R.EPS)),
-    ("hn", {"mean": "ln", "std": "gn:2"}, lambda t: (t - _hn_set(t, "ln")[0]) / torch.sqrt(_hn_set(t, "gn:2")[1] + R.EPS)),
+    (
+        "hn",
+        {"mean": "bn", "std": "en:1"},
+        lambda t: (t - _hn_set(t, "bn")[0]) / torch.sqrt(_hn_set(t, "en:1")[1] + R.EPS),
+    ),
+    (
+        "hn",
+        {"mean": "bn", "std": f"en:{C}"},
+        lambda t: (t - _hn_set(t, "bn")[0]) / torch.sqrt(_hn_set(t, f"en:{C}")[1] + R.EPS),
+    ),
+    (
+        "hn",
+        {"mean": "ln", "std": "gn:2"},
+        lambda t: (t - _hn_set(t, "ln")[0]) / torch.sqrt(_hn_set(t, "gn:2")[1] + R.EPS),
+    ),
     ("sn", {}, None),  # reference needs the layer's mixture weights: see _reference
     ("brn", {"r_max_start_step": 0, "r_max_end_step": 0, "d_max_start_step": 0, "d_max_end_step": 0}, _brn_first_step),
 ]
@@ -82,7 +96,11 @@ def _reference(layer, name, ref, t):
 
 
 @pytest.mark.parametrize("shape", EDGE_SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("name,kwargs,ref", CASES, ids=[f"{c[0]}-{'-'.join(f'{k}{v}' for k, v in c[1].items() if 'step' not in k)}" for c in CASES])
+@pytest.mark.parametrize(
+    "name,kwargs,ref",
+    CASES,
+    ids=[f"{c[0]}-{'-'.join(f'{k}{v}' for k, v in c[1].items() if 'step' not in k)}" for c in CASES],
+)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("upstream_kind", ["random", "expanded"])
 def test_output_and_input_gradient_at_one_position_per_channel(name, kwargs, ref, shape, dtype, upstream_kind):
@@ -94,7 +112,11 @@ def test_output_and_input_gradient_at_one_position_per_channel(name, kwargs, ref
         layer.weight.copy_(torch.rand(C, dtype=torch.float64) + 0.5)
         layer.bias.copy_(torch.randn(C, dtype=torch.float64))
     x = torch.randn(shape, dtype=torch.float64) * 2 + 0.5
-    upstream = torch.randn(shape, dtype=torch.float64) if upstream_kind == "random" else torch.ones((), dtype=torch.float64).expand(shape)
+    upstream = (
+        torch.randn(shape, dtype=torch.float64)
+        if upstream_kind == "random"
+        else torch.ones((), dtype=torch.float64).expand(shape)
+    )
 
     xr = x.clone().requires_grad_(True)
     expected = _reference(layer, name, ref, xr)

@@ -80,28 +80,48 @@ def test_an_installed_plugin_is_a_method_imported_at_first_use(site):
 
 def test_the_cli_runs_an_installed_plugin_without_a_wrapper(site, run_dir):
     install(site, "my-rms-norm", {"chrms": "nl_plugin_rms:ChannelRMSNorm"}, {"nl_plugin_rms": PLUGIN_SOURCE})
-    cli = build_cli([  # what `normlightning fit ... --norm.method chrms` runs (main() is build_cli(args))
-        "fit", "--data=normlightning.data.Synthetic", "--data.input_shape=[1, 6, 6]", "--data.num_classes=3",
-        "--data.num_train=8", "--data.num_val=4", "--data.num_test=4", "--data.batch_size=4",
-        "--model=normlightning.tasks.ClassificationTask", "--model.backbone=small_cnn",
-        "--model.backbone_kwargs={width: 4}", "--norm.method", "chrms", "--trainer.fast_dev_run=true",
-        f"--trainer.default_root_dir={run_dir}", "--trainer.enable_progress_bar=false",
-        "--trainer.enable_model_summary=false",
-    ])
+    cli = build_cli(
+        [  # what `normlightning fit ... --norm.method chrms` runs (main() is build_cli(args))
+            "fit",
+            "--data=normlightning.data.Synthetic",
+            "--data.input_shape=[1, 6, 6]",
+            "--data.num_classes=3",
+            "--data.num_train=8",
+            "--data.num_val=4",
+            "--data.num_test=4",
+            "--data.batch_size=4",
+            "--model=normlightning.tasks.ClassificationTask",
+            "--model.backbone=small_cnn",
+            "--model.backbone_kwargs={width: 4}",
+            "--norm.method",
+            "chrms",
+            "--trainer.fast_dev_run=true",
+            f"--trainer.default_root_dir={run_dir}",
+            "--trainer.enable_progress_bar=false",
+            "--trainer.enable_model_summary=false",
+        ]
+    )
     kinds = {type(m).__name__ for m in cli.model.modules() if is_norm_layer(m)}
     assert kinds == {"ChannelRMSNorm"}  # every BatchNorm of small_cnn replaced by the plugin's layer
     assert cli.trainer.state.finished
 
 
 def test_a_plugin_that_fails_to_import_is_named_with_its_package(site):
-    install(site, "broken-norm", {"brokennorm": "nl_plugin_broken:Layer"},
-            {"nl_plugin_broken": "import nl_plugin_missing_dependency\n"})
+    install(
+        site,
+        "broken-norm",
+        {"brokennorm": "nl_plugin_broken:Layer"},
+        {"nl_plugin_broken": "import nl_plugin_missing_dependency\n"},
+    )
     assert "brokennorm" in available_norms()  # listing imports nothing, so it cannot fail
     build_norm("bn", 4)  # a broken plugin fails only the runs that use it
-    with pytest.raises(registry.NormPluginError, match=(
-        r"entry point 'brokennorm' = 'nl_plugin_broken:Layer' \(group normlightning.norms\) of package "
-        r"broken-norm 0.1 failed to import: ModuleNotFoundError: No module named 'nl_plugin_missing_dependency'"
-    )):
+    with pytest.raises(
+        registry.NormPluginError,
+        match=(
+            r"entry point 'brokennorm' = 'nl_plugin_broken:Layer' \(group normlightning.norms\) of package "
+            r"broken-norm 0.1 failed to import: ModuleNotFoundError: No module named 'nl_plugin_missing_dependency'"
+        ),
+    ):
         build_norm("brokennorm", 4)
     with pytest.raises(registry.NormPluginError, match="'brokennorm' .* of package broken-norm 0.1 failed to import"):
         norm_argument_names()  # a CLI run's hyperparameters read every registered method: it stops there too
@@ -109,17 +129,21 @@ def test_a_plugin_that_fails_to_import_is_named_with_its_package(site):
 
 def test_a_plugin_that_is_not_callable_is_refused(site):
     install(site, "odd-norm", {"oddnorm": "nl_plugin_odd:LAYER"}, {"nl_plugin_odd": "LAYER = 3\n"})
-    with pytest.raises(registry.NormPluginError,
-                       match="'oddnorm' .* of package odd-norm 0.1 gives a int, not a layer class"):
+    with pytest.raises(
+        registry.NormPluginError, match="'oddnorm' .* of package odd-norm 0.1 gives a int, not a layer class"
+    ):
         build_norm("oddnorm", 4)
 
 
 def test_a_plugin_cannot_take_a_builtin_name(site):
     install(site, "bn-clash", {"bn": "nl_plugin_rms:ChannelRMSNorm"}, {"nl_plugin_rms": PLUGIN_SOURCE})
-    with pytest.raises(registry.NormPluginError, match=(
-        r"entry point 'bn' = 'nl_plugin_rms:ChannelRMSNorm' .* of package bn-clash 0.1 reuses the name of the "
-        r"built-in method 'bn'.* Rename the entry point"
-    )):
+    with pytest.raises(
+        registry.NormPluginError,
+        match=(
+            r"entry point 'bn' = 'nl_plugin_rms:ChannelRMSNorm' .* of package bn-clash 0.1 reuses the name of the "
+            r"built-in method 'bn'.* Rename the entry point"
+        ),
+    ):
         available_norms()
 
 

@@ -20,7 +20,6 @@ from normlightning.norms import (
     SequentialNorm,
     available_norms,
     build_norm,
-    norm_group_args,
     register_norm,
     registry,
 )
@@ -84,8 +83,26 @@ def test_registry_unknown_name_lists_valid_names():
 
 
 def test_registry_plugin_and_all_names_build():
-    shipped = {"bn", "gn", "gnflat", "ln", "in", "pn", "ghost", "seqnorm", "bgn", "gbgn", "hn", "sn", "brn",
-               "frn", "evonorm_b0", "evonorm_s0", "mabn", "cbn"}
+    shipped = {
+        "bn",
+        "gn",
+        "gnflat",
+        "ln",
+        "in",
+        "pn",
+        "ghost",
+        "seqnorm",
+        "bgn",
+        "gbgn",
+        "hn",
+        "sn",
+        "brn",
+        "frn",
+        "evonorm_b0",
+        "evonorm_s0",
+        "mabn",
+        "cbn",
+    }
     assert set(registry.BUILTIN_NORMS) == shipped and set(available_norms()) >= shipped
     for name in available_norms():
         layer = build_norm(name, 8, **R.group_counts(name, 4))
@@ -127,11 +144,22 @@ def test_group_counts_that_do_not_divide():
         SequentialNorm(8, channel_groups=3)
     with pytest.raises(ValueError, match=r"en:3 needs G dividing C=8.*\[1, 2, 4, 8\]"):
         HeterologousNorm(8, std="en:3")
-    with pytest.raises(ValueError, match=r"num_groups=7 must divide D = C·H·W = 4·3·3 = 36.*\[1, 2, 3, 4, 6, 9, 12, 18, 36\]"):
+    with pytest.raises(
+        ValueError, match=r"num_groups=7 must divide D = C·H·W = 4·3·3 = 36.*\[1, 2, 3, 4, 6, 9, 12, 18, 36\]"
+    ):
         BatchGroupNorm(4, num_groups=7)(torch.randn(2, 4, 3, 3))
 
 
-@pytest.mark.parametrize("spec,msg", [("xn", "unknown set"), ("gn", "needs a group count"), ("bn:2", "takes no"), ("bn+bn", "listed twice"), ("", "expected a set name")])
+@pytest.mark.parametrize(
+    "spec,msg",
+    [
+        ("xn", "unknown set"),
+        ("gn", "needs a group count"),
+        ("bn:2", "takes no"),
+        ("bn+bn", "listed twice"),
+        ("", "expected a set name"),
+    ],
+)
 def test_hn_spec_errors(spec, msg):
     with pytest.raises(ValueError, match=msg):
         HeterologousNorm(8, std=spec)
@@ -234,8 +262,15 @@ def test_bgn_fused_training_path_refuses_a_second_derivative():
         torch.autograd.grad(gx.sum(), x)
 
 
-@pytest.mark.parametrize(("method", "kwargs"), [("gn", {"num_groups": 4}), ("gnflat", {"num_groups": 4}), ("in", {}),
-                                                ("seqnorm", {"channel_groups": 4, "batch_groups": 1})])
+@pytest.mark.parametrize(
+    ("method", "kwargs"),
+    [
+        ("gn", {"num_groups": 4}),
+        ("gnflat", {"num_groups": 4}),
+        ("in", {}),
+        ("seqnorm", {"channel_groups": 4, "batch_groups": 1}),
+    ],
+)
 @pytest.mark.parametrize("batch", [1, 3])
 def test_a_per_example_set_of_one_value(method, kwargs, batch):
     """One value per set (``C/G * S = 1``): refused in training; at inference ``x - mu = 0``, so the output is

@@ -14,8 +14,8 @@ import copy
 
 import pytest
 import torch
-
 from norm_reference import ALL_SPECS
+
 from normlightning.norms import available_norms, build_norm
 
 C = 4

@@ -3,6 +3,7 @@ gradient, running statistics and evaluation after several training steps."""
 
 from __future__ import annotations
 
+import norm_reference as R
 import pytest
 import torch
 
@@ -21,8 +22,6 @@ from normlightning.norms import (
     SequentialNorm,
     SwitchableNorm,
 )
-
-import norm_reference as R
 
 D64 = torch.float64
 
@@ -94,7 +93,7 @@ def test_bn_example_weighing(alpha):
     rm, rv = layer.running_mean.clone(), layer.running_var.clone()
 
     def ref(t):
-        y = R.example_weighted(t.reshape(3, 4, -1), rm, rv + rm ** 2, alpha).reshape(t.shape)
+        y = R.example_weighted(t.reshape(3, 4, -1), rm, rv + rm**2, alpha).reshape(t.shape)
         return R.affine(y, layer.weight, layer.bias)
 
     _compare(layer, ref, torch.randn(3, 4, 3, 3, dtype=D64))
@@ -143,7 +142,9 @@ def test_gn(G):
     layer = _randomize_affine(GroupNorm(4, num_groups=G, dtype=D64))
     for mode in (True, False):
         layer.train(mode)
-        _compare(layer, lambda t: R.affine(R.gn_ref(t, G), layer.weight, layer.bias), torch.randn(3, 4, 2, 3, dtype=D64))
+        _compare(
+            layer, lambda t: R.affine(R.gn_ref(t, G), layer.weight, layer.bias), torch.randn(3, 4, 2, 3, dtype=D64)
+        )
 
 
 @pytest.mark.parametrize("G", [2, 4, 8, 24])
@@ -207,10 +208,28 @@ def test_seqnorm(fused, monkeypatch):
     torch.testing.assert_close(layer.running_mean, mean)
     torch.testing.assert_close(layer.running_var, var)
     layer.eval()
-    _compare(layer, lambda t: R.affine(R.bn_eval(R.gn_ref(t, 2), mean, var), layer.weight, layer.bias), torch.randn(2, 4, 3, 2, dtype=D64))
+    _compare(
+        layer,
+        lambda t: R.affine(R.bn_eval(R.gn_ref(t, 2), mean, var), layer.weight, layer.bias),
+        torch.randn(2, 4, 3, 2, dtype=D64),
+    )
 
 
-@pytest.mark.parametrize("shape,G", [((4, 4, 3, 3), 1), ((4, 4, 3, 3), 2), ((4, 4, 3, 3), 4), ((3, 8, 5), 4), ((4, 4, 3, 3), 6), ((4, 4, 3, 3), 9), ((4, 4, 3, 3), 12), ((4, 4, 3, 3), 36), ((5, 6), 3), ((3, 4, 6), 8)])
+@pytest.mark.parametrize(
+    "shape,G",
+    [
+        ((4, 4, 3, 3), 1),
+        ((4, 4, 3, 3), 2),
+        ((4, 4, 3, 3), 4),
+        ((3, 8, 5), 4),
+        ((4, 4, 3, 3), 6),
+        ((4, 4, 3, 3), 9),
+        ((4, 4, 3, 3), 12),
+        ((4, 4, 3, 3), 36),
+        ((5, 6), 3),
+        ((3, 4, 6), 8),
+    ],
+)
 def test_bgn(shape, G):
     torch.manual_seed(8)
     C = shape[1]
@@ -224,7 +243,11 @@ def test_bgn(shape, G):
     torch.testing.assert_close(layer.running_mean, run.mean)
     torch.testing.assert_close(layer.running_var, run.var)
     layer.eval()
-    _compare(layer, lambda t: R.affine(R.bgn_eval(t, G, run.mean, run.var), layer.weight, layer.bias), torch.randn(shape, dtype=D64))
+    _compare(
+        layer,
+        lambda t: R.affine(R.bgn_eval(t, G, run.mean, run.var), layer.weight, layer.bias),
+        torch.randn(shape, dtype=D64),
+    )
 
 
 @pytest.mark.parametrize("N,Gc,E", [(8, 2, 4), (8, 4, 2), (6, 1, 6), (7, 2, 3), (4, 4, 1)])
@@ -236,7 +259,7 @@ def test_gbgn(N, Gc, E):
         x = torch.randn(N, 4, 3, 2, dtype=D64) + step
         _compare(layer, lambda t: R.affine(R.gbgn_train(t, Gc, E), layer.weight, layer.bias), x)
         m1 = 0.99 * m1 + 0.01 * x.mean(dim=(0, 2, 3))
-        m2 = 0.99 * m2 + 0.01 * (x ** 2).mean(dim=(0, 2, 3))
+        m2 = 0.99 * m2 + 0.01 * (x**2).mean(dim=(0, 2, 3))
     torch.testing.assert_close(layer.moving_x, m1)
     torch.testing.assert_close(layer.moving_x2, m2)
     layer.eval()
@@ -263,11 +286,25 @@ def _hn_sets(t, spec):
     dims = (0, 2, 3) if name in ("bn", "en") else (2, 3)
     m = tg.mean(dim=dims, keepdim=True)
     v = ((tg - m) ** 2).mean(dim=dims, keepdim=True)
-    rep = lambda s: s.expand(s.shape[0], G, C // G, 1).reshape(s.shape[0], C, 1, 1)
+
+    def rep(s):
+        return s.expand(s.shape[0], G, C // G, 1).reshape(s.shape[0], C, 1, 1)
+
     return rep(m), rep(v)
 
 
-@pytest.mark.parametrize("mean,std", [("bn", "en:1"), ("bn", "en:2"), ("in", "ln"), ("gn:2", "bn"), ("en:2", "en:1"), ("bn", "bn+en:1"), ("bn", "bn+in+ln")])
+@pytest.mark.parametrize(
+    "mean,std",
+    [
+        ("bn", "en:1"),
+        ("bn", "en:2"),
+        ("in", "ln"),
+        ("gn:2", "bn"),
+        ("en:2", "en:1"),
+        ("bn", "bn+en:1"),
+        ("bn", "bn+in+ln"),
+    ],
+)
 def test_hn_train(mean, std):
     torch.manual_seed(10)
     layer = _randomize_affine(HeterologousNorm(4, mean=mean, std=std, dtype=D64))
@@ -329,7 +366,11 @@ def test_sn_train_eval():
     run = R.RunningRef((4,))
     for step in range(3):
         x = torch.randn(5, 4, 3, 2, dtype=D64) + step
-        _compare(layer, lambda t: R.affine(R.sn_train(t, layer.mean_weight, layer.var_weight)[0], layer.weight, layer.bias), x)
+        _compare(
+            layer,
+            lambda t: R.affine(R.sn_train(t, layer.mean_weight, layer.var_weight)[0], layer.weight, layer.bias),
+            x,
+        )
         _, mb, vb = R.sn_train(x, layer.mean_weight, layer.var_weight)
         run.update(mb, vb, x[:, 0].numel())
     torch.testing.assert_close(layer.running_mean, run.mean)
@@ -340,7 +381,7 @@ def test_sn_train_eval():
         t3 = t.reshape(t.shape[0], 4, -1)
         mu_in, var_in = t3.mean(2, keepdim=True), R.bvar(t3, (2,))
         mu_ln = mu_in.mean(1, keepdim=True)
-        var_ln = (var_in + mu_in ** 2).mean(1, keepdim=True) - mu_ln ** 2
+        var_ln = (var_in + mu_in**2).mean(1, keepdim=True) - mu_ln**2
         a, b = torch.softmax(layer.mean_weight, 0), torch.softmax(layer.var_weight, 0)
         mu = a[0] * mu_in + a[1] * mu_ln + a[2] * run.mean.view(1, 4, 1)
         var = b[0] * var_in + b[1] * var_ln + b[2] * run.var.view(1, 4, 1)
@@ -359,7 +400,18 @@ def test_sn_weights_init_equal_and_learnable():
 
 def test_brn_against_formula():
     torch.manual_seed(14)
-    layer = _randomize_affine(BatchRenorm(3, r_max=2.0, d_max=0.5, r_max_start_step=0, r_max_end_step=0, d_max_start_step=0, d_max_end_step=0, dtype=D64))
+    layer = _randomize_affine(
+        BatchRenorm(
+            3,
+            r_max=2.0,
+            d_max=0.5,
+            r_max_start_step=0,
+            r_max_end_step=0,
+            d_max_start_step=0,
+            d_max_end_step=0,
+            dtype=D64,
+        )
+    )
     rm, rv = torch.zeros(3, dtype=D64), torch.ones(3, dtype=D64)
     for step in range(4):
         x = torch.randn(6, 3, 2, 2, dtype=D64) * 3 + 2
@@ -381,11 +433,15 @@ def test_brn_against_formula():
     torch.testing.assert_close(layer.running_var, rv)
     assert int(layer.renorm_step) == 4
     layer.eval()
-    _compare(layer, lambda t: R.affine(R.bn_eval(t, rm, rv), layer.weight, layer.bias), torch.randn(2, 3, 2, 2, dtype=D64))
+    _compare(
+        layer, lambda t: R.affine(R.bn_eval(t, rm, rv), layer.weight, layer.bias), torch.randn(2, 3, 2, 2, dtype=D64)
+    )
 
 
 def test_brn_ramp_schedule():
-    layer = BatchRenorm(2, r_max=3.0, d_max=5.0, r_max_start_step=10, r_max_end_step=30, d_max_start_step=10, d_max_end_step=20)
+    layer = BatchRenorm(
+        2, r_max=3.0, d_max=5.0, r_max_start_step=10, r_max_end_step=30, d_max_start_step=10, d_max_end_step=20
+    )
     expected = {0: (1.0, 0.0), 10: (1.0, 0.0), 15: (1.5, 2.5), 20: (2.0, 5.0), 30: (3.0, 5.0), 100: (3.0, 5.0)}
     for step, (r, d) in expected.items():
         layer.renorm_step.fill_(step)

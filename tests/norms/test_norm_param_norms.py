@@ -16,7 +16,10 @@ def _standardized(w, eps=1e-5):
     return (w - m) / torch.sqrt(v + eps)
 
 
-@pytest.mark.parametrize("make", [lambda: nn.Conv2d(3, 5, 3), lambda: nn.Conv1d(3, 4, 2), lambda: nn.Conv3d(2, 3, 2), lambda: nn.Linear(6, 4)])
+@pytest.mark.parametrize(
+    "make",
+    [lambda: nn.Conv2d(3, 5, 3), lambda: nn.Conv1d(3, 4, 2), lambda: nn.Conv3d(2, 3, 2), lambda: nn.Linear(6, 4)],
+)
 def test_weight_standardization_in_place(make):
     torch.manual_seed(0)
     m = make()

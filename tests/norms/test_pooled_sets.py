@@ -24,20 +24,41 @@ PLANS = {
     "channels-tv": ((N, C, S), (1, 1), [((("pool", (3, 2), (1,)),), (("tv", (3, 2), (1,)),))], 0, (0, 0)),
     "channels-own-mean": ((N, C, S), (1, 1), [((("own",),), (("tv", (1, C), (1,)),))], 0, (0, 0)),
     "rows-grouped": (
-        (1, N * C, S), (N, 1), [((("pool", (2, 2, 3, 2), (1, 3)),), (("tv", (2, 2, 3, 2), (1, 3)),))], 0, (0, 0),
+        (1, N * C, S),
+        (N, 1),
+        [((("pool", (2, 2, 3, 2), (1, 3)),), (("tv", (2, 2, 3, 2), (1, 3)),))],
+        0,
+        (0, 0),
     ),
     "rows-mixture": (
-        (1, N * C, S), (N, 1),
-        [((("own",), ("pool", (N, C), (1,)), ("pool", (N, C), (0,))),
-          (("own",), ("tv", (N, C), (1,)), ("tv", (N, C), (0,))))],
-        0, (3, 3),
+        (1, N * C, S),
+        (N, 1),
+        [
+            (
+                (("own",), ("pool", (N, C), (1,)), ("pool", (N, C), (0,))),
+                (("own",), ("tv", (N, C), (1,)), ("tv", (N, C), (0,))),
+            )
+        ],
+        0,
+        (3, 3),
     ),
-    "rows-constants": ((1, N * C, S), (N, 1), [((("own",), ("const", 0)), (("tv", (N, C), (1,)), ("const", 1)))], 2, (2, 2)),
+    "rows-constants": (
+        (1, N * C, S),
+        (N, 1),
+        [((("own",), ("const", 0)), (("tv", (N, C), (1,)), ("const", 1)))],
+        2,
+        (2, 2),
+    ),
     "blocks": ((N, 12, 3), (1, 2), [((("pool", (4, 3), (1,)),), (("tv", (4, 3), (1,)),))], 0, (0, 0)),
     "two-stages": (
-        (1, N * C, S), (N, 1),
-        [((("pool", (N, 2, 3), (2,)),), (("tv", (N, 2, 3), (2,)),)), ((("pool", (2, 2, C), (0,)),), (("tv", (2, 2, C), (0,)),))],
-        0, (0, 0),
+        (1, N * C, S),
+        (N, 1),
+        [
+            ((("pool", (N, 2, 3), (2,)),), (("tv", (N, 2, 3), (2,)),)),
+            ((("pool", (2, 2, C), (0,)),), (("tv", (2, 2, C), (0,)),)),
+        ],
+        0,
+        (0, 0),
     ),
 }
 
@@ -64,7 +85,10 @@ def test_outputs_are_the_formula():
     """Two stages on rows: GN over channel pairs, then per-channel statistics over the batch."""
     torch.manual_seed(1)
     x = torch.randn(N, C, S, dtype=D64) * 3 + 2
-    stages = [((("pool", (N, 3, 2), (2,)),), (("tv", (N, 3, 2), (2,)),)), ((("pool", (1, N, C), (1,)),), (("tv", (1, N, C), (1,)),))]
+    stages = [
+        ((("pool", (N, 3, 2), (2,)),), (("tv", (N, 3, 2), (2,)),)),
+        ((("pool", (1, N, C), (1,)),), (("tv", (1, N, C), (1,)),)),
+    ]
     y, m, v, stats = pooled_set_norm(x.reshape(1, N * C, S), None, None, (N, 1), stages, 1e-5)
     xg = x.reshape(N, 3, 2 * S)
     h = ((xg - xg.mean(2, keepdim=True)) / torch.sqrt(xg.var(2, correction=0, keepdim=True) + 1e-5)).reshape(N, C, S)
@@ -88,10 +112,21 @@ def test_outputs_are_the_formula():
         (lambda: BatchGroupNorm(4, num_groups=6, dtype=D64), True),
         (lambda: SequentialNorm(4, channel_groups=2, batch_groups=2, dtype=D64), True),
     ],
-    ids=["sn-eval", "hn-mixture-eval", "hn-rows", "gbgn-rows", "gbgn-channels", "bgn-channels", "bgn-blocks", "seqnorm"],
+    ids=[
+        "sn-eval",
+        "hn-mixture-eval",
+        "hn-rows",
+        "gbgn-rows",
+        "gbgn-channels",
+        "bgn-channels",
+        "bgn-blocks",
+        "seqnorm",
+    ],
 )
 def test_layer_gradcheck(make, train, monkeypatch):
-    monkeypatch.setattr("normlightning.norms.functional.group_sets.SEQNORM_FUSED_MIN_NUMEL", 0)  # the fused path at any size
+    monkeypatch.setattr(
+        "normlightning.norms.functional.group_sets.SEQNORM_FUSED_MIN_NUMEL", 0
+    )  # the fused path at any size
     torch.manual_seed(2)
     layer = make()
     with torch.no_grad():

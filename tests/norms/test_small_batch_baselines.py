@@ -74,13 +74,20 @@ def test_frn_matches_its_formula_and_gradients(shape, learnable_eps) -> None:
 def test_frn_options_and_refusals() -> None:
     plain = FilterResponseNorm(3, tlu=False)
     assert plain.tau is None and plain.eps_learned is None and plain.injection_note is None
-    assert plain.effective_args() == {"num_features": 3, "eps": 1e-6, "affine": True, "tlu": False,
-                                      "learnable_eps": False, "learnable_eps_init": 1e-4}
+    assert plain.effective_args() == {
+        "num_features": 3,
+        "eps": 1e-6,
+        "affine": True,
+        "tlu": False,
+        "learnable_eps": False,
+        "learnable_eps_init": 1e-4,
+    }
     learned = FilterResponseNorm(3, learnable_eps=True, learnable_eps_init=2e-4)
     assert float(learned.eps_learned.detach()) == pytest.approx(2e-4) and "activation" in learned.injection_note
     x = torch.randn(2, 3, 4, 4) - 1
-    torch.testing.assert_close(FilterResponseNorm(3, affine=False, tlu=False)(x),
-                               x / torch.sqrt(x.square().mean((2, 3), keepdim=True) + 1e-6))
+    torch.testing.assert_close(
+        FilterResponseNorm(3, affine=False, tlu=False)(x), x / torch.sqrt(x.square().mean((2, 3), keepdim=True) + 1e-6)
+    )
     with pytest.raises(ValueError, match="tlu must be True or False"):
         FilterResponseNorm(3, tlu="yes")
     with pytest.raises(ValueError, match="learnable_eps_init must be a float >= 0"):
@@ -209,5 +216,10 @@ def test_registry_names_build_the_layers() -> None:
     assert isinstance(build_norm("evonorm_b0", 4), EvoNormB0)
     assert build_norm("evonorm_s0", 64).num_groups == 32  # the paper's G
     layer = build_norm("evonorm_b0", 4, momentum=0.3)
-    assert copy.deepcopy(layer).effective_args() == {"num_features": 4, "eps": 1e-5, "momentum": 0.3, "affine": True,
-                                                     "virtual_devices": 1}
+    assert copy.deepcopy(layer).effective_args() == {
+        "num_features": 4,
+        "eps": 1e-5,
+        "momentum": 0.3,
+        "affine": True,
+        "virtual_devices": 1,
+    }

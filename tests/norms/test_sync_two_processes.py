@@ -60,13 +60,19 @@ def two_process_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("sync")
     torch.manual_seed(0)
     order = torch.cat([rank_rows(r) for r in range(WORLD)])  # rank 0's rows, then rank 1's
-    xs = [torch.randn(N, C, *SHAPE, dtype=torch.float64) * (1.5 + s) + torch.arange(C).view(1, C, 1, 1) - s
-          for s in range(2)]
+    xs = [
+        torch.randn(N, C, *SHAPE, dtype=torch.float64) * (1.5 + s) + torch.arange(C).view(1, C, 1, 1) - s
+        for s in range(2)
+    ]
     ws = [torch.randn(N, C, *SHAPE, dtype=torch.float64) for _ in range(2)]
     states = {label: initial_state(name, spec) for label, (name, spec, _) in CASES.items()}
     cases = [(label, name, spec, states[label]) for label, (name, spec, _) in CASES.items()]
-    mp.spawn(synced_training_worker, args=(WORLD, str(out / "init"), cases, [x[order] for x in xs],
-                                           [w[order] for w in ws], str(out)), nprocs=WORLD, join=True)
+    mp.spawn(
+        synced_training_worker,
+        args=(WORLD, str(out / "init"), cases, [x[order] for x in xs], [w[order] for w in ws], str(out)),
+        nprocs=WORLD,
+        join=True,
+    )
     return xs, ws, states, [torch.load(out / f"{r}.pt") for r in range(WORLD)]
 
 

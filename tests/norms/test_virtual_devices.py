@@ -79,9 +79,15 @@ def test_the_batch_methods_are_the_expected_ones():
 @pytest.mark.parametrize("method", ["mabn", "cbn"])
 def test_methods_with_statistics_across_iterations_are_refused(method):
     model = nn.Sequential(nn.Conv2d(3, C, 1), nn.BatchNorm2d(C))
-    with pytest.raises(ValueError, match=rf"no virtual_devices argument, so norm.virtual_devices=2 cannot apply"):
-        inject(model, method=method, virtual_devices=2, batch_size=4, example_input=torch.randn(4, 3, 3, 3),
-               kwargs=group_counts(method))  # neither has group counts; mabn's buffer_size
+    with pytest.raises(ValueError, match=r"no virtual_devices argument, so norm.virtual_devices=2 cannot apply"):
+        inject(
+            model,
+            method=method,
+            virtual_devices=2,
+            batch_size=4,
+            example_input=torch.randn(4, 3, 3, 3),
+            kwargs=group_counts(method),
+        )  # neither has group counts; mabn's buffer_size
 
 
 def _reference_step(reference: nn.Module, x: torch.Tensor, upstream: torch.Tensor, k: int):
@@ -106,8 +112,9 @@ def _reference_step(reference: nn.Module, x: torch.Tensor, upstream: torch.Tenso
 
 
 @pytest.mark.parametrize("k", [2, 4])
-@pytest.mark.parametrize(("method", "kwargs"), BATCH_CASES, ids=[f"{m}-{'-'.join(map(str, kw.values()))}"
-                                                                  for m, kw in BATCH_CASES])
+@pytest.mark.parametrize(
+    ("method", "kwargs"), BATCH_CASES, ids=[f"{m}-{'-'.join(map(str, kw.values()))}" for m, kw in BATCH_CASES]
+)
 def test_every_batch_method_equals_the_per_chunk_computation(method, kwargs, k):
     torch.manual_seed(0)
     layer = _layer(method, virtual_devices=k, **kwargs).train()
@@ -176,8 +183,11 @@ def test_per_example_methods_are_unchanged(method):
     """No batch statistics, nothing to split: the injection leaves virtual_devices out, and any N works."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, C, 1), nn.BatchNorm2d(C))
-    settings = {"method": "hn", "kwargs": {"mean": "in", "std": "ln"}} if method == "hn-per-example" else {
-        "method": method, **({"num_groups": ARGS[method]["num_groups"]} if method in ARGS else {})}
+    settings = (
+        {"method": "hn", "kwargs": {"mean": "in", "std": "ln"}}
+        if method == "hn-per-example"
+        else {"method": method, **({"num_groups": ARGS[method]["num_groups"]} if method in ARGS else {})}
+    )
     plain = copy.deepcopy(model)
     x = torch.randn(3, 3, 4, 4)  # N = 3 does not split into 2: no error, no split
     spec, _ = inject(model, virtual_devices=2, batch_size=3, example_input=x, **settings)
@@ -190,10 +200,18 @@ def test_auto_group_counts_use_the_per_device_batch():
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8))
     example = torch.zeros(1, 3, 6, 6)  # D = 8 * 4 * 4 = 128
     overrides = [{"pattern": "3", "method": "ghost", "num_groups": "auto"}]
-    whole, _ = inject(copy.deepcopy(model), method="bgn", num_groups="auto", batch_size=64, example_input=example,
-                      overrides=overrides)
-    split, rows = inject(copy.deepcopy(model), method="bgn", num_groups="auto", batch_size=64, example_input=example,
-                         overrides=overrides, virtual_devices=32)
+    whole, _ = inject(
+        copy.deepcopy(model), method="bgn", num_groups="auto", batch_size=64, example_input=example, overrides=overrides
+    )
+    split, rows = inject(
+        copy.deepcopy(model),
+        method="bgn",
+        num_groups="auto",
+        batch_size=64,
+        example_input=example,
+        overrides=overrides,
+        virtual_devices=32,
+    )
     assert [r["kwargs"]["num_groups"] for r in whole["layers"]] == [128, 4]  # B = 64: bgn 256 fitted to D; ghost 4
     assert [r["kwargs"]["num_groups"] for r in split["layers"]] == [1, 1]  # B = 2 per device: bgn 1; ghost 1
     assert all(r["kwargs"]["virtual_devices"] == 32 for r in split["layers"])
@@ -260,4 +278,6 @@ def test_two_gloo_processes_equal_two_virtual_devices(tmp_path):
     # the statistics' batch changes the training: whole batch of 8, 4 per process, 2 per virtual device
     weights = [train(small_model(virtual_devices=1), batches(8)).state_dict()["0.weight"]]
     weights += [torch.load(tmp_path / f"virtual{k}.pt")["0.weight"] for k in (1, 2)]
-    assert not torch.allclose(weights[0], weights[1], atol=1e-6) and not torch.allclose(weights[1], weights[2], atol=1e-6)
+    assert not torch.allclose(weights[0], weights[1], atol=1e-6) and not torch.allclose(
+        weights[1], weights[2], atol=1e-6
+    )

@@ -26,16 +26,24 @@ def small_model(virtual_devices: int) -> nn.Sequential:
     torch.manual_seed(0)
     layers: list[nn.Module] = []
     for method, kwargs in LAYERS:
-        layers += [nn.Conv2d(3 if not layers else 4, 4, 3, padding=1, dtype=torch.float64),
-                   build_norm(method, 4, dtype=torch.float64, virtual_devices=virtual_devices, **kwargs), nn.ReLU()]
+        layers += [
+            nn.Conv2d(3 if not layers else 4, 4, 3, padding=1, dtype=torch.float64),
+            build_norm(method, 4, dtype=torch.float64, virtual_devices=virtual_devices, **kwargs),
+            nn.ReLU(),
+        ]
     return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3, dtype=torch.float64))
 
 
 def batches(global_batch: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """:data:`STEPS` global batches ``(x (global_batch, 3, 5, 5), y)``, the same in every process."""
     g = torch.Generator().manual_seed(1)
-    return [(torch.randn(global_batch, 3, 5, 5, generator=g, dtype=torch.float64) * 2 + 0.5,
-             torch.randint(0, 3, (global_batch,), generator=g)) for _ in range(STEPS)]
+    return [
+        (
+            torch.randn(global_batch, 3, 5, 5, generator=g, dtype=torch.float64) * 2 + 0.5,
+            torch.randint(0, 3, (global_batch,), generator=g),
+        )
+        for _ in range(STEPS)
+    ]
 
 
 def train(model: nn.Module, data, step_end=lambda: None) -> nn.Module:

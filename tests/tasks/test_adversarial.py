@@ -35,8 +35,15 @@ def tiny_net(kind: str, seed: int = 0) -> nn.Sequential:
     torch.manual_seed(seed)
     make = norm_factory(kind)
     return nn.Sequential(
-        nn.Conv2d(1, 4, 3, padding=1), make(4), nn.ReLU(), nn.Dropout(0.0),
-        nn.Conv2d(4, 4, 3, padding=1), make(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 3),
+        nn.Conv2d(1, 4, 3, padding=1),
+        make(4),
+        nn.ReLU(),
+        nn.Dropout(0.0),
+        nn.Conv2d(4, 4, 3, padding=1),
+        make(4),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(4 * 8 * 8, 3),
     )
 
 
@@ -141,8 +148,13 @@ def test_statistics_mode_rejects_unknown_mode():
 def make_task(**kwargs) -> AdversarialTask:
     torch.manual_seed(0)
     defaults = dict(
-        backbone="small_cnn", backbone_kwargs={"width": 4}, num_classes=3, input_shape=SHAPE,
-        input_mean=(0.5,), input_std=(0.25,), train_attack={"eps": 0.1, "step_size": 0.05, "steps": 2},
+        backbone="small_cnn",
+        backbone_kwargs={"width": 4},
+        num_classes=3,
+        input_shape=SHAPE,
+        input_mean=(0.5,),
+        input_std=(0.25,),
+        train_attack={"eps": 0.1, "step_size": 0.05, "steps": 2},
         eval_attack=PGDConfig(eps=0.1, step_size=0.05, steps=2),
     )
     defaults.update(kwargs)
@@ -170,7 +182,9 @@ def test_training_step_running_stat_updates(mode, weight, expected):
 
 
 def test_training_loss_is_the_weighted_mix():
-    task = make_task(adversarial_weight=0.25, train_attack={"eps": 0.1, "step_size": 0.05, "steps": 2, "random_start": False})
+    task = make_task(
+        adversarial_weight=0.25, train_attack={"eps": 0.1, "step_size": 0.05, "steps": 2, "random_start": False}
+    )
     x, y, _ = batch()
     reference = copy.deepcopy(task).train()
     with warnings.catch_warnings():
@@ -185,10 +199,12 @@ def test_training_loss_is_the_weighted_mix():
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
-    [({"adversarial_weight": 1.5}, r"adversarial_weight must be in \[0, 1\]"),
-     ({"train_attack_norm_mode": "frozen"}, "train_attack_norm_mode must be one of"),
-     ({"eval_attack_norm_mode": "batch"}, "eval_attack_norm_mode must be one of"),
-     ({"train_attack": {"eps": -1.0}}, "PGD eps must be >= 0")],
+    [
+        ({"adversarial_weight": 1.5}, r"adversarial_weight must be in \[0, 1\]"),
+        ({"train_attack_norm_mode": "frozen"}, "train_attack_norm_mode must be one of"),
+        ({"eval_attack_norm_mode": "batch"}, "eval_attack_norm_mode must be one of"),
+        ({"train_attack": {"eps": -1.0}}, "PGD eps must be >= 0"),
+    ],
 )
 def test_bad_settings_raise(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -200,13 +216,22 @@ def accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def tiny_data() -> Synthetic:
-    return Synthetic(input_shape=SHAPE, num_classes=3, num_train=32, num_val=12, num_test=12, batch_size=8,
-                     eval_batch_size=12, noise_std=0.3)
+    return Synthetic(
+        input_shape=SHAPE,
+        num_classes=3,
+        num_train=32,
+        num_val=12,
+        num_test=12,
+        batch_size=8,
+        eval_batch_size=12,
+        noise_std=0.3,
+    )
 
 
 def quiet_trainer(**kwargs) -> L.Trainer:
-    return L.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                     enable_model_summary=False, **kwargs)
+    return L.Trainer(
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, **kwargs
+    )
 
 
 def test_fit_validate_test_logs_clean_and_robust(run_dir, caplog):
@@ -220,8 +245,15 @@ def test_fit_validate_test_logs_clean_and_robust(run_dir, caplog):
     assert "'train_frozen' mode" in caplog.text and "PGD-2" in caplog.text
     assert task.hparams["train_attack_norm_mode"] == "train_frozen"
     assert task.hparams["train_attack"] == {"eps": 0.1, "step_size": 0.05, "steps": 2, "random_start": True}
-    for key in ("val/acc1_clean", "val/acc1_robust", "val/loss_clean", "val/loss_robust",
-                "train/acc1_clean", "train/acc1_robust", "train/loss_epoch"):
+    for key in (
+        "val/acc1_clean",
+        "val/acc1_robust",
+        "val/loss_clean",
+        "val/loss_robust",
+        "train/acc1_clean",
+        "train/acc1_robust",
+        "train/loss_epoch",
+    ):
         assert key in logged, key
     # independent recomputation of the test numbers (one batch of 12, eval mode, the task's seed rule)
     x, y = next(iter(data.test_dataloader()))
@@ -253,16 +285,26 @@ def test_cli_fit_with_tiny_config(run_dir: Path):
         "model": {
             "class_path": "normlightning.tasks.adversarial.AdversarialTask",
             "init_args": {
-                "backbone": "small_cnn", "backbone_kwargs": {"width": 4},
+                "backbone": "small_cnn",
+                "backbone_kwargs": {"width": 4},
                 "train_attack": {"eps": 0.1, "step_size": 0.05, "steps": 1},
                 "eval_attack": {"eps": 0.1, "step_size": 0.05, "steps": 2},
-                "train_attack_norm_mode": "train", "adversarial_weight": 1.0,
+                "train_attack_norm_mode": "train",
+                "adversarial_weight": 1.0,
                 "optimizer": {"class_path": "torch.optim.Adam", "init_args": {"lr": 0.01}},
             },
         },
-        "data": {"class_path": "normlightning.data.Synthetic",
-                 "init_args": {"input_shape": [1, 8, 8], "num_classes": 3, "num_train": 16, "num_val": 8,
-                               "num_test": 8, "batch_size": 8}},
+        "data": {
+            "class_path": "normlightning.data.Synthetic",
+            "init_args": {
+                "input_shape": [1, 8, 8],
+                "num_classes": 3,
+                "num_train": 16,
+                "num_val": 8,
+                "num_test": 8,
+                "batch_size": 8,
+            },
+        },
         "checkpoint": {"monitor": "val/acc1_robust"},
     }
     path = run_dir / "adv.yaml"
@@ -277,8 +319,14 @@ def test_cli_fit_with_tiny_config(run_dir: Path):
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 #: config suffix -> (method, num_groups): the paper's GN with G = 128 runs as ``gnflat`` (docs/methods.md, gnflat)
-PAPER_NORMS = {"bn": ("bn", None), "in": ("in", None), "ln": ("ln", None), "gn": ("gnflat", 128), "pn": ("pn", None),
-               "bgn": ("bgn", 128)}
+PAPER_NORMS = {
+    "bn": ("bn", None),
+    "in": ("in", None),
+    "ln": ("ln", None),
+    "gn": ("gnflat", 128),
+    "pn": ("pn", None),
+    "bgn": ("bgn", 128),
+}
 
 
 @pytest.mark.parametrize("method", sorted(PAPER_NORMS))

@@ -70,8 +70,12 @@ def test_parameter_groups_is_the_override_point() -> None:
 
 def test_python_callables_are_not_saved_in_hyperparameters() -> None:
     task = TinyTask(hidden=4, optimizer=lambda params: torch.optim.SGD(params, lr=0.5))
-    assert dict(task.hparams) == {"hidden": 4, "lr_scheduler": None, "lr_scheduler_interval": "epoch",
-                                  "lr_scheduler_monitor": "val/loss"}
+    assert dict(task.hparams) == {
+        "hidden": 4,
+        "lr_scheduler": None,
+        "lr_scheduler_interval": "epoch",
+        "lr_scheduler_monitor": "val/loss",
+    }
     assert "optimizer" not in task.hparams_initial
     assert task.configure_optimizers().param_groups[0]["lr"] == 0.5
 

@@ -14,8 +14,14 @@ from normlightning.tasks import ClassificationTask
 
 
 def _task(**kwargs) -> ClassificationTask:
-    defaults = dict(backbone="small_cnn", num_classes=5, input_shape=(2, 6, 6), backbone_kwargs={"width": 4},
-                    input_mean=(0.5, 0.4), input_std=(0.2, 0.3))
+    defaults = dict(
+        backbone="small_cnn",
+        num_classes=5,
+        input_shape=(2, 6, 6),
+        backbone_kwargs={"width": 4},
+        input_mean=(0.5, 0.4),
+        input_std=(0.2, 0.3),
+    )
     return ClassificationTask(**{**defaults, **kwargs})
 
 
@@ -55,8 +61,14 @@ def test_bad_arguments() -> None:
 def test_logged_metrics_and_reload(tmp_path) -> None:
     data = Synthetic(input_shape=(2, 6, 6), num_classes=5, num_train=32, num_val=16, num_test=16, batch_size=8)
     task = _task(optimizer=partial(torch.optim.SGD, lr=0.05))
-    trainer = Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                      enable_model_summary=False, default_root_dir=tmp_path)
+    trainer = Trainer(
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(task, datamodule=data)
     logged = set(trainer.callback_metrics)
     assert {"train/loss", "train/acc1", "train/acc5", "val/loss", "val/acc1", "val/acc5"} <= logged
@@ -85,8 +97,13 @@ class PenaltyTask(ClassificationTask):
 
 
 def test_training_loss_hook_keeps_metrics_and_logging(tmp_path) -> None:
-    task = PenaltyTask(backbone="small_cnn", num_classes=5, input_shape=(2, 6, 6), backbone_kwargs={"width": 4},
-                       optimizer=partial(torch.optim.SGD, lr=0.05)).eval()
+    task = PenaltyTask(
+        backbone="small_cnn",
+        num_classes=5,
+        input_shape=(2, 6, 6),
+        backbone_kwargs={"width": 4},
+        optimizer=partial(torch.optim.SGD, lr=0.05),
+    ).eval()
     x, y = torch.rand(6, 2, 6, 6), torch.tensor([0, 1, 4, 2, 3, 3])
     logits = task(x)
     by_hand = F.cross_entropy(logits, y) + 0.5 * logits.pow(2).mean() + 100.0
@@ -98,8 +115,14 @@ def test_training_loss_hook_keeps_metrics_and_logging(tmp_path) -> None:
 
     data = Synthetic(input_shape=(2, 6, 6), num_classes=5, num_train=32, num_val=16, num_test=16, batch_size=8)
     before = [p.detach().clone() for p in task.parameters()]
-    trainer = Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                      enable_model_summary=False, default_root_dir=tmp_path)
+    trainer = Trainer(
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(task.train(), datamodule=data)
     logged = trainer.callback_metrics
     assert {"train/loss", "train/acc1", "train/acc5", "val/loss", "val/acc1"} <= set(logged)
@@ -134,10 +157,23 @@ def test_train_loss_logged_at_logging_steps_and_epoch_end_accuracy(tmp_path) -> 
     """``train/loss`` goes to Lightning at the steps its logger writes (every log_every_n_steps) and
     at the epoch's last batch; the training accuracy is the epoch's, logged once at its end."""
     data = Synthetic(input_shape=(2, 6, 6), num_classes=5, num_train=40, num_val=8, num_test=8, batch_size=8)
-    task = RecordingTask(backbone="small_cnn", num_classes=5, input_shape=(2, 6, 6), backbone_kwargs={"width": 4},
-                         optimizer=partial(torch.optim.SGD, lr=0.0))  # lr 0: the step's logits are the recomputed ones
-    trainer = Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                      enable_model_summary=False, limit_val_batches=0, log_every_n_steps=2, default_root_dir=tmp_path)
+    task = RecordingTask(
+        backbone="small_cnn",
+        num_classes=5,
+        input_shape=(2, 6, 6),
+        backbone_kwargs={"width": 4},
+        optimizer=partial(torch.optim.SGD, lr=0.0),
+    )  # lr 0: the step's logits are the recomputed ones
+    trainer = Trainer(
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        log_every_n_steps=2,
+        default_root_dir=tmp_path,
+    )
     trainer.fit(task, datamodule=data)
     assert [step for step, _ in task.loss_logs] == [1, 3, 4]  # steps 0..4: every 2nd, and the last batch
     assert [value for _, value in task.loss_logs] == pytest.approx([task.step_losses[i] for i in (1, 3, 4)])
@@ -162,11 +198,22 @@ def test_epoch_accuracy_is_visible_to_callbacks_at_the_epoch_end(tmp_path) -> No
     data = Synthetic(input_shape=(2, 6, 6), num_classes=5, num_train=16, num_val=16, num_test=8, batch_size=8)
     task = _task(optimizer=partial(torch.optim.SGD, lr=0.5))
     probe, median = Probe(), MedianOfLastEpochs(k=1)
-    trainer = Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                      enable_model_summary=False, default_root_dir=tmp_path, callbacks=[probe, median])
+    trainer = Trainer(
+        max_epochs=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        callbacks=[probe, median],
+    )
     trainer.fit(task, datamodule=data)
     task.eval()
     xs, ys = map(torch.stack, zip(*[data.datasets["val"][i] for i in range(16)]))
     with torch.no_grad():
         accuracy = float((task(xs).argmax(-1) == ys).float().mean())
-    assert len(probe.seen) == 2 and probe.seen[-1] == pytest.approx(accuracy) and median.history[-1] == pytest.approx(accuracy)
+    assert (
+        len(probe.seen) == 2
+        and probe.seen[-1] == pytest.approx(accuracy)
+        and median.history[-1] == pytest.approx(accuracy)
+    )

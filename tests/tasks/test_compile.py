@@ -25,9 +25,16 @@ def test_compiled_fit_keeps_names_and_matches_eager(tmp_path) -> None:
     task = ClassificationTask(**ARGS, compile={"backend": "aot_eager"}, optimizer=partial(torch.optim.SGD, lr=0.05))
     names = sorted(task.state_dict())
     data = Synthetic(input_shape=(2, 6, 6), num_classes=5, num_train=16, num_val=8, num_test=8, batch_size=8)
-    trainer = Trainer(max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                      enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path,
-                      callbacks=[NormInjection(method="hn")])
+    trainer = Trainer(
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        default_root_dir=tmp_path,
+        callbacks=[NormInjection(method="hn")],
+    )
     trainer.fit(task, datamodule=data)
     assert task._compiled_call_impl is not None
     assert type(task.backbone.features[0][1]).__name__ == "HeterologousNorm"  # injected before compiling
@@ -47,6 +54,13 @@ def test_compile_argument_checks_and_cli() -> None:
     with pytest.raises(TypeError, match="compile must be"):
         ClassificationTask(**ARGS, compile="yes")
     config = str(Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml")
-    cli = build_cli(["--config", config, "--model.init_args.compile={backend: aot_eager, dynamic: false}",
-                     "--trainer.logger=false"], run=False)
+    cli = build_cli(
+        [
+            "--config",
+            config,
+            "--model.init_args.compile={backend: aot_eager, dynamic: false}",
+            "--trainer.logger=false",
+        ],
+        run=False,
+    )
     assert cli.model.compile_options == {"backend": "aot_eager", "dynamic": False}

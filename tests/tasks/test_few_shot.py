@@ -59,7 +59,9 @@ def test_transductive_statistics_uses_batch_moments_and_restores_everything() ->
         assert torch.equal(after[key], value), key
     assert not any(m.training for m in model.modules())
     assert all("forward" not in vars(m) for m in model.modules())
-    running = (x - native.running_mean.view(1, -1, 1, 1)) / torch.sqrt(native.running_var.view(1, -1, 1, 1) + native.eps)
+    running = (x - native.running_mean.view(1, -1, 1, 1)) / torch.sqrt(
+        native.running_var.view(1, -1, 1, 1) + native.eps
+    )
     torch.testing.assert_close(native(x), running * native.weight.view(1, -1, 1, 1) + native.bias.view(1, -1, 1, 1))
     torch.testing.assert_close(native(x), eval_out)
 
@@ -106,7 +108,9 @@ def test_task_replaces_head_with_cosine_classifier_and_checks_settings() -> None
     torch.testing.assert_close(task(x), 10.0 * F.normalize(f, dim=1) @ F.normalize(head.weight, dim=1).T)
     with pytest.raises(ValueError, match="test_norm_statistics"):
         FewShotTask(backbone="small_cnn", num_classes=3, input_shape=(1, 8, 8), test_norm_statistics="train")
-    register_backbone("fewshot_test_plain", lambda num_classes, input_shape: nn.Sequential(nn.Flatten(), nn.LazyLinear(num_classes)))
+    register_backbone(
+        "fewshot_test_plain", lambda num_classes, input_shape: nn.Sequential(nn.Flatten(), nn.LazyLinear(num_classes))
+    )
     with pytest.raises(TypeError, match="features"):
         FewShotTask(backbone="fewshot_test_plain", num_classes=3, input_shape=(1, 8, 8))
     with pytest.raises(TypeError, match="episodes"):
@@ -146,7 +150,13 @@ CONFIG = {
         "init_args": {
             "source": {
                 "class_path": "normlightning.data.Synthetic",
-                "init_args": {"input_shape": [3, 12, 12], "num_classes": 10, "num_train": 200, "num_val": 50, "num_test": 50},
+                "init_args": {
+                    "input_shape": [3, 12, 12],
+                    "num_classes": 10,
+                    "num_train": 200,
+                    "num_val": 50,
+                    "num_test": 50,
+                },
             },
             "base_classes": [0, 1, 2, 3],
             "val_classes": [4, 5, 6],
@@ -209,7 +219,14 @@ def test_fit_then_test_through_cli(run_dir: Path) -> None:
 
     # transductive statistics: running buffers untouched by testing
     trans = build_cli(
-        ["test", "--config", str(config), "--ckpt_path", str(last), "--model.init_args.test_norm_statistics=transductive"]
+        [
+            "test",
+            "--config",
+            str(config),
+            "--ckpt_path",
+            str(last),
+            "--model.init_args.test_norm_statistics=transductive",
+        ]
     )
     assert trans.model.test_norm_statistics == "transductive"  # the command line wins over the checkpoint
     assert "test_norm_statistics" not in trans.model.hparams
@@ -221,11 +238,19 @@ def test_fit_then_test_through_cli(run_dir: Path) -> None:
 def test_resnet12_episode_in_both_norm_modes() -> None:
     """The paper's backbone (tiny widths): eval and transductive episodes; the latter leaves every buffer as it was."""
     torch.manual_seed(0)
-    task = FewShotTask(backbone="resnet12", backbone_kwargs={"widths": [4, 4, 4, 8]}, num_classes=4, input_shape=(3, 16, 16))
+    task = FewShotTask(
+        backbone="resnet12", backbone_kwargs={"widths": [4, 4, 4, 8]}, num_classes=4, input_shape=(3, 16, 16)
+    )
     task.train()
     task(torch.rand(8, 3, 16, 16))  # some running statistics and a DropBlock step
     task.eval()
-    batch = {"image": torch.rand(6, 3, 16, 16), "label": torch.tensor([5, 7, 9, 5, 7, 9]), "n_way": 3, "k_shot": 1, "q_query": 1}
+    batch = {
+        "image": torch.rand(6, 3, 16, 16),
+        "label": torch.tensor([5, 7, 9, 5, 7, 9]),
+        "n_way": 3,
+        "k_shot": 1,
+        "q_query": 1,
+    }
     before = {k: v.clone() for k, v in task.state_dict().items()}
     with torch.no_grad():
         eval_logits, query_y = task.episode_logits(batch)

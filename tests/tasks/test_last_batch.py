@@ -12,13 +12,29 @@ from normlightning.tasks.last_batch import last_batch_size
 
 
 def _fit(num_train: int, batch_size: int, drop_last: bool = False, callbacks=(), backbone="small_cnn"):
-    data = Synthetic(input_shape=(3, 6, 6), num_classes=3, num_train=num_train, num_val=4, num_test=4,
-                     batch_size=batch_size, drop_last=drop_last)
+    data = Synthetic(
+        input_shape=(3, 6, 6),
+        num_classes=3,
+        num_train=num_train,
+        num_val=4,
+        num_test=4,
+        batch_size=batch_size,
+        drop_last=drop_last,
+    )
     kwargs = {"width": 4} if backbone == "small_cnn" else {"depth": 2, "width": 8}
     task = ClassificationTask(backbone=backbone, backbone_kwargs=kwargs, num_classes=3, input_shape=(3, 6, 6))
-    trainer = Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
-                      enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                      limit_val_batches=0, callbacks=list(callbacks))
+    trainer = Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+        callbacks=list(callbacks),
+    )
     trainer.fit(task, datamodule=data)
     return trainer
 
@@ -41,7 +57,11 @@ class StepCounter(Callback):
 def test_a_last_batch_of_one_example_fails_at_setup_and_names_drop_last():
     """An MLP's BatchNorm1d has one value per example: a batch of one cannot be normalized."""
     counter = StepCounter()
-    with pytest.raises(ValueError, match=r"last training batch of every epoch holds 1 example\(s\) \(17 training examples, batch_size 8\).*data\.drop_last: true"):
+    with pytest.raises(
+        ValueError,
+        match=r"last training batch of every epoch holds 1 example\(s\) \(17 training examples, batch_size 8\)"
+        r".*data\.drop_last: true",
+    ):
         _fit(17, 8, callbacks=[counter], backbone="mlp")
     assert counter.steps == 0  # failed before the first step, not after an epoch
 

@@ -61,7 +61,9 @@ def test_gamma_toward_zero_is_the_optimizer_decay():
     model = model_with_norms()
     groups = norm_parameter_groups(model, gamma_weight_decay=wd_gamma, beta_weight_decay=0.2, gamma_decay_target=0)
     before, g, after = one_sgd_step(model, groups, lr)
-    torch.testing.assert_close(after["1.weight"], before["1.weight"] - lr * (g["1.weight"] + wd_gamma * before["1.weight"]))
+    torch.testing.assert_close(
+        after["1.weight"], before["1.weight"] - lr * (g["1.weight"] + wd_gamma * before["1.weight"])
+    )
     torch.testing.assert_close(after["1.bias"], before["1.bias"] - lr * (g["1.bias"] + 0.2 * before["1.bias"]))
 
 
@@ -89,8 +91,9 @@ def test_bad_weight_decay_settings():
 def test_linear_lr_scaling():
     assert linear_lr_factor(32, 8, 256) == 1.0  # Goyal et al.: 8 GPUs x 32 = 256
     assert linear_lr_factor(2, 8, 256) == 16 / 256
-    opt = torch.optim.SGD([{"params": [nn.Parameter(torch.zeros(1))], "lr": 0.2},
-                           {"params": [nn.Parameter(torch.zeros(1))]}], lr=0.1)
+    opt = torch.optim.SGD(
+        [{"params": [nn.Parameter(torch.zeros(1))], "lr": 0.2}, {"params": [nn.Parameter(torch.zeros(1))]}], lr=0.1
+    )
     assert scale_learning_rates(opt, linear_lr_factor(64, 2, 256)) == pytest.approx([0.1, 0.05])
     with pytest.raises(ValueError, match="world_size"):
         linear_lr_factor(32, 0, 256)
@@ -106,14 +109,26 @@ def test_task_scales_lr_before_the_scheduler(tmp_path):
 
     data = Synthetic(input_shape=(3, 8, 8), num_classes=3, num_train=16, num_val=8, num_test=8, batch_size=8)
     task = ClassificationTask(
-        backbone="small_cnn", backbone_kwargs={"width": 4}, num_classes=3, input_shape=(3, 8, 8),
+        backbone="small_cnn",
+        backbone_kwargs={"width": 4},
+        num_classes=3,
+        input_shape=(3, 8, 8),
         optimizer=partial(torch.optim.SGD, lr=0.4, momentum=0.9),
         lr_scheduler=partial(torch.optim.lr_scheduler.CosineAnnealingLR, T_max=10),
-        gamma_weight_decay=0.0, lr_base_batch_size=256,
+        gamma_weight_decay=0.0,
+        lr_base_batch_size=256,
     )
-    trainer = Trainer(default_root_dir=tmp_path, accelerator="cpu", devices=1, max_steps=1, logger=False,
-                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                      limit_val_batches=0)
+    trainer = Trainer(
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+        devices=1,
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
     trainer.fit(task, data)
     # 0.4 * 8 * 1 / 256 = 0.0125 for both groups (default, norm_gamma); the scheduler starts from it
     assert trainer.lr_scheduler_configs[0].scheduler.base_lrs == pytest.approx([0.0125, 0.0125])

@@ -66,13 +66,23 @@ class TinyData(LightningDataModule):
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         rows = slice((step % (len(self.x) // self.batch_size)) * self.batch_size, None)
-        return self.x[rows][:self.batch_size], self.t[rows][:self.batch_size]
+        return self.x[rows][: self.batch_size], self.t[rows][: self.batch_size]
 
 
 def fit(task, data, steps: int, tmp_path, **trainer_kwargs) -> Trainer:
-    trainer = Trainer(default_root_dir=tmp_path, accelerator="cpu", devices=1, max_steps=steps, logger=False,
-                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                      limit_val_batches=0, num_sanity_val_steps=0, **trainer_kwargs)
+    trainer = Trainer(
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+        devices=1,
+        max_steps=steps,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        **trainer_kwargs,
+    )
     trainer.fit(task, data)
     assert trainer.global_step == steps
     return trainer
@@ -230,9 +240,19 @@ def test_attack_norm_mode_in_a_trainer_step(mode, tmp_path):
     ``p <- p - lr * grad CE(f(x_adv), y)``; weights and running statistics compared."""
     lr = 0.1
     torch.manual_seed(0)
-    task = AdversarialTask(backbone="small_cnn", backbone_kwargs={"width": 4}, num_classes=3, input_shape=SHAPE,
-                           input_mean=(0.5,), input_std=(0.25,), train_attack=ATTACK, eval_attack=ATTACK,
-                           train_attack_norm_mode=mode, adversarial_weight=1.0, optimizer=sgd(lr))
+    task = AdversarialTask(
+        backbone="small_cnn",
+        backbone_kwargs={"width": 4},
+        num_classes=3,
+        input_shape=SHAPE,
+        input_mean=(0.5,),
+        input_std=(0.25,),
+        train_attack=ATTACK,
+        eval_attack=ATTACK,
+        train_attack_norm_mode=mode,
+        adversarial_weight=1.0,
+        optimizer=sgd(lr),
+    )
     g = torch.Generator().manual_seed(1)
     x, y = torch.rand(8, *SHAPE, generator=g), torch.arange(8) % 3
     ref = copy.deepcopy(task).train()
@@ -243,11 +263,18 @@ def test_attack_norm_mode_in_a_trainer_step(mode, tmp_path):
     with torch.no_grad():
         for p, grad in zip(params.values(), grads):
             p.sub_(lr * grad)
-    trainer = Trainer(default_root_dir=tmp_path, accelerator="cpu", max_steps=1, logger=False,
-                      enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                      limit_val_batches=0, num_sanity_val_steps=0)
+    trainer = Trainer(
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+        max_steps=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+    )
     trainer.fit(task, DataLoader(TensorDataset(x, y), batch_size=8, shuffle=False))
     assert_same_state(task, ref.state_dict())
     counts = {k: int(v) for k, v in task.state_dict().items() if k.endswith("num_batches_tracked")}
     assert counts and set(counts.values()) == {1 + 2 if mode == "train" else 1}  # + the attack's 2 forwards
-

@@ -20,15 +20,21 @@ weighing), :mod:`.batch_group` (bgn), :mod:`.group_sets` (gn, ln, in, pn, seqnor
 from ..group_args import divisors, nearby_divisors
 from .batch_group import batch_group_norm
 from .batch_sets import batch_norm, batch_renorm, example_weighted_norm, ghost_norm
-from .fused_ops import scale_shift
 from .general_batch_group import general_batch_group_channel_statistics, general_batch_group_norm
 from .group_sets import flat_group_norm, group_norm, instance_norm, layer_norm, positional_norm, sequential_norm
 from .layout import compute_dtype
-from .mixed_statistics import heterologous_channel_statistics, heterologous_norm, is_batch_set, parse_set_spec, switchable_norm
+from .mixed_statistics import (
+    heterologous_channel_statistics,
+    heterologous_norm,
+    is_batch_set,
+    parse_set_spec,
+    switchable_norm,
+)
 from .moments import chunk_sizes, combine_moments, reduce_mean, row_moments, synced_mean_var, update_running_stats
 from .parameter_norms import weight_standardize
 
 __all__ = [
+    "is_batch_set",
     "compute_dtype",
     "synced_mean_var",
     "row_moments",

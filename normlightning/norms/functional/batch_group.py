@@ -12,8 +12,8 @@ from ..group_args import nearby_divisors
 from .batch_sets import normalize_batch_sets
 from .fused_ops import blocks, scale_shift
 from .layout import NormInput, spatial_size
-from .native import native_batch_norm
 from .moments import check_set_size, synced_mean_var, update_running_stats
+from .native import native_batch_norm
 from .pooled_sets import pooled_set_norm
 
 
@@ -60,7 +60,9 @@ def batch_group_norm(
     G = num_groups
     if D % G != 0:
         dims = "·".join(str(s) for s in x.shape[1:])
-        names = "·".join(("C", "L") if x.dim() == 3 else ("C", "H", "W") if x.dim() == 4 else ("C", "D", "H", "W")[: x.dim() - 1])
+        names = "·".join(
+            ("C", "L") if x.dim() == 3 else ("C", "H", "W") if x.dim() == 4 else ("C", "D", "H", "W")[: x.dim() - 1]
+        )
         raise ValueError(
             f"BatchGroupNorm num_groups={G} must divide D = {names} = {dims} = {D}; "
             f"valid choices (divisors of {D}) near {G}: {nearby_divisors(D, G)}."
@@ -77,7 +79,16 @@ def batch_group_norm(
         bg = None if b is None else blocks(b, r)
         xv = io.x.reshape(N, G, Lg)
         y = normalize_batch_sets(
-            xv, running_mean, running_var, wg, bg, training=training, factor=factor, eps=eps, sync=sync, process_group=process_group
+            xv,
+            running_mean,
+            running_var,
+            wg,
+            bg,
+            training=training,
+            factor=factor,
+            eps=eps,
+            sync=sync,
+            process_group=process_group,
         )
         return io.output(y)
     # Units: blocks of L = gcd(S, D/G) contiguous values, each inside one group and one channel

@@ -12,8 +12,8 @@ from torch import Tensor
 
 from .fused_ops import channel_affine
 from .layout import NormInput, spatial_size
-from .native import native_batch_norm
 from .moments import channel_moments, check_set_size, synced_mean_var, update_running_stats
+from .native import native_batch_norm
 
 
 def normalize_batch_sets(
@@ -99,7 +99,16 @@ def batch_norm(
         y = channel_affine(example_weighted_norm(io.x3, pop_mean, pop_ex2, alpha, eps), w, b)
     elif sync and training:
         y = normalize_batch_sets(
-            io.x3, running_mean, running_var, w, b, training=True, factor=factor, eps=eps, sync=True, process_group=process_group
+            io.x3,
+            running_mean,
+            running_var,
+            w,
+            b,
+            training=True,
+            factor=factor,
+            eps=eps,
+            sync=True,
+            process_group=process_group,
         )
     else:
         y = native_batch_norm(io.x, running_mean, running_var, w, b, training, factor, eps)
@@ -223,7 +232,8 @@ def batch_renorm(
     ``x_hat = (x - mu_B) / sigma_B * r + d``, ``y = gamma x_hat + beta`` with
     ``sigma = sqrt(var + eps)``; ``r, d`` use the running statistics *before* this step's
     update, or ``reference = (mu_run, var_run)`` when given (the running buffers are still the
-    ones updated: recalibration rebuilds them while ``r, d`` keep the trained statistics). Since ``gamma (x_hat_BN r + d) + beta = x_hat_BN (gamma r) + (gamma d + beta)``, the
+    ones updated: recalibration rebuilds them while ``r, d`` keep the trained statistics). Since
+    ``gamma (x_hat_BN r + d) + beta = x_hat_BN (gamma r) + (gamma d + beta)``, the
     output is one native batch-norm call with weight ``gamma r`` and bias ``gamma d + beta``.
     Eval: BN with the running statistics.
     """
@@ -248,7 +258,15 @@ def batch_renorm(
     if b is not None:
         b_eff = b_eff + b
     y = normalize_batch_sets(
-        x3 if sync else io.x, running_mean, running_var, w_eff, b_eff, training=True, factor=factor, eps=eps,
-        sync=sync, process_group=process_group,
+        x3 if sync else io.x,
+        running_mean,
+        running_var,
+        w_eff,
+        b_eff,
+        training=True,
+        factor=factor,
+        eps=eps,
+        sync=sync,
+        process_group=process_group,
     )
     return io.output(y)

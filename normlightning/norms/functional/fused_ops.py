@@ -92,7 +92,9 @@ def scale_shift(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
     return _ScaleShift.apply(x, scale, shift)
 
 
-def normalize_affine(x3: Tensor, mu: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Tensor:
+def normalize_affine(
+    x3: Tensor, mu: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> Tensor:
     """``gamma_c (x - mu) / sqrt(var + eps) + beta_c`` on ``(N, C, S)`` with ``mu``/``var`` of shape
     ``(N|1, C, 1)``, as one full-size pass ``x * scale + shift`` (scale/shift are statistic-sized)."""
     scale = torch.rsqrt(var + eps)

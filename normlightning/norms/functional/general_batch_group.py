@@ -9,8 +9,8 @@ from torch import Tensor
 from .batch_sets import example_weighted_norm
 from .fused_ops import blocks, channel_affine, normalize_affine
 from .layout import NormInput, spatial_size
-from .native import native_batch_norm
 from .moments import check_set_size, chunk_sizes, pooled_moments, reduce_mean, row_moments
+from .native import native_batch_norm
 from .pooled_sets import pooled_set_norm
 
 
@@ -82,7 +82,9 @@ def general_batch_group_norm(
     return io.output(y)
 
 
-def general_batch_group_channel_statistics(moving_x: Tensor, moving_x2: Tensor, channel_groups: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+def general_batch_group_channel_statistics(
+    moving_x: Tensor, moving_x2: Tensor, channel_groups: int, dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
     """The inference mean and variance per channel ``(C,)`` without example weighing: the raw
     moments averaged over each channel group, ``var = max(m2 - m1^2, 0)``, spread to the group's
     channels."""
@@ -92,7 +94,9 @@ def general_batch_group_channel_statistics(moving_x: Tensor, moving_x2: Tensor, 
     return blocks(m1, Cg), blocks((m2 - m1 * m1).clamp_min(0.0), Cg)
 
 
-def _gbgn_moments(io: NormInput, Gc: int, sizes: list[int], moving_x, moving_x2, factor, eps, sync, process_group) -> Tensor:
+def _gbgn_moments(
+    io: NormInput, Gc: int, sizes: list[int], moving_x, moving_x2, factor, eps, sync, process_group
+) -> Tensor:
     """Training from the per-``(n, c)`` moments, chunk by chunk (example groups of unequal sizes);
     normalization + affine in one pass. Each block's variance is pooled without cancellation
     (:func:`pooled_moments`, across processes with ``sync``)."""

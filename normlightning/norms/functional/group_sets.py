@@ -29,8 +29,7 @@ def group_norm(
     C = x.shape[1]
     if C % num_groups != 0:
         raise ValueError(
-            f"GroupNorm num_groups={num_groups} must divide the number of channels C={C}; "
-            f"valid choices: {divisors(C)}."
+            f"GroupNorm num_groups={num_groups} must divide the number of channels C={C}; valid choices: {divisors(C)}."
         )
     if training:
         _check_group_sets(C, num_groups, spatial_size(x))
@@ -174,7 +173,16 @@ def sequential_norm(
         io = NormInput(x)
         h = group_norm(io.x, channel_groups, None, None, eps=eps, training=training)
         y = ghost_norm(
-            h, G, running_mean, running_var, weight, bias, training=training, factor=factor, eps=eps, sync=sync,
+            h,
+            G,
+            running_mean,
+            running_var,
+            weight,
+            bias,
+            training=training,
+            factor=factor,
+            eps=eps,
+            sync=sync,
             process_group=process_group,
         )
         return io.output(y)

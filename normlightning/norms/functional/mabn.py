@@ -106,8 +106,17 @@ def moving_average_batch_norm(
     use_current = step <= window or step < warmup_iters
     r_bounds = None if step <= max(renorm_start_step, warmup_iters) else float(r_max)
     y = _training_step(
-        x3, inp.weight, inp.bias, running_x2, moving_x2, moving_gz, (step - 1) % window, use_current, r_bounds,
-        factor, eps,
+        x3,
+        inp.weight,
+        inp.bias,
+        running_x2,
+        moving_x2,
+        moving_gz,
+        (step - 1) % window,
+        use_current,
+        r_bounds,
+        factor,
+        eps,
     )
     return inp.output(y)
 

@@ -12,10 +12,9 @@ from torch import Tensor
 from ..group_args import divisors
 from .fused_ops import blocks, normalize_affine
 from .layout import NormInput, spatial_size
+from .moments import check_set_size, combine_moments, pooled_moments, row_moments, synced_mean_var, update_running_stats
 from .native import native_batch_norm
 from .pooled_sets import channel_group_part, pooled_set_norm, row_part
-from .moments import check_set_size, combine_moments, pooled_moments, row_moments, synced_mean_var, update_running_stats
-
 
 _SET_KINDS = ("bn", "in", "ln", "gn", "en")
 
@@ -43,7 +42,9 @@ def parse_set_spec(spec: str, num_channels: int, *, allow_mixture: bool, role: s
             raise ValueError(f"HeterologousNorm {role}={spec!r}: unknown set {p!r}; {valid}.")
         if name in ("gn", "en"):
             if not arg.isdigit() or int(arg) < 1:
-                raise ValueError(f"HeterologousNorm {role}={spec!r}: {name!r} needs a group count, e.g. '{name}:8'; {valid}.")
+                raise ValueError(
+                    f"HeterologousNorm {role}={spec!r}: {name!r} needs a group count, e.g. '{name}:8'; {valid}."
+                )
             g = int(arg)
             if num_channels % g != 0:
                 raise ValueError(
@@ -114,13 +115,19 @@ def heterologous_norm(
     """
     io = NormInput(x, weight, bias)
     if training and sync and any(is_batch_set(k) for k, _ in (mean_set, *std_sets)):
-        y = _heterologous_synced(io, mean_set, std_sets, std_mix_logits, running_mean, running_vars, factor, eps, process_group)
+        y = _heterologous_synced(
+            io, mean_set, std_sets, std_mix_logits, running_mean, running_vars, factor, eps, process_group
+        )
     else:
-        y = _heterologous_local(io, mean_set, std_sets, std_mix_logits, running_mean, running_vars, training, factor, eps)
+        y = _heterologous_local(
+            io, mean_set, std_sets, std_mix_logits, running_mean, running_vars, training, factor, eps
+        )
     return io.output(y)
 
 
-def _heterologous_local(io: NormInput, mean_set, std_sets, std_mix_logits, running_mean, running_vars, training, factor, eps) -> Tensor:
+def _heterologous_local(
+    io: NormInput, mean_set, std_sets, std_mix_logits, running_mean, running_vars, training, factor, eps
+) -> Tensor:
     """HN without communication: pooled parts over channel or row units, running statistics as
     constants at inference (one native eval-mode batch norm when every statistic is a constant)."""
     x, dt = io.x, io.dtype
@@ -145,11 +152,19 @@ def _heterologous_local(io: NormInput, mean_set, std_sets, std_mix_logits, runni
     var_parts = tuple(part("tv", k, g, rv) for (k, g), rv in zip(std_sets, running_vars))
     xv = x if channel_units else x.reshape(1, N * C, S)
     y, m, v, stats = pooled_set_norm(
-        xv, io.weight, io.bias, (1, 1) if channel_units else (N, 1), ((mean_parts, var_parts),), eps, tuple(consts),
+        xv,
+        io.weight,
+        io.bias,
+        (1, 1) if channel_units else (N, 1),
+        ((mean_parts, var_parts),),
+        eps,
+        tuple(consts),
         var_logits=std_mix_logits,
     )
     if training:
-        _update_hn_running(mean_set, std_sets, mean_parts, var_parts, m, v, stats, running_mean, running_vars, N, C, S, factor)
+        _update_hn_running(
+            mean_set, std_sets, mean_parts, var_parts, m, v, stats, running_mean, running_vars, N, C, S, factor
+        )
     return y
 
 
@@ -174,7 +189,9 @@ def heterologous_channel_statistics(
     return mean, sum(weights[k] * v for k, v in enumerate(variances))
 
 
-def _update_hn_running(mean_set, std_sets, mean_parts, var_parts, m, v, stats, running_mean, running_vars, N, C, S, factor) -> None:
+def _update_hn_running(
+    mean_set, std_sets, mean_parts, var_parts, m, v, stats, running_mean, running_vars, N, C, S, factor
+) -> None:
     """Running statistics of the batch sets from the fused node's outputs: a part of single
     units (``own``) is ``m``/``v`` itself, a pooled part's set statistics come in part order."""
     it = iter(stats)
@@ -188,7 +205,9 @@ def _update_hn_running(mean_set, std_sets, mean_parts, var_parts, m, v, stats, r
             update_running_stats(None, running_var, None, var, N * (C // groups) * S, factor)
 
 
-def _heterologous_synced(io: NormInput, mean_set, std_sets, std_mix_logits, running_mean, running_vars, factor, eps, process_group) -> Tensor:
+def _heterologous_synced(
+    io: NormInput, mean_set, std_sets, std_mix_logits, running_mean, running_vars, factor, eps, process_group
+) -> Tensor:
     """HN in training with ``sync``: batch sets from all-reduced moments (differentiable), the
     per-example sets from the local ``(n, c)`` moments."""
     x3, dt = io.x3, io.dtype
@@ -251,7 +270,9 @@ def switchable_norm(
         check_set_size(x.shape[0] * spatial_size(x), "SwitchableNorm input (BN term)", "Use a batch with N * S > 1.")
     io = NormInput(x, weight, bias)
     if training and sync:
-        return io.output(_switchable_synced(io, mean_logits, var_logits, running_mean, running_var, factor, eps, process_group))
+        return io.output(
+            _switchable_synced(io, mean_logits, var_logits, running_mean, running_var, factor, eps, process_group)
+        )
     x, dt = io.x, io.dtype
     N, C = x.shape[0], x.shape[1]
     S = spatial_size(x)
@@ -265,15 +286,24 @@ def switchable_norm(
         mean_parts = (("own",), layer, ("const", 0))
         var_parts = (("own",), ("tv",) + layer[1:], ("const", 1))
     y, _, _, stats = pooled_set_norm(
-        x.reshape(1, N * C, S), io.weight, io.bias, (N, 1), ((mean_parts, var_parts),), eps, consts,
-        mean_logits=mean_logits, var_logits=var_logits,
+        x.reshape(1, N * C, S),
+        io.weight,
+        io.bias,
+        (N, 1),
+        ((mean_parts, var_parts),),
+        eps,
+        consts,
+        mean_logits=mean_logits,
+        var_logits=var_logits,
     )
     if training:  # stats: the layer and batch set means, then the layer and batch set variances
         update_running_stats(running_mean, running_var, stats[1], stats[3], N * S, factor)
     return io.output(y)
 
 
-def _switchable_synced(io: NormInput, mean_logits, var_logits, running_mean, running_var, factor, eps, process_group) -> Tensor:
+def _switchable_synced(
+    io: NormInput, mean_logits, var_logits, running_mean, running_var, factor, eps, process_group
+) -> Tensor:
     """SN in training with ``sync``: the BN term pooled across processes (differentiably,
     :func:`pooled_moments`), the LN term from the local rows (:func:`combine_moments`)."""
     x3, dt = io.x3, io.dtype

@@ -172,8 +172,18 @@ def _pooled_forward(xv, weight, bias, mean_logits, var_logits, plan, eps, consts
     m_s, v_s, P = m, v, None  # P: the product of the stages' r so far
     last = len(stages) - 1
     for s, (mean_parts, var_parts) in enumerate(stages):
-        mu, var, r = _stage_forward(m_s, v_s, mean_parts, var_parts, consts,
-                                    alpha if s == last else None, beta if s == last else None, eps, saved, reported)
+        mu, var, r = _stage_forward(
+            m_s,
+            v_s,
+            mean_parts,
+            var_parts,
+            consts,
+            alpha if s == last else None,
+            beta if s == last else None,
+            eps,
+            saved,
+            reported,
+        )
         saved += (m_s, P, mu, r)
         P = r if P is None else P * r
         m_s = (m_s - mu) * r
@@ -185,7 +195,9 @@ def _pooled_forward(xv, weight, bias, mean_logits, var_logits, plan, eps, consts
     else:  # y = w ((x - m) P + m_out) + b, m_out the last stage's output mean
         scale = P if w is None else w * P
         shift = m_s if w is None else w * m_s
-        y = torch.batch_norm(xv, scale, shift if b is None else shift + b, m, torch.ones_like(m), False, 0.0, 0.0, False)
+        y = torch.batch_norm(
+            xv, scale, shift if b is None else shift + b, m, torch.ones_like(m), False, 0.0, 0.0, False
+        )
     return y, m, v, reported, [P, m_s, alpha, beta, *saved]
 
 
@@ -242,8 +254,14 @@ class _PooledSetNorm(torch.autograd.Function):
             g_mu = g_mo * -r
             # the m_in -> m_s path: for one stage it cancels with the output's explicit -m term
             g_mo = None if s == 0 and last == 0 else g_mo * r
-            gm_s, gv_s, ga, gb_ = _stage_backward(g_mu, (-0.5 * g_r) * r * r * r, *stages[s],
-                                                  alpha if s == last else None, beta if s == last else None, saved)
+            gm_s, gv_s, ga, gb_ = _stage_backward(
+                g_mu,
+                (-0.5 * g_r) * r * r * r,
+                *stages[s],
+                alpha if s == last else None,
+                beta if s == last else None,
+                saved,
+            )
             if s == last:
                 g_alpha, g_beta = ga, gb_
             if gm_s is not None:
@@ -272,8 +290,14 @@ class _PooledSetNorm(torch.autograd.Function):
                 if g_m is not None:
                     gx.add_((g_m / n).view(shape))
                 gx.addcmul_(g, scale.view(shape))
-        g_mean_logits = _softmax_grad(alpha, g_alpha, mean_logits.dtype) if g_alpha is not None and ctx.needs_input_grad[3] else None
-        g_var_logits = _softmax_grad(beta, g_beta, var_logits.dtype) if g_beta is not None and ctx.needs_input_grad[4] else None
+        g_mean_logits = (
+            _softmax_grad(alpha, g_alpha, mean_logits.dtype)
+            if g_alpha is not None and ctx.needs_input_grad[3]
+            else None
+        )
+        g_var_logits = (
+            _softmax_grad(beta, g_beta, var_logits.dtype) if g_beta is not None and ctx.needs_input_grad[4] else None
+        )
         return (gx, gw, gb, g_mean_logits, g_var_logits, None, None) + (None,) * (len(ctx.needs_input_grad) - 7)
 
 

@@ -1,7 +1,7 @@
 """torch.compile on every layer, training (forward + backward) and evaluation, on CPU.
 
 To keep the time bounded on a 2-core machine, every layer is compiled with the
-``aot_eager`` backend (Dynamo tracing + AOTAutograd, which is where graph capture of the
+``aot_eager`` backend and ``fullgraph=True`` (Dynamo tracing + AOTAutograd, which is where graph capture of the
 layers' Python and in-place buffer updates can fail), and two representative ones (bgn,
 ghost: native kernels on views, in-place buffer updates) also with the default ``inductor`` backend, which
 needs a working C++ compiler.
@@ -22,13 +22,13 @@ NAMES = sorted(ALL_SPECS)
 INDUCTOR = ["bgn", "ghost"]
 
 
-def _check(name: str, backend: str) -> None:
+def _check(name: str, backend: str, fullgraph: bool = False) -> None:
     torch._dynamo.reset()
     torch.manual_seed(0)
     eager = build_norm(name, 4, **ALL_SPECS[name])
     compiled_mod = build_norm(name, 4, **ALL_SPECS[name])
     compiled_mod.load_state_dict(eager.state_dict())
-    fn = torch.compile(compiled_mod, backend=backend)
+    fn = torch.compile(compiled_mod, backend=backend, fullgraph=fullgraph)
     x = torch.randn(4, 4, 3, 3) + 1
     for mode in (True, False):
         eager.train(mode), compiled_mod.train(mode)
@@ -44,7 +44,8 @@ def _check(name: str, backend: str) -> None:
 
 @pytest.mark.parametrize("name", NAMES)
 def test_compile_aot_eager(name):
-    _check(name, "aot_eager")
+    """``fullgraph=True``: a graph break (issue 23: every method compiles into one graph) raises."""
+    _check(name, "aot_eager", fullgraph=True)
 
 
 @pytest.mark.parametrize("name", INDUCTOR)

@@ -69,14 +69,19 @@ def count_rows(shape) -> list[dict]:
 
 
 def table(rows, shape) -> str:
-    lines = [f"`{tuple(shape)}`", "", "| method | config | train fwd | train bwd | fwd+bwd | eval fwd | met |",
-             "|---|---|---:|---:|---:|---:|:---:|"]
+    lines = [
+        f"`{tuple(shape)}`",
+        "",
+        "| method | config | train fwd | train bwd | fwd+bwd | eval fwd | met |",
+        "|---|---|---:|---:|---:|---:|:---:|",
+    ]
     for r in rows:
         c = r["counts"]
         cfg = ", ".join(f"{k}={v}" for k, v in r["kwargs"].items()) or "-"
         met = "yes" if c.train <= TRAIN_TARGET and c.eval_forward <= EVAL_TARGET else "no"
-        lines.append(f"| {r['name']} | {cfg} | {c.train_forward} | {c.train_backward} | {c.train} "
-                     f"| {c.eval_forward} | {met} |")
+        lines.append(
+            f"| {r['name']} | {cfg} | {c.train_forward} | {c.train_backward} | {c.train} | {c.eval_forward} | {met} |"
+        )
     return "\n".join(lines)
 
 

@@ -26,6 +26,7 @@ must log ``test/acc_{K}shot`` and ``test/ci95_{K}shot`` for every ``K`` of the c
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 from typing import Any
 
@@ -200,6 +201,8 @@ def test_config_fast_dev_run(path: Path, run_dir: Path) -> None:
     trainer, model, data = cli.trainer, cli.model, cli.datamodule
     # the run happened: fast_dev_run optimizer steps on the swapped data, with the config's model
     assert trainer.global_step == (EPISODES["test_episodes"] if episodic else 1)
+    losses = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("train/loss")}
+    assert losses and all(math.isfinite(v) for v in losses.values()), losses  # the step's loss was logged, finite
     num_classes = smoke["data"]["init_args"].get("num_classes", data.num_classes)
     if episodic:  # the base classes: the config's list or count
         data_args = config["data"]["init_args"]
@@ -221,7 +224,6 @@ def test_config_fast_dev_run(path: Path, run_dir: Path) -> None:
 def _check_episodes(config: dict[str, Any], smoke: dict[str, Any], cli: Any) -> None:
     """Validation episodes ran during fit; the episodic test of the fitted model logs every K's accuracy and
     interval."""
-    import math
 
     from normlightning.tasks.few_shot import FewShotTask
 

@@ -272,8 +272,8 @@ class NormLightningCLI(LightningCLI):
                 cause = cause.__cause__ or cause.__context__
             if cause is None:
                 raise
-            cause.__suppress_context__ = True  # its own cause (``raise ... from``) is still shown
-            raise cause
+            # ``from`` its own cause: that cause is still shown, the parser's wrapping (the context) is not.
+            raise cause from cause.__cause__
         if self._checkpoint_hparams:
             check_num_classes(
                 self._checkpoint_hparams,

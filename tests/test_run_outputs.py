@@ -195,14 +195,14 @@ def test_known_warnings_are_filtered_and_listed(recwarn) -> None:
 
     known_warnings.install()
     known_warnings.install()  # idempotent
-    warnings.warn("Your `IterableDataset` has `__len__` defined. In combination with ...", UserWarning)
-    warnings.warn("something else", UserWarning)
+    warnings.warn("Your `IterableDataset` has `__len__` defined. In combination with ...", UserWarning, stacklevel=1)
+    warnings.warn("something else", UserWarning, stacklevel=1)
     assert [str(w.message) for w in recwarn] == ["something else"]
     for known in (*known_warnings.KNOWN_WARNINGS, *sum(known_warnings.KNOWN_LOG_MESSAGES.values(), ())):
         assert known.source and known.why_harmless
     records: list[logging.LogRecord] = []
     handler = logging.Handler()
-    handler.emit = records.append  # type: ignore[method-assign]
+    handler.emit = records.append
     logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     logger.addHandler(handler)
     try:

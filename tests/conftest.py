@@ -258,7 +258,7 @@ def lightning_info():
     """Messages of Lightning's rank-zero logger (``rank_zero_info``), which does not propagate to pytest's."""
     records: list[str] = []
     handler = logging.Handler(level=logging.INFO)
-    handler.emit = lambda record: records.append(record.getMessage())  # type: ignore[method-assign]
+    handler.emit = lambda record: records.append(record.getMessage())
     logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     logger.addHandler(handler)
     yield records

@@ -6,7 +6,11 @@ statistics with the example's own statistics over its set without the batch axis
 
     mu  = (1 - alpha) * mu_pop + alpha * mu_ex
     s   = (1 - alpha) * (var_pop + mu_pop^2) + alpha * E_ex[x^2]
-    var = s - mu^2
+    var = max(s - mu^2, 0)
+    y   = (x - mu) / sqrt(var + eps)
+
+(:func:`normlightning.norms.functional.example_weighted_norm`; the clamp at 0 guards against
+float round-off, since for ``0 <= alpha <= 1`` the exact ``s - mu^2`` is never negative.)
 
 ``alpha = 0`` is plain inference. ``alpha`` needs no retraining; it is chosen on held-out
 data. :func:`search_example_weighing` sets one shared ``alpha`` in every such layer for

@@ -48,7 +48,7 @@ def progress_bar(desc: str, total: int | None, enabled: bool, *, below_main_bar:
 def loader_length(batches: Iterable[Any]) -> int | None:
     """``len(batches)`` when it has one (a DataLoader over a sized dataset), else ``None``."""
     try:
-        return len(batches)  # type: ignore[arg-type]
+        return len(batches)
     except TypeError:
         return None
 

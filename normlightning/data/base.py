@@ -209,7 +209,7 @@ class BaseDataModule(LightningDataModule):
         if split not in self.datasets:
             if self.holdout_val_from_train and self.val_fraction > 0 and split in ("train", "val"):
                 full = self.build_train_dataset(train=split == "train")
-                val_idx, train_idx = split_indices(len(full), [self.val_fraction], self.seed)  # type: ignore[arg-type]
+                val_idx, train_idx = split_indices(len(full), [self.val_fraction], self.seed)
                 self.datasets[split] = Subset(full, train_idx if split == "train" else val_idx)
             else:
                 self.datasets[split] = self.build_dataset(split)
@@ -237,7 +237,7 @@ class BaseDataModule(LightningDataModule):
         if not self.drop_last:
             return
         try:
-            num_examples = len(self.datasets["train"])  # type: ignore[arg-type]
+            num_examples = len(self.datasets["train"])
         except TypeError:  # an iterable dataset of unknown length
             return
         world_size = self.trainer.world_size if self.trainer is not None else 1
@@ -297,4 +297,4 @@ class BaseDataModule(LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         """Predictions run over the test split, or the image files under ``predict_root``."""
-        return self._loader(self.predict_split, train=False)  # type: ignore[arg-type]
+        return self._loader(self.predict_split, train=False)

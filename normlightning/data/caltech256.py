@@ -106,7 +106,7 @@ class Caltech256(CroppedImageFiles, BaseDataModule):
                 raise ValueError(
                     "Caltech256: with per_class_split set the validation size is its n_val; set val_fraction=0"
                 )
-            per_class_split = counts  # type: ignore[assignment]
+            per_class_split = counts
         self.include_clutter = include_clutter
         self.test_fraction = test_fraction
         self.per_class_split = per_class_split
@@ -171,7 +171,7 @@ class Caltech256(CroppedImageFiles, BaseDataModule):
         return self._split_index
 
     def _per_class(self, labels: list[int], kept: list[int]) -> dict[str, list[int]]:
-        n_train, n_val, n_test = self.per_class_split  # type: ignore[misc]
+        n_train, n_val, n_test = self.per_class_split
         by_class: dict[int, list[int]] = {}
         for i in kept:
             by_class.setdefault(labels[i], []).append(i)

@@ -115,7 +115,7 @@ class CIFAR10(BaseDataModule):
         self.std = self.channel_std
 
     @property
-    def class_names(self) -> list[str] | None:  # type: ignore[override]
+    def class_names(self) -> list[str] | None:
         """The class names of the dataset's meta file (``None`` while the files are not there)."""
         cls = self.dataset_class
         path = os.path.join(self.root, cls.base_folder, cls.meta["filename"])

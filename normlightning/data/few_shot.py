@@ -71,9 +71,9 @@ def dataset_labels(dataset: Dataset) -> Tensor:
         return dataset.tensors[1].long().flatten()
     for attr in ("targets", "labels"):
         values = getattr(dataset, attr, None)
-        if values is not None and len(values) == len(dataset):  # type: ignore[arg-type]
+        if values is not None and len(values) == len(dataset):
             return torch.as_tensor(values).long().flatten()
-    return torch.as_tensor([int(dataset[i][1]) for i in range(len(dataset))], dtype=torch.long)  # type: ignore[arg-type]
+    return torch.as_tensor([int(dataset[i][1]) for i in range(len(dataset))], dtype=torch.long)
 
 
 class RelabelledSubset(Dataset):
@@ -221,7 +221,7 @@ class FewShotDataModule(BaseDataModule):
     def build_dataset(self, split: Split) -> Dataset:
         dataset, labels = self.build_split(split, self.train_transform() if split == "train" else self.eval_transform())
         labels = torch.as_tensor(labels, dtype=torch.long).flatten()
-        size = len(dataset)  # type: ignore[arg-type]
+        size = len(dataset)
         if len(labels) != size:
             raise ValueError(f"{type(self).__name__}.build_split({split!r}): {len(labels)} labels for {size} examples")
         if split == "train" and len(labels) and (labels.min() < 0 or labels.max() >= self.num_classes):
@@ -366,15 +366,15 @@ class ClassSplitFewShotDataModule(FewShotDataModule):
         )
         self.source_splits = list(source_splits)
         self.num_classes = len(self.base_classes)
-        self.input_shape = tuple(source.input_shape)  # type: ignore[attr-defined]
-        self.mean = tuple(source.mean)  # type: ignore[attr-defined]
-        self.std = tuple(source.std)  # type: ignore[attr-defined]
+        self.input_shape = tuple(source.input_shape)
+        self.mean = tuple(source.mean)
+        self.std = tuple(source.std)
         self._pool: tuple[Dataset, Tensor] | None = None
 
     def pooled(self) -> tuple[Dataset, Tensor]:
         """All examples of ``source_splits`` of ``source`` and their labels."""
         if self._pool is None:
-            parts = [self.source.build_dataset(split) for split in self.source_splits]  # type: ignore[attr-defined]
+            parts = [self.source.build_dataset(split) for split in self.source_splits]
             pool = ConcatDataset(parts)
             self._pool = (pool, dataset_labels(pool))
             present = set(self._pool[1].tolist())

@@ -41,7 +41,7 @@ class RandAugmentDataset(Dataset):
         self.transform = transform
 
     def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
+        return len(self.dataset)
 
     def __getitem__(self, index: int) -> tuple[Any, ...]:
         image, *rest = self.dataset[index]

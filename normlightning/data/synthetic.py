@@ -102,7 +102,7 @@ class Synthetic(BaseDataModule):
         self.sizes = {"train": num_train, "val": num_val, "test": num_test}
         self.noise_std = noise_std
         self.num_classes = num_classes
-        self.input_shape = shape  # type: ignore[assignment]
+        self.input_shape = shape
         self.mean = (0.5,) * shape[0]
         self.std = (0.25,) * shape[0]
 

@@ -34,7 +34,7 @@ class SkipUnreadableImages(Dataset):
     def __init__(self, dataset: Dataset, split: str) -> None:
         self.dataset = dataset
         self.split = split
-        self.unreadable = torch.zeros(len(dataset), dtype=torch.bool).share_memory_()  # type: ignore[arg-type]
+        self.unreadable = torch.zeros(len(dataset), dtype=torch.bool).share_memory_()
 
     def __len__(self) -> int:
         return len(self.unreadable)

@@ -80,10 +80,10 @@ def _resolve_builtin(name: str) -> BackboneFactory:
 
 
 def _check_input_shape(input_shape: object) -> tuple[int, int, int]:
-    shape = tuple(input_shape)  # type: ignore[arg-type]
+    shape = tuple(input_shape)
     if len(shape) != 3 or not all(isinstance(s, int) and s > 0 for s in shape):
         raise ValueError(f"input_shape must be three positive ints (C, H, W), got {input_shape!r}")
-    return shape  # type: ignore[return-value]
+    return shape
 
 
 def adapt_input_channels(model: nn.Module, in_channels: int) -> nn.Module:
@@ -107,10 +107,10 @@ def adapt_input_channels(model: nn.Module, in_channels: int) -> nn.Module:
                 new = nn.Conv2d(
                     in_channels,
                     child.out_channels,
-                    kernel_size=child.kernel_size,  # type: ignore[arg-type]
-                    stride=child.stride,  # type: ignore[arg-type]
-                    padding=child.padding,  # type: ignore[arg-type]
-                    dilation=child.dilation,  # type: ignore[arg-type]
+                    kernel_size=child.kernel_size,
+                    stride=child.stride,
+                    padding=child.padding,
+                    dilation=child.dilation,
                     bias=child.bias is not None,
                     padding_mode=child.padding_mode,
                 )

@@ -184,7 +184,7 @@ def load_backbone_weights(
     state = read_state_dict(file)
     model_state = model.state_dict()
     keep: OrderedDict[str, Tensor] = OrderedDict(state)
-    keep._metadata = getattr(state, "_metadata", None)  # type: ignore[attr-defined]  # BN's version handling
+    keep._metadata = getattr(state, "_metadata", None)  # BN's version handling
     report = WeightsReport(source=source, file=str(file))
     mismatched = []
     for key, tensor in state.items():

@@ -5,7 +5,8 @@
 evonorm_s0 mabn cbn, ``timm/<name>`` for timm's norm layers, and those of installed packages (entry-point
 group ``normlightning.norms``, :mod:`.registry`).
 :func:`normlightning.norms.testing.check_norm_layer` checks a layer against the contract of every method.
-The math lives once in :mod:`normlightning.norms.functional`; the layer classes are thin shells.
+The math lives once in :mod:`normlightning.norms.functional`; the layer classes are modules over it
+that hold the arguments, parameters and running statistics, check their inputs, and call it.
 """
 
 from . import functional

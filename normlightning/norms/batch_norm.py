@@ -1,4 +1,4 @@
-"""Batch Norm and Batch Renormalization layers (thin shells over ``functional``)."""
+"""Batch Norm and Batch Renormalization layers: modules over ``functional`` (arguments, buffers, BRN's schedule)."""
 
 from __future__ import annotations
 

@@ -143,7 +143,7 @@ class BaseTask(LightningModule):
     #: starting points that a checkpoint makes unnecessary, such as ``backbone_weights``.
     unsaved_hparams: tuple[str, ...] = ()
 
-    def save_hyperparameters(self, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
+    def save_hyperparameters(self, *args: Any, **kwargs: Any) -> None:
         """``LightningModule.save_hyperparameters`` that keeps checkpoints loadable.
 
         Launched from the CLI, the optimizer and scheduler arrive as config dicts
@@ -221,7 +221,7 @@ class BaseTask(LightningModule):
             add_decay_toward_one(optimizer)
 
     @classmethod
-    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:
         """``LightningModule.load_from_checkpoint`` with ``weights_only=True`` unless the caller passes
         ``weights_only=False`` (their promise that the file is trusted: it may run code), and a clear
         error for a missing, empty or truncated local file (instead of a bare ``EOFError``) or one

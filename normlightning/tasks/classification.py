@@ -83,7 +83,7 @@ class ClassificationTask(BaseTask):
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
         self.save_hyperparameters()
-        input_shape = tuple(int(s) for s in input_shape)  # type: ignore[assignment]
+        input_shape = tuple(int(s) for s in input_shape)
         channels = input_shape[0]
         mean = tuple(input_mean) if input_mean is not None else (0.0,) * channels
         std = tuple(input_std) if input_std is not None else (1.0,) * channels

@@ -49,7 +49,7 @@ def check_last_training_batch(model: nn.Module, loader: Any, world_size: int = 1
     if not any(has_batch_sets(m) for m in model.modules()):
         return
     try:
-        num_examples = len(loader.dataset)  # type: ignore[arg-type]
+        num_examples = len(loader.dataset)
     except TypeError:
         return
     last = last_batch_size(num_examples, loader.batch_size, world_size)

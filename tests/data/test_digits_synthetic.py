@@ -70,4 +70,4 @@ def test_synthetic_shapes_determinism_and_signal() -> None:
 
 def test_synthetic_rejects_bad_shape() -> None:
     with pytest.raises(ValueError, match="input_shape"):
-        Synthetic(input_shape=(3, 32))  # type: ignore[arg-type]
+        Synthetic(input_shape=(3, 32))

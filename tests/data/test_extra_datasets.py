@@ -273,4 +273,4 @@ def test_randaugment_bad_settings(tmp_path) -> None:
     with pytest.raises(ValueError, match="num_ops"):
         RandAugmented(data=inner, num_ops=0)
     with pytest.raises(TypeError, match="BaseDataModule"):
-        RandAugmented(data=object())  # type: ignore[arg-type]
+        RandAugmented(data=object())

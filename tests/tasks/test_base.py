@@ -82,6 +82,6 @@ def test_python_callables_are_not_saved_in_hyperparameters() -> None:
 
 def test_bad_arguments() -> None:
     with pytest.raises(TypeError, match="optimizer"):
-        TinyTask(optimizer="sgd")  # type: ignore[arg-type]
+        TinyTask(optimizer="sgd")
     with pytest.raises(ValueError, match="lr_scheduler_interval"):
-        TinyTask(lr_scheduler_interval="batch")  # type: ignore[arg-type]
+        TinyTask(lr_scheduler_interval="batch")

@@ -121,6 +121,6 @@ def norm_layer(name: str, **kwargs: Any) -> Callable[..., nn.Module]:
 
     make.__name__ = make.__qualname__ = f"{name}_norm_layer"
     make.__doc__ = f"norm_layer({name!r}, **{bound!r}): builds {norm_class_name(name)} for num_features channels."
-    make.method = name  # type: ignore[attr-defined]
-    make.kwargs = bound  # type: ignore[attr-defined]
+    make.method = name
+    make.kwargs = bound
     return make

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import inspect
-from typing import Callable
+from collections.abc import Callable
 
 from torch import nn
 

@@ -122,7 +122,7 @@ def test_output_and_input_gradient_at_one_position_per_channel(name, kwargs, ref
     expected = _reference(layer, name, ref, xr)
     (expected_grad,) = torch.autograd.grad(expected, xr, upstream)
 
-    for attempt in range(2):  # twice: garbage read from memory changes from call to call
+    for _ in range(2):  # twice: garbage read from memory changes from call to call
         ours = copy.deepcopy(layer).to(dtype)  # fresh running statistics (brn's r, d read them)
         xo = x.to(dtype).requires_grad_(True)
         y = ours(xo)

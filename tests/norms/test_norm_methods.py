@@ -413,7 +413,7 @@ def test_brn_against_formula():
         )
     )
     rm, rv = torch.zeros(3, dtype=D64), torch.ones(3, dtype=D64)
-    for step in range(4):
+    for _ in range(4):
         x = torch.randn(6, 3, 2, 2, dtype=D64) * 3 + 2
 
         def ref(t, rm=rm, rv=rv):

@@ -4,7 +4,7 @@ BN statistics) (docs/methods.md, sections hn, sn)."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor

@@ -10,7 +10,7 @@ process group the same path runs locally (a world of one).
 from __future__ import annotations
 
 import warnings
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor

@@ -28,7 +28,7 @@ from norm_layers import method_configs  # noqa: E402
 
 from normlightning.norms import available_norms, build_norm, norm_group_args  # noqa: E402
 from normlightning.norms.group_args import AutoContext, largest_divisor_at_most  # noqa: E402
-from normlightning.norms.op_count import ComputeOpCounter, count_layer_ops  # noqa: E402
+from normlightning.norms.op_count import count_layer_ops, layer_op_counters  # noqa: E402
 
 SHAPES = ((16, 64, 28, 28), (8, 256, 14, 14))
 #: issue 23's targets: compute ops of a training forward + backward, and of an eval forward
@@ -92,16 +92,7 @@ def op_lists(shape, methods) -> str:
     for name, kw, layer in layers(shape):
         if name not in methods:
             continue
-        xg = x.clone().requires_grad_(True)
-        layer.train()
-        with ComputeOpCounter() as fwd:
-            out = layer(xg)
-        g = torch.ones_like(out)
-        with ComputeOpCounter() as bwd:
-            out.backward(g)
-        layer.eval()
-        with torch.no_grad(), ComputeOpCounter() as ev:
-            layer(x)
+        fwd, bwd, ev = layer_op_counters(layer, x)
         for what, c in (("fwd", fwd), ("bwd", bwd), ("eval", ev)):
             lines.append(f"{name} {kw} {what}: {dict(c.ops)}")
     return "\n".join(lines)

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["ComputeOpCounter", "LayerOpCounts", "count_layer_ops", "NO_KERNEL"]
+__all__ = ["ComputeOpCounter", "LayerOpCounts", "count_layer_ops", "layer_op_counters", "NO_KERNEL"]
 
 
 #: ops that launch no kernel although their schema is not a view's: allocations, ``_unsafe_view``
@@ -59,9 +59,15 @@ class LayerOpCounts:
 
 
 def count_layer_ops(layer: nn.Module, x: Tensor) -> LayerOpCounts:
-    """Compute ops of ``layer`` on ``x``: a training forward, the backward of ``out.sum()``-like
-    upstream gradient ``g`` (made outside the count) into ``x`` and the parameters, and an eval
-    forward under ``no_grad``. ``layer`` is left in eval mode; its running statistics move once.
+    """Compute ops of ``layer`` on ``x`` (:func:`layer_op_counters`), as totals."""
+    fwd, bwd, ev = layer_op_counters(layer, x)
+    return LayerOpCounts(fwd.total, bwd.total, ev.total)
+
+
+def layer_op_counters(layer: nn.Module, x: Tensor) -> tuple[ComputeOpCounter, ComputeOpCounter, ComputeOpCounter]:
+    """The counters of ``layer`` on ``x``: a training forward, the backward of an all-ones upstream
+    gradient (made outside the count) into ``x`` and the parameters, and an eval forward under
+    ``no_grad``. ``layer`` is left in eval mode; its running statistics move once.
     """
     x = x.detach().requires_grad_(True)
     layer.train()
@@ -73,4 +79,4 @@ def count_layer_ops(layer: nn.Module, x: Tensor) -> LayerOpCounts:
     layer.eval()
     with torch.no_grad(), ComputeOpCounter() as ev:
         layer(x)
-    return LayerOpCounts(fwd.total, bwd.total, ev.total)
+    return fwd, bwd, ev

@@ -1,40 +1,45 @@
-"""Small-batch study on offline MNIST (docs/reproduction.md, section 1): which normalization
-holds at batch 2, why, and which BGN group count fits which batch.
+"""Small-batch study on offline MNIST (docs/reproduction.md, section 1), in the papers' per-device
+setting: at a fixed global batch and one lr, does BN degrade as the per-device batch shrinks, and
+does BGN hold?
 
-Every cell is one ordinary normlightning run of ``examples/configs/study_mnist.yaml`` (the
-CLI, the ``norm:`` injection, SGD with the LR scaled linearly from 0.2 at batch 64, a cosine
-schedule, ``drop_last``), built by :func:`normlightning.sweep.cell_config`, trained with
-``trainer.fit`` and then measured on the 2,000 test images (:func:`measure_inference_modes`):
-
-- ``acc_running``: eval mode, running statistics (what ``trainer.test`` reports);
-- ``acc_batch``: the test set cut into batches of the *training* batch size, each normalized
-  with its own batch statistics (``statistics_mode(model, "train_frozen")``);
-- ``acc_recalibrated``: running statistics recomputed as an equal-weight average over one
-  pass of the training set at the training batch size (:func:`recalibrate_statistics`);
-- ``acc_alpha``: running statistics with Four Things' inference example weighing, ``alpha``
-  chosen on the 1,000 validation images (:func:`search_example_weighing`; bn, ghost, gbgn).
-
-The batch-independent methods (gn, ln, in, pn) get ``acc_running`` only.
+The BGN paper's "batch 2" is per GPU: the statistics of each layer see 2 examples, while the
+gradient averages the global batch (8 GPUs x 2) and the lr follows the global batch. Every cell here
+trains on global batches of :data:`GLOBAL_BATCH` = 16 with the same lr (0.2 at batch 64, scaled
+linearly: 0.05) and the same cosine schedule; only ``norm.virtual_devices`` changes: with a
+per-device batch ``b`` each replaced layer computes its batch statistics separately on the
+``16 / b`` consecutive chunks of ``b`` examples, exactly what ``16 / b`` DDP processes with
+per-process statistics compute (docs/methods.md, "Virtual devices"). Each cell is one ordinary
+normlightning run of ``examples/configs/study_mnist.yaml`` (the CLI and its ``norm:`` injection),
+built by :func:`normlightning.sweep.cell_config`, validated on the 1,000 validation images after
+every epoch (the training curves) and tested on the 2,000 test images in eval mode (running
+statistics) at the end.
 
 Parts of the study (``--parts``):
 
-- ``grid``: 12 methods x per-process batch 2, 4, 16, 64 x seeds, the same ``--epochs`` for all
-  (the papers' protocol), ResNet-8 of width 8 (``cifar_resnet``, depth 8, base_width 8);
-- ``groups``: BGN with a fixed ``G`` (fitted per layer, ``group_fit: nearest``) at batch 2 and
-  64 (BGN paper, Table 1), same model and epochs;
-- ``groups_wide``: the batch-64 G sweep on ResNet-8 of width 16 (twice the elements per layer),
-  to see whether the best G follows the batch size or the number of elements per set;
-- ``long``: every method at batch 64 with ``--long-epochs`` (one seed): the accuracy a batch-64
-  run reaches when it has settled, next to the equal-epoch grid.
+- ``main``: :data:`METHODS` x per-device batch :data:`PER_DEVICE` x :data:`SEEDS`, :data:`EPOCHS`
+  epochs. ``bgn`` and ``seqnorm`` take their ``auto`` group counts, computed from the per-device
+  batch (BGN: the paper's mapping, ``G = 1`` at 2). ``gn`` has no batch statistics, so its cells
+  are the same at every per-device batch: it runs once per seed (per-device batch 16);
+- ``groups``: BGN with a fixed ``G`` (:data:`GROUPS`, fitted per layer, ``group_fit: nearest``)
+  at per-device batch 2: where the best ``G`` lies;
+- ``lr``: the lr x :data:`LR_SCALES` for the methods that learn slowest at per-device batch 2
+  (:data:`LR_METHODS`), :data:`LR_SEEDS`: do the conclusions hinge on one lr?
+- ``long``: :data:`LONG_METHODS` at per-device batch 2 and 16 with :data:`LONG_EPOCHS` epochs
+  (first seed): how far the ``main`` length is from the end point;
+- ``ddp``: :data:`DDP_METHODS` at per-device batch 2 with 2 real DDP processes (gloo, CPU), each
+  with 4 virtual devices (per-process batch 8), :data:`DDP_SEEDS`: the same setting as the
+  one-process ``main`` cells through the real launcher. The numbers are not bit-identical to
+  ``main``'s: DDP's sampler deals the examples to the ranks in another order, and the ranks'
+  running statistics are rank 0's (DDP broadcasts buffers) instead of the mean of the chunks.
 
-Cells run seed by seed (the grid and G sweep of seed 0 first), so a cut-short study is still
-balanced.
+Cells run seed by seed (all parts of seed 0 first), so a cut-short study is still balanced.
 Resumable: a cell whose ``result.json`` holds the same spec is not run again. Layout of ``--out``::
 
-    cells/<part>/<cell>/{cell.yaml, spec.json, metrics.csv, result.json}
-    results.csv        one row per finished cell (all measurements)
+    cells/<part>/<cell>/{cell.yaml, spec.json, logs/metrics.csv, result.json}
+    results.csv        one row per finished cell
+    curves.csv         one row per finished cell and epoch (validation and training accuracy)
 
-Run (the report then reads ``results.csv``; see ``examples/small_batch_study_report.py``)::
+Run (the report then reads the CSVs; see ``examples/small_batch_study_report.py``)::
 
     python examples/small_batch_study.py --out runs/reproduction/study --workers 2
 """
@@ -47,6 +52,9 @@ import csv
 import hashlib
 import json
 import os
+import resource
+import subprocess
+import sys
 import time
 import traceback
 from collections.abc import Mapping, Sequence
@@ -59,115 +67,137 @@ import yaml
 from normlightning import sweep
 
 CONFIG = Path(__file__).resolve().parent / "configs" / "study_mnist.yaml"
-#: ``brn-scaled`` is BRN with its r/d schedule scaled to the run (:func:`brn_scaled_norm`); ``brn``
-#: keeps the paper's step counts, whose 5,000-step warm-up (r_max = 1, d_max = 0: plain BN) is
-#: longer than every run here.
-METHODS = ["bn", "gn", "ln", "in", "pn", "ghost", "seqnorm", "bgn", "gbgn", "hn", "sn", "brn", "brn-scaled"]
+GLOBAL_BATCH = 16
+BASE_BATCH_SIZE = 64  # the lr of study_mnist.yaml (0.2) holds at batch 64; linear scaling gives 0.05 at 16
 TRAIN_IMAGES = 2000  # the training split of study_mnist.yaml (5,000 x (1 - 0.2 - 0.4))
-BATCH_SIZES = [2, 4, 16, 64]
-SEEDS = [0, 1, 2]
-EPOCHS = 4
-LONG_EPOCHS = 16
-BASE_BATCH_SIZE = 64
-#: G of the BGN sweep at each batch (powers of two; ``group_fit: nearest`` fits them per layer).
-GROUPS = {2: [1, 4, 16, 64, 256], 64: [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]}
-GROUPS_WIDE = {64: [1, 4, 16, 64, 256, 1024]}
+METHODS = ["bn", "bgn", "gn", "seqnorm", "hn", "sn"]
+PER_DEVICE = [2, 4, 8, 16]
+SEEDS = [0, 1, 2, 3, 4]
+EPOCHS = 12
+#: G of the BGN sweep at per-device batch 2 (powers of four, ``group_fit: nearest`` fits them per layer);
+#: G = 1 is the paper mapping at 2, the ``main`` cells of ``bgn``.
+GROUPS = [4, 16, 64, 256]
+LR_METHODS = ["bn", "bgn"]
+LR_SCALES = [0.5, 2.0]
+LR_SEEDS = [0, 1, 2]
+LONG_METHODS = ["bn", "bgn"]
+LONG_EPOCHS = 24
+DDP_METHODS = ["bn", "bgn"]
+DDP_SEEDS = [0, 1]
+DDP_PROCESSES = 2
 MODEL = {"depth": 8, "base_width": 8}
-MODEL_WIDE = {"depth": 8, "base_width": 16}
-PARTS = ("grid", "groups", "groups_wide", "long")
-MEASURES = ("acc_running", "acc_batch", "acc_recalibrated", "acc_alpha")
+PARTS = ("main", "groups", "lr", "long", "ddp")
+#: environment variables of a launched DDP rank; a cell's own launch must not inherit them
+LAUNCH_VARIABLES = ("LOCAL_RANK", "RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "NODE_RANK", "GROUP_RANK", "MASTER_ADDR")
 
 
 @dataclass(frozen=True)
 class StudyCell:
-    """One run: ``method`` (``groups`` set: BGN with that fixed G) at ``batch_size``, ``seed``."""
+    """One run: ``method`` (``groups`` set: BGN with that fixed G) with statistics over ``per_device``
+    examples, on global batches of :data:`GLOBAL_BATCH` split over ``processes`` DDP processes."""
 
     part: str
     method: str
-    batch_size: int
+    per_device: int
     seed: int
     epochs: int
     groups: int | None = None
-    depth: int = MODEL["depth"]
-    base_width: int = MODEL["base_width"]
+    lr_scale: float = 1.0
+    processes: int = 1
 
     @property
     def label(self) -> str:
-        """``bn`` or ``bgn-g32``: the row of the tables."""
-        return self.method if self.groups is None else f"{self.method}-g{self.groups}"
+        """``bn``, ``bgn-g16``, ``bn-lr0.5``: the row of the tables."""
+        label = self.method if self.groups is None else f"{self.method}-g{self.groups}"
+        return label if self.lr_scale == 1.0 else f"{label}-lr{self.lr_scale:g}"
 
     @property
     def name(self) -> str:
-        """Folder ``<part>/<label>_b<B>_s<seed>``."""
-        return f"{self.part}/{self.label}_b{self.batch_size}_s{self.seed}"
+        """Folder ``<part>/<label>_d<per_device>_s<seed>``."""
+        return f"{self.part}/{self.label}_d{self.per_device}_s{self.seed}"
+
+    @property
+    def virtual_devices(self) -> int:
+        """``norm.virtual_devices`` of each process: its batch over the per-device batch."""
+        return GLOBAL_BATCH // (self.processes * self.per_device)
+
+
+def has_batch_statistics(method: str) -> bool:
+    """Whether ``method``'s layer normalizes over the batch (else the per-device batch changes nothing)."""
+    from normlightning.norms import build_norm
+
+    kwargs = {"num_groups": 1} if method == "bgn" else {}
+    if method == "seqnorm":
+        kwargs = {"channel_groups": 1, "batch_groups": 1}
+    return bool(build_norm(method, 64, **kwargs).uses_batch_statistics)
 
 
 def study_cells(
     parts: Sequence[str] = PARTS,
     *,
     methods: Sequence[str] = METHODS,
-    batch_sizes: Sequence[int] = BATCH_SIZES,
+    per_device: Sequence[int] = PER_DEVICE,
     seeds: Sequence[int] = SEEDS,
     epochs: int = EPOCHS,
+    groups: Sequence[int] = GROUPS,
+    lr_seeds: Sequence[int] = LR_SEEDS,
     long_epochs: int = LONG_EPOCHS,
-    groups: Mapping[int, Sequence[int]] = GROUPS,
-    groups_wide: Mapping[int, Sequence[int]] = GROUPS_WIDE,
+    ddp_seeds: Sequence[int] = DDP_SEEDS,
 ) -> list[StudyCell]:
-    """The cells of ``parts``: ``grid`` and ``groups`` seed by seed (both parts of the first seed
-    first), then ``groups_wide``, then ``long`` (first seed only)."""
+    """The cells of ``parts``, seed by seed (every part of the first seed first); ``long`` last."""
     unknown = [p for p in parts if p not in PARTS]
     if unknown:
         raise ValueError(f"small_batch_study: unknown parts {unknown}; choose from {list(PARTS)}")
-    sweep.make_grid([m for m in methods if m != "brn-scaled"] or ["bn"], batch_sizes, seeds)  # checks the axes
+    bad = [b for b in per_device if b < 1 or GLOBAL_BATCH % b]
+    if "ddp" in parts and per_device and GLOBAL_BATCH % (DDP_PROCESSES * min(per_device)):
+        bad.append(min(per_device))
+    if bad:
+        raise ValueError(
+            f"small_batch_study: per-device batches {bad} do not divide the global batch {GLOBAL_BATCH} "
+            f"(over {DDP_PROCESSES} processes for the ddp part); choose divisors of {GLOBAL_BATCH}"
+        )
+    smallest = min(per_device)
     cells: list[StudyCell] = []
     for seed in seeds:
-        if "grid" in parts:
-            cells += [StudyCell("grid", m, b, seed, epochs) for b in batch_sizes for m in methods]
+        if "main" in parts:
+            for b in per_device:
+                cells += [
+                    StudyCell("main", m, b, seed, epochs)
+                    for m in methods
+                    if has_batch_statistics(m) or b == GLOBAL_BATCH
+                ]
         if "groups" in parts:
-            cells += [StudyCell("groups", "bgn", b, seed, epochs, g) for b, gs in groups.items() for g in gs]
-    if "groups_wide" in parts:
-        cells += [
-            StudyCell("groups_wide", "bgn", b, seed, epochs, g, **MODEL_WIDE)
-            for seed in seeds
-            for b, gs in groups_wide.items()
-            for g in gs
-        ]
+            cells += [StudyCell("groups", "bgn", smallest, seed, epochs, g) for g in groups]
+        if "lr" in parts and seed in lr_seeds:
+            cells += [StudyCell("lr", m, smallest, seed, epochs, lr_scale=s) for m in LR_METHODS for s in LR_SCALES]
+        if "ddp" in parts and seed in ddp_seeds:
+            cells += [StudyCell("ddp", m, smallest, seed, epochs, processes=DDP_PROCESSES) for m in DDP_METHODS]
     if "long" in parts:
-        cells += [StudyCell("long", m, BASE_BATCH_SIZE, seeds[0], long_epochs) for m in methods]
+        cells += [
+            StudyCell("long", m, b, seeds[0], long_epochs) for m in LONG_METHODS for b in (smallest, GLOBAL_BATCH)
+        ]
     return cells
 
 
-def brn_scaled_norm(total_steps: int) -> dict[str, Any]:
-    """``norm:`` section of BRN with the paper's schedule (r_max 1 -> 3 over steps 5k -> 40k, d_max
-    0 -> 5 over 5k -> 25k) compressed so that it ends at half of a run of ``total_steps``:
-    both ramps start at ``T/16``; r_max reaches 3 at ``T/2``, d_max reaches 5 at ``5T/16``."""
-    start = total_steps // 16
-    return {
-        "method": "brn",
-        "kwargs": {
-            "r_max_start_step": start,
-            "r_max_end_step": total_steps // 2,
-            "d_max_start_step": start,
-            "d_max_end_step": 5 * total_steps // 16,
-        },
-    }
-
-
 def cell_config(base: Mapping[str, Any], cell: StudyCell, cell_dir: Path) -> dict[str, Any]:
-    """:func:`normlightning.sweep.cell_config` of the cell, with its model and (G sweep) its BGN G."""
-    method = "brn" if cell.method == "brn-scaled" else cell.method
+    """:func:`normlightning.sweep.cell_config` of the cell at the per-process batch, plus its virtual devices,
+    its fixed BGN G (``groups`` part), its lr scale, validation after every epoch and, for DDP cells, the
+    processes."""
     config = sweep.cell_config(
         base,
-        sweep.Cell(method, cell.batch_size, cell.seed),
+        sweep.Cell(cell.method, GLOBAL_BATCH // cell.processes, cell.seed),
         epochs=cell.epochs,
         base_batch_size=BASE_BATCH_SIZE,
         cell_dir=cell_dir,
     )
-    config["model"]["init_args"]["backbone_kwargs"] = {"depth": cell.depth, "base_width": cell.base_width}
+    config["model"]["init_args"]["backbone_kwargs"] = dict(MODEL)
+    config["model"]["init_args"]["optimizer"]["init_args"]["lr"] *= cell.lr_scale
     if cell.groups is not None:
         config["norm"] = {"method": "bgn", "num_groups": cell.groups, "group_fit": "nearest"}
-    if cell.method == "brn-scaled":
-        config["norm"] = brn_scaled_norm(cell.epochs * (TRAIN_IMAGES // cell.batch_size))
+    config["norm"]["virtual_devices"] = cell.virtual_devices
+    config["trainer"].update({"limit_val_batches": 1.0, "num_sanity_val_steps": 0})
+    if cell.processes > 1:
+        config["trainer"].update({"devices": cell.processes, "strategy": "ddp"})
     return config
 
 
@@ -180,80 +210,86 @@ def cell_spec(cell: StudyCell, config: Mapping[str, Any]) -> dict[str, Any]:
     return {**asdict(cell), "config_sha256": digest}
 
 
-# ----------------------------------------------------------------------------- measuring
-def measure_inference_modes(model: Any, datamodule: Any, batch_size: int) -> dict[str, Any]:
-    """Test accuracy of the trained ``model`` under the four inference modes of the module docstring.
-
-    Leaves the model as it found it (running statistics restored, ``alpha`` back to 0).
-    """
-    from torch.utils.data import DataLoader
-
-    from normlightning.callbacks.example_weighing import (
-        example_weighing_layers,
-        search_example_weighing,
-        set_example_weighing_alpha,
-    )
-    from normlightning.callbacks.recalibration import (
-        batch_statistic_layers,
-        default_forward,
-        evaluate_accuracy,
-        recalibrate_statistics,
-    )
-    from normlightning.norms.model_layers import statistics_mode
-
-    test = datamodule.test_dataloader()
-    out: dict[str, Any] = {"acc_running": evaluate_accuracy(model, test)}
-    if not batch_statistic_layers(model):
-        return out
-
-    def batch_statistics_forward(m: Any, batch: Any) -> Any:
-        with statistics_mode(m, "train_frozen"):
-            return default_forward(m, batch)
-
-    test_at_b = DataLoader(test.dataset, batch_size=batch_size, shuffle=False)
-    out["acc_batch"] = evaluate_accuracy(model, test_at_b, batch_statistics_forward)
-    if example_weighing_layers(model):
-        found = search_example_weighing(model, datamodule.val_dataloader(), batch_size=batch_size)
-        out["acc_alpha"] = evaluate_accuracy(model, test)
-        out["alpha"] = found.best_alpha
-        set_example_weighing_alpha(model, 0.0)
-    saved = copy.deepcopy(model.state_dict())
-    out["recalibration_batches"] = recalibrate_statistics(model, datamodule.train_dataloader())
-    out["acc_recalibrated"] = evaluate_accuracy(model, test)
-    model.load_state_dict(saved)
-    return out
+# ----------------------------------------------------------------------------- one cell
+def read_curves(path: str | os.PathLike) -> list[dict[str, float]]:
+    """Per epoch of a ``metrics.csv``: ``{epoch, step, val_acc1, train_acc1}`` (the epoch-level values)."""
+    epochs: dict[int, dict[str, float]] = {}
+    with open(path, newline="") as handle:
+        for row in csv.DictReader(handle):
+            if not row.get("epoch"):
+                continue
+            entry = epochs.setdefault(int(row["epoch"]), {"epoch": int(row["epoch"])})
+            for column, key in (("val/acc1", "val_acc1"), ("train/acc1", "train_acc1")):
+                if row.get(column):
+                    entry[key] = float(row[column])
+                    entry["step"] = int(row["step"])
+    return [epochs[e] for e in sorted(epochs) if "val_acc1" in epochs[e]]
 
 
-def run_cell(cell_dir: str | os.PathLike, threads: int | None = 1) -> dict[str, Any]:
-    """Train the cell of ``cell_dir/cell.yaml``, measure it, write ``result.json``; return it."""
+def fit_and_test(cell_dir: Path, threads: int | None = 1) -> dict[str, Any] | None:
+    """Train and test the cell of ``cell_dir/cell.yaml`` in this process (or, under DDP, in this rank);
+    rank 0 writes ``result.json`` and returns it."""
     import torch
 
     from normlightning.cli import build_cli
     from normlightning.injection import get_spec
 
-    cell_dir = Path(cell_dir)
     if threads is not None:
         torch.set_num_threads(threads)
     spec = json.loads((cell_dir / "spec.json").read_text())
     wall0, cpu0 = time.perf_counter(), time.process_time()
-    (cell_dir / sweep.METRICS_FILE).unlink(missing_ok=True)
     cli = build_cli(["--config", str(cell_dir / sweep.CONFIG_FILE)], run=False)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     group = cli.trainer.optimizers[0].param_groups[0]
     cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
+    if cli.trainer.global_rank != 0:
+        return None
     logged = sweep.read_last_metrics(cell_dir / sweep.METRICS_FILE)
-    measured = measure_inference_modes(cli.model, cli.datamodule, spec["batch_size"])
+    if "test/acc1" not in logged:
+        raise RuntimeError(f"{cell_dir}: no test/acc1 in {sweep.METRICS_FILE}")
     injected = get_spec(cli.model) or {"layers": []}
     result = {
         "status": "ok",
         "spec": spec,
-        "metrics": {k: logged[k] for k in ("test/acc1", "train/acc1") if k in logged},
-        "measured": measured,
+        "test_acc1": logged["test/acc1"],
+        "curves": read_curves(cell_dir / sweep.METRICS_FILE),
         "layer_groups": {r["name"]: r["kwargs"].get("num_groups") for r in injected["layers"]},
         "lr": float(group.get("initial_lr", group["lr"])),
         "wall_s": time.perf_counter() - wall0,
         "cpu_s": time.process_time() - cpu0,
     }
+    (cell_dir / sweep.RESULT_FILE).write_text(json.dumps(result, indent=2, default=str))
+    return result
+
+
+def run_cell(cell_dir: str | os.PathLike, threads: int | None = 1) -> dict[str, Any]:
+    """Run one cell: in this process, or (``processes > 1``) through Lightning's DDP launcher in a child
+    process (its CPU time, every rank's, is recorded); return its ``result.json``."""
+    cell_dir = Path(cell_dir)
+    (cell_dir / sweep.METRICS_FILE).unlink(missing_ok=True)
+    spec = json.loads((cell_dir / "spec.json").read_text())
+    if spec["processes"] == 1:
+        result = fit_and_test(cell_dir, threads)
+        assert result is not None
+        return result
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARIABLES}
+    env.update(OMP_NUM_THREADS="1", PL_DISABLE_FORK="1")
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    wall0 = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "--run-cell", str(cell_dir.resolve())],
+        cwd=cell_dir,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    (cell_dir / "ddp.log").write_text(proc.stdout + proc.stderr)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{cell_dir}: DDP cell exited {proc.returncode}; see {cell_dir / 'ddp.log'}")
+    result = json.loads((cell_dir / sweep.RESULT_FILE).read_text())
+    result["wall_s"] = time.perf_counter() - wall0
+    result["cpu_s"] = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     (cell_dir / sweep.RESULT_FILE).write_text(json.dumps(result, indent=2, default=str))
     return result
 
@@ -278,7 +314,8 @@ def run_study(
     threads: int | None = 1,
     log: Any = print,
 ) -> dict[str, Any]:
-    """Run (or resume) ``cells`` under ``out_dir``; write ``results.csv``; return ``{status, rows}``."""
+    """Run (or resume) ``cells`` under ``out_dir``; write ``results.csv`` and ``curves.csv``; return
+    ``{status, rows, wall_s}``."""
     if not isinstance(workers, int) or workers < 1:
         raise ValueError(f"small_batch_study: workers must be a positive int, got {workers!r}")
     log = log or (lambda *a, **k: None)
@@ -317,8 +354,11 @@ def run_study(
                 state, seconds = future.result()
                 status[_name(out, futures[future])] = state
                 log(f"[study] {i}/{len(pending)} {_name(out, futures[future])} {state} in {seconds:.1f} s", flush=True)
-    rows = collect_rows(out, cells)
-    write_results(out / "results.csv", rows)
+    results = [(cell, _stored(out, cell)) for cell in cells]
+    results = [(cell, stored) for cell, stored in results if stored is not None]
+    rows = [result_row(cell, stored) for cell, stored in results]
+    write_csv(out / "results.csv", ROW_FIELDS, rows)
+    write_csv(out / "curves.csv", CURVE_FIELDS, [r for cell, stored in results for r in curve_rows(cell, stored)])
     return {"status": status, "rows": rows, "wall_s": time.perf_counter() - start}
 
 
@@ -334,63 +374,75 @@ def _finished(cell_dir: Path, spec: Mapping[str, Any]) -> bool:
     return stored.get("status") == "ok" and stored.get("spec") == dict(spec)
 
 
+def _stored(out: Path, cell: StudyCell) -> dict[str, Any] | None:
+    path = out / "cells" / cell.name / sweep.RESULT_FILE
+    if not path.is_file():
+        return None
+    stored = json.loads(path.read_text())
+    return stored if stored.get("status") == "ok" else None
+
+
 ROW_FIELDS = [
     "part",
     "method",
     "label",
     "groups",
-    "depth",
-    "base_width",
-    "batch_size",
+    "per_device",
+    "virtual_devices",
+    "processes",
+    "lr_scale",
     "seed",
     "epochs",
     "lr",
     "wall_s",
     "cpu_s",
-    "test_acc1_logged",
+    "test_acc1",
+    "val_acc1",
     "train_acc1",
-    *MEASURES,
-    "alpha",
     "layer_groups",
 ]
+CURVE_FIELDS = ["part", "label", "per_device", "seed", "epoch", "step", "val_acc1", "train_acc1"]
 
 
-def collect_rows(out_dir: Path, cells: Sequence[StudyCell]) -> list[dict[str, Any]]:
-    """One flat row per finished cell (fields :data:`ROW_FIELDS`; a measure a method lacks is absent)."""
-    rows = []
-    for cell in cells:
-        path = Path(out_dir) / "cells" / cell.name / sweep.RESULT_FILE
-        if not path.is_file():
-            continue
-        stored = json.loads(path.read_text())
-        if stored.get("status") != "ok":
-            continue
-        rows.append(
-            {
-                **asdict(cell),
-                "label": cell.label,
-                "lr": stored["lr"],
-                "wall_s": stored["wall_s"],
-                "cpu_s": stored["cpu_s"],
-                "test_acc1_logged": stored["metrics"].get("test/acc1"),
-                "train_acc1": stored["metrics"].get("train/acc1"),
-                **stored["measured"],
-                "layer_groups": json.dumps(stored["layer_groups"]),
-            }
-        )
-    return rows
+def result_row(cell: StudyCell, stored: Mapping[str, Any]) -> dict[str, Any]:
+    """The ``results.csv`` row of a finished cell (final validation and training accuracy from its curve)."""
+    last = stored["curves"][-1] if stored["curves"] else {}
+    return {
+        **asdict(cell),
+        "label": cell.label,
+        "virtual_devices": cell.virtual_devices,
+        "lr": stored["lr"],
+        "wall_s": stored["wall_s"],
+        "cpu_s": stored["cpu_s"],
+        "test_acc1": stored["test_acc1"],
+        "val_acc1": last.get("val_acc1"),
+        "train_acc1": last.get("train_acc1"),
+        "layer_groups": json.dumps(stored["layer_groups"]),
+    }
 
 
-def write_results(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
-    """``results.csv`` with the columns :data:`ROW_FIELDS`."""
+def curve_rows(cell: StudyCell, stored: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The ``curves.csv`` rows of a finished cell, one per epoch."""
+    return [
+        {"part": cell.part, "label": cell.label, "per_device": cell.per_device, "seed": cell.seed, **point}
+        for point in stored["curves"]
+    ]
+
+
+def write_csv(path: Path, fields: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> None:
+    """``rows`` as CSV with the columns ``fields``."""
     with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=ROW_FIELDS, extrasaction="ignore")
+        writer = csv.DictWriter(handle, fieldnames=list(fields), extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
 
 
-def read_results(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Rows of ``results.csv`` with numbers parsed (empty fields dropped)."""
+TEXT_FIELDS = ("part", "method", "label", "layer_groups")
+INT_FIELDS = ("groups", "per_device", "virtual_devices", "processes", "seed", "epochs", "epoch", "step")
+
+
+def read_csv(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Rows of ``results.csv`` or ``curves.csv`` with numbers parsed (empty fields dropped)."""
     rows = []
     with open(path, newline="") as handle:
         for raw in csv.DictReader(handle):
@@ -398,39 +450,35 @@ def read_results(path: str | os.PathLike) -> list[dict[str, Any]]:
             for key, value in raw.items():
                 if value in ("", None):
                     continue
-                if key in ("part", "method", "label", "layer_groups"):
+                if key in TEXT_FIELDS:
                     row[key] = value
                 else:
-                    number = float(value)
-                    row[key] = (
-                        int(number)
-                        if key in ("groups", "depth", "base_width", "batch_size", "seed", "epochs")
-                        else number
-                    )
+                    row[key] = int(float(value)) if key in INT_FIELDS else float(value)
             rows.append(row)
     return rows
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Small-batch normalization study on offline MNIST (resumable)")
+    parser = argparse.ArgumentParser(description="Per-device small-batch normalization study on offline MNIST")
     parser.add_argument("--out", default="runs/reproduction/study")
     parser.add_argument("--parts", nargs="+", default=list(PARTS), choices=PARTS)
     parser.add_argument("--methods", nargs="+", default=METHODS)
-    parser.add_argument("--batch-sizes", nargs="+", type=int, default=BATCH_SIZES)
+    parser.add_argument("--per-device", nargs="+", type=int, default=PER_DEVICE)
     parser.add_argument("--seeds", nargs="+", type=int, default=SEEDS)
-    parser.add_argument("--epochs", type=int, default=EPOCHS, help="epochs of every grid and G-sweep cell")
-    parser.add_argument("--long-epochs", type=int, default=LONG_EPOCHS, help="epochs of the 'long' batch-64 cells")
+    parser.add_argument("--epochs", type=int, default=EPOCHS, help="epochs of the main, groups, lr and ddp cells")
+    parser.add_argument("--long-epochs", type=int, default=LONG_EPOCHS, help="epochs of the 'long' cells")
     parser.add_argument("--workers", type=int, default=1, help="cells run at once (worker processes)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per cell")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run the study; exits with status 1 (after writing the CSVs of the finished cells) if a cell failed."""
     args = build_parser().parse_args(argv)
     cells = study_cells(
         args.parts,
         methods=args.methods,
-        batch_sizes=args.batch_sizes,
+        per_device=args.per_device,
         seeds=args.seeds,
         epochs=args.epochs,
         long_epochs=args.long_epochs,
@@ -438,8 +486,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     result = run_study(args.out, cells, workers=args.workers, threads=args.threads)
     counts = {s: sum(1 for v in result["status"].values() if v == s) for s in ("ran", "skipped", "failed")}
     print(f"[study] {counts} in {result['wall_s']:.1f} s; results: {Path(args.out) / 'results.csv'}")
+    if counts["failed"]:
+        failed = [name for name, state in result["status"].items() if state == "failed"]
+        raise SystemExit(f"[study] {counts['failed']} cell(s) failed (error.txt in each): {failed}")
     return result
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--run-cell"]:  # one DDP cell: every rank runs this (Lightning relaunches the command)
+        fit_and_test(Path(sys.argv[2]))
+    else:
+        main()

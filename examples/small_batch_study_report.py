@@ -1,18 +1,19 @@
-"""Tables and figures of the small-batch study (``examples/small_batch_study.py``).
+"""Tables, figures and the numbers of the prose of the per-device small-batch study
+(``examples/small_batch_study.py``).
 
-Reads ``<study>/results.csv`` and writes, into ``--assets``:
+Reads ``<study>/results.csv`` and ``<study>/curves.csv`` and writes, into ``--assets``:
 
-- ``study_accuracy_vs_batch.png``: test accuracy vs per-process batch, one line per method with
-  a band of mean ± sample std over seeds; batch-statistic methods and batch-free methods in
-  separate panels, each also as the seed-paired difference to BN;
-- ``study_bgn_groups.png``: BGN accuracy vs G at batch 2 and 64 (BGN paper, Table 1), and the
-  same against the number of elements per normalization set ``N*D/G``, next to the paper's
-  Table 1 on ResNet-50 at 224 px;
-- ``study_inference_gap.png``: per batch-statistic method, accuracy vs batch under the four
-  inference modes (running statistics, test batches of the training size, recalibrated,
-  example weighing);
-- ``study_results.csv`` (a copy of the per-cell rows) and ``study_tables.md`` (every table,
-  also returned by :func:`main` for the generated blocks of ``docs/reproduction.md``).
+- ``study_curves.png``: validation accuracy per epoch, mean over seeds, one panel per per-device
+  batch on a shared y-axis (BN drawn last, dashed, so it stays visible where lines coincide);
+- ``study_accuracy_vs_per_device.png``: test accuracy vs per-device batch with 95% t-intervals,
+  and the seed-paired difference to the same method at per-device batch 16;
+- ``study_bgn_groups.png``: BGN's test accuracy vs G at per-device batch 2, BN's interval beside it;
+- ``study_results.csv``, ``study_curves.csv`` (copies) and ``study_tables.md`` (every block, also
+  returned by :func:`main` for the generated blocks of ``docs/reproduction.md``).
+
+Intervals: over ``n`` seeds, ``mean ± t(0.975, n - 1) · s / sqrt(n)`` with ``s`` the sample standard
+deviation; a difference is seed-paired (the two cells of one seed share the seed) and gets the
+interval of the per-seed differences.
 
 Run: ``python examples/small_batch_study_report.py --study runs/reproduction/study --assets docs/assets``.
 """
@@ -20,12 +21,12 @@ Run: ``python examples/small_batch_study_report.py --study runs/reproduction/stu
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import shutil
 import statistics
 import sys
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,246 +35,248 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import small_batch_study as study  # noqa: E402
 
 from normlightning import plotting  # noqa: E402
-from normlightning.norms.batch_group_norm import bgn_paper_groups  # noqa: E402
 
-BATCH_STAT = ["bn", "ghost", "seqnorm", "bgn", "gbgn", "hn", "sn", "brn", "brn-scaled"]
-BATCH_FREE = ["gn", "ln", "in", "pn"]
-MODE_LABELS = {
-    "acc_running": "running statistics (standard eval)",
-    "acc_batch": "batch statistics of test batches of size B",
-    "acc_recalibrated": "recalibrated (equal-weight average over the training set at B)",
-    "acc_alpha": "example weighing, alpha chosen on validation",
+#: two-sided 95% quantile of Student's t, t(0.975, df), for df = 1..10 (standard tables)
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
+COLORS = {
+    "bn": "black",
+    "bgn": "tab:red",
+    "gn": "tab:olive",
+    "seqnorm": "tab:purple",
+    "hn": "tab:blue",
+    "sn": "tab:green",
 }
-#: BGN paper, Table 1: top-1 of ResNet-50 on ImageNet (224 px) per group count G.
-PAPER_TABLE1 = {
-    128: {
-        512: 77.008,
-        256: 75.936,
-        128: 76.256,
-        64: 76.096,
-        32: 75.984,
-        16: 75.504,
-        8: 76.016,
-        4: 75.632,
-        2: 75.520,
-        1: 75.360,
-    },
-    2: {
-        512: 63.968,
-        256: 66.000,
-        128: 68.160,
-        64: 70.064,
-        32: 71.856,
-        16: 72.832,
-        8: 74.928,
-        4: 75.120,
-        2: 75.968,
-        1: 76.096,
-    },
-}
+Row = Mapping[str, Any]
 
 
 # ----------------------------------------------------------------------------- statistics
-def mean_std(values: Sequence[float]) -> tuple[float, float, int]:
-    """Mean, sample std (``nan`` for one value) and count."""
+@dataclass(frozen=True)
+class Interval:
+    """Mean of ``n`` values and its 95% t-interval ``[low, high]`` (``nan`` bounds for one value)."""
+
+    mean: float
+    low: float
+    high: float
+    n: int
+
+    def __str__(self) -> str:
+        if self.n < 2:
+            return f"{self.mean:.1f} (n=1)"
+        return f"{self.mean:.1f} [{self.low:.1f}, {self.high:.1f}]"
+
+    @property
+    def excludes_zero(self) -> bool:
+        """Whether the interval lies on one side of 0 (the difference is resolved at 95%)."""
+        return self.n >= 2 and (self.low > 0 or self.high < 0)
+
+
+def interval(values: Sequence[float]) -> Interval:
+    """Mean and ``mean ± t(0.975, n-1) s / sqrt(n)`` of ``values``."""
     n = len(values)
-    return statistics.fmean(values), (statistics.stdev(values) if n > 1 else math.nan), n
+    if n == 0:
+        raise ValueError("interval of no values")
+    mean = statistics.fmean(values)
+    if n == 1:
+        return Interval(mean, math.nan, math.nan, 1)
+    if n - 1 not in T975:
+        raise ValueError(f"interval: {n} values; T975 holds t quantiles for 2 to {max(T975) + 1} values")
+    half = T975[n - 1] * statistics.stdev(values) / math.sqrt(n)
+    return Interval(mean, mean - half, mean + half, n)
 
 
-def group_values(
-    rows: Iterable[Mapping[str, Any]], key: Callable[[Mapping[str, Any]], Any], value: str, scale: float = 100.0
-) -> dict[Any, list[float]]:
-    """``{key(row): [row[value] * scale, ...]}`` over the rows that have ``value``."""
-    out: dict[Any, list[float]] = {}
+def by_seed(rows: Iterable[Row], value: str = "test_acc1") -> dict[int, float]:
+    """``{seed: 100 * row[value]}`` (points) of rows that each have one seed."""
+    out: dict[int, float] = {}
     for row in rows:
-        if value in row:
-            out.setdefault(key(row), []).append(float(row[value]) * scale)
+        if row["seed"] in out:
+            raise ValueError(f"two rows of seed {row['seed']} in one series: {row.get('label')}")
+        out[row["seed"]] = 100.0 * float(row[value])
     return out
 
 
-def paired_difference(rows: Sequence[Mapping[str, Any]], reference: str = "bn", value: str = "acc_running") -> dict:
-    """``{(method, B): [acc - acc_reference of the same seed, ...]}`` in points."""
-    ref = {(r["batch_size"], r["seed"]): r[value] for r in rows if r["method"] == reference and value in r}
-    out: dict[tuple[str, int], list[float]] = {}
-    for r in rows:
-        if value in r and (r["batch_size"], r["seed"]) in ref:
-            out.setdefault((r["method"], r["batch_size"]), []).append(
-                100 * (r[value] - ref[(r["batch_size"], r["seed"])])
-            )
-    return out
+def paired(a: Mapping[int, float], b: Mapping[int, float]) -> list[float]:
+    """``a[s] - b[s]`` for the seeds ``s`` both have."""
+    return [a[s] - b[s] for s in sorted(set(a) & set(b))]
 
 
-def fmt(values: Sequence[float] | None, digits: int = 1) -> str:
-    if not values:
-        return "-"
-    mean, std, n = mean_std(values)
-    return f"{mean:.{digits}f}" + ("" if math.isnan(std) else f" ± {std:.{digits}f}")
+def select(rows: Iterable[Row], **fields: Any) -> list[Row]:
+    """The rows whose fields equal ``fields``."""
+    return [r for r in rows if all(r.get(k) == v for k, v in fields.items())]
 
 
 # ----------------------------------------------------------------------------- tables
-def accuracy_table(grid: Sequence[Mapping[str, Any]], long: Sequence[Mapping[str, Any]]) -> str:
-    """Method x batch: test accuracy (running statistics), the seed-paired difference to BN, the long
-    batch-64 reference, and the training accuracy of the last epoch (training mode) at the smallest batch."""
-    acc = group_values(grid, lambda r: (r["method"], r["batch_size"]), "acc_running")
-    diff = paired_difference(grid)
-    longs = group_values(long, lambda r: r["method"], "acc_running")
-    batches = sorted({r["batch_size"] for r in grid})
-    long_epochs = long[0]["epochs"] if long else None
-    head = (
-        "| method | "
-        + " | ".join(f"B={b}" for b in batches)
-        + " | "
-        + " | ".join(f"Δ vs BN, B={b}" for b in (batches[0], batches[-1]))
-    )
-    head += f" | B=64, {long_epochs} epochs" if long else ""
-    head += f" | training accuracy, last epoch, B={batches[0]} |"
-    train = group_values(grid, lambda r: (r["method"], r["batch_size"]), "train_acc1")
-    lines = [head, "|---" * (head.count("|") - 1) + "|"]
-    for method in study.METHODS:
-        if not any(k[0] == method for k in acc):
-            continue
-        cells = [fmt(acc.get((method, b))) for b in batches]
-        cells += [fmt(diff.get((method, b))) if method != "bn" else "0" for b in (batches[0], batches[-1])]
-        if long:
-            cells.append(fmt(longs.get(method)))
-        cells.append(fmt(train.get((method, batches[0]))))
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+def _per_device(main: Sequence[Row]) -> list[int]:
+    return sorted({r["per_device"] for r in main})
+
+
+def _methods(main: Sequence[Row]) -> list[str]:
+    present = {r["method"] for r in main}
+    return [m for m in study.METHODS if m in present]
+
+
+def series(main: Sequence[Row], method: str, per_device: int) -> dict[int, float]:
+    """Test accuracy per seed of ``method`` at ``per_device``; a method without batch statistics ran
+    once per seed (at the global batch), which stands for every per-device batch."""
+    rows = select(main, method=method, per_device=per_device) or select(main, method=method)
+    if rows and any(r["per_device"] != per_device for r in rows) and study.has_batch_statistics(method):
+        return {}
+    return by_seed(rows)
+
+
+def accuracy_table(main: Sequence[Row]) -> str:
+    """Method x per-device batch: test accuracy (%), mean [95% interval] over seeds."""
+    sizes = _per_device(main)
+    lines = [
+        "| method | " + " | ".join(f"per-device {b}" for b in sizes) + " |",
+        "|---|" + "---|" * len(sizes),
+    ]
+    for m in _methods(main):
+        cells = [series(main, m, b) for b in sizes]
+        lines.append(f"| {m} | " + " | ".join(str(interval(list(c.values()))) if c else "-" for c in cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def gap_table(grid: Sequence[Mapping[str, Any]]) -> str:
-    """Batch-statistic methods x batch: accuracy under each inference mode (mean ± std over seeds)."""
+def degradation_table(main: Sequence[Row]) -> str:
+    """Per batch-statistic method: accuracy at per-device ``b`` minus at per-device 16, same seed."""
+    sizes = [b for b in _per_device(main) if b != study.GLOBAL_BATCH]
     lines = [
-        "| method | B | running stats | test batches of B | recalibrated | example weighing (α) |",
+        "| method | " + " | ".join(f"{b} minus 16" for b in sizes) + " |",
+        "|---|" + "---|" * len(sizes),
+    ]
+    for m in _methods(main):
+        if not study.has_batch_statistics(m):
+            continue
+        ref = series(main, m, study.GLOBAL_BATCH)
+        cells = [str(interval(paired(series(main, m, b), ref))) for b in sizes]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def versus_bn_table(main: Sequence[Row]) -> str:
+    """Per method other than BN: accuracy minus BN's at the same per-device batch, same seed."""
+    sizes = _per_device(main)
+    lines = [
+        "| method | " + " | ".join(f"per-device {b}" for b in sizes) + " |",
+        "|---|" + "---|" * len(sizes),
+    ]
+    for m in _methods(main):
+        if m == "bn":
+            continue
+        cells = [str(interval(paired(series(main, m, b), series(main, "bn", b)))) for b in sizes]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def groups_table(groups: Sequence[Row], main: Sequence[Row]) -> str:
+    """BGN at the smallest per-device batch per G (G = 1: the paper mapping's ``main`` cells): accuracy and
+    the seed-paired difference to BN there."""
+    b = min(_per_device(main))
+    bn = series(main, "bn", b)
+    rows = [(1, "1 (paper mapping)", series(main, "bgn", b))]
+    rows += [(g, str(g), by_seed(select(groups, groups=g))) for g in sorted({r["groups"] for r in groups})]
+    lines = [f"| G at per-device {b} | test accuracy (%) | minus BN (points) |", "|---|---|---|"]
+    for _, name, values in rows:
+        lines.append(f"| {name} | {interval(list(values.values()))} | {interval(paired(values, bn))} |")
+    return "\n".join(lines) + "\n"
+
+
+def lr_table(lr: Sequence[Row], main: Sequence[Row]) -> str:
+    """BN and BGN at the smallest per-device batch per lr scale, over the seeds of the lr part, and
+    BGN minus BN at each lr."""
+    b = min(_per_device(main))
+    seeds = sorted({r["seed"] for r in lr})
+    scales = sorted({r["lr_scale"] for r in lr} | {1.0})
+
+    def at(method: str, scale: float) -> dict[int, float]:
+        rows = select(main, method=method, per_device=b) if scale == 1.0 else select(lr, method=method, lr_scale=scale)
+        return {s: v for s, v in by_seed(rows).items() if s in seeds}
+
+    lines = [
+        "| lr (x 0.05) | bn | bgn (paper G) | bgn minus bn (points) |",
+        "|---|---|---|---|",
+    ]
+    for scale in scales:
+        bn, bgn = at("bn", scale), at("bgn", scale)
+        both = (interval(list(bn.values())), interval(list(bgn.values())), interval(paired(bgn, bn)))
+        lines.append(f"| {scale:g} | " + " | ".join(map(str, both)) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def ddp_table(ddp: Sequence[Row], main: Sequence[Row]) -> str:
+    """Per method and seed of the ddp part: one process with virtual devices vs 2 DDP processes."""
+    b = min(_per_device(main))
+    lines = [
+        f"| method | seed | 1 process, {study.GLOBAL_BATCH // b} virtual devices | "
+        f"{study.DDP_PROCESSES} DDP processes x {study.GLOBAL_BATCH // (b * study.DDP_PROCESSES)} | difference |",
+        "|---|---|---|---|---|",
+    ]
+    for m in [m for m in study.DDP_METHODS if select(ddp, method=m)]:
+        real, virtual = by_seed(select(ddp, method=m)), series(main, m, b)
+        for s in sorted(set(real) & set(virtual)):
+            lines.append(f"| {m} | {s} | {virtual[s]:.2f} | {real[s]:.2f} | {real[s] - virtual[s]:+.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def long_table(long: Sequence[Row], main: Sequence[Row]) -> str:
+    """The long cells next to the ``main`` cells of the same method, per-device batch and seed."""
+    lines = [
+        "| method | per-device | epochs (main) | test acc. | epochs (long) | test acc. |",
         "|---|---|---|---|---|---|",
     ]
-    for method in BATCH_STAT:
-        for b in sorted({r["batch_size"] for r in grid}):
-            rows = [r for r in grid if r["method"] == method and r["batch_size"] == b]
-            if not rows:
-                continue
-            cells = [fmt([100 * r[m] for r in rows if m in r]) for m in study.MEASURES]
-            alphas = sorted({r["alpha"] for r in rows if "alpha" in r})
-            if alphas:
-                cells[-1] += " (" + ", ".join(f"{a:g}" for a in alphas) + ")"
-            lines.append(f"| {method} | {b} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def groups_table(groups: Sequence[Mapping[str, Any]], elements: Callable[[Mapping[str, Any]], float]) -> str:
-    """G sweep: accuracy per (model, batch) column and G row, with the per-layer G and elements per set."""
-    columns = sorted({(r["base_width"], r["batch_size"]) for r in groups}, key=lambda c: (c[0], c[1]))
-    acc = group_values(groups, lambda r: (r["base_width"], r["batch_size"], r["groups"]), "acc_running")
-    gap = group_values(groups, lambda r: (r["base_width"], r["batch_size"], r["groups"]), "acc_batch")
-    head = (
-        "| G | "
-        + " | ".join(f"width {w}, B={b}: acc (batch-stat acc) [G per layer; elements per set]" for w, b in columns)
-        + " |"
-    )
-    lines = [head, "|---" * (len(columns) + 1) + "|"]
-    for g in sorted({r["groups"] for r in groups}):
-        cells = []
-        for w, b in columns:
-            row = next((r for r in groups if (r["base_width"], r["batch_size"], r["groups"]) == (w, b, g)), None)
-            if row is None:
-                cells.append("-")
-                continue
-            fitted = sorted(set(json.loads(row["layer_groups"]).values()))
-            cells.append(
-                f"{fmt(acc.get((w, b, g)))} ({fmt(gap.get((w, b, g)))}) "
-                f"[{'/'.join(map(str, fitted))}; {elements(row):,.0f}]"
+    for r in long:
+        short = select(main, method=r["method"], per_device=r["per_device"], seed=r["seed"])
+        if short:
+            lines.append(
+                f"| {r['method']} | {r['per_device']} | {short[0]['epochs']} | {100 * short[0]['test_acc1']:.2f} | "
+                f"{r['epochs']} | {100 * r['test_acc1']:.2f} |"
             )
-        lines.append(f"| {g} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-# ----------------------------------------------------------------------------- elements per set
-def layer_sizes(depth: int, base_width: int) -> dict[str, int]:
-    """``{layer name: D = C*H*W}`` of the study's backbone on 1x28x28 inputs (names as injected)."""
-    import torch
-
-    from normlightning.injection import probe_input_shapes
-    from normlightning.models import build_backbone
-
-    model = build_backbone("cifar_resnet", 10, (1, 28, 28), depth=depth, base_width=base_width)
-    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    shapes = probe_input_shapes(model, torch.zeros(2, 1, 28, 28), names)
-    return {f"backbone.{n}": math.prod(s[1:]) for n, s in shapes.items()}
+def _direction(diff: Interval, below: str, above: str) -> str:
+    if not diff.excludes_zero:
+        return "no difference resolved (the interval contains 0)"
+    return below if diff.high < 0 else above
 
 
-def resnet50_layer_sizes() -> list[int]:
-    """``D = C*H*W`` at every BN layer of torchvision's ResNet-50 on a 224x224 input (the paper's model)."""
-    import torch
-    import torchvision
-
-    from normlightning.injection import probe_input_shapes
-
-    model = torchvision.models.resnet50()
-    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)]
-    return [math.prod(s[1:]) for s in probe_input_shapes(model, torch.zeros(1, 3, 224, 224), names).values()]
-
-
-def geometric_mean(values: Iterable[float]) -> float:
-    values = list(values)
-    return math.exp(sum(math.log(v) for v in values) / len(values))
-
-
-def elements_per_set(row: Mapping[str, Any], sizes: Mapping[str, int]) -> float:
-    """Geometric mean over the layers of ``N * D / G`` (examples times elements per group)."""
-    groups = json.loads(row["layer_groups"])
-    return geometric_mean(row["batch_size"] * sizes[name] / g for name, g in groups.items())
+def answer(main: Sequence[Row]) -> str:
+    """The study's answers, with their numbers, as generated sentences."""
+    sizes = _per_device(main)
+    small, full = min(sizes), study.GLOBAL_BATCH
+    bn_small, bn_full = series(main, "bn", small), series(main, "bn", full)
+    bgn_small = series(main, "bgn", small)
+    bn_drop = interval(paired(bn_small, bn_full))
+    bgn_drop = interval(paired(bgn_small, series(main, "bgn", full)))
+    bgn_vs_bn = interval(paired(bgn_small, bn_small))
+    lines = [
+        f"- BN at per-device {small} minus BN at {full} (same seed): {bn_drop} points: "
+        + _direction(bn_drop, "BN degrades.", "BN improves."),
+        f"- BGN (paper G) at per-device {small} minus BGN at {full}: {bgn_drop} points: "
+        + _direction(bgn_drop, "BGN degrades.", "BGN improves."),
+        f"- BGN (paper G) minus BN at per-device {small}: {bgn_vs_bn} points: "
+        + _direction(bgn_vs_bn, "BGN is below BN.", "BGN is above BN."),
+    ]
+    for m in _methods(main):
+        if m in ("bn", "bgn"):
+            continue
+        diff = interval(paired(series(main, m, small), bn_small))
+        lines.append(
+            f"- {m} minus BN at per-device {small}: {diff} points: "
+            + _direction(diff, f"{m} is below BN.", f"{m} is above BN.")
+        )
+    return "\n".join(lines) + "\n"
 
 
 # ----------------------------------------------------------------------------- figures
-COLORS = {
-    "bn": "black",
-    "ghost": "tab:blue",
-    "seqnorm": "tab:orange",
-    "bgn": "tab:red",
-    "gbgn": "tab:purple",
-    "hn": "tab:green",
-    "sn": "tab:brown",
-    "brn": "tab:pink",
-    "brn-scaled": "deeppink",
-    "gn": "tab:olive",
-    "ln": "tab:cyan",
-    "in": "tab:gray",
-    "pn": "gold",
-}
-
-
-def draw_bands(
-    ax: Any,
-    series: Mapping[str, Mapping[float, Sequence[float]]],
-    colors: Mapping[str, str] | None = None,
-    styles: Mapping[str, str] | None = None,
-) -> None:
-    """One line per label through the means, and a band of mean ± sample std over the values at each x."""
-    for label, by_x in series.items():
-        xs = sorted(by_x)
-        stats = [mean_std(by_x[x]) for x in xs]
-        means = [s[0] for s in stats]
-        stds = [0.0 if math.isnan(s[1]) else s[1] for s in stats]
-        color = (colors or {}).get(label)
-        (line,) = ax.plot(
-            xs, means, (styles or {}).get(label, "-o"), color=color, label=label, markersize=4, linewidth=1.4
-        )
-        ax.fill_between(
-            xs,
-            [m - s for m, s in zip(means, stds)],
-            [m + s for m, s in zip(means, stds)],
-            color=line.get_color(),
-            alpha=0.15,
-            linewidth=0,
-        )
-
-
-def _log2_axis(ax: Any, ticks: Sequence[int], label: str) -> None:
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(list(ticks))
-    ax.set_xticklabels([str(t) for t in ticks])
-    ax.set_xlabel(label)
-    ax.grid(True, alpha=0.3)
+def describe(rows: Sequence[Row]) -> str:
+    """``12 epochs (1,500 steps at global batch 16), 5 seeds``: the budget of ``rows``."""
+    epochs = sorted({r["epochs"] for r in rows})
+    seeds = sorted({r["seed"] for r in rows})
+    steps = "/".join(f"{e * (study.TRAIN_IMAGES // study.GLOBAL_BATCH):,}" for e in epochs)
+    return (
+        f"{'/'.join(map(str, epochs))} epochs ({steps} steps at global batch {study.GLOBAL_BATCH}), "
+        f"{len(seeds)} seed{'s' if len(seeds) != 1 else ''}"
+    )
 
 
 def _save(fig: Any, plt: Any, path: Path) -> str:
@@ -284,225 +287,137 @@ def _save(fig: Any, plt: Any, path: Path) -> str:
     return str(path)
 
 
-def plot_accuracy_vs_batch(grid: Sequence[Mapping[str, Any]], path: Path, title: str) -> str:
-    """2x2: absolute accuracy and the seed-paired difference to BN, batch-statistic | batch-free methods."""
+def _draw_order(methods: Iterable[str]) -> list[str]:
+    """BN last, so that its dashed line stays visible over lines that coincide with it."""
+    return sorted(methods, key=lambda m: m == "bn")
+
+
+def _style(method: str) -> dict[str, Any]:
+    if method == "bn":
+        return {"color": "black", "linestyle": "--", "linewidth": 2.0, "zorder": 5}
+    return {"color": COLORS.get(method), "linewidth": 1.3}
+
+
+def plot_curves(curves: Sequence[Row], main: Sequence[Row], path: Path) -> str:
+    """Validation accuracy per epoch, mean over seeds; one panel per per-device batch, shared y-axis."""
     plt = plotting.require_matplotlib()
-    acc = group_values(grid, lambda r: (r["method"], r["batch_size"]), "acc_running")
-    diff = paired_difference(grid)
-    batches = sorted({r["batch_size"] for r in grid})
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8.5), sharex=True)
-    panels = ((BATCH_STAT, "batch-statistic methods"), (["bn", *BATCH_FREE], "batch-free methods (BN for reference)"))
-    for col, (methods, name) in enumerate(panels):
-        present = [m for m in methods if any(k[0] == m for k in acc)]
-        draw_bands(axes[0][col], {m: {b: acc[(m, b)] for b in batches if (m, b) in acc} for m in present}, COLORS)
-        draw_bands(axes[1][col], {m: {b: diff[(m, b)] for b in batches if (m, b) in diff} for m in present}, COLORS)
-        axes[0][col].set_title(name)
-        axes[0][col].set_ylabel("test top-1 accuracy (%)")
-        axes[1][col].set_ylabel("accuracy minus BN's, same seed (points)")
-        axes[1][col].axhline(0.0, color="black", linewidth=0.8)
-        for row in (0, 1):
-            _log2_axis(axes[row][col], batches, "per-process batch size B")
-            axes[row][col].legend(fontsize=8, ncol=2, title="line: mean; band: ± std over seeds", title_fontsize=8)
-    fig.suptitle(title)
+    sizes = _per_device(main)
+    fig, axes = plt.subplots(1, len(sizes), figsize=(4.2 * len(sizes), 4.2), sharey=True, squeeze=False)
+    for ax, b in zip(axes[0], sizes):
+        for m in _draw_order(_methods(main)):
+            b_m = b if study.has_batch_statistics(m) else study.GLOBAL_BATCH
+            rows = select(curves, part="main", label=m, per_device=b_m)
+            epochs = sorted({r["epoch"] for r in rows})
+            if not epochs:
+                continue
+            means = [100 * statistics.fmean(r["val_acc1"] for r in rows if r["epoch"] == e) for e in epochs]
+            ax.plot([e + 1 for e in epochs], means, label=m, **_style(m))
+        ax.set_title(f"per-device batch {b}")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("validation accuracy (%), mean over seeds")
+        ax.tick_params(labelleft=True)
+        ax.grid(True, alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"Training curves: {describe(main)}")
     return _save(fig, plt, path)
 
 
-def plot_groups(
-    groups: Sequence[Mapping[str, Any]],
-    grid: Sequence[Mapping[str, Any]],
-    elements: Callable,
-    paper_elements: Callable[[int, int], float],
-    path: Path,
-    title: str,
-) -> str:
-    """(a) accuracy vs G per (width, B), BN of the grid as dashed lines; (b) difference to the best G
-    of each curve vs elements per set, with the paper's Table 1 (ResNet-50, 224 px)."""
+def _errorbar(ax: Any, xs: Sequence[float], intervals: Sequence[Interval], **style: Any) -> None:
+    means = [i.mean for i in intervals]
+    below = [0.0 if math.isnan(i.low) else i.mean - i.low for i in intervals]
+    above = [0.0 if math.isnan(i.high) else i.high - i.mean for i in intervals]
+    ax.errorbar(xs, means, yerr=[below, above], marker="o", markersize=4, capsize=3, **style)
+
+
+def plot_accuracy_vs_per_device(main: Sequence[Row], path: Path) -> str:
+    """(a) test accuracy vs per-device batch, 95% intervals; (b) minus the same method at 16, same seed."""
     plt = plotting.require_matplotlib()
-    fig, axes = plt.subplots(1, 2, figsize=(14, 7.5))
-    curves = sorted({(r["base_width"], r["batch_size"]) for r in groups})
-    colors = dict(zip(curves, ("tab:red", "tab:blue", "tab:green", "tab:purple")))
-    acc = {
-        c: group_values(
-            [r for r in groups if (r["base_width"], r["batch_size"]) == c], lambda r: r["groups"], "acc_running"
-        )
-        for c in curves
-    }
-    labels = {c: f"BGN, ResNet-8 width {c[0]}, B={c[1]}" for c in curves}
-    draw_bands(axes[0], {labels[c]: acc[c] for c in curves}, {labels[c]: colors[c] for c in curves})
-    for c in curves:
-        train_mode = group_values(
-            [r for r in groups if (r["base_width"], r["batch_size"]) == c], lambda r: r["groups"], "acc_batch"
-        )
-        xs = sorted(train_mode)
-        axes[0].plot(
-            xs,
-            [mean_std(train_mode[x])[0] for x in xs],
-            ":",
-            color=colors[c],
-            linewidth=1.2,
-            label=f"same, test batches of B={c[1]} with batch statistics",
-        )
-        paper = bgn_paper_groups(c[1])
-        if paper in acc[c]:
-            axes[0].plot(
-                [paper],
-                [mean_std(acc[c][paper])[0]],
-                "*",
-                color=colors[c],
-                markersize=14,
-                markeredgecolor="black",
-                label=f"paper's mapping at B={c[1]}: G={paper} (width {c[0]})",
-            )
-    for k, channels in enumerate(sorted({w * 2**i for w, _ in curves for i in range(3)})):
-        axes[0].axvline(channels, color="gray", linestyle="-.", linewidth=0.7)
-        axes[0].text(
-            channels,
-            0.03 + 0.05 * (k % 2),
-            f" C={channels}",
-            transform=axes[0].get_xaxis_transform(),
-            fontsize=7,
-            color="gray",
-        )
-    bn = group_values([r for r in grid if r["method"] == "bn"], lambda r: r["batch_size"], "acc_running")
-    for c in curves:
-        if c[0] == study.MODEL["base_width"] and c[1] in bn:
-            axes[0].axhline(
-                mean_std(bn[c[1]])[0],
-                color=colors[c],
-                linestyle="--",
-                linewidth=1,
-                label=f"BN, width {c[0]}, B={c[1]} (grid)",
-            )
-    all_g = sorted({g for c in curves for g in acc[c]})
-    _log2_axis(axes[0], all_g, "BGN group count G requested (fitted per layer)")
-    axes[0].set_ylabel("test top-1 accuracy (%)")
-    axes[0].set_title(
-        "(a) accuracy vs G; line: mean, band: ± std over seeds;\n"
-        "dash-dot: channel counts C of the layers (G < C: groups of several channels)",
-        fontsize=10,
-    )
-    axes[0].legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2)
-    for c in curves:
-        by_g = acc[c]
-        best = max(mean_std(v)[0] for v in by_g.values())
-        rows = {r["groups"]: r for r in groups if (r["base_width"], r["batch_size"]) == c}
-        points = sorted((elements(rows[g]), mean_std(v)[0] - best) for g, v in by_g.items())
-        axes[1].plot(
-            [p[0] for p in points], [p[1] for p in points], "-o", color=colors[c], label=labels[c], markersize=4
-        )
-    for batch, table in PAPER_TABLE1.items():
-        best = max(table.values())
-        points = sorted((paper_elements(batch, g), acc - best) for g, acc in table.items())
-        axes[1].plot(
-            [p[0] for p in points],
-            [p[1] for p in points],
-            "--s",
-            color="gray" if batch == 2 else "black",
-            markersize=4,
-            label=f"paper Table 1: ResNet-50, 224 px, B={batch}",
-        )
-    axes[1].set_xscale("log")
-    axes[1].set_xlabel("elements per normalization set N·D/G (geometric mean over layers)")
-    axes[1].set_ylabel("accuracy minus the best G of the same curve (points)")
-    axes[1].set_title("(b) the same vs the size of the normalization sets")
-    axes[1].grid(True, alpha=0.3)
-    axes[1].legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2)
-    fig.suptitle(title)
+    sizes = _per_device(main)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    for m in _draw_order(_methods(main)):
+        offset = 1.0 + 0.03 * (_methods(main).index(m) - 2)  # spread the error bars of one x apart
+        xs = [b * offset for b in sizes]
+        _errorbar(axes[0], xs, [interval(list(series(main, m, b).values())) for b in sizes], label=m, **_style(m))
+        if study.has_batch_statistics(m):
+            ref = series(main, m, study.GLOBAL_BATCH)
+            diffs = [interval(paired(series(main, m, b), ref)) for b in sizes]
+            _errorbar(axes[1], xs, diffs, label=m, **_style(m))
+    axes[0].set_ylabel("test accuracy (%), mean and 95% t-interval")
+    axes[1].set_ylabel("minus the same method at per-device 16 (points)")
+    axes[1].axhline(0.0, color="gray", linewidth=0.8)
+    for ax in axes:
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sizes)
+        ax.set_xticklabels([str(b) for b in sizes])
+        ax.set_xlabel(f"per-device batch (global batch {study.GLOBAL_BATCH})")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"Test accuracy vs per-device batch: {describe(main)}")
     return _save(fig, plt, path)
 
 
-def plot_inference_gap(grid: Sequence[Mapping[str, Any]], path: Path, title: str) -> str:
-    """One panel per batch-statistic method: accuracy vs B under each inference mode."""
+def plot_groups(groups: Sequence[Row], main: Sequence[Row], path: Path) -> str:
+    """BGN's test accuracy vs G at the smallest per-device batch, BN's interval as a band."""
     plt = plotting.require_matplotlib()
-    methods = [m for m in BATCH_STAT if any(r["method"] == m for r in grid)]
-    batches = sorted({r["batch_size"] for r in grid})
-    fig, axes = plt.subplots(3, 3, figsize=(13, 11), sharex=True, sharey=True, squeeze=False)
-    mode_colors = dict(zip(study.MEASURES, ("black", "tab:red", "tab:blue", "tab:green")))
-    for ax, method in zip(axes.flat, methods):
-        rows = [r for r in grid if r["method"] == method]
-        series = {MODE_LABELS[m]: group_values(rows, lambda r: r["batch_size"], m) for m in study.MEASURES}
-        draw_bands(ax, {k: v for k, v in series.items() if v}, {MODE_LABELS[m]: c for m, c in mode_colors.items()})
-        ax.set_title(method)
-        _log2_axis(ax, batches, "per-process batch size B")
-    for ax in axes[:, 0]:
-        ax.set_ylabel("test top-1 accuracy (%)")
-    for ax in list(axes.flat)[len(methods) :]:
-        ax.axis("off")
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=2, fontsize=9, title="line: mean; band: ± std over seeds")
-    fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return str(path)
+    b = min(_per_device(main))
+    gs = [1, *sorted({r["groups"] for r in groups})]
+    values = [series(main, "bgn", b), *(by_seed(select(groups, groups=g)) for g in gs[1:])]
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    bn = interval(list(series(main, "bn", b).values()))
+    ax.axhspan(bn.low, bn.high, color="black", alpha=0.12, label="BN, 95% interval")
+    ax.axhline(bn.mean, color="black", linestyle="--", linewidth=1.5)
+    _errorbar(ax, gs, [interval(list(v.values())) for v in values], color="tab:red", label="BGN")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(gs)
+    ax.set_xticklabels([str(g) for g in gs])
+    ax.set_xlabel(f"G (requested; fitted per layer), per-device batch {b}")
+    ax.set_ylabel("test accuracy (%), mean and 95% t-interval")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(f"BGN's G at per-device {b}: {describe(groups)}", fontsize=10)
+    return _save(fig, plt, path)
 
 
 # ----------------------------------------------------------------------------- main
-def describe(rows: Sequence[Mapping[str, Any]]) -> str:
-    seeds = sorted({r["seed"] for r in rows})
-    epochs = sorted({r["epochs"] for r in rows})
-    widths = " and ".join(str(w) for w in sorted({r["base_width"] for r in rows}))
-    return (
-        f"MNIST-5k (2,000 training images), ResNet-8 (width {widths}), {'/'.join(map(str, epochs))} epochs per cell, "
-        f"{len(seeds)} seed{'s' if len(seeds) != 1 else ''}"
-    )
-
-
 def main(argv: Sequence[str] | None = None) -> dict[str, str]:
-    """Write the figures and tables; return the tables ``{block name: markdown}`` of docs/reproduction.md."""
+    """Write the figures and tables; return ``{block name: markdown}`` for docs/reproduction.md."""
     parser = argparse.ArgumentParser(description="Tables and figures of the small-batch study")
     parser.add_argument("--study", default="runs/reproduction/study")
     parser.add_argument("--assets", default="docs/assets")
     args = parser.parse_args(argv)
-    rows = study.read_results(Path(args.study) / "results.csv")
-    parts = {p: [r for r in rows if r["part"] == p] for p in study.PARTS}
-    assets = Path(args.assets)
+    source, assets = Path(args.study), Path(args.assets)
+    rows = study.read_csv(source / "results.csv")
+    curves = study.read_csv(source / "curves.csv")
+    parts = {p: select(rows, part=p) for p in study.PARTS}
+    main_rows = parts["main"]
     assets.mkdir(parents=True, exist_ok=True)
-    shutil.copy(Path(args.study) / "results.csv", assets / "study_results.csv")
-    sizes = {w: layer_sizes(study.MODEL["depth"], w) for w in {r["base_width"] for r in rows}}
-    r50 = resnet50_layer_sizes()
-
-    def elements(row: Mapping[str, Any]) -> float:
-        return elements_per_set(row, sizes[row["base_width"]])
-
-    def paper_elements(batch: int, g: int) -> float:
-        return geometric_mean(batch * d / g for d in r50)
-
-    groups = parts["groups"] + parts["groups_wide"]
+    shutil.copy(source / "results.csv", assets / "study_results.csv")
+    shutil.copy(source / "curves.csv", assets / "study_curves.csv")
     tables = {
-        "study-accuracy": f"Test accuracy in % ({describe(parts['grid'])}), mean ± sample std over seeds\n\n"
-        + accuracy_table(parts["grid"], parts["long"]),
-        "study-gap": gap_table(parts["grid"]),
+        "study-setting": f"{describe(main_rows)}; test accuracy on the 2,000 test images in eval mode.\n",
+        "study-accuracy": accuracy_table(main_rows),
+        "study-degradation": degradation_table(main_rows),
+        "study-versus-bn": versus_bn_table(main_rows),
+        "study-answer": answer(main_rows),
     }
-    files = {"results": str(assets / "study_results.csv")}
-    if parts["grid"]:
-        files["accuracy"] = plot_accuracy_vs_batch(
-            parts["grid"], assets / "study_accuracy_vs_batch.png", f"Test accuracy vs batch: {describe(parts['grid'])}"
-        )
-        files["gap"] = plot_inference_gap(
-            parts["grid"],
-            assets / "study_inference_gap.png",
-            f"Train/inference gap of batch-statistic methods: {describe(parts['grid'])}",
-        )
-    if groups:
-        tables["study-groups"] = groups_table(groups, elements)
-        files["groups"] = plot_groups(
-            groups,
-            parts["grid"],
-            elements,
-            paper_elements,
-            assets / "study_bgn_groups.png",
-            f"BGN group count G: {describe(groups)}",
-        )
+    plot_curves(curves, main_rows, assets / "study_curves.png")
+    plot_accuracy_vs_per_device(main_rows, assets / "study_accuracy_vs_per_device.png")
+    if parts["groups"]:
+        tables["study-groups"] = groups_table(parts["groups"], main_rows)
+        plot_groups(parts["groups"], main_rows, assets / "study_bgn_groups.png")
+    if parts["lr"]:
+        tables["study-lr"] = lr_table(parts["lr"], main_rows)
+    if parts["ddp"]:
+        tables["study-ddp"] = ddp_table(parts["ddp"], main_rows)
+    if parts["long"]:
+        tables["study-long"] = long_table(parts["long"], main_rows)
     cost = {p: round(sum(r["cpu_s"] for r in part) / 60, 1) for p, part in parts.items()}
     tables["study-cost"] = (
-        f"{len(rows)} cells; CPU time (sum over cells, one torch thread each): "
+        f"{len(rows)} cells; CPU time (sum over cells, one torch thread per process): "
         + ", ".join(f"{p} {m} min" for p, m in cost.items())
         + f"; total {sum(cost.values()):.1f} min.\n"
     )
     (assets / "study_tables.md").write_text("\n".join(f"<!-- {k} -->\n{v}" for k, v in tables.items()))
-    files["tables"] = str(assets / "study_tables.md")
     print("\n".join(tables.values()))
     return tables
 

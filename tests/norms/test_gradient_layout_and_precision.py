@@ -6,7 +6,8 @@ memory format than the input when a dim has size 1, and every layer on a native 
 passed that on (``bn``, ``ghost``, ``brn``, ``seqnorm``, the eval paths, the fused node); the fused
 node's ``dx = A g + B x + C`` cancelled in float32 (8% off on a set of one value), the
 ``E[x^2] - E[x]^2`` variances of ``sn`` and ``gbgn`` lost 1e-3 at mean/std = 100, the native
-float32 GN / LN kernels lost up to 1e-2 on small sets far from 0, and the fused node's gradient
+float32 GN / LN kernels lost up to 1e-2 on small sets far from 0, the native float32 batch-norm kernel's
+rounded mean of a ghost set of equal values lost 1e-4 of ``ghost``'s output, and the fused node's gradient
 of a pooled variance, which left out its path through the set mean, lost 2.5e-3 on data far from 0.
 """
 
@@ -263,6 +264,39 @@ def test_synchronized_statistics_float32_on_offset_data(name, kwargs):
     ref.backward(g.double())
     assert _rel(y.detach(), ref.detach()) < 1e-4
     assert _rel(x.grad, x64.grad) < 1e-4
+
+
+@pytest.mark.parametrize("N,G", [(6, 6), (6, 3), (7, 3)], ids=["one-example-ghosts", "two-example-ghosts", "uneven"])
+def test_ghost_float32_on_sets_of_equal_values(N, G):
+    """GhostNorm in float32 training on ghost sets whose values are all equal (``x[n, c, :] = v[n mod G, c]``):
+    the formula's output is the bias, ``x - mu = 0``. The native kernel's mean of 9 equal values is
+    rounded, and the rounding over ``sqrt(eps)`` reached 1e-4 of the output (main: 1.1e-4 to 3.3e-4 here);
+    the ghost sets are now shifted by their first value, so the mean is exact. The running mean still
+    gets each set's mean (the shift added back)."""
+    torch.manual_seed(8)
+    v = torch.randn(G, 4, 1, 1, dtype=D64) * 3.0 + 10.0
+    x64 = v[torch.arange(N) % G].expand(N, 4, 3, 3).float().double().requires_grad_()
+    g = torch.randn(N, 4, 3, 3)
+    layer = build_norm("ghost", 4, num_groups=G)
+    with torch.no_grad():
+        layer.weight.copy_(torch.rand(4) + 0.5)
+        layer.bias.copy_(torch.randn(4))
+    x = x64.detach().float().requires_grad_()
+    y = layer(x)
+    y.backward(g)
+
+    w, b = layer.weight.detach().double().view(1, -1, 1, 1), layer.bias.detach().double().view(1, -1, 1, 1)
+    ref = torch.empty_like(x64)
+    set_means = []
+    for j in range(G):  # ghost batch j: the examples n = j (mod G)
+        xj = x64[j::G]
+        mu = xj.mean((0, 2, 3), keepdim=True)
+        set_means.append(mu.view(-1))
+        ref[j::G] = (xj - mu) / torch.sqrt(((xj - mu) ** 2).mean((0, 2, 3), keepdim=True) + EPS) * w + b
+    ref.backward(g.double())
+    assert (y.double() - ref).abs().max().item() < 1e-6  # relative to a unit-variance normalization's output
+    assert _rel(x.grad, x64.grad) < 1e-4
+    torch.testing.assert_close(layer.running_mean.double(), 0.1 * torch.stack(set_means).mean(0), rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])

@@ -502,30 +502,7 @@ def test_every_registered_method_has_a_reference():
     assert {c["name"] for c in CASES} == set(REGISTERED)
 
 
-#: Cases this test found imprecise and that are not fixed yet: strict, so a fix (or a change of the cases)
-#: makes them fail until the entry is removed. Open defects, not accepted behaviour.
-KNOWN_IMPRECISE = {
-    # the native float32 batch-norm kernel on a ghost batch of one example whose 9 values are equal: the
-    # mean's rounding (1 ulp) over sqrt(eps) gives 1.06e-4 of the output, against the 1e-4 bound
-    "ghost[num_groups=6]-(6, 1, 3, 3)-random/contiguous-train-float32-constant-rows": (
-        "ghost: zero-variance ghost set in float32, output 1.06e-4 off (bound 1e-4)"
-    ),
-    # the fused pooled-set node in eval with two GN set families on data 100 stds from 0: input gradient
-    # 2e-3 off, 134x the error of plain float32 autograd of the formula
-    "hn[mean=gn:2,std=gn:3]-(3, 6)-view/contiguous-eval-float32-offset": (
-        "hn: float32 eval input gradient on offset data with gn:2/gn:3 sets, 2e-3 off"
-    ),
-}
-
-
-def _marked(index: int):
-    case_id = _case_id(CASES[index])
-    if case_id in KNOWN_IMPRECISE:
-        return pytest.param(index, id=case_id, marks=pytest.mark.xfail(strict=True, reason=KNOWN_IMPRECISE[case_id]))
-    return pytest.param(index, id=case_id)
-
-
-@pytest.mark.parametrize("index", [_marked(i) for i in range(len(CASES))])
+@pytest.mark.parametrize("index", range(len(CASES)), ids=[_case_id(c) for c in CASES])
 def test_against_float64_formula(index, monkeypatch):
     case = CASES[index]
     name, cfg, training, dtype = case["name"], case["cfg"], case["training"], case["dtype"]

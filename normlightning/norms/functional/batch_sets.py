@@ -12,7 +12,7 @@ from torch import Tensor
 
 from .fused_ops import channel_affine
 from .layout import NormInput, spatial_size
-from .moments import channel_moments, check_set_size, synced_mean_var, update_running_stats
+from .moments import channel_moments, check_set_size, needs_shift, synced_mean_var, update_running_stats
 from .native import native_batch_norm
 
 
@@ -151,7 +151,8 @@ def ghost_norm(
     for shuffled data the same as contiguous chunks). When ``G_M`` divides ``N`` every ghost
     batch comes from one native call on the view ``(N/G_M, G_M*C, S)``. Otherwise (e.g. an
     epoch's smaller last batch) the ghost batches are nearly equal: the first ``N mod G_M`` hold
-    one more example. ``N < G_M`` or a ghost set of one element is an error.
+    one more example. ``N < G_M`` or a ghost set of one element is an error. Below float64 the
+    native kernel gets each ghost set shifted by its first value (docs/methods.md, "Precision").
 
     Running statistics (per channel) are updated once per forward with the mean of the ghost
     batches' means and the mean of their unbiased variances. Eval: as BN (with ``alpha``).
@@ -197,8 +198,12 @@ def _ghost_pass(xv: Tensor, G: int, w, b, eps, sync, process_group):
         # buffers when momentum = 1, so the ghost statistics come for free.
         tmp_mean = torch.zeros(K, dtype=xv.dtype, device=xv.device)
         tmp_var = torch.ones(K, dtype=xv.dtype, device=xv.device)
-        y = native_batch_norm(xv, tmp_mean, tmp_var, wk, bk, True, 1.0, eps)
-        return y, tmp_mean.view(G, C), tmp_var.view(G, C)
+        # Below float64 each ghost set is shifted by its first value (detached; it cancels in x - mu):
+        # the kernel's mean of a set of equal values is then exactly 0, not a rounding over sqrt(eps).
+        first = xv.detach()[:1, :, :1] if needs_shift(xv.dtype) else None  # (1, K, 1)
+        y = native_batch_norm(xv if first is None else xv - first, tmp_mean, tmp_var, wk, bk, True, 1.0, eps)
+        means = tmp_mean if first is None else tmp_mean + first.reshape(K)
+        return y, means.view(G, C), tmp_var.view(G, C)
     mean, var, count = synced_mean_var(xv, (0, 2), process_group=process_group)
     y = (xv - mean) * torch.rsqrt(var + eps)
     if wk is not None:

@@ -12,7 +12,7 @@ from torch import Tensor
 from ..group_args import divisors, nearby_divisors
 from .batch_sets import check_ghost_batches, ghost_norm
 from .layout import NormInput, spatial_size
-from .moments import check_set_size
+from .moments import check_set_size, needs_shift
 from .pooled_sets import pooled_set_norm
 
 
@@ -36,7 +36,7 @@ def group_norm(
     io = NormInput(x, weight, bias)
     if (C // num_groups) * spatial_size(x) == 1:  # inference on sets of one value: x - mu = x - x
         return io.output(_channel_affine(io.x - io.x, io.weight, io.bias))
-    xs = _shifted_per_set(io.x, num_groups) if _needs_shift(io.dtype) else io.x
+    xs = _shifted_per_set(io.x, num_groups) if needs_shift(io.dtype) else io.x
     return io.output(F.group_norm(xs, num_groups, io.weight, io.bias, eps))
 
 
@@ -45,13 +45,6 @@ def _channel_affine(y: Tensor, weight: Tensor | None, bias: Tensor | None) -> Te
     view = (1, -1) + (1,) * (y.dim() - 2)
     y = y if weight is None else y * weight.view(view)
     return y if bias is None else y + bias.view(view)
-
-
-def _needs_shift(dtype: torch.dtype) -> bool:
-    """Whether a native per-example kernel gets the input shifted per set (:func:`_shifted_per_set`): below
-    float64. On CPU (torch 2.14.1) the float32 GN / LN kernel's output is off by up to 1e-3 of its size on
-    sets of 2 to 36 values at mean/std = 100 (docs/methods.md, "Precision")."""
-    return dtype != torch.float64
 
 
 def _shifted_per_set(x: Tensor, G: int) -> Tensor:
@@ -89,7 +82,7 @@ def flat_group_norm(
     if D == num_groups:  # inference on sets of one value: x - mu = x - x
         return io.output(_channel_affine(io.x - io.x, io.weight, io.bias))
     flat = io.x.reshape(N, num_groups, D // num_groups)
-    if _needs_shift(io.dtype):
+    if needs_shift(io.dtype):
         flat = flat - flat.detach()[:, :, :1]  # the reason of _shifted_per_set
     y = F.group_norm(flat, num_groups, eps=eps).reshape(N, C, -1)
     if io.weight is not None:
@@ -133,7 +126,7 @@ def positional_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: 
     """
     io = NormInput(x, weight, bias)
     N, C = x.shape[0], x.shape[1]
-    xs = io.x - io.x.detach()[:, :1] if _needs_shift(io.dtype) else io.x
+    xs = io.x - io.x.detach()[:, :1] if needs_shift(io.dtype) else io.x
     if spatial_size(x) == 1:
         return io.output(F.layer_norm(xs.reshape(N, C), (C,), io.weight, io.bias, eps))
     return io.output(F.layer_norm(xs.reshape(N, C, -1).transpose(1, 2), (C,), io.weight, io.bias, eps).transpose(1, 2))

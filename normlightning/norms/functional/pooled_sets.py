@@ -22,9 +22,11 @@ Backward (analytic, no graph of small ops): one native reduction pass gives per 
 broadcast back is its own adjoint); then ``dx = A g + B (x - m) + C`` per unit, in elementwise
 passes that write one output tensor (``x - m``, ``*= B``, ``+= C``, ``+= A g``). The
 centred term keeps float32 gradients exact where ``x`` is near its unit's mean (a unit of one
-value, data offset by many standard deviations), where ``B x - B m`` would cancel. The upstream
-gradient is first laid out like ``xv`` (:func:`~.layout.laid_out_as`: the native reduction
-misreads another layout).
+value, data offset by many standard deviations), where ``B x - B m`` would cancel; likewise a
+pooled variance's adjoint keeps its path through the set mean, ``dV/dm_k = 2/n (dm_k - avg dm)``,
+whose last term is 0 in exact arithmetic and the rounding of ``M`` in float32 (docs/methods.md,
+"Precision"). The upstream gradient is first laid out like ``xv`` (:func:`~.layout.laid_out_as`:
+the native reduction misreads another layout).
 
 A *part* is a tuple: ``("own",)``, ``("const", i)`` (the ``i``-th constant, shape ``(K,)``),
 ``("pool", shape, dims)`` for means, ``("tv", shape, dims)`` for variances.
@@ -154,7 +156,13 @@ def _stage_backward(g_mu, g_var, mean_parts, var_parts, alpha, beta, saved: list
             k += 1
             P = gj.view(part[1]).mean(part[2], keepdim=True)
             g_v = _add(g_v, P, part[1])
-            g_m = _add(g_m, (2.0 * dm * P).view(-1))
+            # dV/dm_k = 2/n (dm_k - avg dm), the second term through M = avg m: 0 in exact arithmetic,
+            # in float32 avg dm is M's rounding, which 2 P dm alone would carry to every unit of the set
+            centred = dm - dm.mean(part[2], keepdim=True)
+            if g_m is None:
+                g_m = (centred * (2.0 * P)).view(-1)
+            else:
+                g_m = torch.addcmul(g_m.view(part[1]), centred, P, value=2.0).view(-1)
     g_alpha = None if alpha is None else (mean_stack * g_mu).sum(1)
     g_beta = None if beta is None else (var_stack * g_var).sum(1)
     return g_m, g_v, g_alpha, g_beta

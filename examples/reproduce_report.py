@@ -1,5 +1,5 @@
-"""Regenerate docs/reproduction.md: the small-batch study on MNIST, the Digits batch-size sweep
-and the HN §4.6 statistics study.
+"""Regenerate docs/reproduction.md: the per-device small-batch study on MNIST, the Digits
+batch-size sweep and the HN §4.6 statistics study.
 
 One command (from the repository root; needs matplotlib and mlxtend)::
 
@@ -8,7 +8,8 @@ One command (from the repository root; needs matplotlib and mlxtend)::
 Steps (each resumable: finished cells are not re-run, use --fresh to start over):
 
 1. ``examples/small_batch_study.py`` (every part) -> ``runs/reproduction/study/``, then
-   ``examples/small_batch_study_report.py`` -> figures and tables in ``docs/assets/``;
+   ``examples/small_batch_study_report.py`` -> figures, tables and the generated answers in
+   ``docs/assets/``;
 2. ``examples/batch_size_sweep.py`` with the Digits grid -> ``runs/reproduction/sweep/``;
 3. ``examples/statistics_study.py`` -> ``runs/reproduction/statistics/`` (skipped when its
    ``summary.json`` exists, unless ``--fresh``);

@@ -152,7 +152,8 @@ def ghost_norm(
     batch comes from one native call on the view ``(N/G_M, G_M*C, S)``. Otherwise (e.g. an
     epoch's smaller last batch) the ghost batches are nearly equal: the first ``N mod G_M`` hold
     one more example. ``N < G_M`` or a ghost set of one element is an error. Below float64 the
-    native kernel gets each ghost set shifted by its first value (docs/methods.md, "Precision").
+    native kernel gets each ghost set of one example shifted by its first value (docs/methods.md,
+    "Precision").
 
     Running statistics (per channel) are updated once per forward with the mean of the ghost
     batches' means and the mean of their unbiased variances. Eval: as BN (with ``alpha``).
@@ -198,9 +199,11 @@ def _ghost_pass(xv: Tensor, G: int, w, b, eps, sync, process_group):
         # buffers when momentum = 1, so the ghost statistics come for free.
         tmp_mean = torch.zeros(K, dtype=xv.dtype, device=xv.device)
         tmp_var = torch.ones(K, dtype=xv.dtype, device=xv.device)
-        # Below float64 each ghost set is shifted by its first value (detached; it cancels in x - mu):
-        # the kernel's mean of a set of equal values is then exactly 0, not a rounding over sqrt(eps).
-        first = xv.detach()[:1, :, :1] if needs_shift(xv.dtype) else None  # (1, K, 1)
+        # Below float64, ghost sets of one example (M = 1, where a constant feature map makes the whole set
+        # equal) are shifted by their first value (detached; it cancels in x - mu): the kernel's mean of equal
+        # values is then exactly 0, not a rounding over sqrt(eps). Sets of several examples keep the kernel's
+        # rounding, as bn does (docs/methods.md, "Precision").
+        first = xv.detach()[:, :, :1] if xv.shape[0] == 1 and needs_shift(xv.dtype) else None  # (1, K, 1)
         y = native_batch_norm(xv if first is None else xv - first, tmp_mean, tmp_var, wk, bk, True, 1.0, eps)
         means = tmp_mean if first is None else tmp_mean + first.reshape(K)
         return y, means.view(G, C), tmp_var.view(G, C)

@@ -199,7 +199,7 @@ def measure_inference_modes(model: Any, datamodule: Any, batch_size: int) -> dic
         evaluate_accuracy,
         recalibrate_statistics,
     )
-    from normlightning.norms.model_layers import statistics_mode
+    from normlightning.norms.model_walk import statistics_mode
 
     test = datamodule.test_dataloader()
     out: dict[str, Any] = {"acc_running": evaluate_accuracy(model, test)}

@@ -11,16 +11,16 @@ that hold the arguments, parameters and running statistics, check their inputs, 
 
 from . import functional
 from .base import BatchStatNorm, NormLayer
-from .batch_group_norm import BGN_PAPER_GROUPS, BatchGroupNorm, GeneralBatchGroupNorm
+from .batch_group_norm import BGN_PAPER_GROUPS, BatchGroupNorm
 from .batch_norm import BatchNorm, BatchRenorm
 from .cross_iteration_bn import CrossIterationBatchNorm
 from .evonorm import EvoNormB0, EvoNormS0
 from .filter_response_norm import FilterResponseNorm
-from .ghost_norm import GhostNorm, SequentialNorm
+from .general_batch_group_norm import GeneralBatchGroupNorm
+from .ghost_norm import GhostNorm
 from .group_args import AutoContext, GroupArg
 from .heterologous_norm import HeterologousNorm
 from .mabn import MovingAverageBatchNorm
-from .norm_layer import norm_layer
 from .param_norms import (
     WeightCentering,
     WeightStandardization,
@@ -31,8 +31,10 @@ from .param_norms import (
 )
 from .per_example import FlatGroupNorm, GroupNorm, InstanceNorm, LayerNorm, PositionalNorm
 from .registry import available_norms, build_norm, norm_group_args, register_norm
+from .sequential_norm import SequentialNorm
 from .switchable_norm import SwitchableNorm
 from .with_carried import NormWithCarried
+from .zoo_factory import norm_layer
 
 __all__ = [
     "functional",

@@ -322,7 +322,12 @@ class ChannelStatisticsMixin:
     def _evaluates_by_channel(self) -> bool:
         """Whether this forward is the eval forward of :meth:`_inference_by_channel`: eval mode, statistics
         constant per channel, and no parameter of the statistics to differentiate."""
-        return not self.training and self._channel_statistics_obstacle() is None and not self._statistics_parameters()
+        # len(): dynamo traces no `not` of a tuple
+        return (
+            not self.training
+            and self._channel_statistics_obstacle() is None
+            and len(self._statistics_parameters()) == 0
+        )
 
     def _inference_by_channel(self, x: Tensor) -> Tensor:
         """Eval forward of a layer whose inference statistics are constants per channel: native

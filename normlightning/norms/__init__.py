@@ -6,7 +6,12 @@ evonorm_s0 mabn cbn, ``timm/<name>`` for timm's norm layers, and those of instal
 group ``normlightning.norms``, :mod:`.registry`).
 :func:`normlightning.norms.testing.check_norm_layer` checks a layer against the contract of every method.
 The math lives once in :mod:`normlightning.norms.functional`; the layer classes are modules over it
-that hold the arguments, parameters and running statistics, check their inputs, and call it.
+that hold the arguments, parameters and running statistics, check their arguments, and call it.
+Method ``x``'s layer is in ``norms/<x>.py`` and its math in ``norms/functional/<x>.py`` (``per_example``:
+gn, gnflat, ln, in, pn). Beside the methods: :mod:`.base` (the layers' base classes), :mod:`.registry`
+(names -> layers), :mod:`.zoo_factory` (``norm_layer(name)`` for the model zoos' ``norm_layer=``),
+:mod:`.model_walk` (a model's norm layers: ``is_norm_layer``, ``statistics_mode``), :mod:`.group_args`,
+:mod:`.testing`, :mod:`.op_count`, :mod:`.timm_layers`, :mod:`.with_carried`.
 """
 
 from . import functional

@@ -141,11 +141,12 @@ class _Tape:
     @staticmethod
     def read(tensors: Sequence[Tensor | None], stages: Sequence[Stage]) -> list[StageRecord]:
         records, at = [], 0
+        fixed = len(StageRecord._fields) - 1  # the fields after ``centred``
         for stage in stages:
             n = sum(isinstance(part, Pooled) for part in stage.var_parts)
-            fields = tensors[at : at + n + 6]
+            fields = tensors[at : at + n + fixed]
             records.append(StageRecord(tuple(fields[:n]), *fields[n:]))
-            at += n + 6
+            at += n + fixed
         return records
 
 

@@ -43,7 +43,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from normlightning.norms import BGN_PAPER_GROUPS, available_norms, build_norm  # noqa: E402
-from normlightning.norms.model_layers import is_batch_statistic_layer  # noqa: E402
+from normlightning.norms.model_walk import is_batch_statistic_layer  # noqa: E402
 
 TARGET_125 = {"bn", "bgn", "ghost", "gn"}
 #: CPU shapes: a ResNet stage at batch 16, a deep stage at batch 8, and a small-batch case

@@ -26,7 +26,7 @@ from normlightning import known_warnings
 from normlightning.callbacks import Checkpoint, NormInjection
 from normlightning.data import Digits
 from normlightning.injection import format_summary, inject
-from normlightning.norms.model_layers import is_norm_layer
+from normlightning.norms.model_walk import is_norm_layer
 from normlightning.tasks import ClassificationTask
 
 

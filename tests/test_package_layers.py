@@ -55,8 +55,8 @@ def test_subpackage_imports_nothing_above_it(subpackage: str) -> None:
 
 
 def test_relative_imports_are_resolved() -> None:
-    """The scanner sees ``from .registry import x`` in norms/norm_layer.py as normlightning.norms.registry."""
-    assert "normlightning.norms.registry" in _imported_modules(PACKAGE / "norms" / "norm_layer.py")
+    """The scanner sees ``from .registry import x`` in norms/zoo_factory.py as normlightning.norms.registry."""
+    assert "normlightning.norms.registry" in _imported_modules(PACKAGE / "norms" / "zoo_factory.py")
 
 
 @pytest.mark.parametrize("module", ["normlightning.norms", "normlightning.injection"])

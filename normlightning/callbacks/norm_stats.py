@@ -47,7 +47,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
 
 from normlightning import plotting
-from normlightning.norms.model_layers import is_norm_layer
+from normlightning.norms.model_walk import is_norm_layer
 
 __all__ = ["NormStatistics", "input_statistics", "fluctuation", "run_title", "STATISTICS"]
 

@@ -23,7 +23,7 @@ import torch
 from lightning.pytorch.plugins.layer_sync import LayerSync, TorchSyncBatchNorm
 from torch import nn
 
-from normlightning.norms.model_layers import has_batch_sets
+from normlightning.norms.model_walk import has_batch_sets
 
 
 def set_statistics_sync(model: nn.Module, enabled: bool, process_group: Any = None) -> int:

@@ -49,7 +49,7 @@ from torch import nn
 
 from normlightning.callbacks.evaluation import ForwardFn, default_forward, evaluate_accuracy, trainer_dataloader
 from normlightning.callbacks.progress import counted, loader_length, progress_bar, trainer_shows_progress
-from normlightning.norms.model_layers import is_batch_statistic_layer
+from normlightning.norms.model_walk import is_batch_statistic_layer
 
 __all__ = [
     "Recalibration",

@@ -59,7 +59,7 @@ from normlightning.callbacks.norm_injection import NormInjection
 from normlightning.injection import get_spec, layer_args
 from normlightning.injection.rules import InjectionRules
 from normlightning.norms import BatchStatNorm, available_norms, norm_group_args
-from normlightning.norms.model_layers import is_norm_layer
+from normlightning.norms.model_walk import is_norm_layer
 from normlightning.norms.registry import norm_factory
 from normlightning.tasks.base import yaml_safe
 from normlightning.tasks.lr_scaling import linear_lr_factor

@@ -23,7 +23,7 @@ from normlightning.injection.plan import plan_injection
 from normlightning.injection.rules import InjectionRules
 from normlightning.injection.spec import CHECKPOINT_KEY, build_layer, get_spec, same_layers, set_spec, validate_spec
 from normlightning.norms import norm_group_args, param_norms
-from normlightning.norms.model_layers import is_norm_layer
+from normlightning.norms.model_walk import is_norm_layer
 
 __all__ = [
     "apply_param_norm",

@@ -27,7 +27,7 @@ from torch.nn.utils import parametrize
 from normlightning.injection.apply import _replace_submodule
 from normlightning.injection.fold_proof import CONVOLUTIONS, example_forward, exclusivity_problems
 from normlightning.injection.spec import MODULE_ATTR
-from normlightning.norms.model_layers import is_norm_layer
+from normlightning.norms.model_walk import is_norm_layer
 
 __all__ = ["fold_norms", "inference_affine"]
 

@@ -38,7 +38,7 @@ from torch import Tensor, fx, nn
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from normlightning.norms.model_layers import is_norm_layer
+from normlightning.norms.model_walk import is_norm_layer
 
 __all__ = ["exclusivity_problems"]
 

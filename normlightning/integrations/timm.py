@@ -16,7 +16,7 @@ timm resolves a string ``norm_layer`` in one of two tables: plain norm layers
 RegNet, ...). The second passes the model's ``act_layer`` only to the entries of its set of
 layers that take one. :func:`register_as` puts a :func:`~normlightning.norms.norm_layer`
 callable into both tables and that set, so a norm + activation layer becomes our layer followed
-by timm's dropout and activation (see :mod:`normlightning.norms.norm_layer`). Names are looked
+by timm's dropout and activation (see :mod:`normlightning.norms.zoo_factory`). Names are looked
 up lowercased without ``_``, so a registered name is lowercase letters and digits.
 """
 

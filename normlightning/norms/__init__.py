@@ -6,21 +6,26 @@ evonorm_s0 mabn cbn, ``timm/<name>`` for timm's norm layers, and those of instal
 group ``normlightning.norms``, :mod:`.registry`).
 :func:`normlightning.norms.testing.check_norm_layer` checks a layer against the contract of every method.
 The math lives once in :mod:`normlightning.norms.functional`; the layer classes are modules over it
-that hold the arguments, parameters and running statistics, check their inputs, and call it.
+that hold the arguments, parameters and running statistics, check their arguments, and call it.
+Method ``x``'s layer is in ``norms/<x>.py`` and its math in ``norms/functional/<x>.py`` (``per_example``:
+gn, gnflat, ln, in, pn). Beside the methods: :mod:`.base` (the layers' base classes), :mod:`.registry`
+(names -> layers), :mod:`.zoo_factory` (``norm_layer(name)`` for the model zoos' ``norm_layer=``),
+:mod:`.model_walk` (a model's norm layers: ``is_norm_layer``, ``statistics_mode``), :mod:`.group_args`,
+:mod:`.testing`, :mod:`.op_count`, :mod:`.timm_layers`, :mod:`.with_carried`.
 """
 
 from . import functional
 from .base import BatchStatNorm, NormLayer
-from .batch_group_norm import BGN_PAPER_GROUPS, BatchGroupNorm, GeneralBatchGroupNorm
+from .batch_group_norm import BGN_PAPER_GROUPS, BatchGroupNorm
 from .batch_norm import BatchNorm, BatchRenorm
 from .cross_iteration_bn import CrossIterationBatchNorm
 from .evonorm import EvoNormB0, EvoNormS0
 from .filter_response_norm import FilterResponseNorm
-from .ghost_norm import GhostNorm, SequentialNorm
+from .general_batch_group_norm import GeneralBatchGroupNorm
+from .ghost_norm import GhostNorm
 from .group_args import AutoContext, GroupArg
 from .heterologous_norm import HeterologousNorm
 from .mabn import MovingAverageBatchNorm
-from .norm_layer import norm_layer
 from .param_norms import (
     WeightCentering,
     WeightStandardization,
@@ -31,8 +36,10 @@ from .param_norms import (
 )
 from .per_example import FlatGroupNorm, GroupNorm, InstanceNorm, LayerNorm, PositionalNorm
 from .registry import available_norms, build_norm, norm_group_args, register_norm
+from .sequential_norm import SequentialNorm
 from .switchable_norm import SwitchableNorm
 from .with_carried import NormWithCarried
+from .zoo_factory import norm_layer
 
 __all__ = [
     "functional",

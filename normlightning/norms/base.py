@@ -12,7 +12,9 @@ statistics at inference too; only layers that take the argument, e.g. ``bn``), `
 (batch statistics per chunk of the batch in training, as DDP processes compute them), and the
 ``sync_statistics``/``process_group`` attributes read by the functional core.
 
-``ExampleWeighingMixin`` gives a layer the inference example weighing ``alpha``.
+``ChannelStatisticsMixin`` decides, once per layer, whether the inference statistics are constants
+per channel (then the eval forward is one native batch norm, and ``inference_channel_statistics()``
+returns them). ``ExampleWeighingMixin`` gives a layer the inference example weighing ``alpha``.
 """
 
 from __future__ import annotations
@@ -266,9 +268,66 @@ class BatchStatNorm(NormLayer):
                 buf.copy_(torch.stack(updated).mean(0) if name in statistics else updated[-1])
         return torch.cat(outputs)
 
-    def _channel_statistics_sources(self) -> tuple[Tensor, ...]:
-        """The tensors ``inference_channel_statistics()`` reads (subclasses with that method)."""
+    def extra_repr(self) -> str:
+        untracked = "" if self.track_running_stats else ", track_running_stats=False"
+        virtual = "" if self.virtual_devices == 1 else f", virtual_devices={self.virtual_devices}"
+        return super().extra_repr() + f", momentum={self.momentum}" + untracked + virtual
+
+
+class ChannelStatisticsMixin:
+    """For a :class:`BatchStatNorm` whose inference statistics can be a mean and a variance per channel
+    that no input changes (``bn``, ``brn``, ``ghost``, ``bgn``, ``gbgn``, ``hn``, ``cbn``; list it before
+    ``BatchStatNorm`` in the bases).
+
+    The one place that decides it is :meth:`_channel_statistics_obstacle` (``None``: constants per
+    channel; else the error message saying which setting makes them depend on the input). Both the
+    eval forward (:meth:`_evaluates_by_channel`, then :meth:`_inference_by_channel`: one native eval-mode
+    batch norm) and :meth:`inference_channel_statistics` (what ``fold_norms`` folds) read it, so the
+    method's functional is called at inference only in the other cases. A subclass writes
+    ``_channel_statistics()`` (the ``(C,)`` statistics, read only when there is no obstacle),
+    ``_channel_statistics_sources()`` (the buffers they are built from) and, where it has them,
+    ``_channel_statistics_obstacle()`` and ``_statistics_parameters()``.
+    """
+
+    def _channel_statistics_obstacle(self) -> str | None:
+        """``None`` when the inference statistics are constants per channel, else why not (the
+        ``ValueError`` message of :meth:`inference_channel_statistics`, naming the setting)."""
+        return None
+
+    def _channel_statistics(self) -> tuple[Tensor, Tensor]:
+        """The mean and variance per channel ``(C,)``, when :meth:`_channel_statistics_obstacle` is ``None``."""
         raise NotImplementedError
+
+    def _channel_statistics_sources(self) -> tuple[Tensor, ...]:
+        """The tensors :meth:`_channel_statistics` reads (the key of the kept statistics)."""
+        raise NotImplementedError
+
+    def _statistics_parameters(self) -> tuple[Tensor, ...]:
+        """Parameters the inference statistics depend on (``hn``'s std mixture weights): while there are
+        any, the eval forward runs the method's functional, which differentiates them."""
+        return ()
+
+    def inference_channel_statistics(self) -> tuple[Tensor, Tensor]:
+        """The mean and variance per channel ``(C,)`` this layer normalizes with at inference
+        (``y = gamma (x - mean) / sqrt(var + eps) + beta``).
+
+        Raises:
+            ValueError: the statistics depend on the input (the message names the setting).
+        """
+        obstacle = self._channel_statistics_obstacle()
+        if obstacle is not None:
+            raise ValueError(obstacle)
+        return self._channel_statistics()
+
+    def _evaluates_by_channel(self) -> bool:
+        """Whether this forward is the eval forward of :meth:`_inference_by_channel`: eval mode, statistics
+        constant per channel, and no parameter of the statistics to differentiate."""
+        # len(): dynamo traces no `not` of a tuple
+        return (
+            not self.training
+            and self._channel_statistics_obstacle() is None
+            and len(self._statistics_parameters()) == 0
+        )
 
     def _inference_by_channel(self, x: Tensor) -> Tensor:
         """Eval forward of a layer whose inference statistics are constants per channel: native
@@ -285,13 +344,13 @@ class BatchStatNorm(NormLayer):
         is no cache (the compiled graph computes them).
         """
         if torch.compiler.is_compiling():
-            mean, var = self.inference_channel_statistics()
+            mean, var = self._channel_statistics()
         else:
             key = tuple((t._version, t.data_ptr(), t.dtype) for t in self._channel_statistics_sources())
             cache = self.__dict__.get("_channel_statistics_cache")
             if cache is None or cache[0] != key:
                 with torch.inference_mode(False), torch.no_grad():
-                    cache = (key, *self.inference_channel_statistics())
+                    cache = (key, *self._channel_statistics())
                 self.__dict__["_channel_statistics_cache"] = cache
             mean, var = cache[1], cache[2]
         dtype = NF.compute_dtype(x.dtype)
@@ -301,11 +360,6 @@ class BatchStatNorm(NormLayer):
         """``nn.Module.train``; also drops the kept inference statistics (see ``_inference_by_channel``)."""
         self.__dict__.pop("_channel_statistics_cache", None)
         return super().train(mode)
-
-    def extra_repr(self) -> str:
-        untracked = "" if self.track_running_stats else ", track_running_stats=False"
-        virtual = "" if self.virtual_devices == 1 else f", virtual_devices={self.virtual_devices}"
-        return super().extra_repr() + f", momentum={self.momentum}" + untracked + virtual
 
 
 #: Name of the 0-d float32 buffer that stores ``alpha`` in the module's ``state_dict``.
@@ -352,13 +406,15 @@ class ExampleWeighingMixin:
             with torch.no_grad():
                 buf.fill_(self._alpha)
 
-    def _check_no_example_weighing(self) -> None:
-        """Raise ``ValueError`` when ``alpha > 0`` (inference then mixes in each example's own statistics)."""
-        if self._alpha != 0.0:
-            raise ValueError(
-                f"{type(self).__name__} has alpha={self._alpha} (inference example weighing): its inference "
-                "statistics depend on each example; set alpha = 0"
-            )
+    def _example_weighing_obstacle(self) -> str | None:
+        """Why the inference statistics are not constants per channel when ``alpha > 0`` (inference then
+        mixes in each example's own statistics); ``None`` when ``alpha = 0``."""
+        if self._alpha == 0.0:
+            return None
+        return (
+            f"{type(self).__name__} has alpha={self._alpha} (inference example weighing): its inference "
+            "statistics depend on each example; set alpha = 0"
+        )
 
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs

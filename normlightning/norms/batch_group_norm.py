@@ -1,4 +1,4 @@
-"""Batch Group Norm (BGN) and the batch+group normalization of "Four Things" (GBGN)."""
+"""Batch Group Norm (BGN) layer; its math is :mod:`.functional.batch_group_norm`."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from . import functional as NF
-from .base import BatchStatNorm, ExampleWeighingMixin
+from .base import BatchStatNorm, ChannelStatisticsMixin
 from .functional.fused_ops import blocks
 from .functional.layout import spatial_size
 from .group_args import AutoContext, GroupArg, divisors
@@ -34,7 +34,7 @@ def _bgn_auto_paper(context: AutoContext) -> int:
     return bgn_paper_groups(context.batch_size)
 
 
-class BatchGroupNorm(BatchStatNorm):
+class BatchGroupNorm(ChannelStatisticsMixin, BatchStatNorm):
     """Batch Group Normalization (Zhou, Sun, Ye, Lan, Luo, Lai, Esperança, Yang & Li, AAAI 2021), registry name ``bgn``.
 
     Flatten ``(C, S)`` into ``D = C*S`` (``C·H·W`` for images) and cut it into ``G``
@@ -116,18 +116,20 @@ class BatchGroupNorm(BatchStatNorm):
                 f"spatial size, or a num_groups that divides C={C} ({divisors(C)}), whose groups are whole channels."
             )
 
-    def inference_channel_statistics(self) -> tuple[Tensor, Tensor]:
-        """The mean and variance per channel ``(C,)`` this layer normalizes with at inference
-        (``y = gamma (x - mean) / sqrt(var + eps) + beta``); ``ValueError`` when groups split
-        channels (``num_groups`` does not divide ``C``)."""
+    def _channel_statistics_obstacle(self) -> str | None:
+        """Groups that split channels (``num_groups`` does not divide ``C``) have statistics per position."""
         C, G = self.num_features, self.num_groups
-        if C % G != 0:
-            raise ValueError(
-                f"BatchGroupNorm num_groups={G} on C={C} channels: its groups split channels, so its statistics "
-                f"differ between positions of one channel; only whole-channel groups ({divisors(C)}) have them "
-                "per channel"
-            )
-        return blocks(self.running_mean, C // G), blocks(self.running_var, C // G)
+        if C % G == 0:
+            return None
+        return (
+            f"BatchGroupNorm num_groups={G} on C={C} channels: its groups split channels, so its statistics "
+            f"differ between positions of one channel; only whole-channel groups ({divisors(C)}) have them "
+            "per channel"
+        )
+
+    def _channel_statistics(self) -> tuple[Tensor, Tensor]:
+        per_group = self.num_features // self.num_groups
+        return blocks(self.running_mean, per_group), blocks(self.running_var, per_group)
 
     def _channel_statistics_sources(self) -> tuple[Tensor, ...]:
         return self.running_mean, self.running_var
@@ -137,7 +139,7 @@ class BatchGroupNorm(BatchStatNorm):
             return self._forward_per_virtual_device(x)
         self._check_input(x)
         self._check_spatial(x)
-        if not self.training and self.num_features % self.num_groups == 0:
+        if self._evaluates_by_channel():
             return self._inference_by_channel(x)
         factor = self._momentum_factor()
         return NF.batch_group_norm(
@@ -156,108 +158,3 @@ class BatchGroupNorm(BatchStatNorm):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", num_groups={self.num_groups}"
-
-
-class GeneralBatchGroupNorm(ExampleWeighingMixin, BatchStatNorm):
-    """Batch + group normalization of "Four Things Everyone Should Know to Improve Batch
-    Normalization" (Summers & Dinneen, ICLR 2020), registry name ``gbgn``.
-
-    Training: examples in contiguous ghost groups of ``E = examples_per_group`` (``None`` =
-    the whole batch) and channels in ``G_C = channel_groups`` groups (``None`` = ``C``); per
-    block ``mu = E[x]``, ``var = max(E[x^2] - mu^2, 0)`` over ``(E, C/G_C, S)``;
-    ``y = gamma_c (x - mu) / sqrt(var + eps) + beta_c``. ``E = N, G_C = C`` is BN,
-    ``G_C = C`` is Ghost BN (contiguous ghost batches), ``E = 1`` is GN.
-
-    Running statistics (the authors' code): raw per-channel moments ``moving_x`` (``E[x]``,
-    init 0) and ``moving_x2`` (``E[x^2]``, init 1) over ``(N, S)``, decay 0.99, i.e.
-    ``momentum = 0.01`` (``None`` = cumulative average); at inference they are averaged over
-    each channel group and ``var = max(m2 - m1^2, 0)``. No unbiased correction (as the
-    authors). ``alpha > 0`` mixes in the example's own moments over ``(C/G_C, S)``.
-
-    Batch-size policy: a batch that ``E`` does not divide is cut into ``ceil(N/E)`` nearly
-    equal contiguous groups; a set of one element raises ``ValueError``.
-
-    Shape: input ``(N, C, *)``, output the same.
-    """
-
-    group_args = (GroupArg("channel_groups", "channels", takes_num_groups=True, doc="channel groups G_C"),)
-
-    def __init__(
-        self,
-        num_features: int,
-        channel_groups: int | None = None,
-        examples_per_group: int | None = None,
-        eps: float = 1e-5,
-        momentum: float | None = 0.01,
-        affine: bool = True,
-        alpha: float = 0.0,
-        device=None,
-        dtype=None,
-        virtual_devices: int = 1,
-    ) -> None:
-        super().__init__(num_features, eps, momentum, affine, device, dtype, virtual_devices=virtual_devices)
-        if channel_groups is None:
-            channel_groups = num_features
-        if (
-            isinstance(channel_groups, bool)
-            or not isinstance(channel_groups, int)
-            or channel_groups < 1
-            or num_features % channel_groups
-        ):
-            raise ValueError(
-                f"GeneralBatchGroupNorm channel_groups={channel_groups!r} must divide the number of channels "
-                f"C={num_features}; valid choices: {divisors(num_features)}."
-            )
-        if examples_per_group is not None and (
-            isinstance(examples_per_group, bool) or not isinstance(examples_per_group, int) or examples_per_group < 1
-        ):
-            raise ValueError(
-                "GeneralBatchGroupNorm examples_per_group must be a positive int or None (whole batch), "
-                f"got {examples_per_group!r}."
-            )
-        self.channel_groups = channel_groups
-        self.examples_per_group = examples_per_group
-        self._init_alpha(alpha, device)
-        self._register_running("moving_x", (num_features,), 0.0)
-        self._register_running("moving_x2", (num_features,), 1.0)
-        self.reset_parameters()
-
-    def inference_channel_statistics(self) -> tuple[Tensor, Tensor]:
-        """The mean and variance per channel ``(C,)`` this layer normalizes with at inference
-        (``y = gamma (x - mean) / sqrt(var + eps) + beta``); ``ValueError`` when ``alpha > 0``."""
-        self._check_no_example_weighing()
-        return NF.general_batch_group_channel_statistics(
-            self.moving_x, self.moving_x2, self.channel_groups, self.moving_x.dtype
-        )
-
-    def _channel_statistics_sources(self) -> tuple[Tensor, ...]:
-        return self.moving_x, self.moving_x2
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self._splits_batch(x):
-            return self._forward_per_virtual_device(x)
-        self._check_input(x)
-        if not self.training and self._alpha == 0.0:
-            return self._inference_by_channel(x)
-        factor = self._momentum_factor()
-        return NF.general_batch_group_norm(
-            x,
-            channel_groups=self.channel_groups,
-            examples_per_group=self.examples_per_group,
-            moving_x=self.moving_x,
-            moving_x2=self.moving_x2,
-            weight=self.weight,
-            bias=self.bias,
-            training=self.training,
-            factor=factor,
-            eps=self.eps,
-            alpha=self.alpha,
-            sync=self.sync_statistics,
-            process_group=self.process_group,
-        )
-
-    def extra_repr(self) -> str:
-        return (
-            super().extra_repr()
-            + f", channel_groups={self.channel_groups}, examples_per_group={self.examples_per_group}"
-        )

@@ -6,10 +6,10 @@ import torch
 from torch import Tensor
 
 from . import functional as NF
-from .base import BatchStatNorm, ExampleWeighingMixin
+from .base import BatchStatNorm, ChannelStatisticsMixin, ExampleWeighingMixin
 
 
-class BatchNorm(ExampleWeighingMixin, BatchStatNorm):
+class BatchNorm(ExampleWeighingMixin, ChannelStatisticsMixin, BatchStatNorm):
     """Batch Normalization (Ioffe & Szegedy, ICML 2015), registry name ``bn``.
 
     ``y = gamma_c (x - mu_c) / sqrt(var_c + eps) + beta_c`` with ``mu_c, var_c`` (biased) over
@@ -45,16 +45,19 @@ class BatchNorm(ExampleWeighingMixin, BatchStatNorm):
         self._register_running("running_var", (num_features,), 1.0)
         self.reset_parameters()
 
-    def inference_channel_statistics(self) -> tuple[Tensor, Tensor]:
-        """The mean and variance per channel ``(C,)`` this layer normalizes with at inference
-        (``y = gamma (x - mean) / sqrt(var + eps) + beta``); ``ValueError`` when ``alpha > 0`` or
-        ``track_running_stats`` is False (each batch's own statistics then)."""
+    def _channel_statistics_obstacle(self) -> str | None:
+        """``track_running_stats=False`` (each batch's own statistics) or ``alpha > 0``."""
         if not self.track_running_stats:
-            raise ValueError(
+            return (
                 "BatchNorm with track_running_stats=False normalizes with each batch's statistics at inference; "
                 "it has no constant statistics per channel"
             )
-        self._check_no_example_weighing()
+        return self._example_weighing_obstacle()
+
+    def _channel_statistics(self) -> tuple[Tensor, Tensor]:
+        return self.running_mean, self.running_var
+
+    def _channel_statistics_sources(self) -> tuple[Tensor, ...]:
         return self.running_mean, self.running_var
 
     def _check_population_for_alpha(self) -> None:
@@ -70,6 +73,8 @@ class BatchNorm(ExampleWeighingMixin, BatchStatNorm):
             return self._forward_per_virtual_device(x)
         self._check_input(x)
         self._check_population_for_alpha()
+        if self._evaluates_by_channel():
+            return self._inference_by_channel(x)
         factor = self._momentum_factor()
         batch_statistics = self.training or not self.track_running_stats
         return NF.batch_norm(
@@ -87,7 +92,7 @@ class BatchNorm(ExampleWeighingMixin, BatchStatNorm):
         )
 
 
-class BatchRenorm(BatchStatNorm):
+class BatchRenorm(ChannelStatisticsMixin, BatchStatNorm):
     """Batch Renormalization (Ioffe, NeurIPS 2017), registry name ``brn``.
 
     ``x_hat = (x - mu_B) / sigma_B * r + d`` with ``r = sg(clip(sigma_B / sigma_run, 1/r_max, r_max))``,
@@ -155,28 +160,19 @@ class BatchRenorm(BatchStatNorm):
             self._ramp(s, self.d_max_start_step, self.d_max_end_step, 0.0, self.d_max),
         )
 
-    def inference_channel_statistics(self) -> tuple[Tensor, Tensor]:
-        """The mean and variance per channel ``(C,)`` this layer normalizes with at inference: the
-        running statistics (eval is BN)."""
+    def _channel_statistics(self) -> tuple[Tensor, Tensor]:
+        """The running statistics (eval is BN)."""
+        return self.running_mean, self.running_var
+
+    def _channel_statistics_sources(self) -> tuple[Tensor, ...]:
         return self.running_mean, self.running_var
 
     def forward(self, x: Tensor) -> Tensor:
         if self._splits_batch(x):
             return self._forward_per_virtual_device(x)
         self._check_input(x)
-        if not self.training:  # BN with the running statistics: r_max, d_max and factor are unused
-            return NF.batch_renorm(
-                x,
-                running_mean=self.running_mean,
-                running_var=self.running_var,
-                weight=self.weight,
-                bias=self.bias,
-                training=False,
-                r_max=1.0,
-                d_max=0.0,
-                factor=0.0,
-                eps=self.eps,
-            )
+        if self._evaluates_by_channel():  # BN with the running statistics
+            return self._inference_by_channel(x)
         r_max, d_max = self.current_limits()
         factor = self._momentum_factor()
         y = NF.batch_renorm(
@@ -185,7 +181,6 @@ class BatchRenorm(BatchStatNorm):
             running_var=self.running_var,
             weight=self.weight,
             bias=self.bias,
-            training=True,
             r_max=r_max,
             d_max=d_max,
             factor=factor,

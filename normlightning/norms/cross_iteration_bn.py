@@ -6,9 +6,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from . import functional as NF
-from .base import BatchStatNorm
-from .functional.cross_iteration import PastStatistics, compensate, cross_iteration_statistics
+from .base import BatchStatNorm, ChannelStatisticsMixin
+from .functional.cross_iteration_bn import PastStatistics, compensate, cross_iteration_statistics
 from .functional.layout import NormInput
 from .functional.moments import check_set_size, update_running_stats
 
@@ -20,12 +19,12 @@ def _conv_parameter(conv: nn.Module) -> Tensor:
     return conv.weight
 
 
-class CrossIterationBatchNorm(BatchStatNorm):
+class CrossIterationBatchNorm(ChannelStatisticsMixin, BatchStatNorm):
     """Cross-Iteration Batch Normalization (Yao, Cao, Zheng, Huang & Lin, CVPR 2021), registry name ``cbn``.
 
     Training: the statistics of the current batch and of the last ``window − 1`` iterations, each
     past one moved to the current weights ``W`` of the convolution before the layer by a first-order
-    Taylor expansion (``normlightning.norms.functional.cross_iteration``), averaged:
+    Taylor expansion (``normlightning.norms.functional.cross_iteration_bn``), averaged:
     ``y = gamma (x − mu_bar) / sqrt(var + eps) + beta`` (docs/methods.md, section "cbn"). Before
     ``burnin`` steps, and without a convolution, plain BN statistics. Running statistics as ``bn``
     (current batch); inference is BN with them.
@@ -88,9 +87,11 @@ class CrossIterationBatchNorm(BatchStatNorm):
         super().reset_running_stats()
         self.__dict__.get("history", []).clear()
 
-    def inference_channel_statistics(self) -> tuple[Tensor, Tensor]:
-        """The mean and variance per channel ``(C,)`` this layer normalizes with at inference: the
-        running statistics (eval is BN; ``fold_norms`` folds it)."""
+    def _channel_statistics(self) -> tuple[Tensor, Tensor]:
+        """The running statistics (eval is BN; ``fold_norms`` folds it)."""
+        return self.running_mean, self.running_var
+
+    def _channel_statistics_sources(self) -> tuple[Tensor, ...]:
         return self.running_mean, self.running_var
 
     def compensated_history(self) -> list[tuple[Tensor, Tensor]]:
@@ -112,10 +113,8 @@ class CrossIterationBatchNorm(BatchStatNorm):
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
-        if not self.training:
-            return NF.batch_norm(
-                x, self.running_mean, self.running_var, self.weight, self.bias, training=False, eps=self.eps
-            )
+        if self._evaluates_by_channel():
+            return self._inference_by_channel(x)
         count = x.numel() // x.shape[1]
         check_set_size(count, "CrossIterationBatchNorm", "use a larger batch or input")
         factor = self._momentum_factor()

@@ -7,8 +7,6 @@ from torch import Tensor, nn
 
 from .base import BatchStatNorm, NormLayer
 from .functional.evonorm import evonorm_b0, evonorm_s0
-from .functional.layout import spatial_size
-from .functional.moments import check_set_size
 from .group_args import GroupArg, divisors
 
 
@@ -65,9 +63,6 @@ class EvoNormB0(BatchStatNorm):
             return self._forward_per_virtual_device(x)
         self._check_input(x)
         _check_spatial(self, x)
-        if self.training:
-            fix = "use more than one position per channel map, or another method"
-            check_set_size(spatial_size(x), "EvoNormB0's instance variance", fix)
         factor = self._momentum_factor()
         return evonorm_b0(
             x, self.v, self.running_var, self.weight, self.bias, training=self.training, factor=factor, eps=self.eps
@@ -110,10 +105,9 @@ class EvoNormS0(NormLayer):
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
         _check_spatial(self, x)
-        if self.training:
-            size = (self.num_features // self.num_groups) * spatial_size(x)
-            check_set_size(size, "EvoNormS0", "use fewer groups (num_groups) or inputs with more positions")
-        return evonorm_s0(x, self.v, self.weight, self.bias, num_groups=self.num_groups, eps=self.eps)
+        return evonorm_s0(
+            x, self.v, self.weight, self.bias, num_groups=self.num_groups, eps=self.eps, training=self.training
+        )
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", num_groups={self.num_groups}"

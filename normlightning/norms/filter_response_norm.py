@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from .base import NormLayer
-from .functional.filter_response import filter_response_norm
+from .functional.filter_response_norm import filter_response_norm
 
 
 class FilterResponseNorm(NormLayer):

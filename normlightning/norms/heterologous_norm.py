@@ -6,11 +6,10 @@ import torch
 from torch import Tensor, nn
 
 from . import functional as NF
-from .base import BatchStatNorm
-from .functional.layout import spatial_size
+from .base import BatchStatNorm, ChannelStatisticsMixin
 
 
-class HeterologousNorm(BatchStatNorm):
+class HeterologousNorm(ChannelStatisticsMixin, BatchStatNorm):
     """Heterologous Normalization (the HN paper; our copy is the anonymous double-blind submission), registry
     name ``hn``.
 
@@ -76,21 +75,25 @@ class HeterologousNorm(BatchStatNorm):
         if self.std_weight is not None:
             nn.init.zeros_(self.std_weight)
 
-    def inference_channel_statistics(self) -> tuple[Tensor, Tensor]:
-        """The mean and variance per channel ``(C,)`` this layer normalizes with at inference
-        (``y = gamma (x - mean) / sqrt(var + eps) + beta``); ``ValueError`` when a set is per
-        example (``in``, ``ln``, ``gn:G``: computed from each input)."""
-        if not self._batch_sets_only:
-            per_example = [
-                spec
-                for spec, (kind, _) in zip([self.mean_spec, *self.std_spec.split("+")], [self.mean_set, *self.std_sets])
-                if not NF.is_batch_set(kind)
-            ]
-            raise ValueError(
-                f"HeterologousNorm(mean={self.mean_spec!r}, std={self.std_spec!r}): the set(s) {per_example} are per "
-                "example, so their statistics come from each input at inference; only batch sets (bn, en:G) are "
-                "constants"
-            )
+    def _channel_statistics_obstacle(self) -> str | None:
+        """A per-example set (``in``, ``ln``, ``gn:G``) is computed from each input."""
+        if self._batch_sets_only:
+            return None
+        per_example = [
+            spec
+            for spec, (kind, _) in zip([self.mean_spec, *self.std_spec.split("+")], [self.mean_set, *self.std_sets])
+            if not NF.is_batch_set(kind)
+        ]
+        return (
+            f"HeterologousNorm(mean={self.mean_spec!r}, std={self.std_spec!r}): the set(s) {per_example} are per "
+            "example, so their statistics come from each input at inference; only batch sets (bn, en:G) are "
+            "constants"
+        )
+
+    def _statistics_parameters(self) -> tuple[Tensor, ...]:
+        return () if self.std_weight is None else (self.std_weight,)
+
+    def _channel_statistics(self) -> tuple[Tensor, Tensor]:
         logits = None if self.std_weight is None else self.std_weight.detach()
         running_vars = [getattr(self, name) for name in self._var_names]
         return NF.heterologous_channel_statistics(
@@ -110,9 +113,7 @@ class HeterologousNorm(BatchStatNorm):
         if self._splits_batch(x):
             return self._forward_per_virtual_device(x)
         self._check_input(x)
-        if self.training:
-            self._check_sets(x)
-        elif self._batch_sets_only and self.std_weight is None:
+        if self._evaluates_by_channel():
             return self._inference_by_channel(x)
         running_mean = getattr(self, "running_mean", None) if NF.is_batch_set(self.mean_set[0]) else None
         running_vars = [None if n is None else getattr(self, n) for n in self._var_names]
@@ -132,17 +133,6 @@ class HeterologousNorm(BatchStatNorm):
             sync=self.sync_statistics,
             process_group=self.process_group,
         )
-
-    def _check_sets(self, x: Tensor) -> None:
-        N, C, S = x.shape[0], x.shape[1], spatial_size(x)
-        for kind, g in [self.mean_set, *self.std_sets]:
-            size = (N if NF.is_batch_set(kind) else 1) * (C // g) * S
-            if size < 2:
-                raise ValueError(
-                    f"HeterologousNorm set {kind}{':' + str(g) if kind in ('gn', 'en') else ''} has one element "
-                    f"for input of shape {tuple(x.shape)} in training; choose a larger set (e.g. 'en:1' or 'ln') "
-                    "or a larger input."
-                )
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", mean={self.mean_spec!r}, std={self.std_spec!r}"

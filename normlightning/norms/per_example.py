@@ -10,7 +10,6 @@ from torch import Tensor
 
 from . import functional as NF
 from .base import NormLayer
-from .functional.layout import spatial_size
 from .group_args import GroupArg, divisors
 
 
@@ -98,9 +97,7 @@ class LayerNorm(NormLayer):
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
-        if self.training and x.shape[1] * spatial_size(x) < 2:
-            raise ValueError("LayerNorm: a set of one element (C * S == 1) in training; use C * S > 1.")
-        return NF.layer_norm(x, weight=self.weight, bias=self.bias, eps=self.eps)
+        return NF.layer_norm(x, weight=self.weight, bias=self.bias, eps=self.eps, training=self.training)
 
 
 class InstanceNorm(NormLayer):
@@ -139,8 +136,4 @@ class PositionalNorm(NormLayer):
 
     def forward(self, x: Tensor) -> Tensor:
         self._check_input(x)
-        if self.training and self.num_features < 2:
-            raise ValueError(
-                "PositionalNorm: a set of one element (C == 1) in training; PN normalizes over channels, use C > 1."
-            )
-        return NF.positional_norm(x, weight=self.weight, bias=self.bias, eps=self.eps)
+        return NF.positional_norm(x, weight=self.weight, bias=self.bias, eps=self.eps, training=self.training)

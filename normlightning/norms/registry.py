@@ -25,16 +25,18 @@ from collections.abc import Callable
 
 from torch import nn
 
-from .batch_group_norm import BatchGroupNorm, GeneralBatchGroupNorm
+from .batch_group_norm import BatchGroupNorm
 from .batch_norm import BatchNorm, BatchRenorm
 from .cross_iteration_bn import CrossIterationBatchNorm
 from .evonorm import EvoNormB0, EvoNormS0
 from .filter_response_norm import FilterResponseNorm
-from .ghost_norm import GhostNorm, SequentialNorm
+from .general_batch_group_norm import GeneralBatchGroupNorm
+from .ghost_norm import GhostNorm
 from .group_args import GroupArg, group_args_of
 from .heterologous_norm import HeterologousNorm
 from .mabn import MovingAverageBatchNorm
 from .per_example import FlatGroupNorm, GroupNorm, InstanceNorm, LayerNorm, PositionalNorm
+from .sequential_norm import SequentialNorm
 from .switchable_norm import SwitchableNorm
 from .timm_layers import PREFIX as TIMM_PREFIX
 from .timm_layers import timm_norm_factory

@@ -4,7 +4,7 @@ Like scikit-learn's ``check_estimator``: it builds layers with ``factory(num_fea
 and checks them against the rules that the rest of normlightning relies on, in this order (each
 raises :class:`NormContractError` naming the rule):
 
-1. ``declared properties``: an ``nn.Module`` that :func:`~.model_layers.is_norm_layer` knows, with
+1. ``declared properties``: an ``nn.Module`` that :func:`~.model_walk.is_norm_layer` knows, with
    ``num_features``, ``eps`` and ``affine`` as given (the injection passes ``eps`` and ``affine`` to
    every method), per-channel ``weight``/``bias`` of shape ``(C,)`` (``None`` with ``affine=False``),
    a ``bool`` ``uses_batch_statistics``, ``group_args`` that name keywords of the factory; a layer
@@ -22,7 +22,7 @@ raises :class:`NormContractError` naming the rule):
    the same ``state_dict`` and the same eval outputs;
 6. ``eval per example``: in eval, an example's output does not depend on the rest of the batch,
    and an eval forward changes no buffer (except layers with ``track_running_stats=False``);
-7. ``running statistics`` (layers that keep them, :func:`~.model_layers.is_batch_statistic_layer`):
+7. ``running statistics`` (layers that keep them, :func:`~.model_walk.is_batch_statistic_layer`):
    a training forward updates them and counts ``num_batches_tracked``; ``reset_running_stats()``
    restores a new layer's values; with ``momentum=None`` the statistics after ``K`` batches are the
    average of the ``K`` per-batch statistics, each the layer's own statistics of one batch (a
@@ -55,7 +55,7 @@ import torch
 from torch import Tensor, nn
 
 from .group_args import group_args_of
-from .model_layers import is_batch_statistic_layer, is_norm_layer
+from .model_walk import is_batch_statistic_layer, is_norm_layer
 from .registry import factory_accepts, norm_factory
 
 __all__ = ["DEFAULT_INPUT_DIMS", "NormContractError", "check_norm_layer"]

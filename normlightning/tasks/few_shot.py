@@ -19,7 +19,7 @@ from torch import Tensor
 
 from normlightning.data.episodes import split_episode
 from normlightning.models.cosine_classifier import CosineClassifier, cosine_logits, imprint_weights
-from normlightning.norms.model_layers import statistics_mode
+from normlightning.norms.model_walk import statistics_mode
 from normlightning.tasks.classification import ClassificationTask
 from normlightning.tasks.few_shot_metrics import mean_confidence_interval
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from normlightning.norms.model_layers import has_batch_sets, statistics_mode
+from normlightning.norms.model_walk import has_batch_sets, statistics_mode
 
 __all__ = ["check_last_training_batch", "last_batch_size"]
 

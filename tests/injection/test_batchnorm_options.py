@@ -21,8 +21,8 @@ from normlightning.injection import apply_spec, inject
 from normlightning.injection.fold import fold_norms
 from normlightning.injection.spec import CHECKPOINT_KEY
 from normlightning.norms import available_norms, build_norm
-from normlightning.norms.model_layers import is_batch_statistic_layer
-from normlightning.norms.norm_layer import norm_layer
+from normlightning.norms.model_walk import is_batch_statistic_layer
+from normlightning.norms.zoo_factory import norm_layer
 from normlightning.tasks import BaseTask
 from normlightning.tasks.last_batch import check_last_training_batch
 

@@ -10,7 +10,7 @@ from torch import nn
 from normlightning.callbacks.run_hparams import norm_hparams
 from normlightning.injection import InjectionRules, get_spec, inject
 from normlightning.norms import BatchGroupNorm, GroupNorm, HeterologousNorm
-from normlightning.norms.ghost_norm import SequentialNorm
+from normlightning.norms.sequential_norm import SequentialNorm
 
 
 def wide_net() -> nn.Sequential:

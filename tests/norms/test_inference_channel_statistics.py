@@ -1,5 +1,5 @@
-"""Layers whose inference statistics are constants per channel (bgn with whole-channel groups,
-gbgn without example weighing, hn with batch sets only) run native eval batch norm with them,
+"""Layers whose inference statistics are constants per channel (bn, brn, ghost, bgn with whole-channel
+groups, gbgn without example weighing, hn with batch sets only) run native eval batch norm with them,
 kept between calls: every change of the running statistics made by PyTorch ops shows in the next
 output, a write that bypasses version counters shows after ``eval()``, and an output computed
 under ``inference_mode`` must not stop a later eval forward with gradients (a PGD attack after
@@ -12,7 +12,14 @@ import torch
 
 from normlightning.norms import build_norm
 
-SPECS = {"bgn": {"num_groups": 2}, "gbgn": {"channel_groups": 2}, "hn": {"mean": "en:2", "std": "en:1"}}
+SPECS = {
+    "bn": {},
+    "brn": {},
+    "ghost": {"num_groups": 2},
+    "bgn": {"num_groups": 2},
+    "gbgn": {"channel_groups": 2},
+    "hn": {"mean": "en:2", "std": "en:1"},
+}
 
 
 def _trained(name: str, shift: float):
@@ -78,3 +85,45 @@ def test_float32_layer_in_eval_takes_float64_input(name):
     y = layer(x)
     assert y.dtype == torch.float64
     torch.testing.assert_close(y, _reference(name, layer, x))
+
+
+#: Configurations of every layer with ``inference_channel_statistics()``, with and without constants per channel.
+PREDICATE_CASES = [
+    ("bn", {}, True),
+    ("bn", {"alpha": 0.5}, False),
+    ("bn", {"track_running_stats": False}, False),
+    ("brn", {}, True),
+    ("ghost", {"num_groups": 2}, True),
+    ("ghost", {"num_groups": 2, "alpha": 0.5}, False),
+    ("bgn", {"num_groups": 2}, True),
+    ("bgn", {"num_groups": 12}, False),  # groups split channels (D = 36)
+    ("gbgn", {"channel_groups": 2}, True),
+    ("gbgn", {"channel_groups": 2, "alpha": 0.5}, False),
+    ("hn", {"mean": "bn", "std": "en:2"}, True),
+    ("hn", {"mean": "bn", "std": "bn+en:1"}, True),  # constants, but the mixture weights take gradients
+    ("hn", {"mean": "in", "std": "en:1"}, False),
+]
+
+
+@pytest.mark.parametrize("name,spec,constant", PREDICATE_CASES, ids=[f"{n}-{s}" for n, s, _ in PREDICATE_CASES])
+def test_one_predicate_decides_eval_forward_and_channel_statistics(name, spec, constant):
+    """``inference_channel_statistics()`` returns exactly when the layer's one predicate says its
+    statistics are constants per channel; then the eval output is the native eval-mode batch norm with
+    them (the formula ``gamma (x - mean) / sqrt(var + eps) + beta`` written out), and the eval forward
+    takes that path unless a parameter of the statistics needs a gradient (hn's std mixture)."""
+    torch.manual_seed(0)
+    layer = build_norm(name, 4, **spec)
+    layer(torch.randn(6, 4, 3, 3) * 2 + 1)
+    layer.eval()
+    x = torch.randn(3, 4, 3, 3)
+    assert (layer._channel_statistics_obstacle() is None) is constant
+    if not constant:
+        with pytest.raises(ValueError, match="alpha|track_running_stats|split channels|per example"):
+            layer.inference_channel_statistics()
+        assert not layer._evaluates_by_channel()
+        return
+    mean, var = layer.inference_channel_statistics()
+    view = (1, -1, 1, 1)
+    expected = (x - mean.view(view)) / torch.sqrt(var.view(view) + layer.eps) * layer.weight.view(view)
+    torch.testing.assert_close(layer(x), expected + layer.bias.view(view))
+    assert layer._evaluates_by_channel() is (getattr(layer, "std_weight", None) is None)

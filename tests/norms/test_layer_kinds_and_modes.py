@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from normlightning.norms import build_norm
-from normlightning.norms.model_layers import is_batch_statistic_layer, is_norm_layer, statistics_mode
+from normlightning.norms.model_walk import is_batch_statistic_layer, is_norm_layer, statistics_mode
 
 
 def test_layer_kinds() -> None:

@@ -19,7 +19,7 @@ import torch
 from normlightning.callbacks.run_hparams import norm_argument_names
 from normlightning.cli import build_cli
 from normlightning.norms import available_norms, build_norm, register_norm, registry
-from normlightning.norms.model_layers import is_norm_layer
+from normlightning.norms.model_walk import is_norm_layer
 from normlightning.norms.testing import check_norm_layer
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

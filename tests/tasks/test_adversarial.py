@@ -17,7 +17,7 @@ from torch import nn
 from normlightning.cli import build_cli, main
 from normlightning.data import Synthetic
 from normlightning.norms import build_norm
-from normlightning.norms.model_layers import is_norm_layer, statistics_mode
+from normlightning.norms.model_walk import is_norm_layer, statistics_mode
 from normlightning.tasks.adversarial import AdversarialTask
 from normlightning.tasks.attacks import PGDConfig, pgd_attack
 

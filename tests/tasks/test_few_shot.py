@@ -15,7 +15,7 @@ from torch import nn
 from normlightning.cli import build_cli
 from normlightning.models import register_backbone
 from normlightning.norms import build_norm
-from normlightning.norms.model_layers import statistics_mode
+from normlightning.norms.model_walk import statistics_mode
 from normlightning.tasks.few_shot import FewShotTask
 from normlightning.tasks.piecewise_lr import PiecewiseConstantLR
 

@@ -7,31 +7,40 @@ running-statistics update with the unbiased variance, the momentum factor ``f``)
 docs/methods.md, section "Shared conventions".
 
 Every method of an activation ``x`` returns a tensor in ``x``'s shape, dtype and memory format
-(:class:`~.layout.NormInput`). Modules: :mod:`.layout` (compute dtype, ``(N, C, S)`` view,
-output layout), :mod:`.native` (the native batch norm, its backward fed the input's layout),
-:mod:`.moments` (statistics of sets, all-reduce, running statistics),
-:mod:`.fused_ops` (one-pass normalize + affine), :mod:`.batch_sets` (bn, ghost, brn, example
-weighing), :mod:`.batch_group` (bgn), :mod:`.group_sets` (gn, ln, in, pn, seqnorm),
-:mod:`.general_batch_group` (gbgn), :mod:`.mixed_statistics` (hn, sn),
-:mod:`.pooled_sets` (the one-node training path of bgn, gbgn, hn, sn, seqnorm),
-:mod:`.parameter_norms` (weight standardization).
+(:class:`~.layout.NormInput`). A method's math is the module named as its layer's module in
+:mod:`normlightning.norms` (``sequential_norm`` here for ``norms/sequential_norm.py``): :mod:`.batch_norm`
+(bn, brn), :mod:`.ghost_norm`, :mod:`.sequential_norm`, :mod:`.batch_group_norm` (bgn),
+:mod:`.general_batch_group_norm` (gbgn), :mod:`.heterologous_norm` (hn), :mod:`.switchable_norm` (sn),
+:mod:`.per_example` (gn, gnflat, ln, in, pn), :mod:`.filter_response_norm`, :mod:`.evonorm`,
+:mod:`.mabn`, :mod:`.cross_iteration_bn`, :mod:`.param_norms` (weight standardization and centering).
+The package re-exports each method's function, so ``functional.sequential_norm`` is the function;
+the module is ``importlib.import_module("normlightning.norms.functional.sequential_norm")`` (or
+``from normlightning.norms.functional.sequential_norm import ...``).
+Math shared by several methods is in modules named for what it is: :mod:`.layout` (compute dtype,
+``(N, C, S)`` view, output layout), :mod:`.native` (the native batch norm, its backward fed the
+input's layout), :mod:`.moments` (statistics of sets, all-reduce, running statistics),
+:mod:`.fused_ops` (one-pass normalize + affine), :mod:`.example_weighing` (bn, ghost, gbgn at
+inference), :mod:`.pooled_sets` (the one-node training path of bgn, gbgn, hn, sn, seqnorm).
+
+Where inference statistics are constants per channel, the layer decides it (its
+``inference_channel_statistics()``, :class:`~normlightning.norms.base.BatchStatNorm`) and these
+functions' eval branches cover the other cases only. Set-size checks (a set of one element in
+training) are here, in the functional, next to the set they size (:func:`~.moments.check_set_size`).
 """
 
 from ..group_args import divisors, nearby_divisors
-from .batch_group import batch_group_norm
-from .batch_sets import batch_norm, batch_renorm, example_weighted_norm, ghost_norm
-from .general_batch_group import general_batch_group_channel_statistics, general_batch_group_norm
-from .group_sets import flat_group_norm, group_norm, instance_norm, layer_norm, positional_norm, sequential_norm
+from .batch_group_norm import batch_group_norm
+from .batch_norm import batch_norm, batch_renorm
+from .example_weighing import example_weighted_norm
+from .general_batch_group_norm import general_batch_group_channel_statistics, general_batch_group_norm
+from .ghost_norm import ghost_norm
+from .heterologous_norm import heterologous_channel_statistics, heterologous_norm, is_batch_set, parse_set_spec
 from .layout import compute_dtype
-from .mixed_statistics import (
-    heterologous_channel_statistics,
-    heterologous_norm,
-    is_batch_set,
-    parse_set_spec,
-    switchable_norm,
-)
 from .moments import chunk_sizes, combine_moments, reduce_mean, row_moments, synced_mean_var, update_running_stats
-from .parameter_norms import weight_standardize
+from .param_norms import weight_standardize
+from .per_example import flat_group_norm, group_norm, instance_norm, layer_norm, positional_norm
+from .sequential_norm import sequential_norm
+from .switchable_norm import switchable_norm
 
 __all__ = [
     "is_batch_set",

@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .layout import NormInput
-from .moments import row_moments, update_running_stats
+from .layout import NormInput, spatial_size
+from .moments import check_set_size, row_moments, update_running_stats
 
 
 def _affine(y: Tensor, inp: NormInput) -> Tensor:
@@ -41,6 +41,9 @@ def evonorm_b0(
         running_var: ``(C,)`` (required at inference), or ``None`` in training without tracking.
         weight, bias: ``(C,)`` or ``None``.
     """
+    if training:
+        fix = "use more than one position per channel map, or another method"
+        check_set_size(spatial_size(x), "EvoNormB0's instance variance", fix)
     inp = NormInput(x, weight, bias)
     x3 = inp.x3
     if training:
@@ -63,14 +66,19 @@ def evonorm_s0(
     *,
     num_groups: int,
     eps: float,
+    training: bool = False,
 ) -> Tensor:
     """EvoNorm-S0 of ``x (N, C, *spatial)``, ``num_groups`` = ``G`` dividing ``C``::
 
         var_g[n,g] = biased variance of x[n, c in g, :] over (C/G, S)   (GN's sets)
         y = gamma_c · x · sigmoid(v_c · x) / sqrt(var_g + eps) + beta_c
 
-    The same computation in training and at inference (no running statistics).
+    The same computation in training and at inference (no running statistics); ``training`` only
+    turns on the check that a set holds more than one value.
     """
+    if training:
+        size = (x.shape[1] // num_groups) * spatial_size(x)
+        check_set_size(size, "EvoNormS0", "use fewer groups (num_groups) or inputs with more positions")
     inp = NormInput(x, weight, bias)
     x3 = inp.x3
     n, c, s = x3.shape

@@ -6,12 +6,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .batch_sets import example_weighted_norm
+from .example_weighing import example_weighted_norm
 from .fused_ops import blocks, channel_affine, normalize_affine
 from .layout import NormInput, spatial_size
 from .moments import check_set_size, chunk_sizes, pooled_moments, reduce_mean, row_moments
-from .native import native_batch_norm
-from .pooled_sets import pooled_set_norm
+from .pooled_sets import Pooled, Stage, pooled_set_norm
 
 
 def general_batch_group_norm(
@@ -41,8 +40,8 @@ def general_batch_group_norm(
 
     Local training with equal example groups is one autograd node
     (:func:`~.pooled_sets.pooled_set_norm`, whose set variance is this one computed without
-    cancellation, as ``mean v + mean (m1 - mu)^2``); eval without ``alpha`` one native
-    eval-mode batch norm (:func:`~.native.native_batch_norm`).
+    cancellation, as ``mean v + mean (m1 - mu)^2``). Eval without ``alpha`` is the layer's one native
+    eval-mode batch norm with :func:`general_batch_group_channel_statistics`.
     """
     N, C = x.shape[0], x.shape[1]
     S = spatial_size(x)
@@ -50,14 +49,11 @@ def general_batch_group_norm(
     Cg = C // Gc
     io = NormInput(x, weight, bias)
     x3, w, b = io.x3, io.weight, io.bias
-    if not training:
-        if alpha != 0.0:
-            m1 = moving_x.to(io.dtype).view(Gc, Cg).mean(1)
-            m2 = moving_x2.to(io.dtype).view(Gc, Cg).mean(1)
-            yg = example_weighted_norm(x3.reshape(N, Gc, Cg * S), m1, m2, alpha, eps)
-            return io.output(channel_affine(yg.reshape(N, C, S), w, b))
-        mean, var = general_batch_group_channel_statistics(moving_x, moving_x2, Gc, io.dtype)
-        return io.output(native_batch_norm(io.x, mean, var, w, b, False, 0.0, eps))  # one native pass
+    if not training:  # alpha = 0 mixes in nothing (the layer then uses inference_channel_statistics())
+        m1 = moving_x.to(io.dtype).view(Gc, Cg).mean(1)
+        m2 = moving_x2.to(io.dtype).view(Gc, Cg).mean(1)
+        yg = example_weighted_norm(x3.reshape(N, Gc, Cg * S), m1, m2, alpha, eps)
+        return io.output(channel_affine(yg.reshape(N, C, S), w, b))
     E = N if examples_per_group is None else examples_per_group
     k = -(-N // E)
     sizes = chunk_sizes(N, k)
@@ -70,7 +66,8 @@ def general_batch_group_norm(
         return io.output(_gbgn_moments(io, Gc, sizes, moving_x, moving_x2, factor, eps, sync, process_group))
     # local, equal groups: one autograd node; units are channels (E = N) or (example, channel) rows
     shape, dims = ((Gc, Cg), (1,)) if E == N else ((N // E, E, Gc, Cg), (1, 3))
-    stage = ((("pool", shape, dims),), (("tv", shape, dims),))
+    block = Pooled(shape, dims)
+    stage = Stage((block,), (block,))
     if E == N:
         y, m_c, v_c, _ = pooled_set_norm(io.x, w, b, (1, 1), (stage,), eps)
         bm1, bm2 = m_c, v_c + m_c * m_c

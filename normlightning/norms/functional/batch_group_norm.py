@@ -9,12 +9,12 @@ import torch
 from torch import Tensor
 
 from ..group_args import nearby_divisors
-from .batch_sets import normalize_batch_sets
+from .batch_norm import normalize_batch_sets
 from .fused_ops import blocks, scale_shift
 from .layout import NormInput, spatial_size
 from .moments import check_set_size, synced_mean_var, update_running_stats
 from .native import native_batch_norm
-from .pooled_sets import pooled_set_norm
+from .pooled_sets import Pooled, Stage, pooled_set_norm
 
 
 def _block_scale_shift(mean, var, weight, bias, per_group: int, per_channel: int, eps: float) -> tuple[Tensor, Tensor]:
@@ -99,8 +99,9 @@ def batch_group_norm(
     per_group, per_channel = Lg // L, S // L  # blocks per group / per channel
     xv = io.x if L == S else io.x.reshape(N, K, L)
     if training and not sync:
-        stage = ((("pool", (G, per_group), (1,)),), (("tv", (G, per_group), (1,)),))
-        y, _, _, (mean, var) = pooled_set_norm(xv, w, b, (1, per_channel), (stage,), eps)
+        group = Pooled((G, per_group), (1,))
+        out = pooled_set_norm(xv, w, b, (1, per_channel), (Stage((group,), (group,)),), eps)
+        y, ((mean,), (var,)) = out.y, out.set_statistics[0]
         update_running_stats(running_mean, running_var, mean, var, N * Lg, factor)
         return io.output(y)
     if training:

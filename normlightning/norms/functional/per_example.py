@@ -1,19 +1,15 @@
 """Methods whose sets lie within one example: GN, LN (one group), IN (one channel per group),
-PN (the channels at one position), GN over the flattened ``C*S`` (gnflat), and SeqNorm, GN followed by
-GhostNorm (docs/methods.md, sections gn, gnflat, ln, in, pn, seqnorm). Fast paths: ``F.group_norm``,
-``F.layer_norm``."""
+PN (the channels at one position) and GN over the flattened ``C*S`` (gnflat) (docs/methods.md,
+sections gn, gnflat, ln, in, pn). Fast paths: ``F.group_norm``, ``F.layer_norm``."""
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ..group_args import divisors, nearby_divisors
-from .batch_sets import check_ghost_batches, ghost_norm
 from .layout import NormInput, spatial_size
 from .moments import check_set_size, needs_shift
-from .pooled_sets import pooled_set_norm
 
 
 def group_norm(
@@ -32,7 +28,7 @@ def group_norm(
             f"GroupNorm num_groups={num_groups} must divide the number of channels C={C}; valid choices: {divisors(C)}."
         )
     if training:
-        _check_group_sets(C, num_groups, spatial_size(x))
+        check_group_sets(C, num_groups, spatial_size(x))
     io = NormInput(x, weight, bias)
     if (C // num_groups) * spatial_size(x) == 1:  # inference on sets of one value: x - mu = x - x
         return io.output(_channel_affine(io.x - io.x, io.weight, io.bias))
@@ -92,7 +88,7 @@ def flat_group_norm(
     return io.output(y)
 
 
-def _check_group_sets(C: int, G: int, S: int) -> None:
+def check_group_sets(C: int, G: int, S: int) -> None:
     check_set_size(
         (C // G) * S,
         f"GroupNorm with num_groups={G} on C={C} channels and S={S} position(s)",
@@ -100,8 +96,12 @@ def _check_group_sets(C: int, G: int, S: int) -> None:
     )
 
 
-def layer_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float = 1e-5) -> Tensor:
+def layer_norm(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float = 1e-5, training: bool = False
+) -> Tensor:
     """Layer Norm for feature maps: per ``n`` over ``(C, S)``, per-channel affine (GN with G=1)."""
+    if training and x.shape[1] * spatial_size(x) < 2:
+        raise ValueError("LayerNorm: a set of one element (C * S == 1) in training; use C * S > 1.")
     return group_norm(x, 1, weight, bias, eps)
 
 
@@ -114,7 +114,9 @@ def instance_norm(
     return group_norm(x, x.shape[1], weight, bias, eps)
 
 
-def positional_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float = 1e-5) -> Tensor:
+def positional_norm(
+    x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float = 1e-5, training: bool = False
+) -> Tensor:
     """Positional Norm (Li et al. 2019): per ``(n, s)`` over ``C``, per-channel affine.
 
     Native ``layer_norm`` over the channel axis of the ``(N, S, C)`` transposed view, whose
@@ -124,70 +126,13 @@ def positional_norm(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: 
     Below float64 the input is first shifted by its channel-0 value at each position (detached; the
     reason of :func:`_shifted_per_set`).
     """
+    if training and x.shape[1] < 2:
+        raise ValueError(
+            "PositionalNorm: a set of one element (C == 1) in training; PN normalizes over channels, use C > 1."
+        )
     io = NormInput(x, weight, bias)
     N, C = x.shape[0], x.shape[1]
     xs = io.x - io.x.detach()[:, :1] if needs_shift(io.dtype) else io.x
     if spatial_size(x) == 1:
         return io.output(F.layer_norm(xs.reshape(N, C), (C,), io.weight, io.bias, eps))
     return io.output(F.layer_norm(xs.reshape(N, C, -1).transpose(1, 2), (C,), io.weight, io.bias, eps).transpose(1, 2))
-
-
-#: Inputs smaller than this train SeqNorm with the two native kernels (GN, then ghost BN): the
-#: fused node's fixed cost in small operations outweighs its one saved pass below about this size.
-SEQNORM_FUSED_MIN_NUMEL = 1 << 18
-
-
-def sequential_norm(
-    x: Tensor,
-    channel_groups: int,
-    num_ghosts: int,
-    running_mean: Tensor,
-    running_var: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    training: bool,
-    factor: float = 0.1,
-    eps: float = 1e-5,
-    sync: bool = False,
-    process_group=None,
-) -> Tensor:
-    """SeqNorm (Dimitriou & Arandjelovic 2022): ``Ghost_{G_M}(GroupNorm_{G_C}(x))``.
-
-    The GN stage has no affine; the per-channel affine and running statistics live in the
-    ghost stage. Local training with ``G_M`` dividing ``N`` on an input of at least
-    :data:`SEQNORM_FUSED_MIN_NUMEL` values is one autograd node of two stages over
-    ``(example, channel)`` rows (:func:`~.pooled_sets.pooled_set_norm`; the GN output is never
-    stored); otherwise native GN, then :func:`ghost_norm` (two native kernels: fewer operations
-    for small inputs, whose stored GN output costs little memory).
-    """
-    N, C = x.shape[0], x.shape[1]
-    S, G = spatial_size(x), num_ghosts
-    if not training or sync or N % G != 0 or x.numel() < SEQNORM_FUSED_MIN_NUMEL:
-        io = NormInput(x)
-        h = group_norm(io.x, channel_groups, None, None, eps=eps, training=training)
-        y = ghost_norm(
-            h,
-            G,
-            running_mean,
-            running_var,
-            weight,
-            bias,
-            training=training,
-            factor=factor,
-            eps=eps,
-            sync=sync,
-            process_group=process_group,
-        )
-        return io.output(y)
-    _check_group_sets(C, channel_groups, S)
-    check_ghost_batches(N, G, S)
-    io = NormInput(x, weight, bias)
-    gn = (N, channel_groups, C // channel_groups), (2,)
-    ghost = (N // G, G, C), (0,)  # ghost batch j: the examples n = j (mod G)
-    stages = ((("pool",) + gn,), (("tv",) + gn,)), ((("pool",) + ghost,), (("tv",) + ghost,))
-    y, _, _, (_, _, mean, var) = pooled_set_norm(io.x.reshape(1, N * C, S), io.weight, io.bias, (N, 1), stages, eps)
-    n = (N // G) * S
-    with torch.no_grad():
-        running_mean.lerp_(mean.view(G, C).mean(0).to(running_mean.dtype), factor)
-        running_var.lerp_((var.view(G, C) * (n / (n - 1))).mean(0).to(running_var.dtype), factor)
-    return io.output(y)

@@ -1,6 +1,5 @@
-"""Methods whose statistics mix sets: Heterologous Normalization (mean from one set, variance
-from another or a learned mixture) and Switchable Normalization (learned mixtures of IN, LN and
-BN statistics) (docs/methods.md, sections hn, sn)."""
+"""Heterologous Normalization: the mean from one set, the variance from another or a learned
+mixture of sets (docs/methods.md, section hn)."""
 
 from __future__ import annotations
 
@@ -12,9 +11,8 @@ from torch import Tensor
 from ..group_args import divisors
 from .fused_ops import blocks, normalize_affine
 from .layout import NormInput, spatial_size
-from .moments import check_set_size, combine_moments, pooled_moments, row_moments, synced_mean_var, update_running_stats
-from .native import native_batch_norm
-from .pooled_sets import channel_group_part, pooled_set_norm, row_part
+from .moments import combine_moments, row_moments, synced_mean_var, update_running_stats
+from .pooled_sets import Const, Own, SetStatistics, Stage, channel_group_part, pooled_set_norm, row_part
 
 _SET_KINDS = ("bn", "in", "ln", "gn", "en")
 
@@ -23,9 +21,10 @@ def parse_set_spec(spec: str, num_channels: int, *, allow_mixture: bool, role: s
     """Parse an HN set spec such as ``"bn"``, ``"gn:8"``, ``"en:1"`` or ``"bn+in+ln"``.
 
     Returns a list of ``(kind, groups)`` with ``groups`` the number of channel groups of the set:
-    ``bn`` -> ``("en", C)`` is *not* rewritten (kept as ``("bn", C)``), ``in`` -> ``("in", C)``,
+    ``bn`` -> ``("bn", C)`` (the sets of ``en:C``, kept under its own name), ``in`` -> ``("in", C)``,
     ``ln`` -> ``("ln", 1)``, ``gn:G`` -> ``("gn", G)``, ``en:G`` -> ``("en", G)``.
-    Raises ``ValueError`` naming the bad part and the valid syntax.
+    Raises ``ValueError`` naming the spec and what is wrong with it (an unknown set or a missing or
+    extra ``:G`` also lists the valid sets; a ``G`` that does not divide ``C`` lists its divisors).
     """
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"HeterologousNorm {role}={spec!r}: expected a set name such as 'bn', 'en:1', 'gn:8'.")
@@ -113,6 +112,8 @@ def heterologous_norm(
     Locally (no ``sync``) one autograd node (:func:`~.pooled_sets.pooled_set_norm`): the units
     are channels when every set spans the batch, else ``(example, channel)`` rows.
     """
+    if training:
+        _check_sets(x, mean_set, std_sets)
     io = NormInput(x, weight, bias)
     if training and sync and any(is_batch_set(k) for k, _ in (mean_set, *std_sets)):
         y = _heterologous_synced(
@@ -125,47 +126,71 @@ def heterologous_norm(
     return io.output(y)
 
 
+def _check_sets(x: Tensor, mean_set: tuple[str, int], std_sets: Sequence[tuple[str, int]]) -> None:
+    """``ValueError`` for a set of one element in training."""
+    N, C, S = x.shape[0], x.shape[1], spatial_size(x)
+    for kind, g in [mean_set, *std_sets]:
+        size = (N if is_batch_set(kind) else 1) * (C // g) * S
+        if size < 2:
+            raise ValueError(
+                f"HeterologousNorm set {kind}{':' + str(g) if kind in ('gn', 'en') else ''} has one element "
+                f"for input of shape {tuple(x.shape)} in training; choose a larger set (e.g. 'en:1' or 'ln') "
+                "or a larger input."
+            )
+
+
 def _heterologous_local(
     io: NormInput, mean_set, std_sets, std_mix_logits, running_mean, running_vars, training, factor, eps
 ) -> Tensor:
     """HN without communication: pooled parts over channel or row units, running statistics as
-    constants at inference (one native eval-mode batch norm when every statistic is a constant)."""
+    constants at inference. (Where every statistic is a constant per channel and no mixture weight
+    needs a gradient, the layer normalizes with ``inference_channel_statistics()`` instead.)"""
     x, dt = io.x, io.dtype
     N, C = x.shape[0], x.shape[1]
     S = spatial_size(x)
     channel_units = all(is_batch_set(k) for k, _ in (mean_set, *std_sets))
     consts: list[Tensor] = []
 
-    def part(kind: str, set_kind: str, groups: int, running: Tensor | None):
+    def part(set_kind: str, groups: int, running: Tensor | None):
         if is_batch_set(set_kind) and not training:  # running statistics: a constant per unit
             per_channel = blocks(running.to(dt), C // groups)
             consts.append(per_channel if channel_units else per_channel.repeat(N))
-            return ("const", len(consts) - 1)
+            return Const(len(consts) - 1)
         if channel_units:
-            return channel_group_part(kind, C, groups)
-        return row_part(kind, N, C, groups, batch=is_batch_set(set_kind))
+            return channel_group_part(C, groups)
+        return row_part(N, C, groups, batch=is_batch_set(set_kind))
 
-    if not training and channel_units and std_mix_logits is None:  # constants per channel: one native pass
-        mean, var = heterologous_channel_statistics(mean_set, std_sets, None, running_mean, running_vars, C, dt)
-        return native_batch_norm(x, mean, var, io.weight, io.bias, False, 0.0, eps)
-    mean_parts = (part("pool", mean_set[0], mean_set[1], running_mean),)
-    var_parts = tuple(part("tv", k, g, rv) for (k, g), rv in zip(std_sets, running_vars))
+    stage = Stage(
+        (part(mean_set[0], mean_set[1], running_mean),),
+        tuple(part(k, g, rv) for (k, g), rv in zip(std_sets, running_vars)),
+    )
     xv = x if channel_units else x.reshape(1, N * C, S)
-    y, m, v, stats = pooled_set_norm(
+    out = pooled_set_norm(
         xv,
         io.weight,
         io.bias,
         (1, 1) if channel_units else (N, 1),
-        ((mean_parts, var_parts),),
+        (stage,),
         eps,
         tuple(consts),
         var_logits=std_mix_logits,
     )
     if training:
         _update_hn_running(
-            mean_set, std_sets, mean_parts, var_parts, m, v, stats, running_mean, running_vars, N, C, S, factor
+            mean_set,
+            std_sets,
+            stage,
+            out.unit_mean,
+            out.unit_var,
+            out.set_statistics[0],
+            running_mean,
+            running_vars,
+            N,
+            C,
+            S,
+            factor,
         )
-    return y
+    return out.y
 
 
 def heterologous_channel_statistics(
@@ -190,17 +215,29 @@ def heterologous_channel_statistics(
 
 
 def _update_hn_running(
-    mean_set, std_sets, mean_parts, var_parts, m, v, stats, running_mean, running_vars, N, C, S, factor
+    mean_set,
+    std_sets,
+    stage: Stage,
+    m: Tensor,
+    v: Tensor,
+    statistics: SetStatistics,
+    running_mean,
+    running_vars,
+    N,
+    C,
+    S,
+    factor,
 ) -> None:
     """Running statistics of the batch sets from the fused node's outputs: a part of single
-    units (``own``) is ``m``/``v`` itself, a pooled part's set statistics come in part order."""
-    it = iter(stats)
+    units (:class:`~.pooled_sets.Own`) is ``m``/``v`` itself, a pooled part's set statistics come in
+    part order."""
     kind = mean_set[0]
-    mean = m if mean_parts[0][0] == "own" else next(it)
+    mean = m if isinstance(stage.mean_parts[0], Own) else statistics.means[0]
     if is_batch_set(kind):
         update_running_stats(running_mean, None, mean, None, 0, factor)
-    for (kind, groups), part, running_var in zip(std_sets, var_parts, running_vars):
-        var = v if part[0] == "own" else next(it)
+    pooled_vars = iter(statistics.variances)
+    for (kind, groups), part, running_var in zip(std_sets, stage.var_parts, running_vars):
+        var = v if isinstance(part, Own) else next(pooled_vars)
         if is_batch_set(kind):
             update_running_stats(None, running_var, None, var, N * (C // groups) * S, factor)
 
@@ -234,86 +271,4 @@ def _heterologous_synced(
         if weights is not None:
             vk = weights[k] * vk
         var = vk if var is None else var + vk
-    return normalize_affine(x3, mu, var, io.weight, io.bias, eps)
-
-
-def switchable_norm(
-    x: Tensor,
-    mean_logits: Tensor,
-    var_logits: Tensor,
-    running_mean: Tensor,
-    running_var: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    training: bool,
-    factor: float = 0.1,
-    eps: float = 1e-5,
-    sync: bool = False,
-    process_group=None,
-) -> Tensor:
-    """Switchable Normalization (Luo et al. 2019): the official code's formulas with biased
-    variances and PyTorch's running-statistics convention (docs/methods.md, section "Where we
-    deviate from official implementations, and why", Switchable Normalization).
-
-    Per ``(n, c)``: ``mu_in, var_in`` over ``S`` (biased); ``mu_ln = mean_c mu_in``,
-    ``var_ln = mean_c(var_in + mu_in^2) - mu_ln^2``; ``mu_bn = mean_n mu_in``,
-    ``var_bn = mean_n(var_in + mu_in^2) - mu_bn^2`` (both clamped at 0). Mixed with
-    ``softmax(mean_logits)`` / ``softmax(var_logits)`` over (IN, LN, BN). Running stats for the
-    BN term only (eval uses them for that term).
-
-    Locally (no ``sync``) one autograd node over ``(example, channel)`` row units
-    (:func:`~.pooled_sets.pooled_set_norm`, which forms ``var_ln``, ``var_bn`` without cancellation
-    as ``mean var_in + mean (mu_in - mu)^2``); the BN term's running statistics are constants at
-    inference.
-    """
-    if training:
-        check_set_size(x.shape[0] * spatial_size(x), "SwitchableNorm input (BN term)", "Use a batch with N * S > 1.")
-    io = NormInput(x, weight, bias)
-    if training and sync:
-        return io.output(
-            _switchable_synced(io, mean_logits, var_logits, running_mean, running_var, factor, eps, process_group)
-        )
-    x, dt = io.x, io.dtype
-    N, C = x.shape[0], x.shape[1]
-    S = spatial_size(x)
-    layer, batch = ("pool", (N, C), (1,)), ("pool", (N, C), (0,))
-    consts: tuple[Tensor, ...] = ()
-    if training:
-        mean_parts = (("own",), layer, batch)
-        var_parts = (("own",), ("tv",) + layer[1:], ("tv",) + batch[1:])
-    else:
-        consts = (running_mean.to(dt).repeat(N), running_var.to(dt).repeat(N))
-        mean_parts = (("own",), layer, ("const", 0))
-        var_parts = (("own",), ("tv",) + layer[1:], ("const", 1))
-    y, _, _, stats = pooled_set_norm(
-        x.reshape(1, N * C, S),
-        io.weight,
-        io.bias,
-        (N, 1),
-        ((mean_parts, var_parts),),
-        eps,
-        consts,
-        mean_logits=mean_logits,
-        var_logits=var_logits,
-    )
-    if training:  # stats: the layer and batch set means, then the layer and batch set variances
-        update_running_stats(running_mean, running_var, stats[1], stats[3], N * S, factor)
-    return io.output(y)
-
-
-def _switchable_synced(
-    io: NormInput, mean_logits, var_logits, running_mean, running_var, factor, eps, process_group
-) -> Tensor:
-    """SN in training with ``sync``: the BN term pooled across processes (differentiably,
-    :func:`pooled_moments`), the LN term from the local rows (:func:`combine_moments`)."""
-    x3, dt = io.x3, io.dtype
-    S = x3.shape[2]
-    mu_in, var_in = row_moments(x3)
-    mu_ln, var_ln = combine_moments(mu_in, var_in, (1,))
-    mu_bn, var_bn, n_ex = pooled_moments(mu_in, var_in, (0,), sync=True, process_group=process_group)
-    update_running_stats(running_mean, running_var, mu_bn, var_bn, n_ex * S, factor)
-    wm = torch.softmax(mean_logits.to(dt), 0)
-    wv = torch.softmax(var_logits.to(dt), 0)
-    mu = wm[0] * mu_in + wm[1] * mu_ln + wm[2] * mu_bn
-    var = wv[0] * var_in + wv[1] * var_ln + wv[2] * var_bn
     return normalize_affine(x3, mu, var, io.weight, io.bias, eps)

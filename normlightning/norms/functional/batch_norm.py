@@ -1,0 +1,152 @@
+"""Batch Norm (with inference example weighing) and Batch Renormalization: per-channel sets over
+the batch (docs/methods.md, sections bn, brn), onto the native batch norm
+(:func:`~.native.native_batch_norm`). :func:`normalize_batch_sets` (per ``k`` of a ``(N, K, L)`` view
+over ``(N, L)``) is also bgn's.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .example_weighing import example_weighted_norm
+from .fused_ops import channel_affine
+from .layout import NormInput, spatial_size
+from .moments import channel_moments, check_set_size, synced_mean_var, update_running_stats
+from .native import native_batch_norm
+
+
+def normalize_batch_sets(
+    x3: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    *,
+    training: bool,
+    factor: float,
+    eps: float,
+    sync: bool,
+    process_group,
+) -> Tensor:
+    """Normalize a ``(N, K, L)`` view per ``k`` over ``(N, L)``; weight/bias of shape ``(K,)``.
+
+    Training: batch statistics, running buffers (shape ``(K,)``) updated. Eval: running stats.
+    Native batch norm unless ``sync`` (the moments path of :func:`synced_mean_var`).
+    """
+    if not training or not sync:
+        return native_batch_norm(x3, running_mean, running_var, weight, bias, training, factor, eps)
+    mean, var, count = synced_mean_var(x3, (0, 2), process_group=process_group)
+    update_running_stats(running_mean, running_var, mean, var, count, factor)
+    y = (x3 - mean) * torch.rsqrt(var + eps)
+    if weight is not None:
+        y = y * weight.view(1, -1, 1)
+    if bias is not None:
+        y = y + bias.view(1, -1, 1)
+    return y
+
+
+def batch_norm(
+    x: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    training: bool,
+    factor: float = 0.1,
+    eps: float = 1e-5,
+    alpha: float = 0.0,
+    sync: bool = False,
+    process_group=None,
+) -> Tensor:
+    """Batch Norm (Ioffe & Szegedy 2015): per channel over ``(N, S)``.
+
+    ``y = gamma_c (x - mu_c) / sqrt(var_c + eps) + beta_c``; training uses batch statistics and
+    updates ``running_mean``/``running_var`` (shape ``(C,)``); eval uses them, mixed with the
+    example's own moments when ``alpha > 0`` (inference example weighing).
+    """
+    if training:
+        n = x.shape[0] * spatial_size(x)
+        check_set_size(n, "BatchNorm input", "Use a batch of more than one example (N * S > 1).")
+    io = NormInput(x, weight, bias)
+    w, b = io.weight, io.bias
+    if not training and alpha != 0.0:
+        pop_mean = running_mean.to(io.dtype)
+        pop_ex2 = running_var.to(io.dtype) + pop_mean**2
+        y = channel_affine(example_weighted_norm(io.x3, pop_mean, pop_ex2, alpha, eps), w, b)
+    elif sync and training:
+        y = normalize_batch_sets(
+            io.x3,
+            running_mean,
+            running_var,
+            w,
+            b,
+            training=True,
+            factor=factor,
+            eps=eps,
+            sync=True,
+            process_group=process_group,
+        )
+    else:
+        y = native_batch_norm(io.x, running_mean, running_var, w, b, training, factor, eps)
+    return io.output(y)
+
+
+def batch_renorm(
+    x: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    r_max: float,
+    d_max: float,
+    factor: float = 0.1,
+    eps: float = 1e-5,
+    sync: bool = False,
+    process_group=None,
+    reference: tuple[Tensor, Tensor] | None = None,
+) -> Tensor:
+    """Batch Renormalization (Ioffe 2017).
+
+    ``r = sg(clip(sigma_B / sigma_run, 1/r_max, r_max))``,
+    ``d = sg(clip((mu_B - mu_run) / sigma_run, -d_max, d_max))``,
+    ``x_hat = (x - mu_B) / sigma_B * r + d``, ``y = gamma x_hat + beta`` with
+    ``sigma = sqrt(var + eps)``; ``r, d`` use the running statistics *before* this step's
+    update, or ``reference = (mu_run, var_run)`` when given (the running buffers are still the
+    ones updated: recalibration rebuilds them while ``r, d`` keep the trained statistics). Since
+    ``gamma (x_hat_BN r + d) + beta = x_hat_BN (gamma r) + (gamma d + beta)``, the
+    output is one native batch-norm call with weight ``gamma r`` and bias ``gamma d + beta``.
+    Training only: eval is BN with the running statistics (:class:`~normlightning.norms.BatchRenorm`
+    normalizes with ``inference_channel_statistics()``, or :func:`batch_norm` with ``training=False``).
+    """
+    check_set_size(x.shape[0] * spatial_size(x), "BatchRenorm input", "Use a batch with N * S > 1.")
+    io = NormInput(x, weight, bias)
+    dt, x3 = io.dtype, io.x3
+    with torch.no_grad():
+        if sync:
+            mean, var, _ = synced_mean_var(x3.detach(), (0, 2), process_group=process_group)
+            mean, var = mean.view(-1), var.view(-1)
+        else:
+            mean, var = channel_moments(io.x)
+        ref_mean, ref_var = (running_mean, running_var) if reference is None else reference
+        inv_sigma_r = torch.rsqrt(ref_var.to(dt) + eps)
+        r = (torch.sqrt(var + eps) * inv_sigma_r).clamp(1.0 / r_max, r_max)
+        d = ((mean - ref_mean.to(dt)) * inv_sigma_r).clamp(-d_max, d_max)
+    w, b = io.weight, io.bias
+    w_eff = r if w is None else w * r
+    b_eff = d if w is None else w * d
+    if b is not None:
+        b_eff = b_eff + b
+    y = normalize_batch_sets(
+        x3 if sync else io.x,
+        running_mean,
+        running_var,
+        w_eff,
+        b_eff,
+        training=True,
+        factor=factor,
+        eps=eps,
+        sync=sync,
+        process_group=process_group,
+    )
+    return io.output(y)

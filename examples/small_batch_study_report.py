@@ -192,7 +192,7 @@ def layer_sizes(depth: int, base_width: int) -> dict[str, int]:
     """``{layer name: D = C*H*W}`` of the study's backbone on 1x28x28 inputs (names as injected)."""
     import torch
 
-    from normlightning.injection import probe_input_shapes
+    from normlightning.injection.plan import probe_input_shapes
     from normlightning.models import build_backbone
 
     model = build_backbone("cifar_resnet", 10, (1, 28, 28), depth=depth, base_width=base_width)
@@ -206,7 +206,7 @@ def resnet50_layer_sizes() -> list[int]:
     import torch
     import torchvision
 
-    from normlightning.injection import probe_input_shapes
+    from normlightning.injection.plan import probe_input_shapes
 
     model = torchvision.models.resnet50()
     names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)]

@@ -62,6 +62,7 @@ from normlightning.callbacks.norm_injection import NormInjection
 from normlightning.callbacks.prediction_writer import PredictionWriter
 from normlightning.callbacks.run_hparams import RunHyperparameters
 from normlightning.callbacks.throttled_progress_bar import with_progress_bar
+from normlightning.checkpoint_files import read_checkpoint
 from normlightning.ckpt_path import (
     BASE_TASK,
     LIGHTNING_CKPT_NAMES,
@@ -73,7 +74,6 @@ from normlightning.ckpt_path import (
     resolve_last,
 )
 from normlightning.data.base import MissingDataAttributeError
-from normlightning.injection import read_checkpoint
 from normlightning.run_folder import check_run_folder
 from normlightning.run_summary import evaluation_summary, fit_summary
 from normlightning.tasks.base import BaseTask

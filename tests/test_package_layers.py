@@ -67,3 +67,18 @@ def test_model_surgery_imports_no_lightning(module: str) -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_injection_exports_only_the_documented_user_api() -> None:
+    """``normlightning.injection`` exports what README, docs and examples tell users to call; the parts
+    (planning rows, spec records, layer installation) are imported from their modules by internal code."""
+    import re
+
+    import normlightning.injection as injection
+
+    root = PACKAGE.parent
+    texts = [root / "README.md", *sorted((root / "docs").glob("*.md")), *sorted((root / "examples").glob("*.py"))]
+    user_text = "\n".join(path.read_text() for path in texts)
+    undocumented = [name for name in injection.__all__ if not re.search(rf"\b{name}\b", user_text)]
+    assert not undocumented, f"exported by normlightning.injection but named in no user doc or example: {undocumented}"
+    assert not any("checkpoint" in name for name in injection.__all__), injection.__all__

@@ -33,18 +33,11 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from normlightning.callbacks.norm_sync import set_statistics_sync, trainer_syncs_batchnorm
-from normlightning.injection import (
-    CHECKPOINT_KEY,
-    InjectionRules,
-    apply_spec,
-    format_summary,
-    get_spec,
-    inject,
-    plan_injection,
-    read_checkpoint,
-    same_layers,
-    summary_rows,
-)
+from normlightning.checkpoint_files import read_checkpoint
+from normlightning.injection.apply import apply_spec, inject
+from normlightning.injection.plan import format_summary, plan_injection, summary_rows
+from normlightning.injection.rules import InjectionRules
+from normlightning.injection.spec import CHECKPOINT_KEY, get_spec, same_layers
 
 
 class NormInjection(Callback):

@@ -56,8 +56,9 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
 
 from normlightning.callbacks.norm_injection import NormInjection
-from normlightning.injection import get_spec, layer_args
+from normlightning.injection.plan import layer_args
 from normlightning.injection.rules import InjectionRules
+from normlightning.injection.spec import get_spec
 from normlightning.norms import BatchStatNorm, available_norms, norm_group_args
 from normlightning.norms.model_layers import is_norm_layer
 from normlightning.norms.registry import norm_factory

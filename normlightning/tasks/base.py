@@ -38,7 +38,9 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import AttributeDict, rank_zero_info
 from torch.optim import Optimizer
 
-from normlightning.injection import check_checkpoint_file, restore_injection, store_injection
+from normlightning.checkpoint_files import check_checkpoint_file
+from normlightning.injection.apply import restore_injection
+from normlightning.injection.spec import store_injection
 from normlightning.tasks.last_batch import check_last_training_batch
 from normlightning.tasks.lr_scaling import linear_lr_factor, scale_learning_rates
 from normlightning.tasks.norm_weight_decay import add_decay_toward_one, check_norm_decay, norm_parameter_groups

@@ -17,7 +17,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from normlightning.callbacks.norm_sync import set_statistics_sync
-from normlightning.injection import apply_spec, inject
+from normlightning.injection import inject
+from normlightning.injection.apply import apply_spec
 from normlightning.injection.fold import fold_norms
 from normlightning.injection.spec import CHECKPOINT_KEY
 from normlightning.norms import available_norms, build_norm

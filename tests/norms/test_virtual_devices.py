@@ -16,12 +16,7 @@ from torch import nn
 
 from normlightning.callbacks.norm_sync import set_statistics_sync
 from normlightning.callbacks.run_hparams import norm_hparams
-from normlightning.injection import (
-    format_summary,
-    inject,
-    restore_injection,
-    store_injection,
-)
+from normlightning.injection import format_summary, inject, restore_injection, store_injection
 from normlightning.injection.rules import InjectionRules
 from normlightning.norms import available_norms, build_norm
 from normlightning.norms.registry import norm_accepts

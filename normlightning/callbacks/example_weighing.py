@@ -42,8 +42,8 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
-from normlightning.callbacks.evaluation import ForwardFn, TargetFn, evaluate_accuracy, trainer_dataloader
-from normlightning.callbacks.progress import counted, loader_length, progress_bar, trainer_shows_progress
+from normlightning.evaluation.accuracy import ForwardFn, TargetFn, evaluate_accuracy, trainer_dataloader
+from normlightning.evaluation.progress import counted, loader_length, progress_bar, trainer_shows_progress
 
 __all__ = [
     "DEFAULT_ALPHAS",
@@ -164,7 +164,7 @@ def search_example_weighing(
         batch_size: training batch size of a normalization set, adds ``1/B``-centred points
             to the default grid (ignored when ``alphas`` is given).
         progress: draw a progress bar over all evaluated batches (every alpha), with the last
-            alpha and its accuracy (:mod:`normlightning.callbacks.progress`).
+            alpha and its accuracy (:mod:`normlightning.evaluation.progress`).
         below_main_bar: draw it below Lightning's training bar (inside ``fit``).
 
     Returns:

@@ -32,12 +32,12 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from normlightning.callbacks.norm_sync import set_statistics_sync, trainer_syncs_batchnorm
 from normlightning.checkpoint_files import read_checkpoint
 from normlightning.injection.apply import apply_spec, inject
 from normlightning.injection.plan import format_summary, plan_injection, summary_rows
 from normlightning.injection.rules import InjectionRules
 from normlightning.injection.spec import CHECKPOINT_KEY, get_spec, same_layers
+from normlightning.training.norm_sync import set_statistics_sync, trainer_syncs_batchnorm
 
 
 class NormInjection(Callback):

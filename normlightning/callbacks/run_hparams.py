@@ -63,7 +63,7 @@ from normlightning.norms import BatchStatNorm, available_norms, norm_group_args
 from normlightning.norms.model_layers import is_norm_layer
 from normlightning.norms.registry import norm_factory
 from normlightning.tasks.base import yaml_safe
-from normlightning.tasks.lr_scaling import linear_lr_factor
+from normlightning.training.lr_scaling import linear_lr_factor
 
 __all__ = ["RunHyperparameters", "data_hparams", "norm_argument_names", "norm_hparams", "run_hparams"]
 

@@ -16,10 +16,10 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
+from normlightning.attacks import PGDConfig
+from normlightning.evaluation.metrics import accuracy_metrics
 from normlightning.norms.model_layers import STATISTICS_MODES, StatisticsMode, check_statistics_mode, statistics_mode
-from normlightning.tasks.attacks import PGDConfig
 from normlightning.tasks.classification import ClassificationTask
-from normlightning.tasks.metrics import accuracy_metrics
 
 __all__ = ["AdversarialTask"]
 

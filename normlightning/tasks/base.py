@@ -19,8 +19,8 @@ optimizer always sees the model's final parameters.
 
 Two more optimizer settings: weight decay on the normalization affine parameters
 (``gamma_weight_decay``, ``beta_weight_decay``, ``gamma_decay_target``; see
-:mod:`normlightning.tasks.norm_weight_decay`) and linear LR scaling (``lr_base_batch_size``;
-see :mod:`normlightning.tasks.lr_scaling`). Checkpoints remember injected norm layers
+:mod:`normlightning.training.norm_weight_decay`) and linear LR scaling (``lr_base_batch_size``;
+see :mod:`normlightning.training.lr_scaling`). Checkpoints remember injected norm layers
 (:mod:`normlightning.injection.spec`): :meth:`BaseTask.on_load_checkpoint` rebuilds
 them before the weights are loaded.
 """
@@ -41,11 +41,11 @@ from torch.optim import Optimizer
 from normlightning.checkpoint_files import check_checkpoint_file
 from normlightning.injection.apply import restore_injection
 from normlightning.injection.spec import store_injection
-from normlightning.tasks.last_batch import check_last_training_batch
-from normlightning.tasks.lr_scaling import linear_lr_factor, scale_learning_rates
-from normlightning.tasks.norm_weight_decay import add_decay_toward_one, check_norm_decay, norm_parameter_groups
-from normlightning.tasks.rng_state import CHECKPOINT_KEY as RNG_CHECKPOINT_KEY
-from normlightning.tasks.rng_state import capture_rng_states, restore_rng_states
+from normlightning.training.last_batch import check_last_training_batch
+from normlightning.training.lr_scaling import linear_lr_factor, scale_learning_rates
+from normlightning.training.norm_weight_decay import add_decay_toward_one, check_norm_decay, norm_parameter_groups
+from normlightning.training.rng_state import CHECKPOINT_KEY as RNG_CHECKPOINT_KEY
+from normlightning.training.rng_state import capture_rng_states, restore_rng_states
 
 
 def yaml_safe(value: Any) -> Any:
@@ -178,7 +178,7 @@ class BaseTask(LightningModule):
 
     def setup(self, stage: str) -> None:
         """At ``fit``: check that the epoch's last, incomplete training batch can be normalized
-        (:func:`~normlightning.tasks.last_batch.check_last_training_batch`), so a bad remainder
+        (:func:`~normlightning.training.last_batch.check_last_training_batch`), so a bad remainder
         fails now, naming ``data.drop_last``, not after a whole epoch."""
         if stage != "fit" or self._trainer is None:
             return
@@ -195,7 +195,7 @@ class BaseTask(LightningModule):
     def parameter_groups(self) -> list[dict[str, Any]]:
         """Parameter groups handed to the optimizer: ``default`` (all trainable parameters) and,
         when ``gamma_weight_decay`` / ``beta_weight_decay`` are set, ``norm_gamma`` / ``norm_beta``
-        with their own decay (:func:`~normlightning.tasks.norm_weight_decay.norm_parameter_groups`).
+        with their own decay (:func:`~normlightning.training.norm_weight_decay.norm_parameter_groups`).
 
         Override (or extend) to give groups their own settings. Called from
         :meth:`configure_optimizers`, i.e. after every callback's ``setup``.

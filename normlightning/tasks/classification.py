@@ -5,7 +5,7 @@
 :class:`~normlightning.models.input_normalization.InputNormalization`, the model's first
 module. Loss: cross-entropy with optional label smoothing. Metrics (torchmetrics, one
 collection per stage, epoch-level, synchronized across processes; see
-:func:`~normlightning.tasks.metrics.accuracy_metrics` and :meth:`ClassificationTask.update_metrics`):
+:func:`~normlightning.evaluation.metrics.accuracy_metrics` and :meth:`ClassificationTask.update_metrics`):
 ``{stage}/acc1`` and,
 with at least 5 classes, ``{stage}/acc5``, for ``stage`` in ``train``, ``val``, ``test``;
 ``train/loss`` at the logging steps (see :meth:`ClassificationTask._logs_this_step`),
@@ -27,11 +27,11 @@ from torch import Tensor
 from torchmetrics import MetricCollection
 
 from normlightning.data.base import missing_link_error
+from normlightning.evaluation.metrics import accuracy_metrics
 from normlightning.models import build_backbone
 from normlightning.models.input_normalization import InputNormalization
 from normlightning.models.weights import WeightsReport, load_backbone_weights
 from normlightning.tasks.base import BaseTask
-from normlightning.tasks.metrics import accuracy_metrics
 
 Stage = Literal["train", "val", "test"]
 

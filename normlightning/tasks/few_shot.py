@@ -10,7 +10,7 @@ embeddings and queries go to the nearest weight by cosine. Norm statistics in ep
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -18,15 +18,16 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from normlightning.data.episodes import split_episode
+from normlightning.evaluation.confidence_interval import mean_confidence_interval
 from normlightning.models.cosine_classifier import CosineClassifier, cosine_logits, imprint_weights
 from normlightning.norms.model_layers import statistics_mode
 from normlightning.tasks.classification import ClassificationTask
-from normlightning.tasks.few_shot_metrics import mean_confidence_interval
 
 __all__ = ["NORM_STATISTICS_MODES", "FewShotTask"]
 
-NormStatistics = Literal["eval", "transductive"]
-NORM_STATISTICS_MODES: tuple[str, ...] = ("eval", "transductive")
+#: How an episode's norm layers get their statistics (the ``test_norm_statistics`` setting).
+EpisodeStatisticsMode = Literal["eval", "transductive"]
+NORM_STATISTICS_MODES: tuple[str, ...] = get_args(EpisodeStatisticsMode)
 
 
 class FewShotTask(ClassificationTask):
@@ -59,7 +60,7 @@ class FewShotTask(ClassificationTask):
         input_shape: tuple[int, int, int] = (3, 84, 84),
         cosine_scale: float = 10.0,
         learn_scale: bool = True,
-        test_norm_statistics: NormStatistics = "eval",
+        test_norm_statistics: EpisodeStatisticsMode = "eval",
         **kwargs: Any,
     ) -> None:
         if test_norm_statistics not in NORM_STATISTICS_MODES:

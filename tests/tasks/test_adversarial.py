@@ -14,12 +14,12 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
+from normlightning.attacks import PGDConfig, pgd_attack
 from normlightning.cli import build_cli, main
 from normlightning.data import Synthetic
 from normlightning.norms import build_norm
 from normlightning.norms.model_layers import is_norm_layer, statistics_mode
 from normlightning.tasks.adversarial import AdversarialTask
-from normlightning.tasks.attacks import PGDConfig, pgd_attack
 
 SHAPE = (1, 8, 8)
 

@@ -4,7 +4,7 @@ By default every layer normalizes with the statistics of its own process's batch
 papers' per-GPU setting).  Two ways to all-reduce them instead while training:
 
 * ``norm.sync: true`` (the :class:`~normlightning.callbacks.NormInjection` option), or
-* the Lightning plugin :class:`NormSync` (``trainer.plugins: [normlightning.callbacks.NormSync]``),
+* the Lightning plugin :class:`NormSync` (``trainer.plugins: [normlightning.training.NormSync]``),
   a ``LayerSync`` that Lightning applies when the DDP strategy sets up for fitting and reverts at
   teardown.  It flips ``sync_statistics`` on our batch layers and (optionally) converts any
   remaining ``torch.nn`` BatchNorm to ``SyncBatchNorm`` as ``sync_batchnorm=True`` would.

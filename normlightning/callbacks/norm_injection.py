@@ -31,6 +31,7 @@ from typing import Any, Literal
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from typing_extensions import override
 
 from normlightning.checkpoint_files import read_checkpoint
 from normlightning.injection.apply import apply_spec, inject
@@ -130,6 +131,7 @@ class NormInjection(Callback):
         self.summary_rows: list[dict[str, str]] = []
 
     # ------------------------------------------------------------------ hooks
+    @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         """Inject (once per process; idempotent across stages), print and log the summary."""
         if get_spec(pl_module) is not None:
@@ -169,11 +171,13 @@ class NormInjection(Callback):
                     "normlightning layer(s) too (set norm.sync=false to keep them per process)"
                 )
 
+    @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # layers may have been rebuilt by a checkpoint restore after setup: (re)apply the sync flag
         if self._sync_enabled(trainer):
             set_statistics_sync(pl_module, True)
 
+    @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self._sync_enabled(trainer):
             set_statistics_sync(pl_module, False)

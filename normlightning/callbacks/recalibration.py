@@ -46,6 +46,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
+from typing_extensions import override
 
 from normlightning.evaluation.accuracy import ForwardFn, default_forward, evaluate_accuracy, trainer_dataloader
 from normlightning.evaluation.progress import counted, loader_length, progress_bar, trainer_shows_progress
@@ -261,9 +262,11 @@ class Recalibration(Callback):
         self.last_result: dict[str, float] | None = None
 
     # hooks --------------------------------------------------------------------------
+    @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._done_for_fit = False
 
+    @override
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
@@ -271,6 +274,7 @@ class Recalibration(Callback):
             self.recalibrate(trainer, pl_module)
             self._done_for_fit = True
 
+    @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if "train_end" in self.when and not self._done_for_fit:  # stopped early (e.g. EarlyStopping)
             self.recalibrate(trainer, pl_module)
@@ -281,10 +285,12 @@ class Recalibration(Callback):
                     trainer.save_checkpoint(path)
                     rank_zero_info(f"Recalibration: rewrote {path} with the recalibrated statistics")
 
+    @override
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if "validation_start" in self.when:
             self.recalibrate(trainer, pl_module)
 
+    @override
     def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if "test_start" in self.when:
             self.recalibrate(trainer, pl_module)

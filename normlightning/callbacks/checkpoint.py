@@ -48,8 +48,9 @@ class Checkpoint(ModelCheckpoint):
 
     Lightning 2.6 writes ``last.ckpt`` (``save_last=True``) only when a top-k checkpoint is
     written, so with a monitored metric that stops improving ``last.ckpt`` would lag behind
-    the run and resuming from it would repeat epochs. Here it always holds the latest state
-    (written after each validation and at the end of each training epoch, once per step).
+    the run and resuming from it would repeat epochs. Here it always holds the latest state: written
+    at the end of each training epoch (after its validation, so a resumed fit starts the next epoch)
+    and after each validation inside an epoch (``val_check_interval < 1``).
     Only ``ModelCheckpoint``'s public hooks and attributes are used.
 
     Outside ``fit`` (``validate``/``test``/``predict --ckpt_path``) the run logs into a new
@@ -110,7 +111,8 @@ class Checkpoint(ModelCheckpoint):
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self._may_save(trainer):
             self._save_as_lightning_does(trainer, super().on_validation_end, trainer, pl_module)
-            self._write_last(trainer)
+            if not trainer.is_last_batch:  # a validation inside the epoch; at its end, on_train_epoch_end writes
+                self._write_last(trainer)
 
     @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:

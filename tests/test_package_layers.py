@@ -113,3 +113,24 @@ def test_a_public_class_name_means_one_thing() -> None:
                     values.setdefault(target.id, []).append(where)
     clashes = {name: (classes[name], values[name]) for name in classes.keys() & values.keys()}
     assert not clashes, clashes
+
+
+@pytest.mark.parametrize(("subpackage", "base"), [("tasks", "LightningModule"), ("callbacks", "Callback")])
+def test_tasks_hold_tasks_and_callbacks_hold_callbacks(subpackage: str, base: str) -> None:
+    """Every module of tasks/ defines a LightningModule and every module of callbacks/ a Callback; what
+    they are built from lives in training/, evaluation/ and attacks.py."""
+    import importlib
+    import inspect
+
+    import lightning.pytorch as pl
+
+    base_class = getattr(pl, base)
+    strays = []
+    for path in sorted((PACKAGE / subpackage).glob("*.py")):
+        if path.name == "__init__.py":
+            continue
+        module = importlib.import_module(f"normlightning.{subpackage}.{path.stem}")
+        defined = [c for _, c in inspect.getmembers(module, inspect.isclass) if c.__module__ == module.__name__]
+        if not any(issubclass(c, base_class) for c in defined):
+            strays.append(path.name)
+    assert not strays, f"{subpackage}/ modules without a {base}: {strays}"

@@ -61,8 +61,7 @@ class MixupClassificationTask(ClassificationTask):
     def __init__(self, *, mixup_alpha: float = 0.2, **kwargs: Any) -> None:
         if mixup_alpha < 0:
             raise ValueError(f"mixup_alpha must be >= 0 (0 disables mixup), got {mixup_alpha}")
-        super().__init__(**kwargs)
-        self.save_hyperparameters()
+        super().__init__(**kwargs)  # saves mixup_alpha and the other arguments as hyperparameters
         self.mixup_alpha = float(mixup_alpha)
 
     def sample_lam(self) -> float:

@@ -27,7 +27,7 @@ from typing import Any
 from lightning.pytorch.utilities import rank_zero_info
 
 from normlightning.tasks.base import BaseTask
-from normlightning.tasks.rng_state import CHECKPOINT_KEY as RNG_CHECKPOINT_KEY
+from normlightning.training.rng_state import CHECKPOINT_KEY as RNG_CHECKPOINT_KEY
 
 #: ``--ckpt_path`` values that are not local files and that Lightning resolves itself.
 LIGHTNING_CKPT_NAMES = ("hpc", "registry")

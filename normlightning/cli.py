@@ -8,8 +8,8 @@ task's ``num_classes``, ``input_shape``, ``input_mean`` and ``input_std`` after 
 Defaults: seed 0, a TensorBoard logger writing to ``runs/<name>/version_<n>`` (under
 ``trainer.default_root_dir`` when given: a relative logger ``save_dir`` is taken there), a
 ``checkpoint:`` section (:class:`~normlightning.callbacks.checkpoint.Checkpoint`, a
-``ModelCheckpoint`` on ``val/acc1``, mode max, plus an always up-to-date ``last.ckpt``), a ``norm:`` section
-(the norm-layer injection),
+``ModelCheckpoint`` on the task's ``monitor`` (``val/acc1``), mode max, plus an always up-to-date
+``last.ckpt``), a ``norm:`` section (the norm-layer injection),
 an ``hparams:`` section (:class:`~normlightning.callbacks.run_hparams.RunHyperparameters`: the
 applied normalization and the batch size as hyperparameters, the best ``val/acc1`` as the
 HParams metric), a ``predictions:`` section
@@ -54,6 +54,7 @@ from lightning.pytorch import LightningDataModule, Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import ArgsType, LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from typing_extensions import override
 
 from normlightning import known_warnings
 from normlightning.callbacks.checkpoint import CHECKPOINT_DEFAULTS, Checkpoint
@@ -62,6 +63,7 @@ from normlightning.callbacks.norm_injection import NormInjection
 from normlightning.callbacks.prediction_writer import PredictionWriter
 from normlightning.callbacks.run_hparams import RunHyperparameters
 from normlightning.callbacks.throttled_progress_bar import with_progress_bar
+from normlightning.checkpoint_files import read_checkpoint
 from normlightning.ckpt_path import (
     BASE_TASK,
     LIGHTNING_CKPT_NAMES,
@@ -73,7 +75,6 @@ from normlightning.ckpt_path import (
     resolve_last,
 )
 from normlightning.data.base import MissingDataAttributeError
-from normlightning.injection import read_checkpoint
 from normlightning.run_folder import check_run_folder
 from normlightning.run_summary import evaluation_summary, fit_summary
 from normlightning.tasks.base import BaseTask
@@ -139,8 +140,24 @@ SECTION_BASE_CLASSES: dict[str, str] = {
 
 class NormLightningArgumentParser(LightningArgumentParser):
     """The command's parser: a ``model:`` or ``data:`` section without ``class_path`` fails with an
-    error that says so (jsonargparse alone reports its arguments as "not accepted" by the base class)."""
+    error that says so (jsonargparse alone reports its arguments as "not accepted" by the base class);
+    ``predict`` gets ``--allow_untrained``."""
 
+    @override
+    def add_method_arguments(self, theclass: type, themethod: str, *args: Any, **kwargs: Any) -> list[str]:
+        """The subcommand's (``Trainer.<themethod>``'s) arguments; for ``predict`` also ``--allow_untrained``,
+        which stays out of the returned names (those are passed on to ``Trainer.predict``)."""
+        added = super().add_method_arguments(theclass, themethod, *args, **kwargs)
+        if themethod == "predict":
+            self.add_argument(
+                "--allow_untrained",
+                type=bool,
+                default=False,
+                help="predict without --ckpt_path, with the model's initial (untrained) weights",
+            )
+        return added
+
+    @override
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
         for section, base in SECTION_BASE_CLASSES.items():
             if f"Problem with given class_path '{base}'" in message:
@@ -176,6 +193,7 @@ class NormLightningCLI(LightningCLI):
     }
     forced_callback_defaults: dict[str, dict[str, Any]] = {"checkpoint": CHECKPOINT_DEFAULTS}
 
+    @override
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         for section, callback_class in self.forced_callbacks.items():
             parser.add_lightning_class_args(callback_class, section)
@@ -193,6 +211,7 @@ class NormLightningCLI(LightningCLI):
         for data_attr, model_arg in DATA_TO_MODEL_LINKS.items():
             parser.link_arguments(f"data.{data_attr}", f"model.init_args.{model_arg}", apply_on="instantiate")
 
+    @override
     def parse_arguments(self, parser: LightningArgumentParser, args: ArgsType) -> None:
         """Parse ``args`` (``None``: ``sys.argv``), then check a given ``--ckpt_path`` file
         (LightningCLI reads its hyperparameters next, and a missing, empty or truncated file would
@@ -237,25 +256,19 @@ class NormLightningCLI(LightningCLI):
         check_task_checkpoint(checkpoint, ckpt_path)
         self._checkpoint_hparams = dict(checkpoint.get("hyper_parameters") or {})
 
-    def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
-        """The subcommand's parser; ``predict`` gets ``--allow_untrained``."""
-        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
-        if subcommand == "predict":
-            parser.add_argument(
-                "--allow_untrained",
-                type=bool,
-                default=False,
-                help="predict without --ckpt_path, with the model's initial (untrained) weights",
-            )
-        return parser
+    def _subcommand_section(self, config: Namespace, key: str, default: Any = None) -> Any:
+        """``config[key]``, under the subcommand's part of ``config`` when there is a subcommand."""
+        return config.get(str(self.subcommand), config).get(key, default)
 
+    @override
     def before_instantiate_classes(self) -> None:
         """Resolve a relative logger ``save_dir`` (the default is ``runs``) under
         ``trainer.default_root_dir`` when one is given, so that a run told where to write writes there."""
-        trainer_config = self._get(self.config, "trainer", default=None)
+        trainer_config = self._subcommand_section(self.config, "trainer", default=None)
         if trainer_config is not None:
             anchor_loggers_at_root_dir(trainer_config)
 
+    @override
     def instantiate_classes(self) -> None:
         """Instantiate data, model and trainer; one of the package's own errors raised while building a
         class (e.g. a task argument that the data module should have provided, or a backbone argument the
@@ -282,10 +295,11 @@ class NormLightningCLI(LightningCLI):
                 self.model.hparams.get("num_classes"),
             )
 
+    @override
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """The Trainer; with ``trainer.logger: false`` the default LearningRateMonitor is dropped (it needs a logger);
         the progress bar, unless the config brings its own or turns it off, is a ``ThrottledProgressBar``."""
-        trainer_config = self._get(self.config_init, "trainer", default={})
+        trainer_config = self._subcommand_section(self.config_init, "trainer", default={})
         if trainer_config.get("logger") is False and trainer_config.get("callbacks"):
             trainer_config["callbacks"] = [
                 callback for callback in trainer_config["callbacks"] if not isinstance(callback, LearningRateMonitor)
@@ -337,6 +351,7 @@ class NormLightningCLI(LightningCLI):
     def after_test(self) -> None:
         self._print_summary(evaluation_summary(self.trainer, "test"))
 
+    @override
     def _run_subcommand(self, subcommand: str) -> None:
         """Run the subcommand; an interrupted run exits non-zero: ``EXIT_SIGTERM`` (143) after SIGTERM,
         naming the ``last.ckpt`` to resume from, ``EXIT_KEYBOARD_INTERRUPT`` (130) after Ctrl+C

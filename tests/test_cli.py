@@ -61,7 +61,7 @@ def test_help_and_print_config(quickstart, capsys) -> None:
     config = yaml.safe_load(capsys.readouterr().out)
     assert config["model"]["class_path"] == "normlightning.tasks.ClassificationTask"
     assert config["data"]["class_path"] == "normlightning.data.Digits"
-    assert config["checkpoint"]["monitor"] == "val/acc1" and config["checkpoint"]["save_last"] is True
+    assert config["checkpoint"]["monitor"] == "task" and config["checkpoint"]["save_last"] is True
     assert config["seed_everything"] == 0
 
 

@@ -16,9 +16,8 @@ from torch import nn
 
 from normlightning.callbacks import NormInjection, Recalibration
 from normlightning.cli import build_cli
-from normlightning.injection import NormWithCarried
 from normlightning.models import build_backbone
-from normlightning.norms import BatchGroupNorm, BatchNorm, GroupNorm
+from normlightning.norms import BatchGroupNorm, BatchNorm, GroupNorm, NormWithCarried
 from normlightning.tasks import ClassificationTask
 
 ROOT = Path(__file__).resolve().parents[1]

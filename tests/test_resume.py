@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from normlightning.cli import build_cli
-from normlightning.injection import CHECKPOINT_KEY
+from normlightning.injection.spec import CHECKPOINT_KEY
 from normlightning.norms import BatchGroupNorm, GroupNorm
 from normlightning.tasks import ClassificationTask
 

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from normlightning.checkpoint_files import read_checkpoint
 from normlightning.cli import build_cli
-from normlightning.injection import CHECKPOINT_KEY, read_checkpoint
+from normlightning.injection.spec import CHECKPOINT_KEY
 from normlightning.safe_loading import UnsafeFileError
 from normlightning.tasks import ClassificationTask
 

@@ -1,12 +1,13 @@
-"""Callbacks: normalization injection, statistics sync, the CLI's checkpoint, progress bar,
-hyperparameters and prediction writer, and research tools."""
+"""Callbacks: normalization injection, the CLI's checkpoint, progress bar, hyperparameters, prediction
+writer and divergence check, and research tools (statistics monitor, recalibration, example weighing,
+median of the last epochs). Helpers they share live in :mod:`normlightning.evaluation`; the statistics
+sync plugin in :mod:`normlightning.training`."""
 
 from normlightning.callbacks.checkpoint import Checkpoint
 from normlightning.callbacks.example_weighing import ExampleWeighingSearch, search_example_weighing
 from normlightning.callbacks.median_last_epochs import MedianOfLastEpochs
 from normlightning.callbacks.norm_injection import NormInjection
 from normlightning.callbacks.norm_stats import NormStatistics
-from normlightning.callbacks.norm_sync import NormSync, set_statistics_sync
 from normlightning.callbacks.prediction_writer import PredictionWriter
 from normlightning.callbacks.recalibration import Recalibration, recalibrate_statistics
 from normlightning.callbacks.run_hparams import RunHyperparameters
@@ -18,12 +19,10 @@ __all__ = [
     "MedianOfLastEpochs",
     "NormInjection",
     "NormStatistics",
-    "NormSync",
     "PredictionWriter",
     "Recalibration",
     "RunHyperparameters",
     "ThrottledProgressBar",
     "recalibrate_statistics",
     "search_example_weighing",
-    "set_statistics_sync",
 ]

@@ -26,6 +26,7 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
+from typing_extensions import override
 
 __all__ = ["DivergenceCheck", "NonFiniteError", "first_nonfinite_tensor", "learning_rates"]
 
@@ -68,6 +69,7 @@ class DivergenceCheck(Callback):
         self.on_nonfinite = on_nonfinite
         self._warned = False
 
+    @override
     def on_before_backward(self, trainer: Trainer, pl_module: LightningModule, loss: Tensor) -> None:
         if self.on_nonfinite == "ignore":
             return
@@ -77,6 +79,7 @@ class DivergenceCheck(Callback):
             value = loss.detach().flatten()[0].item()
             self._report(trainer, f"the training loss is {value}", "before this step's update")
 
+    @override
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:

@@ -41,9 +41,10 @@ from typing import Any
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
+from typing_extensions import override
 
-from normlightning.callbacks.evaluation import ForwardFn, TargetFn, evaluate_accuracy, trainer_dataloader
-from normlightning.callbacks.progress import counted, loader_length, progress_bar, trainer_shows_progress
+from normlightning.evaluation.accuracy import ForwardFn, TargetFn, evaluate_accuracy, trainer_dataloader
+from normlightning.evaluation.progress import counted, loader_length, progress_bar, trainer_shows_progress
 
 __all__ = [
     "DEFAULT_ALPHAS",
@@ -164,7 +165,7 @@ def search_example_weighing(
         batch_size: training batch size of a normalization set, adds ``1/B``-centred points
             to the default grid (ignored when ``alphas`` is given).
         progress: draw a progress bar over all evaluated batches (every alpha), with the last
-            alpha and its accuracy (:mod:`normlightning.callbacks.progress`).
+            alpha and its accuracy (:mod:`normlightning.evaluation.progress`).
         below_main_bar: draw it below Lightning's training bar (inside ``fit``).
 
     Returns:
@@ -246,31 +247,38 @@ class ExampleWeighingSearch(Callback):
         self.checkpoint_path: str | None = None
 
     # state ----------------------------------------------------------------------------
+    @override
     def state_dict(self) -> dict[str, Any]:
         if self.alpha is None:
             return {}
         return {"alpha": self.alpha, "table": [dict(row) for row in self.table]}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if "alpha" in state_dict:
             self.alpha = float(state_dict["alpha"])
             self.table = [dict(row) for row in state_dict.get("table", [])]
 
     # hooks ----------------------------------------------------------------------------
+    @override
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._apply(pl_module)
 
+    @override
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._apply(pl_module)
 
+    @override
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._apply(pl_module)
 
+    @override
     def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.alpha is None and self.search_on_test_start:
             self.search(trainer, pl_module)
         self._apply(pl_module)
 
+    @override
     def on_fit_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not self.search_on_fit_end or trainer.interrupted:
             return

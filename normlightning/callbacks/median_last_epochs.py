@@ -13,6 +13,7 @@ import statistics
 from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
+from typing_extensions import override
 
 
 class MedianOfLastEpochs(Callback):
@@ -40,6 +41,7 @@ class MedianOfLastEpochs(Callback):
             raise ValueError(f"MedianOfLastEpochs: no value of {self.monitor!r} recorded yet")
         return float(statistics.median(self.history[-self.k :]))
 
+    @override
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.sanity_checking:
             return
@@ -52,8 +54,10 @@ class MedianOfLastEpochs(Callback):
         self.history.append(float(value))
         pl_module.log(self.name, self.median(), sync_dist=False)
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"history": list(self.history)}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = [float(v) for v in state_dict.get("history", [])]

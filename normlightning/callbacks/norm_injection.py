@@ -31,20 +31,14 @@ from typing import Any, Literal
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from typing_extensions import override
 
-from normlightning.callbacks.norm_sync import set_statistics_sync, trainer_syncs_batchnorm
-from normlightning.injection import (
-    CHECKPOINT_KEY,
-    InjectionRules,
-    apply_spec,
-    format_summary,
-    get_spec,
-    inject,
-    plan_injection,
-    read_checkpoint,
-    same_layers,
-    summary_rows,
-)
+from normlightning.checkpoint_files import read_checkpoint
+from normlightning.injection.apply import apply_spec, inject
+from normlightning.injection.plan import format_summary, plan_injection, summary_rows
+from normlightning.injection.rules import InjectionRules
+from normlightning.injection.spec import CHECKPOINT_KEY, get_spec, same_layers
+from normlightning.training.norm_sync import set_statistics_sync, trainer_syncs_batchnorm
 
 
 class NormInjection(Callback):
@@ -137,6 +131,7 @@ class NormInjection(Callback):
         self.summary_rows: list[dict[str, str]] = []
 
     # ------------------------------------------------------------------ hooks
+    @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         """Inject (once per process; idempotent across stages), print and log the summary."""
         if get_spec(pl_module) is not None:
@@ -176,11 +171,13 @@ class NormInjection(Callback):
                     "normlightning layer(s) too (set norm.sync=false to keep them per process)"
                 )
 
+    @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # layers may have been rebuilt by a checkpoint restore after setup: (re)apply the sync flag
         if self._sync_enabled(trainer):
             set_statistics_sync(pl_module, True)
 
+    @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self._sync_enabled(trainer):
             set_statistics_sync(pl_module, False)

@@ -45,6 +45,7 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from torch import nn
+from typing_extensions import override
 
 from normlightning import plotting
 from normlightning.norms.model_walk import is_norm_layer
@@ -200,8 +201,10 @@ class NormStatistics(Callback):
         self._handles: list[Any] = []
 
     @property
+    @override
     def state_key(self) -> str:
-        return self._generate_state_key(layers=self.layers, every_n_steps=self.every_n_steps)
+        """The class name and the settings that tell two instances apart (Lightning's own format)."""
+        return f"{type(self).__qualname__}{dict(layers=self.layers, every_n_steps=self.every_n_steps)!r}"
 
     # layer selection / hooks ----------------------------------------------------------
     def select_layers(self, model: nn.Module) -> dict[str, nn.Module]:
@@ -242,14 +245,17 @@ class NormStatistics(Callback):
         return hook
 
     # lightning hooks ------------------------------------------------------------------
+    @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.attach(pl_module)
 
+    @override
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         self._armed = self._batches_seen % self.every_n_steps == 0
         self._step = trainer.global_step  # optimizer steps taken before this batch's forward
         self._pending = {}
 
+    @override
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
@@ -264,6 +270,7 @@ class NormStatistics(Callback):
         self._samples += 1
         self._log(trainer, step)
 
+    @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.detach()
         if trainer.is_global_zero:
@@ -272,12 +279,15 @@ class NormStatistics(Callback):
             )
             self._log_figures(trainer)
 
+    @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         self.detach()
 
+    @override
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self.detach()
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {
             "batches_seen": self._batches_seen,
@@ -285,6 +295,7 @@ class NormStatistics(Callback):
             "history": {name: h.state() for name, h in self.history.items()},
         }
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._batches_seen = int(state_dict.get("batches_seen", 0))
         self._samples = int(state_dict.get("samples", 0))

@@ -44,6 +44,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import BasePredictionWriter
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
+from typing_extensions import override
 
 __all__ = ["PredictionWriter", "csv_columns"]
 
@@ -142,6 +143,7 @@ class PredictionWriter(BasePredictionWriter):
         extensions = {"csv": ["csv"], "pt": ["pt"], "both": ["csv", "pt"], "none": []}[self.format]
         return [os.path.join(self._folder(trainer), f"{stem}.{extension}") for extension in extensions]
 
+    @override
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Before the pass: create the folder, check that it is writable and that no earlier
         predictions would be replaced (see the module docstring)."""
@@ -164,10 +166,12 @@ class PredictionWriter(BasePredictionWriter):
                 f"predictions.output_dir or predictions.filename, or predictions.overwrite=true to replace it"
             )
 
+    @override
     def on_predict_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._reset()
         self.files = []
 
+    @override
     def write_on_batch_end(
         self,
         trainer: Trainer,
@@ -201,6 +205,7 @@ class PredictionWriter(BasePredictionWriter):
         if target is not None:
             self._targets.append(target)
 
+    @override
     def on_predict_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """Write the files of this process and print where they are."""
         if self.format == "none":

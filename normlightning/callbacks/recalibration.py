@@ -46,9 +46,10 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
+from typing_extensions import override
 
-from normlightning.callbacks.evaluation import ForwardFn, default_forward, evaluate_accuracy, trainer_dataloader
-from normlightning.callbacks.progress import counted, loader_length, progress_bar, trainer_shows_progress
+from normlightning.evaluation.accuracy import ForwardFn, default_forward, evaluate_accuracy, trainer_dataloader
+from normlightning.evaluation.progress import counted, loader_length, progress_bar, trainer_shows_progress
 from normlightning.norms.model_walk import is_batch_statistic_layer
 
 __all__ = [
@@ -113,8 +114,8 @@ def recalibrate_statistics(
         batches: iterable of training batches (a DataLoader); finite if ``num_batches`` is None.
         num_batches: K, how many batches to use (default: all of ``batches``). Fewer
             available -> a warning and all of them are used.
-        forward_fn: ``(model, batch) -> Any``; default :func:`~normlightning.callbacks.evaluation.default_forward`.
-        progress: draw a progress bar over the batches (:mod:`normlightning.callbacks.progress`).
+        forward_fn: ``(model, batch) -> Any``; default :func:`~normlightning.evaluation.accuracy.default_forward`.
+        progress: draw a progress bar over the batches (:mod:`normlightning.evaluation.progress`).
         below_main_bar: draw it below Lightning's training bar (inside ``fit``).
 
     Returns:
@@ -222,7 +223,7 @@ class Recalibration(Callback):
         report_accuracy: also measure top-1 accuracy on the validation loader before
             and after (costs two passes over it); logged as ``recalibration/acc_before``
             and ``recalibration/acc_after``.
-        forward_fn: ``(model, batch) -> logits``; default :func:`~normlightning.callbacks.evaluation.default_forward`.
+        forward_fn: ``(model, batch) -> logits``; default :func:`~normlightning.evaluation.accuracy.default_forward`.
         sync: under DDP, average the recalibrated statistics over the processes (each process
             recalibrates on its own batches; the average is over ``K * world_size`` batches).
             ``False`` keeps each process's own result (checkpoints hold rank 0's).
@@ -261,9 +262,11 @@ class Recalibration(Callback):
         self.last_result: dict[str, float] | None = None
 
     # hooks --------------------------------------------------------------------------
+    @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._done_for_fit = False
 
+    @override
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
@@ -271,6 +274,7 @@ class Recalibration(Callback):
             self.recalibrate(trainer, pl_module)
             self._done_for_fit = True
 
+    @override
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if "train_end" in self.when and not self._done_for_fit:  # stopped early (e.g. EarlyStopping)
             self.recalibrate(trainer, pl_module)
@@ -281,10 +285,12 @@ class Recalibration(Callback):
                     trainer.save_checkpoint(path)
                     rank_zero_info(f"Recalibration: rewrote {path} with the recalibrated statistics")
 
+    @override
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if "validation_start" in self.when:
             self.recalibrate(trainer, pl_module)
 
+    @override
     def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if "test_start" in self.when:
             self.recalibrate(trainer, pl_module)

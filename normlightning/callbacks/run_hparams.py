@@ -54,15 +54,18 @@ import yaml
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
+from typing_extensions import override
 
+from normlightning.callbacks.checkpoint import resolve_monitor
 from normlightning.callbacks.norm_injection import NormInjection
-from normlightning.injection import get_spec, layer_args
+from normlightning.injection.plan import layer_args
 from normlightning.injection.rules import InjectionRules
+from normlightning.injection.spec import get_spec
 from normlightning.norms import BatchStatNorm, available_norms, norm_group_args
 from normlightning.norms.model_walk import is_norm_layer
 from normlightning.norms.registry import norm_factory
 from normlightning.tasks.base import yaml_safe
-from normlightning.tasks.lr_scaling import linear_lr_factor
+from normlightning.training.lr_scaling import linear_lr_factor
 
 __all__ = ["RunHyperparameters", "data_hparams", "norm_argument_names", "norm_hparams", "run_hparams"]
 
@@ -229,7 +232,7 @@ class RunHyperparameters(Callback):
 
     Args:
         metric: the metric whose best value goes to the HParams tab as ``hp/best_<metric>``;
-            default: the ``checkpoint:`` section's ``monitor`` (``val/acc1``).
+            default: the ``checkpoint:`` section's ``monitor`` (by default the task's, ``val/acc1``).
         mode: ``max`` or ``min``; default: the checkpoint's ``mode``.
 
     Attributes:
@@ -251,13 +254,15 @@ class RunHyperparameters(Callback):
         """The HParams metric's name, ``hp/best_<metric>`` (``None`` without a metric)."""
         return f"hp/best_{self._metric}" if self._metric else None
 
-    def _resolve_metric(self, trainer: Trainer) -> None:
+    def _resolve_metric(self, trainer: Trainer, pl_module: LightningModule) -> None:
         checkpoint = trainer.checkpoint_callback
-        self._metric = self.metric or getattr(checkpoint, "monitor", None)
+        # the checkpoint resolves monitor="task" at its own setup, which Lightning runs after this one's
+        self._metric = self.metric or resolve_monitor(getattr(checkpoint, "monitor", None), pl_module)
         self._mode = self.mode or getattr(checkpoint, "mode", None) or "max"
 
+    @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        self._resolve_metric(trainer)
+        self._resolve_metric(trainer, pl_module)
         injection = next((c for c in trainer.callbacks if isinstance(c, NormInjection)), None)
         data = data_hparams(getattr(trainer, "datamodule", None), trainer.world_size)
         self.params = {
@@ -281,6 +286,7 @@ class RunHyperparameters(Callback):
         merged = {**(datamodule.hparams_initial if datamodule is not None else {}), **pl_module.hparams_initial}
         return yaml_safe({k: v for k, v in merged.items() if k not in _CLI_KEYS})
 
+    @override
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.sanity_checking or self.tag is None or trainer.state.fn != "fit":
             return
@@ -294,8 +300,10 @@ class RunHyperparameters(Callback):
         for logger in trainer.loggers:
             logger.log_metrics({self.tag: self.best}, step=trainer.global_step)
 
+    @override
     def state_dict(self) -> dict[str, Any]:
         return {"best": self.best}
 
+    @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.best = float(state_dict.get("best", math.nan))

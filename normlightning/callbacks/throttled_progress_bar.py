@@ -9,8 +9,11 @@ as the step itself; a terminal shows no more than a few redraws a second anyway.
 from __future__ import annotations
 
 import time
+from typing import Any
 
+from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback, ProgressBar, TQDMProgressBar
+from typing_extensions import override
 
 __all__ = ["ThrottledProgressBar", "with_progress_bar"]
 
@@ -34,14 +37,62 @@ class ThrottledProgressBar(TQDMProgressBar):
         self.min_interval = float(min_interval)
         self._last_redraw = float("-inf")
 
-    def _should_update(self, current: int, total: int) -> bool:
-        if not super()._should_update(current, total):
+    def _redraw_now(self, current: int, total: float | None) -> bool:
+        """Whether batch ``current`` of ``total`` redraws its bar: Lightning's rule (every ``refresh_rate``
+        batches and at the last one), and no sooner than ``min_interval`` seconds after the last redraw."""
+        if not (self.is_enabled and (current % self.refresh_rate == 0 or current == total)):
             return False
         now = time.monotonic()
         if current == total or now - self._last_redraw >= self.min_interval:
             self._last_redraw = now
             return True
         return False
+
+    @override
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self._redraw_now(batch_idx + 1, self.train_progress_bar.total):
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    @override
+    def on_validation_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if self._redraw_now(batch_idx + 1, self.val_progress_bar.total):
+            super().on_validation_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
+
+    @override
+    def on_test_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if self._redraw_now(batch_idx + 1, self.test_progress_bar.total):
+            super().on_test_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
+
+    @override
+    def on_predict_batch_end(
+        self,
+        trainer: Trainer,
+        pl_module: LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if self._redraw_now(batch_idx + 1, self.predict_progress_bar.total):
+            super().on_predict_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
 
 
 def with_progress_bar(callbacks: list[Callback] | None, enabled: bool) -> list[Callback]:

@@ -41,8 +41,8 @@ TIMM_PREFIX = "timm/"
 #: Our own backbones: registry name -> "module:function" (function name == registry name).
 BUILTIN_BACKBONES: dict[str, str] = {
     "small_cnn": "normlightning.models.small_cnn:small_cnn",
-    "cifar_resnet18": "normlightning.models.cifar_resnet:cifar_resnet18",
-    "cifar_resnet": "normlightning.models.cifar_resnet_depth:cifar_resnet",
+    "cifar_resnet18": "normlightning.models.cifar_resnet18:cifar_resnet18",
+    "cifar_resnet": "normlightning.models.cifar_resnet:cifar_resnet",
     "mlp": "normlightning.models.mlp:mlp",
     "wide_resnet": "normlightning.models.wide_resnet:wide_resnet",
     "resnet12": "normlightning.models.resnet12:resnet12",

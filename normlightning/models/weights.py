@@ -35,7 +35,7 @@ from urllib.parse import urlparse
 import torch
 from torch import Tensor, nn
 
-from normlightning.injection import mark_pretrained
+from normlightning.injection.apply import mark_pretrained
 
 __all__ = [
     "WEIGHT_FILE_SUFFIXES",

@@ -152,7 +152,7 @@ def cell_config(
     - ``data.init_args.batch_size = B`` (per process) and ``drop_last = True`` (no training
       batch of a single example, which batch-statistic layers reject);
     - ``model.init_args.lr_base_batch_size = base_batch_size``: the task scales the optimizer's
-      ``lr`` linearly (:mod:`normlightning.tasks.lr_scaling`, Goyal et al. 2017),
+      ``lr`` linearly (:mod:`normlightning.training.lr_scaling`, Goyal et al. 2017),
       ``lr = base_lr * B * world_size / base_batch_size``;
     - ``seed_everything = seed`` (weights, data order; the data split keeps its own seed);
     - ``trainer.max_epochs = epochs`` and ``T_max`` of a ``CosineAnnealingLR`` scheduler;

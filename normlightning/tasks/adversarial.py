@@ -8,18 +8,18 @@ the inference-mode choice are described in ``docs/adversarial.md``.
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from typing import Any
 
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
+from typing_extensions import override
 
+from normlightning.attacks import PGDConfig
+from normlightning.evaluation.metrics import accuracy_metrics
 from normlightning.norms.model_walk import STATISTICS_MODES, StatisticsMode, check_statistics_mode, statistics_mode
-from normlightning.tasks.attacks import PGDConfig
-from normlightning.tasks.classification import ClassificationTask
-from normlightning.tasks.metrics import accuracy_metrics
+from normlightning.tasks.classification import ClassificationTask, EvalStage
 
 __all__ = ["AdversarialTask"]
 
@@ -51,9 +51,8 @@ class AdversarialTask(ClassificationTask):
     ``train/acc1_robust`` (when ``adversarial_weight > 0``), ``train/loss_clean``,
     ``train/acc1_clean`` (when ``adversarial_weight < 1``); ``{val,test}/loss_clean``,
     ``{val,test}/acc1_clean``, ``{val,test}/loss_robust``, ``{val,test}/acc1_robust`` and
-    ``acc5_clean``/``acc5_robust`` with at least 5 classes. There is no plain ``val/acc1``:
-    point checkpoints at ``val/acc1_robust`` (``--checkpoint.monitor=val/acc1_robust``; the
-    configs do).
+    ``acc5_clean``/``acc5_robust`` with at least 5 classes. There is no plain ``val/acc1``: the
+    task's :attr:`monitor`, which the ``checkpoint:`` callback keeps the best of, is ``val/acc1_robust``.
 
     Its training step is its own (clean and robust losses, :meth:`cross_entropy` each): it does
     not call ``prepare_training_batch`` or ``training_loss`` of ``ClassificationTask``.
@@ -78,6 +77,8 @@ class AdversarialTask(ClassificationTask):
         **kwargs: every other :class:`~normlightning.tasks.ClassificationTask` argument
             (optimizer, scheduler, label smoothing, norm weight decay, LR scaling, ...).
     """
+
+    monitor = "val/acc1_robust"
 
     def __init__(
         self,
@@ -110,11 +111,6 @@ class AdversarialTask(ClassificationTask):
             lr_scheduler_monitor=lr_scheduler_monitor,
             **kwargs,
         )
-        self.save_hyperparameters()
-        for key, value in (("train_attack", train_attack), ("eval_attack", eval_attack)):
-            # stored as plain dicts: readable hparams.yaml, and load_from_checkpoint accepts them
-            self.hparams[key] = asdict(value)
-            self._hparams_initial[key] = asdict(value)
         self.train_attack = train_attack
         self.eval_attack = eval_attack
         self.adversarial_weight = float(adversarial_weight)
@@ -123,6 +119,7 @@ class AdversarialTask(ClassificationTask):
         self.eval_attack_seed = eval_attack_seed
 
     # ----------------------------------------------------------------- metrics
+    @override
     def configure_metrics(self) -> None:
         """``{stage}/acc1_{kind}`` (and ``acc5_{kind}`` with >= 5 classes), kind = clean | robust."""
         self.adv_metrics = nn.ModuleDict(
@@ -159,6 +156,7 @@ class AdversarialTask(ClassificationTask):
             f"({STATISTICS_MODES[self.eval_attack_norm_mode]}); adversarial_weight={self.adversarial_weight:g}"
         )
 
+    @override
     def setup(self, stage: str) -> None:
         """Write :meth:`attack_summary` to the log and, with TensorBoard, as text ``adversarial/settings``."""
         super().setup(stage)
@@ -173,6 +171,7 @@ class AdversarialTask(ClassificationTask):
         self.update_metrics(stage, self.adv_metrics[f"{stage}_{kind}"], logits, y)
         self.log(f"{stage}/loss_{kind}", loss, on_step=stage == "train", on_epoch=True, batch_size=y.shape[0])
 
+    @override
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         x, y = batch[0], batch[1]
         w = self.adversarial_weight
@@ -198,7 +197,9 @@ class AdversarialTask(ClassificationTask):
         seed = self.eval_attack_seed + 1_000_003 * _EVAL_STAGE_IDS[stage] + batch_idx
         return torch.Generator(device=x.device).manual_seed(seed)
 
-    def _eval_step(self, batch: Any, batch_idx: int, stage: str) -> None:
+    @override
+    def eval_step(self, batch: Any, batch_idx: int, stage: EvalStage) -> None:
+        """Clean and robust loss and accuracy of ``batch`` (the evaluation attack seeded per ``batch_idx``)."""
         x, y = batch[0], batch[1]
         generator = self._eval_generator(x, stage, batch_idx)
         x_adv = self.attack(x, y, self.eval_attack, self.eval_attack_norm_mode, generator=generator)
@@ -206,9 +207,3 @@ class AdversarialTask(ClassificationTask):
             logits = self(inputs)
             loss = self.cross_entropy(logits, y)
             self._log_kind(stage, kind, logits, y, loss)
-
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self._eval_step(batch, batch_idx, "val")
-
-    def test_step(self, batch: Any, batch_idx: int) -> None:
-        self._eval_step(batch, batch_idx, "test")

@@ -19,14 +19,16 @@ optimizer always sees the model's final parameters.
 
 Two more optimizer settings: weight decay on the normalization affine parameters
 (``gamma_weight_decay``, ``beta_weight_decay``, ``gamma_decay_target``; see
-:mod:`normlightning.tasks.norm_weight_decay`) and linear LR scaling (``lr_base_batch_size``;
-see :mod:`normlightning.tasks.lr_scaling`). Checkpoints remember injected norm layers
+:mod:`normlightning.training.norm_weight_decay`) and linear LR scaling (``lr_base_batch_size``;
+see :mod:`normlightning.training.lr_scaling`). Checkpoints remember injected norm layers
 (:mod:`normlightning.injection.spec`): :meth:`BaseTask.on_load_checkpoint` rebuilds
 them before the weights are loaded.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import os
 from collections.abc import Iterable, Mapping
 from enum import Enum
@@ -37,13 +39,16 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import AttributeDict, rank_zero_info
 from torch.optim import Optimizer
+from typing_extensions import override
 
-from normlightning.injection import check_checkpoint_file, restore_injection, store_injection
-from normlightning.tasks.last_batch import check_last_training_batch
-from normlightning.tasks.lr_scaling import linear_lr_factor, scale_learning_rates
-from normlightning.tasks.norm_weight_decay import add_decay_toward_one, check_norm_decay, norm_parameter_groups
-from normlightning.tasks.rng_state import CHECKPOINT_KEY as RNG_CHECKPOINT_KEY
-from normlightning.tasks.rng_state import capture_rng_states, restore_rng_states
+from normlightning.checkpoint_files import check_checkpoint_file
+from normlightning.injection.apply import restore_injection
+from normlightning.injection.spec import store_injection
+from normlightning.training.last_batch import check_last_training_batch
+from normlightning.training.lr_scaling import linear_lr_factor, scale_learning_rates
+from normlightning.training.norm_weight_decay import add_decay_toward_one, check_norm_decay, norm_parameter_groups
+from normlightning.training.rng_state import CHECKPOINT_KEY as RNG_CHECKPOINT_KEY
+from normlightning.training.rng_state import capture_rng_states, restore_rng_states
 
 
 def yaml_safe(value: Any) -> Any:
@@ -69,11 +74,13 @@ def default_optimizer(params: Iterable[Any]) -> Optimizer:
 class BaseTask(LightningModule):
     """A LightningModule whose optimizer and LR scheduler come from its arguments.
 
-    Subclasses take keyword-only typed arguments, pass ``optimizer``, ``lr_scheduler``,
+    Subclasses take keyword-only typed arguments and pass ``optimizer``, ``lr_scheduler``,
     ``lr_scheduler_interval``, ``lr_scheduler_monitor``, ``gamma_weight_decay``,
-    ``beta_weight_decay``, ``gamma_decay_target`` and ``lr_base_batch_size`` on to ``super().__init__`` and
-    call ``self.save_hyperparameters()`` (hyperparameters are then saved in checkpoints and
-    ``SubTask.load_from_checkpoint(path)`` rebuilds the task).
+    ``beta_weight_decay``, ``gamma_decay_target`` and ``lr_base_batch_size`` on to ``super().__init__``,
+    which saves the arguments of every ``__init__`` of the task's classes as its hyperparameters
+    (:meth:`save_hyperparameters`, the one place they are handled): they are then saved in checkpoints
+    and ``SubTask.load_from_checkpoint(path)`` rebuilds the task. A subclass declares the arguments
+    to leave out in :attr:`unsaved_hparams` and the metric its checkpoint keeps in :attr:`monitor`.
 
     Args:
         optimizer: a callable ``params -> Optimizer`` (in a config: ``class_path`` of an
@@ -138,19 +145,31 @@ class BaseTask(LightningModule):
         self.compile_options: dict[str, Any] | None = (
             (dict(compile) if isinstance(compile, dict) else {}) if compile else None
         )
+        # from this frame up through every subclass's __init__ (Lightning collects their arguments)
+        self.save_hyperparameters(frame=inspect.currentframe())
 
-    #: Constructor arguments kept out of the saved hyperparameters (and so out of checkpoints):
-    #: starting points that a checkpoint makes unnecessary, such as ``backbone_weights``.
+    #: The validation metric whose best value the ``checkpoint:`` callback keeps (higher is better,
+    #: ``checkpoint.mode: max``), unless the section names its own ``monitor``. ``None``: no metric (the
+    #: checkpoint keeps the latest state as its best). Each task sets its own.
+    monitor: str | None = None
+
+    #: Constructor arguments kept out of the saved hyperparameters (and so out of checkpoints): starting
+    #: points that a checkpoint makes unnecessary, such as ``backbone_weights``, and evaluation settings
+    #: that a checkpoint's values must not override on the command line.
     unsaved_hparams: tuple[str, ...] = ()
 
+    @override
     def save_hyperparameters(self, *args: Any, **kwargs: Any) -> None:
-        """``LightningModule.save_hyperparameters`` that keeps checkpoints loadable.
+        """``LightningModule.save_hyperparameters`` that keeps checkpoints loadable; ``BaseTask.__init__``
+        calls it for every task.
 
         Launched from the CLI, the optimizer and scheduler arrive as config dicts
         (``class_path``/``init_args``) or import paths and are kept. Python callables (a ``partial``, a
         lambda) are dropped from the saved hyperparameters: they may not pickle, and a
         reloaded task then gets the default optimizer (inference does not need one). The
-        arguments a subclass lists in :attr:`unsaved_hparams` are never saved.
+        arguments a subclass lists in :attr:`unsaved_hparams` are never saved. Dataclass values (an
+        attack's :class:`~normlightning.attacks.PGDConfig`) are saved as plain dicts, which a
+        weights-only load reads and the task's argument accepts.
 
         The copy that loggers write (``hparams_initial``, e.g. TensorBoard's ``hparams.yaml``) holds
         plain YAML types only (:func:`yaml_safe`: tuples become lists), so ``yaml.safe_load`` reads
@@ -158,8 +177,6 @@ class BaseTask(LightningModule):
         """
         frame = kwargs.pop("frame", None)
         if frame is None:
-            import inspect
-
             current = inspect.currentframe()
             frame = current.f_back if current is not None else None
         super().save_hyperparameters(*args, frame=frame, **kwargs)
@@ -172,11 +189,16 @@ class BaseTask(LightningModule):
             self.remove_ignored_hparams(drop)
             for key in drop:
                 self._hparams_initial.pop(key, None)
+        for saved in (self._hparams, self._hparams_initial):
+            for key, value in saved.items():
+                if dataclasses.is_dataclass(value) and not isinstance(value, type):
+                    saved[key] = dataclasses.asdict(value)
         self._hparams_initial = AttributeDict(yaml_safe(dict(self._hparams_initial)))
 
+    @override
     def setup(self, stage: str) -> None:
         """At ``fit``: check that the epoch's last, incomplete training batch can be normalized
-        (:func:`~normlightning.tasks.last_batch.check_last_training_batch`), so a bad remainder
+        (:func:`~normlightning.training.last_batch.check_last_training_batch`), so a bad remainder
         fails now, naming ``data.drop_last``, not after a whole epoch."""
         if stage != "fit" or self._trainer is None:
             return
@@ -184,6 +206,7 @@ class BaseTask(LightningModule):
         if datamodule is not None:
             check_last_training_batch(self, datamodule.train_dataloader(), self.trainer.world_size)
 
+    @override
     def configure_model(self) -> None:
         """Compile the forward when the ``compile`` argument asks for it (once; the Trainer calls
         this hook after every callback's ``setup``, so after the norm injection)."""
@@ -193,13 +216,14 @@ class BaseTask(LightningModule):
     def parameter_groups(self) -> list[dict[str, Any]]:
         """Parameter groups handed to the optimizer: ``default`` (all trainable parameters) and,
         when ``gamma_weight_decay`` / ``beta_weight_decay`` are set, ``norm_gamma`` / ``norm_beta``
-        with their own decay (:func:`~normlightning.tasks.norm_weight_decay.norm_parameter_groups`).
+        with their own decay (:func:`~normlightning.training.norm_weight_decay.norm_parameter_groups`).
 
         Override (or extend) to give groups their own settings. Called from
         :meth:`configure_optimizers`, i.e. after every callback's ``setup``.
         """
         return norm_parameter_groups(self, **self.norm_decay)
 
+    @override
     def configure_gradient_clipping(
         self, optimizer: Optimizer, gradient_clip_val: float | None = None, gradient_clip_algorithm: str | None = None
     ) -> None:
@@ -214,6 +238,7 @@ class BaseTask(LightningModule):
         super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
         add_decay_toward_one(optimizer)
 
+    @override
     def on_before_optimizer_step(self, optimizer: Optimizer) -> None:
         """With manual optimization (where Lightning does not call :meth:`configure_gradient_clipping`
         and the task clips before ``optimizer.step()``), decay gamma toward 1 here, right before the step."""
@@ -221,6 +246,7 @@ class BaseTask(LightningModule):
             add_decay_toward_one(optimizer)
 
     @classmethod
+    @override
     def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:
         """``LightningModule.load_from_checkpoint`` with ``weights_only=True`` unless the caller passes
         ``weights_only=False`` (their promise that the file is trusted: it may run code), and a clear
@@ -232,11 +258,13 @@ class BaseTask(LightningModule):
             check_checkpoint_file(checkpoint_path, weights_only=weights_only is not False)
         return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
 
+    @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Store the spec of injected norm layers (if any) and the random-number states."""
         store_injection(self, checkpoint)
         checkpoint[RNG_CHECKPOINT_KEY] = capture_rng_states()
 
+    @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Rebuild injected norm layers from the checkpoint's spec, before its weights are loaded.
 
@@ -247,6 +275,7 @@ class BaseTask(LightningModule):
         restore_injection(self, checkpoint)
         self._rng_states_to_resume = checkpoint.get(RNG_CHECKPOINT_KEY) if self._trainer is not None else None
 
+    @override
     def on_train_start(self) -> None:
         """Continue from the random-number states of the checkpoint this fit resumes (if any)."""
         states = getattr(self, "_rng_states_to_resume", None)
@@ -254,6 +283,7 @@ class BaseTask(LightningModule):
             restore_rng_states(states)
             self._rng_states_to_resume = None
 
+    @override
     def configure_optimizers(self) -> Any:
         """Build the optimizer from :meth:`parameter_groups` (LR linearly scaled when
         ``lr_base_batch_size`` is set) and the optional LR scheduler."""

@@ -5,7 +5,7 @@
 :class:`~normlightning.models.input_normalization.InputNormalization`, the model's first
 module. Loss: cross-entropy with optional label smoothing. Metrics (torchmetrics, one
 collection per stage, epoch-level, synchronized across processes; see
-:func:`~normlightning.tasks.metrics.accuracy_metrics` and :meth:`ClassificationTask.update_metrics`):
+:func:`~normlightning.evaluation.metrics.accuracy_metrics` and :meth:`ClassificationTask.update_metrics`):
 ``{stage}/acc1`` and,
 with at least 5 classes, ``{stage}/acc5``, for ``stage`` in ``train``, ``val``, ``test``;
 ``train/loss`` at the logging steps (see :meth:`ClassificationTask._logs_this_step`),
@@ -25,15 +25,18 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torchmetrics import MetricCollection
+from typing_extensions import override
 
 from normlightning.data.base import missing_link_error
+from normlightning.evaluation.metrics import accuracy_metrics
 from normlightning.models import build_backbone
 from normlightning.models.input_normalization import InputNormalization
 from normlightning.models.weights import WeightsReport, load_backbone_weights
 from normlightning.tasks.base import BaseTask
-from normlightning.tasks.metrics import accuracy_metrics
 
 Stage = Literal["train", "val", "test"]
+#: The stages whose step is :meth:`ClassificationTask.eval_step`.
+EvalStage = Literal["val", "test"]
 
 
 class ClassificationTask(BaseTask):
@@ -61,6 +64,7 @@ class ClassificationTask(BaseTask):
             scheduler, norm weight decay, linear LR scaling).
     """
 
+    monitor = "val/acc1"
     unsaved_hparams = ("backbone_weights",)
 
     def __init__(
@@ -82,7 +86,6 @@ class ClassificationTask(BaseTask):
                 raise missing_link_error(setting)
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
-        self.save_hyperparameters()
         input_shape = tuple(int(s) for s in input_shape)
         channels = input_shape[0]
         mean = tuple(input_mean) if input_mean is not None else (0.0,) * channels
@@ -116,6 +119,7 @@ class ClassificationTask(BaseTask):
         self.val_metrics = accuracy_metrics(self.num_classes, prefix="val/")
         self.test_metrics = accuracy_metrics(self.num_classes, prefix="test/")
 
+    @override
     def forward(self, x: Tensor) -> Tensor:
         """Images ``(N, C, H, W)`` in ``[0, 1]`` -> logits ``(N, num_classes)``."""
         return self.backbone(self.normalize(x))
@@ -185,15 +189,19 @@ class ClassificationTask(BaseTask):
             or trainer.should_stop
         )
 
+    @override
     def on_train_epoch_start(self) -> None:
         self._metrics_logged.pop("train", None)
 
+    @override
     def on_validation_epoch_start(self) -> None:
         self._metrics_logged.pop("val", None)
 
+    @override
     def on_test_epoch_start(self) -> None:
         self._metrics_logged.pop("test", None)
 
+    @override
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         """``training_loss(self(x), batch)`` of the prepared batch; logs it and the training accuracy."""
         batch = self.prepare_training_batch(batch)
@@ -202,16 +210,27 @@ class ClassificationTask(BaseTask):
         self._log_step("train", logits.detach(), batch[1], loss.detach())
         return loss
 
-    def _eval_step(self, batch: Any, stage: Stage) -> None:
+    def eval_step(self, batch: Any, batch_idx: int, stage: EvalStage) -> None:
+        """The validation and test step, the one hook a task overrides for both: logs ``{stage}/loss``
+        (:meth:`cross_entropy`) and the ``{stage}/acc1`` (``acc5``) of ``self(batch[0])`` against ``batch[1]``.
+
+        Args:
+            batch: one batch of the stage's loader.
+            batch_idx: its index in the epoch.
+            stage: ``"val"`` or ``"test"`` (the prefix of the logged keys).
+        """
         logits = self(batch[0])
         self._log_step(stage, logits, batch[1], self.cross_entropy(logits, batch[1]))
 
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self._eval_step(batch, "val")
+    @override
+    def validation_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self.eval_step(batch, batch_idx, "val")
 
-    def test_step(self, batch: Any, batch_idx: int) -> None:
-        self._eval_step(batch, "test")
+    @override
+    def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self.eval_step(batch, batch_idx, "test")
 
+    @override
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> Tensor:
         """Class probabilities ``softmax(logits)`` of shape ``(N, num_classes)``."""
         x = batch[0] if isinstance(batch, (list, tuple)) else batch

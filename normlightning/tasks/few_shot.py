@@ -10,23 +10,25 @@ embeddings and queries go to the nearest weight by cosine. Norm statistics in ep
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
+from typing_extensions import override
 
 from normlightning.data.episodes import split_episode
+from normlightning.evaluation.confidence_interval import mean_confidence_interval
 from normlightning.models.cosine_classifier import CosineClassifier, cosine_logits, imprint_weights
 from normlightning.norms.model_walk import statistics_mode
-from normlightning.tasks.classification import ClassificationTask
-from normlightning.tasks.few_shot_metrics import mean_confidence_interval
+from normlightning.tasks.classification import ClassificationTask, EvalStage
 
 __all__ = ["NORM_STATISTICS_MODES", "FewShotTask"]
 
-NormStatistics = Literal["eval", "transductive"]
-NORM_STATISTICS_MODES: tuple[str, ...] = ("eval", "transductive")
+#: How an episode's norm layers get their statistics (the ``test_norm_statistics`` setting).
+EpisodeStatisticsMode = Literal["eval", "transductive"]
+NORM_STATISTICS_MODES: tuple[str, ...] = get_args(EpisodeStatisticsMode)
 
 
 class FewShotTask(ClassificationTask):
@@ -51,6 +53,12 @@ class FewShotTask(ClassificationTask):
             ``optimizer``, ``lr_scheduler``, ...).
     """
 
+    #: ``test_norm_statistics`` is an evaluation setting, not a property of the trained weights: kept out
+    #: of the saved hyperparameters, because LightningCLI lets a checkpoint's hyperparameters override the
+    #: command line (``test --ckpt_path ... --model.init_args.test_norm_statistics=transductive`` would
+    #: otherwise silently keep the value the model was trained with).
+    unsaved_hparams = (*ClassificationTask.unsaved_hparams, "test_norm_statistics")
+
     def __init__(
         self,
         *,
@@ -59,7 +67,7 @@ class FewShotTask(ClassificationTask):
         input_shape: tuple[int, int, int] = (3, 84, 84),
         cosine_scale: float = 10.0,
         learn_scale: bool = True,
-        test_norm_statistics: NormStatistics = "eval",
+        test_norm_statistics: EpisodeStatisticsMode = "eval",
         **kwargs: Any,
     ) -> None:
         if test_norm_statistics not in NORM_STATISTICS_MODES:
@@ -78,12 +86,6 @@ class FewShotTask(ClassificationTask):
                 f"`in_features` (e.g. resnet12 or small_cnn); {backbone!r} builds {type(self.backbone).__name__}"
             )
         self.backbone.classifier = CosineClassifier(head.in_features, num_classes, cosine_scale, learn_scale)
-        # An evaluation setting, not a property of the trained weights: kept out of the saved
-        # hyperparameters, because LightningCLI lets a checkpoint's hyperparameters override the
-        # command line (`test --ckpt_path ... --model.init_args.test_norm_statistics=transductive`
-        # would otherwise silently keep the value the model was trained with).
-        self.remove_ignored_hparams(["test_norm_statistics"])
-        self._hparams_initial.pop("test_norm_statistics", None)
         self.test_norm_statistics = test_norm_statistics
         self.test_episode_accuracies: dict[int, Tensor] = {}
         self.test_results: dict[int, dict[str, float]] = {}
@@ -119,15 +121,24 @@ class FewShotTask(ClassificationTask):
             )
         return batch
 
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        batch = self._check_episode(batch, "validation")
+    @override
+    def eval_step(self, batch: Any, batch_idx: int, stage: EvalStage) -> None:
+        """One episode: at ``val`` log its query accuracy and loss (``val/acc1``, ``val/loss``); at ``test``
+        keep its accuracy per ``K`` (:meth:`on_test_epoch_end` reports the mean and its 95% interval)."""
+        batch = self._check_episode(batch, stage)
         logits, query_y = self.episode_logits(batch)
         acc = (logits.argmax(dim=1) == query_y).float().mean()
-        loss = F.cross_entropy(logits, query_y)
-        self.log("val/acc1", acc, on_epoch=True, prog_bar=True, batch_size=1, sync_dist=True)
-        self.log("val/loss", loss, on_epoch=True, batch_size=1, sync_dist=True)
+        if stage == "val":
+            loss = F.cross_entropy(logits, query_y)
+            self.log("val/acc1", acc, on_epoch=True, prog_bar=True, batch_size=1, sync_dist=True)
+            self.log("val/loss", loss, on_epoch=True, batch_size=1, sync_dist=True)
+            return
+        k = int(batch["k_shot"])
+        self._episode_accs.setdefault(k, []).append(acc.detach())
+        self._episode_ids.setdefault(k, []).append(int(batch.get("episode", len(self._episode_ids.get(k, [])))))
 
     # ------------------------------------------------------------------ test
+    @override
     def on_test_epoch_start(self) -> None:
         super().on_test_epoch_start()
         self._episode_accs, self._episode_ids = {}, {}
@@ -136,14 +147,6 @@ class FewShotTask(ClassificationTask):
             if k_shot is not None:  # register every K, also where this process got no episode
                 self._episode_accs.setdefault(int(k_shot), [])
                 self._episode_ids.setdefault(int(k_shot), [])
-
-    def test_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
-        batch = self._check_episode(batch, "test")
-        logits, query_y = self.episode_logits(batch)
-        acc = (logits.argmax(dim=1) == query_y).float().mean()
-        k = int(batch["k_shot"])
-        self._episode_accs.setdefault(k, []).append(acc.detach())
-        self._episode_ids.setdefault(k, []).append(int(batch.get("episode", len(self._episode_ids.get(k, [])))))
 
     def gather_episodes(self, accs: Tensor, ids: Tensor) -> tuple[Tensor, Tensor]:
         """Per-episode accuracies and episode indices of all processes, sorted by episode index.
@@ -163,6 +166,7 @@ class FewShotTask(ClassificationTask):
         order = torch.argsort(ids)
         return accs[order], ids[order]
 
+    @override
     def on_test_epoch_end(self) -> None:
         lines = []
         for k in sorted(self._episode_accs):

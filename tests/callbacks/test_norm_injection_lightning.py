@@ -11,10 +11,11 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from normlightning.callbacks.norm_injection import NormInjection
-from normlightning.callbacks.norm_sync import NormSync
-from normlightning.injection import CHECKPOINT_KEY, restore_injection, store_injection
+from normlightning.injection import restore_injection, store_injection
+from normlightning.injection.spec import CHECKPOINT_KEY
 from normlightning.norms import BatchGroupNorm, GroupNorm
 from normlightning.norms.base import NormLayer
+from normlightning.training.norm_sync import NormSync
 
 
 class TinyTask(LightningModule):

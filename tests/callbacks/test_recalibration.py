@@ -10,8 +10,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from normlightning.callbacks.checkpoint import Checkpoint
-from normlightning.callbacks.evaluation import evaluate_accuracy
 from normlightning.callbacks.recalibration import Recalibration, batch_statistic_layers, recalibrate_statistics
+from normlightning.evaluation.accuracy import evaluate_accuracy
 
 
 def _batches(k: int, n: int = 4, shift: float = 3.0) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -12,10 +12,10 @@ from normlightning.cli import build_cli
 
 def test_redraws_at_most_every_min_interval_and_at_the_last_batch() -> None:
     bar = ThrottledProgressBar(min_interval=3600.0)
-    assert [bar._should_update(n, 5) for n in range(1, 6)] == [True, False, False, False, True]
-    assert [ThrottledProgressBar(min_interval=0.0)._should_update(n, 5) for n in range(1, 6)] == [True] * 5
+    assert [bar._redraw_now(n, 5) for n in range(1, 6)] == [True, False, False, False, True]
+    assert [ThrottledProgressBar(min_interval=0.0)._redraw_now(n, 5) for n in range(1, 6)] == [True] * 5
     every_other = ThrottledProgressBar(min_interval=0.0, refresh_rate=2)
-    assert [every_other._should_update(n, 5) for n in range(1, 6)] == [False, True, False, True, True]
+    assert [every_other._redraw_now(n, 5) for n in range(1, 6)] == [False, True, False, True, True]
 
 
 def test_with_progress_bar_adds_one_only_when_enabled_and_missing() -> None:

@@ -16,15 +16,16 @@ from lightning.pytorch import Trainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from normlightning.callbacks.norm_sync import set_statistics_sync
-from normlightning.injection import apply_spec, inject
+from normlightning.injection import inject
+from normlightning.injection.apply import apply_spec
 from normlightning.injection.fold import fold_norms
 from normlightning.injection.spec import CHECKPOINT_KEY
 from normlightning.norms import available_norms, build_norm
 from normlightning.norms.model_walk import is_batch_statistic_layer
 from normlightning.norms.zoo_factory import norm_layer
 from normlightning.tasks import BaseTask
-from normlightning.tasks.last_batch import check_last_training_batch
+from normlightning.training.last_batch import check_last_training_batch
+from normlightning.training.norm_sync import set_statistics_sync
 
 C = 4
 BN_NAMES = ("bn3", "bn2", "bn1")

@@ -9,8 +9,9 @@ import torch
 import torchvision
 from torch import nn
 
-from normlightning.injection import NormWithCarried, apply_spec, inject
-from normlightning.norms import BatchNorm, GroupNorm
+from normlightning.injection import inject
+from normlightning.injection.apply import apply_spec
+from normlightning.norms import BatchNorm, GroupNorm, NormWithCarried
 
 
 def randomize_batchnorms(model: nn.Module) -> None:

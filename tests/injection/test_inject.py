@@ -7,8 +7,10 @@ import torch
 from torch import nn
 
 from normlightning.callbacks.norm_injection import NormInjection
-from normlightning.injection import apply_spec, get_spec, inject, probe_input_shapes
+from normlightning.injection import get_spec, inject
 from normlightning.injection import groups as group_rules
+from normlightning.injection.apply import apply_spec
+from normlightning.injection.plan import probe_input_shapes
 from normlightning.norms import available_norms
 from normlightning.norms.base import NormLayer
 from normlightning.norms.batch_group_norm import bgn_paper_groups

@@ -7,7 +7,8 @@ import torch
 import torchvision
 from torch import nn
 
-from normlightning.injection import apply_spec, inject
+from normlightning.injection import inject
+from normlightning.injection.apply import apply_spec
 from normlightning.models import available_backbones, build_backbone
 from normlightning.norms.base import NormLayer
 

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from normlightning.cli import build_cli
-from normlightning.injection import apply_spec, get_spec, inject
+from normlightning.injection import get_spec, inject
+from normlightning.injection.apply import apply_spec
 from normlightning.norms import build_norm
 
 QUIET = ["--trainer.enable_progress_bar=false", "--trainer.enable_model_summary=false", "--trainer.fast_dev_run=true"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torchvision
@@ -86,3 +88,16 @@ def test_a_rejected_backbone_kwarg_is_named_with_the_backbone(name) -> None:
     key, its value and the backbone (not a bare TypeError deep in the model's constructor)."""
     with pytest.raises(ValueError, match=rf"backbone '{name}' does not accept backbone_kwargs.bogus_width=32"):
         build_backbone(name, num_classes=3, input_shape=(3, 32, 32), bogus_width=32)
+
+
+def test_a_backbone_module_named_like_a_registry_name_registers_that_name():
+    """``models/<name>.py`` holds the factory registered as ``<name>`` when ``<name>`` is a registry name."""
+    import normlightning.models as models
+
+    module_files = {path.stem for path in Path(models.__file__).parent.glob("*.py")}
+    misplaced = {
+        name: target
+        for name, target in BUILTIN_BACKBONES.items()
+        if name in module_files and target != f"normlightning.models.{name}:{name}"
+    }
+    assert not misplaced, misplaced

@@ -9,10 +9,9 @@ import timm
 import torch
 from torch import nn
 
-from normlightning.injection import NormWithCarried
 from normlightning.integrations import timm as nl_timm
 from normlightning.models import build_backbone
-from normlightning.norms import BatchGroupNorm, BatchNorm, GroupNorm, available_norms
+from normlightning.norms import BatchGroupNorm, BatchNorm, GroupNorm, NormWithCarried, available_norms
 
 
 @pytest.fixture

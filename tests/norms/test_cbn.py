@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from normlightning.injection import apply_spec, get_spec, inject
+from normlightning.injection import get_spec, inject
+from normlightning.injection.apply import apply_spec
 from normlightning.norms import build_norm
 from normlightning.norms.cross_iteration_bn import CrossIterationBatchNorm
 

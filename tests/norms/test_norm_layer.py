@@ -10,8 +10,7 @@ import torch
 import torchvision
 from torch import nn
 
-from normlightning.injection import NormWithCarried
-from normlightning.norms import BatchGroupNorm, BatchNorm, GroupNorm, norm_layer
+from normlightning.norms import BatchGroupNorm, BatchNorm, GroupNorm, NormWithCarried, norm_layer
 
 
 def test_torchvision_resnet_with_gn_matches_native_group_norm() -> None:

@@ -14,17 +14,12 @@ import torch
 from norm_reference import group_counts
 from torch import nn
 
-from normlightning.callbacks.norm_sync import set_statistics_sync
 from normlightning.callbacks.run_hparams import norm_hparams
-from normlightning.injection import (
-    format_summary,
-    inject,
-    restore_injection,
-    store_injection,
-)
+from normlightning.injection import format_summary, inject, restore_injection, store_injection
 from normlightning.injection.rules import InjectionRules
 from normlightning.norms import available_norms, build_norm
 from normlightning.norms.registry import norm_accepts
+from normlightning.training.norm_sync import set_statistics_sync
 
 C = 4
 #: Arguments that make each registered method valid (and non-trivial) on ``(N, 4, 3, 3)`` inputs.

@@ -14,12 +14,13 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
-from normlightning.cli import build_cli, main
+from normlightning.attacks import PGDConfig, pgd_attack
+from normlightning.callbacks.run_hparams import RunHyperparameters
+from normlightning.cli import build_cli
 from normlightning.data import Synthetic
 from normlightning.norms import build_norm
 from normlightning.norms.model_walk import is_norm_layer, statistics_mode
 from normlightning.tasks.adversarial import AdversarialTask
-from normlightning.tasks.attacks import PGDConfig, pgd_attack
 
 SHAPE = (1, 8, 8)
 
@@ -305,11 +306,14 @@ def test_cli_fit_with_tiny_config(run_dir: Path):
                 "batch_size": 8,
             },
         },
-        "checkpoint": {"monitor": "val/acc1_robust"},
     }
     path = run_dir / "adv.yaml"
     path.write_text(yaml.safe_dump(config))
-    main(["fit", "--config", str(path)])
+    fit = build_cli(["fit", "--config", str(path)])
+    # no checkpoint.monitor in the config: the checkpoint and the HParams metric follow the task's monitor
+    assert fit.trainer.checkpoint_callback.monitor == AdversarialTask.monitor == "val/acc1_robust"
+    (hparams,) = [c for c in fit.trainer.callbacks if isinstance(c, RunHyperparameters)]
+    assert hparams.tag == "hp/best_val/acc1_robust"
     cli = build_cli(["test", "--config", str(path)])
     metrics = cli.trainer.callback_metrics
     assert {"test/acc1_clean", "test/acc1_robust", "test/loss_clean", "test/loss_robust"} <= set(metrics)

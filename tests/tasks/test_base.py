@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from functools import partial
 
 import pytest
@@ -75,9 +76,38 @@ def test_python_callables_are_not_saved_in_hyperparameters() -> None:
         "lr_scheduler": None,
         "lr_scheduler_interval": "epoch",
         "lr_scheduler_monitor": "val/loss",
+        # BaseTask's own settings, at their defaults
+        "gamma_weight_decay": None,
+        "beta_weight_decay": None,
+        "gamma_decay_target": 0,
+        "lr_base_batch_size": None,
+        "compile": False,
     }
     assert "optimizer" not in task.hparams_initial
     assert task.configure_optimizers().param_groups[0]["lr"] == 0.5
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    size: int = 3
+
+
+class NoCallTask(BaseTask):
+    """A task that never calls save_hyperparameters itself."""
+
+    unsaved_hparams = ("scratch",)
+
+    def __init__(self, *, width: int = 2, setting: Setting = Setting(), scratch: str = "x", **kwargs) -> None:
+        super().__init__(**kwargs)
+
+
+def test_base_task_saves_every_subclass_argument_in_one_place() -> None:
+    """BaseTask.__init__ saves the subclass's arguments (no call of its own needed), leaves out its
+    unsaved_hparams and saves a dataclass argument as a plain dict (what a weights-only load reads)."""
+    task = NoCallTask(width=5, setting=Setting(size=7), lr_base_batch_size=256)
+    assert task.hparams["width"] == 5 and task.hparams["lr_base_batch_size"] == 256
+    assert task.hparams["setting"] == {"size": 7} and task.hparams_initial["setting"] == {"size": 7}
+    assert "scratch" not in task.hparams and "scratch" not in task.hparams_initial
 
 
 def test_bad_arguments() -> None:

@@ -17,7 +17,7 @@ from normlightning.models import register_backbone
 from normlightning.norms import build_norm
 from normlightning.norms.model_walk import statistics_mode
 from normlightning.tasks.few_shot import FewShotTask
-from normlightning.tasks.piecewise_lr import PiecewiseConstantLR
+from normlightning.training.piecewise_lr import PiecewiseConstantLR
 
 # ---------------------------------------------------------------- batch statistics mode
 
@@ -140,7 +140,7 @@ CONFIG = {
                 "init_args": {"lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 5.0e-4},
             },
             "lr_scheduler": {
-                "class_path": "normlightning.tasks.piecewise_lr.PiecewiseConstantLR",
+                "class_path": "normlightning.training.piecewise_lr.PiecewiseConstantLR",
                 "init_args": {"milestones": [1], "factors": [0.1]},
             },
         },

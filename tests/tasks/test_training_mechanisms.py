@@ -20,11 +20,11 @@ from lightning.pytorch import LightningDataModule, Trainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from normlightning.attacks import pgd_attack
 from normlightning.norms import BatchNorm
 from normlightning.tasks.adversarial import AdversarialTask
-from normlightning.tasks.attacks import pgd_attack
 from normlightning.tasks.base import BaseTask
-from normlightning.tasks.piecewise_lr import PiecewiseConstantLR
+from normlightning.training.piecewise_lr import PiecewiseConstantLR
 
 GAMMA0 = [3.0, 0.5, 1.0, 2.0]
 BETA0 = [0.3, -0.2, 0.1, 0.0]

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from normlightning.norms import BatchNorm
-from normlightning.tasks.lr_scaling import linear_lr_factor, scale_learning_rates
-from normlightning.tasks.norm_weight_decay import add_decay_toward_one, norm_affine_parameters, norm_parameter_groups
+from normlightning.training.lr_scaling import linear_lr_factor, scale_learning_rates
+from normlightning.training.norm_weight_decay import add_decay_toward_one, norm_affine_parameters, norm_parameter_groups
 
 
 def model_with_norms() -> nn.Sequential:

@@ -4,7 +4,7 @@ By default every layer normalizes with the statistics of its own process's batch
 papers' per-GPU setting).  Two ways to all-reduce them instead while training:
 
 * ``norm.sync: true`` (the :class:`~normlightning.callbacks.NormInjection` option), or
-* the Lightning plugin :class:`NormSync` (``trainer.plugins: [normlightning.callbacks.NormSync]``),
+* the Lightning plugin :class:`NormSync` (``trainer.plugins: [normlightning.training.NormSync]``),
   a ``LayerSync`` that Lightning applies when the DDP strategy sets up for fitting and reverts at
   teardown.  It flips ``sync_statistics`` on our batch layers and (optionally) converts any
   remaining ``torch.nn`` BatchNorm to ``SyncBatchNorm`` as ``sync_batchnorm=True`` would.
@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from lightning.pytorch.plugins.layer_sync import LayerSync, TorchSyncBatchNorm
 from torch import nn
+from typing_extensions import override
 
 from normlightning.norms.model_walk import has_batch_sets
 
@@ -73,12 +74,14 @@ class NormSync(LayerSync):
         self.process_group = process_group
         self.native_batchnorm = native_batchnorm
 
+    @override
     def apply(self, model: nn.Module) -> nn.Module:
         set_statistics_sync(model, True, self.process_group)
         if self.native_batchnorm:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model, self.process_group)
         return model
 
+    @override
     def revert(self, model: nn.Module) -> nn.Module:
         set_statistics_sync(model, False)
         if self.native_batchnorm:

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from normlightning.tasks.few_shot_metrics import mean_confidence_interval
+from normlightning.evaluation.confidence_interval import mean_confidence_interval
 
 
 def test_ci_formula_on_fixed_list():

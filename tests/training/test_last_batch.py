@@ -8,7 +8,7 @@ from lightning.pytorch import Callback, Trainer
 from normlightning.callbacks.norm_injection import NormInjection
 from normlightning.data import Synthetic
 from normlightning.tasks import ClassificationTask
-from normlightning.tasks.last_batch import last_batch_size
+from normlightning.training.last_batch import last_batch_size
 
 
 def _fit(num_train: int, batch_size: int, drop_last: bool = False, callbacks=(), backbone="small_cnn"):

@@ -8,7 +8,7 @@ Komodakis' (0.1, then 0.006, 0.0012, 0.00024 at epochs 20, 40, 50) need a factor
 In a config::
 
     lr_scheduler:
-      class_path: normlightning.tasks.piecewise_lr.PiecewiseConstantLR
+      class_path: normlightning.training.piecewise_lr.PiecewiseConstantLR
       init_args: {milestones: [20, 40, 50], factors: [0.06, 0.012, 0.0024]}
 
 (``factors[j]`` applies from ``milestones[j]`` on; before the first milestone the factor is 1.)

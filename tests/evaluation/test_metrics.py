@@ -6,7 +6,7 @@ import pytest
 import torch
 from torchmetrics.classification import MulticlassAccuracy
 
-from normlightning.tasks.metrics import TopKAccuracy, accuracy_metrics
+from normlightning.evaluation.metrics import TopKAccuracy, accuracy_metrics
 
 
 @pytest.mark.parametrize("k", [1, 3, 5])

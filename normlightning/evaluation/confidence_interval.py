@@ -1,4 +1,4 @@
-"""Few-shot evaluation statistics."""
+"""Mean and 95% confidence interval of few-shot episode accuracies (what few-shot papers report)."""
 
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from normlightning.tasks.attacks import PGDConfig, pgd_attack
+from normlightning.attacks import PGDConfig, pgd_attack
 
 
 def tiny_model(seed: int = 0) -> nn.Module:

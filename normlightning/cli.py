@@ -351,35 +351,6 @@ class NormLightningCLI(LightningCLI):
     def after_test(self) -> None:
         self._print_summary(evaluation_summary(self.trainer, "test"))
 
-    @override
-    def _run_subcommand(self, subcommand: str) -> None:
-        """Run the subcommand; an interrupted run exits non-zero: ``EXIT_SIGTERM`` (143) after SIGTERM,
-        naming the ``last.ckpt`` to resume from, ``EXIT_KEYBOARD_INTERRUPT`` (130) after Ctrl+C
-        (Lightning itself exits 0 after SIGTERM and 1 after Ctrl+C)."""
-        try:
-            super()._run_subcommand(subcommand)
-        except SIGTERMException:
-            if self.trainer.is_global_zero:
-                hint = self._resume_hint() if subcommand == "fit" else "rerun it"
-                print(
-                    f"normlightning: {subcommand} stopped by SIGTERM at step {self.trainer.global_step} "
-                    f"(epoch {self.trainer.current_epoch}); {hint}",
-                    file=sys.stderr,
-                    flush=True,
-                )
-            raise SystemExit(EXIT_SIGTERM) from None
-        except SystemExit as exit_:
-            if isinstance(exit_.__context__, KeyboardInterrupt):
-                raise SystemExit(EXIT_KEYBOARD_INTERRUPT) from None
-            raise
-
-    def _resume_hint(self) -> str:
-        """Where the interrupted fit can resume from (``last.ckpt`` of this run, if written)."""
-        last = getattr(self.trainer.checkpoint_callback, "last_model_path", "")
-        if not last:
-            return "no checkpoint was written yet: rerun it from the start"
-        return f"resume with: fit --config <the same config> --ckpt_path {last}"
-
 
 def build_cli(args: ArgsType = None, run: bool = True) -> NormLightningCLI:
     """Parse ``args``, instantiate the classes and (``run=True``) run the subcommand.
@@ -399,18 +370,25 @@ def build_cli(args: ArgsType = None, run: bool = True) -> NormLightningCLI:
     Installs the filters of :mod:`normlightning.known_warnings` first.
     """
     known_warnings.install()
-    return NormLightningCLI(
-        model_class=BaseTask,
-        datamodule_class=LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        auto_configure_optimizers=False,
-        parser_class=NormLightningArgumentParser,
-        seed_everything_default=0,
-        save_config_kwargs={"overwrite": True},
-        args=args,
-        run=run,
-    )
+    try:
+        return NormLightningCLI(
+            model_class=BaseTask,
+            datamodule_class=LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            auto_configure_optimizers=False,
+            parser_class=NormLightningArgumentParser,
+            seed_everything_default=0,
+            save_config_kwargs={"overwrite": True},
+            args=args,
+            run=run,
+        )
+    except SIGTERMException:  # Lightning exits 0 after SIGTERM; the checkpoint callback said where to resume
+        raise SystemExit(EXIT_SIGTERM) from None
+    except SystemExit as exit_:  # Lightning exits 1 after Ctrl+C
+        if isinstance(exit_.__context__, KeyboardInterrupt):
+            raise SystemExit(EXIT_KEYBOARD_INTERRUPT) from None
+        raise
 
 
 def raised_by_normlightning(err: BaseException) -> bool:

@@ -66,17 +66,10 @@ def test_the_scan_knows_lightnings_private_methods() -> None:
     assert "_apply" not in private  # torch.nn.Module's, not Lightning's
 
 
-#: The one private Lightning method still overridden, and why: LightningCLI has no public hook around a
-#: subcommand's run (only ``before_<subcommand>``/``after_<subcommand>``), and the command turns SIGTERM
-#: and Ctrl+C into the exit codes 143 and 130 there. Nothing may be added to this list.
-KNOWN = {"normlightning/cli.py overrides _run_subcommand", "normlightning/cli.py uses _run_subcommand"}
-
-
 def test_no_private_lightning_method_is_called_or_overridden() -> None:
     private = _private_lightning_methods()
     found = [use for path in sorted(PACKAGE.rglob("*.py")) for use in _uses(path, private)]
-    unexpected = [use for use in found if use.split(":")[0] + use[use.index(" ") :] not in KNOWN]
-    assert not unexpected, "\n".join(unexpected)
+    assert not found, "\n".join(found)
 
 
 #: Modules whose classes build on Lightning's (tasks, callbacks, the statistics-sync plugin, the CLI).

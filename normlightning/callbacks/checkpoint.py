@@ -4,6 +4,7 @@ non-finite weights, and its defaults."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -12,6 +13,7 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from typing_extensions import override
 
 from normlightning.callbacks.divergence import first_nonfinite_tensor
@@ -123,8 +125,25 @@ class Checkpoint(ModelCheckpoint):
 
     @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        """Lightning's exception checkpoint (where allowed); after SIGTERM, say on stderr where the run
+        stopped and how to resume it (the command then exits 143)."""
         if not self.save_on_exception or self._may_save(trainer):
             super().on_exception(trainer, pl_module, exception)
+        if isinstance(exception, SIGTERMException) and trainer.is_global_zero:
+            fitting = trainer.state.fn == TrainerFn.FITTING
+            print(
+                f"normlightning: {trainer.state.fn.value if trainer.state.fn else 'run'} stopped by SIGTERM at "
+                f"step {trainer.global_step} (epoch {trainer.current_epoch}); "
+                + (self._resume_hint() if fitting else "rerun it"),
+                file=sys.stderr,
+                flush=True,
+            )
+
+    def _resume_hint(self) -> str:
+        """Where the interrupted fit can resume from (this run's ``last.ckpt``, if written)."""
+        if not self.last_model_path:
+            return "no checkpoint was written yet: rerun it from the start"
+        return f"resume with: fit --config <the same config> --ckpt_path {self.last_model_path}"
 
     def _may_save(self, trainer: Trainer) -> bool:
         """Whether a checkpoint may be written now: during ``fit``, outside the sanity check and

@@ -15,7 +15,8 @@ Steps (each resumable: finished cells are not re-run, use --fresh to start over)
    ``summary.json`` exists, unless ``--fresh``);
 4. copies the tables and figures to ``docs/assets/`` and rewrites the generated blocks of
    ``docs/reproduction.md`` (between ``<!-- BEGIN GENERATED: name -->`` and
-   ``<!-- END GENERATED: name -->``); the prose around them is written by hand from these numbers.
+   ``<!-- END GENERATED: name -->``): the study's tables and answers, the sweep's and the statistics study's
+   tables, their findings (the bullets of sections 2 and 3, computed by ``report_findings.py``) and the timing.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
 import batch_size_sweep  # noqa: E402
+import report_findings  # noqa: E402
 import small_batch_study  # noqa: E402
 import small_batch_study_report  # noqa: E402
 import statistics_study  # noqa: E402
@@ -43,6 +45,8 @@ import statistics_study  # noqa: E402
 RUNS = Path("runs/reproduction")
 DOC = ROOT / "docs" / "reproduction.md"
 ASSETS = ROOT / "docs" / "assets"
+#: The generated blocks that :func:`main` fills itself (the study's come from ``small_batch_study_report``).
+BLOCKS = ("timing", "sweep-table", "sweep-findings", "stats-table", "stats-findings")
 
 
 def replace_block(text: str, name: str, content: str) -> str:
@@ -69,6 +73,18 @@ def fluctuation_table(path: Path) -> str:
             + " |"
         )
     return "\n".join(lines) + "\n"
+
+
+def fill_sweep_and_statistics(text: str, sweep_dir: Path, stats_dir: Path) -> str:
+    """``text`` with the generated blocks of sections 2 and 3 filled from a finished sweep folder (``table.md``,
+    ``results.csv``, ``summary.json``) and statistics-study folder (``hn_fluctuation.csv``, ``summary.json``)."""
+    stats = json.loads((stats_dir / "summary.json").read_text())
+    fluctuation_csv = stats_dir / "hn_fluctuation.csv"
+    accuracy = ", ".join(f"batch {b}: {100 * a:.1f}%" for b, a in stats["test_acc1"].items())
+    text = replace_block(text, "sweep-table", (sweep_dir / "table.md").read_text())
+    text = replace_block(text, "sweep-findings", report_findings.sweep_findings(sweep_dir))
+    text = replace_block(text, "stats-table", fluctuation_table(fluctuation_csv) + f"\nTest accuracy: {accuracy}\n")
+    return replace_block(text, "stats-findings", report_findings.stats_findings(fluctuation_csv))
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -115,15 +131,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     text = DOC.read_text()
     for name, table in study_tables.items():
         text = replace_block(text, name, table)
-    text = replace_block(text, "sweep-table", (sweep_dir / "table.md").read_text())
-    text = replace_block(
-        text,
-        "stats-table",
-        fluctuation_table(stats_dir / "hn_fluctuation.csv")
-        + "\nTest accuracy: "
-        + ", ".join(f"batch {b}: {100 * a:.1f}%" for b, a in stats["test_acc1"].items())
-        + "\n",
-    )
+    text = fill_sweep_and_statistics(text, sweep_dir, stats_dir)
     text = replace_block(
         text,
         "timing",

@@ -119,6 +119,13 @@ def sweep_findings(sweep_dir: Path) -> str:
     """
     stats, seeds, lr, epochs = read_sweep(Path(sweep_dir))
     batches = sorted({b for by_batch in stats.values() for b in by_batch})
+    missing = [m for m in LABELS if set(stats.get(m, {})) != set(batches)]
+    if missing or len(batches) < 2:
+        raise ValueError(
+            f"{Path(sweep_dir) / 'results.csv'}: the findings compare the methods {', '.join(LABELS)} at >= 2 batch "
+            f"sizes; missing at some of the batch sizes {batches}: {', '.join(missing) or '-'}. Run the whole grid "
+            "(batch_size_sweep.py's defaults) first."
+        )
     lo, hi = batches[0], batches[-1]
 
     def mean(method: str, batch: int) -> float:
@@ -323,6 +330,11 @@ def stats_findings(path: Path) -> str:
     layer fluctuates most" holds for a statistic and batch when layer 1's fluctuation is the largest.
     """
     fluct = read_fluctuation(Path(path))
+    if len(fluct) != 2 or len({tuple(layers) for layers in fluct.values()}) != 1:
+        raise ValueError(
+            f"{path}: the findings compare two batch sizes over the same layers; found batch sizes {sorted(fluct)} "
+            "with layers " + "; ".join(f"{b}: {', '.join(layers)}" for b, layers in fluct.items())
+        )
     small, large = min(fluct), max(fluct)
     layers = list(fluct[small])
 

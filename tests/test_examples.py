@@ -300,6 +300,9 @@ def test_report_sweep_findings(examples, tmp_path) -> None:
     assert "shrinks: holds: none loses more than BN from B = 64 to B = 2.**" in flipped
     assert "BN falls below the per-example methods at B = 2." in flipped
     assert flipped.endswith("lose 0.5-18.0 points, the per-example methods and BGN 8.0-17.0.\n")
+    partial = _write_sweep(tmp_path / "partial", {m: v for m, v in SWEEP_ACC.items() if m != "hn"})
+    with pytest.raises(ValueError, match=r"results.csv: the findings compare .* missing .*: hn\. Run the whole grid"):
+        findings.sweep_findings(partial)
 
 
 def _write_fluctuation(folder: Path) -> Path:
@@ -324,6 +327,11 @@ def test_report_stats_findings(examples, tmp_path) -> None:
     findings = importlib.import_module("report_findings")
     text = findings.stats_findings(_write_fluctuation(tmp_path / "stats") / "hn_fluctuation.csv")
     assert findings.layers_text(["layer 1", "layer 3"]) == "layers 1 and 3"
+    one_batch = tmp_path / "one.csv"
+    lines = (tmp_path / "stats" / "hn_fluctuation.csv").read_text().splitlines()
+    one_batch.write_text("\n".join(line for line in lines if not line.startswith("4,")) + "\n")
+    with pytest.raises(ValueError, match=r"one.csv: the findings compare two batch sizes .* found batch sizes \[128\]"):
+        findings.stats_findings(one_batch)
     assert text.splitlines() == [
         '- **"The small-batch noise is mainly in the std, not the mean", i.e. from batch 128 to 4 BN_std\'s '
         "fluctuation grows by a larger factor than BN_mean's: holds in layers 2-3, not in layer 1.** In layers 2-3, "

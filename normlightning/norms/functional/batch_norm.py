@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from .example_weighing import example_weighted_norm
-from .fused_ops import channel_affine, renorm_affine
+from .fused_ops import channel_affine
 from .layout import NormInput, spatial_size
 from .moments import channel_moments, check_set_size, synced_mean_var, update_running_stats
 from .native import native_batch_norm
@@ -116,9 +116,8 @@ def batch_renorm(
     update, or ``reference = (mu_run, var_run)`` when given (the running buffers are still the
     ones updated: recalibration rebuilds them while ``r, d`` keep the trained statistics). Since
     ``gamma (x_hat_BN r + d) + beta = x_hat_BN (gamma r) + (gamma d + beta)``, the
-    output is one native batch-norm call with weight ``gamma r`` and bias ``gamma d + beta``
-    (:func:`~.fused_ops.renorm_affine`: one node, ``g_gamma = g_w r + g_b d``). ``d_min``: ``-d_max``
-    when ``None`` (a caller that has it, a 0-d tensor, saves the negation).
+    output is one native batch-norm call with weight ``gamma r`` and bias ``gamma d + beta``.
+    ``d_min``: ``-d_max`` when ``None`` (a caller that has it, a 0-d tensor, saves the negation).
     Training only: eval is BN with the running statistics (:class:`~normlightning.norms.BatchRenorm`
     normalizes with ``inference_channel_statistics()``, or :func:`batch_norm` with ``training=False``).
     """
@@ -133,14 +132,15 @@ def batch_renorm(
             mean, var = channel_moments(io.x)
         ref_mean, ref_var = (running_mean, running_var) if reference is None else reference
         inv_sigma_r = torch.rsqrt(ref_var.to(dt) + eps)
-        r = (torch.sqrt(var + eps) * inv_sigma_r).clamp(1.0 / r_max, r_max)
+        r_min = r_max.reciprocal() if isinstance(r_max, Tensor) else 1.0 / r_max
+        r = (torch.sqrt(var + eps) * inv_sigma_r).clamp(r_min, r_max)
         d = ((mean - ref_mean.to(dt)) * inv_sigma_r).clamp(-d_max if d_min is None else d_min, d_max)
     w, b = io.weight, io.bias
-    if w is not None and b is not None:
-        w_eff, b_eff = renorm_affine(w, b, r, d)
+    w_eff = r if w is None else w * r
+    if w is None:
+        b_eff = d if b is None else d + b
     else:
-        w_eff = r if w is None else w * r
-        b_eff = (d if w is None else w * d) if b is None else d + b
+        b_eff = w * d if b is None else torch.addcmul(b, w, d)  # gamma d + beta in one op
     y = normalize_batch_sets(
         x3 if sync else io.x,
         running_mean,

@@ -142,23 +142,34 @@ class BatchRenorm(ChannelStatisticsMixin, BatchStatNorm):
         self._register_running("running_mean", (num_features,), 0.0)
         self._register_running("running_var", (num_features,), 1.0)
         self.register_buffer("renorm_step", torch.tensor(0, dtype=torch.long, device=device))
+        # rows slope, offset, low, high of the ramps of r_max, d_max and -d_max (see _limits; not saved)
+        ramps = [self._ramp(self.r_max_start_step, self.r_max_end_step, 1.0, self.r_max)]
+        ramps.append(self._ramp(self.d_max_start_step, self.d_max_end_step, 0.0, self.d_max))
+        ramps.append(self._ramp(self.d_max_start_step, self.d_max_end_step, 0.0, -self.d_max))
+        table = torch.tensor(ramps, dtype=torch.float32, device=device).t().contiguous()
+        self.register_buffer("limit_ramps", table, persistent=False)
         self.reset_parameters()
 
     @staticmethod
-    def _ramp(step: Tensor, start: int, end: int, lo: float, hi: float) -> Tensor:
-        if end == start:
-            frac = (step >= end).to(torch.float32)
-        else:
-            frac = ((step.to(torch.float32) - start) / (end - start)).clamp(0.0, 1.0)
-        return lo + (hi - lo) * frac
+    def _ramp(start: int, end: int, lo: float, hi: float) -> tuple[float, float, float, float]:
+        """``(slope, offset, low, high)`` with ``clamp(step * slope + offset, low, high)`` equal to ``lo``
+        up to step ``start``, ``hi`` from step ``end`` on and linear in between (for integer steps; a
+        step at ``start`` when ``end == start``); ``low, high`` are ``lo, hi`` in increasing order."""
+        slope = (hi - lo) / (end - start) if end > start else hi - lo
+        at_lo = start if end > start else start - 1  # the last step at lo
+        return slope, lo - slope * at_lo, min(lo, hi), max(lo, hi)
+
+    def _limits(self) -> Tensor:
+        """``(r_max, d_max, -d_max)`` at the current ``renorm_step``, ``(3,)`` (float32 unless the
+        module was cast to float64): the three ramps in one multiply-add and one clamp (issue 23)."""
+        ramps = self.limit_ramps if self.limit_ramps.dtype.itemsize >= 4 else self.limit_ramps.float()
+        slope, offset, low, high = ramps
+        return torch.addcmul(offset, self.renorm_step, slope).clamp_(low, high)
 
     def current_limits(self) -> tuple[Tensor, Tensor]:
         """``(r_max, d_max)`` at the current ``renorm_step`` (0-d float tensors)."""
-        s = self.renorm_step
-        return (
-            self._ramp(s, self.r_max_start_step, self.r_max_end_step, 1.0, self.r_max),
-            self._ramp(s, self.d_max_start_step, self.d_max_end_step, 0.0, self.d_max),
-        )
+        limits = self._limits()
+        return limits[0], limits[1]
 
     def _channel_statistics(self) -> tuple[Tensor, Tensor]:
         """The running statistics (eval is BN)."""
@@ -173,7 +184,7 @@ class BatchRenorm(ChannelStatisticsMixin, BatchStatNorm):
         self._check_input(x)
         if self._evaluates_by_channel():  # BN with the running statistics
             return self._inference_by_channel(x)
-        r_max, d_max = self.current_limits()
+        r_max, d_max, d_min = self._limits()
         factor = self._momentum_factor()
         y = NF.batch_renorm(
             x,
@@ -188,6 +199,7 @@ class BatchRenorm(ChannelStatisticsMixin, BatchStatNorm):
             sync=self.sync_statistics,
             process_group=self.process_group,
             reference=self.renorm_reference,
+            d_min=d_min,
         )
         self.renorm_step.add_(1)
         return y

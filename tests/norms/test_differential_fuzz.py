@@ -532,6 +532,15 @@ def test_against_float64_formula(index, monkeypatch):
     ours = {"output": y.detach(), "input gradient": x_in.grad}
     ours.update({f"gradient of {k}": p.grad for k, p in layer.named_parameters()})
 
+    if not training:  # inference proper: no gradients (a method may take a path without autograd)
+        with torch.no_grad():
+            ours_no_grad = layer(_laid_out(rng, x, case["layouts"][0]))
+
     state64 = {k: v.detach().double().requires_grad_(v.requires_grad) for k, v in state.items()}
     ref32 = _reference(case, state, x, grad) if dtype == torch.float32 else None
-    _check(name, ours, _reference(case, state64, x.double(), grad), ref32, _natural_scales(grad, state.get("weight")))
+    ref64 = _reference(case, state64, x.double(), grad)
+    scales = _natural_scales(grad, state.get("weight"))
+    _check(name, ours, ref64, ref32, scales)
+    if not training:
+        only_output = {"output": ref64["output"]}, None if ref32 is None else {"output": ref32["output"]}
+        _check(f"{name} (no_grad)", {"output": ours_no_grad}, *only_output, scales)

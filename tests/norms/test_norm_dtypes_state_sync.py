@@ -196,11 +196,14 @@ def test_running_stat_names(name):
     buffers = dict(layer.named_buffers())
     assert set(layer.running_stat_names) <= set(buffers)
     # every other floating buffer is not a statistic of the data (alpha), training state that is not an average of
-    # per-batch statistics (mabn's windows of past iterations) or an integer counter
+    # per-batch statistics (mabn's windows of past iterations), a constant of the configuration that is not saved
+    # (brn's ramp table) or an integer counter
     training_state = {"mabn": {"moving_x2", "moving_gz"}}.get(name, set())
+    constants = {"brn": {"limit_ramps"}}.get(name, set())
+    assert constants.isdisjoint(layer.state_dict())
     for k, v in buffers.items():
         if k not in layer.running_stat_names:
-            assert k == "example_weighing_alpha" or k in training_state or not v.is_floating_point(), k
+            assert k == "example_weighing_alpha" or k in training_state | constants or not v.is_floating_point(), k
     # hn with per-example sets only has no running statistics; hn with one batch std set
     if name == "hn":
         assert build_norm("hn", 4, mean="in", std="gn:2").running_stat_names == ()

@@ -452,6 +452,13 @@ def test_brn_ramp_schedule():
         layer.renorm_step.fill_(step)
         rr, dd = layer.current_limits()
         assert float(rr) == pytest.approx(r) and float(dd) == pytest.approx(d)
+    # a ramp whose start and end coincide is a step at that count
+    step = BatchRenorm(
+        2, r_max=3.0, d_max=5.0, r_max_start_step=3, r_max_end_step=3, d_max_start_step=0, d_max_end_step=0
+    )
+    for count, (r, d) in {0: (1.0, 5.0), 2: (1.0, 5.0), 3: (3.0, 5.0), 7: (3.0, 5.0)}.items():
+        step.renorm_step.fill_(count)
+        assert [float(t) for t in step.current_limits()] == [r, d]
     # at step 0 (r_max = 1, d_max = 0) BRN is BN
     layer.renorm_step.zero_()
     x = torch.randn(4, 2, 3)

@@ -98,13 +98,14 @@ def batch_renorm(
     running_var: Tensor,
     weight: Tensor | None,
     bias: Tensor | None,
-    r_max: float,
-    d_max: float,
+    r_max: float | Tensor,
+    d_max: float | Tensor,
     factor: float = 0.1,
     eps: float = 1e-5,
     sync: bool = False,
     process_group=None,
     reference: tuple[Tensor, Tensor] | None = None,
+    d_min: float | Tensor | None = None,
 ) -> Tensor:
     """Batch Renormalization (Ioffe 2017).
 
@@ -116,6 +117,7 @@ def batch_renorm(
     ones updated: recalibration rebuilds them while ``r, d`` keep the trained statistics). Since
     ``gamma (x_hat_BN r + d) + beta = x_hat_BN (gamma r) + (gamma d + beta)``, the
     output is one native batch-norm call with weight ``gamma r`` and bias ``gamma d + beta``.
+    ``d_min``: ``-d_max`` when ``None`` (a caller that has it, a 0-d tensor, saves the negation).
     Training only: eval is BN with the running statistics (:class:`~normlightning.norms.BatchRenorm`
     normalizes with ``inference_channel_statistics()``, or :func:`batch_norm` with ``training=False``).
     """
@@ -130,13 +132,15 @@ def batch_renorm(
             mean, var = channel_moments(io.x)
         ref_mean, ref_var = (running_mean, running_var) if reference is None else reference
         inv_sigma_r = torch.rsqrt(ref_var.to(dt) + eps)
-        r = (torch.sqrt(var + eps) * inv_sigma_r).clamp(1.0 / r_max, r_max)
-        d = ((mean - ref_mean.to(dt)) * inv_sigma_r).clamp(-d_max, d_max)
+        r_min = r_max.reciprocal() if isinstance(r_max, Tensor) else 1.0 / r_max
+        r = (torch.sqrt(var + eps) * inv_sigma_r).clamp(r_min, r_max)
+        d = ((mean - ref_mean.to(dt)) * inv_sigma_r).clamp(-d_max if d_min is None else d_min, d_max)
     w, b = io.weight, io.bias
     w_eff = r if w is None else w * r
-    b_eff = d if w is None else w * d
-    if b is not None:
-        b_eff = b_eff + b
+    if w is None:
+        b_eff = d if b is None else d + b
+    else:
+        b_eff = w * d if b is None else torch.addcmul(b, w, d)  # gamma d + beta in one op
     y = normalize_batch_sets(
         x3 if sync else io.x,
         running_mean,

@@ -29,6 +29,20 @@ def blocks(t: Tensor, r: int) -> Tensor:
     return t if r == 1 else t.unsqueeze(1).expand(-1, r).contiguous().view(-1)
 
 
+#: ATen's ``mse_loss`` with reduction 0 (none): ``(input - target)^2`` elementwise, one kernel (called as
+#: the op: ``F.mse_loss``'s Python checks cost 3 us a call, as much as the kernel on a small tensor)
+_SQUARED_DIFFERENCE = torch.ops.aten.mse_loss.default
+
+
+def squared_deviations(x: Tensor, mean: Tensor) -> Tensor:
+    """``(x - mean)^2`` elementwise (``mean`` broadcast against ``x``), one full-size temporary written
+    in one kernel: one op (kernel launch) instead of a subtraction squared in place. Measured on CPU (torch
+    2.14.1, one thread) in :class:`RowMoments` alone: 0.86x and 0.95x the time of the two ops at
+    ``(16, 64, 784)`` and ``(8, 256, 196)``. (Not in :func:`~.moments.channel_moments`: inside brn's
+    training step at ``(16, 64, 28, 28)`` the step took 1.13x the time with it.)"""
+    return _SQUARED_DIFFERENCE(x, mean.expand_as(x), 0)
+
+
 class RowMoments(torch.autograd.Function):
     """``x -> (mean, biased var)`` over the last dim, with a fused backward
     ``dx = a * (x - mean) + g_mean / L`` (``a = 2 g_var / L``, per row). Centred: ``a * x - a * mean``
@@ -37,9 +51,7 @@ class RowMoments(torch.autograd.Function):
     @staticmethod
     def forward(x: Tensor) -> tuple[Tensor, Tensor]:
         mean = x.mean(-1, keepdim=True)
-        # one full-size temporary, squared in place (vecdot would allocate a second one)
-        var = (x - mean).square_().sum(-1, keepdim=True) / x.shape[-1]
-        return mean, var
+        return mean, squared_deviations(x, mean).mean(-1, keepdim=True)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:

@@ -99,7 +99,7 @@ def test_linear_lr_scaling():
         linear_lr_factor(32, 0, 256)
 
 
-def test_task_scales_lr_before_the_scheduler(tmp_path):
+def test_task_scales_lr_before_the_scheduler(tmp_path, lightning_info):
     from functools import partial
 
     from lightning.pytorch import Trainer
@@ -133,6 +133,7 @@ def test_task_scales_lr_before_the_scheduler(tmp_path):
     # 0.4 * 8 * 1 / 256 = 0.0125 for both groups (default, norm_gamma); the scheduler starts from it
     assert trainer.lr_scheduler_configs[0].scheduler.base_lrs == pytest.approx([0.0125, 0.0125])
     assert [g["name"] for g in trainer.optimizers[0].param_groups] == ["default", "norm_gamma"]
+    assert "linear LR scaling: x0.03125 = 8 x 1 / 256 -> lr [0.0125, 0.0125]" in lightning_info
 
 
 # Mutation-testing survivors (docs/mutation.md): the settings each error names, the values each check refuses,

@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 import torch
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.callbacks import Checkpoint as LightningCheckpoint
 from lightning.pytorch.loggers import Logger
 from torch import nn
@@ -576,3 +576,41 @@ def test_default_count_is_100_batches_or_a_shorter_loader(tmp_path, loader, used
         warnings.simplefilter("ignore")  # the unsized loader: "asked for 100 batches, the loader had 3"
         _trainer(tmp_path, Recalibration(), logger, max_steps=1).fit(_Task(), train)
     assert logger.metrics["recalibration/num_batches"] == float(used)
+
+
+def test_average_running_statistics_reduces_the_floating_statistics_only():
+    """The reduction (here: x -> 2x + 1, any callable) replaces every floating running statistic of the outermost
+    batch-statistic layers; counters and layers without running statistics are left alone."""
+    from normlightning.callbacks.recalibration import average_running_statistics
+
+    model = nn.Sequential(nn.BatchNorm1d(2), nn.Linear(2, 2), nn.BatchNorm1d(3), nn.BatchNorm1d(2, affine=False))
+    model.train()
+    model[0](torch.randn(4, 2) * 3 + 1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert average_running_statistics(model, lambda t: 2 * t + 1) == 6
+    for key, value in model.state_dict().items():
+        if key.endswith(("running_mean", "running_var")):
+            torch.testing.assert_close(value, 2 * before[key] + 1)
+        else:
+            assert torch.equal(value, before[key]), key
+
+
+def test_test_start_recalibrates_before_testing(tmp_path):
+    class Testable(_Task):
+        def test_step(self, batch, batch_idx):
+            pass
+
+    class Data(LightningDataModule):  # test() reads the training batches from the data module
+        def train_dataloader(self):
+            return _loader()
+
+        def test_dataloader(self):
+            return _loader()
+
+    logger = _StepLogger()
+    trainer = _trainer(tmp_path, Recalibration(num_batches=2, when="test_start"), logger, max_steps=1)
+    task = Testable()
+    trainer.fit(task, datamodule=Data())
+    assert logger.calls == []
+    trainer.test(task, datamodule=Data(), verbose=False)
+    assert logger.calls == [({"recalibration/num_batches": 2.0}, 1)]

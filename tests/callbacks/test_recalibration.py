@@ -483,7 +483,7 @@ def test_a_batch_statistic_layer_inside_another_is_left_to_its_parent():
     [
         (3, 3, None, 0, 0, True),  # max_steps reached
         (3, 2, None, 0, 0, False),
-        (-1, 5, -1, 0, 0, False),  # no limit at all: never final
+        (-1, 5, -1, 0, 3, False),  # no limit at all (max_epochs=-1): never final, not even an epoch's last batch
         (-1, 5, 2, 1, 3, True),  # last batch (4 per epoch) of the last epoch
         (-1, 5, 2, 1, 2, False),
         (-1, 5, 2, 0, 3, False),

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
-from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch import Callback, LightningDataModule, LightningModule, Trainer
+from lightning.pytorch.callbacks import Checkpoint as LightningCheckpoint
 from lightning.pytorch.loggers import Logger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -132,7 +135,7 @@ class _Task(LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.5)
 
 
-def test_callback_at_train_end_with_accuracy(tmp_path):
+def test_callback_at_train_end_with_accuracy(tmp_path, lightning_info):
     batches = _batches(4)
     x = torch.cat([b[0] for b in batches])
     y = torch.cat([b[1] for b in batches])
@@ -167,6 +170,10 @@ def test_callback_at_train_end_with_accuracy(tmp_path):
     assert logger.metrics["recalibration/acc_after"] == pytest.approx(acc)
     assert evaluate_accuracy(task, loader) == pytest.approx(acc)
     assert 0.0 <= logger.metrics["recalibration/acc_before"] <= 1.0
+    before, after = logger.metrics["recalibration/acc_before"], logger.metrics["recalibration/acc_after"]
+    lines = [m for m in lightning_info if m.startswith("Recalibration:")]
+    assert len(lines) == 1 and lines[0].startswith("Recalibration: 3 batches in ")
+    assert lines[0].endswith(f" s, val acc {before:.4f} -> {after:.4f}")
 
 
 def test_default_uses_a_short_loader_whole_without_warning_and_an_explicit_count_warns(tmp_path, recwarn):
@@ -327,7 +334,8 @@ def test_final_validation_of_the_fit_sees_the_recalibrated_statistics(tmp_path):
     assert not torch.allclose(task.seen[0][1], mean)  # the first epoch's validation: moving averages
 
 
-def test_early_stopped_run_is_recalibrated_and_last_checkpoint_rewritten(tmp_path):
+def test_early_stopped_run_is_recalibrated_and_last_checkpoint_rewritten(run_dir, lightning_info):
+    tmp_path = run_dir  # the working directory too: nothing else may be written there
     batches = _batches(4)
     loader = DataLoader(
         TensorDataset(torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])),
@@ -339,6 +347,9 @@ def test_early_stopped_run_is_recalibrated_and_last_checkpoint_rewritten(tmp_pat
         def on_train_epoch_end(self, trainer, pl_module):
             trainer.should_stop = True
 
+    class CheckpointWithoutLastPath(LightningCheckpoint):  # a checkpoint callback with no last.ckpt: nothing to rewrite
+        pass
+
     checkpoint = Checkpoint(dirpath=tmp_path, save_last=True, save_top_k=0)  # the CLI's: last.ckpt every epoch
     task = _Task()
     trainer = Trainer(
@@ -349,10 +360,17 @@ def test_early_stopped_run_is_recalibrated_and_last_checkpoint_rewritten(tmp_pat
         enable_model_summary=False,
         default_root_dir=tmp_path,
         num_sanity_val_steps=0,
-        callbacks=[Recalibration(num_batches=2, when="train_end"), StopAfterFirstEpoch(), checkpoint],
+        callbacks=[
+            Recalibration(num_batches=2, when="train_end"),
+            StopAfterFirstEpoch(),
+            checkpoint,
+            CheckpointWithoutLastPath(),
+        ],
     )
     trainer.fit(task, loader, loader)
     assert trainer.current_epoch == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+    assert f"Recalibration: rewrote {tmp_path / 'last.ckpt'} with the recalibrated statistics" in lightning_info
     with torch.no_grad():
         fc_out = [task.net[1](task.net[0](b[0])) for b in batches[:2]]
     mean, var = _expected(fc_out, (0,))
@@ -412,3 +430,187 @@ def test_brn_corrections_use_the_trained_statistics_during_the_pass():
     torch.testing.assert_close(second.running_var, expected_var, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(first.running_mean, torch.stack([x.mean(dim=(0, 2, 3)) for x in batches]).mean(0))
     assert first.renorm_reference is None and int(first.renorm_step) == 10
+
+
+# ------------------------------------------------- mutation-testing survivors (docs/mutation.md)
+class _StepLogger(_Logger):
+    """Records each ``log_metrics`` call with its step."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[tuple[dict, int | None]] = []
+
+    def log_metrics(self, metrics, step=None):
+        super().log_metrics(metrics, step)
+        self.calls.append((dict(metrics), step))
+
+
+def _loader(k: int = 4) -> DataLoader:
+    batches = _batches(k)
+    data = TensorDataset(torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches]))
+    return DataLoader(data, batch_size=4, shuffle=False)
+
+
+def _trainer(tmp_path, callback, logger=False, **kwargs) -> Trainer:
+    settings = dict(max_epochs=1, num_sanity_val_steps=0) | kwargs
+    return Trainer(
+        accelerator="cpu",
+        logger=logger,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        callbacks=[callback],
+        **settings,
+    )
+
+
+def test_a_batch_statistic_layer_inside_another_is_left_to_its_parent():
+    class Composite(nn.BatchNorm1d):  # a batch-statistic layer that holds another one
+        def __init__(self):
+            super().__init__(2)
+            self.inner = nn.BatchNorm1d(2)
+
+    model = nn.Sequential()
+    model.add_module("a", Composite())
+    model.add_module("ab", nn.BatchNorm1d(2))  # its name starts with "a" but it is not inside "a"
+    model.add_module("b", nn.BatchNorm1d(2))
+    assert list(batch_statistic_layers(model)) == ["a", "ab", "b"]
+
+
+@pytest.mark.parametrize(
+    ("max_steps", "global_step", "max_epochs", "current_epoch", "batch_idx", "final"),
+    [
+        (3, 3, None, 0, 0, True),  # max_steps reached
+        (3, 2, None, 0, 0, False),
+        (-1, 5, -1, 0, 3, False),  # no limit at all (max_epochs=-1): never final, not even an epoch's last batch
+        (-1, 5, 2, 1, 3, True),  # last batch (4 per epoch) of the last epoch
+        (-1, 5, 2, 1, 2, False),
+        (-1, 5, 2, 0, 3, False),
+    ],
+)
+def test_final_training_batch(max_steps, global_step, max_epochs, current_epoch, batch_idx, final):
+    from types import SimpleNamespace
+
+    from normlightning.callbacks.recalibration import _is_final_training_batch
+
+    trainer = SimpleNamespace(
+        max_steps=max_steps,
+        global_step=global_step,
+        max_epochs=max_epochs,
+        current_epoch=current_epoch,
+        num_training_batches=4,
+    )
+    assert _is_final_training_batch(trainer, batch_idx) is final
+
+
+def test_callback_keeps_its_settings():
+    default = Recalibration()
+    assert (default.num_batches, default.when) == (None, ("train_end",))
+    assert default.report_accuracy is False and default.sync is True
+    assert default.forward_fn is None and default.last_result is None
+
+    def forward_fn(model, batch):
+        return model(batch[0])
+
+    chosen = Recalibration(num_batches=1, when=["train_end", "test_start"], forward_fn=forward_fn, sync=False)
+    assert (chosen.num_batches, chosen.when, chosen.sync) == (1, ("train_end", "test_start"), False)
+    assert chosen.forward_fn is forward_fn
+
+
+def test_train_end_recalibrates_once_logs_at_the_last_step_and_uses_forward_fn(tmp_path, lightning_info, recwarn):
+    calls = []
+
+    def forward_fn(model, batch):
+        calls.append(len(batch[0]))
+        return model(batch[0])
+
+    logger = _StepLogger()
+    callback = Recalibration(num_batches=3, forward_fn=forward_fn)
+    _trainer(tmp_path, callback, logger, max_steps=2).fit(_Task(), _loader())
+    assert logger.calls == [({"recalibration/num_batches": 3.0}, 2)]
+    assert calls == [4, 4, 4]
+    assert callback.last_result == {"recalibration/num_batches": 3.0}
+    lines = [m for m in lightning_info if m.startswith("Recalibration:")]
+    assert len(lines) == 1
+    seconds = float(lines[0].removeprefix("Recalibration: 3 batches in ").removesuffix(" s"))
+    assert 0.0 <= seconds < 60.0
+    assert not [w for w in recwarn if "validation dataloader" in str(w.message)]
+
+
+def test_validation_start_recalibrates_before_each_validation_but_not_the_sanity_check(tmp_path):
+    logger = _StepLogger()
+    trainer = _trainer(
+        tmp_path, Recalibration(num_batches=2, when="validation_start"), logger, max_epochs=2, num_sanity_val_steps=1
+    )
+    trainer.fit(_Task(), _loader(), _loader())
+    assert logger.calls == [({"recalibration/num_batches": 2.0}, 4), ({"recalibration/num_batches": 2.0}, 8)]
+
+
+def test_report_accuracy_without_a_validation_loader_warns(tmp_path):
+    with pytest.warns(UserWarning, match=r"^Recalibration: report_accuracy=True but there is no validation dataloader"):
+        _trainer(tmp_path, Recalibration(num_batches=1, report_accuracy=True)).fit(_Task(), _loader())
+
+
+def test_recalibration_without_training_data_names_the_fix(tmp_path):
+    trainer = _trainer(tmp_path, Recalibration(when="validation_start"))
+    with pytest.raises(RuntimeError, match=r"^Recalibration: no training dataloader; use a DataModule"):
+        trainer.validate(_Task(), _loader())
+
+
+class _Unsized(torch.utils.data.IterableDataset):
+    def __iter__(self):
+        yield from _loader(3)
+
+
+@pytest.mark.parametrize(("loader", "used"), [("sized", 100), ("unsized", 3)])
+def test_default_count_is_100_batches_or_a_shorter_loader(tmp_path, loader, used):
+    """101 batches: the default takes 100; a loader without a length is read to its end (3 batches)."""
+    if loader == "sized":
+        x, y = torch.randn(202, 3, 2, 2, generator=torch.Generator().manual_seed(0)), torch.zeros(202, dtype=torch.long)
+        train = DataLoader(TensorDataset(x, y), batch_size=2)
+    else:
+        train = DataLoader(_Unsized(), batch_size=None)
+    logger = _StepLogger()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the unsized loader: "asked for 100 batches, the loader had 3"
+        _trainer(tmp_path, Recalibration(), logger, max_steps=1).fit(_Task(), train)
+    assert logger.metrics["recalibration/num_batches"] == float(used)
+
+
+def test_average_running_statistics_reduces_the_floating_statistics_only():
+    """The reduction (here: x -> 2x + 1, any callable) replaces every floating running statistic of the outermost
+    batch-statistic layers; counters and layers without running statistics are left alone."""
+    from normlightning.callbacks.recalibration import average_running_statistics
+
+    model = nn.Sequential(nn.BatchNorm1d(2), nn.Linear(2, 2), nn.BatchNorm1d(3), nn.BatchNorm1d(2, affine=False))
+    model.train()
+    model[0](torch.randn(4, 2) * 3 + 1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert average_running_statistics(model, lambda t: 2 * t + 1) == 6
+    for key, value in model.state_dict().items():
+        if key.endswith(("running_mean", "running_var")):
+            torch.testing.assert_close(value, 2 * before[key] + 1)
+        else:
+            assert torch.equal(value, before[key]), key
+
+
+def test_test_start_recalibrates_before_testing(tmp_path):
+    class Testable(_Task):
+        def test_step(self, batch, batch_idx):
+            pass
+
+    class Data(LightningDataModule):  # test() reads the training batches from the data module
+        def train_dataloader(self):
+            return _loader()
+
+        def test_dataloader(self):
+            return _loader()
+
+    logger = _StepLogger()
+    trainer = _trainer(tmp_path, Recalibration(num_batches=2, when="test_start"), logger, max_steps=1)
+    task = Testable()
+    trainer.fit(task, datamodule=Data())
+    assert logger.calls == []
+    trainer.test(task, datamodule=Data(), verbose=False)
+    assert logger.calls == [({"recalibration/num_batches": 2.0}, 1)]

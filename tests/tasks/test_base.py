@@ -115,3 +115,80 @@ def test_bad_arguments() -> None:
         TinyTask(optimizer="sgd")
     with pytest.raises(ValueError, match="lr_scheduler_interval"):
         TinyTask(lr_scheduler_interval="batch")
+
+
+# Mutation-testing survivors (docs/mutation.md): yaml_safe's conversions, argument checks that name the setting,
+# the compile options, the hyperparameters dropped, and the data module that linear LR scaling needs.
+
+
+def test_yaml_safe_keeps_plain_types_and_converts_the_rest() -> None:
+    import enum
+    from pathlib import PurePosixPath
+
+    import yaml
+
+    from normlightning.tasks.base import yaml_safe
+
+    class Mode(enum.Enum):
+        PAIR = (1, 2)
+
+    value = {1: (None, True, 2, 3.5, "s"), "path": PurePosixPath("/a/b"), "mode": Mode.PAIR, "set": {3}, "obj": 1j}
+    expected = {"1": [None, True, 2, 3.5, "s"], "path": "/a/b", "mode": [1, 2], "set": [3], "obj": "1j"}
+    assert yaml_safe(value) == expected
+    assert yaml.safe_load(yaml.safe_dump(yaml_safe(value))) == expected
+
+
+def test_defaults_and_compile_options() -> None:
+    task = BaseTask()
+    assert (task.lr_scheduler_monitor, task.lr_scheduler_interval, task.compile_options) == ("val/loss", "epoch", None)
+    assert BaseTask(compile=True).compile_options == {}
+    options = {"backend": "eager"}
+    compiled = BaseTask(compile=options)
+    assert compiled.compile_options == options and compiled.compile_options is not options
+    assert BaseTask(lr_base_batch_size=1).lr_base_batch_size == 1
+
+
+def test_configure_model_compiles_the_forward_once_when_asked(monkeypatch) -> None:
+    """``nn.Module.compile`` is recorded, not run (tests/tasks/test_compile.py compiles for real)."""
+    calls = []
+    for task in (BaseTask(), BaseTask(compile={"backend": "eager"})):
+        monkeypatch.setattr(task, "compile", lambda **options: calls.append(options))
+        task.configure_model()
+    assert calls == [{"backend": "eager"}]
+    task._compiled_call_impl = object()  # already compiled: the Trainer's next configure_model call does nothing
+    task.configure_model()
+    assert calls == [{"backend": "eager"}]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"lr_scheduler": "step"}, TypeError, r"^lr_scheduler must be a callable optimizer -> LRScheduler or None"),
+        ({"lr_base_batch_size": 0}, ValueError, r"^lr_base_batch_size must be a positive int or None, got 0"),
+        ({"lr_base_batch_size": True}, ValueError, r"^lr_base_batch_size must be a positive int or None, got True"),
+        ({"lr_base_batch_size": 2.5}, ValueError, r"^lr_base_batch_size must be a positive int or None, got 2.5"),
+        ({"compile": "yes"}, TypeError, r"^compile must be true, false or a dict of torch.compile arguments"),
+    ],
+)
+def test_bad_arguments_name_the_setting(kwargs, error, message) -> None:
+    with pytest.raises(error, match=message):
+        BaseTask(**kwargs)
+
+
+def test_callable_scheduler_and_unsaved_arguments_are_not_saved() -> None:
+    class Unsaved(TinyTask):
+        unsaved_hparams = ("hidden",)
+
+    task = Unsaved(hidden=4, lr_scheduler=partial(torch.optim.lr_scheduler.StepLR, step_size=2))
+    assert dict(task.hparams) == {"lr_scheduler_interval": "epoch", "lr_scheduler_monitor": "val/loss"}
+    assert dict(task.hparams_initial) == dict(task.hparams)
+
+
+def test_linear_lr_scaling_without_a_data_module_batch_size_names_it() -> None:
+    from types import SimpleNamespace
+
+    task = TinyTask()
+    task.lr_base_batch_size = 256
+    task._trainer = SimpleNamespace(datamodule=object(), world_size=1)  # what configure_optimizers reads
+    with pytest.raises(ValueError, match=r"^lr_base_batch_size needs a data module with a `batch_size` attribute"):
+        task.configure_optimizers()

@@ -99,7 +99,7 @@ def test_linear_lr_scaling():
         linear_lr_factor(32, 0, 256)
 
 
-def test_task_scales_lr_before_the_scheduler(tmp_path):
+def test_task_scales_lr_before_the_scheduler(tmp_path, lightning_info):
     from functools import partial
 
     from lightning.pytorch import Trainer
@@ -133,3 +133,78 @@ def test_task_scales_lr_before_the_scheduler(tmp_path):
     # 0.4 * 8 * 1 / 256 = 0.0125 for both groups (default, norm_gamma); the scheduler starts from it
     assert trainer.lr_scheduler_configs[0].scheduler.base_lrs == pytest.approx([0.0125, 0.0125])
     assert [g["name"] for g in trainer.optimizers[0].param_groups] == ["default", "norm_gamma"]
+    assert "linear LR scaling: x0.03125 = 8 x 1 / 256 -> lr [0.0125, 0.0125]" in lightning_info
+
+
+# Mutation-testing survivors (docs/mutation.md): the settings each error names, the values each check refuses,
+# frozen / shared / missing affine parameters, the default decay target and a model with only norm parameters.
+
+
+@pytest.mark.parametrize(
+    ("args", "setting"),
+    [((0, 1, 256), "batch_size"), ((32, 0, 256), "world_size"), ((32, 1, 0), "lr_base_batch_size")],
+)
+def test_linear_lr_factor_names_the_bad_setting(args, setting):
+    with pytest.raises(ValueError, match=rf"^linear LR scaling: {setting} must be a positive int"):
+        linear_lr_factor(*args)
+
+
+@pytest.mark.parametrize("bad", [2.0, True])
+def test_linear_lr_factor_refuses_floats_and_bools(bad):
+    """An int-valued float and a bool are not batch sizes (bool is an int subclass)."""
+    with pytest.raises(ValueError, match=r"^linear LR scaling: batch_size must be a positive int"):
+        linear_lr_factor(bad, 1, 256)
+
+
+@pytest.mark.parametrize("factor", [0.0, -0.5])
+def test_scale_learning_rates_refuses_a_factor_that_is_not_positive(factor):
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+    with pytest.raises(ValueError, match=r"LR scale factor must be > 0"):
+        scale_learning_rates(opt, factor)
+
+
+def test_scale_learning_rates_scales_the_schedulers_initial_lr():
+    """A scheduler made before scaling stores ``initial_lr`` per group; it is scaled with ``lr`` (0.2 * 0.25)."""
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.2)
+    torch.optim.lr_scheduler.StepLR(opt, step_size=1)
+    keys = set(opt.param_groups[0])
+    assert scale_learning_rates(opt, 0.25) == pytest.approx([0.05])
+    assert opt.param_groups[0]["initial_lr"] == pytest.approx(0.05)
+    assert set(opt.param_groups[0]) == keys
+
+
+@pytest.mark.parametrize("setting", ["gamma_weight_decay", "beta_weight_decay"])
+@pytest.mark.parametrize("bad", [-1.0, True, "0.1"])
+def test_bad_decay_value_names_its_setting(setting, bad):
+    kwargs = {"gamma_weight_decay": None, "beta_weight_decay": None, setting: bad}
+    with pytest.raises(ValueError, match=rf"^{setting} must be a float >= 0 or null, got"):
+        norm_parameter_groups(model_with_norms(), **kwargs)
+
+
+def test_decay_toward_one_without_strength_names_the_setting():
+    with pytest.raises(ValueError, match=r"^gamma_decay_target=1 needs gamma_weight_decay"):
+        norm_parameter_groups(model_with_norms(), gamma_weight_decay=None, beta_weight_decay=None, gamma_decay_target=1)
+
+
+def test_affine_parameters_skip_frozen_missing_and_shared_ones():
+    class PluginNorm(nn.Module):  # a plugin norm layer (declares uses_batch_statistics) with no weight or bias
+        uses_batch_statistics = False
+
+    model = nn.Sequential(BatchNorm(3), BatchNorm(3), BatchNorm(3, affine=False), BatchNorm(3), PluginNorm())
+    model[1].weight = model[0].weight  # shared gamma: listed once
+    model[3].bias.requires_grad_(False)  # frozen beta: not listed
+    gammas, betas = norm_affine_parameters(model)
+    assert [id(p) for p in gammas] == [id(model[0].weight), id(model[3].weight)]
+    assert [id(p) for p in betas] == [id(model[0].bias), id(model[1].bias)]
+
+
+def test_gamma_decay_target_defaults_to_zero():
+    groups = norm_parameter_groups(model_with_norms(), gamma_weight_decay=0.5, beta_weight_decay=None)
+    assert groups[1]["name"] == "norm_gamma"
+    assert groups[1]["weight_decay"] == 0.5
+    assert "decay_toward_one" not in groups[1]
+
+
+def test_model_with_only_norm_parameters_has_no_default_group():
+    groups = norm_parameter_groups(nn.Sequential(BatchNorm(3)), gamma_weight_decay=0.1, beta_weight_decay=0.0)
+    assert [g["name"] for g in groups] == ["norm_gamma", "norm_beta"]

@@ -13,6 +13,7 @@ import os
 import pickle
 import random
 import shlex
+import signal
 import struct
 import warnings
 from collections.abc import Callable, Iterator
@@ -218,14 +219,16 @@ def restored_global_state() -> Iterator[None]:
     """Undo, on exit, what the block changed in process-wide state: the norm and backbone registries
     (``register_norm`` / ``register_backbone`` plugins, an example imported for its registration, the
     norm entry points discovered), the
-    warnings filters, and the global random generators of torch (CPU), numpy and Python
-    (``seed_everything``, ``torch.manual_seed``)."""
+    warnings filters, the global random generators of torch (CPU), numpy and Python
+    (``seed_everything``, ``torch.manual_seed``), and the SIGINT/SIGTERM handlers (Lightning ignores
+    Ctrl+C from its shutdown on, and installs its own SIGTERM handler)."""
     from normlightning.models import registry as backbone_registry
     from normlightning.norms import registry as norm_registry
 
     norms, backbones = dict(norm_registry._REGISTRY), dict(backbone_registry._PLUGINS)
     norm_entry_points = norm_registry._ENTRY_POINTS
     torch_rng, numpy_rng, python_rng = torch.get_rng_state(), np.random.get_state(), random.getstate()
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         with warnings.catch_warnings():
             yield
@@ -238,6 +241,8 @@ def restored_global_state() -> Iterator[None]:
         torch.set_rng_state(torch_rng)
         np.random.set_state(numpy_rng)
         random.setstate(python_rng)
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
 
 
 @pytest.fixture(autouse=True)

@@ -34,7 +34,7 @@ from normlightning.models.input_normalization import InputNormalization
 from normlightning.models.weights import WeightsReport, load_backbone_weights
 from normlightning.tasks.base import BaseTask
 
-Stage = Literal["train", "val", "test"]
+LoopStage = Literal["train", "val", "test"]
 #: The stages whose step is :meth:`ClassificationTask.eval_step`.
 EvalStage = Literal["val", "test"]
 
@@ -166,7 +166,7 @@ class ClassificationTask(BaseTask):
             self._metrics_logged[stage].add(id(metrics))
             self.log_dict(metrics, on_step=False, on_epoch=True, prog_bar=stage != "test")
 
-    def _log_step(self, stage: Stage, logits: Tensor, y: Tensor, loss: Tensor) -> None:
+    def _log_step(self, stage: LoopStage, logits: Tensor, y: Tensor, loss: Tensor) -> None:
         metrics = {"train": self.train_metrics, "val": self.val_metrics, "test": self.test_metrics}[stage]
         self.update_metrics(stage, metrics, logits, y)
         if stage != "train":  # val/test losses are epoch means, averaged over processes under DDP

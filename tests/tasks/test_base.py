@@ -180,7 +180,16 @@ def test_callable_scheduler_and_unsaved_arguments_are_not_saved() -> None:
         unsaved_hparams = ("hidden",)
 
     task = Unsaved(hidden=4, lr_scheduler=partial(torch.optim.lr_scheduler.StepLR, step_size=2))
-    assert dict(task.hparams) == {"lr_scheduler_interval": "epoch", "lr_scheduler_monitor": "val/loss"}
+    # the callable scheduler and the unsaved argument are dropped; BaseTask's own settings are saved too
+    assert dict(task.hparams) == {
+        "lr_scheduler_interval": "epoch",
+        "lr_scheduler_monitor": "val/loss",
+        "compile": False,
+        "gamma_weight_decay": None,
+        "beta_weight_decay": None,
+        "gamma_decay_target": 0,
+        "lr_base_batch_size": None,
+    }
     assert dict(task.hparams_initial) == dict(task.hparams)
 
 

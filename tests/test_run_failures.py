@@ -106,6 +106,7 @@ def test_ctrl_c_exits_130(run_dir, monkeypatch) -> None:
     monkeypatch.syspath_prepend(str(TESTS))
     sigint = '{"class_path": "probe_callbacks.SignalAt", "init_args": {"step": 1, "name": "SIGINT"}}'
     handler = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a fresh process: Ctrl+C raises KeyboardInterrupt
     try:
         with pytest.raises(SystemExit) as info:
             main(["fit", *SYNTHETIC, "--trainer.max_epochs=50", f"--trainer.callbacks+={sigint}"])

@@ -38,7 +38,6 @@ OVER_TARGET = {
     ("cbn", None): (38, 12),
     ("evonorm_b0", None): (65, 13),
     ("evonorm_s0", None): (40, 13),
-    ("frn", None): (34, 12),
     ("mabn", None): (29, 12),
 }
 

@@ -71,6 +71,34 @@ def test_frn_matches_its_formula_and_gradients(shape, learnable_eps) -> None:
     assert (layer(x) >= _c(params["tau"], len(shape)) - 1e-12).all()  # the TLU floor holds
 
 
+@pytest.mark.parametrize("affine, tlu", [(True, True), (False, True), (True, False), (False, False)])
+def test_frn_gradients_at_tlu_ties_and_without_affine_or_tlu(affine, tlu) -> None:
+    """The hand-written backward (one autograd node) against autograd through the formula: where
+    ``y = tau`` exactly (``x = 0`` with ``beta = tau``) ``torch.maximum`` splits the gradient in half
+    between ``y`` and ``tau``; without the affine or the TLU those gradients are absent."""
+    layer = _randomize(FilterResponseNorm(4, eps=1e-3, affine=affine, tlu=tlu, dtype=D64))
+    params = dict(layer.named_parameters())
+    if affine and tlu:
+        with torch.no_grad():
+            layer.tau.copy_(layer.bias)
+    x = torch.randn(2, 4, 3, 5, dtype=D64, generator=torch.Generator().manual_seed(1))
+    x[:, :, 0] = 0.0  # y = beta there: ties with tau
+    upstream = torch.randn(x.shape, dtype=D64, generator=torch.Generator().manual_seed(2))
+    ones, zeros = torch.ones(4, dtype=D64), torch.zeros(4, dtype=D64)
+
+    def reference(x):
+        gamma, beta = (params["weight"], params["bias"]) if affine else (ones, zeros)
+        tau = params["tau"] if tlu else torch.full((4,), -torch.inf, dtype=D64)
+        return _frn_reference(x, gamma, beta, tau, 1e-3)
+
+    ours, theirs = _grads(layer, x, params, upstream), _grads(reference, x, params, upstream)
+    _assert_same(ours, theirs)
+    if affine and tlu:  # the ties are there: half of their gradient went to tau
+        ties = upstream[:, :, 0].sum(dim=(0, 2))
+        above = torch.where(ours[0] > layer.tau.view(1, -1, 1, 1), 0.0, upstream).sum(dim=(0, 2, 3))
+        torch.testing.assert_close(ours[1]["tau"], above - ties / 2)
+
+
 def test_frn_options_and_refusals() -> None:
     plain = FilterResponseNorm(3, tlu=False)
     assert plain.tau is None and plain.eps_learned is None and plain.injection_note is None

@@ -60,7 +60,7 @@ class _FilterResponseNorm(torch.autograd.Function):
             g_weight = a_rstd.sum(dim=0).view(-1)
         a_rstd2 = a_rstd * rstd
         if need_x:
-            g_x = torch.sub(g_y, x3 * a_rstd2, alpha=1.0 / x3.shape[2]).mul_(scale)
+            g_x = torch.addcmul(g_y, x3, a_rstd2, value=-1.0 / x3.shape[2]).mul_(scale)
         if need_eps:
             g_eps = (a_rstd2 * scale).sum() * -0.5
         return g_x, g_weight, g_bias, g_tau, g_eps

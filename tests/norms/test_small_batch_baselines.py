@@ -194,6 +194,32 @@ def test_evonorm_s0_matches_its_formula(shape) -> None:
         _assert_same(_grads(layer.train(training), x, params, upstream), _grads(reference, x, params, upstream))
 
 
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "no-affine"])
+def test_evonorm_s0_float32_gradients_with_a_constant_set(affine) -> None:
+    """The hand-written backward in float32 against autograd through the formula in float64, with one set
+    of equal values far from 0 (its variance and the variance's gradient exactly 0), with and without
+    the affine."""
+    layer = _randomize(EvoNormS0(4, num_groups=2, eps=1e-3, affine=affine))
+    params = dict(layer.named_parameters())
+    x = torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(1)) * 2 + 0.5
+    x[1, :2] = 3.0  # example 1, group 0: one value
+    upstream = torch.randn(x.shape, generator=torch.Generator().manual_seed(2))
+    ones, zeros = torch.ones(4, dtype=D64), torch.zeros(4, dtype=D64)
+
+    def reference(x):
+        p64 = {name: p.double() for name, p in params.items()}
+        gamma, beta = (p64["weight"], p64["bias"]) if affine else (ones, zeros)
+        return _s0_reference(x.double(), p64["v"], gamma, beta, 2, 1e-3)
+
+    def assert_float32_close(ours, theirs, msg):  # float32 rounding at the scale of the largest value
+        torch.testing.assert_close(ours.double(), theirs.double(), rtol=1e-5, atol=1e-6 * float(theirs.abs().max()), msg=msg)
+
+    ours, theirs = _grads(layer, x, params, upstream), _grads(reference, x, params, upstream)
+    assert_float32_close(ours[0], theirs[0], "output")
+    for key in ours[1]:
+        assert_float32_close(ours[1][key], theirs[1][key], f"gradient of {key}")
+
+
 def test_evonorm_refusals_name_the_setting() -> None:
     with pytest.raises(ValueError, match=r"num_groups=3 must be a positive divisor .* C=4"):
         EvoNormS0(4, num_groups=3)

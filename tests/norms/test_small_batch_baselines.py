@@ -155,6 +155,29 @@ def test_evonorm_b0_matches_its_formula_in_training_and_eval(shape) -> None:
     torch.testing.assert_close(layer.running_var, running)  # eval does not update
 
 
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "no-affine"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_evonorm_b0_gradients_where_the_two_denominators_tie(affine, training) -> None:
+    """The hand-written backward against autograd through the formula where ``d1 = d2`` everywhere
+    (``torch.maximum`` gives each half of the gradient): ``v = 0`` and maps ``(a_c - 1, a_c + 1)`` in
+    every example, whose instance and batch variances are both exactly 1 (the running one too)."""
+    layer = _randomize(EvoNormB0(3, eps=1e-3, affine=affine, dtype=D64))
+    with torch.no_grad():
+        layer.v.zero_()
+    params = dict(layer.named_parameters())
+    centres = torch.tensor([0.5, 2.0, -3.0], dtype=D64).view(1, 3, 1)
+    x = (centres + torch.tensor([-1.0, 1.0], dtype=D64)).expand(4, 3, 2).contiguous()
+    upstream = torch.randn(x.shape, dtype=D64, generator=torch.Generator().manual_seed(2))
+    ones, zeros = torch.ones(3, dtype=D64), torch.zeros(3, dtype=D64)
+
+    def reference(x):
+        var_b = x.var(dim=(0, 2), unbiased=False) if training else torch.ones(3, dtype=D64)
+        gamma, beta = (params["weight"], params["bias"]) if affine else (ones, zeros)
+        return _b0_reference(x, params["v"], gamma, beta, var_b, 1e-3)
+
+    _assert_same(_grads(layer.train(training), x, params, upstream), _grads(reference, x, params, upstream))
+
+
 def test_evonorm_b0_running_statistics_protocol() -> None:
     """``momentum=None``: cumulative average of the unbiased batch variances; reset and round trip."""
     layer = EvoNormB0(2, momentum=None, dtype=D64)

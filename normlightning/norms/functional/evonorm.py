@@ -9,13 +9,79 @@ from torch.autograd.function import once_differentiable
 
 from .fused_ops import squared_deviations
 from .layout import NormInput, spatial_size
-from .moments import check_set_size, row_moments, update_running_stats
+from .moments import check_set_size, update_running_stats
 
 
-def _affine(y: Tensor, inp: NormInput) -> Tensor:
-    if inp.weight is None:
-        return y
-    return y * inp.weight.view(1, -1, 1) + inp.bias.view(1, -1, 1)
+def _evonorm_b0_terms(
+    x3: Tensor, v: Tensor, weight: Tensor | None, bias: Tensor | None, var_b: Tensor, eps: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """EvoNorm-B0 of ``x3 (N, C, S)`` given the batch variance ``var_b`` ``(1, C, 1)`` (docs/methods.md,
+    section "evonorm_b0").
+
+    Returns ``(y, q, d1, d2, den, mean_i, std_i)``: ``y = gamma · q + beta`` with ``q = x / den``,
+    ``den = max(d1, d2)``, ``d1 = sqrt(var_b + eps)`` ``(1, C, 1)``, ``d2 = v x + std_i``, and the
+    instance mean and ``std_i = sqrt(var_i + eps)`` ``(N, C, 1)``.
+    """
+    mean_i = x3.mean(dim=2, keepdim=True)
+    std_i = torch.sqrt(squared_deviations(x3, mean_i).mean(dim=2, keepdim=True) + eps)
+    d1 = torch.sqrt(var_b + eps)
+    d2 = (x3 * v.view(1, -1, 1)).add_(std_i)
+    den = torch.maximum(d1, d2)
+    q = x3 / den
+    y = q if weight is None else q * weight.view(1, -1, 1)
+    if bias is not None:
+        y = y + bias.view(1, -1, 1) if y is q else y.add_(bias.view(1, -1, 1))
+    return y, q, d1, d2, den, mean_i, std_i
+
+
+class _EvoNormB0(torch.autograd.Function):
+    """:func:`_evonorm_b0_terms` as one autograd node with a hand-written backward; in training it also
+    computes the batch statistics (returned, without gradient, for the running update). With
+    ``g_q = dL/dy · gamma`` and the share ``m = 1, 1/2, 0`` of ``d2`` in ``den`` (``d2`` above, equal
+    to, below ``d1``: ``torch.maximum``'s gradient rule)::
+
+        G        = g_q · q / den                      (= −dL/dden)
+        dL/dx    = g_q / den − v · m G − (Σ_s m G) (x − mean_i) / (S std_i)
+                   [ − (Σ_{n,s} (1 − m) G) (x − mean_b) / (N S d1)    in training ]
+        dL/dv_c  = −Σ_{n,s} m G x,   dL/dgamma_c = Σ_{n,s} dL/dy · q,   dL/dbeta_c = Σ_{n,s} dL/dy
+    """
+
+    @staticmethod
+    def forward(ctx, x3, v, weight, bias, running_var, eps):
+        if running_var is None:
+            mean_b = x3.mean(dim=(0, 2), keepdim=True)
+            var_b = squared_deviations(x3, mean_b).mean(dim=(0, 2), keepdim=True)
+        else:
+            mean_b, var_b = None, running_var.view(1, -1, 1)
+        y, q, d1, d2, den, mean_i, std_i = _evonorm_b0_terms(x3, v, weight, bias, var_b, eps)
+        ctx.save_for_backward(x3, v, weight, q, d1, d2, den, mean_i, std_i, mean_b)
+        ctx.has_bias = bias is not None
+        if mean_b is None:
+            return y
+        ctx.mark_non_differentiable(mean_b, var_b)
+        ctx.set_materialize_grads(False)
+        return y, mean_b, var_b
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y: Tensor | None, *_statistics):
+        if grad_y is None:  # (gradients are not materialized: the statistics have none)
+            return None, None, None, None, None, None
+        x3, v, weight, q, d1, d2, den, mean_i, std_i, mean_b = ctx.saved_tensors
+        n, _, s = x3.shape
+        grad_weight = (grad_y * q).sum(dim=(0, 2)) if weight is not None else None
+        grad_bias = grad_y.sum(dim=(0, 2)) if ctx.has_bias else None
+        grad_q_den = torch.div(grad_y, den) if weight is None else (grad_y * weight.view(1, -1, 1)).div_(den)
+        g_den = grad_q_den * q  # −dL/dden
+        g_d2 = g_den * torch.heaviside(d2 - d1, d2.new_full((), 0.5))  # −dL/dd2
+        grad_v = (g_d2 * x3).sum(dim=(0, 2)).neg_()
+        grad_x = torch.addcmul(grad_q_den, g_d2, v.view(1, -1, 1), value=-1)
+        k_i = g_d2.sum(dim=2, keepdim=True).div_(std_i)
+        grad_x.addcmul_(x3 - mean_i, k_i, value=-1.0 / s)
+        if mean_b is not None:
+            k_b = (g_den - g_d2).sum(dim=(0, 2), keepdim=True).div_(d1)
+            grad_x.addcmul_(x3 - mean_b, k_b, value=-1.0 / (n * s))
+        return grad_x, grad_v, grad_weight, grad_bias, None, None
 
 
 def evonorm_b0(
@@ -36,7 +102,8 @@ def evonorm_b0(
         y = gamma_c · x / max(sqrt(var_b + eps), v_c · x + sqrt(var_i + eps)) + beta_c
 
     In training the gradient flows through ``var_b`` and, when ``factor > 0``, ``running_var`` is
-    updated in place with PyTorch's rule (``(1-f) r + f · var_b · n/(n-1)``, ``n = N·S``).
+    updated in place with PyTorch's rule (``(1-f) r + f · var_b · n/(n-1)``, ``n = N·S``). With
+    gradients, one autograd node (:class:`_EvoNormB0`).
 
     Args:
         v: ``(C,)``, the learned per-channel slope of the instance term.
@@ -48,16 +115,22 @@ def evonorm_b0(
         check_set_size(spatial_size(x), "EvoNormB0's instance variance", fix)
     inp = NormInput(x, weight, bias)
     x3 = inp.x3
-    if training:
+    v = v if v.dtype == inp.dtype else v.to(inp.dtype)
+    reference = None if training else running_var if running_var.dtype == inp.dtype else running_var.to(inp.dtype)
+    if torch.is_grad_enabled():
+        y = _EvoNormB0.apply(x3, v, inp.weight, inp.bias, reference, eps)
+        if training:
+            y, *statistics = y
+    elif training:
         mean_b = x3.mean(dim=(0, 2), keepdim=True)
-        var_b = (x3 - mean_b).square().mean(dim=(0, 2), keepdim=True)
-        if running_var is not None and factor:
-            update_running_stats(None, running_var, mean_b.detach(), var_b.detach(), x3.shape[0] * x3.shape[2], factor)
+        var_b = squared_deviations(x3, mean_b).mean(dim=(0, 2), keepdim=True)
+        y, statistics = _evonorm_b0_terms(x3, v, inp.weight, inp.bias, var_b, eps)[0], (mean_b, var_b)
     else:
-        var_b = running_var.to(inp.dtype).view(1, -1, 1)
-    _, var_i = row_moments(x3)
-    denominator = torch.maximum(torch.sqrt(var_b + eps), x3 * v.to(inp.dtype).view(1, -1, 1) + torch.sqrt(var_i + eps))
-    return inp.output(_affine(x3 / denominator, inp))
+        y = _evonorm_b0_terms(x3, v, inp.weight, inp.bias, reference.view(1, -1, 1), eps)[0]
+    if training and running_var is not None and factor:
+        mean_b, var_b = statistics
+        update_running_stats(None, running_var, mean_b, var_b, x3.shape[0] * x3.shape[2], factor)
+    return inp.output(y)
 
 
 def _evonorm_s0_terms(

@@ -235,7 +235,8 @@ def test_evonorm_s0_float32_gradients_with_a_constant_set(affine) -> None:
         return _s0_reference(x.double(), p64["v"], gamma, beta, 2, 1e-3)
 
     def assert_float32_close(ours, theirs, msg):  # float32 rounding at the scale of the largest value
-        torch.testing.assert_close(ours.double(), theirs.double(), rtol=1e-5, atol=1e-6 * float(theirs.abs().max()), msg=msg)
+        atol = 1e-6 * float(theirs.abs().max())
+        torch.testing.assert_close(ours.double(), theirs.double(), rtol=1e-5, atol=atol, msg=msg)
 
     ours, theirs = _grads(layer, x, params, upstream), _grads(reference, x, params, upstream)
     assert_float32_close(ours[0], theirs[0], "output")

@@ -46,9 +46,7 @@ class _MovingAverageBatchNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x3, weight, bias, running_x2, moving_x2, moving_gz, slot, use_current, r_bounds, factor, eps):
-        square = x3.square()
-        x2 = _into_slot(moving_x2, slot, x3.dtype, lambda out: torch.mean(square, dim=(0, 2), out=out))
-        del square
+        x2 = _into_slot(moving_x2, slot, x3.dtype, lambda out: torch.mean(x3.square(), dim=(0, 2), out=out))
         var = _window_mean(moving_x2, x2, use_current)
         if r_bounds is None:
             std, r = torch.sqrt(var + eps), None

@@ -256,6 +256,17 @@ def test_evonorm_refusals_name_the_setting() -> None:
         EvoNormS0(4, num_groups=4)(torch.randn(3, 4, 1, 1))
 
 
+@pytest.mark.parametrize("method", ["frn", "evonorm_b0", "evonorm_s0"])
+def test_hand_written_backwards_refuse_a_second_derivative(method) -> None:
+    """FRN's and the EvoNorms' training nodes have hand-written backwards: a double backward raises,
+    never returns a wrong second derivative."""
+    layer = build_norm(method, 4, **({"num_groups": 2} if method == "evonorm_s0" else {}))
+    x = torch.randn(3, 4, 2, 2, requires_grad=True)
+    (gx,) = torch.autograd.grad(layer(x).pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="not have been used in the graph"):  # no second-order path to x
+        torch.autograd.grad(gx.sum(), x)
+
+
 # ------------------------------------------------------------------ against timm
 def _copy_into(source: torch.nn.Module, target: torch.nn.Module) -> torch.nn.Module:
     with torch.no_grad():

@@ -44,6 +44,8 @@ class _EvoNormB0(torch.autograd.Function):
         dL/dx    = g_q / den − v · m G − (Σ_s m G) (x − mean_i) / (S std_i)
                    [ − (Σ_{n,s} (1 − m) G) (x − mean_b) / (N S d1)    in training ]
         dL/dv_c  = −Σ_{n,s} m G x,   dL/dgamma_c = Σ_{n,s} dL/dy · q,   dL/dbeta_c = Σ_{n,s} dL/dy
+
+    A second derivative raises (the backward is not differentiated).
     """
 
     @staticmethod
@@ -166,6 +168,8 @@ class _EvoNormS0(torch.autograd.Function):
         dL/dgamma_c = Σ_n A · rstd,   dL/dbeta_c = Σ_{n,s} dL/dy,   dL/dv_c = Σ_{n,s} T · x
         k[n,g]      = rstd³ · Σ_{c in g} gamma_c A          (−dL/dvar_g · 2)
         dL/dx       = g_h · sigmoid(v x) + v · T − k · (x − mean_g) / L
+
+    A second derivative raises (the backward is not differentiated).
     """
 
     @staticmethod

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from .layout import NormInput
 
@@ -33,6 +34,8 @@ class _FilterResponseNorm(torch.autograd.Function):
         dL/dx    = scale · (g_y − x · A · rstd² / S)
         dL/dgamma_c = Σ_n A · rstd,   dL/dbeta_c = Σ_{n,s} g_y,   dL/dtau_c = Σ_{n,s} (g_z − g_y)
         dL/deps  = −1/2 · Σ_{n,c} A · rstd² · scale          (a learned eps)
+
+    A second derivative raises (the backward is not differentiated).
     """
 
     @staticmethod
@@ -42,6 +45,7 @@ class _FilterResponseNorm(torch.autograd.Function):
         return z
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, g_z: Tensor):
         x3, rstd, scale, y, tau = ctx.saved_tensors
         need_x, need_weight, need_bias, need_tau, need_eps = ctx.needs_input_grad

@@ -16,24 +16,32 @@ single part: weight 1) and the set variance is the law-of-total-variance pool
 ``avg v + avg (m - M)^2``. The raw-moment formula ``max(avg(v + m^2) - M^2, 0)`` of SN and "Four
 Things" is the same number in exact arithmetic (never negative, so the clamp never acts), without
 its float32 cancellation on data whose mean is large against its spread (docs/methods.md, "Precision").
-Output: ``y = w (x - mu) / sqrt(var + eps) + b`` (native eval-mode ``F.batch_norm`` on ``xv``).
+Output: ``y = w (x - mu) / sqrt(var + eps) + b`` (native eval-mode ``F.batch_norm`` on ``xv``, given
+``var + eps`` and ``eps = 0``: the per-unit copy of a set variance is the sum that adds ``eps``).
+
+Op count (issue 23: each small op is a GPU kernel launch): the statistics are kept at set level and
+broadcast inside the ops that combine them; a mixture of both ``mu`` and ``var`` is one stack, one
+product and one sum (one softmax for both logits); ``addcmul`` and scalar factors folded into the next op replace
+multiply-then-add chains.
 
 Stages (SeqNorm has two): stage ``s`` normalizes the previous stage's output, whose unit moments
 follow from ``r_s = 1 / sqrt(var_s + eps)``: mean ``(m_s - mu_s) r_s``, variance ``v_s r_s^2``; so
 every stage works on ``(K,)`` moments and ``y = w ((x - m) P + m_out) + b`` with ``P`` the product of
 the stages' ``r`` and ``m_out`` the last stage's output mean.
 
-Backward (analytic, no graph of small ops): one native reduction pass gives per unit
-``sum g`` and ``sum g (x - m)`` (:data:`_BN_BACKWARD`); the statistics' adjoints follow from the pooling
-(an average broadcast back is its own adjoint); then, from ``dm/dx = 1/n`` and
-``dv/dx = 2 (x - m)/n`` per unit of ``n`` values, ``dx = scale g + (2 g_v / n) (x - m) + g_m / n``, in
-elementwise passes that write one output tensor (``x - m``, ``*= 2 g_v / n``, ``+= g_m / n``,
-``+= scale g``). The centred term keeps float32 gradients exact where ``x`` is near its unit's mean
-(a unit of one value, data offset by many standard deviations), where ``B x - B m`` would cancel;
-likewise a pooled variance's adjoint keeps its path through the set mean,
-``dV/dm_k = 2/n (dm_k - avg dm)``, whose last term is 0 in exact arithmetic and the rounding of ``M``
-in float32 (docs/methods.md, "Precision"). The upstream gradient is first laid out like ``xv``
-(:func:`~.layout.laid_out_as`: the native reduction misreads another layout).
+Backward (analytic, no graph of small ops): one native reduction pass gives per unit ``sum g`` and ``sum
+g (x - m) P`` (:data:`_BN_BACKWARD`); the statistics' adjoints follow from the pooling (an average
+broadcast back is its own adjoint), stage by stage from the last with ``g_r r = G_P + g_mo m_next``
+(``G_P = g_P P``: ``w sum g (x - m) P`` at the last stage, gaining ``g_v_in v_in`` at each earlier one)
+and accumulate with their ``1/n``, ``2/n`` already applied (:class:`_Accumulator`); then, from ``dm/dx =
+1/n`` and ``dv/dx = 2 (x - m)/n`` per unit of ``n`` values, ``dx = scale g + (2 g_v / n) (x - m) + g_m /
+n``, in elementwise passes that write one output tensor (``x - m``, ``*= 2 g_v / n``, ``+= g_m / n``,
+``+= scale g``). The centred term keeps float32 gradients exact where ``x`` is near its unit's mean (a
+unit of one value, data offset by many standard deviations), where ``B x - B m`` would cancel; likewise
+a pooled variance's adjoint keeps its path through the set mean, ``dV/dm_k = 2/n (dm_k - avg dm)``,
+whose last term is 0 in exact arithmetic and the rounding of ``M`` in float32 (docs/methods.md,
+"Precision"). The upstream gradient is first laid out like ``xv`` (:func:`~.layout.laid_out_as`: the
+native reduction misreads another layout).
 
 A *part* is :class:`Own`, :class:`Const` (the ``index``-th constant, shape ``(K,)``) or
 :class:`Pooled` (the set mean in a stage's ``mean_parts``, the set variance in its ``var_parts``).
@@ -41,6 +49,7 @@ A *part* is :class:`Own`, :class:`Const` (the ``index``-th constant, shape ``(K,
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -219,15 +228,18 @@ class _Accumulator:
         else:  # a real contiguous (K,) tensor (see _spread), in the same op as the scaling
             self.total = torch.mul(term if shape is None else term.expand(shape), a).view(-1)
 
-    def add_product(self, t1: Tensor, t2: Tensor, shape) -> None:
-        """``total += t1 t2`` (``t1``, ``t2`` in the units' ``shape``; no ``alpha``: already scaled)."""
+    def add_product(self, t1: Tensor, t2: Tensor, shape, value: float = 1.0) -> None:
+        """``total += value t1 t2`` (``t1``, ``t2`` in the units' ``shape``, ``None``: ``(K,)``; no
+        ``alpha``: ``value`` scales)."""
         if self.total is None:
-            self.total = (t1 * t2).view(-1)
+            product = t1 * t2
+            self.total = (product if value == 1.0 else product.mul_(value)).view(-1)
         else:
-            self.total = torch.addcmul(self.total.view(shape), t1, t2).view(-1)
+            self.total = torch.addcmul(self.total.view(shape or (-1,)), t1, t2, value=value).view(-1)
 
 
 def _set_mean(m: Tensor, part: Pooled) -> Tensor:
+    """The mean of ``m`` ``(K,)`` over each of ``part``'s sets (set level, keepdim)."""
     return m.view(part.shape).mean(part.dims, keepdim=True)
 
 
@@ -259,11 +271,11 @@ def _mixtures(mean_terms, var_terms, weights: Tensor | None, weighted: tuple[boo
 
 def _stage_forward(m: Tensor, v: Tensor, stage: Stage, consts, weights, weighted, eps, single: bool, keep_m_next=True):
     """One stage's statistics from its units' moments ``m``, ``v`` ``(K,)``: ``(mu, var_eps, r,
-    m_next, centred, stack, set_statistics)`` with ``mu`` per unit ``(K,)`` (``None`` unless a single
-    stage needs it: the units' own mean or a mixture), ``var_eps = var + eps`` and
+    m_next, centred, stack, set_statistics)`` with ``mu`` per unit ``(K,)`` for a ``single`` stage (the
+    output's batch-norm pass reads it; ``None`` otherwise), ``var_eps = var + eps`` and
     ``r = 1 / sqrt(var + eps)`` per unit, ``m_next = (m - mu) r`` (``None`` for a single stage with
-    the own mean or without ``keep_m_next``: only its backward reads it), ``centred`` the ``m - M`` of each pooled variance part and ``stack`` that of
-    :func:`_mixtures`."""
+    the own mean, 0, or without ``keep_m_next``: only its backward reads it), ``centred`` the
+    ``m - M`` of each pooled variance part and ``stack`` that of :func:`_mixtures`."""
     set_means: dict[tuple, Tensor] = {}  # (shape, dims) -> set mean: a mean part and a variance part may share it
     deviations: dict[tuple, Tensor] = {}  # (shape, dims) -> m - M, shaped like the units' sets
     mean_terms, reported_means = [], []
@@ -310,54 +322,102 @@ def _stage_forward(m: Tensor, v: Tensor, stage: Stage, consts, weights, weighted
     return mu if single else None, var_eps, r, m_next, tuple(centred), stack, statistics
 
 
-def _stage_backward(t, g_var_hat, stage: Stage, weights, weighted, record: StageRecord, acc_m, acc_v):
+class _StageAdjoints(NamedTuple):
+    """The static part of :func:`_stage_backward` for one stage and mixture flags (computed once per
+    plan): the weighted mixtures' sizes ``J``, whether both are weighted with ``J/2`` parts each
+    (``joint``), the parts ``j`` pooled alike in both mixtures (``shared``: one average for both), the
+    variance parts ``(j, part, centred index)`` pooled first, and the mean parts ``(j, part)``."""
+
+    J: tuple[int, ...]
+    joint: bool
+    shared: tuple[tuple[int, Pooled, tuple[int, ...]], ...]
+    var_parts: tuple[tuple[int, Part, int], ...]
+    mean_parts: tuple[tuple[int, Part], ...]
+
+
+@functools.lru_cache(maxsize=256)
+def _stage_adjoints(stage: Stage, weighted: tuple[bool, bool]) -> _StageAdjoints:
+    J = tuple(len(p) for p, w in zip((stage.mean_parts, stage.var_parts), weighted) if w)
+    joint = len(J) == 2 and J[0] == J[1]
+    shared = tuple(
+        (j, mp, tuple(d + 1 for d in mp.dims))
+        for j, (mp, vp) in enumerate(zip(stage.mean_parts, stage.var_parts))
+        if joint and isinstance(mp, Pooled) and mp == vp
+    )
+    pooled = [j for j, p in enumerate(stage.var_parts) if isinstance(p, Pooled)]
+    order = pooled + [j for j, p in enumerate(stage.var_parts) if isinstance(p, Own)]
+    var_parts = tuple((j, stage.var_parts[j], pooled.index(j) if j in pooled else -1) for j in order)
+    mean_parts = tuple((j, p) for j, p in enumerate(stage.mean_parts) if not isinstance(p, Const))
+    return _StageAdjoints(J, joint, shared, var_parts, mean_parts)
+
+
+def _stage_backward(t_factors, g_var_hat, stage: Stage, weights, weighted, record: StageRecord, acc_m, acc_v):
     """Adds one stage's statistics' adjoints into ``acc_m`` / ``acc_v`` (the units' ``m`` and ``v``;
     ``acc_v.alpha = 2 acc_m.alpha``) and returns the gradients of the weighted mixtures' weights
     ``(2, J)`` or one ``(J,)`` per weighted mixture, negated (``None`` without weights).
 
-    The cotangents come scaled: ``g_mu = -t`` and ``g_var = -g_var_hat / 2``. A pooled mean part adds
-    ``avg_set g_mu`` to each unit of the set; a pooled variance part ``V = avg (v + (m - M)^2)`` adds
-    ``P = avg_set g_var`` to ``g_v`` and ``2 P (dm - avg dm)`` to ``g_m`` (see the module docstring)."""
-    rows: list[Tensor] = []  # -g_mu and -g_var of the weighted mixtures
-    if weighted[0]:
-        rows.append(t)
-    if weighted[1]:
-        rows.append(g_var_hat * 0.5)
-    g_weights = g_parts = None
-    if rows:
-        J = [len(p) for p, w in zip((stage.mean_parts, stage.var_parts), weighted) if w]
-        stack, K = record.stack, t.shape[0]
-        if len(rows) == 2 and J[0] == J[1]:
+    The cotangents come scaled: ``g_mu = -t`` with ``t = t_factors[0] * t_factors[1]`` (formed only
+    where needed; ``t_factors[1] = None``: ``t = t_factors[0]``) and ``g_var = -g_var_hat / 2``. A
+    pooled mean part adds ``avg_set g_mu`` to each unit of the set; a pooled variance part
+    ``V = avg (v + (m - M)^2)`` adds ``P = avg_set g_var`` to ``g_v`` and ``2 P (dm - avg dm)`` to
+    ``g_m`` (see the module docstring). The variance parts go first and the pooled ones before the
+    units' own, so that the first term of each sum costs no op of its own."""
+    plan = _stage_adjoints(stage, weighted)
+    t = t_factors[0] if t_factors[1] is None else None
+    g_weights = None
+    g_parts: Sequence[Tensor] = ()  # -w_j g of each weighted part, mean parts first
+    set_means: dict[tuple[int, int], Tensor] = {}  # (0 mean / 1 var, j) -> avg_set of that part's cotangent
+    if plan.J:
+        if weighted[0] and t is None:
+            t = t_factors[0] * t_factors[1]
+        rows = ([t] if weighted[0] else []) + ([g_var_hat * 0.5] if weighted[1] else [])  # -g_mu, -g_var
+        K = g_var_hat.shape[0]
+        if plan.joint:
+            J = plan.J[0]
             g_rows = torch.stack(rows).view(2, 1, K)
-            g_parts = (weights.view(2, J[0], 1) * g_rows).view(-1, K)
-            g_weights = (stack.view(2, J[0], K) * g_rows).sum(-1)
+            g_both = weights.view(2, J, 1) * g_rows
+            g_parts = g_both.view(-1, K)
+            g_weights = (record.stack.view(2, J, K) * g_rows).sum(-1)
+            for j, part, dims in plan.shared:  # both averages in one op
+                both = g_both[:, j].view(2, *part.shape).mean(dims, keepdim=True)
+                set_means[0, j], set_means[1, j] = both[0], both[1]
         else:
-            sizes = [j * K for j in J]
-            blocks_ = zip(weights.split(J), stack.view(-1).split(sizes), rows)
-            g_parts, g_weights = [], []
+            g_weights, g_parts = [], []
+            blocks_ = zip(weights.split(plan.J), record.stack.view(-1).split([j * K for j in plan.J]), rows)
             for w_k, s_k, row in blocks_:
                 g_parts += list(w_k.unsqueeze(1) * row)
                 g_weights.append((s_k.view(-1, K) * row).sum(1))
-    parts = iter(() if g_parts is None else g_parts)  # -w_j g of each weighted part
-    for part in stage.mean_parts:
-        g, alpha = (next(parts), -1.0) if weighted[0] else (t, -1.0)
-        if isinstance(part, Own):
-            acc_m.add(g, alpha=alpha)
-        elif isinstance(part, Pooled):
-            acc_m.add(_set_mean(g, part), part.shape, alpha=alpha)
-    centred = iter(record.centred)
-    for part in stage.var_parts:
-        g, alpha = (next(parts), -1.0) if weighted[1] else (g_var_hat, -0.5)
-        if isinstance(part, Own):
+    n_mean = len(stage.mean_parts) if weighted[0] else 0
+    for j, part, c in plan.var_parts:
+        g, alpha = (g_parts[n_mean + j], -1.0) if weighted[1] else (g_var_hat, -0.5)
+        if c < 0:  # the units' own variance
             acc_v.add(g, alpha=alpha)
-        elif isinstance(part, Pooled):
-            dm = next(centred)
-            # acc_v's term alpha_v P, which times (dm - avg dm) is also acc_m's term (alpha_v = 2 alpha_m)
-            term = torch.mul(_set_mean(g, part).expand(part.shape), acc_v.alpha * alpha)
-            acc_v.add(term.view(-1), scaled=True)
-            # avg dm: 0 in exact arithmetic, in float32 M's rounding, which 2 P dm alone would carry
-            # to every unit of the set
-            acc_m.add_product(term, dm - dm.mean(part.dims, keepdim=True), part.shape)
+            continue
+        P = set_means.get((1, j))
+        if P is None:
+            P = g.view(part.shape).mean(part.dims, keepdim=True)
+        # acc_v's term alpha_v P, which times (dm - avg dm) is also acc_m's term (alpha_v = 2 alpha_m)
+        term = torch.mul(P.expand(part.shape), acc_v.alpha * alpha)
+        acc_v.add(term.view(-1), scaled=True)
+        # avg dm: 0 in exact arithmetic, in float32 M's rounding, which 2 P dm alone would carry
+        # to every unit of the set
+        dm = record.centred[c]
+        acc_m.add_product(term, dm - dm.mean(part.dims, keepdim=True), part.shape)
+    for j, part in plan.mean_parts:
+        if weighted[0]:
+            g = g_parts[j]
+        elif t is None and isinstance(part, Own):  # -t: one multiply-add from t's factors
+            acc_m.add_product(*t_factors, None, value=-acc_m.alpha)
+            continue
+        else:
+            if t is None:
+                t = t_factors[0] * t_factors[1]
+            g = t
+        if isinstance(part, Own):
+            acc_m.add(g, alpha=-1.0)
+        else:
+            P = set_means.get((0, j))
+            acc_m.add(g.view(part.shape).mean(part.dims, keepdim=True) if P is None else P, part.shape, alpha=-1.0)
     return g_weights
 
 
@@ -387,7 +447,7 @@ def _pooled_forward(xv, weight, bias, mean_logits, var_logits, plan: Plan, eps, 
     """The forward of :class:`_PooledSetNorm` as a plain function (also the path with nothing to differentiate:
     ``backward=False`` skips what only the backward reads)."""
     layout, stages = plan
-    m, v = channel_moments(xv)
+    m, v = channel_moments(xv, fused_square=True)
     weights = _mixture_weights(mean_logits, var_logits, m.dtype)
     weighted = (mean_logits is not None, var_logits is not None)
     tape = _Tape()
@@ -501,12 +561,13 @@ class _PooledSetNorm(torch.autograd.Function):
         # stage's G_P gains g_v_in v_in (v_in = v P^2) and its g_mo gains g_mo r + g_m_in
         if last == 0:  # G_P + g_mo m_out = w g_w, g_mo r = scale s_g
             h = _times_affine(g_w, weight, layout)
-            t = scale * s_g
+            t_factors = (scale, s_g)
         else:
             G_P = _times_affine(s_gcP, weight, layout)
             g_mo = _times_affine(s_g, weight, layout)
             h = torch.addcmul(G_P, g_mo, m_out)
             t = g_mo * final.r
+            t_factors = (t, None)
         acc_m = acc_v = None
         later_var_terms = []  # (2 g_v_in, P of the stage before) of the later stages' variance adjoints
         g_weights = None
@@ -517,7 +578,7 @@ class _PooledSetNorm(torch.autograd.Function):
             acc_m, acc_v = _Accumulator(alpha), _Accumulator(2.0 * alpha)
             mixing = s == last
             stage_g_weights = _stage_backward(
-                t,
+                t_factors,
                 h / record.var_eps,
                 stages[s],
                 weights if mixing else None,
@@ -537,6 +598,7 @@ class _PooledSetNorm(torch.autograd.Function):
                 later_var_terms.append((acc_v.total, previous.P))
             h = torch.addcmul(G_P, g_mo, previous.m_next)
             t = g_mo * previous.r
+            t_factors = (t, None)
         C, B = acc_m.total, acc_v.total
         if last > 0:  # the first stage's m_in is m: its path g_mo r (= t) and the output's explicit -m term
             C = torch.mul(t, 1.0 / n) if C is None else torch.add(C, t, alpha=1.0 / n)

@@ -337,6 +337,7 @@ class _StageAdjoints(NamedTuple):
 
 @functools.lru_cache(maxsize=256)
 def _stage_adjoints(stage: Stage, weighted: tuple[bool, bool]) -> _StageAdjoints:
+    """The :class:`_StageAdjoints` of ``stage`` with the mixtures ``weighted`` (mean, var), cached per plan."""
     J = tuple(len(p) for p, w in zip((stage.mean_parts, stage.var_parts), weighted) if w)
     joint = len(J) == 2 and J[0] == J[1]
     shared = tuple(

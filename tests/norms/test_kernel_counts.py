@@ -31,9 +31,9 @@ OVER_TARGET = {
     ("brn", None): (26, 12),
     ("gbgn", None): (51, 12),
     ("gbgn", 2): (58, 12),
-    ("hn", None): (42, 12),
-    ("seqnorm", None): (107, 12),
-    ("sn", None): (91, 12),
+    ("hn", None): (28, 12),
+    ("seqnorm", None): (66, 12),
+    ("sn", None): (63, 12),
     # the small-batch baselines (issue 26): no fused paths yet
     ("evonorm_b0", None): (42, 13),
     ("evonorm_s0", None): (30, 12),

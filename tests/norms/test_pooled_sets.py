@@ -55,12 +55,41 @@ PLANS = {
         (2, 2),
     ),
     "blocks": ((N, 12, 3), (1, 2), [((Pooled((4, 3), (1,)),), (Pooled((4, 3), (1,)),))], 0, (0, 0)),
+    # the variance mixture alone, of sets of different shapes (each part spread to the units)
+    "channels-var-mixture": (
+        (N, C, S),
+        (1, 1),
+        [((Own(),), (Own(), Pooled((1, C), (1,)), Pooled((3, 2), (1,))))],
+        0,
+        (0, 3),
+    ),
+    # mixtures of 2 and 3 parts: weights concatenated, summed and differentiated apart
+    "rows-unequal-mixtures": (
+        (1, N * C, S),
+        (N, 1),
+        [((Own(), Pooled((N, C), (0,))), (Own(), Pooled((N, C), (1,)), Pooled((N, C), (0,))))],
+        0,
+        (2, 3),
+    ),
+    # a pooled mean whose sets no variance part pools: m - M of its own
+    "channels-pooled-mean-own-var": ((N, C, S), (1, 1), [((Pooled((3, 2), (1,)),), (Own(),))], 0, (0, 0)),
     "two-stages": (
         (1, N * C, S),
         (N, 1),
         [
             ((Pooled((N, 2, 3), (2,)),), (Pooled((N, 2, 3), (2,)),)),
             ((Pooled((2, 2, C), (0,)),), (Pooled((2, 2, C), (0,)),)),
+        ],
+        0,
+        (0, 0),
+    ),
+    "three-stages": (
+        (1, N * C, S),
+        (N, 1),
+        [
+            ((Pooled((N, 2, 3), (2,)),), (Pooled((N, 2, 3), (2,)),)),
+            ((Pooled((2, 2, C), (0,)),), (Pooled((2, 2, C), (0,)),)),
+            ((Pooled((1, N, C), (1,)),), (Pooled((1, N, C), (1,)),)),
         ],
         0,
         (0, 0),

@@ -16,24 +16,32 @@ single part: weight 1) and the set variance is the law-of-total-variance pool
 ``avg v + avg (m - M)^2``. The raw-moment formula ``max(avg(v + m^2) - M^2, 0)`` of SN and "Four
 Things" is the same number in exact arithmetic (never negative, so the clamp never acts), without
 its float32 cancellation on data whose mean is large against its spread (docs/methods.md, "Precision").
-Output: ``y = w (x - mu) / sqrt(var + eps) + b`` (native eval-mode ``F.batch_norm`` on ``xv``).
+Output: ``y = w (x - mu) / sqrt(var + eps) + b`` (native eval-mode ``F.batch_norm`` on ``xv``, given
+``var + eps`` and ``eps = 0``: the per-unit copy of a set variance is the sum that adds ``eps``).
+
+Op count (issue 23: each small op is a GPU kernel launch): the statistics are kept at set level and
+broadcast inside the ops that combine them; a mixture of both ``mu`` and ``var`` is one stack, one
+product and one sum (one softmax for both logits); ``addcmul`` and scalar factors folded into the next op replace
+multiply-then-add chains.
 
 Stages (SeqNorm has two): stage ``s`` normalizes the previous stage's output, whose unit moments
 follow from ``r_s = 1 / sqrt(var_s + eps)``: mean ``(m_s - mu_s) r_s``, variance ``v_s r_s^2``; so
 every stage works on ``(K,)`` moments and ``y = w ((x - m) P + m_out) + b`` with ``P`` the product of
 the stages' ``r`` and ``m_out`` the last stage's output mean.
 
-Backward (analytic, no graph of small ops): one native reduction pass gives per unit
-``sum g`` and ``sum g (x - m)`` (:data:`_BN_BACKWARD`); the statistics' adjoints follow from the pooling
-(an average broadcast back is its own adjoint); then, from ``dm/dx = 1/n`` and
-``dv/dx = 2 (x - m)/n`` per unit of ``n`` values, ``dx = scale g + (2 g_v / n) (x - m) + g_m / n``, in
-elementwise passes that write one output tensor (``x - m``, ``*= 2 g_v / n``, ``+= g_m / n``,
-``+= scale g``). The centred term keeps float32 gradients exact where ``x`` is near its unit's mean
-(a unit of one value, data offset by many standard deviations), where ``B x - B m`` would cancel;
-likewise a pooled variance's adjoint keeps its path through the set mean,
-``dV/dm_k = 2/n (dm_k - avg dm)``, whose last term is 0 in exact arithmetic and the rounding of ``M``
-in float32 (docs/methods.md, "Precision"). The upstream gradient is first laid out like ``xv``
-(:func:`~.layout.laid_out_as`: the native reduction misreads another layout).
+Backward (analytic, no graph of small ops): one native reduction pass gives per unit ``sum g`` and ``sum
+g (x - m) P`` (:data:`_BN_BACKWARD`); the statistics' adjoints follow from the pooling (an average
+broadcast back is its own adjoint), stage by stage from the last with ``g_r r = G_P + g_mo m_next``
+(``G_P = g_P P``: ``w sum g (x - m) P`` at the last stage, gaining ``g_v_in v_in`` at each earlier one)
+and accumulate with their ``1/n``, ``2/n`` already applied (:class:`_Accumulator`); then, from ``dm/dx =
+1/n`` and ``dv/dx = 2 (x - m)/n`` per unit of ``n`` values, ``dx = scale g + (2 g_v / n) (x - m) + g_m /
+n``, in elementwise passes that write one output tensor (``x - m``, ``*= 2 g_v / n``, ``+= g_m / n``,
+``+= scale g``). The centred term keeps float32 gradients exact where ``x`` is near its unit's mean (a
+unit of one value, data offset by many standard deviations), where ``B x - B m`` would cancel; likewise
+a pooled variance's adjoint keeps its path through the set mean, ``dV/dm_k = 2/n (dm_k - avg dm)``,
+whose last term is 0 in exact arithmetic and the rounding of ``M`` in float32 (docs/methods.md,
+"Precision"). The upstream gradient is first laid out like ``xv`` (:func:`~.layout.laid_out_as`: the
+native reduction misreads another layout).
 
 A *part* is :class:`Own`, :class:`Const` (the ``index``-th constant, shape ``(K,)``) or
 :class:`Pooled` (the set mean in a stage's ``mean_parts``, the set variance in its ``var_parts``).
@@ -41,6 +49,7 @@ A *part* is :class:`Own`, :class:`Const` (the ``index``-th constant, shape ``(K,
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -112,16 +121,18 @@ class PooledSetOutput(NamedTuple):
 
 class StageRecord(NamedTuple):
     """What the backward needs of one stage: ``m - M`` of each pooled variance part, the stacked
-    parts of the mixtures (``None`` without weights), the stage's input unit mean ``m_in``, the
-    product ``scale_in`` of the earlier stages' ``r`` (``None`` for the first), ``mu`` and ``r``."""
+    weighted parts ``(J, K)`` (the mean mixture's, then the variance mixture's; ``None`` without
+    weights), ``var + eps`` and ``r`` per unit, the product ``P`` of this and the earlier stages'
+    ``r``, the stage's output unit mean ``m_next = (m_in - mu) r`` (``None`` for a single stage
+    whose mean is the units' own: 0) and its input unit variance ``v_in`` (``None`` for the first)."""
 
     centred: tuple[Tensor, ...]
-    mean_stack: Tensor | None
-    var_stack: Tensor | None
-    m_in: Tensor
-    scale_in: Tensor | None
-    mu: Tensor
+    stack: Tensor | None
+    var_eps: Tensor
     r: Tensor
+    P: Tensor
+    m_next: Tensor | None
+    v_in: Tensor | None
 
 
 class _Tape:
@@ -152,15 +163,18 @@ class _Tape:
         return records
 
 
-#: ``native_batch_norm_backward`` in eval mode with ``running_mean = m``, ``running_var = 1`` and
-#: ``eps = 0`` normalizes as ``x_hat = (x - m) / sqrt(1 + 0) = x - m``, so its weight gradient
-#: ``sum g x_hat`` is ``sum g (x - m)`` and its bias gradient ``sum g``, per unit, in one fused pass.
+#: ``native_batch_norm_backward`` in eval mode with ``running_mean = m``, ``running_var = u`` and
+#: ``eps = 0`` normalizes as ``x_hat = (x - m) / sqrt(u)``, so its weight gradient is
+#: ``sum g (x - m) / sqrt(u)`` and its bias gradient ``sum g``, per unit, in one fused pass
+#: (``u = var + eps`` of a single stage: ``sum g (x - m) r``; ``u = 1``: ``sum g (x - m)``).
 _BN_BACKWARD = torch.ops.aten.native_batch_norm_backward.default
 
 
-def _softmax_grad(weights: Tensor, g_weights: Tensor, dtype) -> Tensor:
-    """``softmax`` backward: ``d logits = s * (g - sum s g)``."""
-    return (weights * (g_weights - (weights * g_weights).sum())).to(dtype)
+def _softmax_grad(weights: Tensor, g_weights: Tensor, negated: bool) -> Tensor:
+    """``softmax`` backward along the last dim: ``d logits = s * (g - sum s g)``; with ``negated``,
+    ``g_weights`` is ``-g`` (``d logits = s * (sum s (-g) - (-g))``)."""
+    total = (weights * g_weights).sum(-1, keepdim=True)
+    return weights * (total - g_weights if negated else g_weights - total)
 
 
 def _spread(t: Tensor, shape) -> Tensor:
@@ -185,91 +199,227 @@ def _reduce_affine(t: Tensor, layout: tuple[int, int]) -> Tensor:
     return t.view(before, -1, after).sum((0, 2))
 
 
-def _add(total: Tensor | None, term: Tensor, shape=None) -> Tensor:
-    """``total + term`` per unit ``(K,)``; a set-level ``term`` (keepdim in ``shape``) is broadcast."""
-    if shape is None:
-        return term if total is None else total + term
-    if total is None:
-        return _spread(term, shape)
-    return (total.view(shape) + term).view(-1)
+def _times_affine(t: Tensor, a: Tensor | None, layout: tuple[int, int]) -> Tensor:
+    """``a t`` per unit ``(K,)`` for a per-channel ``a`` ``(C,)`` (``t`` itself for ``a = None``), one op
+    (broadcast over the ``(before, C, after)`` layout, no per-unit copy of ``a``)."""
+    if a is None:
+        return t
+    if layout == (1, 1):
+        return a * t
+    before, after = layout
+    return (a.view(1, -1, 1) * t.view(before, -1, after)).view(-1)
 
 
-def _mixed(parts: list[Tensor], weights: Tensor | None) -> tuple[Tensor, Tensor | None]:
-    """``sum_j w_j parts_j`` and the stacked parts ``(J, K)`` (kept for the weights' gradient);
-    a single part is returned as is."""
-    if weights is None:
-        return parts[0], None
-    stacked = torch.stack(parts)
-    return (weights.unsqueeze(1) * stacked).sum(0), stacked
+class _Accumulator:
+    """``alpha`` times a sum of per-unit terms, ``total`` ``(K,)`` (``None`` while empty): each term
+    is added in one op, a set-level term (keepdim, sets of units shaped ``shape``) broadcast over its set."""
+
+    def __init__(self, alpha: float) -> None:
+        self.alpha = alpha
+        self.total: Tensor | None = None
+
+    def add(self, term: Tensor, shape=None, alpha: float = 1.0, scaled: bool = False) -> None:
+        """``total += self.alpha * alpha * term`` (``scaled``: ``total += term``, already scaled)."""
+        a = 1.0 if scaled else self.alpha * alpha
+        if self.total is not None:
+            self.total = torch.add(self.total.view(shape or (-1,)), term, alpha=a).view(-1)
+        elif shape is None and a == 1.0:
+            self.total = term
+        else:  # a real contiguous (K,) tensor (see _spread), in the same op as the scaling
+            self.total = torch.mul(term if shape is None else term.expand(shape), a).view(-1)
+
+    def add_product(self, t1: Tensor, t2: Tensor, shape, value: float = 1.0) -> None:
+        """``total += value t1 t2`` (``t1``, ``t2`` in the units' ``shape``, ``None``: ``(K,)``; no
+        ``alpha``: ``value`` scales)."""
+        if self.total is None:
+            product = t1 * t2
+            self.total = (product if value == 1.0 else product.mul_(value)).view(-1)
+        else:
+            self.total = torch.addcmul(self.total.view(shape or (-1,)), t1, t2, value=value).view(-1)
 
 
-def _stage_forward(m: Tensor, v: Tensor, stage: Stage, consts, mean_weights, var_weights, eps):
-    """One stage's statistics from its units' moments ``m``, ``v`` ``(K,)``: ``(mu, var, r, centred,
-    mean_stack, var_stack, set_statistics)`` with ``r = 1 / sqrt(var + eps)`` per unit, ``centred`` the
-    ``m - M`` of each pooled variance part and the stacks those of :func:`_mixed`."""
+def _set_mean(m: Tensor, part: Pooled) -> Tensor:
+    """The mean of ``m`` ``(K,)`` over each of ``part``'s sets (set level, keepdim)."""
+    return m.view(part.shape).mean(part.dims, keepdim=True)
+
+
+def _mixtures(mean_terms, var_terms, weights: Tensor | None, weighted: tuple[bool, bool]):
+    """``(mu, var, stack)`` from the stage's terms ``(t, shape)`` (``shape = None``: per unit ``(K,)``;
+    else set-level, keepdim, for units shaped ``shape``): a single term is returned as is; a mixture
+    (``weighted``: mean, var) is ``sum_j w_j t_j`` with ``weights`` the weighted mixtures' weights
+    concatenated ``(J,)``, both mixtures in one stack ``(J, K)`` (kept for the weights' gradient), one
+    product and one sum where both have ``J/2`` parts; ``mu``/``var`` come back as terms."""
+    if not any(weighted):
+        return mean_terms[0], var_terms[0], None
+    mixed = [terms for terms, w in zip((mean_terms, var_terms), weighted) if w]
+    terms = [t for ts in mixed for t in ts]
+    shapes = {shape for _, shape in terms if shape is not None}
+    if len(shapes) == 1:  # the stack copies the broadcast set statistics: no spread of its own
+        (shape,) = shapes
+        parts = [t.view(shape) if s is None else t.expand(shape) for t, s in terms]
+    else:
+        parts = [t if s is None else _spread(t, s) for t, s in terms]
+    stack = torch.stack(parts).view(len(parts), -1)
+    products = weights.unsqueeze(1) * stack
+    if len(mixed) == 2 and len(mixed[0]) == len(mixed[1]):
+        sums = list(products.view(2, len(mixed[0]), -1).sum(1))
+    else:
+        sums = [chunk.sum(0) for chunk in products.split([len(ts) for ts in mixed])]
+    out = [(sums.pop(0), None) if w else terms_[0] for terms_, w in zip((mean_terms, var_terms), weighted)]
+    return out[0], out[1], stack
+
+
+def _stage_forward(m: Tensor, v: Tensor, stage: Stage, consts, weights, weighted, eps, single: bool, keep_m_next=True):
+    """One stage's statistics from its units' moments ``m``, ``v`` ``(K,)``: ``(mu, var_eps, r,
+    m_next, centred, stack, set_statistics)`` with ``mu`` per unit ``(K,)`` for a ``single`` stage (the
+    output's batch-norm pass reads it; ``None`` otherwise), ``var_eps = var + eps`` and
+    ``r = 1 / sqrt(var + eps)`` per unit, ``m_next = (m - mu) r`` (``None`` for a single stage with
+    the own mean, 0, or without ``keep_m_next``: only its backward reads it), ``centred`` the
+    ``m - M`` of each pooled variance part and ``stack`` that of :func:`_mixtures`."""
     set_means: dict[tuple, Tensor] = {}  # (shape, dims) -> set mean: a mean part and a variance part may share it
-    means, reported_means = [], []
+    deviations: dict[tuple, Tensor] = {}  # (shape, dims) -> m - M, shaped like the units' sets
+    mean_terms, reported_means = [], []
     for part in stage.mean_parts:
         if isinstance(part, Own):
-            means.append(m)
+            mean_terms.append((m, None))
         elif isinstance(part, Const):
-            means.append(consts[part.index])
+            mean_terms.append((consts[part.index], None))
         else:
-            M = set_means[part.shape, part.dims] = m.view(part.shape).mean(part.dims, keepdim=True)
+            M = set_means[part.shape, part.dims] = _set_mean(m, part)
             reported_means.append(M)
-            means.append(_spread(M, part.shape))
-    variances, reported_vars, centred = [], [], []
+            mean_terms.append((M, part.shape))
+    var_terms, reported_vars, centred = [], [], []
     for part in stage.var_parts:
         if isinstance(part, Own):
-            variances.append(v)
+            var_terms.append((v, None))
         elif isinstance(part, Const):
-            variances.append(consts[part.index])
+            var_terms.append((consts[part.index], None))
         else:
-            M = set_means.get((part.shape, part.dims))
-            if M is None:
-                M = set_means[part.shape, part.dims] = m.view(part.shape).mean(part.dims, keepdim=True)
-            dm = m.view(part.shape) - M
-            V = (v.view(part.shape) + dm * dm).mean(part.dims, keepdim=True)  # law of total variance
+            key = part.shape, part.dims
+            if key not in set_means:
+                set_means[key] = _set_mean(m, part)
+            dm = deviations[key] = m.view(part.shape) - set_means[key]
+            V = torch.addcmul(v.view(part.shape), dm, dm).mean(part.dims, keepdim=True)  # law of total variance
             reported_vars.append(V)
             centred.append(dm)
-            variances.append(_spread(V, part.shape))
-    mu, mean_stack = _mixed(means, mean_weights)
-    var, var_stack = _mixed(variances, var_weights)
+            var_terms.append((V, part.shape))
+    (mu, mu_shape), (var, var_shape), stack = _mixtures(mean_terms, var_terms, weights, weighted)
+    # var + eps as a real contiguous (K,) tensor: the add writes the broadcast set variance out
+    var_eps = (var + eps) if var_shape is None else torch.add(var.expand(var_shape), eps).view(-1)
+    r = torch.rsqrt(var_eps)
+    if single and (mu is m or not keep_m_next):  # the own mean: m_next = 0; no backward: not needed
+        m_next = None
+    elif mu_shape is None:
+        m_next = (m - mu) * r
+    else:  # a single pooled mean part: m - M is known where a variance part pools the same sets
+        part = stage.mean_parts[0]
+        dm = deviations.get((part.shape, part.dims))
+        dm = m.view(mu_shape) - mu if dm is None else dm
+        m_next = (dm * r.view(mu_shape)).view(-1)
+    if single and mu_shape is not None:
+        mu = _spread(mu, mu_shape)
     statistics = SetStatistics(tuple(reported_means), tuple(reported_vars))
-    return mu, var, torch.rsqrt(var + eps), tuple(centred), mean_stack, var_stack, statistics
+    return mu if single else None, var_eps, r, m_next, tuple(centred), stack, statistics
 
 
-def _stage_backward(g_mu, g_var, stage: Stage, mean_weights, var_weights, record: StageRecord):
-    """Adjoints of one stage's statistics: ``(g_m, g_v)`` of its units' moments (``None`` when
-    nothing depends on them) and the gradients of the mixture weights (``None`` without)."""
-    g_m = g_v = None
-    g_means = None if mean_weights is None else mean_weights.unsqueeze(1) * g_mu  # (J, K): part j's share
-    g_vars = None if var_weights is None else var_weights.unsqueeze(1) * g_var
-    for j, part in enumerate(stage.mean_parts):
-        gj = g_mu if mean_weights is None else g_means[j]
+class _StageAdjoints(NamedTuple):
+    """The static part of :func:`_stage_backward` for one stage and mixture flags (computed once per
+    plan): the weighted mixtures' sizes ``J``, whether both are weighted with ``J/2`` parts each
+    (``joint``), the parts ``j`` pooled alike in both mixtures (``shared``: one average for both), the
+    variance parts ``(j, part, centred index)`` pooled first, and the mean parts ``(j, part)``."""
+
+    J: tuple[int, ...]
+    joint: bool
+    shared: tuple[tuple[int, Pooled, tuple[int, ...]], ...]
+    var_parts: tuple[tuple[int, Part, int], ...]
+    mean_parts: tuple[tuple[int, Part], ...]
+
+
+@functools.lru_cache(maxsize=256)
+def _stage_adjoints(stage: Stage, weighted: tuple[bool, bool]) -> _StageAdjoints:
+    """The :class:`_StageAdjoints` of ``stage`` with the mixtures ``weighted`` (mean, var), cached per plan."""
+    J = tuple(len(p) for p, w in zip((stage.mean_parts, stage.var_parts), weighted) if w)
+    joint = len(J) == 2 and J[0] == J[1]
+    shared = tuple(
+        (j, mp, tuple(d + 1 for d in mp.dims))
+        for j, (mp, vp) in enumerate(zip(stage.mean_parts, stage.var_parts))
+        if joint and isinstance(mp, Pooled) and mp == vp
+    )
+    pooled = [j for j, p in enumerate(stage.var_parts) if isinstance(p, Pooled)]
+    order = pooled + [j for j, p in enumerate(stage.var_parts) if isinstance(p, Own)]
+    var_parts = tuple((j, stage.var_parts[j], pooled.index(j) if j in pooled else -1) for j in order)
+    mean_parts = tuple((j, p) for j, p in enumerate(stage.mean_parts) if not isinstance(p, Const))
+    return _StageAdjoints(J, joint, shared, var_parts, mean_parts)
+
+
+def _stage_backward(t_factors, g_var_hat, stage: Stage, weights, weighted, record: StageRecord, acc_m, acc_v):
+    """Adds one stage's statistics' adjoints into ``acc_m`` / ``acc_v`` (the units' ``m`` and ``v``;
+    ``acc_v.alpha = 2 acc_m.alpha``) and returns the gradients of the weighted mixtures' weights
+    ``(2, J)`` or one ``(J,)`` per weighted mixture, negated (``None`` without weights).
+
+    The cotangents come scaled: ``g_mu = -t`` with ``t = t_factors[0] * t_factors[1]`` (formed only
+    where needed; ``t_factors[1] = None``: ``t = t_factors[0]``) and ``g_var = -g_var_hat / 2``. A
+    pooled mean part adds ``avg_set g_mu`` to each unit of the set; a pooled variance part
+    ``V = avg (v + (m - M)^2)`` adds ``P = avg_set g_var`` to ``g_v`` and ``2 P (dm - avg dm)`` to
+    ``g_m`` (see the module docstring). The variance parts go first and the pooled ones before the
+    units' own, so that the first term of each sum costs no op of its own."""
+    plan = _stage_adjoints(stage, weighted)
+    t = t_factors[0] if t_factors[1] is None else None
+    g_weights = None
+    g_parts: Sequence[Tensor] = ()  # -w_j g of each weighted part, mean parts first
+    set_means: dict[tuple[int, int], Tensor] = {}  # (0 mean / 1 var, j) -> avg_set of that part's cotangent
+    if plan.J:
+        if weighted[0] and t is None:
+            t = t_factors[0] * t_factors[1]
+        rows = ([t] if weighted[0] else []) + ([g_var_hat * 0.5] if weighted[1] else [])  # -g_mu, -g_var
+        K = g_var_hat.shape[0]
+        if plan.joint:
+            J = plan.J[0]
+            g_rows = torch.stack(rows).view(2, 1, K)
+            g_both = weights.view(2, J, 1) * g_rows
+            g_parts = g_both.view(-1, K)
+            g_weights = (record.stack.view(2, J, K) * g_rows).sum(-1)
+            for j, part, dims in plan.shared:  # both averages in one op
+                both = g_both[:, j].view(2, *part.shape).mean(dims, keepdim=True)
+                set_means[0, j], set_means[1, j] = both[0], both[1]
+        else:
+            g_weights, g_parts = [], []
+            blocks_ = zip(weights.split(plan.J), record.stack.view(-1).split([j * K for j in plan.J]), rows)
+            for w_k, s_k, row in blocks_:
+                g_parts += list(w_k.unsqueeze(1) * row)
+                g_weights.append((s_k.view(-1, K) * row).sum(1))
+    n_mean = len(stage.mean_parts) if weighted[0] else 0
+    for j, part, c in plan.var_parts:
+        g, alpha = (g_parts[n_mean + j], -1.0) if weighted[1] else (g_var_hat, -0.5)
+        if c < 0:  # the units' own variance
+            acc_v.add(g, alpha=alpha)
+            continue
+        P = set_means.get((1, j))
+        if P is None:
+            P = g.view(part.shape).mean(part.dims, keepdim=True)
+        # acc_v's term alpha_v P, which times (dm - avg dm) is also acc_m's term (alpha_v = 2 alpha_m)
+        term = torch.mul(P.expand(part.shape), acc_v.alpha * alpha)
+        acc_v.add(term.view(-1), scaled=True)
+        # avg dm: 0 in exact arithmetic, in float32 M's rounding, which 2 P dm alone would carry
+        # to every unit of the set
+        dm = record.centred[c]
+        acc_m.add_product(term, dm - dm.mean(part.dims, keepdim=True), part.shape)
+    for j, part in plan.mean_parts:
+        if weighted[0]:
+            g = g_parts[j]
+        elif t is None and isinstance(part, Own):  # -t: one multiply-add from t's factors
+            acc_m.add_product(*t_factors, None, value=-acc_m.alpha)
+            continue
+        else:
+            if t is None:
+                t = t_factors[0] * t_factors[1]
+            g = t
         if isinstance(part, Own):
-            g_m = _add(g_m, gj)
-        elif isinstance(part, Pooled):
-            g_m = _add(g_m, gj.view(part.shape).mean(part.dims, keepdim=True), part.shape)
-    centred = iter(record.centred)
-    for j, part in enumerate(stage.var_parts):
-        gj = g_var if var_weights is None else g_vars[j]
-        if isinstance(part, Own):
-            g_v = _add(g_v, gj)
-        elif isinstance(part, Pooled):
-            dm = next(centred)
-            P = gj.view(part.shape).mean(part.dims, keepdim=True)
-            g_v = _add(g_v, P, part.shape)
-            # dV/dm_k = 2/n (dm_k - avg dm), the second term through M = avg m: 0 in exact arithmetic,
-            # in float32 avg dm is M's rounding, which 2 P dm alone would carry to every unit of the set
-            dm_centred = dm - dm.mean(part.dims, keepdim=True)
-            if g_m is None:
-                g_m = (dm_centred * (2.0 * P)).view(-1)
-            else:
-                g_m = torch.addcmul(g_m.view(part.shape), dm_centred, P, value=2.0).view(-1)
-    g_mean_weights = None if mean_weights is None else (record.mean_stack * g_mu).sum(1)
-    g_var_weights = None if var_weights is None else (record.var_stack * g_var).sum(1)
-    return g_m, g_v, g_mean_weights, g_var_weights
+            acc_m.add(g, alpha=-1.0)
+        else:
+            P = set_means.get((0, j))
+            acc_m.add(g.view(part.shape).mean(part.dims, keepdim=True) if P is None else P, part.shape, alpha=-1.0)
+    return g_weights
 
 
 class _Forward(NamedTuple):
@@ -277,44 +427,71 @@ class _Forward(NamedTuple):
     m: Tensor
     v: Tensor
     set_statistics: tuple[SetStatistics, ...]
-    scale: Tensor  # P, the product of the stages' r
-    m_out: Tensor  # the last stage's output mean
-    mean_weights: Tensor | None
-    var_weights: Tensor | None
+    weights: Tensor | None  # the weighted mixtures' weights: (2, J) for two of J parts, else (J,) concatenated
+    scale: Tensor | None  # w P per unit, for several stages
+    ones: Tensor | None  # a (K,) tensor of ones, for several stages
     tape: _Tape
 
 
-def _pooled_forward(xv, weight, bias, mean_logits, var_logits, plan: Plan, eps, consts) -> _Forward:
-    """The forward of :class:`_PooledSetNorm` as a plain function (also the path with nothing to differentiate)."""
+def _mixture_weights(mean_logits, var_logits, dtype) -> Tensor | None:
+    """The softmaxes of the logits: ``(2, J)`` for two of one length (one softmax), else ``(J,)``
+    concatenated (``None`` without logits)."""
+    logits = [t.to(dtype) for t in (mean_logits, var_logits) if t is not None]
+    if not logits:
+        return None
+    if len(logits) == 2 and logits[0].shape == logits[1].shape:
+        return torch.softmax(torch.stack(logits), 1)
+    return torch.cat([torch.softmax(t, 0) for t in logits]) if len(logits) == 2 else torch.softmax(logits[0], 0)
+
+
+def _pooled_forward(xv, weight, bias, mean_logits, var_logits, plan: Plan, eps, consts, backward=True) -> _Forward:
+    """The forward of :class:`_PooledSetNorm` as a plain function (also the path with nothing to differentiate:
+    ``backward=False`` skips what only the backward reads)."""
     layout, stages = plan
-    m, v = channel_moments(xv)
-    mean_weights = None if mean_logits is None else torch.softmax(mean_logits.to(m.dtype), 0)
-    var_weights = None if var_logits is None else torch.softmax(var_logits.to(m.dtype), 0)
+    m, v = channel_moments(xv, fused_square=True)
+    weights = _mixture_weights(mean_logits, var_logits, m.dtype)
+    weighted = (mean_logits is not None, var_logits is not None)
     tape = _Tape()
     statistics = []
-    m_s, v_s, P = m, v, None  # P: the product of the stages' r so far
+    m_s, v_s, P, v_in = m, v, None, None  # P: the product of the stages' r so far
     last = len(stages) - 1
     for s, stage in enumerate(stages):
         mixing = s == last  # the mixture weights mix the last stage's parts
-        mu, var, r, centred, mean_stack, var_stack, stage_statistics = _stage_forward(
-            m_s, v_s, stage, consts, mean_weights if mixing else None, var_weights if mixing else None, eps
+        mu, var_eps, r, m_next, centred, stack, stage_statistics = _stage_forward(
+            m_s,
+            v_s,
+            stage,
+            consts,
+            weights.view(-1) if mixing and weights is not None else None,
+            weighted if mixing else (False, False),
+            eps,
+            last == 0,
+            backward,
         )
         statistics.append(stage_statistics)
-        tape.record(StageRecord(centred, mean_stack, var_stack, m_s, P, mu, r))
         P = r if P is None else P * r
-        m_s = (m_s - mu) * r
+        tape.record(StageRecord(centred, stack, var_eps, r, P, m_next, v_in))
+        m_s = m_next
         if s != last:
-            v_s = v_s * (r * r)
-    w, b = _expand_affine(weight, layout), _expand_affine(bias, layout)
+            v_s = v_in = v_s / var_eps  # v r^2
     if last == 0:  # y = w (x - mu) / sqrt(var + eps) + b
-        y = torch.batch_norm(xv, w, b, mu, var, False, 0.0, eps, False)
+        w, b = _expand_affine(weight, layout), _expand_affine(bias, layout)
+        y = torch.batch_norm(xv, w, b, mu, var_eps, False, 0.0, 0.0, False)
+        scale = ones = None
     else:  # y = w ((x - m) P + m_out) + b: eval-mode BN with mean m, var 1, eps 0 is x - m, then scale and shift
-        scale = P if w is None else w * P
-        shift = m_s if w is None else w * m_s
-        y = torch.batch_norm(
-            xv, scale, shift if b is None else shift + b, m, torch.ones_like(m), False, 0.0, 0.0, False
-        )
-    return _Forward(y, m, v, tuple(statistics), P, m_s, mean_weights, var_weights, tape)
+        scale = _times_affine(P, weight, layout)
+        if bias is None:
+            shift = _times_affine(m_s, weight, layout)
+        elif weight is None:
+            shift = _times_affine(m_s, None, layout) + _expand_affine(bias, layout)
+        elif layout == (1, 1):
+            shift = torch.addcmul(bias, weight, m_s)
+        else:
+            before, after = layout
+            shift = torch.addcmul(bias.view(1, -1, 1), weight.view(1, -1, 1), m_s.view(before, -1, after)).view(-1)
+        ones = torch.ones_like(m)
+        y = torch.batch_norm(xv, scale, shift, m, ones, False, 0.0, 0.0, False)
+    return _Forward(y, m, v, tuple(statistics), weights, scale, ones, tape)
 
 
 def _flat(statistics: Sequence[SetStatistics]) -> list[Tensor]:
@@ -344,9 +521,11 @@ class _PooledSetNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, xv, weight, bias, mean_logits, var_logits, plan, eps, *consts):
         out = _pooled_forward(xv, weight, bias, mean_logits, var_logits, plan, eps, consts)
-        kept = (out.scale, out.m_out, out.mean_weights, out.var_weights)
-        ctx.save_for_backward(xv, weight, out.m, out.v, mean_logits, var_logits, *kept, *out.tape.tensors())
+        kept = (out.weights, out.scale, out.ones)
+        ctx.save_for_backward(xv, weight, out.m, out.v, *kept, *out.tape.tensors())
         ctx.plan = plan
+        ctx.weighted = (mean_logits is not None, var_logits is not None)
+        ctx.logit_dtypes = tuple(None if t is None else t.dtype for t in (mean_logits, var_logits))
         reported = _flat(out.set_statistics)
         ctx.mark_non_differentiable(out.m, out.v, *reported)
         ctx.set_materialize_grads(False)  # no zero gradients for the statistics outputs
@@ -357,81 +536,103 @@ class _PooledSetNorm(torch.autograd.Function):
     def backward(ctx, g, *_):
         if g is None:  # the output took no part in the loss
             return (None,) * len(ctx.needs_input_grad)
-        xv, weight, m, v, mean_logits, var_logits, P, m_out, mean_weights, var_weights, *taped = ctx.saved_tensors
+        xv, weight, m, v, weights, scale, ones, *taped = ctx.saved_tensors
         layout, stages = ctx.plan
         records = _Tape.read(taped, stages)
         K = xv.shape[1]
+        n = xv.numel() // K
         g = laid_out_as(g, xv.stride())
-        # per unit: sum g (x - m) and sum g, one fused native pass (see _BN_BACKWARD)
-        _, s_gc, s_g = _BN_BACKWARD(g, xv, None, m, torch.ones_like(m), None, None, False, 0.0, [False, True, True])
-        # y = w ((x - m) P + m_out) + b: the gradients of w, b and the cotangents of P, m_out
         last = len(stages) - 1
-        own_mean = last == 0 and stages[0].mean_parts == (Own(),)  # m_out = 0
-        if ctx.needs_input_grad[1]:
-            gw = _reduce_affine(P * s_gc if own_mean else P * s_gc + m_out * s_g, layout)
+        final = records[last]
+        # y = w ((x - m) P + m_out) + b. Per unit, one fused native pass (see _BN_BACKWARD): sum g and
+        # s_gcP = sum g (x - m) P (a single stage: P = r = 1 / sqrt(var_eps))
+        if last == 0:
+            _, s_gcP, s_g = _BN_BACKWARD(g, xv, None, m, final.var_eps, None, None, False, 0.0, [False, True, True])
+            scale = _times_affine(final.r, weight, layout)
         else:
-            gw = None
+            _, s_gc, s_g = _BN_BACKWARD(g, xv, None, m, ones, None, None, False, 0.0, [False, True, True])
+            s_gcP = s_gc * final.P
+        m_out = final.m_next
+        g_w = s_gcP if m_out is None else torch.addcmul(s_gcP, m_out, s_g)  # per unit: P sum g x_hat
+        gw = _reduce_affine(g_w, layout) if ctx.needs_input_grad[1] else None
         gb = _reduce_affine(s_g, layout) if ctx.needs_input_grad[2] else None
-        w = _expand_affine(weight, layout)
-        scale = P if w is None else w * P
-        g_P = s_gc if w is None else w * s_gc
-        g_mo = s_g if w is None else w * s_g
-        g_v = g_mean_weights = g_var_weights = None
+        # Stage s (from the last): with G_P = g_P P (g_P: the cotangent of the product P of the r so far)
+        # and g_mo the cotangent of its output mean m_next, g_r r = G_P + g_mo m_next, so
+        # g_var = -g_r r^3 / 2 = -(G_P + g_mo m_next) / (2 var_eps), g_mu = -g_mo r; then the earlier
+        # stage's G_P gains g_v_in v_in (v_in = v P^2) and its g_mo gains g_mo r + g_m_in
+        if last == 0:  # G_P + g_mo m_out = w g_w, g_mo r = scale s_g
+            h = _times_affine(g_w, weight, layout)
+            t_factors = (scale, s_g)
+        else:
+            G_P = _times_affine(s_gcP, weight, layout)
+            g_mo = _times_affine(s_g, weight, layout)
+            h = torch.addcmul(G_P, g_mo, m_out)
+            t = g_mo * final.r
+            t_factors = (t, None)
+        acc_m = acc_v = None
+        later_var_terms = []  # (2 g_v_in, P of the stage before) of the later stages' variance adjoints
+        g_weights = None
         for s in range(last, -1, -1):
             record = records[s]
-            r, mu, P_in, m_in = record.r, record.mu, record.scale_in, record.m_in
-            g_r = g_P if P_in is None else g_P * P_in
-            if not (s == 0 and own_mean):
-                g_r = g_r + g_mo * (m_in - mu)
-            g_mu = g_mo * -r
-            # the m_in -> m_s path: for one stage it cancels with the output's explicit -m term
-            g_mo = None if s == 0 and last == 0 else g_mo * r
+            # the first stage's adjoints are the units' m, v and go to dx as C = g_m / n and B = 2 g_v / n
+            alpha = 1.0 / n if s == 0 else 1.0
+            acc_m, acc_v = _Accumulator(alpha), _Accumulator(2.0 * alpha)
             mixing = s == last
-            gm_s, gv_s, gmw, gvw = _stage_backward(
-                g_mu,
-                (-0.5 * g_r) * r * r * r,
+            stage_g_weights = _stage_backward(
+                t_factors,
+                h / record.var_eps,
                 stages[s],
-                mean_weights if mixing else None,
-                var_weights if mixing else None,
+                weights if mixing else None,
+                ctx.weighted if mixing else (False, False),
                 record,
+                acc_m,
+                acc_v,
             )
             if mixing:
-                g_mean_weights, g_var_weights = gmw, gvw
-            if gm_s is not None:
-                g_mo = _add(g_mo, gm_s)
-            if s == 0:  # the first stage's inputs are the units' own moments
-                if gv_s is not None:
-                    g_v = _add(g_v, gv_s)
-            else:  # a later stage's inputs: m_in (carried in g_mo) and v_in = v P_in^2
-                g_P = g_P * r
-                if gv_s is not None:
-                    g_P = g_P + gv_s * 2.0 * v * P_in
-                    g_v = _add(g_v, gv_s * P_in * P_in)
-        # m_out's dependence on m through the stages is in g_mo; add the output's explicit -m term
-        g_m = g_mo if last == 0 else _add(g_mo, -scale * s_g)
+                g_weights = stage_g_weights
+            if s == 0:
+                break
+            previous = records[s - 1]
+            g_mo = t if acc_m.total is None else t + acc_m.total
+            if acc_v.total is not None:
+                G_P = torch.addcmul(G_P, acc_v.total, record.v_in)
+                later_var_terms.append((acc_v.total, previous.P))
+            h = torch.addcmul(G_P, g_mo, previous.m_next)
+            t = g_mo * previous.r
+            t_factors = (t, None)
+        C, B = acc_m.total, acc_v.total
+        if last > 0:  # the first stage's m_in is m: its path g_mo r (= t) and the output's explicit -m term
+            C = torch.mul(t, 1.0 / n) if C is None else torch.add(C, t, alpha=1.0 / n)
+            C = torch.addcmul(C, scale, s_g, value=-1.0 / n)
+        for g_v_in, P_before in later_var_terms:  # v_in = v P_before^2: g_v += g_v_in P_before^2
+            term = g_v_in * P_before
+            B = torch.mul(term, P_before * (1.0 / n)) if B is None else torch.addcmul(B, term, P_before, value=1.0 / n)
         gx = None
         if ctx.needs_input_grad[0]:
-            n = xv.numel() // K
             shape = [1, K] + [1] * (xv.dim() - 2)
-            if g_v is None:
+            if B is None:
                 gx = g * scale.view(shape)
-                if g_m is not None:
-                    gx.add_((g_m / n).view(shape))
+                if C is not None:
+                    gx.add_(C.view(shape))
             else:  # B (x - m) + C + A g: centred (no cancellation of B x against B m)
                 gx = xv - m.view(shape)
-                gx.mul_((g_v * (2.0 / n)).view(shape))
-                if g_m is not None:
-                    gx.add_((g_m / n).view(shape))
+                gx.mul_(B.view(shape))  # (torch.addcmul with a broadcast C as self: slower on CPU than two passes)
+                if C is not None:
+                    gx.add_(C.view(shape))
                 gx.addcmul_(g, scale.view(shape))
-        g_mean_logits = (
-            _softmax_grad(mean_weights, g_mean_weights, mean_logits.dtype)
-            if g_mean_weights is not None and ctx.needs_input_grad[3]
-            else None
-        )
-        g_var_logits = (
-            _softmax_grad(var_weights, g_var_weights, var_logits.dtype)
-            if g_var_weights is not None and ctx.needs_input_grad[4]
-            else None
+        g_logits = [None, None]
+        if g_weights is not None:
+            if isinstance(g_weights, Tensor):  # both mixtures, (2, J)
+                found = list(_softmax_grad(weights, g_weights, negated=True))
+            else:
+                sizes = [g_k.numel() for g_k in g_weights]
+                found = [_softmax_grad(w_k, g_k, negated=True) for w_k, g_k in zip(weights.split(sizes), g_weights)]
+            for k in (0, 1):
+                if ctx.weighted[k]:
+                    g_logits[k] = found.pop(0)
+        g_mean_logits, g_var_logits = (
+            g.to(dtype) if g is not None and needed else None
+            for g, dtype, needed in zip(g_logits, ctx.logit_dtypes, ctx.needs_input_grad[3:5])
         )
         return (gx, gw, gb, g_mean_logits, g_var_logits, None, None) + (None,) * (len(ctx.needs_input_grad) - 7)
 
@@ -466,7 +667,7 @@ def pooled_set_norm(
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
         y, m, v, *reported = _PooledSetNorm.apply(*inputs, plan, eps, *consts)
         return PooledSetOutput(y, m, v, _unflat(reported, plan.stages))
-    out = _pooled_forward(*inputs, plan, eps, consts)  # nothing to differentiate: no node
+    out = _pooled_forward(*inputs, plan, eps, consts, backward=False)  # nothing to differentiate: no node
     return PooledSetOutput(out.y, out.m, out.v, out.set_statistics)
 
 

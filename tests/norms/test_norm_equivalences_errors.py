@@ -288,6 +288,19 @@ def test_native_training_paths_have_the_second_derivative(method, kwargs):
     assert torch.autograd.gradgradcheck(f, (x, w, b))
 
 
+@pytest.mark.parametrize("layer_dtype,input_dtype", [(torch.float32, D64), (D64, torch.float32)])
+def test_bgn_buffers_of_another_dtype_than_the_input(layer_dtype, input_dtype):
+    """bgn with groups of whole channels (the native batch norm with its running buffers) on an input of
+    another dtype than its buffers: the output, and the buffers' update, of a layer in the input's dtype."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 4, 3, 2, dtype=input_dtype) * 2 + 1
+    ours = build_norm("bgn", 4, num_groups=2).to(layer_dtype)
+    ref = build_norm("bgn", 4, num_groups=2).to(input_dtype)
+    torch.testing.assert_close(ours(x), ref(x))
+    torch.testing.assert_close(ours.running_mean, ref.running_mean.to(layer_dtype))
+    torch.testing.assert_close(ours.running_var, ref.running_var.to(layer_dtype))
+
+
 @pytest.mark.parametrize(
     ("method", "kwargs"),
     [

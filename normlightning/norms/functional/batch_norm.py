@@ -67,14 +67,21 @@ def normalize_flat_groups(
     viewed (contiguous after a copy).
     """
     N, C = x.shape[0], x.shape[1]
+    # buffers in another dtype than x (a float32 layer on float64 input): updated through a copy in x's dtype
+    rm = running_mean if running_mean is None or running_mean.dtype == x.dtype else running_mean.to(x.dtype)
+    rv = running_var if running_var is None or running_var.dtype == x.dtype else running_var.to(x.dtype)
     wide = C % groups == 0 and C // groups >= MIN_CHANNELS_PER_GROUP_VIEWED
     if wide and memory_format_of(x) in (torch.channels_last, torch.channels_last_3d):
         last = x.movedim(1, -1)  # (N, *spatial, C), contiguous
-        xv = last.reshape(-1, groups, C // groups)
-        y = native_batch_norm(xv, running_mean, running_var, None, None, True, factor, eps)
-        return y.view(last.shape).movedim(-1, 1)
-    y = native_batch_norm(x.reshape(N, groups, -1), running_mean, running_var, None, None, True, factor, eps)
-    return y.view(x.shape)
+        y = native_batch_norm(last.reshape(-1, groups, C // groups), rm, rv, None, None, True, factor, eps)
+        y = y.view(last.shape).movedim(-1, 1)
+    else:
+        y = native_batch_norm(x.reshape(N, groups, -1), rm, rv, None, None, True, factor, eps).view(x.shape)
+    if rm is not running_mean:
+        running_mean.copy_(rm)
+    if rv is not running_var:
+        running_var.copy_(rv)
+    return y
 
 
 def batch_norm(

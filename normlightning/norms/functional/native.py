@@ -44,8 +44,8 @@ def native_channel_affine(y: Tensor, weight: Tensor | None, bias: Tensor | None)
     eval-mode batch-norm pass with mean 0, variance 1 and ``eps = 0`` (so ``(y - 0) / sqrt(1 + 0) = y``
     exactly), whose backward is one native kernel too (``g gamma``, ``sum g y``, ``sum g``): 1 op forward
     and 1 backward instead of a multiply, an add and 4 backward ops, and one full-size pass each way.
-    On CPU (torch 2.14.1, one thread, ``(16, 64, 784)``) the forward + backward took 0.6-0.75 of
-    the multiply-add's."""
+    On CPU (torch 2.14.1, one thread, ``(16, 64, 784)``) a training-mode batch norm over 8 groups followed
+    by it took 0.62-0.77 of the time (forward + backward) of one followed by the multiply-add."""
     if weight is None and bias is None:
         return y
     C = y.shape[1]

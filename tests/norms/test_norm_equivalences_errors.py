@@ -250,12 +250,16 @@ def test_affine_false_and_reset_parameters():
         assert torch.equal(layer.weight, torch.ones(4)) and torch.equal(layer.bias, torch.zeros(4))
 
 
-def test_fused_training_path_refuses_a_second_derivative():
-    """The fused pooled-set node (sn's training) has a hand-written backward: a double backward must
-    raise, never return a wrong second derivative."""
-    from normlightning.norms import build_norm
-
-    layer = build_norm("sn", 4)
+@pytest.mark.parametrize(
+    ("method", "kwargs"),
+    [("sn", {}), ("bgn", {"num_groups": 2}), ("gbgn", {"channel_groups": 2})],
+    ids=["sn", "bgn-channels", "gbgn-batch"],
+)
+def test_hand_written_backward_refuses_a_second_derivative(method, kwargs):
+    """The fused pooled-set node (sn's training) and the node over native kernels of groups of whole channels
+    (bgn with groups of several channels, gbgn with ``E = N``) have hand-written backwards: a double backward
+    must raise, never return a wrong second derivative."""
+    layer = build_norm(method, 4, **kwargs)
     x = torch.randn(3, 4, 2, 2, requires_grad=True)
     (gx,) = torch.autograd.grad(layer(x).pow(2).sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="not have been used in the graph"):  # no second-order path to x
@@ -265,17 +269,15 @@ def test_fused_training_path_refuses_a_second_derivative():
 @pytest.mark.parametrize(
     ("method", "kwargs"),
     [
-        ("bgn", {"num_groups": 2}),  # groups of two whole channels
         ("bgn", {"num_groups": 3}),  # groups straddling channels
-        ("gbgn", {"channel_groups": 2}),
         ("gbgn", {"channel_groups": 2, "examples_per_group": 2}),
     ],
-    ids=["bgn-channels", "bgn-straddling", "gbgn-batch", "gbgn-example-groups"],
+    ids=["bgn-straddling", "gbgn-example-groups"],
 )
 def test_native_training_paths_have_the_second_derivative(method, kwargs):
-    """bgn with ``num_groups`` not a multiple of ``C`` and gbgn with equal example groups train on the native
-    batch norm (issue 23), whose double backward is PyTorch's: input, weight and bias second derivatives
-    match finite differences in float64 (gradgradcheck)."""
+    """bgn with groups straddling channels and gbgn with example groups of ``E < N`` train on native batch
+    norms through autograd (issue 23), whose double backward is PyTorch's: input, weight and bias second
+    derivatives match finite differences in float64 (gradgradcheck)."""
     layer = build_norm(method, 4, **kwargs).double()
     torch.manual_seed(0)
     x = torch.randn(4, 4, 3, 1, dtype=D64, requires_grad=True)

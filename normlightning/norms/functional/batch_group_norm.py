@@ -9,11 +9,11 @@ import torch
 from torch import Tensor
 
 from ..group_args import nearby_divisors
-from .batch_norm import normalize_batch_sets, normalize_flat_groups
+from .batch_norm import group_batch_norm, normalize_batch_sets
 from .fused_ops import blocks, scale_shift
 from .layout import NormInput, spatial_size
 from .moments import check_set_size, synced_mean_var, update_running_stats
-from .native import native_batch_norm, native_channel_affine
+from .native import native_batch_norm
 
 
 def _block_scale_shift(mean, var, weight, bias, per_group: int, per_channel: int, eps: float) -> tuple[Tensor, Tensor]:
@@ -48,8 +48,8 @@ def batch_group_norm(
     per group over ``(N, D/G)`` (native batch norm on the view ``(N, G, D/G)``).
     Running statistics per group (shape ``(G,)``); per-channel affine. When ``G`` is a multiple
     of ``C`` every group lies in one channel and the affine is fused into the native call.
-    Otherwise local training (no ``sync``) is the native batch norm without affine
-    (:func:`~.batch_norm.normalize_flat_groups`) and then the per-channel affine; eval is one native
+    Otherwise local training (no ``sync``) is the native batch norm over the groups and then the
+    per-channel affine (:func:`~.batch_norm.group_batch_norm`); eval is one native
     eval-mode call on blocks of contiguous values each inside one group and one channel (whole
     channels when groups are whole channels) with each block's running statistics, and synced
     training normalizes the blocks with the all-reduced group statistics in one pass :func:`scale_shift`.
@@ -91,8 +91,7 @@ def batch_group_norm(
         )
         return io.output(y)
     if training and not sync:
-        y = normalize_flat_groups(io.x, G, running_mean, running_var, factor, eps)
-        return io.output(native_channel_affine(y, w, b))
+        return io.output(group_batch_norm(io.x, G, running_mean, running_var, w, b, factor, eps))
     # Blocks of L = gcd(S, D/G) contiguous values, each inside one group and one channel
     # (L = S: the channels themselves, any memory format; L = D/G when groups split channels).
     S = D // C

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .batch_norm import normalize_flat_groups
+from .batch_norm import group_batch_norm
 from .example_weighing import example_weighted_norm
 from .fused_ops import blocks, channel_affine, normalize_affine
 from .layout import NormInput, spatial_size
@@ -41,7 +41,7 @@ def general_batch_group_norm(
 
     Local training with equal example groups is one native training-mode batch norm without affine
     over the sets (its two-pass set variance is this one computed without cancellation: ``mean v + mean
-    (m1 - mu)^2 = E[(x - mu)^2]``), on the view ``(N, G_C, C/G_C * S)`` (:func:`~.batch_norm.normalize_flat_groups`)
+    (m1 - mu)^2 = E[(x - mu)^2]``), on the view ``(N, G_C, C/G_C * S)`` (:func:`~.batch_norm.group_batch_norm`)
     or, for ``E < N``, on one permuted copy (:func:`_normalize_example_groups`), then the per-channel affine
     (:func:`~.native.native_channel_affine`); the raw moments of the buffers are two more reductions under
     ``no_grad``.
@@ -75,10 +75,8 @@ def general_batch_group_norm(
         moving_x.lerp_(io.x.mean(dims).to(moving_x.dtype), factor)
         moving_x2.lerp_((io.x * io.x).mean(dims).to(moving_x2.dtype), factor)
     if E == N:
-        y = normalize_flat_groups(io.x, Gc, None, None, 0.0, eps)
-    else:
-        y = _normalize_example_groups(x3, N // E, Gc, eps)
-    return io.output(native_channel_affine(y, w, b))
+        return io.output(group_batch_norm(io.x, Gc, None, None, w, b, 0.0, eps))
+    return io.output(native_channel_affine(_normalize_example_groups(x3, N // E, Gc, eps), w, b))
 
 
 def _normalize_example_groups(x3: Tensor, groups: int, channel_groups: int, eps: float) -> Tensor:

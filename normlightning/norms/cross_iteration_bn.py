@@ -7,6 +7,7 @@ from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from .base import BatchStatNorm, ChannelStatisticsMixin
+from .functional.batch_norm import batch_norm
 from .functional.cross_iteration_bn import PastStatistics, compensate, cross_iteration_statistics
 from .functional.layout import NormInput
 from .functional.moments import check_set_size, update_running_stats
@@ -118,21 +119,23 @@ class CrossIterationBatchNorm(ChannelStatisticsMixin, BatchStatNorm):
         count = x.numel() // x.shape[1]
         check_set_size(count, "CrossIterationBatchNorm", "use a larger batch or input")
         factor = self._momentum_factor()
+        conv = self._convolution
+        if conv is None or self.window == 1 or not (torch.is_grad_enabled() and x.requires_grad):
+            # BN's statistics, and nothing to record for a compensation: the native batch norm
+            return batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, True, factor, self.eps)
         inp = NormInput(x, self.weight, self.bias)
         x3 = inp.x3
         mu = x3.mean(dim=(0, 2))
         meanx2 = x3.square().mean(dim=(0, 2))
         batch_var = (x3 - mu.view(1, -1, 1)).square().mean(dim=(0, 2))
         mean, var = mu, batch_var
-        conv = self._convolution
-        if conv is not None and self.window > 1 and torch.is_grad_enabled() and x.requires_grad:
-            weight = _conv_parameter(conv)
-            dmu, dmeanx2 = self._weight_derivatives(mu, meanx2, weight)
-            if int(self.num_batches_tracked) > self.burnin and self.history:
-                mean, var = cross_iteration_statistics(mu, meanx2, self.history, weight, self.rho)
-            past: PastStatistics = (mu.detach(), meanx2.detach(), dmu, dmeanx2, weight.detach().clone())
-            self.history.insert(0, past)
-            del self.history[self.window - 1 :]
+        weight = _conv_parameter(conv)
+        dmu, dmeanx2 = self._weight_derivatives(mu, meanx2, weight)
+        if int(self.num_batches_tracked) > self.burnin and self.history:
+            mean, var = cross_iteration_statistics(mu, meanx2, self.history, weight, self.rho)
+        past: PastStatistics = (mu.detach(), meanx2.detach(), dmu, dmeanx2, weight.detach().clone())
+        self.history.insert(0, past)
+        del self.history[self.window - 1 :]
         update_running_stats(self.running_mean, self.running_var, mu.detach(), batch_var.detach(), count, factor)
         y = (x3 - mean.view(1, -1, 1)) * torch.rsqrt(var + self.eps).view(1, -1, 1)
         if inp.weight is not None:

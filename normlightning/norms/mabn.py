@@ -110,7 +110,7 @@ class MovingAverageBatchNorm(BatchStatNorm):
             self.moving_x2,
             self.moving_gz,
             training=self.training,
-            step=int(self.mabn_step),
+            step=int(self.mabn_step) if self.training else 0,  # (eval reads no step: no device sync)
             warmup_iters=self.warmup_iters,
             renorm_start_step=self.renorm_start_step,
             r_max=self.r_max,

@@ -614,3 +614,41 @@ def test_test_start_recalibrates_before_testing(tmp_path):
     assert logger.calls == []
     trainer.test(task, datamodule=Data(), verbose=False)
     assert logger.calls == [({"recalibration/num_batches": 2.0}, 1)]
+
+
+def test_report_accuracy_measures_through_the_custom_forward_fn(tmp_path):
+    """The accuracy passes before and after use ``forward_fn`` too: here it returns logits that always pick
+    class 1, so both accuracies are the fraction of labels equal to 1 (counted here from the labels), which
+    the model's own logits do not give."""
+    loader = _loader()
+    labels = torch.cat([y for _, y in loader])
+    share_of_ones = float((labels == 1).float().mean())
+
+    def always_class_one(model, batch):
+        logits = model(batch[0])
+        return torch.stack([torch.zeros(len(logits)), torch.ones(len(logits))], dim=1)
+
+    task = _Task()
+    callback = Recalibration(num_batches=2, report_accuracy=True, forward_fn=always_class_one)
+    _trainer(tmp_path, callback, max_steps=1).fit(task, loader, loader)
+    own = torch.cat([task(x).argmax(1) for x, _ in loader])
+    assert float((own == labels).float().mean()) != share_of_ones  # the default forward would differ
+    assert callback.last_result["recalibration/acc_before"] == pytest.approx(share_of_ones)
+    assert callback.last_result["recalibration/acc_after"] == pytest.approx(share_of_ones)
+
+
+def test_average_running_statistics_reduces_the_statistics_a_layer_lists():
+    """gbgn keeps raw moments (``moving_x``, ``moving_x2``, listed in ``running_stat_names``) instead of
+    ``running_mean``/``running_var``: those are the ones reduced."""
+    from normlightning.callbacks.recalibration import average_running_statistics
+    from normlightning.norms import build_norm
+
+    layer = build_norm("gbgn", 4, channel_groups=2)
+    layer.train()
+    layer(torch.randn(4, 4, 3, 3) * 2 + 1)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    assert {"moving_x", "moving_x2"} <= set(before)
+    assert average_running_statistics(layer, lambda t: 2 * t + 1) == 2
+    for key, value in layer.state_dict().items():
+        expected = 2 * before[key] + 1 if key in ("moving_x", "moving_x2") else before[key]
+        torch.testing.assert_close(value, expected, msg=key)

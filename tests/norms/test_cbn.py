@@ -105,6 +105,36 @@ def test_burn_in_and_without_a_convolution_it_is_batch_norm() -> None:
     assert plain.history == [] and int(plain.num_batches_tracked) == 0
 
 
+@pytest.mark.parametrize("attached", ["no convolution", "window 1", "input without gradient"])
+def test_uncompensated_training_steps_give_batch_norms_gradients_and_running_statistics(attached) -> None:
+    """Without a compensation to record (no convolution, ``window=1``, an input that needs no gradient)
+    the training step is BN: output, input and affine gradients and running statistics as
+    ``nn.BatchNorm2d``'s, over two steps (momentum 0.1, then the cumulative average)."""
+    conv, layer = _conv_and_layer(window=1 if attached == "window 1" else 2)
+    if attached == "no convolution":
+        layer = CrossIterationBatchNorm(4, dtype=D64)
+    native = nn.BatchNorm2d(4).double()
+    with torch.no_grad():
+        for norm in (layer, native):
+            norm.weight.copy_(torch.linspace(0.5, 2.0, 4))
+            norm.bias.copy_(torch.linspace(-1.0, 1.0, 4))
+    for momentum in (0.1, None):
+        layer.momentum = native.momentum = momentum
+        h = conv(torch.randn(3, 3, 5, 5, dtype=D64)).detach() * 3 + 1
+        up = torch.randn_like(h)
+        results = []
+        for norm in (layer, native):
+            x = h.clone().requires_grad_(attached != "input without gradient")
+            y = norm(x)
+            wrt = [norm.weight, norm.bias] + ([x] if x.requires_grad else [])
+            results.append((y.detach(), *torch.autograd.grad((y * up).sum(), wrt)))
+        for ours, expected in zip(*results):
+            torch.testing.assert_close(ours, expected)
+        torch.testing.assert_close(layer.running_mean, native.running_mean)
+        torch.testing.assert_close(layer.running_var, native.running_var)
+    assert layer.history == []
+
+
 def test_injection_finds_the_convolution_and_refuses_layers_without_one() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(

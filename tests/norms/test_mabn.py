@@ -73,6 +73,38 @@ def test_mabn_follows_its_moving_averages_forward_and_backward() -> None:
     assert int(layer.num_batches_tracked) == len(scales)
 
 
+@pytest.mark.parametrize("affine, input_dtype", [(False, D64), (True, torch.float32)], ids=["no-affine", "f32-input"])
+def test_mabn_without_affine_and_with_windows_in_another_dtype(affine, input_dtype) -> None:
+    """The formulas without gamma/beta, and a float32 input to a float64 layer (its windows float64: the
+    statistics are copied into them, cast), over steps past warm-up and into the clip of ``r``."""
+    settings = {"m": 2, "warmup": 0, "renorm_start": 1, "r_max": 1.3, "momentum": 0.2, "eps": 1e-3}
+    layer = MovingAverageBatchNorm(
+        3, buffer_size=2, eps=1e-3, momentum=0.2, affine=affine, warmup_iters=0, renorm_start_step=1, r_max=1.3,
+        dtype=D64,
+    )
+    generator = torch.Generator().manual_seed(0)
+    xs = [(torch.randn(4, 3, 5, dtype=D64, generator=generator) * s + 0.3).to(input_dtype) for s in (1, 3, 0.5, 2)]
+    ups = [torch.randn(4, 3, 5, dtype=D64, generator=generator).to(input_dtype) for _ in xs]
+    gamma, beta = (layer.weight.detach().clone(), layer.bias.detach().clone()) if affine else (None, None)
+    expected = _reference_steps(
+        [x.double() for x in xs], [u.double() for u in ups], torch.ones(3, dtype=D64) if gamma is None else gamma,
+        torch.zeros(3, dtype=D64) if beta is None else beta, **settings,
+    )
+    tolerance = {} if input_dtype == D64 else {"rtol": 1e-5, "atol": 1e-5}
+    for t, (x, up, (y_ref, gx_ref, gw_ref, _, running_ref, _)) in enumerate(zip(xs, ups, expected), start=1):
+        layer.zero_grad()
+        x = x.clone().requires_grad_(True)
+        y = layer(x)
+        y.backward(up)
+        assert y.dtype == input_dtype and layer.moving_x2.dtype == D64
+        torch.testing.assert_close(y.double(), y_ref, msg=f"output at step {t}", **tolerance)
+        torch.testing.assert_close(x.grad.double(), gx_ref, msg=f"input gradient at step {t}", **tolerance)
+        torch.testing.assert_close(layer.running_x2, running_ref, msg=f"running_x2 at step {t}", **tolerance)
+        if affine:
+            torch.testing.assert_close(layer.weight.grad, gw_ref, msg=f"gamma gradient at step {t}", **tolerance)
+    assert any(step[-1] for step in expected)  # the clip of r is exercised
+
+
 def test_mabn_warm_up_gradient_is_the_exact_gradient_of_the_uncentred_formula() -> None:
     """While the window is filling, ``var = x2`` of the batch and the backward is autograd's
     gradient of ``gamma x / sqrt(mean_{n,s} x^2 + eps) + beta``."""

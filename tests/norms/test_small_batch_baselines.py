@@ -71,6 +71,34 @@ def test_frn_matches_its_formula_and_gradients(shape, learnable_eps) -> None:
     assert (layer(x) >= _c(params["tau"], len(shape)) - 1e-12).all()  # the TLU floor holds
 
 
+@pytest.mark.parametrize("affine, tlu", [(True, True), (False, True), (True, False), (False, False)])
+def test_frn_gradients_at_tlu_ties_and_without_affine_or_tlu(affine, tlu) -> None:
+    """The hand-written backward (one autograd node) against autograd through the formula: where
+    ``y = tau`` exactly (``x = 0`` with ``beta = tau``) ``torch.maximum`` splits the gradient in half
+    between ``y`` and ``tau``; without the affine or the TLU those gradients are absent."""
+    layer = _randomize(FilterResponseNorm(4, eps=1e-3, affine=affine, tlu=tlu, dtype=D64))
+    params = dict(layer.named_parameters())
+    if affine and tlu:
+        with torch.no_grad():
+            layer.tau.copy_(layer.bias)
+    x = torch.randn(2, 4, 3, 5, dtype=D64, generator=torch.Generator().manual_seed(1))
+    x[:, :, 0] = 0.0  # y = beta there: ties with tau
+    upstream = torch.randn(x.shape, dtype=D64, generator=torch.Generator().manual_seed(2))
+    ones, zeros = torch.ones(4, dtype=D64), torch.zeros(4, dtype=D64)
+
+    def reference(x):
+        gamma, beta = (params["weight"], params["bias"]) if affine else (ones, zeros)
+        tau = params["tau"] if tlu else torch.full((4,), -torch.inf, dtype=D64)
+        return _frn_reference(x, gamma, beta, tau, 1e-3)
+
+    ours, theirs = _grads(layer, x, params, upstream), _grads(reference, x, params, upstream)
+    _assert_same(ours, theirs)
+    if affine and tlu:  # the ties are there: half of their gradient went to tau
+        ties = upstream[:, :, 0].sum(dim=(0, 2))
+        above = torch.where(ours[0] > layer.tau.view(1, -1, 1, 1), 0.0, upstream).sum(dim=(0, 2, 3))
+        torch.testing.assert_close(ours[1]["tau"], above - ties / 2)
+
+
 def test_frn_options_and_refusals() -> None:
     plain = FilterResponseNorm(3, tlu=False)
     assert plain.tau is None and plain.eps_learned is None and plain.injection_note is None
@@ -127,6 +155,29 @@ def test_evonorm_b0_matches_its_formula_in_training_and_eval(shape) -> None:
     torch.testing.assert_close(layer.running_var, running)  # eval does not update
 
 
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "no-affine"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_evonorm_b0_gradients_where_the_two_denominators_tie(affine, training) -> None:
+    """The hand-written backward against autograd through the formula where ``d1 = d2`` everywhere
+    (``torch.maximum`` gives each half of the gradient): ``v = 0`` and maps ``(a_c - 1, a_c + 1)`` in
+    every example, whose instance and batch variances are both exactly 1 (the running one too)."""
+    layer = _randomize(EvoNormB0(3, eps=1e-3, affine=affine, dtype=D64))
+    with torch.no_grad():
+        layer.v.zero_()
+    params = dict(layer.named_parameters())
+    centres = torch.tensor([0.5, 2.0, -3.0], dtype=D64).view(1, 3, 1)
+    x = (centres + torch.tensor([-1.0, 1.0], dtype=D64)).expand(4, 3, 2).contiguous()
+    upstream = torch.randn(x.shape, dtype=D64, generator=torch.Generator().manual_seed(2))
+    ones, zeros = torch.ones(3, dtype=D64), torch.zeros(3, dtype=D64)
+
+    def reference(x):
+        var_b = x.var(dim=(0, 2), unbiased=False) if training else torch.ones(3, dtype=D64)
+        gamma, beta = (params["weight"], params["bias"]) if affine else (ones, zeros)
+        return _b0_reference(x, params["v"], gamma, beta, var_b, 1e-3)
+
+    _assert_same(_grads(layer.train(training), x, params, upstream), _grads(reference, x, params, upstream))
+
+
 def test_evonorm_b0_running_statistics_protocol() -> None:
     """``momentum=None``: cumulative average of the unbiased batch variances; reset and round trip."""
     layer = EvoNormB0(2, momentum=None, dtype=D64)
@@ -166,6 +217,33 @@ def test_evonorm_s0_matches_its_formula(shape) -> None:
         _assert_same(_grads(layer.train(training), x, params, upstream), _grads(reference, x, params, upstream))
 
 
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "no-affine"])
+def test_evonorm_s0_float32_gradients_with_a_constant_set(affine) -> None:
+    """The hand-written backward in float32 against autograd through the formula in float64, with one set
+    of equal values far from 0 (its variance and the variance's gradient exactly 0), with and without
+    the affine."""
+    layer = _randomize(EvoNormS0(4, num_groups=2, eps=1e-3, affine=affine))
+    params = dict(layer.named_parameters())
+    x = torch.randn(2, 4, 3, 3, generator=torch.Generator().manual_seed(1)) * 2 + 0.5
+    x[1, :2] = 3.0  # example 1, group 0: one value
+    upstream = torch.randn(x.shape, generator=torch.Generator().manual_seed(2))
+    ones, zeros = torch.ones(4, dtype=D64), torch.zeros(4, dtype=D64)
+
+    def reference(x):
+        p64 = {name: p.double() for name, p in params.items()}
+        gamma, beta = (p64["weight"], p64["bias"]) if affine else (ones, zeros)
+        return _s0_reference(x.double(), p64["v"], gamma, beta, 2, 1e-3)
+
+    def assert_float32_close(ours, theirs, msg):  # float32 rounding at the scale of the largest value
+        atol = 1e-6 * float(theirs.abs().max())
+        torch.testing.assert_close(ours.double(), theirs.double(), rtol=1e-5, atol=atol, msg=msg)
+
+    ours, theirs = _grads(layer, x, params, upstream), _grads(reference, x, params, upstream)
+    assert_float32_close(ours[0], theirs[0], "output")
+    for key in ours[1]:
+        assert_float32_close(ours[1][key], theirs[1][key], f"gradient of {key}")
+
+
 def test_evonorm_refusals_name_the_setting() -> None:
     with pytest.raises(ValueError, match=r"num_groups=3 must be a positive divisor .* C=4"):
         EvoNormS0(4, num_groups=3)
@@ -176,6 +254,17 @@ def test_evonorm_refusals_name_the_setting() -> None:
         EvoNormB0(4)(torch.randn(3, 4, 1, 1))
     with pytest.raises(ValueError, match="EvoNormS0 has 1 element"):
         EvoNormS0(4, num_groups=4)(torch.randn(3, 4, 1, 1))
+
+
+@pytest.mark.parametrize("method", ["frn", "evonorm_b0", "evonorm_s0"])
+def test_hand_written_backwards_refuse_a_second_derivative(method) -> None:
+    """FRN's and the EvoNorms' training nodes have hand-written backwards: a double backward raises,
+    never returns a wrong second derivative."""
+    layer = build_norm(method, 4, **({"num_groups": 2} if method == "evonorm_s0" else {}))
+    x = torch.randn(3, 4, 2, 2, requires_grad=True)
+    (gx,) = torch.autograd.grad(layer(x).pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="not have been used in the graph"):  # no second-order path to x
+        torch.autograd.grad(gx.sum(), x)
 
 
 # ------------------------------------------------------------------ against timm

@@ -5,15 +5,85 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
+from .fused_ops import squared_deviations
 from .layout import NormInput, spatial_size
-from .moments import check_set_size, row_moments, update_running_stats
+from .moments import check_set_size, update_running_stats
 
 
-def _affine(y: Tensor, inp: NormInput) -> Tensor:
-    if inp.weight is None:
-        return y
-    return y * inp.weight.view(1, -1, 1) + inp.bias.view(1, -1, 1)
+def _evonorm_b0_terms(
+    x3: Tensor, v: Tensor, weight: Tensor | None, bias: Tensor | None, var_b: Tensor, eps: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """EvoNorm-B0 of ``x3 (N, C, S)`` given the batch variance ``var_b`` ``(1, C, 1)`` (docs/methods.md,
+    section "evonorm_b0").
+
+    Returns ``(y, q, d1, d2, den, mean_i, std_i)``: ``y = gamma · q + beta`` with ``q = x / den``,
+    ``den = max(d1, d2)``, ``d1 = sqrt(var_b + eps)`` ``(1, C, 1)``, ``d2 = v x + std_i``, and the
+    instance mean and ``std_i = sqrt(var_i + eps)`` ``(N, C, 1)``.
+    """
+    mean_i = x3.mean(dim=2, keepdim=True)
+    std_i = torch.sqrt(squared_deviations(x3, mean_i).mean(dim=2, keepdim=True) + eps)
+    d1 = torch.sqrt(var_b + eps)
+    d2 = (x3 * v.view(1, -1, 1)).add_(std_i)
+    den = torch.maximum(d1, d2)
+    q = x3 / den
+    y = q if weight is None else q * weight.view(1, -1, 1)
+    if bias is not None:
+        y = y + bias.view(1, -1, 1) if y is q else y.add_(bias.view(1, -1, 1))
+    return y, q, d1, d2, den, mean_i, std_i
+
+
+class _EvoNormB0(torch.autograd.Function):
+    """:func:`_evonorm_b0_terms` as one autograd node with a hand-written backward; in training it also
+    computes the batch statistics (returned, without gradient, for the running update). With
+    ``g_q = dL/dy · gamma`` and the share ``m = 1, 1/2, 0`` of ``d2`` in ``den`` (``d2`` above, equal
+    to, below ``d1``: ``torch.maximum``'s gradient rule)::
+
+        G        = g_q · q / den                      (= −dL/dden)
+        dL/dx    = g_q / den − v · m G − (Σ_s m G) (x − mean_i) / (S std_i)
+                   [ − (Σ_{n,s} (1 − m) G) (x − mean_b) / (N S d1)    in training ]
+        dL/dv_c  = −Σ_{n,s} m G x,   dL/dgamma_c = Σ_{n,s} dL/dy · q,   dL/dbeta_c = Σ_{n,s} dL/dy
+
+    A second derivative raises (the backward is not differentiated).
+    """
+
+    @staticmethod
+    def forward(ctx, x3, v, weight, bias, running_var, eps):
+        if running_var is None:
+            mean_b = x3.mean(dim=(0, 2), keepdim=True)
+            var_b = squared_deviations(x3, mean_b).mean(dim=(0, 2), keepdim=True)
+        else:
+            mean_b, var_b = None, running_var.view(1, -1, 1)
+        y, q, d1, d2, den, mean_i, std_i = _evonorm_b0_terms(x3, v, weight, bias, var_b, eps)
+        ctx.save_for_backward(x3, v, weight, q, d1, d2, den, mean_i, std_i, mean_b)
+        ctx.has_bias = bias is not None
+        if mean_b is None:
+            return y
+        ctx.mark_non_differentiable(mean_b, var_b)
+        ctx.set_materialize_grads(False)
+        return y, mean_b, var_b
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y: Tensor | None, *_statistics):
+        if grad_y is None:  # (gradients are not materialized: the statistics have none)
+            return None, None, None, None, None, None
+        x3, v, weight, q, d1, d2, den, mean_i, std_i, mean_b = ctx.saved_tensors
+        n, _, s = x3.shape
+        grad_weight = (grad_y * q).sum(dim=(0, 2)) if weight is not None else None
+        grad_bias = grad_y.sum(dim=(0, 2)) if ctx.has_bias else None
+        grad_q_den = torch.div(grad_y, den) if weight is None else (grad_y * weight.view(1, -1, 1)).div_(den)
+        g_den = grad_q_den * q  # −dL/dden
+        g_d2 = g_den * torch.heaviside(d2 - d1, d2.new_full((), 0.5))  # −dL/dd2
+        grad_v = (g_d2 * x3).sum(dim=(0, 2)).neg_()
+        grad_x = torch.addcmul(grad_q_den, g_d2, v.view(1, -1, 1), value=-1)
+        k_i = g_d2.sum(dim=2, keepdim=True).div_(std_i)
+        grad_x.addcmul_(x3 - mean_i, k_i, value=-1.0 / s)
+        if mean_b is not None:
+            k_b = (g_den - g_d2).sum(dim=(0, 2), keepdim=True).div_(d1)
+            grad_x.addcmul_(x3 - mean_b, k_b, value=-1.0 / (n * s))
+        return grad_x, grad_v, grad_weight, grad_bias, None, None
 
 
 def evonorm_b0(
@@ -34,7 +104,8 @@ def evonorm_b0(
         y = gamma_c · x / max(sqrt(var_b + eps), v_c · x + sqrt(var_i + eps)) + beta_c
 
     In training the gradient flows through ``var_b`` and, when ``factor > 0``, ``running_var`` is
-    updated in place with PyTorch's rule (``(1-f) r + f · var_b · n/(n-1)``, ``n = N·S``).
+    updated in place with PyTorch's rule (``(1-f) r + f · var_b · n/(n-1)``, ``n = N·S``). With
+    gradients, one autograd node (:class:`_EvoNormB0`).
 
     Args:
         v: ``(C,)``, the learned per-channel slope of the instance term.
@@ -46,16 +117,84 @@ def evonorm_b0(
         check_set_size(spatial_size(x), "EvoNormB0's instance variance", fix)
     inp = NormInput(x, weight, bias)
     x3 = inp.x3
-    if training:
+    v = v if v.dtype == inp.dtype else v.to(inp.dtype)
+    reference = None if training else running_var if running_var.dtype == inp.dtype else running_var.to(inp.dtype)
+    if torch.is_grad_enabled():
+        y = _EvoNormB0.apply(x3, v, inp.weight, inp.bias, reference, eps)
+        if training:
+            y, *statistics = y
+    elif training:
         mean_b = x3.mean(dim=(0, 2), keepdim=True)
-        var_b = (x3 - mean_b).square().mean(dim=(0, 2), keepdim=True)
-        if running_var is not None and factor:
-            update_running_stats(None, running_var, mean_b.detach(), var_b.detach(), x3.shape[0] * x3.shape[2], factor)
+        var_b = squared_deviations(x3, mean_b).mean(dim=(0, 2), keepdim=True)
+        y, statistics = _evonorm_b0_terms(x3, v, inp.weight, inp.bias, var_b, eps)[0], (mean_b, var_b)
     else:
-        var_b = running_var.to(inp.dtype).view(1, -1, 1)
-    _, var_i = row_moments(x3)
-    denominator = torch.maximum(torch.sqrt(var_b + eps), x3 * v.to(inp.dtype).view(1, -1, 1) + torch.sqrt(var_i + eps))
-    return inp.output(_affine(x3 / denominator, inp))
+        y = _evonorm_b0_terms(x3, v, inp.weight, inp.bias, reference.view(1, -1, 1), eps)[0]
+    if training and running_var is not None and factor:
+        mean_b, var_b = statistics
+        update_running_stats(None, running_var, mean_b, var_b, x3.shape[0] * x3.shape[2], factor)
+    return inp.output(y)
+
+
+def _evonorm_s0_terms(
+    x4: Tensor, v: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+    """EvoNorm-S0 on the grouped view ``x4 (N, G, C/G, S)`` (docs/methods.md, section "evonorm_s0").
+
+    Returns ``(y, shifted, mean, rstd, gate, h, scale)``: the output ``y = scale · h + beta`` with
+    ``h = x · sigmoid(v x)`` and ``scale = gamma · rstd`` (``rstd`` itself without the affine, ``scale``
+    then ``None``); the set's values minus its first one (detached; a variance is shift-invariant: a
+    float32 set of equal values then has exactly 0 variance and gradient, as in exact arithmetic,
+    docs/methods.md, "Precision") and their mean ``(N, G, 1, 1)``; ``rstd = 1 / sqrt(var_g + eps)``
+    ``(N, G, 1, 1)``; ``gate = sigmoid(v x)``.
+    """
+    n, g, k, _ = x4.shape
+    shifted = x4 - x4.detach()[:, :, :1, :1]
+    mean = shifted.mean(dim=(2, 3), keepdim=True)
+    rstd = torch.rsqrt(squared_deviations(shifted, mean).mean(dim=(2, 3), keepdim=True) + eps)
+    gate = torch.sigmoid(x4 * v.view(1, g, k, 1))
+    h = x4 * gate
+    scale = None if weight is None else rstd * weight.view(1, g, k, 1)  # (N, G, C/G, 1)
+    y = h * (rstd if scale is None else scale)
+    if bias is not None:
+        y = y.add_(bias.view(1, g, k, 1))
+    return y, shifted, mean, rstd, gate, h, scale
+
+
+class _EvoNormS0(torch.autograd.Function):
+    """:func:`_evonorm_s0_terms` as one autograd node with a hand-written backward. With ``L = C/G · S``
+    the size of a set, ``g_h = dL/dy · scale`` and ``T = g_h · x · sigma'(v x)``::
+
+        A[n,c]      = Σ_s dL/dy · h
+        dL/dgamma_c = Σ_n A · rstd,   dL/dbeta_c = Σ_{n,s} dL/dy,   dL/dv_c = Σ_{n,s} T · x
+        k[n,g]      = rstd³ · Σ_{c in g} gamma_c A          (−dL/dvar_g · 2)
+        dL/dx       = g_h · sigmoid(v x) + v · T − k · (x − mean_g) / L
+
+    A second derivative raises (the backward is not differentiated).
+    """
+
+    @staticmethod
+    def forward(ctx, x4, v, weight, bias, eps):
+        y, shifted, mean, rstd, gate, h, scale = _evonorm_s0_terms(x4, v, weight, bias, eps)
+        ctx.save_for_backward(x4, v, weight, shifted, mean, rstd, gate, h, scale)
+        ctx.has_bias = bias is not None
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y: Tensor):
+        x4, v, weight, shifted, mean, rstd, gate, h, scale = ctx.saved_tensors
+        n, g, k, s = x4.shape
+        a = (grad_y * h).sum(dim=3, keepdim=True)  # (N, G, C/G, 1)
+        grad_weight = (a * rstd).sum(dim=0).view(-1) if weight is not None else None
+        grad_bias = grad_y.sum(dim=(0, 3)).view(-1) if ctx.has_bias else None
+        a_gamma = a if weight is None else a * weight.view(1, g, k, 1)
+        k_var = a_gamma.sum(dim=2, keepdim=True).mul_(rstd.pow(3))  # (N, G, 1, 1)
+        grad_h = grad_y * (rstd if scale is None else scale)
+        t = torch.ops.aten.sigmoid_backward(grad_h * x4, gate)
+        grad_v = (t * x4).sum(dim=(0, 3)).view(-1)
+        grad_x = torch.addcmul(grad_h.mul_(gate), t, v.view(1, g, k, 1))
+        grad_x.addcmul_(shifted - mean, k_var, value=-1.0 / (k * s))
+        return grad_x, grad_v, grad_weight, grad_bias, None
 
 
 def evonorm_s0(
@@ -74,7 +213,8 @@ def evonorm_s0(
         y = gamma_c · x · sigmoid(v_c · x) / sqrt(var_g + eps) + beta_c
 
     The same computation in training and at inference (no running statistics); ``training`` only
-    turns on the check that a set holds more than one value.
+    turns on the check that a set holds more than one value. With gradients, one autograd node
+    (:class:`_EvoNormS0`).
     """
     if training:
         size = (x.shape[1] // num_groups) * spatial_size(x)
@@ -82,10 +222,10 @@ def evonorm_s0(
     inp = NormInput(x, weight, bias)
     x3 = inp.x3
     n, c, s = x3.shape
-    groups = x3.reshape(n, num_groups, (c // num_groups) * s)
-    # the variance of each set minus its first value (detached; a variance is shift-invariant): a float32 set of
-    # equal values then has exactly 0 variance and gradient, as in exact arithmetic (docs/methods.md, "Precision")
-    _, var_g = row_moments(groups - groups.detach()[:, :, :1])
-    std = torch.sqrt(var_g + eps).repeat_interleave(c // num_groups, dim=1)  # (N, C, 1)
-    gate = torch.sigmoid(x3 * v.to(inp.dtype).view(1, -1, 1))
-    return inp.output(_affine(x3 * gate / std, inp))
+    x4 = x3.view(n, num_groups, c // num_groups, s)
+    v = v if v.dtype == inp.dtype else v.to(inp.dtype)
+    if torch.is_grad_enabled():
+        y = _EvoNormS0.apply(x4, v, inp.weight, inp.bias, eps)
+    else:
+        y = _evonorm_s0_terms(x4, v, inp.weight, inp.bias, eps)[0]
+    return inp.output(y.view(n, c, s))

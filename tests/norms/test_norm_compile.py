@@ -22,11 +22,12 @@ NAMES = sorted(ALL_SPECS)
 INDUCTOR = ["bgn", "ghost"]
 
 
-def _check(name: str, backend: str, fullgraph: bool = False) -> None:
+def _check(name: str, backend: str, fullgraph: bool = False, spec: dict | None = None) -> None:
+    spec = ALL_SPECS[name] if spec is None else spec
     torch._dynamo.reset()
     torch.manual_seed(0)
-    eager = build_norm(name, 4, **ALL_SPECS[name])
-    compiled_mod = build_norm(name, 4, **ALL_SPECS[name])
+    eager = build_norm(name, 4, **spec)
+    compiled_mod = build_norm(name, 4, **spec)
     compiled_mod.load_state_dict(eager.state_dict())
     fn = torch.compile(compiled_mod, backend=backend, fullgraph=fullgraph)
     x = torch.randn(4, 4, 3, 3) + 1
@@ -91,3 +92,12 @@ def test_compile_example_weighing_alpha(name):
     for alpha in (0.3, 0.0, 0.7):
         eager.alpha = mod.alpha = alpha
         torch.testing.assert_close(fn(x), eager(x), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "name,spec", [("bgn", {"num_groups": 2}), ("gbgn", {"channel_groups": 2})], ids=["bgn", "gbgn"]
+)
+def test_compile_groups_of_whole_channels(name, spec):
+    """bgn with groups of whole channels and gbgn with ``E = N`` (one autograd node over two native kernels,
+    issue 23) compile into one graph with the eager outputs, gradients and buffers."""
+    _check(name, "aot_eager", fullgraph=True, spec=spec)

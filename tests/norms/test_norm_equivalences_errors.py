@@ -250,16 +250,57 @@ def test_affine_false_and_reset_parameters():
         assert torch.equal(layer.weight, torch.ones(4)) and torch.equal(layer.bias, torch.zeros(4))
 
 
-def test_bgn_fused_training_path_refuses_a_second_derivative():
-    """bgn with groups of several channels has a hand-written backward: a double backward must
-    raise, never return a wrong second derivative."""
-    from normlightning.norms import build_norm
-
-    layer = build_norm("bgn", 4, num_groups=2)  # G < C: the fused path
+@pytest.mark.parametrize(
+    ("method", "kwargs"),
+    [("sn", {}), ("bgn", {"num_groups": 2}), ("gbgn", {"channel_groups": 2})],
+    ids=["sn", "bgn-channels", "gbgn-batch"],
+)
+def test_hand_written_backward_refuses_a_second_derivative(method, kwargs):
+    """The fused pooled-set node (sn's training) and the node over native kernels of groups of whole channels
+    (bgn with groups of several channels, gbgn with ``E = N``) have hand-written backwards: a double backward
+    must raise, never return a wrong second derivative."""
+    layer = build_norm(method, 4, **kwargs)
     x = torch.randn(3, 4, 2, 2, requires_grad=True)
     (gx,) = torch.autograd.grad(layer(x).pow(2).sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="not have been used in the graph"):  # no second-order path to x
         torch.autograd.grad(gx.sum(), x)
+
+
+@pytest.mark.parametrize(
+    ("method", "kwargs"),
+    [
+        ("bgn", {"num_groups": 3}),  # groups straddling channels
+        ("gbgn", {"channel_groups": 2, "examples_per_group": 2}),
+    ],
+    ids=["bgn-straddling", "gbgn-example-groups"],
+)
+def test_native_training_paths_have_the_second_derivative(method, kwargs):
+    """bgn with groups straddling channels and gbgn with example groups of ``E < N`` train on native batch
+    norms through autograd (issue 23), whose double backward is PyTorch's: input, weight and bias second
+    derivatives match finite differences in float64 (gradgradcheck)."""
+    layer = build_norm(method, 4, **kwargs).double()
+    torch.manual_seed(0)
+    x = torch.randn(4, 4, 3, 1, dtype=D64, requires_grad=True)
+    w = (torch.rand(4, dtype=D64) + 0.5).requires_grad_()
+    b = torch.randn(4, dtype=D64, requires_grad=True)
+
+    def f(x, w, b):
+        return torch.func.functional_call(layer, {"weight": w, "bias": b}, (x,))
+
+    assert torch.autograd.gradgradcheck(f, (x, w, b))
+
+
+@pytest.mark.parametrize("layer_dtype,input_dtype", [(torch.float32, D64), (D64, torch.float32)])
+def test_bgn_buffers_of_another_dtype_than_the_input(layer_dtype, input_dtype):
+    """bgn with groups of whole channels (the native batch norm with its running buffers) on an input of
+    another dtype than its buffers: the output, and the buffers' update, of a layer in the input's dtype."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 4, 3, 2, dtype=input_dtype) * 2 + 1
+    ours = build_norm("bgn", 4, num_groups=2).to(layer_dtype)
+    ref = build_norm("bgn", 4, num_groups=2).to(input_dtype)
+    torch.testing.assert_close(ours(x), ref(x))
+    torch.testing.assert_close(ours.running_mean, ref.running_mean.to(layer_dtype))
+    torch.testing.assert_close(ours.running_var, ref.running_var.to(layer_dtype))
 
 
 @pytest.mark.parametrize(

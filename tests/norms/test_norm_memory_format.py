@@ -33,11 +33,14 @@ CASES = [(name, ALL_SPECS[name], False) for name in sorted(ALL_SPECS)] + [
     ("seqnorm", {"channel_groups": 2, "batch_groups": 4}, False),
     ("seqnorm", {"channel_groups": 2, "batch_groups": 2}, True),
     ("bgn", {"num_groups": 1}, False),
+    ("bgn", {"num_groups": 2}, False),  # groups of whole channels: channels_last views (N*S, G, C/G)
     ("bgn", {"num_groups": C}, False),  # groups are channels: native kernel on (N, G, D/G)
     ("bgn", {"num_groups": 3 * C}, False),  # groups split channels: the (N, G, D/G) view copies
     ("bgn", {"num_groups": 6}, True),
     ("bgn", {"num_groups": 3 * C}, True),
     ("gbgn", {"channel_groups": 2, "examples_per_group": 4, "alpha": 0.3}, False),
+    ("gbgn", {"channel_groups": 2}, False),  # E = N: channels_last views (N*S, G_C, C/G_C)
+    ("gbgn", {"channel_groups": 2, "examples_per_group": 2}, False),  # the permuted copy and back
     ("gbgn", {"channel_groups": 2, "examples_per_group": 4}, True),
     ("hn", {"mean": "ln", "std": "gn:2"}, False),
     ("hn", {"mean": "bn", "std": "bn+in+ln"}, True),
@@ -93,6 +96,34 @@ def test_channels_last_kept_and_equal_to_contiguous(case, training, dim):
     assert not x.contiguous(memory_format=fmt).is_contiguous()  # the two layouts really differ
     assert y_ref.is_contiguous()
     assert y.is_contiguous(memory_format=fmt), f"{name}: output strides {y.stride()} for shape {tuple(shape)}"
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(gx, gx_ref)
+    for key in gp_ref:
+        torch.testing.assert_close(gp[key], gp_ref[key], msg=f"{name}: gradient of {key}")
+    for key in buf_ref:
+        torch.testing.assert_close(buf[key], buf_ref[key], msg=f"{name}: buffer {key}")
+
+
+@pytest.mark.parametrize("dim", sorted(SHAPES), ids=lambda d: f"{d}d")
+@pytest.mark.parametrize(
+    "name,kwargs", [("bgn", {"num_groups": 2}), ("gbgn", {"channel_groups": 2})], ids=["bgn", "gbgn"]
+)
+def test_channels_last_groups_of_many_channels(name, kwargs, dim):
+    """Groups of 8 whole channels (``C = 16``): a channels_last input in training is normalized on the view
+    ``(N*S, G, C/G)`` (no copy); output (in the input's format), gradients and buffers equal the
+    contiguous input's."""
+    shape, fmt = SHAPES[dim]
+    shape = (shape[0], 16) + shape[2:]
+    torch.manual_seed(0)
+    layer = build_norm(name, 16, **kwargs)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.copy_(torch.randn_like(p) * 0.5 + 1)
+    x = torch.randn(shape) * 3 + 1
+    grad = torch.randn(shape)
+    y_ref, gx_ref, gp_ref, buf_ref = _run(copy.deepcopy(layer), x.contiguous(), grad)
+    y, gx, gp, buf = _run(copy.deepcopy(layer), x.contiguous(memory_format=fmt), grad.contiguous(memory_format=fmt))
+    assert y.is_contiguous(memory_format=fmt)
     torch.testing.assert_close(y, y_ref)
     torch.testing.assert_close(gx, gx_ref)
     for key in gp_ref:

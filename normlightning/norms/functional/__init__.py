@@ -20,7 +20,7 @@ Math shared by several methods is in modules named for what it is: :mod:`.layout
 ``(N, C, S)`` view, output layout), :mod:`.native` (the native batch norm, its backward fed the
 input's layout), :mod:`.moments` (statistics of sets, all-reduce, running statistics),
 :mod:`.fused_ops` (one-pass normalize + affine), :mod:`.example_weighing` (bn, ghost, gbgn at
-inference), :mod:`.pooled_sets` (the one-node training path of bgn, gbgn, hn, sn, seqnorm).
+inference), :mod:`.pooled_sets` (the one-node training path of hn, sn, seqnorm).
 
 Where inference statistics are constants per channel, the layer decides it (its
 ``inference_channel_statistics()``, :class:`~normlightning.norms.base.BatchStatNorm`) and these

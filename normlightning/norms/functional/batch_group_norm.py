@@ -9,12 +9,11 @@ import torch
 from torch import Tensor
 
 from ..group_args import nearby_divisors
-from .batch_norm import normalize_batch_sets
+from .batch_norm import group_batch_norm, normalize_batch_sets
 from .fused_ops import blocks, scale_shift
 from .layout import NormInput, spatial_size
 from .moments import check_set_size, synced_mean_var, update_running_stats
 from .native import native_batch_norm
-from .pooled_sets import Pooled, Stage, pooled_set_norm
 
 
 def _block_scale_shift(mean, var, weight, bias, per_group: int, per_channel: int, eps: float) -> tuple[Tensor, Tensor]:
@@ -49,11 +48,11 @@ def batch_group_norm(
     per group over ``(N, D/G)`` (native batch norm on the view ``(N, G, D/G)``).
     Running statistics per group (shape ``(G,)``); per-channel affine. When ``G`` is a multiple
     of ``C`` every group lies in one channel and the affine is fused into the native call.
-    Otherwise the units are blocks of contiguous values each inside one group and one channel
-    (whole channels when groups are whole channels): local training (no ``sync``) is one
-    autograd node (:func:`~.pooled_sets.pooled_set_norm`), eval one native eval-mode call with
-    each block's running statistics, and synced training normalizes with the all-reduced group
-    statistics in one pass :func:`scale_shift`.
+    Otherwise local training (no ``sync``) is the native batch norm over the groups and then the
+    per-channel affine (:func:`~.batch_norm.group_batch_norm`); eval is one native
+    eval-mode call on blocks of contiguous values each inside one group and one channel (whole
+    channels when groups are whole channels) with each block's running statistics, and synced
+    training normalizes the blocks with the all-reduced group statistics in one pass :func:`scale_shift`.
     """
     N, C = x.shape[0], x.shape[1]
     D = x.shape[1] * spatial_size(x)
@@ -91,19 +90,14 @@ def batch_group_norm(
             process_group=process_group,
         )
         return io.output(y)
-    # Units: blocks of L = gcd(S, D/G) contiguous values, each inside one group and one channel
+    if training and not sync:
+        return io.output(group_batch_norm(io.x, G, running_mean, running_var, w, b, factor, eps))
+    # Blocks of L = gcd(S, D/G) contiguous values, each inside one group and one channel
     # (L = S: the channels themselves, any memory format; L = D/G when groups split channels).
     S = D // C
     L = math.gcd(S, Lg)
     K = D // L
     per_group, per_channel = Lg // L, S // L  # blocks per group / per channel
-    xv = io.x if L == S else io.x.reshape(N, K, L)
-    if training and not sync:
-        group = Pooled((G, per_group), (1,))
-        out = pooled_set_norm(xv, w, b, (1, per_channel), (Stage((group,), (group,)),), eps)
-        y, ((mean,), (var,)) = out.y, out.set_statistics[0]
-        update_running_stats(running_mean, running_var, mean, var, N * Lg, factor)
-        return io.output(y)
     if training:
         mean, var, count = synced_mean_var(io.x.reshape(N, G, Lg), (0, 2), process_group=process_group)
         update_running_stats(running_mean, running_var, mean, var, count, factor)
@@ -114,4 +108,5 @@ def batch_group_norm(
     mean, var = blocks(running_mean.to(io.dtype), per_group), blocks(running_var.to(io.dtype), per_group)
     wk = None if w is None else blocks(w, per_channel)
     bk = None if b is None else blocks(b, per_channel)
+    xv = io.x if L == S else io.x.reshape(N, K, L)
     return io.output(native_batch_norm(xv, mean, var, wk, bk, False, 0.0, eps))

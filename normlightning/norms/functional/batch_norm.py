@@ -1,19 +1,21 @@
 """Batch Norm (with inference example weighing) and Batch Renormalization: per-channel sets over
 the batch (docs/methods.md, sections bn, brn), onto the native batch norm
 (:func:`~.native.native_batch_norm`). :func:`normalize_batch_sets` (per ``k`` of a ``(N, K, L)`` view
-over ``(N, L)``) is also bgn's.
+over ``(N, L)``) is also bgn's, :func:`group_batch_norm` (groups of the flattened ``C*S`` over the
+batch) bgn's and gbgn's.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from .example_weighing import example_weighted_norm
-from .fused_ops import channel_affine
-from .layout import NormInput, spatial_size
+from .fused_ops import blocks, channel_affine
+from .layout import NormInput, laid_out_as, memory_format_of, spatial_size
 from .moments import channel_moments, check_set_size, synced_mean_var, update_running_stats
-from .native import native_batch_norm
+from .native import native_batch_norm, native_channel_affine
 
 
 def normalize_batch_sets(
@@ -43,6 +45,117 @@ def normalize_batch_sets(
         y = y * weight.view(1, -1, 1)
     if bias is not None:
         y = y + bias.view(1, -1, 1)
+    return y
+
+
+#: Below this many channels per group, a channels_last input is copied to ``(N, G, D/G)`` rather than viewed as
+#: ``(N*S, G, C/G)``: the CPU batch-norm kernels on a view with rows of ``C/G`` values were 2.1x slower than
+#: the copy at ``C/G = 2`` and as fast or faster at 8 (torch 2.14.1, one thread, forward + backward).
+MIN_CHANNELS_PER_GROUP_VIEWED = 8
+
+
+def _group_view(x: Tensor, groups: int) -> Tensor:
+    """``x (N, C, *spatial)`` as ``(N, G, D/G)`` (a view when ``x`` is contiguous) or, for a channels_last
+    ``x`` whose groups are at least :data:`MIN_CHANNELS_PER_GROUP_VIEWED` whole channels, the view
+    ``(N*S, G, C/G)``; each group's values are dim 1's entry ``g``."""
+    C = x.shape[1]
+    wide = C % groups == 0 and C // groups >= MIN_CHANNELS_PER_GROUP_VIEWED
+    if wide and memory_format_of(x) in (torch.channels_last, torch.channels_last_3d):
+        return x.movedim(1, -1).reshape(-1, groups, C // groups)
+    return x.reshape(x.shape[0], groups, -1)
+
+
+def _from_group_view(y: Tensor, x: Tensor) -> Tensor:
+    """``y`` (:func:`_group_view`'s shape for ``x``) in ``x``'s shape: a view for the views it made."""
+    if y.shape[0] == x.shape[0]:
+        return y.view(x.shape)
+    last = (x.shape[0],) + tuple(x.shape[2:]) + (x.shape[1],)
+    return y.view(last).movedim(-1, 1)
+
+
+class _ChannelGroupBatchNorm(torch.autograd.Function):
+    """Groups of whole channels normalized over the batch with a per-channel affine (docs/methods.md,
+    section bgn): forward one native training-mode batch norm over the groups (:func:`_group_view`,
+    running buffers updated) and one native eval-mode pass for the affine; it saves ``x`` and the groups'
+    mean and ``1/sigma`` only (as ``nn.BatchNorm2d``; autograd of the two kernels would also keep the
+    normalized tensor). Backward: ``d gamma``, ``d beta`` from one native backward reduction per channel with
+    each channel's group statistics, then ``dx`` from the native training-mode backward over the groups
+    fed ``g gamma``. No second derivative."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, groups, running_mean, running_var, factor, eps):
+        xv = _group_view(x, groups)
+        y, mean, invstd = torch.native_batch_norm(xv, None, None, running_mean, running_var, True, factor, eps)
+        y = native_channel_affine(_from_group_view(y, x), weight, bias)  # (no grad here: no hook either)
+        ctx.save_for_backward(x, weight, mean, invstd)
+        ctx.groups, ctx.eps = groups, eps
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g):
+        x, weight, mean, invstd = ctx.saved_tensors
+        g = laid_out_as(g, x.stride())
+        per_group = x.shape[1] // ctx.groups
+        g_weight = g_bias = None
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            mean_c, invstd_c = blocks(mean, per_group), blocks(invstd, per_group)
+            mask = [False, ctx.needs_input_grad[1], ctx.needs_input_grad[2]]
+            _, g_weight, g_bias = _BN_BACKWARD(g, x, None, None, None, mean_c, invstd_c, True, ctx.eps, mask)
+        g_x = None
+        if ctx.needs_input_grad[0]:
+            g_hat = g if weight is None else g * weight.view((1, -1) + (1,) * (x.dim() - 2))
+            xv = _group_view(x, ctx.groups)
+            g_xv = _BN_BACKWARD(
+                _group_view(g_hat, ctx.groups), xv, None, None, None, mean, invstd, True, ctx.eps, [True, False, False]
+            )[0]
+            g_x = _from_group_view(g_xv, x)
+        return g_x, g_weight, g_bias, None, None, None, None, None
+
+
+#: ATen's batch-norm backward (``torch.ops.aten.native_batch_norm_backward``)
+_BN_BACKWARD = torch.ops.aten.native_batch_norm_backward.default
+
+
+def group_batch_norm(
+    x: Tensor,
+    groups: int,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    factor: float,
+    eps: float,
+) -> Tensor:
+    """``gamma_c (x - mu_g) / sqrt(var_g + eps) + beta_c`` on ``x (N, C, *spatial)`` with ``G`` groups of
+    ``D/G`` contiguous values of the flattened ``D = C*S``, statistics over the batch (docs/methods.md,
+    section bgn); ``weight``/``bias`` ``(C,)`` or ``None``.
+
+    One native training-mode batch norm on a view whose dim 1 is the groups, ``(N, G, D/G)`` or, for a
+    channels_last input whose groups are at least :data:`MIN_CHANNELS_PER_GROUP_VIEWED` whole channels,
+    ``(N*S, G, C/G)`` (any other input is copied once to contiguous), then the per-channel affine as one
+    native eval-mode batch norm (mean 0, variance 1, ``eps = 0``: exact). Groups of whole channels run as
+    one autograd node (:class:`_ChannelGroupBatchNorm`: no normalized tensor kept for backward); groups
+    that straddle channels as the two kernels' autograd. Running buffers ``(G,)`` (or ``None``): PyTorch's
+    update, ``r <- (1-f) r + f b`` with the unbiased variance of ``n = N*D/G`` values (buffers of another
+    dtype than ``x`` through a copy in ``x``'s dtype). The result has ``x``'s shape.
+    """
+    C = x.shape[1]
+    rm = running_mean if running_mean is None or running_mean.dtype == x.dtype else running_mean.to(x.dtype)
+    rv = running_var if running_var is None or running_var.dtype == x.dtype else running_var.to(x.dtype)
+    fmt = memory_format_of(x)
+    wide = C % groups == 0 and C // groups >= MIN_CHANNELS_PER_GROUP_VIEWED
+    if fmt is None or (fmt != torch.contiguous_format and not wide):
+        x = x.contiguous()
+    if C % groups == 0:
+        y = _ChannelGroupBatchNorm.apply(x, weight, bias, groups, rm, rv, factor, eps)
+    else:
+        y = native_batch_norm(x.reshape(x.shape[0], groups, -1), rm, rv, None, None, True, factor, eps)
+        y = native_channel_affine(y.view(x.shape), weight, bias)
+    if rm is not running_mean:
+        running_mean.copy_(rm)
+    if rv is not running_var:
+        running_var.copy_(rv)
     return y
 
 

@@ -6,11 +6,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .batch_norm import group_batch_norm
 from .example_weighing import example_weighted_norm
 from .fused_ops import blocks, channel_affine, normalize_affine
 from .layout import NormInput, spatial_size
 from .moments import check_set_size, chunk_sizes, pooled_moments, reduce_mean, row_moments
-from .pooled_sets import Pooled, Stage, pooled_set_norm
+from .native import native_batch_norm, native_channel_affine
 
 
 def general_batch_group_norm(
@@ -38,10 +39,14 @@ def general_batch_group_norm(
     Eval: the moments are averaged over each channel group, ``var = max(m2 - m1^2, 0)``, and
     mixed with the example's own moments over ``(C/G_C, S)`` when ``alpha > 0``.
 
-    Local training with equal example groups is one autograd node
-    (:func:`~.pooled_sets.pooled_set_norm`, whose set variance is this one computed without
-    cancellation, as ``mean v + mean (m1 - mu)^2``). Eval without ``alpha`` is the layer's one native
-    eval-mode batch norm with :func:`general_batch_group_channel_statistics`.
+    Local training with equal example groups is one native training-mode batch norm without affine
+    over the sets (its two-pass set variance is this one computed without cancellation: ``mean v + mean
+    (m1 - mu)^2 = E[(x - mu)^2]``), on the view ``(N, G_C, C/G_C * S)`` (:func:`~.batch_norm.group_batch_norm`)
+    or, for ``E < N``, on one permuted copy (:func:`_normalize_example_groups`), then the per-channel affine
+    (:func:`~.native.native_channel_affine`); the raw moments of the buffers are two more reductions under
+    ``no_grad``.
+    Eval without ``alpha`` is the layer's one native eval-mode batch norm with
+    :func:`general_batch_group_channel_statistics`.
     """
     N, C = x.shape[0], x.shape[1]
     S = spatial_size(x)
@@ -64,19 +69,27 @@ def general_batch_group_norm(
     )
     if sync or N % E != 0:
         return io.output(_gbgn_moments(io, Gc, sizes, moving_x, moving_x2, factor, eps, sync, process_group))
-    # local, equal groups: one autograd node; units are channels (E = N) or (example, channel) rows
-    shape, dims = ((Gc, Cg), (1,)) if E == N else ((N // E, E, Gc, Cg), (1, 3))
-    block = Pooled(shape, dims)
-    stage = Stage((block,), (block,))
+    # local, equal groups: one native training-mode batch norm without affine over the sets, the affine after
+    with torch.no_grad():  # the raw moments per channel over (N, S)
+        dims = [d for d in range(io.x.dim()) if d != 1]
+        moving_x.lerp_(io.x.mean(dims).to(moving_x.dtype), factor)
+        moving_x2.lerp_((io.x * io.x).mean(dims).to(moving_x2.dtype), factor)
     if E == N:
-        y, m_c, v_c, _ = pooled_set_norm(io.x, w, b, (1, 1), (stage,), eps)
-        bm1, bm2 = m_c, v_c + m_c * m_c
-    else:
-        y, m_r, v_r, _ = pooled_set_norm(x3.reshape(1, N * C, S), w, b, (N, 1), (stage,), eps)
-        bm1, bm2 = m_r.view(N, C).mean(0), (v_r + m_r * m_r).view(N, C).mean(0)
-    moving_x.lerp_(bm1.to(moving_x.dtype), factor)
-    moving_x2.lerp_(bm2.to(moving_x2.dtype), factor)
-    return io.output(y)
+        return io.output(group_batch_norm(io.x, Gc, None, None, w, b, 0.0, eps))
+    return io.output(native_channel_affine(_normalize_example_groups(x3, N // E, Gc, eps), w, b))
+
+
+def _normalize_example_groups(x3: Tensor, groups: int, channel_groups: int, eps: float) -> Tensor:
+    """``x3 (N, C, S)`` normalized without affine per (example group ``k``, channel group ``g``) over
+    ``(N/groups, C/G_C, S)`` (equal contiguous example groups): the sets made the channels of one native
+    training-mode batch norm by one permuted copy ``(1, groups*G_C, N/groups * C/G_C * S)``, and the result
+    copied back into ``x3``'s layout."""
+    N, C, S = x3.shape
+    x5 = x3.reshape(groups, N // groups, channel_groups, C // channel_groups, S)  # a view of x3
+    sets = x5.transpose(1, 2).reshape(1, groups * channel_groups, -1)
+    y = native_batch_norm(sets, None, None, None, None, True, 0.0, eps)
+    y5 = y.view(groups, channel_groups, N // groups, C // channel_groups, S).transpose(1, 2)
+    return torch.empty_like(x5).copy_(y5).view(N, C, S)
 
 
 def general_batch_group_channel_statistics(

@@ -37,3 +37,17 @@ def native_batch_norm(
         stride = x.stride()  # the strides only: the hook keeps no reference to x
         y.register_hook(lambda g: laid_out_as(g, stride))
     return y
+
+
+def native_channel_affine(y: Tensor, weight: Tensor | None, bias: Tensor | None) -> Tensor:
+    """``gamma_c y + beta_c`` on ``y (N, C, *)`` (docs/methods.md, "Shared conventions"), as one native
+    eval-mode batch-norm pass with mean 0, variance 1 and ``eps = 0`` (so ``(y - 0) / sqrt(1 + 0) = y``
+    exactly), whose backward is one native kernel too (``g gamma``, ``sum g y``, ``sum g``): 1 op forward
+    and 1 backward instead of a multiply, an add and 4 backward ops, and one full-size pass each way.
+    On CPU (torch 2.14.1, one thread, ``(16, 64, 784)``) a training-mode batch norm over 8 groups followed
+    by it took 0.62-0.77 of the time (forward + backward) of one followed by the multiply-add."""
+    if weight is None and bias is None:
+        return y
+    C = y.shape[1]
+    ref = weight if weight is not None else bias
+    return native_batch_norm(y, ref.new_zeros(C), ref.new_ones(C), weight, bias, False, 0.0, 0.0)

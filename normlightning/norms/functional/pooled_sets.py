@@ -1,5 +1,5 @@
 """One autograd node for every method whose sets are unions of *units* with pooled statistics
-(bgn, gbgn, hn, sn, seqnorm; docs/methods.md, "Shared conventions").
+(hn, sn, seqnorm; docs/methods.md, "Shared conventions").
 
 A unit is a slice of the input with its own moments: a channel over the batch (``x`` itself,
 statistics over every dim but 1), an ``(example, channel)`` row (the view ``(1, N*C, S)``) or a

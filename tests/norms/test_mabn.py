@@ -79,7 +79,14 @@ def test_mabn_without_affine_and_with_windows_in_another_dtype(affine, input_dty
     statistics are copied into them, cast), over steps past warm-up and into the clip of ``r``."""
     settings = {"m": 2, "warmup": 0, "renorm_start": 1, "r_max": 1.3, "momentum": 0.2, "eps": 1e-3}
     layer = MovingAverageBatchNorm(
-        3, buffer_size=2, eps=1e-3, momentum=0.2, affine=affine, warmup_iters=0, renorm_start_step=1, r_max=1.3,
+        3,
+        buffer_size=2,
+        eps=1e-3,
+        momentum=0.2,
+        affine=affine,
+        warmup_iters=0,
+        renorm_start_step=1,
+        r_max=1.3,
         dtype=D64,
     )
     generator = torch.Generator().manual_seed(0)
@@ -87,8 +94,11 @@ def test_mabn_without_affine_and_with_windows_in_another_dtype(affine, input_dty
     ups = [torch.randn(4, 3, 5, dtype=D64, generator=generator).to(input_dtype) for _ in xs]
     gamma, beta = (layer.weight.detach().clone(), layer.bias.detach().clone()) if affine else (None, None)
     expected = _reference_steps(
-        [x.double() for x in xs], [u.double() for u in ups], torch.ones(3, dtype=D64) if gamma is None else gamma,
-        torch.zeros(3, dtype=D64) if beta is None else beta, **settings,
+        [x.double() for x in xs],
+        [u.double() for u in ups],
+        torch.ones(3, dtype=D64) if gamma is None else gamma,
+        torch.zeros(3, dtype=D64) if beta is None else beta,
+        **settings,
     )
     tolerance = {} if input_dtype == D64 else {"rtol": 1e-5, "atol": 1e-5}
     for t, (x, up, (y_ref, gx_ref, gw_ref, _, running_ref, _)) in enumerate(zip(xs, ups, expected), start=1):

@@ -345,7 +345,7 @@ def test_hn_default_float32_on_offset_data():
     the variance of the one set of all values is ``avg (x - M)^2`` from ``x`` itself and its gradient keeps
     the path through ``M``; output, input gradient and running statistics against the float64 formula."""
     torch.manual_seed(3)
-    x64 = (torch.randn(4, 6, 3, 3, dtype=D64) * torch.linspace(0.5, 2.0, 6, dtype=D64).view(1, 6, 1, 1) + 100.0)
+    x64 = torch.randn(4, 6, 3, 3, dtype=D64) * torch.linspace(0.5, 2.0, 6, dtype=D64).view(1, 6, 1, 1) + 100.0
     x64 = x64.float().double().requires_grad_()
     g = torch.randn(4, 6, 3, 3)
     layer = build_norm("hn", 6).train()

@@ -16,6 +16,8 @@ single part: weight 1) and the set variance is the law-of-total-variance pool
 ``avg v + avg (m - M)^2``. The raw-moment formula ``max(avg(v + m^2) - M^2, 0)`` of SN and "Four
 Things" is the same number in exact arithmetic (never negative, so the clamp never acts), without
 its float32 cancellation on data whose mean is large against its spread (docs/methods.md, "Precision").
+A single stage whose variance parts are constants or sets of all units (hn's ``en:1``) needs no ``v``:
+such a set's variance is ``avg (x - M)^2`` over ``xv``, the same number in two ops on ``xv``.
 Output: ``y = w (x - mu) / sqrt(var + eps) + b`` (native eval-mode ``F.batch_norm`` on ``xv``, given
 ``var + eps`` and ``eps = 0``: the per-unit copy of a set variance is the sum that adds ``eps``).
 

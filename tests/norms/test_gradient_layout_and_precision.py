@@ -338,3 +338,39 @@ def test_pooled_variance_gradient_float32_on_offset_data(training):
     formula(x32, w, b).backward(g)
     assert _rel(x.grad, x64.grad) < 1e-4
     assert _rel(x.grad, x64.grad) < 10 * _rel(x32.grad, x64.grad)
+
+
+def test_hn_default_float32_on_offset_data():
+    """``hn`` (``mean="bn"``, ``std="en:1"``) in training on float32 data 100 standard deviations from 0:
+    the variance of the one set of all values is ``avg (x - M)^2`` from ``x`` itself and its gradient keeps
+    the path through ``M``; output, input gradient and running statistics against the float64 formula."""
+    torch.manual_seed(3)
+    x64 = torch.randn(4, 6, 3, 3, dtype=D64) * torch.linspace(0.5, 2.0, 6, dtype=D64).view(1, 6, 1, 1) + 100.0
+    x64 = x64.float().double().requires_grad_()
+    g = torch.randn(4, 6, 3, 3)
+    layer = build_norm("hn", 6).train()
+    with torch.no_grad():
+        layer.weight.copy_(torch.rand(6) + 0.5)
+        layer.bias.copy_(torch.randn(6))
+    x = x64.detach().float().requires_grad_()
+    y = layer(x)
+    y.backward(g)
+
+    def formula(t, w, b):
+        mu = t.mean((0, 2, 3), keepdim=True)
+        var = ((t - t.mean()) ** 2).mean()
+        return (t - mu) / torch.sqrt(var + EPS) * w.view(1, 6, 1, 1) + b.view(1, 6, 1, 1)
+
+    w, b = layer.weight.detach(), layer.bias.detach()
+    ref = formula(x64, w.double(), b.double())
+    ref.backward(g.double())
+    x32 = x64.detach().float().requires_grad_()
+    formula(x32, w, b).backward(g)
+    assert (y.double() - ref).abs().max().item() < 5e-4
+    assert _rel(x.grad, x64.grad) < 1e-4
+    assert _rel(x.grad, x64.grad) < 10 * _rel(x32.grad, x64.grad)
+    n = x64.numel()
+    with torch.no_grad():
+        torch.testing.assert_close(layer.running_mean.double(), 0.1 * x64.mean((0, 2, 3)), rtol=1e-6, atol=0)
+        unbiased = ((x64 - x64.mean()) ** 2).sum() / (n - 1)
+        torch.testing.assert_close(layer.running_var.double(), 0.9 + 0.1 * unbiased.view(1), rtol=1e-5, atol=0)

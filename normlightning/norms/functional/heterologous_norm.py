@@ -11,7 +11,7 @@ from torch import Tensor
 from ..group_args import divisors
 from .fused_ops import blocks, normalize_affine
 from .layout import NormInput, spatial_size
-from .moments import combine_moments, row_moments, synced_mean_var, update_running_stats
+from .moments import combine_moments, lerp_running, row_moments, synced_mean_var, update_running_stats
 from .pooled_sets import Const, Own, SetStatistics, Stage, channel_group_part, pooled_set_norm, row_part
 
 _SET_KINDS = ("bn", "in", "ln", "gn", "en")
@@ -228,18 +228,21 @@ def _update_hn_running(
     S,
     factor,
 ) -> None:
-    """Running statistics of the batch sets from the fused node's outputs: a part of single
-    units (:class:`~.pooled_sets.Own`) is ``m``/``v`` itself, a pooled part's set statistics come in
-    part order."""
-    kind = mean_set[0]
-    mean = m if isinstance(stage.mean_parts[0], Own) else statistics.means[0]
-    if is_batch_set(kind):
-        update_running_stats(running_mean, None, mean, None, 0, factor)
+    """Running statistics of the batch sets from the fused node's outputs (all buffers in one update,
+    :func:`~.moments.lerp_running`): a part of single units (:class:`~.pooled_sets.Own`) is ``m``/``v``
+    itself, a pooled part's set statistics come in part order."""
+    buffers, batch_values = [], []
+    if is_batch_set(mean_set[0]):
+        buffers.append(running_mean)
+        batch_values.append(m if isinstance(stage.mean_parts[0], Own) else statistics.means[0])
     pooled_vars = iter(statistics.variances)
     for (kind, groups), part, running_var in zip(std_sets, stage.var_parts, running_vars):
         var = v if isinstance(part, Own) else next(pooled_vars)
         if is_batch_set(kind):
-            update_running_stats(None, running_var, None, var, N * (C // groups) * S, factor)
+            n = N * (C // groups) * S
+            buffers.append(running_var)
+            batch_values.append(var * (n / (n - 1)))
+    lerp_running(buffers, batch_values, factor)
 
 
 def _heterologous_synced(

@@ -160,6 +160,14 @@ def update_running_stats(
         running_var.lerp_(_like(var * (count / (count - 1)), running_var), factor)
 
 
+def lerp_running(buffers: Sequence[Tensor], batch_values: Sequence[Tensor], factor: float) -> None:
+    """``r <- (1-f) r + f b`` for each running buffer ``r`` and its batch value ``b`` (already unbiased
+    where it is a variance; shape broadcastable to the buffer's): one op for all buffers
+    (``_foreach_lerp_``, one kernel on GPU), PyTorch's update of :func:`update_running_stats`."""
+    if buffers:
+        torch._foreach_lerp_(list(buffers), [_like(b, r) for b, r in zip(batch_values, buffers)], factor)
+
+
 def _like(t: Tensor, buffer: Tensor) -> Tensor:
     """``t`` in ``buffer``'s shape and dtype (no op for what already matches)."""
     if t.shape != buffer.shape:

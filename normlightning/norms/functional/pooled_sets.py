@@ -16,6 +16,8 @@ single part: weight 1) and the set variance is the law-of-total-variance pool
 ``avg v + avg (m - M)^2``. The raw-moment formula ``max(avg(v + m^2) - M^2, 0)`` of SN and "Four
 Things" is the same number in exact arithmetic (never negative, so the clamp never acts), without
 its float32 cancellation on data whose mean is large against its spread (docs/methods.md, "Precision").
+A single stage whose variance parts are constants or sets of all units (hn's ``en:1``) needs no ``v``:
+such a set's variance is ``avg (x - M)^2`` over ``xv``, the same number in two ops on ``xv``.
 Output: ``y = w (x - mu) / sqrt(var + eps) + b`` (native eval-mode ``F.batch_norm`` on ``xv``, given
 ``var + eps`` and ``eps = 0``: the per-unit copy of a set variance is the sum that adds ``eps``).
 
@@ -58,6 +60,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from .fused_ops import squared_deviations
 from .layout import laid_out_as
 from .moments import channel_moments
 
@@ -111,11 +114,12 @@ class SetStatistics(NamedTuple):
 
 class PooledSetOutput(NamedTuple):
     """What :func:`pooled_set_norm` returns: the output ``y`` (``xv``'s shape), the units' own mean
-    and biased variance ``(K,)`` and each stage's :class:`SetStatistics`."""
+    and biased variance ``(K,)`` (``None`` where the plan needs none, :func:`_needs_unit_var`) and each
+    stage's :class:`SetStatistics`."""
 
     y: Tensor
     unit_mean: Tensor
-    unit_var: Tensor
+    unit_var: Tensor | None
     set_statistics: tuple[SetStatistics, ...]
 
 
@@ -269,13 +273,27 @@ def _mixtures(mean_terms, var_terms, weights: Tensor | None, weighted: tuple[boo
     return out[0], out[1], stack
 
 
-def _stage_forward(m: Tensor, v: Tensor, stage: Stage, consts, weights, weighted, eps, single: bool, keep_m_next=True):
+def _one_set(part: Part) -> bool:
+    """Whether ``part`` pools every unit into one set (e.g. hn's ``en:1``)."""
+    return isinstance(part, Pooled) and all(size == 1 or d in part.dims for d, size in enumerate(part.shape))
+
+
+def _needs_unit_var(stages: Sequence[Stage]) -> bool:
+    """Whether the units' own variances ``v`` are read: not by a single stage whose variance parts are
+    constants or one-set parts (their variance comes from ``xv`` itself, :func:`_stage_forward`)."""
+    return len(stages) > 1 or not all(isinstance(p, Const) or _one_set(p) for p in stages[0].var_parts)
+
+
+def _stage_forward(
+    m: Tensor, v: Tensor | None, stage: Stage, consts, weights, weighted, eps, single: bool, keep_m_next=True, xv=None
+):
     """One stage's statistics from its units' moments ``m``, ``v`` ``(K,)``: ``(mu, var_eps, r,
     m_next, centred, stack, set_statistics)`` with ``mu`` per unit ``(K,)`` for a ``single`` stage (the
     output's batch-norm pass reads it; ``None`` otherwise), ``var_eps = var + eps`` and
     ``r = 1 / sqrt(var + eps)`` per unit, ``m_next = (m - mu) r`` (``None`` for a single stage with
     the own mean, 0, or without ``keep_m_next``: only its backward reads it), ``centred`` the
-    ``m - M`` of each pooled variance part and ``stack`` that of :func:`_mixtures`."""
+    ``m - M`` of each pooled variance part and ``stack`` that of :func:`_mixtures`. Without ``v``, a
+    one-set part's variance is ``avg (x - M)^2`` over ``xv`` (two ops; equal to the pool, which needs ``v``)."""
     set_means: dict[tuple, Tensor] = {}  # (shape, dims) -> set mean: a mean part and a variance part may share it
     deviations: dict[tuple, Tensor] = {}  # (shape, dims) -> m - M, shaped like the units' sets
     mean_terms, reported_means = [], []
@@ -299,7 +317,11 @@ def _stage_forward(m: Tensor, v: Tensor, stage: Stage, consts, weights, weighted
             if key not in set_means:
                 set_means[key] = _set_mean(m, part)
             dm = deviations[key] = m.view(part.shape) - set_means[key]
-            V = torch.addcmul(v.view(part.shape), dm, dm).mean(part.dims, keepdim=True)  # law of total variance
+            if v is None:  # one set: the variance of all of xv about its mean M
+                M = set_means[key].view([1] * xv.dim())
+                V = squared_deviations(xv, M).mean().view(set_means[key].shape)
+            else:  # law of total variance
+                V = torch.addcmul(v.view(part.shape), dm, dm).mean(part.dims, keepdim=True)
             reported_vars.append(V)
             centred.append(dm)
             var_terms.append((V, part.shape))
@@ -352,7 +374,33 @@ def _stage_adjoints(stage: Stage, weighted: tuple[bool, bool]) -> _StageAdjoints
     return _StageAdjoints(J, joint, shared, var_parts, mean_parts)
 
 
-def _stage_backward(t_factors, g_var_hat, stage: Stage, weights, weighted, record: StageRecord, acc_m, acc_v):
+def _one_pooled_var_term(g_w: Tensor, weight: Tensor | None, stage: Stage, layout, weighted, record: StageRecord, n):
+    """``-(1/n) avg_set(w g_w / (var + eps))`` per unit ``(K,)`` shaped like the set's units, in two ops (one
+    batched dot per set with the factor folded in, one division by the set's ``var + eps``), where the
+    stage's variance is one pooled part over groups of channel units without mixture weights (hn's
+    ``en:G``); else ``None``. It is the pooled part's ``alpha_v P`` of :func:`_stage_backward` (``P`` the set
+    mean of ``g_var = -w g_w / (2 (var + eps))``, ``alpha_v = 2/n``): the division by the set's one
+    ``var + eps`` moves out of the set's average."""
+    (part,) = stage.var_parts if len(stage.var_parts) == 1 else (None,)
+    if (
+        not isinstance(part, Pooled)
+        or len(part.shape) != 2
+        or part.dims != (1,)
+        or layout != (1, 1)
+        or any(weighted)
+        or weight is None
+        or weight.dtype != g_w.dtype
+    ):
+        return None
+    G, L = part.shape
+    rows = g_w.view(G, 1, L)
+    sums = torch.baddbmm(rows[..., :1], rows, weight.view(G, L, 1), beta=0, alpha=-1.0 / (n * L))  # (beta=0: no input)
+    return torch.div(sums.view(G, 1), record.var_eps.view(G, L))
+
+
+def _stage_backward(
+    t_factors, g_var_hat, stage: Stage, weights, weighted, record: StageRecord, acc_m, acc_v, var_term=None
+):
     """Adds one stage's statistics' adjoints into ``acc_m`` / ``acc_v`` (the units' ``m`` and ``v``;
     ``acc_v.alpha = 2 acc_m.alpha``) and returns the gradients of the weighted mixtures' weights
     ``(2, J)`` or one ``(J,)`` per weighted mixture, negated (``None`` without weights).
@@ -362,7 +410,8 @@ def _stage_backward(t_factors, g_var_hat, stage: Stage, weights, weighted, recor
     pooled mean part adds ``avg_set g_mu`` to each unit of the set; a pooled variance part
     ``V = avg (v + (m - M)^2)`` adds ``P = avg_set g_var`` to ``g_v`` and ``2 P (dm - avg dm)`` to
     ``g_m`` (see the module docstring). The variance parts go first and the pooled ones before the
-    units' own, so that the first term of each sum costs no op of its own."""
+    units' own, so that the first term of each sum costs no op of its own. A given ``var_term``
+    (:func:`_one_pooled_var_term`) is the one pooled variance part's ``alpha_v P`` (``g_var_hat`` unused)."""
     plan = _stage_adjoints(stage, weighted)
     t = t_factors[0] if t_factors[1] is None else None
     g_weights = None
@@ -394,11 +443,14 @@ def _stage_backward(t_factors, g_var_hat, stage: Stage, weights, weighted, recor
         if c < 0:  # the units' own variance
             acc_v.add(g, alpha=alpha)
             continue
-        P = set_means.get((1, j))
-        if P is None:
-            P = g.view(part.shape).mean(part.dims, keepdim=True)
-        # acc_v's term alpha_v P, which times (dm - avg dm) is also acc_m's term (alpha_v = 2 alpha_m)
-        term = torch.mul(P.expand(part.shape), acc_v.alpha * alpha)
+        if var_term is not None:
+            term = var_term
+        else:
+            P = set_means.get((1, j))
+            if P is None:
+                P = g.view(part.shape).mean(part.dims, keepdim=True)
+            # acc_v's term alpha_v P, which times (dm - avg dm) is also acc_m's term (alpha_v = 2 alpha_m)
+            term = torch.mul(P.expand(part.shape), acc_v.alpha * alpha)
         acc_v.add(term.view(-1), scaled=True)
         # avg dm: 0 in exact arithmetic, in float32 M's rounding, which 2 P dm alone would carry
         # to every unit of the set
@@ -425,7 +477,7 @@ def _stage_backward(t_factors, g_var_hat, stage: Stage, weights, weighted, recor
 class _Forward(NamedTuple):
     y: Tensor
     m: Tensor
-    v: Tensor
+    v: Tensor | None  # None where the plan needs no unit variances
     set_statistics: tuple[SetStatistics, ...]
     weights: Tensor | None  # the weighted mixtures' weights: (2, J) for two of J parts, else (J,) concatenated
     scale: Tensor | None  # w P per unit, for several stages
@@ -448,7 +500,10 @@ def _pooled_forward(xv, weight, bias, mean_logits, var_logits, plan: Plan, eps, 
     """The forward of :class:`_PooledSetNorm` as a plain function (also the path with nothing to differentiate:
     ``backward=False`` skips what only the backward reads)."""
     layout, stages = plan
-    m, v = channel_moments(xv, fused_square=True)
+    if _needs_unit_var(stages):
+        m, v = channel_moments(xv, fused_square=True)
+    else:
+        m, v = xv.mean([d for d in range(xv.dim()) if d != 1]), None
     weights = _mixture_weights(mean_logits, var_logits, m.dtype)
     weighted = (mean_logits is not None, var_logits is not None)
     tape = _Tape()
@@ -467,6 +522,7 @@ def _pooled_forward(xv, weight, bias, mean_logits, var_logits, plan: Plan, eps, 
             eps,
             last == 0,
             backward,
+            xv,
         )
         statistics.append(stage_statistics)
         P = r if P is None else P * r
@@ -511,7 +567,8 @@ def _unflat(tensors: Sequence[Tensor], stages: Sequence[Stage]) -> tuple[SetStat
 
 
 class _PooledSetNorm(torch.autograd.Function):
-    """``(xv, weight, bias, mean_logits, var_logits, plan, eps, *consts) -> (y, m, v, *set_stats)``.
+    """``(xv, weight, bias, mean_logits, var_logits, plan, eps, *consts) -> (y, m, v, *set_stats)``
+    (without ``v`` where the plan needs no unit variances, :func:`_needs_unit_var`).
 
     ``plan`` a :class:`Plan`; ``set_stats`` the stages' :class:`SetStatistics` flattened in stage
     order (means, then variances). Only ``y`` is differentiable. The small per-unit tensors of the
@@ -527,9 +584,9 @@ class _PooledSetNorm(torch.autograd.Function):
         ctx.weighted = (mean_logits is not None, var_logits is not None)
         ctx.logit_dtypes = tuple(None if t is None else t.dtype for t in (mean_logits, var_logits))
         reported = _flat(out.set_statistics)
-        ctx.mark_non_differentiable(out.m, out.v, *reported)
+        ctx.mark_non_differentiable(*(t for t in (out.m, out.v, *reported) if t is not None))
         ctx.set_materialize_grads(False)  # no zero gradients for the statistics outputs
-        return (out.y, out.m, out.v, *reported)
+        return (out.y, out.m, *([] if out.v is None else [out.v]), *reported)  # no None output: compile
 
     @staticmethod
     @once_differentiable  # a second derivative would need its own formula: raise, don't be wrong
@@ -560,8 +617,10 @@ class _PooledSetNorm(torch.autograd.Function):
         # and g_mo the cotangent of its output mean m_next, g_r r = G_P + g_mo m_next, so
         # g_var = -g_r r^3 / 2 = -(G_P + g_mo m_next) / (2 var_eps), g_mu = -g_mo r; then the earlier
         # stage's G_P gains g_v_in v_in (v_in = v P^2) and its g_mo gains g_mo r + g_m_in
+        var_term = None
         if last == 0:  # G_P + g_mo m_out = w g_w, g_mo r = scale s_g
-            h = _times_affine(g_w, weight, layout)
+            var_term = _one_pooled_var_term(g_w, weight, stages[0], layout, ctx.weighted, final, n)
+            h = _times_affine(g_w, weight, layout) if var_term is None else None
             t_factors = (scale, s_g)
         else:
             G_P = _times_affine(s_gcP, weight, layout)
@@ -580,13 +639,14 @@ class _PooledSetNorm(torch.autograd.Function):
             mixing = s == last
             stage_g_weights = _stage_backward(
                 t_factors,
-                h / record.var_eps,
+                None if var_term is not None else h / record.var_eps,
                 stages[s],
                 weights if mixing else None,
                 ctx.weighted if mixing else (False, False),
                 record,
                 acc_m,
                 acc_v,
+                var_term,
             )
             if mixing:
                 g_weights = stage_g_weights
@@ -665,7 +725,8 @@ def pooled_set_norm(
     plan = Plan(tuple(affine_layout), tuple(Stage(tuple(mp), tuple(vp)) for mp, vp in stages))
     inputs = (xv, weight, bias, mean_logits, var_logits)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
-        y, m, v, *reported = _PooledSetNorm.apply(*inputs, plan, eps, *consts)
+        y, m, *rest = _PooledSetNorm.apply(*inputs, plan, eps, *consts)
+        v, reported = (rest[0], rest[1:]) if _needs_unit_var(plan.stages) else (None, rest)
         return PooledSetOutput(y, m, v, _unflat(reported, plan.stages))
     out = _pooled_forward(*inputs, plan, eps, consts, backward=False)  # nothing to differentiate: no node
     return PooledSetOutput(out.y, out.m, out.v, out.set_statistics)

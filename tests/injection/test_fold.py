@@ -151,7 +151,9 @@ def _without_running_statistics():
     return model
 
 
-NO_RUNNING_STATISTICS = "1: BatchNorm2d keeps no running statistics (track_running_stats=False, or running_mean set to None)"
+NO_RUNNING_STATISTICS = (
+    "1: BatchNorm2d keeps no running statistics (track_running_stats=False, or running_mean set to None)"
+)
 
 
 @pytest.mark.parametrize(
@@ -182,13 +184,19 @@ NO_RUNNING_STATISTICS = "1: BatchNorm2d keeps no running statistics (track_runni
             lambda: ConvThenNorm(_conv_without_grad),
             "norm: the example forward built no autograd graph to check what reads the convolution's output",
         ),
-        (lambda: ConvNormAndReader(lambda m, x, h, y: (y, m.conv(x))), "norm: the convolution 'conv' before it runs 2 times"),
+        (
+            lambda: ConvNormAndReader(lambda m, x, h, y: (y, m.conv(x))),
+            "norm: the convolution 'conv' before it runs 2 times",
+        ),
         (
             lambda: nn.Sequential(nn.Conv2d(3, 4, 3), BatchNormWithActivation(4)),
             "1: BatchNormWithActivation subclasses BatchNorm2d and may do more than normalize (timm's BatchNormAct2d "
             "applies an activation); inject our layers first (norm: bn carries it over)",
         ),
-        (lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False)), NO_RUNNING_STATISTICS),
+        (
+            lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False)),
+            NO_RUNNING_STATISTICS,
+        ),
         (_without_running_statistics, NO_RUNNING_STATISTICS),
         (
             lambda: nn.Sequential(StandardizingConv(3, 4, 3), nn.BatchNorm2d(4)),
@@ -243,7 +251,9 @@ def test_refuses_training_mode_and_needs_an_input():
     model = SmallCNN(3, 10, width=8)
     with pytest.raises(ValueError, match="features.0.1: BatchNorm2d is in training mode"):
         fold_norms(model, torch.randn(2, 3, 8, 8))
-    needs_input = "fold_norms needs example_input (one input of the model) to find the convolution before each norm layer"
+    needs_input = (
+        "fold_norms needs example_input (one input of the model) to find the convolution before each norm layer"
+    )
     with pytest.raises(ValueError, match="^" + re.escape(needs_input) + "$"):
         fold_norms(model.eval())
 
@@ -665,7 +675,10 @@ def _norm_without_grad(m, h):
     [
         (lambda m, h: m.norm(h), "the output of the convolution 'conv' before it is also read elsewhere"),
         (lambda m, h: m.norm(h).detach(), "the output of the convolution 'conv' before it is also read elsewhere"),
-        (_norm_without_grad, "the example forward built no autograd graph to check what reads the convolution's output"),
+        (
+            _norm_without_grad,
+            "the example forward built no autograd graph to check what reads the convolution's output",
+        ),
     ],
     ids=["norm-output-returned", "norm-output-detached", "norm-without-grad"],
 )

@@ -655,17 +655,22 @@ def test_skip_unfoldable_folds_the_layers_after_an_unfoldable_one(make, reason):
 
 
 class ConvOutputReturned(nn.Module):
-    """Returns the convolution's output ``h`` beside ``norm(h)``, which ``after_norm`` may cut from the
-    autograd graph; control flow on a value keeps torch.fx from tracing it."""
+    """Returns ``pack(h, y)``: the convolution's output ``h`` beside ``y = after_norm(self, h)``, which
+    may cut ``norm(h)`` from the autograd graph; control flow on a value keeps torch.fx from tracing it."""
 
-    def __init__(self, after_norm):
+    def __init__(self, after_norm, pack=lambda h, y: (h, y)):
         super().__init__()
-        self.conv, self.norm, self.after_norm = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), after_norm
+        self.conv, self.norm, self.after_norm, self.pack = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), after_norm, pack
 
     def forward(self, x):
         h = self.conv(x)
-        out = (h, self.after_norm(self, h))
-        return out if x.mean() > 0 else (out[0].relu(), out[1])
+        y = self.after_norm(self, h)
+        if x.mean() > 0:
+            y = y + 1
+        return self.pack(h, y)
+
+
+OUTPUT_READ_BY_NO_OP = "the output of the convolution 'conv' before it is also read elsewhere"
 
 
 def _norm_without_grad(m, h):
@@ -674,22 +679,26 @@ def _norm_without_grad(m, h):
 
 
 @pytest.mark.parametrize(
-    "after_norm,reason",
+    "make,reason",
     [
-        (lambda m, h: m.norm(h), "the output of the convolution 'conv' before it is also read elsewhere"),
-        (lambda m, h: m.norm(h).detach(), "the output of the convolution 'conv' before it is also read elsewhere"),
+        (lambda: ConvOutputReturned(lambda m, h: m.norm(h)), OUTPUT_READ_BY_NO_OP),
+        (lambda: ConvOutputReturned(lambda m, h: m.norm(h).detach()), OUTPUT_READ_BY_NO_OP),
         (
-            _norm_without_grad,
+            lambda: ConvOutputReturned(lambda m, h: m.norm(h).detach(), lambda h, y: {"features": h, "logits": y}),
+            OUTPUT_READ_BY_NO_OP,
+        ),
+        (
+            lambda: ConvOutputReturned(_norm_without_grad),
             "the example forward built no autograd graph to check what reads the convolution's output",
         ),
     ],
-    ids=["norm-output-returned", "norm-output-detached", "norm-without-grad"],
+    ids=["norm-output-returned", "norm-output-detached", "norm-output-detached-dict", "norm-without-grad"],
 )
-def test_assume_exclusive_never_overrides_a_returned_convolution_output(after_norm, reason):
-    """Returning ``h`` is a read that no op shows. The two last cases folded on main (the norm layer's
-    own read was counted only through the model's outputs, and ``h`` returned counted as its one
-    reader): ``h`` came back normalized."""
-    model = _with_statistics(ConvOutputReturned(after_norm).double())
+def test_assume_exclusive_never_overrides_a_returned_convolution_output(make, reason):
+    """Returning ``h`` (in a tuple or a dict) is a read that no op shows. The three last cases folded on
+    main (the norm layer's own read was counted only through the model's outputs, and ``h`` returned
+    counted as its one reader): ``h`` came back normalized."""
+    model = _with_statistics(make().double())
     state = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(ValueError, match=r"\(nothing was changed\):\n  norm: " + re.escape(reason) + "$"):
         fold_norms(model, torch.randn(2, 3, 8, 8, dtype=D64), assume_exclusive=True)

@@ -59,7 +59,10 @@ def inference_affine(layer: nn.Module) -> tuple[Tensor, Tensor]:
                 "(timm's BatchNormAct2d applies an activation); inject our layers first (norm: bn carries it over)"
             )
         if layer.running_mean is None or not layer.track_running_stats:
-            raise ValueError(f"{type(layer).__name__} keeps no running statistics (track_running_stats=False)")
+            raise ValueError(
+                f"{type(layer).__name__} keeps no running statistics (track_running_stats=False, or running_mean set "
+                "to None)"
+            )
         mean, var = layer.running_mean, layer.running_var
     elif hasattr(layer, "inference_channel_statistics"):
         mean, var = layer.inference_channel_statistics()
@@ -101,11 +104,12 @@ def _as_traced_leaves(value: Any) -> Any:
     return value
 
 
-def _readers(outputs: Any) -> Counter:
+def _readers(outputs: Any, intermediates: Iterable[Tensor] = ()) -> Counter:
     """How many times each autograd output ``(node, index)`` is read: by a later node of the graph
-    that produced ``outputs``, or as one of ``outputs``."""
+    that produced ``outputs`` and ``intermediates`` (tensors computed on the way, whose reads count
+    even where ``outputs`` do not depend on them), or as one of ``outputs``."""
     counts: Counter = Counter()
-    stack, seen = [], set()
+    stack, seen = [t.grad_fn for t in intermediates if t.grad_fn is not None], set()
     for t in _tensors(outputs):
         if t.grad_fn is not None:
             counts[(t.grad_fn, t.output_nr)] += 1
@@ -126,27 +130,33 @@ def _trace(model: nn.Module, example_input: Any, norms: dict[str, nn.Module]) ->
     """One forward of ``example_input`` (eval mode): ``({norm: convolution}, {norm: why not})``. A
     norm layer qualifies when it reads exactly the output of one convolution (called once), and
     nothing else reads that output, not even in place (the tensor the norm receives is still the
-    convolution's output: same autograd node, same version)."""
+    convolution's output: same autograd node, same version). The norm layer's own read is counted
+    from its output's autograd graph, also where the model's outputs do not depend on it."""
     convs = {m: name for name, m in model.named_modules() if isinstance(m, CONVOLUTIONS)}
     produced: dict[int, tuple[str, Tensor, Any, int]] = {}
     inputs: dict[str, list[Tensor]] = {name: [] for name in norms}
+    results: dict[str, list[Tensor]] = {name: [] for name in norms}
     calls: Counter = Counter()
 
     def conv_hook(module, args, output):
         calls[convs[module]] += 1
         produced[id(output)] = (convs[module], output, output.grad_fn, output._version)
 
-    def norm_hook(name):
+    def norm_pre_hook(name):
         return lambda module, args: inputs[name].append(args[0])
 
+    def norm_hook(name):
+        return lambda module, args, output: results[name].extend(_tensors(output))
+
     handles = [m.register_forward_hook(conv_hook) for m in convs]
-    handles += [m.register_forward_pre_hook(norm_hook(name)) for name, m in norms.items()]
+    handles += [m.register_forward_pre_hook(norm_pre_hook(name)) for name, m in norms.items()]
+    handles += [m.register_forward_hook(norm_hook(name)) for name, m in norms.items()]
     try:
         outputs = example_forward(model, _as_traced_leaves(example_input), grad=True)
     finally:
         for handle in handles:
             handle.remove()
-    readers = _readers(outputs)
+    readers = _readers(outputs, [t for ts in results.values() for t in ts])
     found, problems = {}, {}
     for name, seen in inputs.items():
         if len(seen) != 1:
@@ -161,7 +171,7 @@ def _trace(model: nn.Module, example_input: Any, norms: dict[str, nn.Module]) ->
                 f"the output of the convolution {conv[0]!r} before it is changed in place before the norm "
                 "layer reads it"
             )
-        elif t.grad_fn is None:
+        elif t.grad_fn is None or all(out.grad_fn is None for out in results[name]):
             problems[name] = "the example forward built no autograd graph to check what reads the convolution's output"
         elif not _plain_convolution(model.get_submodule(conv[0])):
             kind = type(model.get_submodule(conv[0])).__name__
@@ -179,8 +189,12 @@ def _trace(model: nn.Module, example_input: Any, norms: dict[str, nn.Module]) ->
 
 
 def _fold_into(conv: nn.Module, scale: Tensor, shift: Tensor) -> None:
-    if parametrize.is_parametrized(conv, "weight"):  # weight standardization / weight norm: bake it in
-        parametrize.remove_parametrizations(conv, "weight", leave_parametrized=True)
+    """``W'[o] = s_o W[o]``, ``b'[o] = s_o b[o] + t_o`` in place; parametrizations of the weight
+    (weight standardization, weight norm) or the bias are baked in first: writing into a
+    parametrized tensor would write into a value computed on each access, and be lost."""
+    if parametrize.is_parametrized(conv):
+        for name in list(conv.parametrizations):
+            parametrize.remove_parametrizations(conv, name, leave_parametrized=True)
     with torch.no_grad():
         weight = conv.weight
         shape = (-1,) + (1,) * (weight.dim() - 1)

@@ -3,11 +3,16 @@ refused with the layer's name."""
 
 from __future__ import annotations
 
+import os
+import re
+from collections import namedtuple
+
 import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
 from torch import nn
+from torch.nn.utils import parametrize
 
 from normlightning.injection import fold_norms, get_spec, inject
 from normlightning.models import build_backbone
@@ -116,36 +121,111 @@ class StandardizingConv(nn.Conv2d):
         return self._conv_forward(x, w, self.bias)
 
 
+class ConvThenNorm(nn.Module):
+    """``step(self, x)`` with a convolution ``conv`` and a BatchNorm2d ``norm``."""
+
+    def __init__(self, step):
+        super().__init__()
+        self.conv, self.norm, self.step = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), step
+
+    def forward(self, x):
+        return self.step(self, x)
+
+
+def _clamped_without_grad(m, x):
+    """``h.clamp_`` under ``torch.no_grad()``: a new version of ``h``, the same autograd node."""
+    h = m.conv(x)
+    with torch.no_grad():
+        h.clamp_(min=0)
+    return m.norm(h)
+
+
+def _conv_without_grad(m, x):
+    with torch.no_grad():
+        h = m.conv(x)
+    return m.norm(h)
+
+
+def _without_running_statistics():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    model[1].running_mean = model[1].running_var = None  # batch statistics at inference too
+    return model
+
+
+NO_RUNNING_STATISTICS = (
+    "1: BatchNorm2d keeps no running statistics (track_running_stats=False, or running_mean set to None)"
+)
+
+
 @pytest.mark.parametrize(
-    "make,match",
+    "make,message",
     [
         (
             lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.BatchNorm2d(4)),
-            "2: it is not directly after a convolution",
+            "2: it is not directly after a convolution (its input is not a Conv1d/2d/3d output)",
         ),
         (lambda: ConvReadTwice(), "norm: the output of the convolution 'conv' before it is also read elsewhere"),
         (
-            lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(inplace=True), nn.BatchNorm2d(4)),
-            "2: the output of the convolution '0' before it is changed in place",
+            lambda: ConvNormAndReader(lambda m, x, h, y: (y + h, h)),
+            "norm: the output of the convolution 'conv' before it is also read elsewhere",
         ),
-        (lambda: ConvPlusShortcutInPlace(), "norm: the output of the convolution 'conv' before it is changed in place"),
+        (
+            lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(inplace=True), nn.BatchNorm2d(4)),
+            "2: the output of the convolution '0' before it is changed in place before the norm layer reads it",
+        ),
+        (
+            lambda: ConvPlusShortcutInPlace(),
+            "norm: the output of the convolution 'conv' before it is changed in place before the norm layer reads it",
+        ),
+        (
+            lambda: ConvThenNorm(_clamped_without_grad),
+            "norm: the output of the convolution 'conv' before it is changed in place before the norm layer reads it",
+        ),
+        (
+            lambda: ConvThenNorm(_conv_without_grad),
+            "norm: the example forward built no autograd graph to check what reads the convolution's output",
+        ),
+        (
+            lambda: ConvNormAndReader(lambda m, x, h, y: (y, m.conv(x))),
+            "norm: the convolution 'conv' before it runs 2 times",
+        ),
         (
             lambda: nn.Sequential(nn.Conv2d(3, 4, 3), BatchNormWithActivation(4)),
-            "1: BatchNormWithActivation subclasses BatchNorm2d",
+            "1: BatchNormWithActivation subclasses BatchNorm2d and may do more than normalize (timm's BatchNormAct2d "
+            "applies an activation); inject our layers first (norm: bn carries it over)",
         ),
         (
+            lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False)),
+            NO_RUNNING_STATISTICS,
+        ),
+        (_without_running_statistics, NO_RUNNING_STATISTICS),
+        (
             lambda: nn.Sequential(StandardizingConv(3, 4, 3), nn.BatchNorm2d(4)),
-            "1: the convolution '0' before it is a StandardizingConv",
+            "1: the convolution '0' before it is a StandardizingConv, whose forward may change its weight (folding "
+            "needs a plain Conv1d/2d/3d)",
         ),
     ],
-    ids=["after-relu", "conv-read-twice", "after-inplace-relu", "inplace-shortcut", "bn-subclass", "conv-subclass"],
+    ids=[
+        "after-relu",
+        "conv-read-twice",
+        "conv-read-twice-and-returned",
+        "after-inplace-relu",
+        "inplace-shortcut",
+        "inplace-without-grad",
+        "conv-without-grad",
+        "conv-called-twice",
+        "bn-subclass",
+        "bn-without-running-stats",
+        "bn-running-stats-removed",
+        "conv-subclass",
+    ],
 )
-def test_refuses_what_the_dataflow_does_not_allow(make, match):
+def test_refuses_what_the_dataflow_does_not_allow(make, message):
+    """The whole message: the first check that fails names the reason (later checks would name others)."""
     model = make().eval()
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(ValueError, match=match) as info:
+    with pytest.raises(ValueError, match=r"\(nothing was changed\):\n  " + re.escape(message) + "$"):
         fold_norms(model, torch.randn(2, 3, 8, 8))
-    assert "nothing was changed" in str(info.value)
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
 
 
@@ -172,7 +252,10 @@ def test_refuses_training_mode_and_needs_an_input():
     model = SmallCNN(3, 10, width=8)
     with pytest.raises(ValueError, match="features.0.1: BatchNorm2d is in training mode"):
         fold_norms(model, torch.randn(2, 3, 8, 8))
-    with pytest.raises(ValueError, match="needs example_input"):
+    needs_input = (
+        "fold_norms needs example_input (one input of the model) to find the convolution before each norm layer"
+    )
+    with pytest.raises(ValueError, match="^" + re.escape(needs_input) + "$"):
         fold_norms(model.eval())
 
 
@@ -379,3 +462,244 @@ def test_shape_checks_outside_the_convolutions_do_not_stop_the_trace():
     _check_folds(_warmed(task, (4, 3, 8, 8)), (3, 3, 8, 8), expected=4)
     resnet12 = build_backbone("resnet12", 10, (3, 16, 16), widths=(4, 4, 4, 4)).double()
     _check_folds(_warmed(resnet12, (4, 3, 16, 16)), (3, 3, 16, 16), expected=16)
+
+
+def _with_statistics(model: nn.Module, dtype=D64) -> nn.Module:
+    """Random running statistics in every BatchNorm of ``model``, eval mode."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d) and m.running_mean is not None:
+                m.running_mean.copy_(torch.randn(m.num_features, dtype=dtype))
+                m.running_var.copy_(torch.rand(m.num_features, dtype=dtype) + 0.5)
+    return model.eval()
+
+
+def _conv_bn(bias: bool = True) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(3, 4, 3, bias=bias), nn.BatchNorm2d(4))
+
+
+Pair = namedtuple("Pair", "image offset")
+
+
+class StructuredInOut(nn.Module):
+    """Reads ``(image, offset)`` from a tuple, list or namedtuple and returns ``wrap(norm(conv(image)) + offset)``."""
+
+    def __init__(self, wrap):
+        super().__init__()
+        self.conv, self.norm, self.wrap = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), wrap
+
+    def forward(self, inputs):
+        return self.wrap(self.norm(self.conv(inputs[0])) + inputs[1])
+
+
+@pytest.mark.parametrize(
+    "pack,wrap",
+    [
+        (tuple, lambda y: {"logits": y}),
+        (list, lambda y: (y, y.mean())),
+        (lambda args: Pair(*args), lambda y: [y]),
+    ],
+    ids=["tuple-in-dict-out", "list-in-tuple-out", "namedtuple-in-list-out"],
+)
+def test_structured_inputs_and_outputs_fold(pack, wrap):
+    """Inputs and outputs in containers: the example forward reaches the tensors inside them."""
+    model = _with_statistics(StructuredInOut(wrap).double())
+    inputs = pack([torch.randn(2, 3, 8, 8, dtype=D64), torch.randn(1, dtype=D64)])
+    with torch.no_grad():
+        before = model(inputs)
+    assert fold_norms(model, inputs) == {"norm": "conv"}
+    with torch.no_grad():
+        torch.testing.assert_close(model(inputs), before, rtol=1e-10, atol=1e-10)
+
+
+class ChannelStandardizer(nn.Module):
+    """A plugin norm layer (its class declares ``uses_batch_statistics``) with no ``weight`` or
+    ``bias`` attribute: ``(x - mean) / sqrt(var + eps)`` with fixed statistics, one per channel or
+    one shared by all (``channels=1``)."""
+
+    uses_batch_statistics = False
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.eps = 1e-3
+        self.register_buffer("mean", torch.randn(channels, dtype=D64))
+        self.register_buffer("var", torch.rand(channels, dtype=D64) + 0.5)
+
+    def inference_channel_statistics(self):
+        return self.mean, self.var
+
+    def forward(self, x):
+        return (x - self.mean.view(1, -1, 1, 1)) / torch.sqrt(self.var.view(1, -1, 1, 1) + self.eps)
+
+
+def test_plugin_layer_without_affine_parameters_folds_by_the_formula():
+    """``W'[o] = W[o] / sqrt(var_o + eps)``, ``b'[o] = (b[o] - mean_o) / sqrt(var_o + eps)``."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3).double(), ChannelStandardizer(4)).eval()
+    norm, weight, bias = model[1], model[0].weight.detach().clone(), model[0].bias.detach().clone()
+    x = torch.randn(2, 3, 8, 8, dtype=D64)
+    with torch.no_grad():
+        before = model(x)
+    assert fold_norms(model, x) == {"1": "0"}
+    s = 1 / torch.sqrt(norm.var + norm.eps)
+    torch.testing.assert_close(model[0].weight.detach(), weight * s.view(4, 1, 1, 1), rtol=1e-12, atol=0)
+    torch.testing.assert_close(model[0].bias.detach(), (bias - norm.mean) * s, rtol=1e-12, atol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before, rtol=1e-10, atol=1e-10)
+
+
+def test_refuses_statistics_with_another_channel_count_than_the_convolution():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3).double(), ChannelStandardizer(1)).eval()  # one mean for all channels
+    with pytest.raises(ValueError, match=r"\n  1: the convolution '0' before it has a different number of channels$"):
+        fold_norms(model, torch.randn(2, 3, 8, 8, dtype=D64))
+
+
+@pytest.mark.parametrize("parametrized", ["weight", "bias"])
+def test_parametrized_convolution_folds_with_the_parametrization_baked_in(parametrized):
+    """Folding into a parametrized bias wrote into a value computed on each access: the fold was lost."""
+
+    class Doubled(nn.Module):
+        def forward(self, value):
+            return 2 * value
+
+    model = _with_statistics(_conv_bn().double())
+    parametrize.register_parametrization(model[0], parametrized, Doubled())
+    x = torch.randn(2, 3, 8, 8, dtype=D64)
+    with torch.no_grad():
+        before = model(x)
+    assert fold_norms(model, x) == {"1": "0"}
+    assert not parametrize.is_parametrized(model[0])
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before, rtol=1e-10, atol=1e-10)
+
+
+def test_float32_convolution_without_bias_gets_a_float32_bias():
+    model = _with_statistics(_conv_bn(bias=False), dtype=torch.float32)
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        before = model(x)
+    assert fold_norms(model, x) == {"1": "0"}
+    assert model[0].weight.dtype == model[0].bias.dtype == torch.float32
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-5)
+
+
+def test_example_input_defaults_to_the_models_example_input_array():
+    model = _with_statistics(_conv_bn().double())
+    model.example_input_array = torch.randn(2, 3, 8, 8, dtype=D64)
+    with torch.no_grad():
+        before = model(model.example_input_array)
+    assert fold_norms(model) == {"1": "0"}
+    with torch.no_grad():
+        torch.testing.assert_close(model(model.example_input_array), before, rtol=1e-10, atol=1e-10)
+
+
+def test_every_unfoldable_layer_is_listed_one_per_line():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4))
+    model.eval()[4].train()
+    after_relu = "it is not directly after a convolution (its input is not a Conv1d/2d/3d output)"
+    training = "BatchNorm2d is in training mode (call model.eval(): folding uses the running statistics)"
+    expected = f"fold_norms cannot fold 2 norm layer(s) (nothing was changed):\n  4: {training}\n  2: {after_relu}"
+    with pytest.raises(ValueError, match="^" + re.escape(expected) + "$"):
+        fold_norms(model, torch.randn(2, 3, 8, 8))
+
+
+class TwoBlocks(nn.Module):
+    """``norm2(conv2(x))`` after a first block ``norm1(conv1(x))`` that ``first`` may change."""
+
+    def __init__(self, first=None):
+        super().__init__()
+        self.conv1, self.norm1 = nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.conv2, self.norm2 = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+        self.first = first or (lambda m, x: m.norm1(m.conv1(x)))
+
+    def forward(self, x):
+        return self.norm2(self.conv2(self.first(self, x)))
+
+
+def _first_in_training_mode():
+    model = _with_statistics(TwoBlocks().double())
+    model.norm1.train()
+    return model
+
+
+@pytest.mark.parametrize(
+    "make,reason",
+    [
+        (
+            _first_in_training_mode,
+            "BatchNorm2d is in training mode (call model.eval(): folding uses the running statistics)",
+        ),
+        (
+            lambda: _with_statistics(TwoBlocks(lambda m, x: m.norm1(m.norm1(m.conv1(x)))).double()),
+            "the example forward called it 2 times (folding needs exactly one call)",
+        ),
+    ],
+    ids=["first-in-training-mode", "first-called-twice"],
+)
+def test_skip_unfoldable_folds_the_layers_after_an_unfoldable_one(make, reason):
+    model = make()
+    x = torch.randn(2, 3, 8, 8, dtype=D64)
+    with torch.no_grad():
+        before = model(x)
+    expected = f"fold_norms left 1 norm layer(s) as they are:\n  norm1: {reason}"
+    with pytest.warns(UserWarning, match="^" + re.escape(expected) + "$") as record:
+        assert fold_norms(model, x, skip_unfoldable=True) == {"norm2": "conv2"}
+    (where,) = [w.filename for w in record if "fold_norms" in str(w.message)]
+    # the warning points at the caller; under mutmut its trampoline is the frame between them
+    assert where == __file__ or where.endswith(os.path.join("mutmut", "mutation", "trampoline.py"))
+    assert isinstance(model.norm1, nn.BatchNorm2d) and isinstance(model.norm2, nn.Identity)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before, rtol=1e-10, atol=1e-10)
+
+
+class ConvOutputReturned(nn.Module):
+    """Returns ``pack(h, y)``: the convolution's output ``h`` beside ``y = after_norm(self, h)``, which
+    may cut ``norm(h)`` from the autograd graph; control flow on a value keeps torch.fx from tracing it."""
+
+    def __init__(self, after_norm, pack=lambda h, y: (h, y)):
+        super().__init__()
+        self.conv, self.norm, self.after_norm, self.pack = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), after_norm, pack
+
+    def forward(self, x):
+        h = self.conv(x)
+        y = self.after_norm(self, h)
+        if x.mean() > 0:
+            y = y + 1
+        return self.pack(h, y)
+
+
+OUTPUT_READ_BY_NO_OP = "the output of the convolution 'conv' before it is also read elsewhere"
+
+
+def _norm_without_grad(m, h):
+    with torch.no_grad():
+        return m.norm(h)
+
+
+@pytest.mark.parametrize(
+    "make,reason",
+    [
+        (lambda: ConvOutputReturned(lambda m, h: m.norm(h)), OUTPUT_READ_BY_NO_OP),
+        (lambda: ConvOutputReturned(lambda m, h: m.norm(h).detach()), OUTPUT_READ_BY_NO_OP),
+        (
+            lambda: ConvOutputReturned(lambda m, h: m.norm(h).detach(), lambda h, y: {"features": h, "logits": y}),
+            OUTPUT_READ_BY_NO_OP,
+        ),
+        (
+            lambda: ConvOutputReturned(_norm_without_grad),
+            "the example forward built no autograd graph to check what reads the convolution's output",
+        ),
+    ],
+    ids=["norm-output-returned", "norm-output-detached", "norm-output-detached-dict", "norm-without-grad"],
+)
+def test_assume_exclusive_never_overrides_a_returned_convolution_output(make, reason):
+    """Returning ``h`` (in a tuple or a dict) is a read that no op shows. The three last cases folded on
+    main (the norm layer's own read was counted only through the model's outputs, and ``h`` returned
+    counted as its one reader): ``h`` came back normalized."""
+    model = _with_statistics(make().double())
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"\(nothing was changed\):\n  norm: " + re.escape(reason) + "$"):
+        fold_norms(model, torch.randn(2, 3, 8, 8, dtype=D64), assume_exclusive=True)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())

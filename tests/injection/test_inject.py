@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import copy
+import re
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -9,9 +13,10 @@ from torch import nn
 from normlightning.callbacks.norm_injection import NormInjection
 from normlightning.injection import get_spec, inject
 from normlightning.injection import groups as group_rules
-from normlightning.injection.apply import apply_spec
+from normlightning.injection.apply import apply_spec, mark_pretrained, pretrained_names, restore_injection
 from normlightning.injection.plan import probe_input_shapes
-from normlightning.norms import available_norms
+from normlightning.injection.spec import CHECKPOINT_KEY
+from normlightning.norms import BatchNorm, GroupNorm, available_norms
 from normlightning.norms.base import NormLayer
 from normlightning.norms.batch_group_norm import bgn_paper_groups
 from normlightning.norms.ghost_norm import ghost_auto_batches
@@ -220,6 +225,91 @@ def test_spec_replays_on_a_fresh_model_and_is_idempotent():
     assert apply_spec(fresh, spec) == 0  # already carries it
     model.eval(), fresh.eval()
     torch.testing.assert_close(fresh(X), model(X))
+
+
+def conv_bn() -> nn.Sequential:
+    """conv(3->4, 1x1) -> BatchNorm2d(4)."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
+
+
+def test_apply_spec_counts_rebuilt_layers_and_new_parameter_normalizations_and_stores_the_spec():
+    spec, _ = inject(conv_bn(), method="bn", param_norm="weight_standardization")
+    fresh = conv_bn()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a model without a spec is rebuilt silently
+        assert apply_spec(fresh, spec) == 2  # one layer + one weight standardization
+    assert isinstance(fresh[1], BatchNorm) and get_spec(fresh) == spec
+    renoted = copy.deepcopy(spec)
+    renoted["layers"][0]["notes"] = ["written by another run"]
+    assert apply_spec(fresh, renoted) == 0  # the same layers: nothing rebuilt, the checkpoint's spec kept
+    assert get_spec(fresh) == renoted
+
+
+def test_apply_spec_over_another_spec_warns_at_the_caller_and_rebuilds_the_checkpoints_layers():
+    spec, _ = inject(conv_bn(), method="bn", param_norm="weight_standardization")
+    model = conv_bn()
+    inject(model, method="gn", num_groups=2, param_norm="weight_standardization")
+    with pytest.warns(
+        UserWarning,
+        match=r"^the model already carries a different norm injection spec \(e\.g\. the `norm:` config changed since "
+        r"the checkpoint was written\); rebuilding the layers the checkpoint lists$",
+    ) as record:
+        assert apply_spec(model, spec) == 1  # the layer; the weight standardization is already there
+    assert [w.filename for w in record] == [__file__]
+    assert isinstance(model[1], BatchNorm) and get_spec(model) == spec
+    assert len(model[0].parametrizations.weight) == 1
+
+
+def test_apply_spec_refuses_other_parameter_normalizations_naming_the_layers():
+    wn_spec, _ = inject(conv_bn(), method="gn", num_groups=2, param_norm="weight_norm")
+    plain_spec, _ = inject(conv_bn(), method="gn", num_groups=2)
+    fix = (
+        "; build the model with the same `norm.weight_standardization` / `norm.weight_norm` settings as the "
+        "checkpoint"
+    )
+    for spec in (wn_spec, plain_spec):  # another kind on layer 0; none where the model has one on layer 0
+        model = conv_bn()
+        inject(model, method="gn", num_groups=2, param_norm="weight_standardization")
+        with pytest.raises(
+            ValueError,
+            match=re.escape("the model's weight standardization / weight norm differs from the checkpoint's on ['0']")
+            + re.escape(fix),
+        ):
+            with pytest.warns(UserWarning, match="already carries a different norm injection spec"):
+                apply_spec(model, spec)
+
+
+def test_restore_injection_applies_the_checkpoints_spec_or_nothing():
+    spec, _ = inject(conv_bn(), method="gn", num_groups=2)
+    model = conv_bn()
+    assert restore_injection(model, {"state_dict": {}}) == 0
+    assert get_spec(model) is None and type(model[1]) is nn.BatchNorm2d
+    assert restore_injection(model, {CHECKPOINT_KEY: spec}) == 1
+    assert isinstance(model[1], GroupNorm) and model[1].num_groups == 2
+
+
+def test_marked_pretrained_tensors_are_recorded_per_module_and_named_in_the_summary():
+    model = nn.Sequential(conv_bn(), *(nn.BatchNorm2d(4) for _ in range(3)), nn.BatchNorm2d(4, affine=False))
+    mark_pretrained(model, ["0.0.weight", "0.1.weight", "0.1.bias"])
+    mark_pretrained(model, ["0.1.running_mean", "0.1.running_var"])  # added to the first record
+    mark_pretrained(model, [f"2.{name}" for name, _ in model[2].named_buffers()] + ["2.weight", "2.bias"])
+    mark_pretrained(model, ["4.running_mean", "4.running_var"])  # the statistics alone
+    assert pretrained_names(model[0][1]) == frozenset({"weight", "bias", "running_mean", "running_var"})
+    assert pretrained_names(model[0][0]) == frozenset({"weight"})
+    assert pretrained_names(model) == pretrained_names(model[0]) == pretrained_names(model[1]) == frozenset()
+    with torch.no_grad():
+        model[1].num_batches_tracked.fill_(1)  # trained one step, not loaded: its copy is noted without "pretrained"
+    _, rows = inject(model, method="bn")
+    copied = "copied weight, bias, running_mean, running_var, num_batches_tracked"
+    assert [r["args"].partition("  ")[2] for r in rows] == [
+        f"[{copied} (pretrained: weight, bias, running_mean, running_var); pretrained statistics]",
+        f"[{copied}]",
+        f"[{copied} (pretrained); pretrained statistics]",
+        "",  # a fresh layer: copying its initial values is no news
+        "[copied running_mean, running_var, num_batches_tracked (pretrained: running_mean, running_var); "
+        "pretrained statistics]",
+    ]
 
 
 def test_bad_settings_are_clear_errors():

@@ -3,6 +3,8 @@ hyperparameters, group counts without a default, and ``inject`` on models it can
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from torch import nn
@@ -169,6 +171,72 @@ def test_inject_twice_with_other_settings_raises_and_the_same_settings_return_th
     again, rows = inject(model, method="bgn", num_groups=4, example_input=X)
     assert again == get_spec(model) == spec and isinstance(model[1], BatchGroupNorm) and model[1].num_groups == 4
     assert len(rows) == 2
+
+
+def test_inject_again_lists_every_conflicting_layer_and_argument():
+    model = wide_net()
+    inject(model, method="gn", num_groups=8, param_norm="weight_standardization", param_norm_exclude=["3"])
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "(1: has gn, asked to keep the original layer; 4: has gn, asked to keep the original layer; "
+            "parameter normalization: has ['weight_standardization'], asked none). Inject once"
+        ),
+    ):
+        inject(model, method=None)
+    no_param_norm = "(parameter normalization: has ['weight_standardization'], asked none)"
+    with pytest.raises(ValueError, match=re.escape(no_param_norm)):
+        inject(model, method="gn", num_groups=8)
+    # the same settings (with a parameter-normalization exclusion pattern) return the spec
+    again, _ = inject(model, method="gn", num_groups=8, param_norm="weight_standardization", param_norm_exclude=["3"])
+    assert again == get_spec(model) and again["param_norms"] == [{"name": "0", "kind": "weight_standardization"}]
+
+
+def test_inject_again_compares_fitted_counts_by_method_only_and_the_other_arguments_by_value():
+    """``group_fit: nearest`` fits a channel count per layer (gn 3 -> 2 on 32 channels), so asking 3 again is
+    no conflict; a batch count (ghost's) is never fitted, and the arguments after a fitted one are compared."""
+    model = wide_net()
+    inject(model, method="gn", num_groups=3, group_fit="nearest")
+    assert model[1].num_groups == 2
+    inject(model, method="gn", num_groups=3, group_fit="nearest")
+    model = wide_net()
+    inject(model, method="gbgn", kwargs={"channel_groups": 5, "eps": 1e-5}, group_fit="nearest")
+    assert model[1].channel_groups == 4
+    with pytest.raises(ValueError, match=re.escape("(1: has gbgn with eps=1e-05, asked eps=0.001; 4: has gbgn")):
+        inject(model, method="gbgn", kwargs={"channel_groups": 5, "eps": 1e-3}, group_fit="nearest")
+    model = wide_net()
+    inject(model, method="ghost", num_groups=2, group_fit="nearest")
+    with pytest.raises(ValueError, match=re.escape("(1: has ghost with num_groups=2, asked num_groups=4; 4:")):
+        inject(model, method="ghost", num_groups=4, group_fit="nearest")
+
+
+def test_inject_again_skips_auto_counts_and_reads_overrides_by_layer_name():
+    model = wide_net()
+    spec, _ = inject(model, method="ghost", num_groups="auto", batch_size=64)
+    assert [r["kwargs"]["num_groups"] for r in spec["layers"]] == [4, 4]  # 64 / 16
+    assert inject(model, method="ghost", num_groups="auto", batch_size=64)[0] == spec
+    model = wide_net()
+    settings = {"method": "gn", "num_groups": 4, "overrides": [{"pattern": "4", "num_groups": 8}]}
+    spec, _ = inject(model, **settings)
+    assert (model[1].num_groups, model[4].num_groups) == (4, 8)
+    assert inject(model, **settings)[0] == spec
+    with pytest.raises(ValueError, match=re.escape("(4: has gn with num_groups=8, asked num_groups=4)")):
+        inject(model, method="gn", num_groups=4)
+
+
+def test_inject_without_norm_layers_warns_naming_the_targets_and_the_fix():
+    with pytest.warns(UserWarning) as record:
+        inject(nn.Sequential(nn.Linear(2, 2)), method="gn", num_groups=2, targets=["BatchNorm2d", "BatchNorm1d"])
+    assert [str(w.message) for w in record] == [
+        "inject: nothing in Sequential was replaced: it has no layer of the target types (BatchNorm2d, BatchNorm1d); "
+        "name its normalization layer classes in targets (norm.targets), a torch.nn name or 'package.module.Class'"
+    ]
+    with pytest.warns(UserWarning) as record:
+        inject(nn.Sequential(nn.GroupNorm(2, 4), nn.LayerNorm(4), nn.GroupNorm(1, 4)), method="gn", num_groups=2)
+    assert str(record[0].message).endswith(
+        "its normalization layers are GroupNorm, LayerNorm: "
+        "name them in targets (norm.targets: ['GroupNorm', 'LayerNorm'])"
+    )
 
 
 def test_a_missing_group_count_fails_when_the_settings_are_built():

@@ -13,7 +13,13 @@ from torch import nn
 from normlightning.callbacks.norm_injection import NormInjection
 from normlightning.injection import get_spec, inject
 from normlightning.injection import groups as group_rules
-from normlightning.injection.apply import apply_spec, mark_pretrained, pretrained_names, restore_injection
+from normlightning.injection.apply import (
+    apply_spec,
+    copy_matching_state,
+    mark_pretrained,
+    pretrained_names,
+    restore_injection,
+)
 from normlightning.injection.plan import probe_input_shapes
 from normlightning.injection.spec import CHECKPOINT_KEY
 from normlightning.norms import BatchNorm, GroupNorm, available_norms
@@ -233,13 +239,35 @@ def conv_bn() -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
 
 
+def test_copy_matching_state_copies_the_affine_parameters_and_buffers_both_layers_have_at_the_same_shape():
+    old = nn.BatchNorm2d(4)
+    randomize_norms(nn.Sequential(old))
+    statistics_only = nn.Module()  # no weight / bias attribute at all
+    statistics_only.register_buffer("running_mean", torch.zeros(4))
+    statistics_only.register_buffer("running_var", torch.zeros(2))  # another shape: not copied
+    assert copy_matching_state(old, statistics_only) == ["running_mean"]
+    assert torch.equal(statistics_only.running_mean, old.running_mean) and statistics_only.running_var.sum() == 0
+    untracked = nn.BatchNorm2d(4, affine=False, track_running_stats=False)  # weight, bias, statistics all None
+    assert copy_matching_state(old, untracked) == []
+    plain = nn.BatchNorm2d(4, affine=False)
+    assert copy_matching_state(old, plain) == ["running_mean", "running_var", "num_batches_tracked"]
+    assert plain.weight is None and int(plain.num_batches_tracked) == 7
+    back = nn.BatchNorm2d(4)
+    assert copy_matching_state(statistics_only, back) == ["running_mean"]
+    assert back.weight.tolist() == [1.0] * 4 and torch.equal(back.running_mean, old.running_mean)
+
+
 def test_apply_spec_counts_rebuilt_layers_and_new_parameter_normalizations_and_stores_the_spec():
     spec, _ = inject(conv_bn(), method="bn", param_norm="weight_standardization")
     fresh = conv_bn()
+    with torch.no_grad():
+        fresh[1].running_mean.fill_(5.0), fresh[1].weight.fill_(3.0)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a model without a spec is rebuilt silently
         assert apply_spec(fresh, spec) == 2  # one layer + one weight standardization
     assert isinstance(fresh[1], BatchNorm) and get_spec(fresh) == spec
+    # freshly initialised, not copied from the old layer: the state_dict loaded next fills it
+    assert fresh[1].running_mean.tolist() == [0.0] * 4 and fresh[1].weight.tolist() == [1.0] * 4
     renoted = copy.deepcopy(spec)
     renoted["layers"][0]["notes"] = ["written by another run"]
     assert apply_spec(fresh, renoted) == 0  # the same layers: nothing rebuilt, the checkpoint's spec kept

@@ -257,6 +257,22 @@ def test_copy_matching_state_copies_the_affine_parameters_and_buffers_both_layer
     assert back.weight.tolist() == [1.0] * 4 and torch.equal(back.running_mean, old.running_mean)
 
 
+def test_copy_state_false_builds_fresh_layers_without_copy_notes():
+    model = tiny_cnn()
+    randomize_norms(model)
+    _, rows = inject(model, method="bn", targets=["BatchNorm2d"], copy_state=False)
+    assert model[1].running_mean.tolist() == [0.0] * 8 and model[1].weight.tolist() == [1.0] * 8
+    assert int(model[1].num_batches_tracked) == 0 and all("copied" not in r["args"] for r in rows)
+
+
+def test_a_layer_whose_only_tensor_is_an_integer_counter_is_replaced_without_taking_its_dtype():
+    counter_only = nn.BatchNorm2d(4, affine=False)
+    counter_only.running_mean = counter_only.running_var = None  # what is left: num_batches_tracked (int64)
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), counter_only)
+    inject(model, method="gn", num_groups=2)  # the device is taken, an integer dtype is not
+    assert isinstance(model[1], GroupNorm) and model[1].num_groups == 2 and not model[1].affine
+
+
 def test_apply_spec_counts_rebuilt_layers_and_new_parameter_normalizations_and_stores_the_spec():
     spec, _ = inject(conv_bn(), method="bn", param_norm="weight_standardization")
     fresh = conv_bn()

@@ -273,6 +273,25 @@ def test_a_layer_whose_only_tensor_is_an_integer_counter_is_replaced_without_tak
     assert isinstance(model[1], GroupNorm) and model[1].num_groups == 2 and not model[1].affine
 
 
+def test_new_layers_take_each_old_layers_training_mode_and_dtype():
+    model = tiny_cnn().double().eval()
+    model[4].train()  # one layer left in training mode
+    inject(model, method="gn", num_groups=2, targets=["BatchNorm2d"])
+    assert (model[1].training, model[4].training) == (False, True)
+    assert model[1].weight.dtype == model[4].bias.dtype == torch.float64
+
+
+def test_apply_spec_refuses_a_layer_without_the_modules_to_carry():
+    spec, _ = inject(conv_bn(), method="gn", num_groups=2)
+    spec["layers"][0]["carried"] = ["act"]  # written for a layer with an activation inside (timm's BatchNormAct2d)
+    with pytest.raises(
+        ValueError,
+        match=r"^layer '1' \(BatchNorm2d\) has no module\(s\) \['act'\] to carry over; the model differs from the "
+        r"one the injection spec was made for$",
+    ):
+        apply_spec(conv_bn(), spec)
+
+
 def test_apply_spec_counts_rebuilt_layers_and_new_parameter_normalizations_and_stores_the_spec():
     spec, _ = inject(conv_bn(), method="bn", param_norm="weight_standardization")
     fresh = conv_bn()

@@ -4,6 +4,7 @@ hyperparameters, group counts without a default, and ``inject`` on models it can
 from __future__ import annotations
 
 import re
+import warnings
 
 import pytest
 import torch
@@ -237,6 +238,45 @@ def test_inject_without_norm_layers_warns_naming_the_targets_and_the_fix():
         "its normalization layers are GroupNorm, LayerNorm: "
         "name them in targets (norm.targets: ['GroupNorm', 'LayerNorm'])"
     )
+
+
+def test_inject_again_names_the_first_three_conflicts():
+    model = nn.Sequential(wide_net(), nn.BatchNorm2d(32), nn.BatchNorm2d(32))
+    inject(model, method="gn", num_groups=8)
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "inject: the model already carries injected layers, and these settings ask for others (0.1: has gn, asked "
+            "to keep the original layer; 0.4: has gn, asked to keep the original layer; 1: has gn, asked to keep the "
+            "original layer; ...). Inject once, into the model with its original layers: build the model again (and "
+            "load its weights) before injecting other settings"
+        ),
+    ):
+        inject(model, method=None)
+
+
+def test_inject_takes_rules_or_keyword_settings_but_not_both():
+    rules = InjectionRules(method="gn", num_groups=8)
+    with pytest.raises(TypeError, match=r"^inject: give either `rules` or keyword settings, not both$"):
+        inject(wide_net(), rules, method="bn")
+    model = wide_net()
+    spec, rows = inject(model, rules)
+    assert [r["name"] for r in spec["layers"]] == ["1", "4"] and isinstance(model[4], GroupNorm)
+    assert [r["new"] for r in rows] == ["GroupNorm (gn)", "GroupNorm (gn)"]
+
+
+def test_only_an_injection_that_changes_nothing_it_was_asked_to_is_silent():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        spec, _ = inject(nn.Sequential(nn.Linear(2, 2)), method=None)  # asked for nothing
+        assert spec["layers"] == spec["param_norms"] == []
+        model = nn.Sequential(nn.Conv2d(3, 4, 1))
+        spec, _ = inject(model, method="gn", num_groups=2, param_norm="weight_standardization")  # no norm layer
+        assert spec["param_norms"] == [{"name": "0", "kind": "weight_standardization"}]
+        assert torch.nn.utils.parametrize.is_parametrized(model[0], "weight")
+    with pytest.warns(UserWarning, match="nothing in Sequential was replaced") as record:
+        inject(nn.Sequential(nn.Linear(2, 2)), method="gn", num_groups=2)
+    assert [w.filename for w in record] == [__file__]  # the caller's line
 
 
 def test_a_missing_group_count_fails_when_the_settings_are_built():

@@ -12,6 +12,7 @@ from torch import nn
 
 from normlightning.callbacks.run_hparams import norm_hparams
 from normlightning.injection import InjectionRules, get_spec, inject
+from normlightning.injection.apply import apply_spec
 from normlightning.norms import BatchGroupNorm, GroupNorm, HeterologousNorm
 from normlightning.norms.sequential_norm import SequentialNorm
 
@@ -277,6 +278,13 @@ def test_only_an_injection_that_changes_nothing_it_was_asked_to_is_silent():
     with pytest.warns(UserWarning, match="nothing in Sequential was replaced") as record:
         inject(nn.Sequential(nn.Linear(2, 2)), method="gn", num_groups=2)
     assert [w.filename for w in record] == [__file__]  # the caller's line
+
+
+def test_a_spec_that_replaces_the_root_module_is_refused_naming_the_fix():
+    spec, _ = inject(nn.Sequential(nn.BatchNorm2d(4)), method="gn", num_groups=2)
+    spec["layers"][0]["name"] = ""  # the model itself
+    with pytest.raises(ValueError, match=r"^cannot replace the root module itself; wrap it in a container first$"):
+        apply_spec(nn.BatchNorm2d(4), spec)
 
 
 def test_a_missing_group_count_fails_when_the_settings_are_built():

@@ -287,6 +287,19 @@ def test_a_spec_that_replaces_the_root_module_is_refused_naming_the_fix():
         apply_spec(nn.BatchNorm2d(4), spec)
 
 
+def test_inject_with_every_target_layer_excluded_warns_that_they_were_kept():
+    with pytest.warns(UserWarning) as record:
+        _, rows = inject(wide_net(), method="gn", num_groups=8, exclude=["1", "4"])
+    assert [str(w.message) for w in record] == [
+        "inject: nothing in Sequential was replaced: all 2 of its target layers were kept (excluded, or subclasses: "
+        "see the summary)"
+    ]
+    assert [(r["layer"], r["new"], r["args"]) for r in rows] == [
+        ("1", "(kept)", "excluded"),
+        ("4", "(kept)", "excluded"),
+    ]
+
+
 def test_a_missing_group_count_fails_when_the_settings_are_built():
     """Before data or model setup (the CLI builds the callback first), when every layer takes the global settings."""
     from normlightning.callbacks.norm_injection import NormInjection

@@ -364,6 +364,7 @@ def test_marked_pretrained_tensors_are_recorded_per_module_and_named_in_the_summ
     with torch.no_grad():
         model[1].num_batches_tracked.fill_(1)  # trained one step, not loaded: its copy is noted without "pretrained"
     _, rows = inject(model, method="bn")
+    assert isinstance(model[0][1], BatchNorm) and not hasattr(model, "0.1")  # replaced inside its parent
     copied = "copied weight, bias, running_mean, running_var, num_batches_tracked"
     assert [r["args"].partition("  ")[2] for r in rows] == [
         f"[{copied} (pretrained: weight, bias, running_mean, running_var); pretrained statistics]",

@@ -143,6 +143,16 @@ def test_inject_refuses_torchscript_modules():
         inject(wrapper, method="gn", num_groups=2)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+def test_inject_names_the_first_three_torchscript_modules():
+    def scripted() -> torch.jit.ScriptModule:  # holds scripted submodules: only the outermost is named
+        return torch.jit.script(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)).eval())
+
+    wrapper = nn.Sequential(scripted(), nn.ReLU(), scripted(), scripted(), scripted())
+    with pytest.raises(TypeError, match=r"^inject: 0, 2, 3 are TorchScript module\(s\) \(torch\.jit\.script"):
+        inject(wrapper, method="gn", num_groups=2)
+
+
 @pytest.mark.parametrize(("method", "settings"), [("bgn", {"num_groups": 4}), ("bn", {})])
 def test_inject_on_a_meta_device_model_builds_meta_layers_that_materialize(method, settings):
     with torch.device("meta"):

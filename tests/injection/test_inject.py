@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import copy
+import re
+import warnings
+
 import pytest
 import torch
 from torch import nn
@@ -9,9 +13,16 @@ from torch import nn
 from normlightning.callbacks.norm_injection import NormInjection
 from normlightning.injection import get_spec, inject
 from normlightning.injection import groups as group_rules
-from normlightning.injection.apply import apply_spec
+from normlightning.injection.apply import (
+    apply_spec,
+    copy_matching_state,
+    mark_pretrained,
+    pretrained_names,
+    restore_injection,
+)
 from normlightning.injection.plan import probe_input_shapes
-from normlightning.norms import available_norms
+from normlightning.injection.spec import CHECKPOINT_KEY
+from normlightning.norms import BatchNorm, GroupNorm, available_norms
 from normlightning.norms.base import NormLayer
 from normlightning.norms.batch_group_norm import bgn_paper_groups
 from normlightning.norms.ghost_norm import ghost_auto_batches
@@ -220,6 +231,149 @@ def test_spec_replays_on_a_fresh_model_and_is_idempotent():
     assert apply_spec(fresh, spec) == 0  # already carries it
     model.eval(), fresh.eval()
     torch.testing.assert_close(fresh(X), model(X))
+
+
+def conv_bn() -> nn.Sequential:
+    """conv(3->4, 1x1) -> BatchNorm2d(4)."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
+
+
+def test_copy_matching_state_copies_the_affine_parameters_and_buffers_both_layers_have_at_the_same_shape():
+    old = nn.BatchNorm2d(4)
+    randomize_norms(nn.Sequential(old))
+    statistics_only = nn.Module()  # no weight / bias attribute at all
+    statistics_only.register_buffer("running_mean", torch.zeros(4))
+    statistics_only.register_buffer("running_var", torch.zeros(2))  # another shape: not copied
+    assert copy_matching_state(old, statistics_only) == ["running_mean"]
+    assert torch.equal(statistics_only.running_mean, old.running_mean) and statistics_only.running_var.sum() == 0
+    untracked = nn.BatchNorm2d(4, affine=False, track_running_stats=False)  # weight, bias, statistics all None
+    assert copy_matching_state(old, untracked) == []
+    plain = nn.BatchNorm2d(4, affine=False)
+    assert copy_matching_state(old, plain) == ["running_mean", "running_var", "num_batches_tracked"]
+    assert plain.weight is None and int(plain.num_batches_tracked) == 7
+    back = nn.BatchNorm2d(4)
+    assert copy_matching_state(statistics_only, back) == ["running_mean"]
+    assert back.weight.tolist() == [1.0] * 4 and torch.equal(back.running_mean, old.running_mean)
+
+
+def test_copy_state_false_builds_fresh_layers_without_copy_notes():
+    model = tiny_cnn()
+    randomize_norms(model)
+    _, rows = inject(model, method="bn", targets=["BatchNorm2d"], copy_state=False)
+    assert model[1].running_mean.tolist() == [0.0] * 8 and model[1].weight.tolist() == [1.0] * 8
+    assert int(model[1].num_batches_tracked) == 0 and all("copied" not in r["args"] for r in rows)
+
+
+def test_a_layer_whose_only_tensor_is_an_integer_counter_is_replaced_without_taking_its_dtype():
+    counter_only = nn.BatchNorm2d(4, affine=False)
+    counter_only.running_mean = counter_only.running_var = None  # what is left: num_batches_tracked (int64)
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), counter_only)
+    inject(model, method="gn", num_groups=2)  # the device is taken, an integer dtype is not
+    assert isinstance(model[1], GroupNorm) and model[1].num_groups == 2 and not model[1].affine
+
+
+def test_new_layers_take_each_old_layers_training_mode_and_dtype():
+    model = tiny_cnn().double().eval()
+    model[4].train()  # one layer left in training mode
+    inject(model, method="gn", num_groups=2, targets=["BatchNorm2d"])
+    assert (model[1].training, model[4].training) == (False, True)
+    assert model[1].weight.dtype == model[4].bias.dtype == torch.float64
+
+
+def test_apply_spec_refuses_a_layer_without_the_modules_to_carry():
+    spec, _ = inject(conv_bn(), method="gn", num_groups=2)
+    spec["layers"][0]["carried"] = ["act"]  # written for a layer with an activation inside (timm's BatchNormAct2d)
+    with pytest.raises(
+        ValueError,
+        match=r"^layer '1' \(BatchNorm2d\) has no module\(s\) \['act'\] to carry over; the model differs from the "
+        r"one the injection spec was made for$",
+    ):
+        apply_spec(conv_bn(), spec)
+
+
+def test_apply_spec_counts_rebuilt_layers_and_new_parameter_normalizations_and_stores_the_spec():
+    spec, _ = inject(conv_bn(), method="bn", param_norm="weight_standardization")
+    fresh = conv_bn()
+    with torch.no_grad():
+        fresh[1].running_mean.fill_(5.0), fresh[1].weight.fill_(3.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a model without a spec is rebuilt silently
+        assert apply_spec(fresh, spec) == 2  # one layer + one weight standardization
+    assert isinstance(fresh[1], BatchNorm) and get_spec(fresh) == spec
+    # freshly initialised, not copied from the old layer: the state_dict loaded next fills it
+    assert fresh[1].running_mean.tolist() == [0.0] * 4 and fresh[1].weight.tolist() == [1.0] * 4
+    renoted = copy.deepcopy(spec)
+    renoted["layers"][0]["notes"] = ["written by another run"]
+    assert apply_spec(fresh, renoted) == 0  # the same layers: nothing rebuilt, the checkpoint's spec kept
+    assert get_spec(fresh) == renoted
+
+
+def test_apply_spec_over_another_spec_warns_at_the_caller_and_rebuilds_the_checkpoints_layers():
+    spec, _ = inject(conv_bn(), method="bn", param_norm="weight_standardization")
+    model = conv_bn()
+    inject(model, method="gn", num_groups=2, param_norm="weight_standardization")
+    with pytest.warns(
+        UserWarning,
+        match=r"^the model already carries a different norm injection spec \(e\.g\. the `norm:` config changed since "
+        r"the checkpoint was written\); rebuilding the layers the checkpoint lists$",
+    ) as record:
+        assert apply_spec(model, spec) == 1  # the layer; the weight standardization is already there
+    assert [w.filename for w in record] == [__file__]
+    assert isinstance(model[1], BatchNorm) and get_spec(model) == spec
+    assert len(model[0].parametrizations.weight) == 1
+
+
+def test_apply_spec_refuses_other_parameter_normalizations_naming_the_layers():
+    wn_spec, _ = inject(conv_bn(), method="gn", num_groups=2, param_norm="weight_norm")
+    plain_spec, _ = inject(conv_bn(), method="gn", num_groups=2)
+    fix = (
+        "; build the model with the same `norm.weight_standardization` / `norm.weight_norm` settings as the "
+        "checkpoint"
+    )
+    for spec in (wn_spec, plain_spec):  # another kind on layer 0; none where the model has one on layer 0
+        model = conv_bn()
+        inject(model, method="gn", num_groups=2, param_norm="weight_standardization")
+        with pytest.raises(
+            ValueError,
+            match=re.escape("the model's weight standardization / weight norm differs from the checkpoint's on ['0']")
+            + re.escape(fix),
+        ):
+            with pytest.warns(UserWarning, match="already carries a different norm injection spec"):
+                apply_spec(model, spec)
+
+
+def test_restore_injection_applies_the_checkpoints_spec_or_nothing():
+    spec, _ = inject(conv_bn(), method="gn", num_groups=2)
+    model = conv_bn()
+    assert restore_injection(model, {"state_dict": {}}) == 0
+    assert get_spec(model) is None and type(model[1]) is nn.BatchNorm2d
+    assert restore_injection(model, {CHECKPOINT_KEY: spec}) == 1
+    assert isinstance(model[1], GroupNorm) and model[1].num_groups == 2
+
+
+def test_marked_pretrained_tensors_are_recorded_per_module_and_named_in_the_summary():
+    model = nn.Sequential(conv_bn(), *(nn.BatchNorm2d(4) for _ in range(3)), nn.BatchNorm2d(4, affine=False))
+    mark_pretrained(model, ["0.0.weight", "0.1.weight", "0.1.bias"])
+    mark_pretrained(model, ["0.1.running_mean", "0.1.running_var"])  # added to the first record
+    mark_pretrained(model, [f"2.{name}" for name, _ in model[2].named_buffers()] + ["2.weight", "2.bias"])
+    mark_pretrained(model, ["4.running_mean", "4.running_var"])  # the statistics alone
+    assert pretrained_names(model[0][1]) == frozenset({"weight", "bias", "running_mean", "running_var"})
+    assert pretrained_names(model[0][0]) == frozenset({"weight"})
+    assert pretrained_names(model) == pretrained_names(model[0]) == pretrained_names(model[1]) == frozenset()
+    with torch.no_grad():
+        model[1].num_batches_tracked.fill_(1)  # trained one step, not loaded: its copy is noted without "pretrained"
+    _, rows = inject(model, method="bn")
+    assert isinstance(model[0][1], BatchNorm) and not hasattr(model, "0.1")  # replaced inside its parent
+    copied = "copied weight, bias, running_mean, running_var, num_batches_tracked"
+    assert [r["args"].partition("  ")[2] for r in rows] == [
+        f"[{copied} (pretrained: weight, bias, running_mean, running_var); pretrained statistics]",
+        f"[{copied}]",
+        f"[{copied} (pretrained); pretrained statistics]",
+        "",  # a fresh layer: copying its initial values is no news
+        "[copied running_mean, running_var, num_batches_tracked (pretrained: running_mean, running_var); "
+        "pretrained statistics]",
+    ]
 
 
 def test_bad_settings_are_clear_errors():

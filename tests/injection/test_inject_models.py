@@ -8,7 +8,7 @@ import torchvision
 from torch import nn
 
 from normlightning.injection import inject
-from normlightning.injection.apply import apply_spec
+from normlightning.injection.apply import apply_param_norm, apply_spec
 from normlightning.models import available_backbones, build_backbone
 from normlightning.norms.base import NormLayer
 
@@ -76,7 +76,7 @@ def test_our_backbones_have_no_batchnorm_left(name):
     assert count(model, NormLayer) >= n_bn
 
 
-@pytest.mark.parametrize("kind", ["weight_standardization", "weight_norm"])
+@pytest.mark.parametrize("kind", ["weight_standardization", "weight_norm", "weight_centering"])
 def test_param_norms_on_convs_replay_from_spec(kind):
     def make():
         torch.manual_seed(0)
@@ -91,6 +91,9 @@ def test_param_norms_on_convs_replay_from_spec(kind):
         flat = raw.flatten(1)
         expected = (flat - flat.mean(1, keepdim=True)) / torch.sqrt(flat.var(1, unbiased=False, keepdim=True) + 1e-5)
         torch.testing.assert_close(w.flatten(1), expected)
+    elif kind == "weight_centering":  # w - mean(w[o]) over (in, *kernel)
+        flat = raw.flatten(1)
+        torch.testing.assert_close(w.flatten(1), flat - flat.mean(1, keepdim=True))
     else:  # weight norm initialised to reproduce the raw weight
         torch.testing.assert_close(w, raw)
     assert not torch.nn.utils.parametrize.is_parametrized(model[2])
@@ -100,3 +103,14 @@ def test_param_norms_on_convs_replay_from_spec(kind):
     x = torch.rand(2, 3, 4, 4)
     model.eval(), fresh.eval()
     torch.testing.assert_close(fresh(x), model(x))
+
+
+def test_an_unknown_parameter_normalization_is_refused_naming_the_valid_ones():
+    linear = nn.Linear(3, 2)
+    with pytest.raises(
+        ValueError,
+        match=r"^unknown parameter normalization 'weight_scaling'; valid: weight_standardization, weight_norm, "
+        r"weight_centering$",
+    ):
+        apply_param_norm(linear, "weight_scaling")
+    assert not torch.nn.utils.parametrize.is_parametrized(linear)

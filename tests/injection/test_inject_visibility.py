@@ -3,12 +3,16 @@ hyperparameters, group counts without a default, and ``inject`` on models it can
 
 from __future__ import annotations
 
+import re
+import warnings
+
 import pytest
 import torch
 from torch import nn
 
 from normlightning.callbacks.run_hparams import norm_hparams
 from normlightning.injection import InjectionRules, get_spec, inject
+from normlightning.injection.apply import apply_spec
 from normlightning.norms import BatchGroupNorm, GroupNorm, HeterologousNorm
 from normlightning.norms.sequential_norm import SequentialNorm
 
@@ -139,6 +143,16 @@ def test_inject_refuses_torchscript_modules():
         inject(wrapper, method="gn", num_groups=2)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
+def test_inject_names_the_first_three_torchscript_modules():
+    def scripted() -> torch.jit.ScriptModule:  # holds scripted submodules: only the outermost is named
+        return torch.jit.script(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)).eval())
+
+    wrapper = nn.Sequential(scripted(), nn.ReLU(), scripted(), scripted(), scripted())
+    with pytest.raises(TypeError, match=r"^inject: 0, 2, 3 are TorchScript module\(s\) \(torch\.jit\.script"):
+        inject(wrapper, method="gn", num_groups=2)
+
+
 @pytest.mark.parametrize(("method", "settings"), [("bgn", {"num_groups": 4}), ("bn", {})])
 def test_inject_on_a_meta_device_model_builds_meta_layers_that_materialize(method, settings):
     with torch.device("meta"):
@@ -169,6 +183,131 @@ def test_inject_twice_with_other_settings_raises_and_the_same_settings_return_th
     again, rows = inject(model, method="bgn", num_groups=4, example_input=X)
     assert again == get_spec(model) == spec and isinstance(model[1], BatchGroupNorm) and model[1].num_groups == 4
     assert len(rows) == 2
+
+
+def test_inject_again_lists_every_conflicting_layer_and_argument():
+    model = wide_net()
+    inject(model, method="gn", num_groups=8, param_norm="weight_standardization", param_norm_exclude=["3"])
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "(1: has gn, asked to keep the original layer; 4: has gn, asked to keep the original layer; "
+            "parameter normalization: has ['weight_standardization'], asked none). Inject once"
+        ),
+    ):
+        inject(model, method=None)
+    no_param_norm = "(parameter normalization: has ['weight_standardization'], asked none)"
+    with pytest.raises(ValueError, match=re.escape(no_param_norm)):
+        inject(model, method="gn", num_groups=8)
+    # the same settings (with a parameter-normalization exclusion pattern) return the spec
+    again, _ = inject(model, method="gn", num_groups=8, param_norm="weight_standardization", param_norm_exclude=["3"])
+    assert again == get_spec(model) and again["param_norms"] == [{"name": "0", "kind": "weight_standardization"}]
+
+
+def test_inject_again_compares_fitted_counts_by_method_only_and_the_other_arguments_by_value():
+    """``group_fit: nearest`` fits a channel count per layer (gn 3 -> 2 on 32 channels), so asking 3 again is
+    no conflict; a batch count (ghost's) is never fitted, and the arguments after a fitted one are compared."""
+    model = wide_net()
+    inject(model, method="gn", num_groups=3, group_fit="nearest")
+    assert model[1].num_groups == 2
+    inject(model, method="gn", num_groups=3, group_fit="nearest")
+    model = wide_net()
+    inject(model, method="gbgn", kwargs={"channel_groups": 5, "eps": 1e-5}, group_fit="nearest")
+    assert model[1].channel_groups == 4
+    with pytest.raises(ValueError, match=re.escape("(1: has gbgn with eps=1e-05, asked eps=0.001; 4: has gbgn")):
+        inject(model, method="gbgn", kwargs={"channel_groups": 5, "eps": 1e-3}, group_fit="nearest")
+    model = wide_net()
+    inject(model, method="ghost", num_groups=2, group_fit="nearest")
+    with pytest.raises(ValueError, match=re.escape("(1: has ghost with num_groups=2, asked num_groups=4; 4:")):
+        inject(model, method="ghost", num_groups=4, group_fit="nearest")
+
+
+def test_inject_again_skips_auto_counts_and_reads_overrides_by_layer_name():
+    model = wide_net()
+    spec, _ = inject(model, method="ghost", num_groups="auto", batch_size=64)
+    assert [r["kwargs"]["num_groups"] for r in spec["layers"]] == [4, 4]  # 64 / 16
+    assert inject(model, method="ghost", num_groups="auto", batch_size=64)[0] == spec
+    model = wide_net()
+    settings = {"method": "gn", "num_groups": 4, "overrides": [{"pattern": "4", "num_groups": 8}]}
+    spec, _ = inject(model, **settings)
+    assert (model[1].num_groups, model[4].num_groups) == (4, 8)
+    assert inject(model, **settings)[0] == spec
+    with pytest.raises(ValueError, match=re.escape("(4: has gn with num_groups=8, asked num_groups=4)")):
+        inject(model, method="gn", num_groups=4)
+
+
+def test_inject_without_norm_layers_warns_naming_the_targets_and_the_fix():
+    with pytest.warns(UserWarning) as record:
+        inject(nn.Sequential(nn.Linear(2, 2)), method="gn", num_groups=2, targets=["BatchNorm2d", "BatchNorm1d"])
+    assert [str(w.message) for w in record] == [
+        "inject: nothing in Sequential was replaced: it has no layer of the target types (BatchNorm2d, BatchNorm1d); "
+        "name its normalization layer classes in targets (norm.targets), a torch.nn name or 'package.module.Class'"
+    ]
+    with pytest.warns(UserWarning) as record:
+        inject(nn.Sequential(nn.GroupNorm(2, 4), nn.LayerNorm(4), nn.GroupNorm(1, 4)), method="gn", num_groups=2)
+    assert str(record[0].message).endswith(
+        "its normalization layers are GroupNorm, LayerNorm: "
+        "name them in targets (norm.targets: ['GroupNorm', 'LayerNorm'])"
+    )
+
+
+def test_inject_again_names_the_first_three_conflicts():
+    model = nn.Sequential(wide_net(), nn.BatchNorm2d(32), nn.BatchNorm2d(32))
+    inject(model, method="gn", num_groups=8)
+    with pytest.raises(
+        ValueError,
+        match=re.escape(
+            "inject: the model already carries injected layers, and these settings ask for others (0.1: has gn, asked "
+            "to keep the original layer; 0.4: has gn, asked to keep the original layer; 1: has gn, asked to keep the "
+            "original layer; ...). Inject once, into the model with its original layers: build the model again (and "
+            "load its weights) before injecting other settings"
+        ),
+    ):
+        inject(model, method=None)
+
+
+def test_inject_takes_rules_or_keyword_settings_but_not_both():
+    rules = InjectionRules(method="gn", num_groups=8)
+    with pytest.raises(TypeError, match=r"^inject: give either `rules` or keyword settings, not both$"):
+        inject(wide_net(), rules, method="bn")
+    model = wide_net()
+    spec, rows = inject(model, rules)
+    assert [r["name"] for r in spec["layers"]] == ["1", "4"] and isinstance(model[4], GroupNorm)
+    assert [r["new"] for r in rows] == ["GroupNorm (gn)", "GroupNorm (gn)"]
+
+
+def test_only_an_injection_that_changes_nothing_it_was_asked_to_is_silent():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        spec, _ = inject(nn.Sequential(nn.Linear(2, 2)), method=None)  # asked for nothing
+        assert spec["layers"] == spec["param_norms"] == []
+        model = nn.Sequential(nn.Conv2d(3, 4, 1))
+        spec, _ = inject(model, method="gn", num_groups=2, param_norm="weight_standardization")  # no norm layer
+        assert spec["param_norms"] == [{"name": "0", "kind": "weight_standardization"}]
+        assert torch.nn.utils.parametrize.is_parametrized(model[0], "weight")
+    with pytest.warns(UserWarning, match="nothing in Sequential was replaced") as record:
+        inject(nn.Sequential(nn.Linear(2, 2)), method="gn", num_groups=2)
+    assert [w.filename for w in record] == [__file__]  # the caller's line
+
+
+def test_a_spec_that_replaces_the_root_module_is_refused_naming_the_fix():
+    spec, _ = inject(nn.Sequential(nn.BatchNorm2d(4)), method="gn", num_groups=2)
+    spec["layers"][0]["name"] = ""  # the model itself
+    with pytest.raises(ValueError, match=r"^cannot replace the root module itself; wrap it in a container first$"):
+        apply_spec(nn.BatchNorm2d(4), spec)
+
+
+def test_inject_with_every_target_layer_excluded_warns_that_they_were_kept():
+    with pytest.warns(UserWarning) as record:
+        _, rows = inject(wide_net(), method="gn", num_groups=8, exclude=["1", "4"])
+    assert [str(w.message) for w in record] == [
+        "inject: nothing in Sequential was replaced: all 2 of its target layers were kept (excluded, or subclasses: "
+        "see the summary)"
+    ]
+    assert [(r["layer"], r["new"], r["args"]) for r in rows] == [
+        ("1", "(kept)", "excluded"),
+        ("4", "(kept)", "excluded"),
+    ]
 
 
 def test_a_missing_group_count_fails_when_the_settings_are_built():

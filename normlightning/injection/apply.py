@@ -256,6 +256,11 @@ def inject(
     elif settings:
         raise TypeError("inject: give either `rules` or keyword settings, not both")
     _check_eager(model)
+    if rules.is_target(model):
+        raise ValueError(
+            f"inject: the model is itself a {type(model).__name__}, one of the target layers, and the injection "
+            "replaces layers inside a model: wrap the layer in a container first, e.g. nn.Sequential(layer)"
+        )
     existing = get_spec(model)
     if existing is not None:
         conflicts = _conflicts(model, existing, rules)

@@ -340,3 +340,17 @@ def test_the_callback_refuses_a_model_injected_with_other_settings():
     inject(task, method="bgn", num_groups=4, example_input=X)
     with pytest.raises(ValueError, match=r"already carries injected layers.*net\.1: has bgn, asked gn"):
         NormInjection(method="gn").setup(SimpleNamespace(datamodule=None), task, "fit")
+
+
+def test_inject_into_a_bare_norm_layer_is_refused_naming_the_fix():
+    """The root module cannot be replaced in place: a bare target layer is refused with the fix (it used to
+    warn that the model had no layer of the target types, although it is one)."""
+    with pytest.raises(
+        ValueError,
+        match=r"^inject: the model is itself a BatchNorm2d, one of the target layers.*"
+        r"wrap the layer in a container first, e\.g\. nn\.Sequential\(layer\)$",
+    ):
+        inject(nn.BatchNorm2d(4), method="gn", num_groups=2)
+    wrapped = nn.Sequential(nn.BatchNorm2d(4))
+    inject(wrapped, method="gn", num_groups=2)
+    assert isinstance(wrapped[0], GroupNorm)

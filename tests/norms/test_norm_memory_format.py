@@ -79,6 +79,17 @@ def _run(layer, x: torch.Tensor, grad: torch.Tensor):
     return y, x.grad, params, {k: b.clone() for k, b in layer.named_buffers()}
 
 
+def _assert_same_run(name: str, got, ref) -> None:
+    """Output, input gradient, parameter gradients and buffers of two ``_run`` results are equal."""
+    (y, gx, gp, buf), (y_ref, gx_ref, gp_ref, buf_ref) = got, ref
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(gx, gx_ref)
+    for key in gp_ref:
+        torch.testing.assert_close(gp[key], gp_ref[key], msg=f"{name}: gradient of {key}")
+    for key in buf_ref:
+        torch.testing.assert_close(buf[key], buf_ref[key], msg=f"{name}: buffer {key}")
+
+
 @pytest.mark.parametrize("dim", sorted(SHAPES), ids=lambda d: f"{d}d")
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
@@ -96,12 +107,7 @@ def test_channels_last_kept_and_equal_to_contiguous(case, training, dim):
     assert not x.contiguous(memory_format=fmt).is_contiguous()  # the two layouts really differ
     assert y_ref.is_contiguous()
     assert y.is_contiguous(memory_format=fmt), f"{name}: output strides {y.stride()} for shape {tuple(shape)}"
-    torch.testing.assert_close(y, y_ref)
-    torch.testing.assert_close(gx, gx_ref)
-    for key in gp_ref:
-        torch.testing.assert_close(gp[key], gp_ref[key], msg=f"{name}: gradient of {key}")
-    for key in buf_ref:
-        torch.testing.assert_close(buf[key], buf_ref[key], msg=f"{name}: buffer {key}")
+    _assert_same_run(name, (y, gx, gp, buf), (y_ref, gx_ref, gp_ref, buf_ref))
 
 
 @pytest.mark.parametrize("dim", sorted(SHAPES), ids=lambda d: f"{d}d")
@@ -124,12 +130,7 @@ def test_channels_last_groups_of_many_channels(name, kwargs, dim):
     y_ref, gx_ref, gp_ref, buf_ref = _run(copy.deepcopy(layer), x.contiguous(), grad)
     y, gx, gp, buf = _run(copy.deepcopy(layer), x.contiguous(memory_format=fmt), grad.contiguous(memory_format=fmt))
     assert y.is_contiguous(memory_format=fmt)
-    torch.testing.assert_close(y, y_ref)
-    torch.testing.assert_close(gx, gx_ref)
-    for key in gp_ref:
-        torch.testing.assert_close(gp[key], gp_ref[key], msg=f"{name}: gradient of {key}")
-    for key in buf_ref:
-        torch.testing.assert_close(buf[key], buf_ref[key], msg=f"{name}: buffer {key}")
+    _assert_same_run(name, (y, gx, gp, buf), (y_ref, gx_ref, gp_ref, buf_ref))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)

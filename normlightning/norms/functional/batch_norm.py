@@ -54,13 +54,18 @@ def normalize_batch_sets(
 MIN_CHANNELS_PER_GROUP_VIEWED = 8
 
 
+def _groups_of_many_channels(channels: int, groups: int) -> bool:
+    """Groups of at least :data:`MIN_CHANNELS_PER_GROUP_VIEWED` whole channels (viewed, not copied,
+    in channels_last)."""
+    return channels % groups == 0 and channels // groups >= MIN_CHANNELS_PER_GROUP_VIEWED
+
+
 def _group_view(x: Tensor, groups: int) -> Tensor:
     """``x (N, C, *spatial)`` as ``(N, G, D/G)`` (a view when ``x`` is contiguous) or, for a channels_last
     ``x`` whose groups are at least :data:`MIN_CHANNELS_PER_GROUP_VIEWED` whole channels, the view
     ``(N*S, G, C/G)``; each group's values are dim 1's entry ``g``."""
     C = x.shape[1]
-    wide = C % groups == 0 and C // groups >= MIN_CHANNELS_PER_GROUP_VIEWED
-    if wide and memory_format_of(x) in (torch.channels_last, torch.channels_last_3d):
+    if _groups_of_many_channels(C, groups) and memory_format_of(x) in (torch.channels_last, torch.channels_last_3d):
         return x.movedim(1, -1).reshape(-1, groups, C // groups)
     return x.reshape(x.shape[0], groups, -1)
 
@@ -144,8 +149,7 @@ def group_batch_norm(
     rm = running_mean if running_mean is None or running_mean.dtype == x.dtype else running_mean.to(x.dtype)
     rv = running_var if running_var is None or running_var.dtype == x.dtype else running_var.to(x.dtype)
     fmt = memory_format_of(x)
-    wide = C % groups == 0 and C // groups >= MIN_CHANNELS_PER_GROUP_VIEWED
-    if fmt is None or (fmt != torch.contiguous_format and not wide):
+    if fmt is None or (fmt != torch.contiguous_format and not _groups_of_many_channels(C, groups)):
         x = x.contiguous()
     if C % groups == 0:
         y = _ChannelGroupBatchNorm.apply(x, weight, bias, groups, rm, rv, factor, eps)

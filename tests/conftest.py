@@ -169,6 +169,17 @@ def files_under(root: Path) -> set[str]:
     return found
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (``-n``), give each worker process its share of the cores for torch's threads.
+
+    Each of ``W`` workers would otherwise run ``os.cpu_count()`` intra-op threads, ``W`` times more
+    threads than cores, which wait on each other; a worker gets ``max(1, cores // W)``.
+    """
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers is not None:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(workers)))
+
+
 def pytest_sessionstart(session: pytest.Session) -> None:
     session.config.stash[CHECKOUT_FILES] = files_under(REPO_ROOT)
 

@@ -42,6 +42,27 @@ def _write_idx(path: Path, array: np.ndarray) -> None:
     path.write_bytes(header + array.astype(np.uint8).tobytes())
 
 
+# mutmut (``mutmut run``, docs/mutation.md) calls each function of a mutated module through this file's two frames
+MUTMUT_TRAMPOLINE = os.path.join("mutmut", "mutation", "trampoline.py")
+
+
+@pytest.fixture
+def warning_sites(request: pytest.FixtureRequest) -> Callable[[list[warnings.WarningMessage]], list[str]]:
+    """``sites(record)``: where each recorded warning points, ``"caller"`` for the calling test's file, else the
+    file's path. A warning raised with the right ``stacklevel`` points at the line that called the function; under
+    mutmut that line is in its trampoline, which counts as the caller (so ``stacklevel`` one too high is not seen
+    there; a plain pytest run sees it)."""
+    test_file = str(request.path)
+
+    def sites(record: list[warnings.WarningMessage]) -> list[str]:
+        return [
+            "caller" if w.filename == test_file or w.filename.endswith(MUTMUT_TRAMPOLINE) else w.filename
+            for w in record
+        ]
+
+    return sites
+
+
 @pytest.fixture
 def write_mnist() -> Callable[..., tuple[np.ndarray, np.ndarray]]:
     """Write ``root/MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte``; returns the train images and labels."""

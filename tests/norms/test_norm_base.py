@@ -1,0 +1,112 @@
+"""What ``normlightning.norms.base`` gives every layer, checked on the base classes themselves: the
+printed form, the effective arguments and their error, the checks of the constructor arguments and
+of the input, the running buffers and their reset, and the averaging factor of an update.
+
+Expected values are written out by hand (the repr strings, the error messages, ``1 / t`` for a
+cumulative average)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from normlightning.norms import build_norm
+from normlightning.norms.base import NormLayer
+
+
+class _ForgetsAnArgument(NormLayer):
+    """A layer whose constructor takes ``width`` but keeps no attribute for it."""
+
+    def __init__(self, num_features: int, width: int = 3) -> None:
+        super().__init__(num_features)
+
+
+def test_effective_args_names_the_argument_the_layer_does_not_keep() -> None:
+    expected = (
+        "_ForgetsAnArgument keeps no attribute 'width' for its constructor argument 'width'; "
+        "store it, or map it in the class's argument_attributes"
+    )
+    with pytest.raises(AttributeError, match="^" + re.escape(expected) + "$"):
+        _ForgetsAnArgument(4).effective_args()
+
+
+@pytest.mark.parametrize(
+    "kwargs, expected",
+    [
+        ({}, "BatchNorm(4, eps=1e-05, affine=True, momentum=0.1)"),
+        (
+            {"track_running_stats": False},
+            "BatchNorm(4, eps=1e-05, affine=True, momentum=0.1, track_running_stats=False)",
+        ),
+        ({"virtual_devices": 2}, "BatchNorm(4, eps=1e-05, affine=True, momentum=0.1, virtual_devices=2)"),
+        (
+            {"eps": 1e-3, "momentum": None, "affine": False, "track_running_stats": False, "virtual_devices": 3},
+            "BatchNorm(4, eps=0.001, affine=False, momentum=None, track_running_stats=False, virtual_devices=3)",
+        ),
+    ],
+    ids=["defaults", "untracked", "virtual", "all-set"],
+)
+def test_repr_shows_every_setting_that_differs_from_its_default(kwargs: dict, expected: str) -> None:
+    assert repr(build_norm("bn", 4, **kwargs)) == expected
+
+
+def test_loading_an_alpha_out_of_range_names_the_layer_and_the_key() -> None:
+    layer = build_norm("bn", 4)
+    state = layer.state_dict()
+    state["example_weighing_alpha"] = torch.tensor(1.5)
+    expected = "example_weighing_alpha: BatchNorm: alpha must be a float in [0, 1] (0 = plain inference), got 1.5."
+    with pytest.raises(RuntimeError, match=re.escape(expected)):
+        layer.load_state_dict(state)
+    assert layer.alpha == 0.0
+
+
+def test_a_strict_load_into_an_example_weighing_layer_refuses_an_unexpected_key() -> None:
+    """``load_state_dict(strict=True)`` reports a key under the layer's prefix that it does not have, as
+    ``nn.BatchNorm2d`` does; a non-strict load ignores it."""
+    layer, native = build_norm("bn", 4), torch.nn.BatchNorm2d(4)
+    for module in (layer, native):
+        state = {**module.state_dict(), "bogus": torch.zeros(())}
+        with pytest.raises(RuntimeError, match=re.escape('Unexpected key(s) in state_dict: "bogus".')):
+            module.load_state_dict(state)
+        assert module.load_state_dict(state, strict=False).unexpected_keys == ["bogus"]
+
+
+def test_a_load_with_a_wrongly_shaped_statistic_reports_the_size_mismatch() -> None:
+    layer = build_norm("bn", 4)
+    state = {**layer.state_dict(), "running_mean": torch.zeros(5)}
+    with pytest.raises(RuntimeError, match=re.escape("size mismatch for running_mean")):
+        layer.load_state_dict(state)
+
+
+@pytest.mark.parametrize("value", [True, False, -0.1, 1.01, "0.5", None], ids=repr)
+def test_alpha_refuses_what_is_not_a_float_in_the_unit_interval(value) -> None:
+    layer = build_norm("bn", 4)
+    expected = f"BatchNorm: alpha must be a float in [0, 1] (0 = plain inference), got {value!r}."
+    with pytest.raises(ValueError, match="^" + re.escape(expected) + "$"):
+        layer.alpha = value
+    assert layer.alpha == 0.0
+
+
+def test_alpha_buffer_is_float32_on_the_layers_device_whatever_the_default_dtype() -> None:
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        layer = build_norm("bn", 4)
+        meta = build_norm("bn", 4, device="meta")
+    finally:
+        torch.set_default_dtype(default)
+    assert layer.example_weighing_alpha.dtype == torch.float32
+    assert meta.example_weighing_alpha.device.type == "meta" and meta.running_mean.device.type == "meta"
+
+
+def test_inference_statistics_with_alpha_name_the_setting() -> None:
+    layer = build_norm("bn", 4).eval()
+    layer.alpha = 0.25
+    expected = (
+        "BatchNorm has alpha=0.25 (inference example weighing): its inference statistics depend on each "
+        "example; set alpha = 0"
+    )
+    with pytest.raises(ValueError, match="^" + re.escape(expected) + "$"):
+        layer.inference_channel_statistics()

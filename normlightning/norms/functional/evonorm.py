@@ -8,7 +8,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from .fused_ops import squared_deviations
-from .layout import NormInput, spatial_size
+from .layout import NormInput, memory_format_of, spatial_size
 from .moments import check_set_size, update_running_stats
 
 
@@ -136,28 +136,31 @@ def evonorm_b0(
 
 
 def _evonorm_s0_terms(
-    x4: Tensor, v: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor | None]:
-    """EvoNorm-S0 on the grouped view ``x4 (N, G, C/G, S)`` (docs/methods.md, section "evonorm_s0").
+    x4: Tensor, shape: torch.Size, v: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+    """EvoNorm-S0 on the grouped view ``x4 (N, G, C/G, S)`` of an input of shape ``shape`` ``(N, C, *)``
+    (docs/methods.md, section "evonorm_s0").
 
-    Returns ``(y, shifted, mean, rstd, gate, h, scale)``: the output ``y = scale · h + beta`` with
-    ``h = x · sigmoid(v x)`` and ``scale = gamma · rstd`` (``rstd`` itself without the affine, ``scale``
-    then ``None``); the set's values minus its first one (detached; a variance is shift-invariant: a
-    float32 set of equal values then has exactly 0 variance and gradient, as in exact arithmetic,
-    docs/methods.md, "Precision") and their mean ``(N, G, 1, 1)``; ``rstd = 1 / sqrt(var_g + eps)``
-    ``(N, G, 1, 1)``; ``gate = sigmoid(v x)``.
+    Returns ``(y, x_hat, rstd, gate, h, scale)``: the output ``y = scale · h + beta`` with ``h = x · sigmoid(v x)``
+    and ``scale = gamma · rstd`` (``rstd`` itself without the affine, ``scale`` then ``None``);
+    ``x_hat = (x − mean_g) · rstd`` and ``rstd = 1 / sqrt(var_g + eps)`` ``(N, G, 1, 1)`` from one native group
+    norm of the set's values minus its first one (detached; a variance is shift-invariant: a float32 set of
+    equal values then has exactly 0 variance and gradient, as in exact arithmetic, docs/methods.md,
+    "Precision"); ``gate = sigmoid(v x)``.
     """
-    n, g, k, _ = x4.shape
-    shifted = x4 - x4.detach()[:, :, :1, :1]
-    mean = shifted.mean(dim=(2, 3), keepdim=True)
-    rstd = torch.rsqrt(squared_deviations(shifted, mean).mean(dim=(2, 3), keepdim=True) + eps)
+    n, g, k, s = x4.shape
+    shifted = (x4 - x4.detach()[:, :, :1, :1]).view(shape)
+    if memory_format_of(shifted) is None:  # (the kernel reads a dense layout)
+        shifted = shifted.contiguous()
+    x_hat, _, rstd = torch.native_group_norm(shifted, None, None, n, g * k, s, g, eps)
+    rstd = rstd.view(n, g, 1, 1)
     gate = torch.sigmoid(x4 * v.view(1, g, k, 1))
     h = x4 * gate
     scale = None if weight is None else rstd * weight.view(1, g, k, 1)  # (N, G, C/G, 1)
     y = h * (rstd if scale is None else scale)
     if bias is not None:
         y = y.add_(bias.view(1, g, k, 1))
-    return y, shifted, mean, rstd, gate, h, scale
+    return y, x_hat.view(n, g, k, s), rstd, gate, h, scale
 
 
 class _EvoNormS0(torch.autograd.Function):
@@ -166,35 +169,35 @@ class _EvoNormS0(torch.autograd.Function):
 
         A[n,c]      = Σ_s dL/dy · h
         dL/dgamma_c = Σ_n A · rstd,   dL/dbeta_c = Σ_{n,s} dL/dy,   dL/dv_c = Σ_{n,s} T · x
-        k[n,g]      = rstd³ · Σ_{c in g} gamma_c A          (−dL/dvar_g · 2)
-        dL/dx       = g_h · sigmoid(v x) + v · T − k · (x − mean_g) / L
+        k[n,g]      = rstd² · Σ_{c in g} gamma_c A          (−dL/dvar_g · 2 / rstd)
+        dL/dx       = g_h · sigmoid(v x) + v · T − k · x_hat / L        (x_hat = (x − mean_g) · rstd)
 
     A second derivative raises (the backward is not differentiated).
     """
 
     @staticmethod
-    def forward(ctx, x4, v, weight, bias, eps):
-        y, shifted, mean, rstd, gate, h, scale = _evonorm_s0_terms(x4, v, weight, bias, eps)
-        ctx.save_for_backward(x4, v, weight, shifted, mean, rstd, gate, h, scale)
+    def forward(ctx, x4, shape, v, weight, bias, eps):
+        y, x_hat, rstd, gate, h, scale = _evonorm_s0_terms(x4, shape, v, weight, bias, eps)
+        ctx.save_for_backward(x4, v, weight, x_hat, rstd, gate, h, scale)
         ctx.has_bias = bias is not None
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_y: Tensor):
-        x4, v, weight, shifted, mean, rstd, gate, h, scale = ctx.saved_tensors
+        x4, v, weight, x_hat, rstd, gate, h, scale = ctx.saved_tensors
         n, g, k, s = x4.shape
         a = (grad_y * h).sum(dim=3, keepdim=True)  # (N, G, C/G, 1)
         grad_weight = (a * rstd).sum(dim=0).view(-1) if weight is not None else None
         grad_bias = grad_y.sum(dim=(0, 3)).view(-1) if ctx.has_bias else None
-        a_gamma = a if weight is None else a * weight.view(1, g, k, 1)
-        k_var = a_gamma.sum(dim=2, keepdim=True).mul_(rstd.pow(3))  # (N, G, 1, 1)
+        a_scale = a * (rstd if scale is None else scale)  # gamma A rstd
+        k_var = a_scale.sum(dim=2, keepdim=True).mul_(rstd)  # (N, G, 1, 1)
         grad_h = grad_y * (rstd if scale is None else scale)
         t = torch.ops.aten.sigmoid_backward(grad_h * x4, gate)
         grad_v = (t * x4).sum(dim=(0, 3)).view(-1)
         grad_x = torch.addcmul(grad_h.mul_(gate), t, v.view(1, g, k, 1))
-        grad_x.addcmul_(shifted - mean, k_var, value=-1.0 / (k * s))
-        return grad_x, grad_v, grad_weight, grad_bias, None
+        grad_x.addcmul_(x_hat, k_var, value=-1.0 / (k * s))
+        return grad_x, None, grad_v, grad_weight, grad_bias, None
 
 
 def evonorm_s0(
@@ -225,7 +228,7 @@ def evonorm_s0(
     x4 = x3.view(n, num_groups, c // num_groups, s)
     v = v if v.dtype == inp.dtype else v.to(inp.dtype)
     if torch.is_grad_enabled():
-        y = _EvoNormS0.apply(x4, v, inp.weight, inp.bias, eps)
+        y = _EvoNormS0.apply(x4, inp.x.shape, v, inp.weight, inp.bias, eps)
     else:
-        y = _evonorm_s0_terms(x4, v, inp.weight, inp.bias, eps)[0]
+        y = _evonorm_s0_terms(x4, inp.x.shape, v, inp.weight, inp.bias, eps)[0]
     return inp.output(y.view(n, c, s))

@@ -8,6 +8,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from .layout import NormInput, laid_out_as, upcast
+from .native import native_batch_norm
 
 
 def weight_center(weight: Tensor) -> Tensor:
@@ -121,14 +122,14 @@ def moving_average_batch_norm(
         dL/dx    = (g − z · mean_gz) / sqrt(var + eps)
 
     (during warm-up, the exact gradient of ``y`` with ``var = x2_t``). ``r`` is a constant.
-    Inference: ``y = gamma · x / sqrt(running_x2 + eps) + beta``.
+    Inference: ``y = gamma · x / sqrt(running_x2 + eps) + beta``, one native eval-mode batch norm with mean 0
+    and variance ``running_x2``.
     """
     inp = NormInput(x, weight, bias)
     if not training:
-        x3 = inp.x3
-        y = x3 / torch.sqrt(running_x2.to(inp.dtype) + eps).view(1, -1, 1)
-        if inp.weight is not None:
-            y = y * inp.weight.view(1, -1, 1) + inp.bias.view(1, -1, 1)
+        second_moment = running_x2 if running_x2.dtype == inp.dtype else running_x2.to(inp.dtype)
+        zeros = torch.zeros_like(second_moment)
+        y = native_batch_norm(inp.x, zeros, second_moment, inp.weight, inp.bias, False, 0.0, eps)
         return inp.output(y)
     window = moving_x2.shape[0]
     use_current = step <= window or step < warmup_iters

@@ -14,7 +14,7 @@ from torch.autograd.function import once_differentiable
 from .example_weighing import example_weighted_norm
 from .fused_ops import blocks, channel_affine
 from .layout import NormInput, laid_out_as, memory_format_of, spatial_size
-from .moments import channel_moments, check_set_size, synced_mean_var, update_running_stats
+from .moments import check_set_size, native_channel_moments, synced_mean_var, update_running_stats
 from .native import native_batch_norm, native_channel_affine
 
 
@@ -246,7 +246,7 @@ def batch_renorm(
             mean, var, _ = synced_mean_var(x3.detach(), (0, 2), process_group=process_group)
             mean, var = mean.view(-1), var.view(-1)
         else:
-            mean, var = channel_moments(io.x)
+            mean, var = native_channel_moments(io.x)
         ref_mean, ref_var = (running_mean, running_var) if reference is None else reference
         inv_sigma_r = torch.rsqrt(ref_var.to(dt) + eps)
         r_min = r_max.reciprocal() if isinstance(r_max, Tensor) else 1.0 / r_max

@@ -12,6 +12,22 @@ from .layout import NormInput, spatial_size
 from .moments import check_set_size, update_running_stats
 
 
+def _shifted_group_norm(x4: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """EvoNorm-S0's group statistics of the grouped view ``x4 (N, G, K, S)`` (sets over ``(K, S)``): one native
+    group norm of the values minus their set's first one (detached; a variance is shift-invariant: a float32
+    set of equal values then has exactly 0 variance and gradient, as in exact arithmetic, docs/methods.md,
+    "Precision").
+
+    Returns ``(x_hat, rstd)``: ``x_hat = (x − mean_g) · rstd`` ``(N, G, K, S)`` and ``rstd = 1 / sqrt(var_g + eps)``
+    ``(N, G, 1, 1)``. The shifted values are written contiguous (by the subtraction itself), so every memory
+    format of ``x4`` runs the same kernel and gets the same statistics.
+    """
+    n, g, k, s = x4.shape
+    shifted = torch.sub(x4, x4.detach()[:, :, :1, :1], out=x4.new_empty(x4.shape))
+    x_hat, _, rstd = torch.native_group_norm(shifted.view(n, g * k, s), None, None, n, g * k, s, g, eps)
+    return x_hat.view(n, g, k, s), rstd.view(n, g, 1, 1)
+
+
 def _evonorm_b0_terms(
     x3: Tensor, v: Tensor, weight: Tensor | None, bias: Tensor | None, var_b: Tensor, eps: float
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -20,10 +36,18 @@ def _evonorm_b0_terms(
 
     Returns ``(y, q, d1, d2, den, mean_i, std_i)``: ``y = gamma · q + beta`` with ``q = x / den``,
     ``den = max(d1, d2)``, ``d1 = sqrt(var_b + eps)`` ``(1, C, 1)``, ``d2 = v x + std_i``, and the
-    instance mean and ``std_i = sqrt(var_i + eps)`` ``(N, C, 1)``.
+    instance mean and ``std_i = sqrt(var_i + eps)`` ``(N, C, 1)``. The instance moments of a contiguous ``x3``
+    are one op, the native batch-norm statistics kernel on the view ``(1, N·C, S)``; of any other layout (no
+    such view) a mean, the squared deviations and a mean. Both centre before squaring.
     """
-    mean_i = x3.mean(dim=2, keepdim=True)
-    std_i = torch.sqrt(squared_deviations(x3, mean_i).mean(dim=2, keepdim=True) + eps)
+    n, c, s = x3.shape
+    if x3.is_contiguous():
+        mean_i, var_i = torch.batch_norm_update_stats(x3.view(1, n * c, s), None, None, 0.0)
+        mean_i, var_i = mean_i.view(n, c, 1), var_i.view(n, c, 1)
+    else:
+        mean_i = x3.mean(dim=2, keepdim=True)
+        var_i = squared_deviations(x3, mean_i).mean(dim=2, keepdim=True)
+    std_i = torch.sqrt(var_i + eps)
     d1 = torch.sqrt(var_b + eps)
     d2 = (x3 * v.view(1, -1, 1)).add_(std_i)
     den = torch.maximum(d1, d2)
@@ -34,9 +58,34 @@ def _evonorm_b0_terms(
     return y, q, d1, d2, den, mean_i, std_i
 
 
+def _batch_moments(x3: Tensor, running_var: Tensor | None, factor: float) -> tuple[Tensor, Tensor]:
+    """Mean and biased variance ``(1, C, 1)`` of ``x3 (N, C, S)`` over ``(N, S)``; with ``factor > 0`` also
+    ``running_var`` updated with PyTorch's rule ``(1-f) r + f · var_b · n/(n-1)``, ``n = N·S``. Without gradient.
+
+    A contiguous ``x3`` takes one op, the native batch-norm statistics kernel (``torch.batch_norm_update_stats``),
+    which also updates a buffer of ``x3``'s dtype; any other layout a mean, the squared deviations and a mean
+    (the kernel's generic path was slower on CPU), any other buffer :func:`update_running_stats`. Both centre
+    before squaring."""
+    update = running_var is not None and factor != 0
+    in_kernel = update and running_var.dtype == x3.dtype and x3.is_contiguous()
+    if x3.is_contiguous():
+        mean, var = torch.batch_norm_update_stats(x3, None, running_var if in_kernel else None, factor)
+        mean, var = mean.view(1, -1, 1), var.view(1, -1, 1)
+    else:
+        mean = x3.mean(dim=(0, 2), keepdim=True)
+        var = squared_deviations(x3, mean).mean(dim=(0, 2), keepdim=True)
+    if update and not in_kernel:
+        update_running_stats(None, running_var, mean, var, x3.shape[0] * x3.shape[2], factor)
+    return mean, var
+
+
+#: ATen's batch-norm backward (``torch.ops.aten.native_batch_norm_backward``)
+_BN_BACKWARD = torch.ops.aten.native_batch_norm_backward.default
+
+
 class _EvoNormB0(torch.autograd.Function):
     """:func:`_evonorm_b0_terms` as one autograd node with a hand-written backward; in training it also
-    computes the batch statistics (returned, without gradient, for the running update). With
+    computes the batch statistics and updates the running variance (:func:`_batch_moments`). With
     ``g_q = dL/dy · gamma`` and the share ``m = 1, 1/2, 0`` of ``d2`` in ``den`` (``d2`` above, equal
     to, below ``d1``: ``torch.maximum``'s gradient rule)::
 
@@ -45,45 +94,47 @@ class _EvoNormB0(torch.autograd.Function):
                    [ − (Σ_{n,s} (1 − m) G) (x − mean_b) / (N S d1)    in training ]
         dL/dv_c  = −Σ_{n,s} m G x,   dL/dgamma_c = Σ_{n,s} dL/dy · q,   dL/dbeta_c = Σ_{n,s} dL/dy
 
-    A second derivative raises (the backward is not differentiated).
+    (``(1 − m) G`` first, ``−m G`` as its difference with ``G``; ``dL/dgamma``, ``dL/dbeta`` of contiguous ``q`` and
+    ``dL/dy`` from one native eval-mode batch-norm backward with mean 0, variance 0 and ``eps = 1``, exactly
+    ``Σ dL/dy · q`` and ``Σ dL/dy``.) A second derivative raises (the backward is not differentiated).
     """
 
     @staticmethod
-    def forward(ctx, x3, v, weight, bias, running_var, eps):
-        if running_var is None:
-            mean_b = x3.mean(dim=(0, 2), keepdim=True)
-            var_b = squared_deviations(x3, mean_b).mean(dim=(0, 2), keepdim=True)
+    def forward(ctx, x3, v, weight, bias, reference, running_var, factor, eps):
+        if reference is None:
+            mean_b, var_b = _batch_moments(x3, running_var, factor)
         else:
-            mean_b, var_b = None, running_var.view(1, -1, 1)
+            mean_b, var_b = None, reference.view(1, -1, 1)
         y, q, d1, d2, den, mean_i, std_i = _evonorm_b0_terms(x3, v, weight, bias, var_b, eps)
         ctx.save_for_backward(x3, v, weight, q, d1, d2, den, mean_i, std_i, mean_b)
         ctx.has_bias = bias is not None
-        if mean_b is None:
-            return y
-        ctx.mark_non_differentiable(mean_b, var_b)
-        ctx.set_materialize_grads(False)
-        return y, mean_b, var_b
+        return y
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_y: Tensor | None, *_statistics):
-        if grad_y is None:  # (gradients are not materialized: the statistics have none)
-            return None, None, None, None, None, None
+    def backward(ctx, grad_y: Tensor):
         x3, v, weight, q, d1, d2, den, mean_i, std_i, mean_b = ctx.saved_tensors
         n, _, s = x3.shape
-        grad_weight = (grad_y * q).sum(dim=(0, 2)) if weight is not None else None
-        grad_bias = grad_y.sum(dim=(0, 2)) if ctx.has_bias else None
+        grad_weight = grad_bias = None
+        if (weight is not None or ctx.has_bias) and q.is_contiguous() and grad_y.is_contiguous():
+            zeros = d1.new_zeros(d1.numel())
+            mask = [False, weight is not None, ctx.has_bias]
+            _, grad_weight, grad_bias = _BN_BACKWARD(grad_y, q, None, zeros, zeros, None, None, False, 1.0, mask)
+        else:  # (the kernel's path for other layouts was slower on CPU)
+            grad_weight = (grad_y * q).sum(dim=(0, 2)) if weight is not None else None
+            grad_bias = grad_y.sum(dim=(0, 2)) if ctx.has_bias else None
         grad_q_den = torch.div(grad_y, den) if weight is None else (grad_y * weight.view(1, -1, 1)).div_(den)
         g_den = grad_q_den * q  # −dL/dden
-        g_d2 = g_den * torch.heaviside(d2 - d1, d2.new_full((), 0.5))  # −dL/dd2
-        grad_v = (g_d2 * x3).sum(dim=(0, 2)).neg_()
-        grad_x = torch.addcmul(grad_q_den, g_d2, v.view(1, -1, 1), value=-1)
-        k_i = g_d2.sum(dim=2, keepdim=True).div_(std_i)
-        grad_x.addcmul_(x3 - mean_i, k_i, value=-1.0 / s)
+        g_d1 = g_den * torch.heaviside(d1 - d2, d2.new_full((), 0.5))  # −dL/dd1 (share 1 − m)
+        g_d2_neg = g_d1 - g_den  # dL/dd2 = −m G
+        grad_v = (g_d2_neg * x3).sum(dim=(0, 2))
+        grad_x = torch.addcmul(grad_q_den, g_d2_neg, v.view(1, -1, 1))
+        k_i = g_d2_neg.sum(dim=2, keepdim=True).div_(std_i)
+        grad_x.addcmul_(x3 - mean_i, k_i, value=1.0 / s)
         if mean_b is not None:
-            k_b = (g_den - g_d2).sum(dim=(0, 2), keepdim=True).div_(d1)
+            k_b = g_d1.sum(dim=(0, 2), keepdim=True).div_(d1)
             grad_x.addcmul_(x3 - mean_b, k_b, value=-1.0 / (n * s))
-        return grad_x, grad_v, grad_weight, grad_bias, None, None
+        return grad_x, grad_v, grad_weight, grad_bias, None, None, None, None
 
 
 def evonorm_b0(
@@ -120,44 +171,33 @@ def evonorm_b0(
     v = v if v.dtype == inp.dtype else v.to(inp.dtype)
     reference = None if training else running_var if running_var.dtype == inp.dtype else running_var.to(inp.dtype)
     if torch.is_grad_enabled():
-        y = _EvoNormB0.apply(x3, v, inp.weight, inp.bias, reference, eps)
-        if training:
-            y, *statistics = y
-    elif training:
-        mean_b = x3.mean(dim=(0, 2), keepdim=True)
-        var_b = squared_deviations(x3, mean_b).mean(dim=(0, 2), keepdim=True)
-        y, statistics = _evonorm_b0_terms(x3, v, inp.weight, inp.bias, var_b, eps)[0], (mean_b, var_b)
+        tracked = running_var if training else None  # (dynamo: no tensor twice among the inputs)
+        y = _EvoNormB0.apply(x3, v, inp.weight, inp.bias, reference, tracked, factor, eps)
     else:
-        y = _evonorm_b0_terms(x3, v, inp.weight, inp.bias, reference.view(1, -1, 1), eps)[0]
-    if training and running_var is not None and factor:
-        mean_b, var_b = statistics
-        update_running_stats(None, running_var, mean_b, var_b, x3.shape[0] * x3.shape[2], factor)
+        var_b = _batch_moments(x3, running_var, factor)[1] if training else reference.view(1, -1, 1)
+        y = _evonorm_b0_terms(x3, v, inp.weight, inp.bias, var_b, eps)[0]
     return inp.output(y)
 
 
 def _evonorm_s0_terms(
     x4: Tensor, v: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor | None]:
     """EvoNorm-S0 on the grouped view ``x4 (N, G, C/G, S)`` (docs/methods.md, section "evonorm_s0").
 
-    Returns ``(y, shifted, mean, rstd, gate, h, scale)``: the output ``y = scale · h + beta`` with
-    ``h = x · sigmoid(v x)`` and ``scale = gamma · rstd`` (``rstd`` itself without the affine, ``scale``
-    then ``None``); the set's values minus its first one (detached; a variance is shift-invariant: a
-    float32 set of equal values then has exactly 0 variance and gradient, as in exact arithmetic,
-    docs/methods.md, "Precision") and their mean ``(N, G, 1, 1)``; ``rstd = 1 / sqrt(var_g + eps)``
-    ``(N, G, 1, 1)``; ``gate = sigmoid(v x)``.
+    Returns ``(y, x_hat, rstd, gate, h, scale)``: the output ``y = scale · h + beta`` with ``h = x · sigmoid(v x)``
+    and ``scale = gamma · rstd`` (``rstd`` itself without the affine, ``scale`` then ``None``);
+    ``x_hat = (x − mean_g) · rstd`` and ``rstd = 1 / sqrt(var_g + eps)`` ``(N, G, 1, 1)`` from
+    :func:`_shifted_group_norm`; ``gate = sigmoid(v x)``.
     """
     n, g, k, _ = x4.shape
-    shifted = x4 - x4.detach()[:, :, :1, :1]
-    mean = shifted.mean(dim=(2, 3), keepdim=True)
-    rstd = torch.rsqrt(squared_deviations(shifted, mean).mean(dim=(2, 3), keepdim=True) + eps)
+    x_hat, rstd = _shifted_group_norm(x4, eps)
     gate = torch.sigmoid(x4 * v.view(1, g, k, 1))
     h = x4 * gate
     scale = None if weight is None else rstd * weight.view(1, g, k, 1)  # (N, G, C/G, 1)
     y = h * (rstd if scale is None else scale)
     if bias is not None:
         y = y.add_(bias.view(1, g, k, 1))
-    return y, shifted, mean, rstd, gate, h, scale
+    return y, x_hat, rstd, gate, h, scale
 
 
 class _EvoNormS0(torch.autograd.Function):
@@ -166,34 +206,34 @@ class _EvoNormS0(torch.autograd.Function):
 
         A[n,c]      = Σ_s dL/dy · h
         dL/dgamma_c = Σ_n A · rstd,   dL/dbeta_c = Σ_{n,s} dL/dy,   dL/dv_c = Σ_{n,s} T · x
-        k[n,g]      = rstd³ · Σ_{c in g} gamma_c A          (−dL/dvar_g · 2)
-        dL/dx       = g_h · sigmoid(v x) + v · T − k · (x − mean_g) / L
+        k[n,g]      = rstd² · Σ_{c in g} gamma_c A          (−dL/dvar_g · 2 / rstd)
+        dL/dx       = g_h · sigmoid(v x) + v · T − k · x_hat / L        (x_hat = (x − mean_g) · rstd)
 
     A second derivative raises (the backward is not differentiated).
     """
 
     @staticmethod
     def forward(ctx, x4, v, weight, bias, eps):
-        y, shifted, mean, rstd, gate, h, scale = _evonorm_s0_terms(x4, v, weight, bias, eps)
-        ctx.save_for_backward(x4, v, weight, shifted, mean, rstd, gate, h, scale)
+        y, x_hat, rstd, gate, h, scale = _evonorm_s0_terms(x4, v, weight, bias, eps)
+        ctx.save_for_backward(x4, v, weight, x_hat, rstd, gate, h, scale)
         ctx.has_bias = bias is not None
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_y: Tensor):
-        x4, v, weight, shifted, mean, rstd, gate, h, scale = ctx.saved_tensors
+        x4, v, weight, x_hat, rstd, gate, h, scale = ctx.saved_tensors
         n, g, k, s = x4.shape
         a = (grad_y * h).sum(dim=3, keepdim=True)  # (N, G, C/G, 1)
         grad_weight = (a * rstd).sum(dim=0).view(-1) if weight is not None else None
         grad_bias = grad_y.sum(dim=(0, 3)).view(-1) if ctx.has_bias else None
-        a_gamma = a if weight is None else a * weight.view(1, g, k, 1)
-        k_var = a_gamma.sum(dim=2, keepdim=True).mul_(rstd.pow(3))  # (N, G, 1, 1)
+        a_scale = a * (rstd if scale is None else scale)  # gamma A rstd
+        k_var = a_scale.sum(dim=2, keepdim=True).mul_(rstd)  # (N, G, 1, 1)
         grad_h = grad_y * (rstd if scale is None else scale)
         t = torch.ops.aten.sigmoid_backward(grad_h * x4, gate)
         grad_v = (t * x4).sum(dim=(0, 3)).view(-1)
         grad_x = torch.addcmul(grad_h.mul_(gate), t, v.view(1, g, k, 1))
-        grad_x.addcmul_(shifted - mean, k_var, value=-1.0 / (k * s))
+        grad_x.addcmul_(x_hat, k_var, value=-1.0 / (k * s))
         return grad_x, grad_v, grad_weight, grad_bias, None
 
 

@@ -38,9 +38,9 @@ def squared_deviations(x: Tensor, mean: Tensor) -> Tensor:
     """``(x - mean)^2`` elementwise (``mean`` broadcast against ``x``), one full-size temporary written
     in one kernel: one op (kernel launch) instead of a subtraction squared in place. Measured on CPU (torch
     2.14.1, one thread) in :class:`RowMoments` alone: 0.86x and 0.95x the time of the two ops at
-    ``(16, 64, 784)`` and ``(8, 256, 196)``. (In :func:`~.moments.channel_moments` only with
-    ``fused_square``, which the pooled-set node sets: inside brn's training step at ``(16, 64, 28, 28)``
-    the step took 1.13x the time with it.)"""
+    ``(16, 64, 784)`` and ``(8, 256, 196)``. (Also in :func:`~.moments.channel_moments`, the pooled-set
+    node's; inside brn's training step at ``(16, 64, 28, 28)`` the step took 1.13x the time with it, and brn
+    takes :func:`~.moments.native_channel_moments`.)"""
     return _SQUARED_DIFFERENCE(x, mean.expand_as(x), 0)
 
 

@@ -7,7 +7,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .layout import NormInput, upcast
+from .layout import NormInput, laid_out_as, upcast
+from .native import native_batch_norm
 
 
 def weight_center(weight: Tensor) -> Tensor:
@@ -33,34 +34,37 @@ def _into_slot(ring: Tensor, slot: int, dtype: torch.dtype, compute) -> Tensor:
     return value
 
 
-class _MovingAverageBatchNorm(torch.autograd.Function):
-    """Training step of MABN on ``x3 (N, C, S)``; see :func:`moving_average_batch_norm`.
+#: ATen's batch-norm backward (``torch.ops.aten.native_batch_norm_backward``)
+_BN_BACKWARD = torch.ops.aten.native_batch_norm_backward.default
 
-    Forward: ``x2_t`` reduced straight into its ring slot; ``r`` computed only once it is in use.
-    Backward: one reduction ``Q = Σ_{n,s} dL/dy · z`` gives both ``dL/dgamma = r · Q`` and
-    ``gz_t = gamma r · Q / (N·S)`` (divided straight into its slot), and
-    ``dL/dx = (g − z · mean_gz) / sqrt(var + eps)`` is one ``addcmul`` and one division. (Both roots as
-    one stacked ``sqrt`` would be one op fewer, and measured 1.02-1.05x the step's time at
-    ``(2, 64, 8, 8)`` on one CPU thread: ``stack``'s overhead.)
+
+class _MovingAverageBatchNorm(torch.autograd.Function):
+    """Training step of MABN on ``x (N, C, *)`` (compute dtype); see :func:`moving_average_batch_norm`.
+
+    Forward: ``x2_t`` reduced straight into its ring slot; ``r`` computed only once it is in use; ``y`` is
+    one native eval-mode batch norm with mean 0 and variance ``var + eps`` (``eps = 0`` in the kernel),
+    weight ``gamma r``, bias ``beta``. It saves ``x`` (not ``z``) and ``var + eps``.
+    Backward: one native eval-mode batch-norm backward gives ``g / sqrt(var + eps)`` (``g = dL/dy · gamma r``),
+    ``Q = Σ_{n,s} dL/dy · z`` and ``dL/dbeta``; ``dL/dgamma = r · Q``, ``gz_t = gamma r · Q / (N·S)`` (divided
+    straight into its slot) and ``dL/dx = g / sqrt(var + eps) − x · mean_gz / (var + eps)`` (``z · mean_gz /
+    sqrt(var + eps)``) one in-place ``addcmul``. ``r = sqrt((var + eps) / (running_x2 + eps))``, one root.
     """
 
     @staticmethod
-    def forward(ctx, x3, weight, bias, running_x2, moving_x2, moving_gz, slot, use_current, r_bounds, factor, eps):
-        x2 = _into_slot(moving_x2, slot, x3.dtype, lambda out: torch.mean(x3.square(), dim=(0, 2), out=out))
+    def forward(ctx, x, weight, bias, running_x2, moving_x2, moving_gz, slot, use_current, r_bounds, factor, eps):
+        dims = (0,) + tuple(range(2, x.dim()))
+        x2 = _into_slot(moving_x2, slot, x.dtype, lambda out: torch.mean(x.square(), dim=dims, out=out))
         var = _window_mean(moving_x2, x2, use_current)
-        if r_bounds is None:
-            std, r = torch.sqrt(var + eps), None
-        else:
-            std = torch.sqrt(var + eps)
-            r = (std / torch.sqrt(running_x2.to(var.dtype) + eps)).clamp_(1.0 / r_bounds, r_bounds)
+        var_eps = var + eps
+        r = None
+        if r_bounds is not None:  # sqrt(var + eps) / sqrt(running_x2 + eps)
+            r = torch.div(var_eps, running_x2.to(x.dtype) + eps).sqrt_().clamp_(1.0 / r_bounds, r_bounds)
         if factor:
             running_x2.lerp_(var.to(running_x2.dtype), factor)
-        z = x3 / std.view(1, -1, 1)
         scale = weight if r is None else r if weight is None else weight * r  # gamma · r, or None
-        y = z if scale is None else z * scale.view(1, -1, 1)
-        if bias is not None:
-            y = y.add_(bias.view(1, -1, 1)) if scale is not None else y + bias.view(1, -1, 1)
-        ctx.save_for_backward(z, std, scale, r)
+        zeros = torch.zeros_like(var_eps)
+        y = torch.native_batch_norm(x, scale, bias, zeros, var_eps, False, 0.0, 0.0)[0]
+        ctx.save_for_backward(x, var_eps, zeros, scale, r)
         ctx.moving_gz, ctx.slot, ctx.use_current = moving_gz, slot, use_current
         ctx.affine = weight is not None
         return y
@@ -68,16 +72,19 @@ class _MovingAverageBatchNorm(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_y):
-        z, std, scale, r = ctx.saved_tensors
-        q = (grad_y * z).sum(dim=(0, 2))  # (C,)
-        count = z.shape[0] * z.shape[2]
+        x, var_eps, zeros, scale, r = ctx.saved_tensors
+        grad_y = laid_out_as(grad_y, x.stride())  # (the native backward's layout bug, see native.py)
+        mask = [ctx.needs_input_grad[0], True, ctx.affine]
+        g_norm, q, grad_bias = _BN_BACKWARD(grad_y, x, scale, zeros, var_eps, None, None, False, 0.0, mask)
+        count = x.numel() // x.shape[1]
         gz_sum = q if scale is None else q * scale
         gz = _into_slot(ctx.moving_gz, ctx.slot, q.dtype, lambda out: torch.div(gz_sum, count, out=out))
-        mean_gz = _window_mean(ctx.moving_gz, gz, ctx.use_current)
-        g = grad_y if scale is None else grad_y * scale.view(1, -1, 1)
-        grad_x = torch.addcmul(g, z, mean_gz.view(1, -1, 1), value=-1).div_(std.view(1, -1, 1))
+        grad_x = None
+        if g_norm is not None:
+            mean_gz = _window_mean(ctx.moving_gz, gz, ctx.use_current)
+            bc = (1, -1) + (1,) * (x.dim() - 2)
+            grad_x = g_norm.addcmul_(x, (mean_gz / var_eps).view(bc), value=-1)
         grad_weight = (q if r is None else q * r) if ctx.affine else None
-        grad_bias = grad_y.sum(dim=(0, 2)) if ctx.affine else None
         return grad_x, grad_weight, grad_bias, None, None, None, None, None, None, None, None
 
 
@@ -115,20 +122,20 @@ def moving_average_batch_norm(
         dL/dx    = (g − z · mean_gz) / sqrt(var + eps)
 
     (during warm-up, the exact gradient of ``y`` with ``var = x2_t``). ``r`` is a constant.
-    Inference: ``y = gamma · x / sqrt(running_x2 + eps) + beta``.
+    Inference: ``y = gamma · x / sqrt(running_x2 + eps) + beta``, one native eval-mode batch norm with mean 0
+    and variance ``running_x2``.
     """
     inp = NormInput(x, weight, bias)
-    x3 = inp.x3
     if not training:
-        y = x3 / torch.sqrt(running_x2.to(inp.dtype) + eps).view(1, -1, 1)
-        if inp.weight is not None:
-            y = y * inp.weight.view(1, -1, 1) + inp.bias.view(1, -1, 1)
+        second_moment = running_x2 if running_x2.dtype == inp.dtype else running_x2.to(inp.dtype)
+        zeros = torch.zeros_like(second_moment)
+        y = native_batch_norm(inp.x, zeros, second_moment, inp.weight, inp.bias, False, 0.0, eps)
         return inp.output(y)
     window = moving_x2.shape[0]
     use_current = step <= window or step < warmup_iters
     r_bounds = None if step <= max(renorm_start_step, warmup_iters) else float(r_max)
     y = _training_step(
-        x3,
+        inp.x,
         inp.weight,
         inp.bias,
         running_x2,

@@ -88,19 +88,25 @@ def row_moments(x: Tensor) -> tuple[Tensor, Tensor]:
     return RowMoments.apply(x)
 
 
-def channel_moments(x: Tensor, fused_square: bool = False) -> tuple[Tensor, Tensor]:
+def channel_moments(x: Tensor) -> tuple[Tensor, Tensor]:
     """Mean and biased variance of each channel (dim 1) over every other dim, shapes ``(C,)``.
 
-    Two fast reductions and one full-size temporary (the centred values, squared in place, or with
-    ``fused_square`` written squared by one kernel, :func:`~.fused_ops.squared_deviations`: one op
-    fewer, as fast or faster inside the pooled-set node on CPU, issue 23): no ``E[x^2] - E[x]^2``
-    cancellation. Records no autograd node of its own (for use under ``no_grad`` or inside a custom
-    autograd Function).
+    Two fast reductions and one full-size temporary, the centred values written squared by one kernel
+    (:func:`~.fused_ops.squared_deviations`): no ``E[x^2] - E[x]^2`` cancellation. Records no autograd
+    node of its own (for use under ``no_grad`` or inside a custom autograd Function).
     """
     dims = [d for d in range(x.dim()) if d != 1]
     mean = x.mean(dims, keepdim=True)
-    var = (squared_deviations(x, mean) if fused_square else (x - mean).square_()).mean(dims)
-    return mean.view(-1), var
+    return mean.view(-1), squared_deviations(x, mean).mean(dims)
+
+
+def native_channel_moments(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean and biased variance of each channel (dim 1) of ``x (N, C, *)`` over every other dim, shapes
+    ``(C,)``, in one op: the statistics kernel of the native training-mode batch norm
+    (``torch.batch_norm_update_stats`` without running buffers), the very ``mu_B``, ``var_B`` that
+    :func:`~.native.native_batch_norm` normalizes with (it centres before squaring: no ``E[x^2] - E[x]^2``
+    cancellation). Without gradient (for use under ``no_grad``)."""
+    return torch.batch_norm_update_stats(x, None, None, 0.0)
 
 
 def combine_moments(mean: Tensor, var: Tensor, dims: Sequence[int]) -> tuple[Tensor, Tensor]:

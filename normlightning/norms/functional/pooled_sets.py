@@ -501,7 +501,7 @@ def _pooled_forward(xv, weight, bias, mean_logits, var_logits, plan: Plan, eps, 
     ``backward=False`` skips what only the backward reads)."""
     layout, stages = plan
     if _needs_unit_var(stages):
-        m, v = channel_moments(xv, fused_square=True)
+        m, v = channel_moments(xv)
     else:
         m, v = xv.mean([d for d in range(xv.dim()) if d != 1]), None
     weights = _mixture_weights(mean_logits, var_logits, m.dtype)

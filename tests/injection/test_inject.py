@@ -328,8 +328,7 @@ def test_apply_spec_refuses_other_parameter_normalizations_naming_the_layers():
     wn_spec, _ = inject(conv_bn(), method="gn", num_groups=2, param_norm="weight_norm")
     plain_spec, _ = inject(conv_bn(), method="gn", num_groups=2)
     fix = (
-        "; build the model with the same `norm.weight_standardization` / `norm.weight_norm` settings as the "
-        "checkpoint"
+        "; build the model with the same `norm.weight_standardization` / `norm.weight_norm` settings as the checkpoint"
     )
     for spec in (wn_spec, plain_spec):  # another kind on layer 0; none where the model has one on layer 0
         model = conv_bn()

@@ -66,6 +66,24 @@ def test_eval_follows_every_change_of_the_running_statistics(name):
 
 
 @pytest.mark.parametrize("name", sorted(SPECS))
+def test_statistics_are_built_once_until_a_source_buffer_changes(name):
+    """The kept statistics are reused: eval forwards build them once, and again only after a change."""
+    layer = _trained(name, 1.0)
+    built = []
+    build = layer._channel_statistics
+    layer._channel_statistics = lambda: built.append(1) or build()
+    x = torch.randn(3, 4, 3, 3)
+    first = layer(x)
+    torch.testing.assert_close(layer(x), first, rtol=0, atol=0)
+    assert len(built) == 1
+    with torch.no_grad():
+        _running_buffer(layer).add_(0.5)
+    layer(x)
+    layer(x)
+    assert len(built) == 2
+
+
+@pytest.mark.parametrize("name", sorted(SPECS))
 def test_eval_after_inference_mode_still_gives_input_gradients(name):
     torch.manual_seed(0)
     layer = _trained(name, 1.0)

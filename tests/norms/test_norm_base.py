@@ -110,3 +110,31 @@ def test_inference_statistics_with_alpha_name_the_setting() -> None:
     )
     with pytest.raises(ValueError, match="^" + re.escape(expected) + "$"):
         layer.inference_channel_statistics()
+
+
+def test_virtual_devices_with_synchronized_statistics_are_refused_naming_both_settings() -> None:
+    layer = build_norm("bn", 4, virtual_devices=2)
+    layer.sync_statistics = True
+    expected = (
+        "BatchNorm: norm.virtual_devices=2 together with synchronized statistics (norm.sync, "
+        "trainer.sync_batchnorm or NormSync) is not supported: virtual devices split each process's "
+        "batch, sync pools it across processes. Set norm.sync: false or norm.virtual_devices: 1"
+    )
+    with pytest.raises(ValueError, match="^" + re.escape(expected) + "$"):
+        layer(torch.randn(4, 4, 2, 2))
+
+
+@pytest.mark.parametrize("name, kwargs", [("bn", {}), ("ghost", {"num_groups": 2}), ("bgn", {"num_groups": 2})])
+def test_eval_with_kept_statistics_uses_the_layers_eps(name: str, kwargs: dict) -> None:
+    """``y = gamma (x - mean) / sqrt(var + eps) + beta`` with the layer's ``eps`` (0.5 here, not the default)."""
+    torch.manual_seed(0)
+    layer = build_norm(name, 4, eps=0.5, **kwargs).double()
+    layer(torch.randn(6, 4, 3, 3, dtype=torch.float64))
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 2.0)
+        layer.bias.uniform_(-1.0, 1.0)
+    layer.eval()
+    mean, var = (s.view(1, -1, 1, 1) for s in layer.inference_channel_statistics())
+    x = torch.randn(2, 4, 3, 3, dtype=torch.float64)
+    expected = layer.weight.view(1, -1, 1, 1) * (x - mean) / torch.sqrt(var + 0.5) + layer.bias.view(1, -1, 1, 1)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-12, atol=1e-12)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from normlightning.norms import build_norm
-from normlightning.norms.base import NormLayer
+from normlightning.norms.base import BatchStatNorm, NormLayer
 
 
 class _ForgetsAnArgument(NormLayer):
@@ -89,7 +89,7 @@ def test_alpha_refuses_what_is_not_a_float_in_the_unit_interval(value) -> None:
     assert layer.alpha == 0.0
 
 
-def test_alpha_buffer_is_float32_on_the_layers_device_whatever_the_default_dtype() -> None:
+def test_alpha_buffer_is_float32_and_every_tensor_on_the_layers_device() -> None:
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     try:
@@ -98,7 +98,7 @@ def test_alpha_buffer_is_float32_on_the_layers_device_whatever_the_default_dtype
     finally:
         torch.set_default_dtype(default)
     assert layer.example_weighing_alpha.dtype == torch.float32
-    assert meta.example_weighing_alpha.device.type == "meta" and meta.running_mean.device.type == "meta"
+    assert {t.device.type for t in (*meta.parameters(), *meta.buffers())} == {"meta"}
 
 
 def test_inference_statistics_with_alpha_name_the_setting() -> None:
@@ -138,3 +138,44 @@ def test_eval_with_kept_statistics_uses_the_layers_eps(name: str, kwargs: dict) 
     x = torch.randn(2, 4, 3, 3, dtype=torch.float64)
     expected = layer.weight.view(1, -1, 1, 1) * (x - mean) / torch.sqrt(var + 0.5) + layer.bias.view(1, -1, 1, 1)
     torch.testing.assert_close(layer(x), expected, rtol=1e-12, atol=1e-12)
+
+
+class _PlainBatchStatistics(BatchStatNorm):
+    """A layer with running statistics that keeps every default of the base."""
+
+    def __init__(self, num_features: int, **kwargs) -> None:
+        super().__init__(num_features, **kwargs)
+        self._register_running("running_mean", (num_features,), 0.0)
+
+
+def test_layers_with_running_statistics_default_to_batchnorms_settings() -> None:
+    layer, native = _PlainBatchStatistics(4), torch.nn.BatchNorm2d(4)
+    assert (layer.eps, layer.momentum, layer.affine, layer.track_running_stats) == (
+        native.eps,
+        native.momentum,
+        native.affine,
+        native.track_running_stats,
+    )
+    assert layer.virtual_devices == 1 and layer.running_stat_names == ("running_mean",)
+
+
+@pytest.mark.parametrize("momentum", [0, 0.0, 1, 1.0, None])
+def test_momentum_accepts_both_ends_of_the_unit_interval_and_none(momentum) -> None:
+    assert _PlainBatchStatistics(4, momentum=momentum).momentum == (None if momentum is None else float(momentum))
+
+
+@pytest.mark.parametrize("momentum", [-0.01, 1.01, "0.1"])
+def test_momentum_outside_the_unit_interval_is_refused(momentum) -> None:
+    expected = f"_PlainBatchStatistics: momentum must be in [0, 1] or None (cumulative average), got {momentum!r}."
+    with pytest.raises(ValueError, match="^" + re.escape(expected) + "$"):
+        _PlainBatchStatistics(4, momentum=momentum)
+
+
+def test_a_batch_that_does_not_split_into_the_virtual_devices_is_refused_naming_the_fix() -> None:
+    expected = (
+        "BatchNorm: a training batch of N=5 examples does not split into norm.virtual_devices=2 equal chunks. "
+        "Set data.batch_size to a multiple of 2 (with data.drop_last: true when an epoch's last batch is "
+        "smaller), or a norm.virtual_devices that divides it."
+    )
+    with pytest.raises(ValueError, match="^" + re.escape(expected) + "$"):
+        build_norm("bn", 4, virtual_devices=2)(torch.randn(5, 4, 2, 2))

@@ -113,7 +113,7 @@ _BN_BACKWARD = torch.ops.aten.native_batch_norm_backward.default
 class _EvoNormB0(torch.autograd.Function):
     """:func:`_evonorm_b0_terms` as one autograd node with a hand-written backward; in training it also
     computes the statistics and updates the running variance (:func:`_training_statistics`). It computes on
-    contiguous data (a copy of another layout's ``x`` and ``dL/dy``; ``dL/dx`` gets ``x``'s strides back). With
+    contiguous data (a copy of another layout's ``x`` and ``dL/dy``; ``dL/dx`` gets a dense ``x``'s strides back). With
     ``g_q = dL/dy · gamma``, ``G = g_q · q / den`` (``= −dL/dden``) and the share ``m = 1, 1/2, 0`` of ``d2`` in
     ``den`` (``d2`` above, equal to, below ``d1``: ``torch.maximum``'s gradient rule), from
     ``sign = sign(d1 − d2)`` as ``m = (1 − sign) / 2``::
@@ -135,7 +135,8 @@ class _EvoNormB0(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x3, v, weight, bias, reference, running_var, factor, eps):
-        ctx.x_stride = x3.stride()
+        # dL/dx gets the strides an elementwise op would give it: x's if dense, else contiguous
+        ctx.grad_stride = None if x3.is_contiguous() else torch.empty_like(x3).stride()
         x3 = x3.contiguous()
         if reference is None:
             d1, std_i, xhat_b, xhat_i = _training_statistics(x3, running_var, factor, eps)
@@ -173,8 +174,8 @@ class _EvoNormB0(torch.autograd.Function):
         if xhat_b is not None:
             sign_sum, g_sum = _BN_BACKWARD(g_neg, sign, None, zeros[:c], zeros[:c], None, None, False, 1, sums_only)[1:]
             grad_x.addcmul_(xhat_b, torch.add(g_sum, sign_sum).view(1, c, 1), value=0.5 / (n * s))  # 2 dL/dd1
-        if grad_x.stride() != ctx.x_stride:
-            grad_x = grad_x.new_empty_strided(grad_x.shape, ctx.x_stride).copy_(grad_x)
+        if ctx.grad_stride is not None and grad_x.stride() != ctx.grad_stride:
+            grad_x = grad_x.new_empty_strided(grad_x.shape, ctx.grad_stride).copy_(grad_x)
         return grad_x, grad_v, grad_weight, grad_bias, None, None, None, None
 
 

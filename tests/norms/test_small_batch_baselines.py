@@ -178,6 +178,43 @@ def test_evonorm_b0_gradients_where_the_two_denominators_tie(affine, training) -
     _assert_same(_grads(layer.train(training), x, params, upstream), _grads(reference, x, params, upstream))
 
 
+_NON_CONTIGUOUS = {
+    "expanded": ((1, 3, 4, 5), lambda t: t.expand(2, 3, 4, 5)),  # overlapping: one example seen twice
+    "channel-slice": ((2, 6, 4, 5), lambda t: t[:, ::2]),  # gaps between the channels
+    "channels_last": ((2, 3, 4, 5), lambda t: t.contiguous(memory_format=torch.channels_last)),
+}
+
+
+@pytest.mark.parametrize("layout", sorted(_NON_CONTIGUOUS))
+def test_evonorm_b0_training_gradients_of_non_contiguous_inputs(layout) -> None:
+    """The training node computes on a contiguous copy of ``x``: an expanded, a sliced and a channels_last
+    input get the gradients of the formula (autograd through it, on the same view of the same leaf), and
+    a channels_last input its own strides on ``dL/dx``."""
+    layer = _randomize(EvoNormB0(3, eps=1e-3, dtype=D64))
+    params = dict(layer.named_parameters())
+    shape, view = _NON_CONTIGUOUS[layout]
+    base = torch.randn(shape, dtype=D64, generator=torch.Generator().manual_seed(1)) * 2 + 0.5
+    upstream = torch.randn(2, 3, 4, 5, dtype=D64, generator=torch.Generator().manual_seed(2))
+
+    def reference(x):
+        var_b = x.var((0, 2, 3), unbiased=False)
+        return _b0_reference(x, params["v"], params["weight"], params["bias"], var_b, 1e-3)
+
+    results = []
+    for fn in (layer.train(), reference):
+        leaf = base.clone().requires_grad_(True)
+        x = view(leaf)
+        x_grads = []
+        x.register_hook(x_grads.append)
+        (fn(x) * upstream).sum().backward()
+        results.append([leaf.grad] + [p.grad.clone() for p in params.values()] + x_grads)
+        layer.zero_grad()
+    for ours, expected in zip(results[0][:4], results[1][:4]):
+        torch.testing.assert_close(ours, expected)
+    if layout == "channels_last":
+        assert results[0][4].stride() == view(base).stride()
+
+
 def test_evonorm_b0_running_statistics_protocol() -> None:
     """``momentum=None``: cumulative average of the unbiased batch variances; reset and round trip."""
     layer = EvoNormB0(2, momentum=None, dtype=D64)

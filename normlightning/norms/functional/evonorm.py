@@ -28,17 +28,53 @@ def _shifted_group_norm(x4: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     return x_hat.view(n, g, k, s), rstd.view(n, g, 1, 1)
 
 
-def _evonorm_b0_terms(
-    x3: Tensor, v: Tensor, weight: Tensor | None, bias: Tensor | None, var_b: Tensor, eps: float
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """EvoNorm-B0 of ``x3 (N, C, S)`` given the batch variance ``var_b`` ``(1, C, 1)`` (docs/methods.md,
-    section "evonorm_b0").
+#: ATen's batch norm writing into given tensors (``torch.ops.aten.native_batch_norm.out``)
+_BN_OUT = torch.ops.aten.native_batch_norm.out
 
-    Returns ``(y, q, d1, d2, den, mean_i, std_i)``: ``y = gamma · q + beta`` with ``q = x / den``,
-    ``den = max(d1, d2)``, ``d1 = sqrt(var_b + eps)`` ``(1, C, 1)``, ``d2 = v x + std_i``, and the
-    instance mean and ``std_i = sqrt(var_i + eps)`` ``(N, C, 1)``. The instance moments of a contiguous ``x3``
-    are one op, the native batch-norm statistics kernel on the view ``(1, N·C, S)``; of any other layout (no
-    such view) a mean, the squared deviations and a mean. Both centre before squaring.
+
+def _training_statistics(
+    x3: Tensor, running_var: Tensor | None, factor: float, eps: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """EvoNorm-B0's batch and instance statistics of a contiguous ``x3 (N, C, S)`` in training, each from one
+    native batch norm: on ``x3`` (sets over ``(N, S)``) and on its view ``(1, N·C, S)`` (sets over ``S``).
+
+    Returns ``(d1, std_i, xhat_b, xhat_i)``: ``d1 = sqrt(var_b + eps)`` ``(1, C, 1)``, ``std_i = sqrt(var_i + eps)``
+    ``(N, C, 1)`` (the reciprocals, in one op, of the kernels' ``1 / sqrt(var + eps)``, which they write side by
+    side) and the normalized inputs ``xhat_b = (x − mean_b) / d1``, ``xhat_i = (x − mean_i) / std_i``
+    ``(N, C, S)``, the directions of the two variances' gradients (the backward of :class:`_EvoNormB0`). With
+    ``factor > 0`` ``running_var`` is updated with PyTorch's rule ``(1-f) r + f · var_b · n/(n-1)``, ``n = N·S``:
+    in the kernel for a buffer of ``x3``'s dtype (its running mean a scratch), any other by
+    :func:`update_running_stats` from the batch moments.
+    """
+    n, c, s = x3.shape
+    update = running_var is not None and factor != 0
+    in_kernel = update and running_var.dtype == x3.dtype
+    rstd = x3.new_empty(c + n * c)
+    scratch_mean = x3.new_empty(c) if in_kernel else None
+    tracked = running_var if in_kernel else None
+    xhat_b = _BN_OUT(
+        x3, None, None, scratch_mean, tracked, True, factor, eps,
+        out=torch.empty_like(x3), save_mean=x3.new_empty(c), save_invstd=rstd[:c],
+    )[0]  # fmt: skip
+    if update and not in_kernel:
+        mean_b, var_b = torch.batch_norm_update_stats(x3, None, None, 0.0)
+        update_running_stats(None, running_var, mean_b.view(1, -1, 1), var_b.view(1, -1, 1), n * s, factor)
+    xhat_i = _BN_OUT(
+        x3.view(1, n * c, s), None, None, None, None, True, 0.0, eps,
+        out=torch.empty_like(x3).view(1, n * c, s), save_mean=x3.new_empty(n * c), save_invstd=rstd[c:],
+    )[0]  # fmt: skip
+    std = rstd.reciprocal()
+    return std[:c].view(1, c, 1), std[c:].view(n, c, 1), xhat_b, xhat_i.view(n, c, s)
+
+
+def _inference_statistics(x3: Tensor, reference: Tensor, eps: float, centred: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """EvoNorm-B0's statistics of ``x3 (N, C, S)`` at inference, with the running variance ``reference`` ``(C,)``.
+
+    Returns ``(d1, std_i, xhat_i)``: ``d1 = sqrt(reference + eps)`` ``(1, C, 1)``, ``std_i = sqrt(var_i + eps)``
+    ``(N, C, 1)`` and, when ``centred`` (for a backward), ``xhat_i = (x − mean_i) / std_i`` (else ``None``).
+    The instance moments of a contiguous ``x3`` are one op, the native batch-norm statistics kernel on the
+    view ``(1, N·C, S)``; of any other layout a mean, the squared deviations and a mean. Both centre before
+    squaring.
     """
     n, c, s = x3.shape
     if x3.is_contiguous():
@@ -48,35 +84,26 @@ def _evonorm_b0_terms(
         mean_i = x3.mean(dim=2, keepdim=True)
         var_i = squared_deviations(x3, mean_i).mean(dim=2, keepdim=True)
     std_i = torch.sqrt(var_i + eps)
-    d1 = torch.sqrt(var_b + eps)
+    xhat_i = (x3 - mean_i).div_(std_i) if centred else None
+    return torch.sqrt(reference.view(1, -1, 1) + eps), std_i, xhat_i
+
+
+def _evonorm_b0_terms(
+    x3: Tensor, v: Tensor, weight: Tensor | None, bias: Tensor | None, d1: Tensor, std_i: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """EvoNorm-B0 of ``x3 (N, C, S)`` given ``d1 = sqrt(var_b + eps)`` ``(1, C, 1)`` and ``std_i = sqrt(var_i + eps)``
+    ``(N, C, 1)`` (docs/methods.md, section "evonorm_b0").
+
+    Returns ``(y, q, d2, den)``: ``y = gamma · q + beta`` with ``q = x / den``, ``den = max(d1, d2)`` and
+    ``d2 = v x + std_i``.
+    """
     d2 = (x3 * v.view(1, -1, 1)).add_(std_i)
     den = torch.maximum(d1, d2)
     q = x3 / den
     y = q if weight is None else q * weight.view(1, -1, 1)
     if bias is not None:
         y = y + bias.view(1, -1, 1) if y is q else y.add_(bias.view(1, -1, 1))
-    return y, q, d1, d2, den, mean_i, std_i
-
-
-def _batch_moments(x3: Tensor, running_var: Tensor | None, factor: float) -> tuple[Tensor, Tensor]:
-    """Mean and biased variance ``(1, C, 1)`` of ``x3 (N, C, S)`` over ``(N, S)``; with ``factor > 0`` also
-    ``running_var`` updated with PyTorch's rule ``(1-f) r + f · var_b · n/(n-1)``, ``n = N·S``. Without gradient.
-
-    A contiguous ``x3`` takes one op, the native batch-norm statistics kernel (``torch.batch_norm_update_stats``),
-    which also updates a buffer of ``x3``'s dtype; any other layout a mean, the squared deviations and a mean
-    (the kernel's generic path was slower on CPU), any other buffer :func:`update_running_stats`. Both centre
-    before squaring."""
-    update = running_var is not None and factor != 0
-    in_kernel = update and running_var.dtype == x3.dtype and x3.is_contiguous()
-    if x3.is_contiguous():
-        mean, var = torch.batch_norm_update_stats(x3, None, running_var if in_kernel else None, factor)
-        mean, var = mean.view(1, -1, 1), var.view(1, -1, 1)
-    else:
-        mean = x3.mean(dim=(0, 2), keepdim=True)
-        var = squared_deviations(x3, mean).mean(dim=(0, 2), keepdim=True)
-    if update and not in_kernel:
-        update_running_stats(None, running_var, mean, var, x3.shape[0] * x3.shape[2], factor)
-    return mean, var
+    return y, q, d2, den
 
 
 #: ATen's batch-norm backward (``torch.ops.aten.native_batch_norm_backward``)
@@ -85,55 +112,70 @@ _BN_BACKWARD = torch.ops.aten.native_batch_norm_backward.default
 
 class _EvoNormB0(torch.autograd.Function):
     """:func:`_evonorm_b0_terms` as one autograd node with a hand-written backward; in training it also
-    computes the batch statistics and updates the running variance (:func:`_batch_moments`). With
-    ``g_q = dL/dy · gamma`` and the share ``m = 1, 1/2, 0`` of ``d2`` in ``den`` (``d2`` above, equal
-    to, below ``d1``: ``torch.maximum``'s gradient rule)::
+    computes the statistics and updates the running variance (:func:`_training_statistics`). It computes on
+    contiguous data (a copy of another layout's ``x`` and ``dL/dy``; ``dL/dx`` gets a dense ``x``'s strides back). With
+    ``g_q = dL/dy · gamma``, ``G = g_q · q / den`` (``= −dL/dden``) and the share ``m = 1, 1/2, 0`` of ``d2`` in
+    ``den`` (``d2`` above, equal to, below ``d1``: ``torch.maximum``'s gradient rule), from
+    ``sign = sign(d1 − d2)`` as ``m = (1 − sign) / 2``::
 
-        G        = g_q · q / den                      (= −dL/dden)
-        dL/dx    = g_q / den − v · m G − (Σ_s m G) (x − mean_i) / (S std_i)
-                   [ − (Σ_{n,s} (1 − m) G) (x − mean_b) / (N S d1)    in training ]
-        dL/dv_c  = −Σ_{n,s} m G x,   dL/dgamma_c = Σ_{n,s} dL/dy · q,   dL/dbeta_c = Σ_{n,s} dL/dy
+        dL/dd2   = −m G       = (−G + G · sign) / 2       (per element)
+        dL/dd1   = −(1 − m) G = (−G − G · sign) / 2       (per element; in training)
+        dL/dx    = g_q / den + v · dL/dd2 + (Σ_s dL/dd2) · xhat_i / S
+                   [ + (Σ_{n,s} dL/dd1) · xhat_b / (N S)    in training ]
+        dL/dv_c  = Σ_{n,s} dL/dd2 · x,   dL/dgamma_c = Σ_{n,s} dL/dy · q,   dL/dbeta_c = Σ_{n,s} dL/dy
 
-    (``(1 − m) G`` first, ``−m G`` as its difference with ``G``; ``dL/dgamma``, ``dL/dbeta`` of contiguous ``q`` and
-    ``dL/dy`` from one native eval-mode batch-norm backward with mean 0, variance 0 and ``eps = 1``, exactly
-    ``Σ dL/dy · q`` and ``Σ dL/dy``.) A second derivative raises (the backward is not differentiated).
+    with ``xhat_i = (x − mean_i) / std_i`` and ``xhat_b = (x − mean_b) / d1`` (``d std_i / dx = xhat_i / S``,
+    ``d d1 / dx = xhat_b / (N S)``). The sums are native eval-mode batch-norm backwards with mean 0 and
+    variance 0, exactly ``Σ grad · t / sqrt(eps)`` and ``Σ grad`` per channel: ``dL/dgamma``, ``dL/dbeta`` and
+    ``g_q`` (its input gradient) from one on ``dL/dy`` and ``q``; ``Σ_s dL/dd2 · x`` and ``Σ_s dL/dd2`` from one
+    on the view ``(1, N·C, S)`` (``eps = 4``: the factor 1/2); ``Σ_{n,s} −G · sign`` and ``Σ_{n,s} −G`` from one on
+    ``(N, C, S)``. ``−G ± G · sign`` are exact (``sign`` is −1, 0 or 1). A second derivative raises (the backward
+    is not differentiated).
     """
 
     @staticmethod
     def forward(ctx, x3, v, weight, bias, reference, running_var, factor, eps):
+        # dL/dx gets the strides an elementwise op would give it: x's if dense, else contiguous
+        ctx.grad_stride = None if x3.is_contiguous() else torch.empty_like(x3).stride()
+        x3 = x3.contiguous()
         if reference is None:
-            mean_b, var_b = _batch_moments(x3, running_var, factor)
+            d1, std_i, xhat_b, xhat_i = _training_statistics(x3, running_var, factor, eps)
         else:
-            mean_b, var_b = None, reference.view(1, -1, 1)
-        y, q, d1, d2, den, mean_i, std_i = _evonorm_b0_terms(x3, v, weight, bias, var_b, eps)
-        ctx.save_for_backward(x3, v, weight, q, d1, d2, den, mean_i, std_i, mean_b)
+            (d1, std_i, xhat_i), xhat_b = _inference_statistics(x3, reference, eps, centred=True), None
+        y, q, d2, den = _evonorm_b0_terms(x3, v, weight, bias, d1, std_i)
+        ctx.save_for_backward(x3, v, weight, q, d1, d2, den, xhat_b, xhat_i)
         ctx.has_bias = bias is not None
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_y: Tensor):
-        x3, v, weight, q, d1, d2, den, mean_i, std_i, mean_b = ctx.saved_tensors
-        n, _, s = x3.shape
-        grad_weight = grad_bias = None
-        if (weight is not None or ctx.has_bias) and q.is_contiguous() and grad_y.is_contiguous():
-            zeros = d1.new_zeros(d1.numel())
-            mask = [False, weight is not None, ctx.has_bias]
-            _, grad_weight, grad_bias = _BN_BACKWARD(grad_y, q, None, zeros, zeros, None, None, False, 1.0, mask)
-        else:  # (the kernel's path for other layouts was slower on CPU)
-            grad_weight = (grad_y * q).sum(dim=(0, 2)) if weight is not None else None
-            grad_bias = grad_y.sum(dim=(0, 2)) if ctx.has_bias else None
-        grad_q_den = torch.div(grad_y, den) if weight is None else (grad_y * weight.view(1, -1, 1)).div_(den)
-        g_den = grad_q_den * q  # −dL/dden
-        g_d1 = g_den * torch.heaviside(d1 - d2, d2.new_full((), 0.5))  # −dL/dd1 (share 1 − m)
-        g_d2_neg = g_d1 - g_den  # dL/dd2 = −m G
-        grad_v = (g_d2_neg * x3).sum(dim=(0, 2))
-        grad_x = torch.addcmul(grad_q_den, g_d2_neg, v.view(1, -1, 1))
-        k_i = g_d2_neg.sum(dim=2, keepdim=True).div_(std_i)
-        grad_x.addcmul_(x3 - mean_i, k_i, value=1.0 / s)
-        if mean_b is not None:
-            k_b = g_d1.sum(dim=(0, 2), keepdim=True).div_(d1)
-            grad_x.addcmul_(x3 - mean_b, k_b, value=-1.0 / (n * s))
+        x3, v, weight, q, d1, d2, den, xhat_b, xhat_i = ctx.saved_tensors
+        n, c, s = x3.shape
+        grad_y = grad_y.contiguous()
+        zeros = d2.new_zeros(n * c)  # mean and variance 0 of the summing batch-norm backwards
+        sums_only = [False, True, True]
+        grad_q, grad_weight, grad_bias = None, None, None
+        if weight is not None or ctx.has_bias:
+            mask = [weight is not None, weight is not None, ctx.has_bias]
+            grad_q, grad_weight, grad_bias = _BN_BACKWARD(
+                grad_y, q, weight, zeros[:c], zeros[:c], None, None, False, 1.0, mask
+            )
+        grad_q_den = torch.div(grad_y, den) if grad_q is None else grad_q.div_(den)
+        g_neg = torch.addcmul(zeros[:1].view(1, 1, 1), grad_q_den, q, value=-1.0)  # −G = dL/dden
+        sign = torch.sub(d1, d2).sign_()
+        g_d2 = torch.addcmul(g_neg, g_neg, sign, value=-1.0)  # 2 dL/dd2
+        grad_xv, grad_std_i = _BN_BACKWARD(
+            g_d2.view(1, n * c, s), x3.view(1, n * c, s), None, zeros, zeros, None, None, False, 4.0, sums_only
+        )[1:]  # Σ_s dL/dd2 · x, 2 Σ_s dL/dd2
+        grad_v = grad_xv.view(n, c).sum(dim=0)
+        grad_x = torch.addcmul(grad_q_den, g_d2, v.view(1, -1, 1), value=0.5)
+        grad_x.addcmul_(xhat_i, grad_std_i.view(n, c, 1), value=0.5 / s)
+        if xhat_b is not None:
+            sign_sum, g_sum = _BN_BACKWARD(g_neg, sign, None, zeros[:c], zeros[:c], None, None, False, 1, sums_only)[1:]
+            grad_x.addcmul_(xhat_b, torch.add(g_sum, sign_sum).view(1, c, 1), value=0.5 / (n * s))  # 2 dL/dd1
+        if ctx.grad_stride is not None and grad_x.stride() != ctx.grad_stride:
+            grad_x = grad_x.new_empty_strided(grad_x.shape, ctx.grad_stride).copy_(grad_x)
         return grad_x, grad_v, grad_weight, grad_bias, None, None, None, None
 
 
@@ -174,8 +216,12 @@ def evonorm_b0(
         tracked = running_var if training else None  # (dynamo: no tensor twice among the inputs)
         y = _EvoNormB0.apply(x3, v, inp.weight, inp.bias, reference, tracked, factor, eps)
     else:
-        var_b = _batch_moments(x3, running_var, factor)[1] if training else reference.view(1, -1, 1)
-        y = _evonorm_b0_terms(x3, v, inp.weight, inp.bias, var_b, eps)[0]
+        if training:
+            x3 = x3.contiguous()
+            d1, std_i = _training_statistics(x3, running_var, factor, eps)[:2]
+        else:
+            d1, std_i = _inference_statistics(x3, reference, eps, centred=False)[:2]
+        y = _evonorm_b0_terms(x3, v, inp.weight, inp.bias, d1, std_i)[0]
     return inp.output(y)
 
 

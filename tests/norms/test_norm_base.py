@@ -157,6 +157,7 @@ def test_layers_with_running_statistics_default_to_batchnorms_settings() -> None
         native.track_running_stats,
     )
     assert layer.virtual_devices == 1 and layer.running_stat_names == ("running_mean",)
+    assert layer.sync_statistics is False and layer.process_group is None  # per-process statistics until a plugin
 
 
 @pytest.mark.parametrize("momentum", [0, 0.0, 1, 1.0, None])
@@ -179,3 +180,18 @@ def test_a_batch_that_does_not_split_into_the_virtual_devices_is_refused_naming_
     )
     with pytest.raises(ValueError, match="^" + re.escape(expected) + "$"):
         build_norm("bn", 4, virtual_devices=2)(torch.randn(5, 4, 2, 2))
+
+
+@pytest.mark.parametrize(
+    "kwargs, expected",
+    [
+        ({"track_running_stats": 1}, "track_running_stats must be True or False, got 1."),
+        ({"virtual_devices": 0}, "virtual_devices (norm.virtual_devices) must be a positive int, got 0."),
+        ({"virtual_devices": True}, "virtual_devices (norm.virtual_devices) must be a positive int, got True."),
+        ({"virtual_devices": 2.0}, "virtual_devices (norm.virtual_devices) must be a positive int, got 2.0."),
+    ],
+    ids=["track-not-bool", "virtual-zero", "virtual-bool", "virtual-float"],
+)
+def test_bad_running_statistics_settings_are_refused_naming_the_layer(kwargs: dict, expected: str) -> None:
+    with pytest.raises(ValueError, match="^" + re.escape("_PlainBatchStatistics: " + expected) + "$"):
+        _PlainBatchStatistics(4, **kwargs)

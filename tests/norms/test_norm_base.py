@@ -158,6 +158,8 @@ def test_layers_with_running_statistics_default_to_batchnorms_settings() -> None
     )
     assert layer.virtual_devices == 1 and layer.running_stat_names == ("running_mean",)
     assert layer.sync_statistics is False and layer.process_group is None  # per-process statistics until a plugin
+    assert layer.num_batches_tracked.dtype == native.num_batches_tracked.dtype == torch.long
+    assert int(layer.num_batches_tracked) == int(native.num_batches_tracked) == 0
 
 
 @pytest.mark.parametrize("momentum", [0, 0.0, 1, 1.0, None])
@@ -195,3 +197,43 @@ def test_a_batch_that_does_not_split_into_the_virtual_devices_is_refused_naming_
 def test_bad_running_statistics_settings_are_refused_naming_the_layer(kwargs: dict, expected: str) -> None:
     with pytest.raises(ValueError, match="^" + re.escape("_PlainBatchStatistics: " + expected) + "$"):
         _PlainBatchStatistics(4, **kwargs)
+
+
+def test_a_cumulative_average_weighs_the_t_th_update_by_one_over_t() -> None:
+    """``momentum=None``: the factor of update ``t`` is ``1/t`` (so the buffer is the plain mean), counted in
+    training only; ``momentum=m``: ``m``; eval and untracked layers: 0 (no update, no count)."""
+    layer = _PlainBatchStatistics(4, momentum=None)
+    assert [layer._momentum_factor() for _ in range(3)] == [1.0, 1 / 2, 1 / 3]
+    layer.eval()
+    assert layer._momentum_factor() == 0.0 and int(layer.num_batches_tracked) == 3
+    assert _PlainBatchStatistics(4, momentum=0.25)._momentum_factor() == 0.25
+    assert _PlainBatchStatistics(4, track_running_stats=False)._momentum_factor() == 0.0
+
+
+@pytest.mark.parametrize(
+    "x, error, expected",
+    [
+        ([1.0, 2.0], TypeError, "BatchNorm expects a Tensor, got list."),
+        (
+            torch.zeros(4),
+            ValueError,
+            "BatchNorm expects input of shape (N, C), (N, C, L), (N, C, H, W) or (N, C, D, H, W); "
+            "got 1D input of shape (4,).",
+        ),
+        (
+            torch.zeros(1, 4, 1, 1, 1, 1),
+            ValueError,
+            "BatchNorm expects input of shape (N, C), (N, C, L), (N, C, H, W) or (N, C, D, H, W); "
+            "got 6D input of shape (1, 4, 1, 1, 1, 1).",
+        ),
+        (
+            torch.zeros(2, 3, 2, 2),
+            ValueError,
+            "BatchNorm was built with num_features=4 but the input has C=3 channels (shape (2, 3, 2, 2)).",
+        ),
+    ],
+    ids=["not-a-tensor", "1d", "6d", "channels"],
+)
+def test_bad_input_is_refused_naming_the_layer_and_the_shape(x, error: type, expected: str) -> None:
+    with pytest.raises(error, match="^" + re.escape(expected) + "$"):
+        build_norm("bn", 4)(x)

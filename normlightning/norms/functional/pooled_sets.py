@@ -62,7 +62,7 @@ from torch.autograd.function import once_differentiable
 
 from .fused_ops import squared_deviations
 from .layout import laid_out_as
-from .moments import channel_moments
+from .moments import channel_moments, native_channel_moments
 
 
 @dataclass(frozen=True)
@@ -127,8 +127,9 @@ class StageRecord(NamedTuple):
     """What the backward needs of one stage: ``m - M`` of each pooled variance part, the stacked
     weighted parts ``(J, K)`` (the mean mixture's, then the variance mixture's; ``None`` without
     weights), ``var + eps`` and ``r`` per unit, the product ``P`` of this and the earlier stages'
-    ``r``, the stage's output unit mean ``m_next = (m_in - mu) r`` (``None`` for a single stage
-    whose mean is the units' own: 0) and its input unit variance ``v_in`` (``None`` for the first)."""
+    ``r``, the stage's output unit mean ``m_next = (m_in - mu) r`` (``None`` for a single stage),
+    its input unit variance ``v_in`` (``None`` for the first) and, for a single stage, its mean ``mu``
+    per unit (``None`` for several)."""
 
     centred: tuple[Tensor, ...]
     stack: Tensor | None
@@ -137,6 +138,7 @@ class StageRecord(NamedTuple):
     P: Tensor
     m_next: Tensor | None
     v_in: Tensor | None
+    mu: Tensor | None
 
 
 class _Tape:
@@ -174,11 +176,9 @@ class _Tape:
 _BN_BACKWARD = torch.ops.aten.native_batch_norm_backward.default
 
 
-def _softmax_grad(weights: Tensor, g_weights: Tensor, negated: bool) -> Tensor:
-    """``softmax`` backward along the last dim: ``d logits = s * (g - sum s g)``; with ``negated``,
-    ``g_weights`` is ``-g`` (``d logits = s * (sum s (-g) - (-g))``)."""
-    total = (weights * g_weights).sum(-1, keepdim=True)
-    return weights * (total - g_weights if negated else g_weights - total)
+def _softmax_grad(weights: Tensor, g_weights: Tensor) -> Tensor:
+    """``softmax`` backward along the last dim, ``d logits = s * (g - sum s g)``, in one native op."""
+    return torch.ops.aten._softmax_backward_data(g_weights, weights, weights.dim() - 1, weights.dtype)
 
 
 def _spread(t: Tensor, shape) -> Tensor:
@@ -247,30 +247,52 @@ def _set_mean(m: Tensor, part: Pooled) -> Tensor:
     return m.view(part.shape).mean(part.dims, keepdim=True)
 
 
-def _mixtures(mean_terms, var_terms, weights: Tensor | None, weighted: tuple[bool, bool]):
-    """``(mu, var, stack)`` from the stage's terms ``(t, shape)`` (``shape = None``: per unit ``(K,)``;
-    else set-level, keepdim, for units shaped ``shape``): a single term is returned as is; a mixture
-    (``weighted``: mean, var) is ``sum_j w_j t_j`` with ``weights`` the weighted mixtures' weights
-    concatenated ``(J,)``, both mixtures in one stack ``(J, K)`` (kept for the weights' gradient), one
-    product and one sum where both have ``J/2`` parts; ``mu``/``var`` come back as terms."""
+def _in_shape(t: Tensor, layout: tuple[int, int], shape) -> Tensor | None:
+    """A per-channel ``t`` ``(C,)`` as a view broadcast to units shaped ``shape`` laid out as ``(before, C,
+    after)`` (:func:`_expand_affine` without the copy), where ``shape`` is ``(before, C)`` or ``(before, C,
+    after)``; else ``None``."""
+    before, after = layout
+    C = t.shape[0]
+    if tuple(shape) == (before, C, after):
+        return t.view(1, C, 1).expand(shape)
+    if after == 1 and tuple(shape) == (before, C):
+        return t.view(1, C).expand(shape)
+    return None
+
+
+def _mixtures(mean_terms, var_terms, weights: Tensor | None, weighted: tuple[bool, bool], riders=(), layout=(1, 1)):
+    """``(mu, var, stack, rider_rows)`` from the stage's terms ``(t, shape)`` (``shape = None``: per unit
+    ``(K,)``; else set-level, keepdim, for units shaped ``shape``): a single term is returned as is; a
+    mixture (``weighted``: mean, var) is ``sum_j w_j t_j`` with ``weights`` the weighted mixtures' weights
+    concatenated ``(J,)``, both mixtures in one stack ``(J, K)`` (kept for the weights' gradient) and one
+    batched product ``(2, 1, J/2) @ (2, J/2, K)`` where both have ``J/2`` parts; ``mu``/``var`` come back as
+    terms. ``riders``, per-channel tensors ``(C,)`` (the affine, units laid out as ``layout``), are copied
+    per unit ``(K,)`` as further rows of the same stack where its terms share one set shape
+    (``rider_rows``; else ``None``, also without riders or a mixture)."""
     if not any(weighted):
-        return mean_terms[0], var_terms[0], None
+        return mean_terms[0], var_terms[0], None, None
     mixed = [terms for terms, w in zip((mean_terms, var_terms), weighted) if w]
     terms = [t for ts in mixed for t in ts]
     shapes = {shape for _, shape in terms if shape is not None}
+    rider_views = None
     if len(shapes) == 1:  # the stack copies the broadcast set statistics: no spread of its own
         (shape,) = shapes
         parts = [t.view(shape) if s is None else t.expand(shape) for t, s in terms]
+        rider_views = [_in_shape(t, layout, shape) for t in riders]
+        if not riders or any(t is None for t in rider_views):
+            rider_views = None
     else:
         parts = [t if s is None else _spread(t, s) for t, s in terms]
-    stack = torch.stack(parts).view(len(parts), -1)
-    products = weights.unsqueeze(1) * stack
+    rows = torch.stack(parts + (rider_views or [])).view(len(parts) + len(rider_views or ()), -1)
+    stack = rows[: len(parts)]
     if len(mixed) == 2 and len(mixed[0]) == len(mixed[1]):
-        sums = list(products.view(2, len(mixed[0]), -1).sum(1))
+        J = len(mixed[0])
+        sums = list(torch.bmm(weights.view(2, 1, J), stack.view(2, J, -1)).view(2, -1))
     else:
+        products = weights.unsqueeze(1) * stack
         sums = [chunk.sum(0) for chunk in products.split([len(ts) for ts in mixed])]
     out = [(sums.pop(0), None) if w else terms_[0] for terms_, w in zip((mean_terms, var_terms), weighted)]
-    return out[0], out[1], stack
+    return out[0], out[1], stack, None if rider_views is None else list(rows[len(parts) :])
 
 
 def _one_set(part: Part) -> bool:
@@ -285,13 +307,23 @@ def _needs_unit_var(stages: Sequence[Stage]) -> bool:
 
 
 def _stage_forward(
-    m: Tensor, v: Tensor | None, stage: Stage, consts, weights, weighted, eps, single: bool, keep_m_next=True, xv=None
+    m: Tensor,
+    v: Tensor | None,
+    stage: Stage,
+    consts,
+    weights,
+    weighted,
+    eps,
+    single: bool,
+    xv=None,
+    riders=(),
+    layout=(1, 1),
 ):
     """One stage's statistics from its units' moments ``m``, ``v`` ``(K,)``: ``(mu, var_eps, r,
     m_next, centred, stack, set_statistics)`` with ``mu`` per unit ``(K,)`` for a ``single`` stage (the
     output's batch-norm pass reads it; ``None`` otherwise), ``var_eps = var + eps`` and
-    ``r = 1 / sqrt(var + eps)`` per unit, ``m_next = (m - mu) r`` (``None`` for a single stage with
-    the own mean, 0, or without ``keep_m_next``: only its backward reads it), ``centred`` the
+    ``r = 1 / sqrt(var + eps)`` per unit, ``m_next = (m - mu) r`` (``None`` for a single stage: its
+    backward reduces about ``mu``), ``centred`` the
     ``m - M`` of each pooled variance part and ``stack`` that of :func:`_mixtures`. Without ``v``, a
     one-set part's variance is ``avg (x - M)^2`` over ``xv`` (two ops; equal to the pool, which needs ``v``)."""
     set_means: dict[tuple, Tensor] = {}  # (shape, dims) -> set mean: a mean part and a variance part may share it
@@ -325,11 +357,13 @@ def _stage_forward(
             reported_vars.append(V)
             centred.append(dm)
             var_terms.append((V, part.shape))
-    (mu, mu_shape), (var, var_shape), stack = _mixtures(mean_terms, var_terms, weights, weighted)
+    (mu, mu_shape), (var, var_shape), stack, rider_rows = _mixtures(
+        mean_terms, var_terms, weights, weighted, riders, layout
+    )
     # var + eps as a real contiguous (K,) tensor: the add writes the broadcast set variance out
     var_eps = (var + eps) if var_shape is None else torch.add(var.expand(var_shape), eps).view(-1)
     r = torch.rsqrt(var_eps)
-    if single and (mu is m or not keep_m_next):  # the own mean: m_next = 0; no backward: not needed
+    if single:  # the backward reduces about mu itself (sum g (x - mu) r): no m_next
         m_next = None
     elif mu_shape is None:
         m_next = (m - mu) * r
@@ -341,7 +375,7 @@ def _stage_forward(
     if single and mu_shape is not None:
         mu = _spread(mu, mu_shape)
     statistics = SetStatistics(tuple(reported_means), tuple(reported_vars))
-    return mu if single else None, var_eps, r, m_next, tuple(centred), stack, statistics
+    return mu if single else None, var_eps, r, m_next, tuple(centred), stack, statistics, rider_rows
 
 
 class _StageAdjoints(NamedTuple):
@@ -403,7 +437,7 @@ def _stage_backward(
 ):
     """Adds one stage's statistics' adjoints into ``acc_m`` / ``acc_v`` (the units' ``m`` and ``v``;
     ``acc_v.alpha = 2 acc_m.alpha``) and returns the gradients of the weighted mixtures' weights
-    ``(2, J)`` or one ``(J,)`` per weighted mixture, negated (``None`` without weights).
+    ``(2, J)`` or one ``(J,)`` per weighted mixture (``None`` without weights).
 
     The cotangents come scaled: ``g_mu = -t`` with ``t = t_factors[0] * t_factors[1]`` (formed only
     where needed; ``t_factors[1] = None``: ``t = t_factors[0]``) and ``g_var = -g_var_hat / 2``. A
@@ -427,7 +461,8 @@ def _stage_backward(
             g_rows = torch.stack(rows).view(2, 1, K)
             g_both = weights.view(2, J, 1) * g_rows
             g_parts = g_both.view(-1, K)
-            g_weights = (record.stack.view(2, J, K) * g_rows).sum(-1)
+            stack = record.stack.view(2, J, K)  # the weights' gradient -stack @ (-g_mu, -g_var): one batched product
+            g_weights = torch.baddbmm(stack[..., :1], stack, g_rows.view(2, K, 1), beta=0, alpha=-1.0).view(2, J)
             for j, part, dims in plan.shared:  # both averages in one op
                 both = g_both[:, j].view(2, *part.shape).mean(dims, keepdim=True)
                 set_means[0, j], set_means[1, j] = both[0], both[1]
@@ -436,7 +471,7 @@ def _stage_backward(
             blocks_ = zip(weights.split(plan.J), record.stack.view(-1).split([j * K for j in plan.J]), rows)
             for w_k, s_k, row in blocks_:
                 g_parts += list(w_k.unsqueeze(1) * row)
-                g_weights.append((s_k.view(-1, K) * row).sum(1))
+                g_weights.append(torch.addmv(w_k, s_k.view(-1, K), row, beta=0, alpha=-1.0))
     n_mean = len(stage.mean_parts) if weighted[0] else 0
     for j, part, c in plan.var_parts:
         g, alpha = (g_parts[n_mean + j], -1.0) if weighted[1] else (g_var_hat, -0.5)
@@ -501,18 +536,20 @@ def _pooled_forward(xv, weight, bias, mean_logits, var_logits, plan: Plan, eps, 
     ``backward=False`` skips what only the backward reads)."""
     layout, stages = plan
     if _needs_unit_var(stages):
-        m, v = channel_moments(xv)
+        m, v = (native_channel_moments if xv.is_contiguous() else channel_moments)(xv)
     else:
         m, v = xv.mean([d for d in range(xv.dim()) if d != 1]), None
     weights = _mixture_weights(mean_logits, var_logits, m.dtype)
     weighted = (mean_logits is not None, var_logits is not None)
     tape = _Tape()
     statistics = []
+    # a single stage's per-unit affine, copied in the stack of its mixture where it has one (no copy for (1, 1))
+    riders = [] if layout == (1, 1) else [t for t in (weight, bias) if t is not None]
     m_s, v_s, P, v_in = m, v, None, None  # P: the product of the stages' r so far
     last = len(stages) - 1
     for s, stage in enumerate(stages):
         mixing = s == last  # the mixture weights mix the last stage's parts
-        mu, var_eps, r, m_next, centred, stack, stage_statistics = _stage_forward(
+        mu, var_eps, r, m_next, centred, stack, stage_statistics, affine_rows = _stage_forward(
             m_s,
             v_s,
             stage,
@@ -521,17 +558,21 @@ def _pooled_forward(xv, weight, bias, mean_logits, var_logits, plan: Plan, eps, 
             weighted if mixing else (False, False),
             eps,
             last == 0,
-            backward,
             xv,
+            riders if last == 0 else (),
+            layout,
         )
         statistics.append(stage_statistics)
         P = r if P is None else P * r
-        tape.record(StageRecord(centred, stack, var_eps, r, P, m_next, v_in))
+        tape.record(StageRecord(centred, stack, var_eps, r, P, m_next, v_in, mu))
         m_s = m_next
         if s != last:
             v_s = v_in = v_s / var_eps  # v r^2
     if last == 0:  # y = w (x - mu) / sqrt(var + eps) + b
-        w, b = _expand_affine(weight, layout), _expand_affine(bias, layout)
+        if affine_rows is not None:
+            w, b = (None if t is None else affine_rows.pop(0) for t in (weight, bias))
+        else:
+            w, b = _expand_affine(weight, layout), _expand_affine(bias, layout)
         y = torch.batch_norm(xv, w, b, mu, var_eps, False, 0.0, 0.0, False)
         scale = ones = None
     else:  # y = w ((x - m) P + m_out) + b: eval-mode BN with mean m, var 1, eps 0 is x - m, then scale and shift
@@ -602,15 +643,18 @@ class _PooledSetNorm(torch.autograd.Function):
         last = len(stages) - 1
         final = records[last]
         # y = w ((x - m) P + m_out) + b. Per unit, one fused native pass (see _BN_BACKWARD): sum g and
-        # s_gcP = sum g (x - m) P (a single stage: P = r = 1 / sqrt(var_eps))
+        # g_w = P sum g x_hat, the weight's gradient per unit (a single stage, y = w (x - mu) r + b:
+        # sum g (x - mu) r; several: s_gcP = sum g (x - m) P, and g_w = s_gcP + m_out sum g)
+        m_out = final.m_next
         if last == 0:
-            _, s_gcP, s_g = _BN_BACKWARD(g, xv, None, m, final.var_eps, None, None, False, 0.0, [False, True, True])
+            _, g_w, s_g = _BN_BACKWARD(
+                g, xv, None, final.mu, final.var_eps, None, None, False, 0.0, [False, True, True]
+            )
             scale = _times_affine(final.r, weight, layout)
         else:
             _, s_gc, s_g = _BN_BACKWARD(g, xv, None, m, ones, None, None, False, 0.0, [False, True, True])
             s_gcP = s_gc * final.P
-        m_out = final.m_next
-        g_w = s_gcP if m_out is None else torch.addcmul(s_gcP, m_out, s_g)  # per unit: P sum g x_hat
+            g_w = torch.addcmul(s_gcP, m_out, s_g)
         gw = _reduce_affine(g_w, layout) if ctx.needs_input_grad[1] else None
         gb = _reduce_affine(s_g, layout) if ctx.needs_input_grad[2] else None
         # Stage s (from the last): with G_P = g_P P (g_P: the cotangent of the product P of the r so far)
@@ -683,10 +727,10 @@ class _PooledSetNorm(torch.autograd.Function):
         g_logits = [None, None]
         if g_weights is not None:
             if isinstance(g_weights, Tensor):  # both mixtures, (2, J)
-                found = list(_softmax_grad(weights, g_weights, negated=True))
+                found = list(_softmax_grad(weights, g_weights))
             else:
                 sizes = [g_k.numel() for g_k in g_weights]
-                found = [_softmax_grad(w_k, g_k, negated=True) for w_k, g_k in zip(weights.split(sizes), g_weights)]
+                found = [_softmax_grad(w_k, g_k) for w_k, g_k in zip(weights.split(sizes), g_weights)]
             for k in (0, 1):
                 if ctx.weighted[k]:
                     g_logits[k] = found.pop(0)

@@ -196,11 +196,11 @@ def _expand_affine(t: Tensor | None, layout: tuple[int, int]) -> Tensor | None:
 
 
 def _reduce_affine(t: Tensor, layout: tuple[int, int]) -> Tensor:
-    """Per-unit ``(K,)`` gradient -> per-channel ``(C,)`` (the adjoint of :func:`_expand_affine`)."""
+    """Per-unit ``(..., K)`` gradients -> per-channel ``(..., C)`` (the adjoint of :func:`_expand_affine`)."""
     if layout == (1, 1):
         return t
     before, after = layout
-    return t.view(before, -1, after).sum((0, 2))
+    return t.view(*t.shape[:-1], before, -1, after).sum((-3, -1))
 
 
 def _times_affine(t: Tensor, a: Tensor | None, layout: tuple[int, int]) -> Tensor:
@@ -432,6 +432,66 @@ def _one_pooled_var_term(g_w: Tensor, weight: Tensor | None, stage: Stage, layou
     return torch.div(sums.view(G, 1), record.var_eps.view(G, L))
 
 
+class _JointMixture(NamedTuple):
+    """A single stage whose mean and variance mixtures are both weighted and mix the same parts: one
+    :class:`Own` part (index ``own``) and :class:`Pooled` parts ``(j, part)`` (in order, also that of the
+    stage's ``centred`` records) over units of one ``shape`` (SN's IN, LN, BN)."""
+
+    own: int
+    pooled: tuple[tuple[int, Pooled], ...]
+    shape: tuple[int, ...]
+
+
+@functools.lru_cache(maxsize=256)
+def _joint_mixture(stage: Stage, weighted: tuple[bool, bool]) -> _JointMixture | None:
+    """The :class:`_JointMixture` of ``stage`` with the mixtures ``weighted`` (mean, var), or ``None``."""
+    if weighted != (True, True) or stage.mean_parts != stage.var_parts:
+        return None
+    own = [j for j, p in enumerate(stage.var_parts) if isinstance(p, Own)]
+    pooled = tuple((j, p) for j, p in enumerate(stage.var_parts) if isinstance(p, Pooled))
+    shapes = {p.shape for _, p in pooled}
+    if len(own) != 1 or len(shapes) != 1 or len(own) + len(pooled) != len(stage.var_parts):
+        return None
+    return _JointMixture(own[0], pooled, shapes.pop())
+
+
+def _joint_mixture_backward(
+    s_g, g_w, record: StageRecord, weight, weights, plan: _JointMixture, layout, n, needs_affine
+):
+    """``(scale, gw, gb, B, C, g_weights)`` of a :class:`_JointMixture` stage, from the per-unit ``s_g = sum g``
+    and ``g_w = sum g (x - mu) r`` ``(K,)``: the affine's gradients (``None`` without ``needs_affine``), ``dx = A
+    g + B (x - m) + C`` with ``A = scale = w r``, ``B = 2 g_v / n``, ``C = g_m / n`` per unit, and the mixture
+    weights' gradient ``(2, J)``.
+
+    ``g_mu = -w r s_g`` and ``g_var = -w r^2 g_w / 2`` (module docstring) are the rows ``(t, g_var_hat) = (-g_mu,
+    -2 g_var)`` of one ``(2, K)`` tensor; ``d w_j = stack_j . g_mu``, ``d u_j = stack_j . g_var`` (one batched
+    product); the parts' cotangents ``(w_j g_mu / n, 2 u_j g_var / n)`` in one batched outer product ``(2, J,
+    K)``, whose own part's rows start ``(C, B)``; each pooled part's two rows averaged over its sets in one op
+    ``P``: ``C += P_0 + P_1 (dm - avg dm)``, ``B += P_1`` (a set mean's adjoint, and a pooled variance's through
+    ``v`` and through ``m``, see :func:`_stage_backward`)."""
+    K = s_g.shape[0]
+    J = weights.shape[-1]
+    X = torch.stack((s_g, g_w))
+    gb, gw = _reduce_affine(X, layout) if needs_affine else (None, None)
+    scale = _times_affine(record.r, weight, layout)
+    G = X * scale
+    G[1].mul_(record.r)
+    stack = record.stack.view(2, J, K)
+    g_weights = torch.baddbmm(stack[..., :1], stack, G.view(2, K, 1), beta=0, alpha=-1.0).view(2, J)
+    g_weights[1].mul_(0.5)
+    rows = G.view(2, 1, K)
+    g_both = torch.baddbmm(rows, weights.view(2, J, 1), rows, beta=0, alpha=-1.0 / n)
+    shape = plan.shape
+    Z = None
+    for c, (j, part) in enumerate(plan.pooled):
+        P = g_both[:, j].view(2, *shape).mean(tuple(d + 1 for d in part.dims), keepdim=True)
+        Z = torch.add(g_both[:, plan.own].view(2, *shape), P) if Z is None else Z.add_(P)
+        dm = record.centred[c]  # avg dm: 0 in exact arithmetic, in float32 M's rounding (module docstring)
+        Z[0].addcmul_(P[1], dm - dm.mean(part.dims, keepdim=True))
+    C, B = Z.view(2, K)
+    return scale, gw, gb, B, C, g_weights
+
+
 def _stage_backward(
     t_factors, g_var_hat, stage: Stage, weights, weighted, record: StageRecord, acc_m, acc_v, var_term=None
 ):
@@ -650,67 +710,81 @@ class _PooledSetNorm(torch.autograd.Function):
             _, g_w, s_g = _BN_BACKWARD(
                 g, xv, None, final.mu, final.var_eps, None, None, False, 0.0, [False, True, True]
             )
-            scale = _times_affine(final.r, weight, layout)
         else:
             _, s_gc, s_g = _BN_BACKWARD(g, xv, None, m, ones, None, None, False, 0.0, [False, True, True])
             s_gcP = s_gc * final.P
             g_w = torch.addcmul(s_gcP, m_out, s_g)
-        gw = _reduce_affine(g_w, layout) if ctx.needs_input_grad[1] else None
-        gb = _reduce_affine(s_g, layout) if ctx.needs_input_grad[2] else None
-        # Stage s (from the last): with G_P = g_P P (g_P: the cotangent of the product P of the r so far)
-        # and g_mo the cotangent of its output mean m_next, g_r r = G_P + g_mo m_next, so
-        # g_var = -g_r r^3 / 2 = -(G_P + g_mo m_next) / (2 var_eps), g_mu = -g_mo r; then the earlier
-        # stage's G_P gains g_v_in v_in (v_in = v P^2) and its g_mo gains g_mo r + g_m_in
-        var_term = None
-        if last == 0:  # G_P + g_mo m_out = w g_w, g_mo r = scale s_g
-            var_term = _one_pooled_var_term(g_w, weight, stages[0], layout, ctx.weighted, final, n)
-            h = _times_affine(g_w, weight, layout) if var_term is None else None
-            t_factors = (scale, s_g)
-        else:
-            G_P = _times_affine(s_gcP, weight, layout)
-            g_mo = _times_affine(s_g, weight, layout)
-            h = torch.addcmul(G_P, g_mo, m_out)
-            t = g_mo * final.r
-            t_factors = (t, None)
-        acc_m = acc_v = None
-        later_var_terms = []  # (2 g_v_in, P of the stage before) of the later stages' variance adjoints
-        g_weights = None
-        for s in range(last, -1, -1):
-            record = records[s]
-            # the first stage's adjoints are the units' m, v and go to dx as C = g_m / n and B = 2 g_v / n
-            alpha = 1.0 / n if s == 0 else 1.0
-            acc_m, acc_v = _Accumulator(alpha), _Accumulator(2.0 * alpha)
-            mixing = s == last
-            stage_g_weights = _stage_backward(
-                t_factors,
-                None if var_term is not None else h / record.var_eps,
-                stages[s],
-                weights if mixing else None,
-                ctx.weighted if mixing else (False, False),
-                record,
-                acc_m,
-                acc_v,
-                var_term,
+        joint = _joint_mixture(stages[0], ctx.weighted) if last == 0 else None
+        if joint is not None:  # a mixture of own and pooled parts of one shape (SN): its own formulas
+            needs_affine = any(ctx.needs_input_grad[1:3])
+            scale, gw, gb, B, C, g_weights = _joint_mixture_backward(
+                s_g, g_w, final, weight, weights, joint, layout, n, needs_affine
             )
-            if mixing:
-                g_weights = stage_g_weights
-            if s == 0:
-                break
-            previous = records[s - 1]
-            g_mo = t if acc_m.total is None else t + acc_m.total
-            if acc_v.total is not None:
-                G_P = torch.addcmul(G_P, acc_v.total, record.v_in)
-                later_var_terms.append((acc_v.total, previous.P))
-            h = torch.addcmul(G_P, g_mo, previous.m_next)
-            t = g_mo * previous.r
-            t_factors = (t, None)
-        C, B = acc_m.total, acc_v.total
-        if last > 0:  # the first stage's m_in is m: its path g_mo r (= t) and the output's explicit -m term
-            C = torch.mul(t, 1.0 / n) if C is None else torch.add(C, t, alpha=1.0 / n)
-            C = torch.addcmul(C, scale, s_g, value=-1.0 / n)
-        for g_v_in, P_before in later_var_terms:  # v_in = v P_before^2: g_v += g_v_in P_before^2
-            term = g_v_in * P_before
-            B = torch.mul(term, P_before * (1.0 / n)) if B is None else torch.addcmul(B, term, P_before, value=1.0 / n)
+            gw = gw if ctx.needs_input_grad[1] else None
+            gb = gb if ctx.needs_input_grad[2] else None
+        else:
+            if last == 0:
+                scale = _times_affine(final.r, weight, layout)
+            gw = _reduce_affine(g_w, layout) if ctx.needs_input_grad[1] else None
+            gb = _reduce_affine(s_g, layout) if ctx.needs_input_grad[2] else None
+            # Stage s (from the last): with G_P = g_P P (g_P: the cotangent of the product P of the r so far)
+            # and g_mo the cotangent of its output mean m_next, g_r r = G_P + g_mo m_next, so
+            # g_var = -g_r r^3 / 2 = -(G_P + g_mo m_next) / (2 var_eps), g_mu = -g_mo r; then the earlier
+            # stage's G_P gains g_v_in v_in (v_in = v P^2) and its g_mo gains g_mo r + g_m_in
+            var_term = None
+            if last == 0:  # G_P + g_mo m_out = w g_w, g_mo r = scale s_g
+                var_term = _one_pooled_var_term(g_w, weight, stages[0], layout, ctx.weighted, final, n)
+                h = _times_affine(g_w, weight, layout) if var_term is None else None
+                t_factors = (scale, s_g)
+            else:
+                G_P = _times_affine(s_gcP, weight, layout)
+                g_mo = _times_affine(s_g, weight, layout)
+                h = torch.addcmul(G_P, g_mo, m_out)
+                t = g_mo * final.r
+                t_factors = (t, None)
+            acc_m = acc_v = None
+            later_var_terms = []  # (2 g_v_in, P of the stage before) of the later stages' variance adjoints
+            g_weights = None
+            for s in range(last, -1, -1):
+                record = records[s]
+                # the first stage's adjoints are the units' m, v and go to dx as C = g_m / n and B = 2 g_v / n
+                alpha = 1.0 / n if s == 0 else 1.0
+                acc_m, acc_v = _Accumulator(alpha), _Accumulator(2.0 * alpha)
+                mixing = s == last
+                stage_g_weights = _stage_backward(
+                    t_factors,
+                    None if var_term is not None else h / record.var_eps,
+                    stages[s],
+                    weights if mixing else None,
+                    ctx.weighted if mixing else (False, False),
+                    record,
+                    acc_m,
+                    acc_v,
+                    var_term,
+                )
+                if mixing:
+                    g_weights = stage_g_weights
+                if s == 0:
+                    break
+                previous = records[s - 1]
+                g_mo = t if acc_m.total is None else t + acc_m.total
+                if acc_v.total is not None:
+                    G_P = torch.addcmul(G_P, acc_v.total, record.v_in)
+                    later_var_terms.append((acc_v.total, previous.P))
+                h = torch.addcmul(G_P, g_mo, previous.m_next)
+                t = g_mo * previous.r
+                t_factors = (t, None)
+            C, B = acc_m.total, acc_v.total
+            if last > 0:  # the first stage's m_in is m: its path g_mo r (= t) and the output's explicit -m term
+                C = torch.mul(t, 1.0 / n) if C is None else torch.add(C, t, alpha=1.0 / n)
+                C = torch.addcmul(C, scale, s_g, value=-1.0 / n)
+            for g_v_in, P_before in later_var_terms:  # v_in = v P_before^2: g_v += g_v_in P_before^2
+                term = g_v_in * P_before
+                B = (
+                    torch.mul(term, P_before * (1.0 / n))
+                    if B is None
+                    else torch.addcmul(B, term, P_before, value=1.0 / n)
+                )
         gx = None
         if ctx.needs_input_grad[0]:
             shape = [1, K] + [1] * (xv.dim() - 2)

@@ -62,7 +62,7 @@ from torch.autograd.function import once_differentiable
 
 from .fused_ops import squared_deviations
 from .layout import laid_out_as
-from .moments import channel_moments, native_channel_moments
+from .moments import channel_moments
 
 
 @dataclass(frozen=True)
@@ -596,7 +596,7 @@ def _pooled_forward(xv, weight, bias, mean_logits, var_logits, plan: Plan, eps, 
     ``backward=False`` skips what only the backward reads)."""
     layout, stages = plan
     if _needs_unit_var(stages):
-        m, v = (native_channel_moments if xv.is_contiguous() else channel_moments)(xv)
+        m, v = channel_moments(xv)
     else:
         m, v = xv.mean([d for d in range(xv.dim()) if d != 1]), None
     weights = _mixture_weights(mean_logits, var_logits, m.dtype)

@@ -124,7 +124,8 @@ class PooledSetOutput(NamedTuple):
 
 
 class StageRecord(NamedTuple):
-    """What the backward needs of one stage: ``m - M`` of each pooled variance part, the stacked
+    """What the backward needs of one stage: ``m - M`` of each pooled variance part and its set mean ``avg (m -
+    M)`` (``None`` where the forward did not form it: a one-set part without ``v``), the stacked
     weighted parts ``(J, K)`` (the mean mixture's, then the variance mixture's; ``None`` without
     weights), ``var + eps`` and ``r`` per unit, the product ``P`` of this and the earlier stages'
     ``r``, the stage's output unit mean ``m_next = (m_in - mu) r`` (``None`` for a single stage),
@@ -132,6 +133,7 @@ class StageRecord(NamedTuple):
     per unit (``None`` for several)."""
 
     centred: tuple[Tensor, ...]
+    centred_means: tuple[Tensor | None, ...]
     stack: Tensor | None
     var_eps: Tensor
     r: Tensor
@@ -154,18 +156,18 @@ class _Tape:
     def tensors(self) -> list[Tensor | None]:
         flat: list[Tensor | None] = []
         for record in self.records:
-            flat += (*record.centred, *record[1:])
+            flat += (*record.centred, *record.centred_means, *record[2:])
         return flat
 
     @staticmethod
     def read(tensors: Sequence[Tensor | None], stages: Sequence[Stage]) -> list[StageRecord]:
         records, at = [], 0
-        fixed = len(StageRecord._fields) - 1  # the fields after ``centred``
+        fixed = len(StageRecord._fields) - 2  # the fields after ``centred_means``
         for stage in stages:
             n = sum(isinstance(part, Pooled) for part in stage.var_parts)
-            fields = tensors[at : at + n + fixed]
-            records.append(StageRecord(tuple(fields[:n]), *fields[n:]))
-            at += n + fixed
+            fields = tensors[at : at + 2 * n + fixed]
+            records.append(StageRecord(tuple(fields[:n]), tuple(fields[n : 2 * n]), *fields[2 * n :]))
+            at += 2 * n + fixed
         return records
 
 
@@ -338,7 +340,7 @@ def _stage_forward(
             M = set_means[part.shape, part.dims] = _set_mean(m, part)
             reported_means.append(M)
             mean_terms.append((M, part.shape))
-    var_terms, reported_vars, centred = [], [], []
+    var_terms, reported_vars, centred, centred_means = [], [], [], []
     for part in stage.var_parts:
         if isinstance(part, Own):
             var_terms.append((v, None))
@@ -348,14 +350,20 @@ def _stage_forward(
             key = part.shape, part.dims
             if key not in set_means:
                 set_means[key] = _set_mean(m, part)
-            dm = deviations[key] = m.view(part.shape) - set_means[key]
             if v is None:  # one set: the variance of all of xv about its mean M
+                dm = m.view(part.shape) - set_means[key]
                 M = set_means[key].view([1] * xv.dim())
                 V = squared_deviations(xv, M).mean().view(set_means[key].shape)
-            else:  # law of total variance
-                V = torch.addcmul(v.view(part.shape), dm, dm).mean(part.dims, keepdim=True)
+                avg_dm = None
+            else:  # law of total variance; the one mean of (dm, v + dm^2) also gives avg dm, which the backward reads
+                both = torch.empty((2, *part.shape), dtype=m.dtype, device=m.device)
+                dm = torch.sub(m.view(part.shape), set_means[key], out=both[0])
+                torch.addcmul(v.view(part.shape), dm, dm, out=both[1])
+                avg_dm, V = both.mean(tuple(d + 1 for d in part.dims), keepdim=True)
+            deviations[key] = dm
             reported_vars.append(V)
             centred.append(dm)
+            centred_means.append(avg_dm)
             var_terms.append((V, part.shape))
     (mu, mu_shape), (var, var_shape), stack, rider_rows = _mixtures(
         mean_terms, var_terms, weights, weighted, riders, layout
@@ -375,7 +383,16 @@ def _stage_forward(
     if single and mu_shape is not None:
         mu = _spread(mu, mu_shape)
     statistics = SetStatistics(tuple(reported_means), tuple(reported_vars))
-    return mu if single else None, var_eps, r, m_next, tuple(centred), stack, statistics, rider_rows
+    return (
+        mu if single else None,
+        var_eps,
+        r,
+        m_next,
+        (tuple(centred), tuple(centred_means)),
+        stack,
+        statistics,
+        rider_rows,
+    )
 
 
 class _StageAdjoints(NamedTuple):
@@ -432,6 +449,14 @@ def _one_pooled_var_term(g_w: Tensor, weight: Tensor | None, stage: Stage, layou
     return torch.div(sums.view(G, 1), record.var_eps.view(G, L))
 
 
+def _recentred(record: StageRecord, c: int, part: Pooled) -> Tensor:
+    """``dm - avg dm`` of the stage's ``c``-th pooled variance part (units shaped like its sets): ``avg dm`` is 0 in
+    exact arithmetic and in float32 the rounding of the set mean ``M``, which ``dm`` alone would carry to every
+    unit of the set (module docstring); the forward's where it formed it."""
+    dm, avg_dm = record.centred[c], record.centred_means[c]
+    return dm - (dm.mean(part.dims, keepdim=True) if avg_dm is None else avg_dm)
+
+
 class _JointMixture(NamedTuple):
     """A single stage whose mean and variance mixtures are both weighted and mix the same parts: one
     :class:`Own` part (index ``own``) and :class:`Pooled` parts ``(j, part)`` (in order, also that of the
@@ -486,8 +511,7 @@ def _joint_mixture_backward(
     for c, (j, part) in enumerate(plan.pooled):
         P = g_both[:, j].view(2, *shape).mean(tuple(d + 1 for d in part.dims), keepdim=True)
         Z = torch.add(g_both[:, plan.own].view(2, *shape), P) if Z is None else Z.add_(P)
-        dm = record.centred[c]  # avg dm: 0 in exact arithmetic, in float32 M's rounding (module docstring)
-        Z[0].addcmul_(P[1], dm - dm.mean(part.dims, keepdim=True))
+        Z[0].addcmul_(P[1], _recentred(record, c, part))
     C, B = Z.view(2, K)
     return scale, gw, gb, B, C, g_weights
 
@@ -549,8 +573,7 @@ def _stage_backward(
         acc_v.add(term.view(-1), scaled=True)
         # avg dm: 0 in exact arithmetic, in float32 M's rounding, which 2 P dm alone would carry
         # to every unit of the set
-        dm = record.centred[c]
-        acc_m.add_product(term, dm - dm.mean(part.dims, keepdim=True), part.shape)
+        acc_m.add_product(term, _recentred(record, c, part), part.shape)
     for j, part in plan.mean_parts:
         if weighted[0]:
             g = g_parts[j]
@@ -624,7 +647,7 @@ def _pooled_forward(xv, weight, bias, mean_logits, var_logits, plan: Plan, eps, 
         )
         statistics.append(stage_statistics)
         P = r if P is None else P * r
-        tape.record(StageRecord(centred, stack, var_eps, r, P, m_next, v_in, mu))
+        tape.record(StageRecord(*centred, stack, var_eps, r, P, m_next, v_in, mu))
         m_s = m_next
         if s != last:
             v_s = v_in = v_s / var_eps  # v r^2

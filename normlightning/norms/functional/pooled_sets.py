@@ -22,17 +22,19 @@ Output: ``y = w (x - mu) / sqrt(var + eps) + b`` (native eval-mode ``F.batch_nor
 ``var + eps`` and ``eps = 0``: the per-unit copy of a set variance is the sum that adds ``eps``).
 
 Op count (issue 23: each small op is a GPU kernel launch): the statistics are kept at set level and
-broadcast inside the ops that combine them; a mixture of both ``mu`` and ``var`` is one stack, one
-product and one sum (one softmax for both logits); ``addcmul`` and scalar factors folded into the next op replace
-multiply-then-add chains.
+broadcast inside the ops that combine them; a mixture of both ``mu`` and ``var`` is one stack (whose further
+rows copy a single stage's affine per unit) and one batched product (one softmax for both logits); a pooled
+variance's ``m - M`` and ``v + (m - M)^2`` share one mean; ``addcmul``, batched products and scalar factors
+folded into the next op replace multiply-then-add chains.
 
 Stages (SeqNorm has two): stage ``s`` normalizes the previous stage's output, whose unit moments
 follow from ``r_s = 1 / sqrt(var_s + eps)``: mean ``(m_s - mu_s) r_s``, variance ``v_s r_s^2``; so
 every stage works on ``(K,)`` moments and ``y = w ((x - m) P + m_out) + b`` with ``P`` the product of
 the stages' ``r`` and ``m_out`` the last stage's output mean.
 
-Backward (analytic, no graph of small ops): one native reduction pass gives per unit ``sum g`` and ``sum
-g (x - m) P`` (:data:`_BN_BACKWARD`); the statistics' adjoints follow from the pooling (an average
+Backward (analytic, no graph of small ops): one native reduction pass gives per unit ``sum g`` and the
+weight's gradient ``sum g x_hat`` (:data:`_BN_BACKWARD`: a single stage reduces about its ``mu``, several about
+``m``, ``sum g (x - m) P``); the statistics' adjoints follow from the pooling (an average
 broadcast back is its own adjoint), stage by stage from the last with ``g_r r = G_P + g_mo m_next``
 (``G_P = g_P P``: ``w sum g (x - m) P`` at the last stage, gaining ``g_v_in v_in`` at each earlier one)
 and accumulate with their ``1/n``, ``2/n`` already applied (:class:`_Accumulator`); then, from ``dm/dx =
@@ -42,8 +44,10 @@ n``, in elementwise passes that write one output tensor (``x - m``, ``*= 2 g_v /
 unit of one value, data offset by many standard deviations), where ``B x - B m`` would cancel; likewise
 a pooled variance's adjoint keeps its path through the set mean, ``dV/dm_k = 2/n (dm_k - avg dm)``,
 whose last term is 0 in exact arithmetic and the rounding of ``M`` in float32 (docs/methods.md,
-"Precision"). The upstream gradient is first laid out like ``xv`` (:func:`~.layout.laid_out_as`: the
-native reduction misreads another layout).
+"Precision"; the forward forms ``avg dm``). A mixture of one own and pooled parts in both ``mu`` and ``var``
+(SN) has formulas of its own that handle the two mixtures as the rows of one tensor
+(:func:`_joint_mixture_backward`). The upstream gradient is first laid out like ``xv``
+(:func:`~.layout.laid_out_as`: the native reduction misreads another layout).
 
 A *part* is :class:`Own`, :class:`Const` (the ``index``-th constant, shape ``(K,)``) or
 :class:`Pooled` (the set mean in a stage's ``mean_parts``, the set variance in its ``var_parts``).
@@ -322,12 +326,13 @@ def _stage_forward(
     layout=(1, 1),
 ):
     """One stage's statistics from its units' moments ``m``, ``v`` ``(K,)``: ``(mu, var_eps, r,
-    m_next, centred, stack, set_statistics)`` with ``mu`` per unit ``(K,)`` for a ``single`` stage (the
+    m_next, centred, stack, set_statistics, affine_rows)`` with ``mu`` per unit ``(K,)`` for a ``single`` stage (the
     output's batch-norm pass reads it; ``None`` otherwise), ``var_eps = var + eps`` and
     ``r = 1 / sqrt(var + eps)`` per unit, ``m_next = (m - mu) r`` (``None`` for a single stage: its
-    backward reduces about ``mu``), ``centred`` the
-    ``m - M`` of each pooled variance part and ``stack`` that of :func:`_mixtures`. Without ``v``, a
-    one-set part's variance is ``avg (x - M)^2`` over ``xv`` (two ops; equal to the pool, which needs ``v``)."""
+    backward reduces about ``mu``), ``centred`` the ``m - M`` of each pooled variance part and their set means
+    (:class:`StageRecord`), ``stack`` and ``affine_rows`` those of :func:`_mixtures` (its ``rider_rows``: the
+    ``riders`` per unit). Without ``v``, a one-set part's variance is ``avg (x - M)^2`` over ``xv`` (two ops;
+    equal to the pool, which needs ``v``)."""
     set_means: dict[tuple, Tensor] = {}  # (shape, dims) -> set mean: a mean part and a variance part may share it
     deviations: dict[tuple, Tensor] = {}  # (shape, dims) -> m - M, shaped like the units' sets
     mean_terms, reported_means = [], []

@@ -293,12 +293,12 @@ def _mixtures(mean_terms, var_terms, weights: Tensor | None, weighted: tuple[boo
     stack = rows[: len(parts)]
     if len(mixed) == 2 and len(mixed[0]) == len(mixed[1]):
         J = len(mixed[0])
-        sums = list(torch.bmm(weights.view(2, 1, J), stack.view(2, J, -1)).view(2, -1))
+        sums = list(torch.bmm(weights.view(2, 1, J), stack.view(2, J, -1)).view(2, -1).unbind(0))
     else:
         products = weights.unsqueeze(1) * stack
         sums = [chunk.sum(0) for chunk in products.split([len(ts) for ts in mixed])]
     out = [(sums.pop(0), None) if w else terms_[0] for terms_, w in zip((mean_terms, var_terms), weighted)]
-    return out[0], out[1], stack, None if rider_views is None else list(rows[len(parts) :])
+    return out[0], out[1], stack, None if rider_views is None else list(rows[len(parts) :].unbind(0))
 
 
 def _one_set(part: Part) -> bool:
@@ -364,7 +364,7 @@ def _stage_forward(
                 both = torch.empty((2, *part.shape), dtype=m.dtype, device=m.device)
                 dm = torch.sub(m.view(part.shape), set_means[key], out=both[0])
                 torch.addcmul(v.view(part.shape), dm, dm, out=both[1])
-                avg_dm, V = both.mean(tuple(d + 1 for d in part.dims), keepdim=True)
+                avg_dm, V = both.mean(tuple(d + 1 for d in part.dims), keepdim=True).unbind(0)
             deviations[key] = dm
             reported_vars.append(V)
             centred.append(dm)
@@ -502,7 +502,7 @@ def _joint_mixture_backward(
     K = s_g.shape[0]
     J = weights.shape[-1]
     X = torch.stack((s_g, g_w))
-    gb, gw = _reduce_affine(X, layout) if needs_affine else (None, None)
+    gb, gw = _reduce_affine(X, layout).unbind(0) if needs_affine else (None, None)
     scale = _times_affine(record.r, weight, layout)
     G = X * scale
     G[1].mul_(record.r)
@@ -517,7 +517,7 @@ def _joint_mixture_backward(
         P = g_both[:, j].view(2, *shape).mean(tuple(d + 1 for d in part.dims), keepdim=True)
         Z = torch.add(g_both[:, plan.own].view(2, *shape), P) if Z is None else Z.add_(P)
         Z[0].addcmul_(P[1], _recentred(record, c, part))
-    C, B = Z.view(2, K)
+    C, B = Z.view(2, K).unbind(0)  # (unbind: a tensor's own iteration costs more on CPU)
     return scale, gw, gb, B, C, g_weights
 
 
@@ -829,7 +829,7 @@ class _PooledSetNorm(torch.autograd.Function):
         g_logits = [None, None]
         if g_weights is not None:
             if isinstance(g_weights, Tensor):  # both mixtures, (2, J)
-                found = list(_softmax_grad(weights, g_weights))
+                found = list(_softmax_grad(weights, g_weights).unbind(0))
             else:
                 sizes = [g_k.numel() for g_k in g_weights]
                 found = [_softmax_grad(w_k, g_k) for w_k, g_k in zip(weights.split(sizes), g_weights)]

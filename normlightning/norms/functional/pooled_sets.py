@@ -22,17 +22,19 @@ Output: ``y = w (x - mu) / sqrt(var + eps) + b`` (native eval-mode ``F.batch_nor
 ``var + eps`` and ``eps = 0``: the per-unit copy of a set variance is the sum that adds ``eps``).
 
 Op count (issue 23: each small op is a GPU kernel launch): the statistics are kept at set level and
-broadcast inside the ops that combine them; a mixture of both ``mu`` and ``var`` is one stack, one
-product and one sum (one softmax for both logits); ``addcmul`` and scalar factors folded into the next op replace
-multiply-then-add chains.
+broadcast inside the ops that combine them; a mixture of both ``mu`` and ``var`` is one stack (whose further
+rows copy a single stage's affine per unit) and one batched product (one softmax for both logits); a pooled
+variance's ``m - M`` and ``v + (m - M)^2`` share one mean; ``addcmul``, batched products and scalar factors
+folded into the next op replace multiply-then-add chains.
 
 Stages (SeqNorm has two): stage ``s`` normalizes the previous stage's output, whose unit moments
 follow from ``r_s = 1 / sqrt(var_s + eps)``: mean ``(m_s - mu_s) r_s``, variance ``v_s r_s^2``; so
 every stage works on ``(K,)`` moments and ``y = w ((x - m) P + m_out) + b`` with ``P`` the product of
 the stages' ``r`` and ``m_out`` the last stage's output mean.
 
-Backward (analytic, no graph of small ops): one native reduction pass gives per unit ``sum g`` and ``sum
-g (x - m) P`` (:data:`_BN_BACKWARD`); the statistics' adjoints follow from the pooling (an average
+Backward (analytic, no graph of small ops): one native reduction pass gives per unit ``sum g`` and the
+weight's gradient ``sum g x_hat`` (:data:`_BN_BACKWARD`: a single stage reduces about its ``mu``, several about
+``m``, ``sum g (x - m) P``); the statistics' adjoints follow from the pooling (an average
 broadcast back is its own adjoint), stage by stage from the last with ``g_r r = G_P + g_mo m_next``
 (``G_P = g_P P``: ``w sum g (x - m) P`` at the last stage, gaining ``g_v_in v_in`` at each earlier one)
 and accumulate with their ``1/n``, ``2/n`` already applied (:class:`_Accumulator`); then, from ``dm/dx =
@@ -42,8 +44,10 @@ n``, in elementwise passes that write one output tensor (``x - m``, ``*= 2 g_v /
 unit of one value, data offset by many standard deviations), where ``B x - B m`` would cancel; likewise
 a pooled variance's adjoint keeps its path through the set mean, ``dV/dm_k = 2/n (dm_k - avg dm)``,
 whose last term is 0 in exact arithmetic and the rounding of ``M`` in float32 (docs/methods.md,
-"Precision"). The upstream gradient is first laid out like ``xv`` (:func:`~.layout.laid_out_as`: the
-native reduction misreads another layout).
+"Precision"; the forward forms ``avg dm``). A mixture of one own and pooled parts in both ``mu`` and ``var``
+(SN) has formulas of its own that handle the two mixtures as the rows of one tensor
+(:func:`_joint_mixture_backward`). The upstream gradient is first laid out like ``xv``
+(:func:`~.layout.laid_out_as`: the native reduction misreads another layout).
 
 A *part* is :class:`Own`, :class:`Const` (the ``index``-th constant, shape ``(K,)``) or
 :class:`Pooled` (the set mean in a stage's ``mean_parts``, the set variance in its ``var_parts``).
@@ -124,19 +128,23 @@ class PooledSetOutput(NamedTuple):
 
 
 class StageRecord(NamedTuple):
-    """What the backward needs of one stage: ``m - M`` of each pooled variance part, the stacked
+    """What the backward needs of one stage: ``m - M`` of each pooled variance part and its set mean ``avg (m -
+    M)`` (``None`` where the forward did not form it: a one-set part without ``v``), the stacked
     weighted parts ``(J, K)`` (the mean mixture's, then the variance mixture's; ``None`` without
     weights), ``var + eps`` and ``r`` per unit, the product ``P`` of this and the earlier stages'
-    ``r``, the stage's output unit mean ``m_next = (m_in - mu) r`` (``None`` for a single stage
-    whose mean is the units' own: 0) and its input unit variance ``v_in`` (``None`` for the first)."""
+    ``r``, the stage's output unit mean ``m_next = (m_in - mu) r`` (``None`` for a single stage),
+    its input unit variance ``v_in`` (``None`` for the first) and, for a single stage, its mean ``mu``
+    per unit (``None`` for several)."""
 
     centred: tuple[Tensor, ...]
+    centred_means: tuple[Tensor | None, ...]
     stack: Tensor | None
     var_eps: Tensor
     r: Tensor
     P: Tensor
     m_next: Tensor | None
     v_in: Tensor | None
+    mu: Tensor | None
 
 
 class _Tape:
@@ -152,18 +160,18 @@ class _Tape:
     def tensors(self) -> list[Tensor | None]:
         flat: list[Tensor | None] = []
         for record in self.records:
-            flat += (*record.centred, *record[1:])
+            flat += (*record.centred, *record.centred_means, *record[2:])
         return flat
 
     @staticmethod
     def read(tensors: Sequence[Tensor | None], stages: Sequence[Stage]) -> list[StageRecord]:
         records, at = [], 0
-        fixed = len(StageRecord._fields) - 1  # the fields after ``centred``
+        fixed = len(StageRecord._fields) - 2  # the fields after ``centred_means``
         for stage in stages:
             n = sum(isinstance(part, Pooled) for part in stage.var_parts)
-            fields = tensors[at : at + n + fixed]
-            records.append(StageRecord(tuple(fields[:n]), *fields[n:]))
-            at += n + fixed
+            fields = tensors[at : at + 2 * n + fixed]
+            records.append(StageRecord(tuple(fields[:n]), tuple(fields[n : 2 * n]), *fields[2 * n :]))
+            at += 2 * n + fixed
         return records
 
 
@@ -174,11 +182,9 @@ class _Tape:
 _BN_BACKWARD = torch.ops.aten.native_batch_norm_backward.default
 
 
-def _softmax_grad(weights: Tensor, g_weights: Tensor, negated: bool) -> Tensor:
-    """``softmax`` backward along the last dim: ``d logits = s * (g - sum s g)``; with ``negated``,
-    ``g_weights`` is ``-g`` (``d logits = s * (sum s (-g) - (-g))``)."""
-    total = (weights * g_weights).sum(-1, keepdim=True)
-    return weights * (total - g_weights if negated else g_weights - total)
+def _softmax_grad(weights: Tensor, g_weights: Tensor) -> Tensor:
+    """``softmax`` backward along the last dim, ``d logits = s * (g - sum s g)``, in one native op."""
+    return torch.ops.aten._softmax_backward_data(g_weights, weights, weights.dim() - 1, weights.dtype)
 
 
 def _spread(t: Tensor, shape) -> Tensor:
@@ -196,11 +202,11 @@ def _expand_affine(t: Tensor | None, layout: tuple[int, int]) -> Tensor | None:
 
 
 def _reduce_affine(t: Tensor, layout: tuple[int, int]) -> Tensor:
-    """Per-unit ``(K,)`` gradient -> per-channel ``(C,)`` (the adjoint of :func:`_expand_affine`)."""
+    """Per-unit ``(..., K)`` gradients -> per-channel ``(..., C)`` (the adjoint of :func:`_expand_affine`)."""
     if layout == (1, 1):
         return t
     before, after = layout
-    return t.view(before, -1, after).sum((0, 2))
+    return t.view(*t.shape[:-1], before, -1, after).sum((-3, -1))
 
 
 def _times_affine(t: Tensor, a: Tensor | None, layout: tuple[int, int]) -> Tensor:
@@ -247,30 +253,52 @@ def _set_mean(m: Tensor, part: Pooled) -> Tensor:
     return m.view(part.shape).mean(part.dims, keepdim=True)
 
 
-def _mixtures(mean_terms, var_terms, weights: Tensor | None, weighted: tuple[bool, bool]):
-    """``(mu, var, stack)`` from the stage's terms ``(t, shape)`` (``shape = None``: per unit ``(K,)``;
-    else set-level, keepdim, for units shaped ``shape``): a single term is returned as is; a mixture
-    (``weighted``: mean, var) is ``sum_j w_j t_j`` with ``weights`` the weighted mixtures' weights
-    concatenated ``(J,)``, both mixtures in one stack ``(J, K)`` (kept for the weights' gradient), one
-    product and one sum where both have ``J/2`` parts; ``mu``/``var`` come back as terms."""
+def _in_shape(t: Tensor, layout: tuple[int, int], shape) -> Tensor | None:
+    """A per-channel ``t`` ``(C,)`` as a view broadcast to units shaped ``shape`` laid out as ``(before, C,
+    after)`` (:func:`_expand_affine` without the copy), where ``shape`` is ``(before, C)`` or ``(before, C,
+    after)``; else ``None``."""
+    before, after = layout
+    C = t.shape[0]
+    if tuple(shape) == (before, C, after):
+        return t.view(1, C, 1).expand(shape)
+    if after == 1 and tuple(shape) == (before, C):
+        return t.view(1, C).expand(shape)
+    return None
+
+
+def _mixtures(mean_terms, var_terms, weights: Tensor | None, weighted: tuple[bool, bool], riders=(), layout=(1, 1)):
+    """``(mu, var, stack, rider_rows)`` from the stage's terms ``(t, shape)`` (``shape = None``: per unit
+    ``(K,)``; else set-level, keepdim, for units shaped ``shape``): a single term is returned as is; a
+    mixture (``weighted``: mean, var) is ``sum_j w_j t_j`` with ``weights`` the weighted mixtures' weights
+    concatenated ``(J,)``, both mixtures in one stack ``(J, K)`` (kept for the weights' gradient) and one
+    batched product ``(2, 1, J/2) @ (2, J/2, K)`` where both have ``J/2`` parts; ``mu``/``var`` come back as
+    terms. ``riders``, per-channel tensors ``(C,)`` (the affine, units laid out as ``layout``), are copied
+    per unit ``(K,)`` as further rows of the same stack where its terms share one set shape
+    (``rider_rows``; else ``None``, also without riders or a mixture)."""
     if not any(weighted):
-        return mean_terms[0], var_terms[0], None
+        return mean_terms[0], var_terms[0], None, None
     mixed = [terms for terms, w in zip((mean_terms, var_terms), weighted) if w]
     terms = [t for ts in mixed for t in ts]
     shapes = {shape for _, shape in terms if shape is not None}
+    rider_views = None
     if len(shapes) == 1:  # the stack copies the broadcast set statistics: no spread of its own
         (shape,) = shapes
         parts = [t.view(shape) if s is None else t.expand(shape) for t, s in terms]
+        rider_views = [_in_shape(t, layout, shape) for t in riders]
+        if not riders or any(t is None for t in rider_views):
+            rider_views = None
     else:
         parts = [t if s is None else _spread(t, s) for t, s in terms]
-    stack = torch.stack(parts).view(len(parts), -1)
-    products = weights.unsqueeze(1) * stack
+    rows = torch.stack(parts + (rider_views or [])).view(len(parts) + len(rider_views or ()), -1)
+    stack = rows[: len(parts)]
     if len(mixed) == 2 and len(mixed[0]) == len(mixed[1]):
-        sums = list(products.view(2, len(mixed[0]), -1).sum(1))
+        J = len(mixed[0])
+        sums = list(torch.bmm(weights.view(2, 1, J), stack.view(2, J, -1)).view(2, -1).unbind(0))
     else:
+        products = weights.unsqueeze(1) * stack
         sums = [chunk.sum(0) for chunk in products.split([len(ts) for ts in mixed])]
     out = [(sums.pop(0), None) if w else terms_[0] for terms_, w in zip((mean_terms, var_terms), weighted)]
-    return out[0], out[1], stack
+    return out[0], out[1], stack, None if rider_views is None else list(rows[len(parts) :].unbind(0))
 
 
 def _one_set(part: Part) -> bool:
@@ -285,15 +313,26 @@ def _needs_unit_var(stages: Sequence[Stage]) -> bool:
 
 
 def _stage_forward(
-    m: Tensor, v: Tensor | None, stage: Stage, consts, weights, weighted, eps, single: bool, keep_m_next=True, xv=None
+    m: Tensor,
+    v: Tensor | None,
+    stage: Stage,
+    consts,
+    weights,
+    weighted,
+    eps,
+    single: bool,
+    xv=None,
+    riders=(),
+    layout=(1, 1),
 ):
     """One stage's statistics from its units' moments ``m``, ``v`` ``(K,)``: ``(mu, var_eps, r,
-    m_next, centred, stack, set_statistics)`` with ``mu`` per unit ``(K,)`` for a ``single`` stage (the
+    m_next, centred, stack, set_statistics, affine_rows)`` with ``mu`` per unit ``(K,)`` for a ``single`` stage (the
     output's batch-norm pass reads it; ``None`` otherwise), ``var_eps = var + eps`` and
-    ``r = 1 / sqrt(var + eps)`` per unit, ``m_next = (m - mu) r`` (``None`` for a single stage with
-    the own mean, 0, or without ``keep_m_next``: only its backward reads it), ``centred`` the
-    ``m - M`` of each pooled variance part and ``stack`` that of :func:`_mixtures`. Without ``v``, a
-    one-set part's variance is ``avg (x - M)^2`` over ``xv`` (two ops; equal to the pool, which needs ``v``)."""
+    ``r = 1 / sqrt(var + eps)`` per unit, ``m_next = (m - mu) r`` (``None`` for a single stage: its
+    backward reduces about ``mu``), ``centred`` the ``m - M`` of each pooled variance part and their set means
+    (:class:`StageRecord`), ``stack`` and ``affine_rows`` those of :func:`_mixtures` (its ``rider_rows``: the
+    ``riders`` per unit). Without ``v``, a one-set part's variance is ``avg (x - M)^2`` over ``xv`` (two ops;
+    equal to the pool, which needs ``v``)."""
     set_means: dict[tuple, Tensor] = {}  # (shape, dims) -> set mean: a mean part and a variance part may share it
     deviations: dict[tuple, Tensor] = {}  # (shape, dims) -> m - M, shaped like the units' sets
     mean_terms, reported_means = [], []
@@ -306,7 +345,7 @@ def _stage_forward(
             M = set_means[part.shape, part.dims] = _set_mean(m, part)
             reported_means.append(M)
             mean_terms.append((M, part.shape))
-    var_terms, reported_vars, centred = [], [], []
+    var_terms, reported_vars, centred, centred_means = [], [], [], []
     for part in stage.var_parts:
         if isinstance(part, Own):
             var_terms.append((v, None))
@@ -316,20 +355,28 @@ def _stage_forward(
             key = part.shape, part.dims
             if key not in set_means:
                 set_means[key] = _set_mean(m, part)
-            dm = deviations[key] = m.view(part.shape) - set_means[key]
             if v is None:  # one set: the variance of all of xv about its mean M
+                dm = m.view(part.shape) - set_means[key]
                 M = set_means[key].view([1] * xv.dim())
                 V = squared_deviations(xv, M).mean().view(set_means[key].shape)
-            else:  # law of total variance
-                V = torch.addcmul(v.view(part.shape), dm, dm).mean(part.dims, keepdim=True)
+                avg_dm = None
+            else:  # law of total variance; the one mean of (dm, v + dm^2) also gives avg dm, which the backward reads
+                both = torch.empty((2, *part.shape), dtype=m.dtype, device=m.device)
+                dm = torch.sub(m.view(part.shape), set_means[key], out=both[0])
+                torch.addcmul(v.view(part.shape), dm, dm, out=both[1])
+                avg_dm, V = both.mean(tuple(d + 1 for d in part.dims), keepdim=True).unbind(0)
+            deviations[key] = dm
             reported_vars.append(V)
             centred.append(dm)
+            centred_means.append(avg_dm)
             var_terms.append((V, part.shape))
-    (mu, mu_shape), (var, var_shape), stack = _mixtures(mean_terms, var_terms, weights, weighted)
+    (mu, mu_shape), (var, var_shape), stack, rider_rows = _mixtures(
+        mean_terms, var_terms, weights, weighted, riders, layout
+    )
     # var + eps as a real contiguous (K,) tensor: the add writes the broadcast set variance out
     var_eps = (var + eps) if var_shape is None else torch.add(var.expand(var_shape), eps).view(-1)
     r = torch.rsqrt(var_eps)
-    if single and (mu is m or not keep_m_next):  # the own mean: m_next = 0; no backward: not needed
+    if single:  # the backward reduces about mu itself (sum g (x - mu) r): no m_next
         m_next = None
     elif mu_shape is None:
         m_next = (m - mu) * r
@@ -341,7 +388,16 @@ def _stage_forward(
     if single and mu_shape is not None:
         mu = _spread(mu, mu_shape)
     statistics = SetStatistics(tuple(reported_means), tuple(reported_vars))
-    return mu if single else None, var_eps, r, m_next, tuple(centred), stack, statistics
+    return (
+        mu if single else None,
+        var_eps,
+        r,
+        m_next,
+        (tuple(centred), tuple(centred_means)),
+        stack,
+        statistics,
+        rider_rows,
+    )
 
 
 class _StageAdjoints(NamedTuple):
@@ -398,12 +454,79 @@ def _one_pooled_var_term(g_w: Tensor, weight: Tensor | None, stage: Stage, layou
     return torch.div(sums.view(G, 1), record.var_eps.view(G, L))
 
 
+def _recentred(record: StageRecord, c: int, part: Pooled) -> Tensor:
+    """``dm - avg dm`` of the stage's ``c``-th pooled variance part (units shaped like its sets): ``avg dm`` is 0 in
+    exact arithmetic and in float32 the rounding of the set mean ``M``, which ``dm`` alone would carry to every
+    unit of the set (module docstring); the forward's where it formed it."""
+    dm, avg_dm = record.centred[c], record.centred_means[c]
+    return dm - (dm.mean(part.dims, keepdim=True) if avg_dm is None else avg_dm)
+
+
+class _JointMixture(NamedTuple):
+    """A single stage whose mean and variance mixtures are both weighted and mix the same parts: one
+    :class:`Own` part (index ``own``) and :class:`Pooled` parts ``(j, part)`` (in order, also that of the
+    stage's ``centred`` records) over units of one ``shape`` (SN's IN, LN, BN)."""
+
+    own: int
+    pooled: tuple[tuple[int, Pooled], ...]
+    shape: tuple[int, ...]
+
+
+@functools.lru_cache(maxsize=256)
+def _joint_mixture(stage: Stage, weighted: tuple[bool, bool]) -> _JointMixture | None:
+    """The :class:`_JointMixture` of ``stage`` with the mixtures ``weighted`` (mean, var), or ``None``."""
+    if weighted != (True, True) or stage.mean_parts != stage.var_parts:
+        return None
+    own = [j for j, p in enumerate(stage.var_parts) if isinstance(p, Own)]
+    pooled = tuple((j, p) for j, p in enumerate(stage.var_parts) if isinstance(p, Pooled))
+    shapes = {p.shape for _, p in pooled}
+    if len(own) != 1 or len(shapes) != 1 or len(own) + len(pooled) != len(stage.var_parts):
+        return None
+    return _JointMixture(own[0], pooled, shapes.pop())
+
+
+def _joint_mixture_backward(
+    s_g, g_w, record: StageRecord, weight, weights, plan: _JointMixture, layout, n, needs_affine
+):
+    """``(scale, gw, gb, B, C, g_weights)`` of a :class:`_JointMixture` stage, from the per-unit ``s_g = sum g``
+    and ``g_w = sum g (x - mu) r`` ``(K,)``: the affine's gradients (``None`` without ``needs_affine``), ``dx = A
+    g + B (x - m) + C`` with ``A = scale = w r``, ``B = 2 g_v / n``, ``C = g_m / n`` per unit, and the mixture
+    weights' gradient ``(2, J)``.
+
+    ``g_mu = -w r s_g`` and ``g_var = -w r^2 g_w / 2`` (module docstring) are the rows ``(t, g_var_hat) = (-g_mu,
+    -2 g_var)`` of one ``(2, K)`` tensor; ``d w_j = stack_j . g_mu``, ``d u_j = stack_j . g_var`` (one batched
+    product); the parts' cotangents ``(w_j g_mu / n, 2 u_j g_var / n)`` in one batched outer product ``(2, J,
+    K)``, whose own part's rows start ``(C, B)``; each pooled part's two rows averaged over its sets in one op
+    ``P``: ``C += P_0 + P_1 (dm - avg dm)``, ``B += P_1`` (a set mean's adjoint, and a pooled variance's through
+    ``v`` and through ``m``, see :func:`_stage_backward`)."""
+    K = s_g.shape[0]
+    J = weights.shape[-1]
+    X = torch.stack((s_g, g_w))
+    gb, gw = _reduce_affine(X, layout).unbind(0) if needs_affine else (None, None)
+    scale = _times_affine(record.r, weight, layout)
+    G = X * scale
+    G[1].mul_(record.r)
+    stack = record.stack.view(2, J, K)
+    g_weights = torch.baddbmm(stack[..., :1], stack, G.view(2, K, 1), beta=0, alpha=-1.0).view(2, J)
+    g_weights[1].mul_(0.5)
+    rows = G.view(2, 1, K)
+    g_both = torch.baddbmm(rows, weights.view(2, J, 1), rows, beta=0, alpha=-1.0 / n)
+    shape = plan.shape
+    Z = None
+    for c, (j, part) in enumerate(plan.pooled):
+        P = g_both[:, j].view(2, *shape).mean(tuple(d + 1 for d in part.dims), keepdim=True)
+        Z = torch.add(g_both[:, plan.own].view(2, *shape), P) if Z is None else Z.add_(P)
+        Z[0].addcmul_(P[1], _recentred(record, c, part))
+    C, B = Z.view(2, K).unbind(0)  # (unbind: a tensor's own iteration costs more on CPU)
+    return scale, gw, gb, B, C, g_weights
+
+
 def _stage_backward(
     t_factors, g_var_hat, stage: Stage, weights, weighted, record: StageRecord, acc_m, acc_v, var_term=None
 ):
     """Adds one stage's statistics' adjoints into ``acc_m`` / ``acc_v`` (the units' ``m`` and ``v``;
     ``acc_v.alpha = 2 acc_m.alpha``) and returns the gradients of the weighted mixtures' weights
-    ``(2, J)`` or one ``(J,)`` per weighted mixture, negated (``None`` without weights).
+    ``(2, J)`` or one ``(J,)`` per weighted mixture (``None`` without weights).
 
     The cotangents come scaled: ``g_mu = -t`` with ``t = t_factors[0] * t_factors[1]`` (formed only
     where needed; ``t_factors[1] = None``: ``t = t_factors[0]``) and ``g_var = -g_var_hat / 2``. A
@@ -427,7 +550,8 @@ def _stage_backward(
             g_rows = torch.stack(rows).view(2, 1, K)
             g_both = weights.view(2, J, 1) * g_rows
             g_parts = g_both.view(-1, K)
-            g_weights = (record.stack.view(2, J, K) * g_rows).sum(-1)
+            stack = record.stack.view(2, J, K)  # the weights' gradient -stack @ (-g_mu, -g_var): one batched product
+            g_weights = torch.baddbmm(stack[..., :1], stack, g_rows.view(2, K, 1), beta=0, alpha=-1.0).view(2, J)
             for j, part, dims in plan.shared:  # both averages in one op
                 both = g_both[:, j].view(2, *part.shape).mean(dims, keepdim=True)
                 set_means[0, j], set_means[1, j] = both[0], both[1]
@@ -436,7 +560,7 @@ def _stage_backward(
             blocks_ = zip(weights.split(plan.J), record.stack.view(-1).split([j * K for j in plan.J]), rows)
             for w_k, s_k, row in blocks_:
                 g_parts += list(w_k.unsqueeze(1) * row)
-                g_weights.append((s_k.view(-1, K) * row).sum(1))
+                g_weights.append(torch.addmv(w_k, s_k.view(-1, K), row, beta=0, alpha=-1.0))
     n_mean = len(stage.mean_parts) if weighted[0] else 0
     for j, part, c in plan.var_parts:
         g, alpha = (g_parts[n_mean + j], -1.0) if weighted[1] else (g_var_hat, -0.5)
@@ -454,8 +578,7 @@ def _stage_backward(
         acc_v.add(term.view(-1), scaled=True)
         # avg dm: 0 in exact arithmetic, in float32 M's rounding, which 2 P dm alone would carry
         # to every unit of the set
-        dm = record.centred[c]
-        acc_m.add_product(term, dm - dm.mean(part.dims, keepdim=True), part.shape)
+        acc_m.add_product(term, _recentred(record, c, part), part.shape)
     for j, part in plan.mean_parts:
         if weighted[0]:
             g = g_parts[j]
@@ -508,11 +631,13 @@ def _pooled_forward(xv, weight, bias, mean_logits, var_logits, plan: Plan, eps, 
     weighted = (mean_logits is not None, var_logits is not None)
     tape = _Tape()
     statistics = []
+    # a single stage's per-unit affine, copied in the stack of its mixture where it has one (no copy for (1, 1))
+    riders = [] if layout == (1, 1) else [t for t in (weight, bias) if t is not None]
     m_s, v_s, P, v_in = m, v, None, None  # P: the product of the stages' r so far
     last = len(stages) - 1
     for s, stage in enumerate(stages):
         mixing = s == last  # the mixture weights mix the last stage's parts
-        mu, var_eps, r, m_next, centred, stack, stage_statistics = _stage_forward(
+        mu, var_eps, r, m_next, centred, stack, stage_statistics, affine_rows = _stage_forward(
             m_s,
             v_s,
             stage,
@@ -521,17 +646,21 @@ def _pooled_forward(xv, weight, bias, mean_logits, var_logits, plan: Plan, eps, 
             weighted if mixing else (False, False),
             eps,
             last == 0,
-            backward,
             xv,
+            riders if last == 0 else (),
+            layout,
         )
         statistics.append(stage_statistics)
         P = r if P is None else P * r
-        tape.record(StageRecord(centred, stack, var_eps, r, P, m_next, v_in))
+        tape.record(StageRecord(*centred, stack, var_eps, r, P, m_next, v_in, mu))
         m_s = m_next
         if s != last:
             v_s = v_in = v_s / var_eps  # v r^2
     if last == 0:  # y = w (x - mu) / sqrt(var + eps) + b
-        w, b = _expand_affine(weight, layout), _expand_affine(bias, layout)
+        if affine_rows is not None:
+            w, b = (None if t is None else affine_rows.pop(0) for t in (weight, bias))
+        else:
+            w, b = _expand_affine(weight, layout), _expand_affine(bias, layout)
         y = torch.batch_norm(xv, w, b, mu, var_eps, False, 0.0, 0.0, False)
         scale = ones = None
     else:  # y = w ((x - m) P + m_out) + b: eval-mode BN with mean m, var 1, eps 0 is x - m, then scale and shift
@@ -602,71 +731,88 @@ class _PooledSetNorm(torch.autograd.Function):
         last = len(stages) - 1
         final = records[last]
         # y = w ((x - m) P + m_out) + b. Per unit, one fused native pass (see _BN_BACKWARD): sum g and
-        # s_gcP = sum g (x - m) P (a single stage: P = r = 1 / sqrt(var_eps))
+        # g_w = P sum g x_hat, the weight's gradient per unit (a single stage, y = w (x - mu) r + b:
+        # sum g (x - mu) r; several: s_gcP = sum g (x - m) P, and g_w = s_gcP + m_out sum g)
+        m_out = final.m_next
         if last == 0:
-            _, s_gcP, s_g = _BN_BACKWARD(g, xv, None, m, final.var_eps, None, None, False, 0.0, [False, True, True])
-            scale = _times_affine(final.r, weight, layout)
+            _, g_w, s_g = _BN_BACKWARD(
+                g, xv, None, final.mu, final.var_eps, None, None, False, 0.0, [False, True, True]
+            )
         else:
             _, s_gc, s_g = _BN_BACKWARD(g, xv, None, m, ones, None, None, False, 0.0, [False, True, True])
             s_gcP = s_gc * final.P
-        m_out = final.m_next
-        g_w = s_gcP if m_out is None else torch.addcmul(s_gcP, m_out, s_g)  # per unit: P sum g x_hat
-        gw = _reduce_affine(g_w, layout) if ctx.needs_input_grad[1] else None
-        gb = _reduce_affine(s_g, layout) if ctx.needs_input_grad[2] else None
-        # Stage s (from the last): with G_P = g_P P (g_P: the cotangent of the product P of the r so far)
-        # and g_mo the cotangent of its output mean m_next, g_r r = G_P + g_mo m_next, so
-        # g_var = -g_r r^3 / 2 = -(G_P + g_mo m_next) / (2 var_eps), g_mu = -g_mo r; then the earlier
-        # stage's G_P gains g_v_in v_in (v_in = v P^2) and its g_mo gains g_mo r + g_m_in
-        var_term = None
-        if last == 0:  # G_P + g_mo m_out = w g_w, g_mo r = scale s_g
-            var_term = _one_pooled_var_term(g_w, weight, stages[0], layout, ctx.weighted, final, n)
-            h = _times_affine(g_w, weight, layout) if var_term is None else None
-            t_factors = (scale, s_g)
-        else:
-            G_P = _times_affine(s_gcP, weight, layout)
-            g_mo = _times_affine(s_g, weight, layout)
-            h = torch.addcmul(G_P, g_mo, m_out)
-            t = g_mo * final.r
-            t_factors = (t, None)
-        acc_m = acc_v = None
-        later_var_terms = []  # (2 g_v_in, P of the stage before) of the later stages' variance adjoints
-        g_weights = None
-        for s in range(last, -1, -1):
-            record = records[s]
-            # the first stage's adjoints are the units' m, v and go to dx as C = g_m / n and B = 2 g_v / n
-            alpha = 1.0 / n if s == 0 else 1.0
-            acc_m, acc_v = _Accumulator(alpha), _Accumulator(2.0 * alpha)
-            mixing = s == last
-            stage_g_weights = _stage_backward(
-                t_factors,
-                None if var_term is not None else h / record.var_eps,
-                stages[s],
-                weights if mixing else None,
-                ctx.weighted if mixing else (False, False),
-                record,
-                acc_m,
-                acc_v,
-                var_term,
+            g_w = torch.addcmul(s_gcP, m_out, s_g)
+        joint = _joint_mixture(stages[0], ctx.weighted) if last == 0 else None
+        if joint is not None:  # a mixture of own and pooled parts of one shape (SN): its own formulas
+            needs_affine = any(ctx.needs_input_grad[1:3])
+            scale, gw, gb, B, C, g_weights = _joint_mixture_backward(
+                s_g, g_w, final, weight, weights, joint, layout, n, needs_affine
             )
-            if mixing:
-                g_weights = stage_g_weights
-            if s == 0:
-                break
-            previous = records[s - 1]
-            g_mo = t if acc_m.total is None else t + acc_m.total
-            if acc_v.total is not None:
-                G_P = torch.addcmul(G_P, acc_v.total, record.v_in)
-                later_var_terms.append((acc_v.total, previous.P))
-            h = torch.addcmul(G_P, g_mo, previous.m_next)
-            t = g_mo * previous.r
-            t_factors = (t, None)
-        C, B = acc_m.total, acc_v.total
-        if last > 0:  # the first stage's m_in is m: its path g_mo r (= t) and the output's explicit -m term
-            C = torch.mul(t, 1.0 / n) if C is None else torch.add(C, t, alpha=1.0 / n)
-            C = torch.addcmul(C, scale, s_g, value=-1.0 / n)
-        for g_v_in, P_before in later_var_terms:  # v_in = v P_before^2: g_v += g_v_in P_before^2
-            term = g_v_in * P_before
-            B = torch.mul(term, P_before * (1.0 / n)) if B is None else torch.addcmul(B, term, P_before, value=1.0 / n)
+            gw = gw if ctx.needs_input_grad[1] else None
+            gb = gb if ctx.needs_input_grad[2] else None
+        else:
+            if last == 0:
+                scale = _times_affine(final.r, weight, layout)
+            gw = _reduce_affine(g_w, layout) if ctx.needs_input_grad[1] else None
+            gb = _reduce_affine(s_g, layout) if ctx.needs_input_grad[2] else None
+            # Stage s (from the last): with G_P = g_P P (g_P: the cotangent of the product P of the r so far)
+            # and g_mo the cotangent of its output mean m_next, g_r r = G_P + g_mo m_next, so
+            # g_var = -g_r r^3 / 2 = -(G_P + g_mo m_next) / (2 var_eps), g_mu = -g_mo r; then the earlier
+            # stage's G_P gains g_v_in v_in (v_in = v P^2) and its g_mo gains g_mo r + g_m_in
+            var_term = None
+            if last == 0:  # G_P + g_mo m_out = w g_w, g_mo r = scale s_g
+                var_term = _one_pooled_var_term(g_w, weight, stages[0], layout, ctx.weighted, final, n)
+                h = _times_affine(g_w, weight, layout) if var_term is None else None
+                t_factors = (scale, s_g)
+            else:
+                G_P = _times_affine(s_gcP, weight, layout)
+                g_mo = _times_affine(s_g, weight, layout)
+                h = torch.addcmul(G_P, g_mo, m_out)
+                t = g_mo * final.r
+                t_factors = (t, None)
+            acc_m = acc_v = None
+            later_var_terms = []  # (2 g_v_in, P of the stage before) of the later stages' variance adjoints
+            g_weights = None
+            for s in range(last, -1, -1):
+                record = records[s]
+                # the first stage's adjoints are the units' m, v and go to dx as C = g_m / n and B = 2 g_v / n
+                alpha = 1.0 / n if s == 0 else 1.0
+                acc_m, acc_v = _Accumulator(alpha), _Accumulator(2.0 * alpha)
+                mixing = s == last
+                stage_g_weights = _stage_backward(
+                    t_factors,
+                    None if var_term is not None else h / record.var_eps,
+                    stages[s],
+                    weights if mixing else None,
+                    ctx.weighted if mixing else (False, False),
+                    record,
+                    acc_m,
+                    acc_v,
+                    var_term,
+                )
+                if mixing:
+                    g_weights = stage_g_weights
+                if s == 0:
+                    break
+                previous = records[s - 1]
+                g_mo = t if acc_m.total is None else t + acc_m.total
+                if acc_v.total is not None:
+                    G_P = torch.addcmul(G_P, acc_v.total, record.v_in)
+                    later_var_terms.append((acc_v.total, previous.P))
+                h = torch.addcmul(G_P, g_mo, previous.m_next)
+                t = g_mo * previous.r
+                t_factors = (t, None)
+            C, B = acc_m.total, acc_v.total
+            if last > 0:  # the first stage's m_in is m: its path g_mo r (= t) and the output's explicit -m term
+                C = torch.mul(t, 1.0 / n) if C is None else torch.add(C, t, alpha=1.0 / n)
+                C = torch.addcmul(C, scale, s_g, value=-1.0 / n)
+            for g_v_in, P_before in later_var_terms:  # v_in = v P_before^2: g_v += g_v_in P_before^2
+                term = g_v_in * P_before
+                B = (
+                    torch.mul(term, P_before * (1.0 / n))
+                    if B is None
+                    else torch.addcmul(B, term, P_before, value=1.0 / n)
+                )
         gx = None
         if ctx.needs_input_grad[0]:
             shape = [1, K] + [1] * (xv.dim() - 2)
@@ -683,10 +829,10 @@ class _PooledSetNorm(torch.autograd.Function):
         g_logits = [None, None]
         if g_weights is not None:
             if isinstance(g_weights, Tensor):  # both mixtures, (2, J)
-                found = list(_softmax_grad(weights, g_weights, negated=True))
+                found = list(_softmax_grad(weights, g_weights).unbind(0))
             else:
                 sizes = [g_k.numel() for g_k in g_weights]
-                found = [_softmax_grad(w_k, g_k, negated=True) for w_k, g_k in zip(weights.split(sizes), g_weights)]
+                found = [_softmax_grad(w_k, g_k) for w_k, g_k in zip(weights.split(sizes), g_weights)]
             for k in (0, 1):
                 if ctx.weighted[k]:
                     g_logits[k] = found.pop(0)

@@ -7,6 +7,7 @@ from torch import Tensor
 
 from .ghost_norm import check_ghost_batches, ghost_norm
 from .layout import NormInput, spatial_size
+from .moments import lerp_running
 from .per_example import check_group_sets, group_norm
 from .pooled_sets import Pooled, Stage, pooled_set_norm
 
@@ -66,7 +67,8 @@ def sequential_norm(
     out = pooled_set_norm(io.x.reshape(1, N * C, S), io.weight, io.bias, (N, 1), stages, eps)
     y, ((mean,), (var,)) = out.y, out.set_statistics[1]  # the ghost stage's set statistics
     n = (N // G) * S
-    with torch.no_grad():
-        running_mean.lerp_(mean.view(G, C).mean(0).to(running_mean.dtype), factor)
-        running_var.lerp_((var.view(G, C) * (n / (n - 1))).mean(0).to(running_var.dtype), factor)
+    with torch.no_grad():  # PyTorch's update of the ghost statistics averaged over the ghost batches, one op for both
+        lerp_running(
+            (running_mean, running_var), (mean.view(G, C).mean(0), (var.view(G, C) * (n / (n - 1))).mean(0)), factor
+        )
     return io.output(y)

@@ -237,3 +237,33 @@ def test_a_cumulative_average_weighs_the_t_th_update_by_one_over_t() -> None:
 def test_bad_input_is_refused_naming_the_layer_and_the_shape(x, error: type, expected: str) -> None:
     with pytest.raises(error, match="^" + re.escape(expected) + "$"):
         build_norm("bn", 4)(x)
+
+
+class _PlainNorm(NormLayer):
+    """A layer that keeps every default of the base."""
+
+    def __init__(self, num_features: int, **kwargs) -> None:
+        super().__init__(num_features, **kwargs)
+
+
+def test_norm_layers_default_to_groupnorms_eps_and_an_affine() -> None:
+    layer, native = _PlainNorm(4), torch.nn.GroupNorm(2, 4)
+    assert (layer.eps, layer.affine) == (native.eps, native.affine)
+    assert layer.weight.shape == layer.bias.shape == (4,) and _PlainNorm(4, affine=False).weight is None
+
+
+@pytest.mark.parametrize(
+    "num_features, eps, expected",
+    [
+        (True, 1e-5, "num_features must be a positive int, got True."),
+        (0, 1e-5, "num_features must be a positive int, got 0."),
+        (4.0, 1e-5, "num_features must be a positive int, got 4.0."),
+        (4, 0, "eps must be a positive float, got 0."),
+        (4, -1e-5, "eps must be a positive float, got -1e-05."),
+        (4, "1e-5", "eps must be a positive float, got '1e-5'."),
+    ],
+    ids=["features-bool", "features-zero", "features-float", "eps-zero", "eps-negative", "eps-string"],
+)
+def test_bad_layer_settings_are_refused_naming_the_layer(num_features, eps, expected: str) -> None:
+    with pytest.raises(ValueError, match="^" + re.escape("_PlainNorm: " + expected) + "$"):
+        _PlainNorm(num_features, eps=eps)

@@ -109,3 +109,30 @@ def test_load_from_checkpoint_opt_in_for_a_trusted_file(tmp_path) -> None:
     loaded = ClassificationTask.load_from_checkpoint(path, weights_only=False)
     for key, value in task.state_dict().items():
         torch.testing.assert_close(loaded.state_dict()[key], value, rtol=0, atol=0)
+
+
+def test_a_remote_checkpoint_is_loaded_weights_only_with_the_callers_arguments(tmp_path, monkeypatch) -> None:
+    """A URL is not a local file to check: Lightning downloads it with ``torch.hub.load_state_dict_from_url``
+    (recorded here, reading a local copy), whose own default would be ``weights_only=False``; the task's
+    ``weights_only=True`` and the positional ``map_location`` reach it."""
+    task = ClassificationTask(backbone="small_cnn", num_classes=3, input_shape=(3, 8, 8), backbone_kwargs={"width": 4})
+    with torch.no_grad():  # weights no fresh task has
+        for parameter in task.parameters():
+            parameter.copy_(torch.linspace(-1, 1, parameter.numel()).view_as(parameter))
+    local = tmp_path / "remote-copy.ckpt"
+    torch.save(
+        {"state_dict": task.state_dict(), "hyper_parameters": dict(task.hparams), "pytorch-lightning_version": "2.6.0"},
+        local,
+    )
+    downloads = []
+
+    def load_state_dict_from_url(url, map_location=None, weights_only=False, **kwargs):
+        downloads.append((url, map_location, weights_only))
+        return torch.load(local, map_location=map_location, weights_only=weights_only)
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", load_state_dict_from_url)
+    url = "https://example.org/runs/last.ckpt"
+    loaded = ClassificationTask.load_from_checkpoint(url, "cpu")
+    assert downloads == [(url, "cpu", True)]
+    for key, value in task.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[key], value, rtol=0, atol=0)

@@ -201,3 +201,157 @@ def test_linear_lr_scaling_without_a_data_module_batch_size_names_it() -> None:
     task._trainer = SimpleNamespace(datamodule=object(), world_size=1)  # what configure_optimizers reads
     with pytest.raises(ValueError, match=r"^lr_base_batch_size needs a data module with a `batch_size` attribute"):
         task.configure_optimizers()
+
+
+# Mutation-testing survivors of the hooks (docs/mutation.md, issue 27): the last-batch check at setup, Lightning's
+# save_hyperparameters arguments passed through the override, and the random states restored on resume only.
+
+
+def test_setup_checks_the_last_batch_per_process_and_only_at_fit() -> None:
+    """34 examples in batches of 8 over 2 processes: 17 per process, a last batch of 34 / 2 - 2 * 8 = 1 example,
+    which an MLP's BatchNorm1d cannot normalize (on one process the last batch holds 34 - 4 * 8 = 2: fine)."""
+    from types import SimpleNamespace
+
+    from normlightning.data import Synthetic
+    from normlightning.tasks import ClassificationTask
+
+    data = Synthetic(input_shape=(3, 6, 6), num_classes=3, num_train=34, num_val=4, num_test=4, batch_size=8)
+    data.setup("fit")
+    task = ClassificationTask(
+        backbone="mlp", backbone_kwargs={"depth": 2, "width": 8}, num_classes=3, input_shape=(3, 6, 6)
+    )
+    task.setup("fit")  # no trainer attached: nothing to check
+    task._trainer = SimpleNamespace(datamodule=data, world_size=2)  # what setup reads
+    for stage in ("validate", "test", "predict"):
+        task.setup(stage)  # the training batches matter at fit only
+    with pytest.raises(
+        ValueError,
+        match=r"holds 1 example\(s\) \(34 training examples per process \(2 processes\), batch_size 8\).*drop_last",
+    ):
+        task.setup("fit")
+    task._trainer = SimpleNamespace(datamodule=data, world_size=1)
+    task.setup("fit")
+
+
+class SavesMore(BaseTask):
+    """Calls Lightning's ``save_hyperparameters`` once more, with a dict of its own and ``logger``."""
+
+    def __init__(self, *, log_hyperparameters: bool = True) -> None:
+        super().__init__()
+        self.layer = nn.Linear(2, 1)
+        self.save_hyperparameters({"schedule": "cosine"}, logger=log_hyperparameters)
+
+    def training_step(self, batch, batch_idx):
+        return self.layer(batch[0]).pow(2).mean()
+
+
+class SavesFromAFrame(BaseTask):
+    """Changes an argument after ``BaseTask.__init__`` saved it, then saves again from ``frame``."""
+
+    def __init__(self, *, hidden: int = 3, frame=None) -> None:
+        super().__init__()  # saves hidden as given
+        hidden = 2 * hidden  # collected again only where the second call looks: this frame, not the test's
+        self.save_hyperparameters(frame=frame)
+
+
+def test_save_hyperparameters_passes_lightnings_arguments_on(tmp_path) -> None:
+    """The override keeps ``LightningModule.save_hyperparameters``' arguments: a dict to save, ``logger`` (whether
+    the Trainer's loggers receive the hyperparameters) and ``frame`` (the constructor arguments are collected from
+    that frame up the stack: from a frame outside any constructor, nothing; not from the caller's)."""
+    import inspect
+
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.loggers import Logger
+    from torch.utils.data import DataLoader, TensorDataset
+
+    class Recorder(Logger):
+        name, version = "recorder", 0
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.received: list[dict] = []
+
+        def log_hyperparams(self, params, *args, **kwargs) -> None:
+            self.received.append(dict(params))
+
+        def log_metrics(self, metrics, step=None) -> None:
+            pass
+
+    loader = DataLoader(TensorDataset(torch.rand(2, 2)), batch_size=2)
+    received = {}
+    for log_hyperparameters in (True, False):
+        task, logger = SavesMore(log_hyperparameters=log_hyperparameters), Recorder()
+        assert task.hparams["schedule"] == "cosine" and task.hparams["lr_scheduler_interval"] == "epoch"
+        trainer = Trainer(
+            accelerator="cpu",
+            max_steps=1,
+            logger=logger,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            default_root_dir=tmp_path,
+        )
+        trainer.fit(task, loader)
+        received[log_hyperparameters] = logger.received
+    assert received[True] == [dict(SavesMore().hparams_initial)] and received[False] == []
+
+    assert SavesFromAFrame(hidden=5).hparams["hidden"] == 10  # no frame: the caller's arguments as they are now
+    assert SavesFromAFrame(hidden=5, frame=inspect.currentframe()).hparams["hidden"] == 5  # this test's: none
+
+
+class RandomStateProbe(BaseTask):
+    """Records torch's random state right after ``BaseTask.on_train_start``, which restores a resumed checkpoint's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(2, 1)
+
+    def training_step(self, batch, batch_idx):
+        return self.layer(batch[0]).pow(2).mean()
+
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        self.state_at_train_start = torch.get_rng_state()
+
+
+def test_random_states_are_restored_when_a_fit_resumes_and_only_then(tmp_path) -> None:
+    """A fit resuming from a checkpoint starts from the random state saved in it; a later fit of the same task, or a
+    fit of a task loaded with ``load_from_checkpoint``, starts where a fresh task's fit from the same seed starts."""
+    from lightning.pytorch import Trainer
+    from torch.utils.data import DataLoader, TensorDataset
+
+    loader = DataLoader(TensorDataset(torch.rand(4, 2)), batch_size=4)  # one step per epoch: checkpoints at its end
+
+    def fit(task, steps, **kwargs):
+        trainer = Trainer(
+            accelerator="cpu",
+            max_steps=steps,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            default_root_dir=tmp_path,
+        )
+        trainer.fit(task, loader, **kwargs)
+        return trainer
+
+    path = tmp_path / "one-step.ckpt"
+    fit(RandomStateProbe(), 1).save_checkpoint(path)
+    saved = torch.load(path, weights_only=True)["rng_states"]["torch"]
+    torch.manual_seed(1)
+    assert not torch.equal(torch.get_rng_state(), saved)
+    resumed = RandomStateProbe()
+    fit(resumed, 2, ckpt_path=path)
+    assert torch.equal(resumed.state_at_train_start, saved)
+
+    fresh = RandomStateProbe()
+    torch.manual_seed(2)
+    fit(fresh, 1)
+    assert not torch.equal(fresh.state_at_train_start, saved)
+    torch.manual_seed(2)
+    fit(resumed, 1)  # the same task again, without a checkpoint
+    assert torch.equal(resumed.state_at_train_start, fresh.state_at_train_start)
+    reloaded = RandomStateProbe.load_from_checkpoint(path)
+    torch.manual_seed(2)
+    fit(reloaded, 1)
+    assert torch.equal(reloaded.state_at_train_start, fresh.state_at_train_start)

@@ -12,10 +12,14 @@ against independent references (issue 27, its mutation survivors):
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.distributed.nn.functional as dist_nn_functional
 import torch.nn.functional as F
+import torch.utils._pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from normlightning.norms.functional import ghost_norm
 from normlightning.norms.op_count import ComputeOpCounter
@@ -93,12 +97,51 @@ def test_only_sets_of_one_example_below_float64_are_shifted(dtype, shifts):
     assert (counter.ops["native_batch_norm"], counter.ops["sub"]) == (1, shifts)
 
 
-def test_statistics_buffers_live_on_the_input_device():
-    """On the meta device (standing in for an accelerator): every tensor the pass allocates is on the input's
-    device (a CPU buffer beside a meta input is refused by the kernel)."""
-    x, rm, rv, w, b = _batch(6, device="meta")
-    y = ghost_norm(x, 2, rm, rv, w, b, training=True)
-    assert (y.device.type, y.shape, rm.device.type, rv.device.type) == ("meta", x.shape, "meta", "meta")
+class _CreatedTensorDevices(TorchDispatchMode):
+    """The devices of every tensor an op returns while active (allocations included)."""
+
+    def __init__(self):
+        super().__init__()
+        self.devices = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.devices |= {t.device.type for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)}
+        return out
+
+
+@pytest.mark.parametrize("N, G", SPLITS)
+def test_every_tensor_is_created_on_the_input_device(N, G):
+    """On the meta device (standing in for an accelerator): the statistics buffers and the uneven split's
+    index tensors are allocated on the input's device, none on the CPU."""
+    x, rm, rv, w, b = _batch(N, device="meta")
+    with _CreatedTensorDevices() as created:
+        y = ghost_norm(x, G, rm, rv, w, b, training=True)
+    assert created.devices == {"meta"}
+    assert (y.device.type, y.shape) == ("meta", x.shape)
+
+
+def test_running_statistics_keep_their_dtype_below_the_compute_dtype():
+    """bfloat16 input and buffers (a layer moved to bfloat16): statistics computed in float32 (docs/methods.md,
+    "Precision"), the buffers updated in bfloat16 by ``r <- 0.9 r + 0.1 b``."""
+    x, rm, rv, w, b = (t.to(torch.bfloat16) for t in _batch(6))
+    rm0, rv0 = rm.double(), rv.double()
+    ghost_norm(x, 2, rm, rv, w, b, training=True)
+    _, mean, uvar = _ghost_reference(x.double(), 2, w.double(), b.double(), eps=1e-5)
+    assert (rm.dtype, rv.dtype) == (torch.bfloat16, torch.bfloat16)
+    torch.testing.assert_close(rm.double(), 0.9 * rm0 + 0.1 * mean, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(rv.double(), 0.9 * rv0 + 0.1 * uvar, rtol=1e-2, atol=1e-2)
+
+
+def test_ghost_sets_of_one_element_are_refused_naming_the_settings():
+    """N = 3 examples in G_M = 2 ghost batches of (N, C) features: the smaller ghost set holds N // G_M = 1 value."""
+    x, rm, rv, w, b = _batch(3)
+    message = (
+        "GhostNorm with N=3, G_M=2, S=1 has 1 element(s) per normalization set; a set needs more than 1 value "
+        "(its variance is undefined). Use fewer ghost batches (num_groups) or larger ghost batches (ghost_batch_size)."
+    )
+    with pytest.raises(ValueError, match=re.escape(message)):
+        ghost_norm(x[:, :, 0, 0], 2, rm, rv, w, b, training=True)
 
 
 class _TwoProcessWorld:

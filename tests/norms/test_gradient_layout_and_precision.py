@@ -21,7 +21,6 @@ import torch
 from norm_reference import ALL_SPECS, EPS, gbgn_train, sn_train
 
 from normlightning.norms import available_norms, build_norm
-from normlightning.norms.functional.layout import laid_out_as
 
 #: The module of SeqNorm's math (the package attribute of that name is the function).
 SEQNORM_MATH = importlib.import_module("normlightning.norms.functional.sequential_norm")
@@ -375,32 +374,3 @@ def test_hn_default_float32_on_offset_data():
         torch.testing.assert_close(layer.running_mean.double(), 0.1 * x64.mean((0, 2, 3)), rtol=1e-6, atol=0)
         unbiased = ((x64 - x64.mean()) ** 2).sum() / (n - 1)
         torch.testing.assert_close(layer.running_var.double(), 0.9 + 0.1 * unbiased.view(1), rtol=1e-5, atol=0)
-
-
-# ---------------------------------------------------------------- laid_out_as: the gradient's layout
-
-
-@pytest.mark.parametrize(
-    "shape, stride",
-    [((2, 3), (1, 2)), ((1, 3), (5, 1)), ((2, 1, 3), (3, 7, 1))],
-    ids=["transposed", "size-1-dim-free-stride", "size-1-middle-dim"],
-)
-def test_laid_out_as_gives_a_dense_layout_exactly(shape, stride):
-    """A dense layout (size-1 dims may have any stride) is reproduced stride for stride, values unchanged:
-    the native backward reads the gradient with the input's very strides."""
-    g = torch.arange(float(torch.Size(shape).numel()), dtype=D64).view(shape)
-    out = laid_out_as(g, stride)
-    assert out.stride() == stride
-    assert torch.equal(out, g)
-
-
-@pytest.mark.parametrize(
-    "shape, stride", [((2, 3), (100, 1)), ((2, 3), (0, 1)), ((2, 2), (1, 1))], ids=["gap", "expanded", "overlap"]
-)
-def test_laid_out_as_copies_a_non_dense_layout_contiguous(shape, stride):
-    """Strides with gaps or overlap (a strided view, an expanded input) are no layout to copy into: the
-    gradient comes back contiguous, its values unchanged."""
-    g = torch.arange(float(torch.Size(shape).numel()), dtype=D64).view(shape).t().contiguous().t()
-    out = laid_out_as(g, stride)
-    assert out.is_contiguous()
-    assert torch.equal(out, g)

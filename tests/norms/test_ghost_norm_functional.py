@@ -7,7 +7,9 @@ against independent references (issue 27, its mutation survivors):
 - eval: ``torch.nn.functional.batch_norm`` with the running statistics;
 - synchronized statistics: a world of two processes simulated by a recorded all-reduce that adds a second
   process holding the same batch, so each ghost set is the union of two copies of the local one (same mean
-  and biased variance, twice the count: the running variance's ``n / (n - 1)`` factor shows the count).
+  and biased variance, twice the count: the running variance's ``n / (n - 1)`` factor shows the count);
+- the native calls and the float32 shift counted by ``ComputeOpCounter``; the devices of the tensors created on
+  a meta input; the running buffers' dtype; the set-size error message.
 """
 
 from __future__ import annotations

@@ -110,8 +110,9 @@ def test_flat_group_norm_float32_far_from_zero():
     x64 = 1e4 + 1e-2 * torch.randn(2, 2, 6, generator=g, dtype=torch.float64)
     x = x64.float()
     y = pe.flat_group_norm(x, 3, None, None)
-    torch.testing.assert_close(y.double(), _gn_reference(x.double().reshape(2, 3, 4), 3).reshape(2, 2, 6),
-                               rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(
+        y.double(), _gn_reference(x.double().reshape(2, 3, 4), 3).reshape(2, 2, 6), rtol=1e-3, atol=1e-3
+    )
 
 
 def test_group_norm_error_names_the_valid_choices():

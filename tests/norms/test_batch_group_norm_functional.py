@@ -13,6 +13,7 @@ import re
 import pytest
 import torch
 
+from normlightning.norms import build_norm
 from normlightning.norms.functional.batch_group_norm import batch_group_norm
 
 
@@ -156,3 +157,18 @@ def test_sync_all_reduces_over_the_given_group_and_default_is_local(shape, G, fa
     y = batch_group_norm(x, G, rm, rv, w, b, training=True, eps=1e-3, sync=True, process_group=group)
     assert fake_all_reduce.groups and all(g is group for g in fake_all_reduce.groups)
     torch.testing.assert_close(y, reference(x, G, w, b, 1e-3), rtol=1e-10, atol=1e-10)
+
+
+def test_float32_layer_with_groups_inside_channels_takes_float64_input_in_eval():
+    """``G`` a multiple of ``C`` (each group inside one channel): eval of a float32 layer on float64 input reads its
+    float32 running statistics in float64, as the other group layouts and ``bn``'s eval do (it raised before)."""
+    layer = build_norm("bgn", 4, num_groups=8)
+    layer(torch.randn(4, 4, 4, 4))
+    layer.eval()
+    x = torch.randn(2, 4, 4, 4, dtype=torch.float64)
+    mean, var = (t.double().view(1, 8, 1) for t in (layer.running_mean, layer.running_var))
+    expected = ((x.view(2, 8, 8) - mean) / torch.sqrt(var + layer.eps)).view(2, 4, 4, 4)
+    expected = expected * layer.weight.double().view(1, 4, 1, 1) + layer.bias.double().view(1, 4, 1, 1)
+    y = layer(x)
+    assert y.dtype == torch.float64
+    torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)

@@ -77,6 +77,8 @@ def batch_group_norm(
         wg = None if w is None else blocks(w, r)
         bg = None if b is None else blocks(b, r)
         xv = io.x.reshape(N, G, Lg)
+        if not training:  # the running statistics in the compute dtype (float32 buffers, float64 input)
+            running_mean, running_var = running_mean.to(io.dtype), running_var.to(io.dtype)
         y = normalize_batch_sets(
             xv,
             running_mean,

@@ -158,18 +158,22 @@ def update_running_stats(
     """PyTorch's update: ``r <- (1-f) r + f b``; the variance gets ``var * n / (n - 1)``.
 
     ``mean``/``var`` are the batch statistics (``var`` biased) of shape broadcastable to the
-    buffers' shape; ``count`` is the set size ``n``.
+    buffers' shape; ``count`` is the set size ``n``. Both buffers in one op (:func:`lerp_running`).
     """
+    buffers, values = [], []
     if running_mean is not None:
-        running_mean.lerp_(_like(mean, running_mean), factor)
+        buffers.append(running_mean)
+        values.append(mean)
     if running_var is not None:
-        running_var.lerp_(_like(var * (count / (count - 1)), running_var), factor)
+        buffers.append(running_var)
+        values.append(var * (count / (count - 1)))
+    lerp_running(buffers, values, factor)
 
 
 def lerp_running(buffers: Sequence[Tensor], batch_values: Sequence[Tensor], factor: float) -> None:
     """``r <- (1-f) r + f b`` for each running buffer ``r`` and its batch value ``b`` (already unbiased
     where it is a variance; shape broadcastable to the buffer's): one op for all buffers
-    (``_foreach_lerp_``, one kernel on GPU), PyTorch's update of :func:`update_running_stats`."""
+    (``_foreach_lerp_``, one kernel on GPU), the update of :func:`update_running_stats`."""
     if buffers:
         torch._foreach_lerp_(list(buffers), [_like(b, r) for b, r in zip(batch_values, buffers)], factor)
 

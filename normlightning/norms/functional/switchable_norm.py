@@ -7,14 +7,7 @@ from torch import Tensor
 
 from .fused_ops import normalize_affine
 from .layout import NormInput, spatial_size
-from .moments import (
-    check_set_size,
-    combine_moments,
-    lerp_running,
-    pooled_moments,
-    row_moments,
-    update_running_stats,
-)
+from .moments import check_set_size, combine_moments, pooled_moments, row_moments, update_running_stats
 from .pooled_sets import Own, Pooled, Stage, pooled_set_norm, stage_statistics
 
 
@@ -73,11 +66,7 @@ def switchable_norm(
     )
     # the batch set's mean and variance (the second pooled part of each)
     batch_stats = out.set_statistics[0]
-    n = N * S  # PyTorch's update (update_running_stats), both buffers in one op
-    with torch.no_grad():
-        lerp_running(
-            (running_mean, running_var), (batch_stats.means[1], batch_stats.variances[1] * (n / (n - 1))), factor
-        )
+    update_running_stats(running_mean, running_var, batch_stats.means[1], batch_stats.variances[1], N * S, factor)
     return io.output(out.y)
 
 

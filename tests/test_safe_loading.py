@@ -88,12 +88,18 @@ def test_a_type_the_user_declares_safe_loads(tmp_path) -> None:
     torch.testing.assert_close(loaded["state_dict"]["w"], torch.ones(2))
 
 
-def test_load_from_checkpoint_opt_in_for_a_trusted_file(tmp_path) -> None:
-    """``weights_only=False`` is the caller's promise that the file is trusted: the scan is skipped and it loads."""
+def _task_with_weights_no_fresh_task_has() -> ClassificationTask:
+    """A small task whose every parameter is ``linspace(-1, 1)`` (so a load that falls back to fresh weights shows)."""
     task = ClassificationTask(backbone="small_cnn", num_classes=3, input_shape=(3, 8, 8), backbone_kwargs={"width": 4})
-    with torch.no_grad():  # weights no fresh task has
+    with torch.no_grad():
         for parameter in task.parameters():
             parameter.copy_(torch.linspace(-1, 1, parameter.numel()).view_as(parameter))
+    return task
+
+
+def test_load_from_checkpoint_opt_in_for_a_trusted_file(tmp_path) -> None:
+    """``weights_only=False`` is the caller's promise that the file is trusted: the scan is skipped and it loads."""
+    task = _task_with_weights_no_fresh_task_has()
     path = tmp_path / "trusted.ckpt"
     torch.save(
         {
@@ -115,10 +121,7 @@ def test_a_remote_checkpoint_is_loaded_weights_only_with_the_callers_arguments(t
     """A URL is not a local file to check: Lightning downloads it with ``torch.hub.load_state_dict_from_url``
     (recorded here, reading a local copy), whose own default would be ``weights_only=False``; the task's
     ``weights_only=True`` and the positional ``map_location`` reach it."""
-    task = ClassificationTask(backbone="small_cnn", num_classes=3, input_shape=(3, 8, 8), backbone_kwargs={"width": 4})
-    with torch.no_grad():  # weights no fresh task has
-        for parameter in task.parameters():
-            parameter.copy_(torch.linspace(-1, 1, parameter.numel()).view_as(parameter))
+    task = _task_with_weights_no_fresh_task_has()
     local = tmp_path / "remote-copy.ckpt"
     torch.save(
         {"state_dict": task.state_dict(), "hyper_parameters": dict(task.hparams), "pytorch-lightning_version": "2.6.0"},

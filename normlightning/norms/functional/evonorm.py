@@ -9,7 +9,7 @@ from torch.autograd.function import once_differentiable
 
 from .fused_ops import squared_deviations
 from .layout import NormInput, spatial_size
-from .moments import check_set_size, update_running_stats
+from .moments import check_set_size, native_channel_moments, update_running_stats
 
 
 def _shifted_group_norm(x4: Tensor, eps: float) -> tuple[Tensor, Tensor]:
@@ -57,8 +57,8 @@ def _training_statistics(
         out=torch.empty_like(x3), save_mean=x3.new_empty(c), save_invstd=rstd[:c],
     )[0]  # fmt: skip
     if update and not in_kernel:
-        mean_b, var_b = torch.batch_norm_update_stats(x3, None, None, 0.0)
-        update_running_stats(None, running_var, mean_b.view(1, -1, 1), var_b.view(1, -1, 1), n * s, factor)
+        mean_b, var_b = native_channel_moments(x3)
+        update_running_stats(None, running_var, mean_b, var_b, n * s, factor)
     xhat_i = _BN_OUT(
         x3.view(1, n * c, s), None, None, None, None, True, 0.0, eps,
         out=torch.empty_like(x3).view(1, n * c, s), save_mean=x3.new_empty(n * c), save_invstd=rstd[c:],
@@ -78,7 +78,7 @@ def _inference_statistics(x3: Tensor, reference: Tensor, eps: float, centred: bo
     """
     n, c, s = x3.shape
     if x3.is_contiguous():
-        mean_i, var_i = torch.batch_norm_update_stats(x3.view(1, n * c, s), None, None, 0.0)
+        mean_i, var_i = native_channel_moments(x3.view(1, n * c, s))
         mean_i, var_i = mean_i.view(n, c, 1), var_i.view(n, c, 1)
     else:
         mean_i = x3.mean(dim=2, keepdim=True)

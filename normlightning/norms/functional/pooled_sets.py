@@ -462,6 +462,15 @@ def _recentred(record: StageRecord, c: int, part: Pooled) -> Tensor:
     return dm - (dm.mean(part.dims, keepdim=True) if avg_dm is None else avg_dm)
 
 
+def _joint_weights_grad(stack: Tensor, rows: Tensor, J: int) -> Tensor:
+    """The gradient ``(2, J)`` of a mean and a variance mixture of the same ``J`` parts, ``-stack_j . row`` per
+    mixture, in one batched product: ``stack`` their stacked terms ``(2 J, K)`` (:func:`_mixtures`), ``rows`` the
+    terms' cotangents with their sign flipped, ``(-g_mu, -g_var)`` as ``(2, K)`` (any view of ``2 K`` values)."""
+    K = stack.shape[-1]
+    stack = stack.view(2, J, K)
+    return torch.baddbmm(stack[..., :1], stack, rows.reshape(2, K, 1), beta=0, alpha=-1.0).view(2, J)
+
+
 class _JointMixture(NamedTuple):
     """A single stage whose mean and variance mixtures are both weighted and mix the same parts: one
     :class:`Own` part (index ``own``) and :class:`Pooled` parts ``(j, part)`` (in order, also that of the
@@ -506,8 +515,7 @@ def _joint_mixture_backward(
     scale = _times_affine(record.r, weight, layout)
     G = X * scale
     G[1].mul_(record.r)
-    stack = record.stack.view(2, J, K)
-    g_weights = torch.baddbmm(stack[..., :1], stack, G.view(2, K, 1), beta=0, alpha=-1.0).view(2, J)
+    g_weights = _joint_weights_grad(record.stack, G, J)
     g_weights[1].mul_(0.5)
     rows = G.view(2, 1, K)
     g_both = torch.baddbmm(rows, weights.view(2, J, 1), rows, beta=0, alpha=-1.0 / n)
@@ -550,8 +558,7 @@ def _stage_backward(
             g_rows = torch.stack(rows).view(2, 1, K)
             g_both = weights.view(2, J, 1) * g_rows
             g_parts = g_both.view(-1, K)
-            stack = record.stack.view(2, J, K)  # the weights' gradient -stack @ (-g_mu, -g_var): one batched product
-            g_weights = torch.baddbmm(stack[..., :1], stack, g_rows.view(2, K, 1), beta=0, alpha=-1.0).view(2, J)
+            g_weights = _joint_weights_grad(record.stack, g_rows, J)
             for j, part, dims in plan.shared:  # both averages in one op
                 both = g_both[:, j].view(2, *part.shape).mean(dims, keepdim=True)
                 set_means[0, j], set_means[1, j] = both[0], both[1]

@@ -4,7 +4,9 @@ For native ``nn.BatchNorm2d`` (first row) and every registered method in the con
 ``benchmarks/norm_layers.py`` (``method_configs``; a required group count that it does not set
 takes the method's first ``auto`` rule, or else the largest divisor of its total at most 32): the
 ops of a training forward, of its backward (``fwd+bwd`` = both) and of an eval forward, views
-excluded (:func:`normlightning.norms.op_count.count_layer_ops`). Deterministic: no timing.
+excluded (:func:`normlightning.norms.op_count.count_layer_ops`), and the Python function calls of the same
+training forward + backward and eval forward (the host work that no op count shows: on CPU at small batches it,
+not the arithmetic, sets a layer's time). Deterministic: no timing.
 
 Usage::
 
@@ -65,22 +67,60 @@ def layers(shape):
 def count_rows(shape) -> list[dict]:
     torch.manual_seed(0)
     x = torch.randn(shape)
-    return [{"name": name, "kwargs": kw, "counts": count_layer_ops(layer, x)} for name, kw, layer in layers(shape)]
+    return [
+        {"name": name, "kwargs": kw, "counts": count_layer_ops(layer, x), "python": python_calls(layer, x)}
+        for name, kw, layer in layers(shape)
+    ]
+
+
+def python_calls(layer: nn.Module, x: torch.Tensor) -> tuple[int, int]:
+    """Python function calls (``sys.setprofile`` ``call`` events, in the calling thread, where CPU
+    autograd runs the backward) of one training forward + backward of an all-ones upstream gradient,
+    and of one eval forward under ``no_grad``, each after one unprofiled run of the same (lazy caches
+    filled). C functions (ATen ops, builtins) are not counted."""
+    calls = 0
+
+    def count(frame, event, arg):
+        nonlocal calls
+        calls += event == "call"
+
+    def train():
+        layer.train()
+        out = layer(x.detach().requires_grad_(True))
+        out.backward(torch.ones_like(out))
+
+    def evaluate():
+        layer.eval()
+        with torch.no_grad():
+            layer(x)
+
+    counts = []
+    for run in (train, evaluate):
+        run()
+        calls = 0
+        sys.setprofile(count)
+        try:
+            run()
+        finally:
+            sys.setprofile(None)
+        counts.append(calls)
+    return counts[0], counts[1]
 
 
 def table(rows, shape) -> str:
     lines = [
         f"`{tuple(shape)}`",
         "",
-        "| method | config | train fwd | train bwd | fwd+bwd | eval fwd | met |",
-        "|---|---|---:|---:|---:|---:|:---:|",
+        "| method | config | train fwd | train bwd | fwd+bwd | eval fwd | met | Python calls fwd+bwd | Python calls eval |",
+        "|---|---|---:|---:|---:|---:|:---:|---:|---:|",
     ]
     for r in rows:
         c = r["counts"]
         cfg = ", ".join(f"{k}={v}" for k, v in r["kwargs"].items()) or "-"
         met = "yes" if c.train <= TRAIN_TARGET and c.eval_forward <= EVAL_TARGET else "no"
         lines.append(
-            f"| {r['name']} | {cfg} | {c.train_forward} | {c.train_backward} | {c.train} | {c.eval_forward} | {met} |"
+            f"| {r['name']} | {cfg} | {c.train_forward} | {c.train_backward} | {c.train} | {c.eval_forward} | {met} "
+            f"| {r['python'][0]} | {r['python'][1]} |"
         )
     return "\n".join(lines)
 

@@ -58,6 +58,8 @@ def method_settings(name: str) -> dict:
         "hn": {"kwargs": {"mean": "bn", "std": "en:1"}},
         # the renormalization ramp under way (r_max > 1, d_max > 0), not BN's first 5000 steps
         "brn": {"kwargs": {"r_max_start_step": 0, "r_max_end_step": 1, "d_max_start_step": 0, "d_max_end_step": 1}},
+        # statistics averaged over the last 16 iterations (the example of mabn's missing-setting error)
+        "mabn": {"kwargs": {"buffer_size": 16}},
     }.get(name, {})
     return {"method": name, **settings}
 

@@ -58,6 +58,39 @@ def test_native_batch_norm_counts():
     assert (counts.train_forward, counts.train_backward, counts.eval_forward) == (2, 1, 1)
 
 
+def _twice(t):
+    return _once(_once(t))
+
+
+def _once(t):
+    return t
+
+
+class _Scaled(nn.Module):
+    """Multiplies by 2; with ``extra``, its forward also passes the result through three Python functions
+    (``_twice``, which calls ``_once`` twice)."""
+
+    def __init__(self, extra: bool) -> None:
+        super().__init__()
+        self.extra = extra
+        self.weight = nn.Parameter(torch.ones(()))
+
+    def forward(self, x):
+        y = x * self.weight
+        return _twice(y) if self.extra else y
+
+
+def test_python_calls_count_the_layers_python_functions_in_training_and_eval():
+    """The benchmark's Python-call column: a layer whose forward makes three more Python calls counts three
+    more in the training forward + backward and in the eval forward (the rest, e.g. ``Module.__call__`` and
+    ``Tensor.backward``, is the same for both)."""
+    x = torch.randn(2, 3)
+    plain = kernel_counts.python_calls(_Scaled(extra=False), x)
+    extra = kernel_counts.python_calls(_Scaled(extra=True), x)
+    assert (extra[0] - plain[0], extra[1] - plain[1]) == (3, 3)
+    assert min(plain) > 0
+
+
 @pytest.mark.parametrize("shape", kernel_counts.SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_every_method_within_its_op_count_bound(shape):
     torch.manual_seed(0)

@@ -111,7 +111,8 @@ def table(rows, shape) -> str:
     lines = [
         f"`{tuple(shape)}`",
         "",
-        "| method | config | train fwd | train bwd | fwd+bwd | eval fwd | met | Python calls fwd+bwd | Python calls eval |",
+        "| method | config | train fwd | train bwd | fwd+bwd | eval fwd | met "
+        "| Python calls fwd+bwd | Python calls eval |",
         "|---|---|---:|---:|---:|---:|:---:|---:|---:|",
     ]
     for r in rows:

@@ -653,3 +653,228 @@ def test_average_running_statistics_reduces_the_statistics_a_layer_lists():
     for key, value in layer.state_dict().items():
         expected = 2 * before[key] + 1 if key in ("moving_x", "moving_x2") else before[key]
         torch.testing.assert_close(value, expected, msg=key)
+
+
+class _TwoProcessStrategy:
+    """Stands in for a distributed strategy of ``world_size`` processes in one process: ``reduce`` records each
+    call and returns the reduction of the tensor with what the other process holds (``others``, one tensor per
+    call, in the order the statistics are visited). As in Lightning's collective sync, the operation is only a
+    mean when asked for by name; without ``reduce_op`` it would be a sum."""
+
+    def __init__(self, others: list[torch.Tensor]):
+        self.others = list(others)
+        self.calls: list[tuple[torch.Tensor, dict]] = []
+
+    def reduce(self, tensor, *args, **kwargs):
+        self.calls.append((tensor.clone(), dict(kwargs)))
+        assert not args, "the reduction is asked for by keyword"
+        op = kwargs.get("reduce_op")
+        assert op in ("mean", "sum", None), op
+        total = tensor + self.others[len(self.calls) - 1]
+        return total / 2 if op == "mean" else total
+
+
+def _stand_in_trainer(batches, strategy, world_size):
+    from types import SimpleNamespace
+
+    data = TensorDataset(torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches]))
+    return SimpleNamespace(
+        sanity_checking=False,
+        datamodule=None,
+        train_dataloader=DataLoader(data, batch_size=len(batches[0][0]), shuffle=False),
+        val_dataloaders=None,
+        progress_bar_callback=None,
+        is_global_zero=True,
+        state=SimpleNamespace(fn="fit"),
+        world_size=world_size,
+        strategy=strategy,
+        loggers=[],
+        global_step=0,
+    )
+
+
+def _bn_model() -> nn.Sequential:
+    return nn.Sequential(nn.Flatten(), nn.BatchNorm1d(12))
+
+
+def test_several_processes_average_the_recalibrated_statistics_with_a_mean_reduction():
+    """With two processes (``world_size == 2``), each recalibrates on its own batches and the callback then replaces
+    ``running_mean`` and ``running_var`` by their mean over the processes (``strategy.reduce(..., reduce_op="mean")``;
+    ``num_batches_tracked`` is not reduced): the cumulative average over the 2 K batches of both processes, computed
+    here from the batches. This process sees batches 0-2, the other (simulated in the strategy) batches 3-5."""
+    batches = _batches(6)
+    flat = [x.flatten(1) for x, _ in batches]
+    other_mean, other_var = _expected(flat[3:], (0,))
+    strategy = _TwoProcessStrategy([other_mean, other_var])  # visited in name order: running_mean, running_var
+    model = _bn_model()
+    result = Recalibration(num_batches=3).recalibrate(_stand_in_trainer(batches[:3], strategy, 2), model)
+    assert result == {"recalibration/num_batches": 3.0}
+    own_mean, own_var = _expected(flat[:3], (0,))
+    assert [kwargs for _, kwargs in strategy.calls] == [{"reduce_op": "mean"}, {"reduce_op": "mean"}]
+    torch.testing.assert_close(strategy.calls[0][0], own_mean)
+    torch.testing.assert_close(strategy.calls[1][0], own_var)
+    mean, var = _expected(flat, (0,))
+    torch.testing.assert_close(model[1].running_mean, mean)
+    torch.testing.assert_close(model[1].running_var, var)
+    assert int(model[1].num_batches_tracked) == 3
+
+
+@pytest.mark.parametrize(("world_size", "sync"), [(1, True), (2, False)])
+def test_one_process_or_sync_off_reduces_nothing(world_size, sync):
+    """One process (nothing to average; no collective call), or ``sync=False``: every process keeps its own
+    recalibration, the cumulative average over its own batches."""
+    batches = _batches(3)
+    strategy = _TwoProcessStrategy([])
+    model = _bn_model()
+    Recalibration(num_batches=3, sync=sync).recalibrate(_stand_in_trainer(batches, strategy, world_size), model)
+    assert strategy.calls == []
+    mean, var = _expected([x.flatten(1) for x, _ in batches], (0,))
+    torch.testing.assert_close(model[1].running_mean, mean)
+    torch.testing.assert_close(model[1].running_var, var)
+
+
+class _RecordedBar:
+    """Records the settings of every bar the recalibration draws (``normlightning.evaluation.progress``'s ``Tqdm``)
+    and how far each shown one got; the bars write into a buffer instead of the terminal."""
+
+    def __init__(self, monkeypatch):
+        import io
+
+        from normlightning.evaluation import progress
+
+        self.bars: list[dict] = []
+        record = self.bars
+        original = progress.Tqdm
+
+        class Bar(original):
+            def __init__(self, *args, **kwargs):
+                super().__init__(*args, **(kwargs | {"file": io.StringIO()}))
+                self.settings = {k: kwargs[k] for k in ("desc", "total", "disable", "position", "leave")}
+                record.append(self.settings)
+
+            def close(self):
+                if not self.disable:
+                    self.settings["steps"] = self.n
+                super().close()
+
+        monkeypatch.setattr(progress, "Tqdm", Bar)
+
+
+class _BarData(LightningDataModule):
+    def train_dataloader(self):
+        return _loader(4)
+
+    def val_dataloader(self):
+        return _loader(2)
+
+    def test_dataloader(self):
+        return _loader(2)
+
+
+class _Testable(_Task):
+    def test_step(self, batch, batch_idx):
+        pass
+
+
+def _bar(desc, total, shown, below):
+    settings = {"desc": desc, "total": total, "disable": not shown, "position": int(below), "leave": not below}
+    return settings | ({"steps": total} if shown else {})
+
+
+@pytest.mark.parametrize("shown", [True, False])
+def test_progress_bars_follow_the_run(tmp_path, monkeypatch, shown):
+    """When the run shows Lightning's progress bar, each pass draws one: ``Recalibration: val acc before``, then
+    ``Recalibration`` over the K batches used, then ``Recalibration: val acc after``, each over its loader's length
+    and advanced once per batch; during ``fit`` on the line below the training bar and removed when done, during
+    ``test`` on the first line and left on screen. Without Lightning's bar, every one is disabled."""
+    recorded = _RecordedBar(monkeypatch)
+    callback = Recalibration(num_batches=3, when=["train_end", "test_start"], report_accuracy=True)
+    trainer = Trainer(
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=shown,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        callbacks=[callback],
+        max_steps=1,
+        num_sanity_val_steps=0,
+        limit_val_batches=0,
+    )
+    task = _Testable()
+    trainer.fit(task, datamodule=_BarData())
+    passes = [("Recalibration: val acc before", 2), ("Recalibration", 3), ("Recalibration: val acc after", 2)]
+    assert recorded.bars == [_bar(desc, total, shown, below=True) for desc, total in passes]
+    recorded.bars.clear()
+    trainer.test(task, datamodule=_BarData(), verbose=False)
+    assert recorded.bars == [_bar(desc, total, shown, below=False) for desc, total in passes]
+
+
+def test_report_accuracy_reads_the_data_modules_validation_loader_outside_fit(tmp_path):
+    """``trainer.test`` on a fresh trainer has loaded no validation loader; with ``report_accuracy`` the callback
+    takes the data module's ``val_dataloader()``: here every validation label is 1 and ``forward_fn`` always picks
+    class 1, so both accuracies are 1.0 (the training labels are mixed)."""
+
+    def always_class_one(model, batch):
+        logits = model(batch[0])
+        return torch.stack([torch.zeros(len(logits)), torch.ones(len(logits))], dim=1)
+
+    class Data(LightningDataModule):
+        def train_dataloader(self):
+            return _loader()
+
+        def val_dataloader(self):
+            x = torch.cat([x for x, _ in _loader(2)])
+            return DataLoader(TensorDataset(x, torch.ones(len(x), dtype=torch.long)), batch_size=4)
+
+        def test_dataloader(self):
+            return _loader(1)
+
+    callback = Recalibration(num_batches=2, when="test_start", report_accuracy=True, forward_fn=always_class_one)
+    trainer = _trainer(tmp_path, callback)
+    assert trainer.val_dataloaders is None
+    trainer.test(_Testable(), datamodule=Data(), verbose=False)
+    assert callback.last_result == {
+        "recalibration/acc_before": 1.0,
+        "recalibration/num_batches": 2.0,
+        "recalibration/acc_after": 1.0,
+    }
+
+
+class _MeanOnlyBatchNorm(nn.Module):
+    """A batch-statistic layer outside normlightning (mean-only batch normalization): it keeps ``running_mean`` but
+    no ``running_var`` and lists no ``running_stat_names``, and counts its batches in a floating buffer."""
+
+    uses_batch_statistics = True
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.momentum = 0.1
+        self.register_buffer("running_mean", torch.zeros(channels))
+        self.register_buffer("num_batches_tracked", torch.tensor(0.0))
+
+    def reset_running_stats(self):
+        self.running_mean.zero_()
+        self.num_batches_tracked.zero_()
+
+    def forward(self, x):
+        if self.training:
+            self.num_batches_tracked += 1
+            weight = 1 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+            self.running_mean.lerp_(x.mean(0), weight)
+            return x - x.mean(0)
+        return x - self.running_mean
+
+
+def test_average_running_statistics_skips_missing_statistics_and_the_counter():
+    """A layer with the default statistic names (``running_mean``, ``running_var``) but only ``running_mean``: that
+    one is reduced, the missing one is skipped, and the batch counter is left as it is even though it is a floating
+    buffer."""
+    from normlightning.callbacks.recalibration import average_running_statistics
+
+    layer = _MeanOnlyBatchNorm(3)
+    layer(torch.randn(5, 3, generator=torch.Generator().manual_seed(0)) + 2)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    assert average_running_statistics(layer, lambda t: 2 * t + 1) == 1
+    torch.testing.assert_close(layer.running_mean, 2 * before["running_mean"] + 1)
+    assert float(layer.num_batches_tracked) == 1.0

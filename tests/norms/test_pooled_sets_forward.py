@@ -327,3 +327,51 @@ def test_gradients_match_the_reference(name):
     want = torch.autograd.grad((y_ref * g).sum(), refs)
     for a, e in zip(got, want):
         torch.testing.assert_close(a, e)
+
+
+@pytest.mark.parametrize("no_grad", [False, True])
+def test_no_node_without_anything_to_differentiate(no_grad):
+    """With gradients off, or with no input that requires one, the forward is plain tensor code (no autograd
+    node): it runs under ``torch.func.vmap`` (inference per sample), which a node without ``setup_context``
+    refuses."""
+    torch.manual_seed(14)
+    xs = torch.randn(3, N, C, S, dtype=D64) * 2 + 1
+    w, b = _affine("both")
+    w.requires_grad_(no_grad)  # a parameter of a layer in inference under no_grad
+    rv = torch.rand(C, dtype=D64) + 0.5
+    stages = [((Own(),), (Const(0),))]
+
+    def fn(x):
+        return pooled_set_norm(x, w, b, (1, 1), stages, EPS, (rv,)).y
+
+    if no_grad:
+        with torch.no_grad():
+            ys = torch.func.vmap(fn)(xs)
+    else:
+        ys = torch.func.vmap(fn)(xs)
+    ref = (xs - xs.mean((1, 3), keepdim=True)) / torch.sqrt(rv.view(1, 1, C, 1) + EPS)
+    torch.testing.assert_close(ys, ref * w.detach().view(1, 1, C, 1) + b.view(1, 1, C, 1))
+
+
+class _NoGradientToFirst(torch.autograd.Function):
+    """``sum(a) + sum(b)`` whose backward gives ``a`` no gradient (None)."""
+
+    @staticmethod
+    def forward(ctx, a, b):
+        return a.sum() + b.sum()
+
+    @staticmethod
+    def backward(ctx, g):
+        return None, g.expand(3)
+
+
+def test_output_without_gradient_leaves_inputs_without_gradient():
+    """Where the loss gives ``y`` no gradient, the node gives its inputs none either (None, not zeros)."""
+    torch.manual_seed(15)
+    x = (torch.randn(N, C, S, dtype=D64) + 1).requires_grad_()
+    w = (torch.rand(C, dtype=D64) + 0.5).requires_grad_()
+    other = torch.ones(3, dtype=D64, requires_grad=True)
+    y = pooled_set_norm(x, w, None, (1, 1), [((Own(),), (Pooled((3, 2), (1,)),))], EPS).y
+    _NoGradientToFirst.apply(y, other).backward()
+    assert x.grad is None and w.grad is None
+    torch.testing.assert_close(other.grad, torch.ones(3, dtype=D64))

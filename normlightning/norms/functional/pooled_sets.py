@@ -626,9 +626,8 @@ def _mixture_weights(mean_logits, var_logits, dtype) -> Tensor | None:
     return torch.cat([torch.softmax(t, 0) for t in logits]) if len(logits) == 2 else torch.softmax(logits[0], 0)
 
 
-def _pooled_forward(xv, weight, bias, mean_logits, var_logits, plan: Plan, eps, consts, backward=True) -> _Forward:
-    """The forward of :class:`_PooledSetNorm` as a plain function (also the path with nothing to differentiate:
-    ``backward=False`` skips what only the backward reads)."""
+def _pooled_forward(xv, weight, bias, mean_logits, var_logits, plan: Plan, eps, consts) -> _Forward:
+    """The forward of :class:`_PooledSetNorm` as a plain function (also the path with nothing to differentiate)."""
     layout, stages = plan
     if _needs_unit_var(stages):
         m, v = channel_moments(xv)
@@ -715,7 +714,7 @@ class _PooledSetNorm(torch.autograd.Function):
     def forward(ctx, xv, weight, bias, mean_logits, var_logits, plan, eps, *consts):
         out = _pooled_forward(xv, weight, bias, mean_logits, var_logits, plan, eps, consts)
         kept = (out.weights, out.scale, out.ones)
-        ctx.save_for_backward(xv, weight, out.m, out.v, *kept, *out.tape.tensors())
+        ctx.save_for_backward(xv, weight, out.m, *kept, *out.tape.tensors())
         ctx.plan = plan
         ctx.weighted = (mean_logits is not None, var_logits is not None)
         ctx.logit_dtypes = tuple(None if t is None else t.dtype for t in (mean_logits, var_logits))
@@ -729,7 +728,7 @@ class _PooledSetNorm(torch.autograd.Function):
     def backward(ctx, g, *_):
         if g is None:  # the output took no part in the loss
             return (None,) * len(ctx.needs_input_grad)
-        xv, weight, m, v, weights, scale, ones, *taped = ctx.saved_tensors
+        xv, weight, m, weights, scale, ones, *taped = ctx.saved_tensors
         layout, stages = ctx.plan
         records = _Tape.read(taped, stages)
         K = xv.shape[1]
@@ -881,7 +880,7 @@ def pooled_set_norm(
         y, m, *rest = _PooledSetNorm.apply(*inputs, plan, eps, *consts)
         v, reported = (rest[0], rest[1:]) if _needs_unit_var(plan.stages) else (None, rest)
         return PooledSetOutput(y, m, v, _unflat(reported, plan.stages))
-    out = _pooled_forward(*inputs, plan, eps, consts, backward=False)  # nothing to differentiate: no node
+    out = _pooled_forward(*inputs, plan, eps, consts)  # nothing to differentiate: no node
     return PooledSetOutput(out.y, out.m, out.v, out.set_statistics)
 
 

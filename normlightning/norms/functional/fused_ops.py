@@ -23,8 +23,8 @@ def fma(x: Tensor, a: Tensor, b: Tensor) -> Tensor:
 
 def blocks(t: Tensor, r: int) -> Tensor:
     """Repeat each entry of the 1-d ``t`` ``r`` times (``repeat_interleave``, without its index
-    computation: a broadcast copy). Always a real, contiguous tensor: for a 1-element ``t`` a
-    plain ``reshape`` of the expansion would be a stride-0 view, which native kernels (the
+    computation: a broadcast copy); ``t`` itself when ``r == 1``. Otherwise a real, contiguous tensor: for a
+    1-element ``t`` a plain ``reshape`` of the expansion would be a stride-0 view, which native kernels (the
     batch-norm backward among them) read through a raw pointer as if it were dense."""
     return t if r == 1 else t.unsqueeze(1).expand(-1, r).contiguous().view(-1)
 
@@ -59,13 +59,11 @@ class RowMoments(torch.autograd.Function):
         ctx.save_for_backward(inputs[0], output[0])
 
     @staticmethod
-    def backward(ctx, g_mean: Tensor | None, g_var: Tensor | None) -> Tensor:
+    def backward(ctx, g_mean: Tensor, g_var: Tensor) -> Tensor:
+        # both are tensors: autograd passes zeros for an output that was not used (materialized gradients)
         x, mean = ctx.saved_tensors
         L = x.shape[-1]
-        if g_var is None:
-            return (g_mean / L).expand_as(x)
-        dx = (x - mean).mul_(g_var * (2.0 / L))
-        return dx if g_mean is None else dx.add_(g_mean / L)
+        return (x - mean).mul_(g_var * (2.0 / L)).add_(g_mean / L)
 
 
 class _ScaleShift(torch.autograd.Function):

@@ -290,3 +290,53 @@ def test_evonorm_params_of_another_dtype(grad) -> None:
     assert y_s0.dtype == D64 and y_b0.dtype == D64
     torch.testing.assert_close(y_s0, _s0_ref(x, v, weight, bias, 2, EPS))
     torch.testing.assert_close(y_b0, _b0_ref(x, v, weight, bias, running, EPS))
+
+
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "no-grad"])
+def test_evonorm_b0_training_without_a_running_variance_at_any_factor(grad) -> None:
+    """``running_var=None`` in training with a nonzero ``factor``: nothing to update, the output the formula's."""
+    x = torch.randn(3, 4, 6, dtype=D64, generator=_gen(1)) * 2 + 0.5
+    v, weight, bias = _params(4)
+    with torch.set_grad_enabled(grad):
+        y = evonorm_b0(x, v, None, weight, bias, training=True, factor=0.3, eps=EPS)
+    torch.testing.assert_close(y, _b0_ref(x, v, weight, bias, x.var(dim=(0, 2), unbiased=False), EPS))
+
+
+def test_evonorm_s0_refusal_names_the_fix() -> None:
+    x = torch.randn(3, 4, 1, 1)
+    v = torch.zeros(4)
+    with pytest.raises(
+        ValueError, match=r"EvoNormS0 has 1 element.*use fewer groups \(num_groups\) or inputs with more"
+    ):
+        evonorm_s0(x, v, None, None, num_groups=4, eps=EPS, training=True)
+
+
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "no-grad"])
+def test_evonorm_params_are_cast_to_the_input_dtype(grad) -> None:
+    """Float64 v, gamma, beta on a float32 input compute in float32: the output is the one of the same
+    parameters rounded to float32 first, in float32."""
+    x = torch.randn(2, 4, 3, 5, generator=_gen(1)) * 2 + 0.5
+    params = _params(4)
+    running = torch.rand(4, generator=_gen(4)) + 0.5
+    with torch.set_grad_enabled(grad):
+        for fn in (
+            lambda v, w, b: evonorm_s0(x, v, w, b, num_groups=2, eps=EPS),
+            lambda v, w, b: evonorm_b0(x, v, running, w, b, training=False, factor=0.0, eps=EPS),
+        ):
+            y64, y32 = fn(*params), fn(*(p.float() for p in params))
+            assert y64.dtype == torch.float32
+            assert torch.equal(y64, y32)
+
+
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "no-grad"])
+def test_evonorm_b0_running_variance_update_is_batch_norms(grad) -> None:
+    """A float32 running variance on a float32 input moves exactly (bitwise) as torch's own batch norm
+    moves its running variance on the same batch and momentum."""
+    x = torch.randn(3, 4, 7, generator=_gen(1)) * 2 + 0.5
+    v, weight, bias = (p.float() for p in _params(4))
+    running = torch.rand(4, generator=_gen(4)) + 0.5
+    expected = running.clone()
+    torch.nn.functional.batch_norm(x, torch.zeros(4), expected, training=True, momentum=0.3)
+    with torch.set_grad_enabled(grad):
+        evonorm_b0(x, v, running, weight, bias, training=True, factor=0.3, eps=EPS)
+    assert torch.equal(running, expected)

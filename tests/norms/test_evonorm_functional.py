@@ -7,6 +7,8 @@ transposed inputs, with buffers and parameters in another dtype than the input, 
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -340,3 +342,17 @@ def test_evonorm_b0_running_variance_update_is_batch_norms(grad) -> None:
     with torch.set_grad_enabled(grad):
         evonorm_b0(x, v, running, weight, bias, training=True, factor=0.3, eps=EPS)
     assert torch.equal(running, expected)
+
+
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "no-grad"])
+def test_evonorm_b0_training_emits_no_warning(grad, capfd) -> None:
+    """Training (statistics written into preallocated outputs of the right shapes) warns of nothing, neither
+    as a Python warning nor on stderr (where ATen prints an out= tensor's resize)."""
+    x = torch.randn(3, 4, 6, dtype=D64, generator=_gen(1))
+    v, weight, bias = _params(4)
+    capfd.readouterr()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.set_grad_enabled(grad):
+            evonorm_b0(x, v, torch.ones(4, dtype=D64), weight, bias, training=True, factor=0.1, eps=EPS)
+    assert capfd.readouterr().err == ""

@@ -356,3 +356,27 @@ def test_evonorm_b0_training_emits_no_warning(grad, capfd) -> None:
         with torch.set_grad_enabled(grad):
             evonorm_b0(x, v, torch.ones(4, dtype=D64), weight, bias, training=True, factor=0.1, eps=EPS)
     assert capfd.readouterr().err == ""
+
+
+def test_evonorm_b0_refusal_names_the_fix() -> None:
+    x = torch.randn(3, 4, 1, 1)
+    with pytest.raises(
+        ValueError, match=r"instance variance has 1 element.*use more than one position per channel map"
+    ):
+        evonorm_b0(x, torch.zeros(4), None, None, None, training=True, factor=0.0, eps=EPS)
+
+
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "no-grad"])
+def test_evonorm_b0_running_variance_is_cast_to_the_input_dtype(grad) -> None:
+    """At inference a float64 running variance on a float32 input (and a float32 one on a float64 input)
+    acts as the same values in the input's dtype: the output equals the one with the cast buffer."""
+    v, weight, bias = _params(4)
+    running = torch.rand(4, dtype=D64, generator=_gen(4)) * 3 + 0.2
+    for dtype in (torch.float32, D64):
+        x = (torch.randn(2, 4, 3, 5, dtype=D64, generator=_gen(1)) * 2 + 0.5).to(dtype)
+        params = [p.to(dtype) for p in (v, weight, bias)]
+        other = running.float() if dtype == D64 else running
+        with torch.set_grad_enabled(grad):
+            y = evonorm_b0(x, params[0], other, *params[1:], training=False, factor=0.0, eps=EPS)
+            y_cast = evonorm_b0(x, params[0], other.to(dtype), *params[1:], training=False, factor=0.0, eps=EPS)
+        assert y.dtype == dtype and torch.equal(y, y_cast)

@@ -380,3 +380,20 @@ def test_evonorm_b0_running_variance_is_cast_to_the_input_dtype(grad) -> None:
             y = evonorm_b0(x, params[0], other, *params[1:], training=False, factor=0.0, eps=EPS)
             y_cast = evonorm_b0(x, params[0], other.to(dtype), *params[1:], training=False, factor=0.0, eps=EPS)
         assert y.dtype == dtype and torch.equal(y, y_cast)
+
+
+def test_evonorm_b0_inference_with_gradients_compiles_in_one_graph() -> None:
+    """At inference with gradients enabled, torch.compile (Dynamo, ``fullgraph=True``) captures EvoNorm-B0
+    in one graph (its autograd node never gets the running variance twice among its inputs), with the
+    formula's output."""
+    torch._dynamo.reset()
+    x = torch.randn(2, 4, 3, 5, generator=_gen(1)) * 2 + 0.5
+    v, weight, bias = (p.float() for p in _params(4))
+    running = torch.rand(4, generator=_gen(4)) + 0.5
+    fn = torch.compile(
+        lambda x: evonorm_b0(x, v, running, weight, bias, training=False, factor=0.1, eps=EPS),
+        backend="eager",
+        fullgraph=True,
+    )
+    y = fn(x.requires_grad_(True))
+    torch.testing.assert_close(y.double(), _b0_ref(x.detach(), v, weight, bias, running, EPS), rtol=1e-5, atol=1e-5)

@@ -126,36 +126,14 @@ def test_eval_float32_running_stats_on_float64_input(shape, G):
     torch.testing.assert_close(y, reference(x, G, w, b, 1e-3, rm.double(), rv.double()), rtol=1e-10, atol=1e-10)
 
 
-class _TwoEqualProcesses:
-    """A stand-in for ``torch.distributed.nn.functional.all_reduce`` (sum) over two processes holding the
-    same batch: the sums and the count double, the means stay the local ones. Records each call's group."""
-
-    def __init__(self):
-        self.groups = []
-
-    def __call__(self, flat, group=None):
-        self.groups.append(group)
-        return flat * 2
-
-
-@pytest.fixture
-def fake_all_reduce(monkeypatch):
-    import torch.distributed.nn.functional as dist_fn
-
-    reducer = _TwoEqualProcesses()
-    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
-    monkeypatch.setattr(dist_fn, "all_reduce", reducer)
-    return reducer
-
-
 @pytest.mark.parametrize(("shape", "G"), CASES)
-def test_sync_all_reduces_over_the_given_group_and_default_is_local(shape, G, fake_all_reduce):
+def test_sync_all_reduces_over_the_given_group_and_default_is_local(shape, G, two_process_world):
     x, w, b, rm, rv = inputs(shape, G, seed=4)
     batch_group_norm(x, G, rm.clone(), rv.clone(), w, b, training=True)
-    assert fake_all_reduce.groups == []  # sync defaults to False: no all-reduce even with a process group up
+    assert two_process_world.groups == []  # sync defaults to False: no all-reduce even with a process group up
     group = object()
     y = batch_group_norm(x, G, rm, rv, w, b, training=True, eps=1e-3, sync=True, process_group=group)
-    assert fake_all_reduce.groups and all(g is group for g in fake_all_reduce.groups)
+    assert two_process_world.groups and all(g is group for g in two_process_world.groups)
     torch.testing.assert_close(y, reference(x, G, w, b, 1e-3), rtol=1e-10, atol=1e-10)
 
 

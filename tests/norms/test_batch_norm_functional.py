@@ -24,7 +24,6 @@ import re
 
 import pytest
 import torch
-import torch.distributed.nn.functional as dist_nn_functional
 import torch.nn.functional as F
 
 from normlightning.norms.functional import batch_norm, batch_renorm
@@ -45,27 +44,6 @@ def _batch(N: int = 4, *, seed: int = 0, dtype=F64):
     weight = torch.rand(C, generator=g, dtype=F64) + 1.5
     bias = torch.rand(C, generator=g, dtype=F64) + 0.5
     return [t.to(dtype) for t in (x, running_mean, running_var, weight, bias)]
-
-
-class _TwoProcessWorld:
-    """An initialized world of two processes whose other process holds the same data: the all-reduce of the
-    sums and the count returns twice the local values. Records the group of each all-reduce."""
-
-    def __init__(self, monkeypatch):
-        self.groups = []
-        monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
-        monkeypatch.setattr(dist_nn_functional, "all_reduce", self._all_reduce)
-
-    def _all_reduce(self, tensor, op=None, group=None):
-        self.groups.append(group)
-        return tensor * 2
-
-
-@pytest.fixture
-def two_process_world(monkeypatch):
-    if not torch.distributed.is_available():
-        pytest.skip("torch.distributed is not available in this build")
-    return _TwoProcessWorld(monkeypatch)
 
 
 def _unbiased(x, copies: int = 1):

@@ -22,7 +22,6 @@ import re
 
 import pytest
 import torch
-import torch.distributed.nn.functional as dist_nn_functional
 
 from normlightning.norms.functional import general_batch_group_channel_statistics, general_batch_group_norm
 from normlightning.norms.op_count import ComputeOpCounter
@@ -176,28 +175,6 @@ def test_channel_statistics_in_the_requested_dtype_with_variance_clamped_at_zero
     assert v[1] == 0 and 0 < v[2] < 1 and 0 < v[0] < 1
     torch.testing.assert_close(mean, m1.repeat_interleave(2), rtol=1e-15, atol=1e-15)
     torch.testing.assert_close(var, v.repeat_interleave(2), rtol=1e-15, atol=1e-15)
-
-
-class _TwoProcessWorld:
-    """An initialized world of two processes whose other process holds the same data: the all-reduce of the
-    sums and the count returns twice the local values (so every set's mean and variance stay the local ones).
-    Records the group of each all-reduce."""
-
-    def __init__(self, monkeypatch):
-        self.groups = []
-        monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
-        monkeypatch.setattr(dist_nn_functional, "all_reduce", self._all_reduce)
-
-    def _all_reduce(self, tensor, op=None, group=None):
-        self.groups.append(group)
-        return tensor * 2
-
-
-@pytest.fixture
-def two_process_world(monkeypatch):
-    if not torch.distributed.is_available():
-        pytest.skip("torch.distributed is not available in this build")
-    return _TwoProcessWorld(monkeypatch)
 
 
 @pytest.mark.parametrize("E, groups", [(None, 1), (3, 2), (4, 2)])

@@ -18,7 +18,6 @@ import re
 
 import pytest
 import torch
-import torch.distributed.nn.functional as dist_nn_functional
 import torch.nn.functional as F
 import torch.utils._pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -144,27 +143,6 @@ def test_ghost_sets_of_one_element_are_refused_naming_the_settings():
     )
     with pytest.raises(ValueError, match=re.escape(message)):
         ghost_norm(x[:, :, 0, 0], 2, rm, rv, w, b, training=True)
-
-
-class _TwoProcessWorld:
-    """An initialized world of two processes whose other process holds the same data: the all-reduce of the
-    sums and the count returns twice the local values. Records the group of each all-reduce."""
-
-    def __init__(self, monkeypatch):
-        self.groups = []
-        monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
-        monkeypatch.setattr(dist_nn_functional, "all_reduce", self._all_reduce)
-
-    def _all_reduce(self, tensor, op=None, group=None):
-        self.groups.append(group)
-        return tensor * 2
-
-
-@pytest.fixture
-def two_process_world(monkeypatch):
-    if not torch.distributed.is_available():
-        pytest.skip("torch.distributed is not available in this build")
-    return _TwoProcessWorld(monkeypatch)
 
 
 @pytest.mark.parametrize("N, G", SPLITS)

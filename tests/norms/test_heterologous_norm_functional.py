@@ -22,7 +22,6 @@ import re
 
 import pytest
 import torch
-import torch.distributed.nn.functional as dist_nn_functional
 
 from normlightning.norms.functional import heterologous_channel_statistics, heterologous_norm, parse_set_spec
 from normlightning.norms.op_count import ComputeOpCounter
@@ -153,28 +152,6 @@ SYNCED = [
     (("ln", 1), [("en", 1)]),
     (("bn", 4), [("bn", 4), ("in", 4), ("ln", 1)]),
 ]
-
-
-class _TwoProcessWorld:
-    """An initialized world of two processes whose other process holds the same data: the all-reduce of the
-    sums and the count returns twice the local values (so every set's mean and biased variance stay the local
-    ones, the count doubles). Records the group of each all-reduce."""
-
-    def __init__(self, monkeypatch):
-        self.groups = []
-        monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
-        monkeypatch.setattr(dist_nn_functional, "all_reduce", self._all_reduce)
-
-    def _all_reduce(self, tensor, op=None, group=None):
-        self.groups.append(group)
-        return tensor * 2
-
-
-@pytest.fixture
-def two_process_world(monkeypatch):
-    if not torch.distributed.is_available():
-        pytest.skip("torch.distributed is not available in this build")
-    return _TwoProcessWorld(monkeypatch)
 
 
 def _buffers(mean_set, std_sets, seed):

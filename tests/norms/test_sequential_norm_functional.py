@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.distributed.nn.functional as dist_nn_functional
 
 from normlightning.norms.functional import sequential_norm
 from normlightning.norms.functional.sequential_norm import SEQNORM_FUSED_MIN_NUMEL
@@ -126,28 +125,6 @@ def test_training_defaults_are_momentum_0_1_and_eps_1e_5():
     torch.testing.assert_close(y, y_ref, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(rm, 0.9 * rm0 + 0.1 * mean, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(rv, 0.9 * rv0 + 0.1 * uvar, rtol=1e-10, atol=1e-12)
-
-
-class _TwoProcessWorld:
-    """An initialized world of two processes whose other process holds the same data: the all-reduce of the
-    sums and the count returns twice the local values (so every set's mean and biased variance stay the local
-    ones, the count doubles). Records the group of each all-reduce."""
-
-    def __init__(self, monkeypatch):
-        self.groups = []
-        monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
-        monkeypatch.setattr(dist_nn_functional, "all_reduce", self._all_reduce)
-
-    def _all_reduce(self, tensor, op=None, group=None):
-        self.groups.append(group)
-        return tensor * 2
-
-
-@pytest.fixture
-def two_process_world(monkeypatch):
-    if not torch.distributed.is_available():
-        pytest.skip("torch.distributed is not available in this build")
-    return _TwoProcessWorld(monkeypatch)
 
 
 @pytest.mark.parametrize("S", [6, SEQNORM_FUSED_MIN_NUMEL // (4 * C)])

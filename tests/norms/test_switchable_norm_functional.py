@@ -22,7 +22,6 @@ import re
 
 import pytest
 import torch
-import torch.distributed.nn.functional as dist_nn_functional
 
 from normlightning.norms.functional import switchable_norm
 
@@ -170,28 +169,6 @@ def test_a_batch_set_of_one_value_is_refused_in_training():
     )
     with pytest.raises(ValueError, match=re.escape(message)):
         switchable_norm(x, ml, vl, rm, rv, w, b, True)
-
-
-class _TwoProcessWorld:
-    """An initialized world of two processes whose other process holds the same data: the all-reduce of the
-    sums and the count returns twice the local values (so every set's mean and biased variance stay the local
-    ones, the count doubles). Records the group of each all-reduce."""
-
-    def __init__(self, monkeypatch):
-        self.groups = []
-        monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
-        monkeypatch.setattr(dist_nn_functional, "all_reduce", self._all_reduce)
-
-    def _all_reduce(self, tensor, op=None, group=None):
-        self.groups.append(group)
-        return tensor * 2
-
-
-@pytest.fixture
-def two_process_world(monkeypatch):
-    if not torch.distributed.is_available():
-        pytest.skip("torch.distributed is not available in this build")
-    return _TwoProcessWorld(monkeypatch)
 
 
 @pytest.mark.parametrize("has_weight, has_bias", AFFINES)
